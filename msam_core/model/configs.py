@@ -1,0 +1,82 @@
+"""Named model configurations.
+
+- ``sam_med3d``: SAM-Med3D ``vit_b_ori`` exactly (loads ``sam_med3d.pth`` / ``sam_med3d_turbo.pth``).
+- ``msam``: ``sam_med3d`` + LoRA (rank 4, q and v of every encoder block) + Mask-Enhanced Adapter.
+- ``msam_small``: the same code with reduced widths and depths, for CPU training and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    img_size: int = 128
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_mlp_ratio: float = 4.0
+    encoder_window_size: int = 14
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    prompt_embed_dim: int = 384
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    iou_head_hidden_dim: int = 256
+    lora_rank: int = 0
+    mea: bool = False
+    mea_num_heads: int = 6
+    mea_num_blocks: int = 1
+
+    @property
+    def grid(self) -> int:
+        """Side of the image-embedding token grid (8)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def low_res(self) -> int:
+        """Side of the decoder's logits (32)."""
+        return self.grid * 4
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+SAM_MED3D = ModelConfig(name="sam_med3d")
+MSAM = replace(SAM_MED3D, name="msam", lora_rank=4, mea=True)
+MSAM_SMALL = ModelConfig(
+    name="msam_small",
+    encoder_embed_dim=192,
+    encoder_depth=4,
+    encoder_num_heads=6,
+    encoder_global_attn_indexes=(1, 3),
+    prompt_embed_dim=96,
+    decoder_mlp_dim=512,
+    iou_head_hidden_dim=64,
+    lora_rank=4,
+    mea=True,
+)
+
+CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (SAM_MED3D, MSAM, MSAM_SMALL)}
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}") from None
