@@ -125,6 +125,7 @@ def extract_zip(zip_path: str | Path, dest: str | Path, limits: ZipLimits = DEFA
                             raise InvalidVolume(
                                 f"the zip file expands beyond the limit of {limits.max_total_bytes} bytes"
                             )
+                        out.write(chunk)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError) as exc:
                 raise InvalidVolume(f"zip entry {m.filename!r} cannot be read ({exc})") from None
             written.append(target)

@@ -1,0 +1,250 @@
+"""Synthetic DICOM series for the DICOM/SEG/RTSTRUCT tests (real files written with pydicom).
+
+Geometry is described in **LPS** (DICOM patient coordinates). A synthetic series has
+``n_cols x n_rows x n_slices`` voxels; the *truth* returned with it is the array and LPS affine the
+reader must reconstruct: ``truth[i, j, k]`` is column ``i``, row ``j`` of the slice ``k``-th along
+the slice normal, whatever order the files were written in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+# A fixed root keeps UIDs valid and recognisable; generate_uid adds randomness.
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+@dataclass
+class SynthSeries:
+    paths: list[Path]
+    truth: np.ndarray  # (cols, rows, slices) rescaled values, slices sorted along the normal
+    affine_lps: np.ndarray  # (i, j, k, 1) -> LPS mm
+    series_uid: str
+    study_uid: str
+    for_uid: str
+    datasets: list[Dataset]
+
+
+def rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
+    a = np.asarray(axis, dtype=np.float64)
+    a /= np.linalg.norm(a)
+    t = np.radians(degrees)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+
+
+def make_ct_series(
+    folder: Path,
+    *,
+    shape: tuple[int, int, int] = (20, 16, 10),
+    spacing: tuple[float, float, float] = (0.8, 0.7, 2.5),
+    row_dir: tuple[float, float, float] = (1.0, 0.0, 0.0),
+    col_dir: tuple[float, float, float] = (0.0, 1.0, 0.0),
+    origin: tuple[float, float, float] = (-10.0, -20.0, 30.0),
+    write_order: str = "forward",
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    gantry_shift_mm: float = 0.0,
+    drop_slices: tuple[int, ...] = (),
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    for_uid: str | None = None,
+    series_description: str = "synthetic CT",
+    seed: int = 0,
+    write: bool = True,
+) -> SynthSeries:
+    """Write a single-frame CT series and return it with the expected reconstruction.
+
+    ``spacing`` is (between columns, between rows, between slices) in mm. ``write_order`` is
+    "forward", "reverse" or "shuffle": the order of file names *and* InstanceNumbers, which the
+    reader must ignore. ``gantry_shift_mm`` shears each slice along the column direction (what a
+    gantry tilt does); ``drop_slices`` leaves slices out (a gap).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n_cols, n_rows, n_slices = shape
+    r = np.asarray(row_dir, dtype=np.float64)
+    c = np.asarray(col_dir, dtype=np.float64)
+    n = np.cross(r, c)
+    affine = np.eye(4)
+    affine[:3, 0] = r * spacing[0]
+    affine[:3, 1] = c * spacing[1]
+    affine[:3, 2] = n * spacing[2]
+    affine[:3, 3] = origin
+    rng = np.random.default_rng(seed)
+    stored = rng.integers(0, 4000, size=shape, dtype=np.uint16)
+    series_uid = series_uid or generate_uid(UID_ROOT)
+    study_uid = study_uid or generate_uid(UID_ROOT)
+    for_uid = for_uid or generate_uid(UID_ROOT)
+    keep = [k for k in range(n_slices) if k not in drop_slices]
+    order = list(keep)
+    if write_order == "reverse":
+        order = order[::-1]
+    elif write_order == "shuffle":
+        order = list(rng.permutation(order))
+    paths: list[Path] = []
+    datasets: list[Dataset] = []
+    for number, k in enumerate(order, start=1):
+        position = affine[:3, 3] + k * affine[:3, 2] + k * gantry_shift_mm * c
+        ds = _ct_dataset(
+            stored[:, :, k].T.copy(),
+            position,
+            np.concatenate([r, c]),
+            (spacing[1], spacing[0]),
+            spacing[2],
+            series_uid,
+            study_uid,
+            for_uid,
+            number,
+            slope,
+            intercept,
+            series_description,
+        )
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax)
+        path = folder / f"img{number:04d}.dcm"
+        if write:
+            ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+        datasets.append(ds)
+    truth = stored[:, :, keep].astype(np.float64) * slope + intercept
+    return SynthSeries(paths, truth, affine, series_uid, study_uid, for_uid, datasets)
+
+
+def _ct_dataset(
+    pixels: np.ndarray,
+    position: np.ndarray,
+    orientation: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    thickness: float,
+    series_uid: str,
+    study_uid: str,
+    for_uid: str,
+    number: int,
+    slope: float,
+    intercept: float,
+    series_description: str,
+) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    sop_uid = generate_uid(UID_ROOT)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = "20240102"
+    ds.SeriesDate = "20240102"
+    ds.ContentDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.SeriesTime = "101500"
+    ds.ContentTime = "101500"
+    ds.AccessionNumber = "A0001"
+    ds.Modality = "CT"
+    ds.Manufacturer = "Synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "synthetic study"
+    ds.SeriesDescription = series_description
+    ds.PatientName = "Synthetic^Patient"
+    ds.PatientID = "SYN0001"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "ABDOMEN"
+    ds.SliceThickness = f"{thickness:g}"
+    ds.KVP = "120"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = 3
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.8f}" for v in orientation]
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def make_legacy_multiframe(series: SynthSeries, path: Path, shuffle_seed: int | None = 1) -> Path:
+    """Convert a synthetic single-frame series into one Legacy Converted Enhanced CT file.
+
+    Frames are put in a shuffled order so the reader must sort them by position.
+    """
+    import highdicom as hd
+
+    datasets = [pydicom.dcmread(p) for p in series.paths]
+    if shuffle_seed is not None:
+        perm = np.random.default_rng(shuffle_seed).permutation(len(datasets))
+        datasets = [datasets[i] for i in perm]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets,
+        series_instance_uid=generate_uid(UID_ROOT),
+        series_number=4,
+        sop_instance_uid=generate_uid(UID_ROOT),
+        instance_number=1,
+    )
+    mf.save_as(path)
+    return path
+
+
+def lps_of(affine_lps: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
+    return ijk @ affine_lps[:3, :3].T + affine_lps[:3, 3]
+
+
+def sphere_mask(shape: tuple[int, int, int], affine_lps: np.ndarray, centre_lps: np.ndarray, radius: float) -> np.ndarray:
+    """Voxels whose centre is within ``radius`` mm of ``centre_lps`` (computed from the true geometry)."""
+    idx = np.indices(shape).reshape(3, -1).T
+    d = np.linalg.norm(lps_of(affine_lps, idx) - centre_lps, axis=1)
+    return (d <= radius).reshape(shape)
+
+
+def asymmetric_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """Labels 1..3 placed so that any flip, transposition or slice reversal changes the mask."""
+    m = np.zeros(shape, dtype=np.uint8)
+    ni, nj, nk = shape
+    m[1 : ni // 2, 1:4, 1:3] = 1  # an L-shape near the origin corner
+    m[1:3, 1 : nj - 3, 1:3] = 1
+    m[ni - 5 : ni - 2, nj - 4 : nj - 1, nk - 3 : nk - 1] = 2  # a block at the far corner
+    m[ni // 2, nj // 2, nk // 2] = 3  # a single voxel
+    m[ni // 2 + 1, nj // 2, nk // 2] = 3
+    return m
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dciodvfy (dicom3tools) reports for a file; fails if it is not installed."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail("dciodvfy (Debian package dicom3tools) is not installed: run `make tools`")
+    result = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]

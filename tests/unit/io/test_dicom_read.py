@@ -1,0 +1,261 @@
+"""msam_core.io.dicom.read_series on real synthetic DICOM files (no mocks)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from msam_core.errors import InvalidVolume
+from msam_core.io.dicom import DicomSource, list_series, read_series, volume_affine_lps
+from msam_core.io.volume import LPS_TO_RAS
+from tests.unit.io.dicom_synth import UID_ROOT, lps_of, make_ct_series, make_legacy_multiframe, rotation
+
+OBLIQUE = rotation((1.0, 2.0, 0.5), 27.0)
+
+GEOMETRIES = {
+    "axial": {},
+    "axial_reversed_files": {"write_order": "reverse"},
+    "axial_shuffled_files": {"write_order": "shuffle"},
+    "rows_and_columns_flipped": {"row_dir": (-1.0, 0.0, 0.0), "col_dir": (0.0, -1.0, 0.0)},
+    "feet_first_normal": {"row_dir": (1.0, 0.0, 0.0), "col_dir": (0.0, -1.0, 0.0), "write_order": "reverse"},
+    "sagittal": {"row_dir": (0.0, 1.0, 0.0), "col_dir": (0.0, 0.0, -1.0)},
+    "coronal": {"row_dir": (1.0, 0.0, 0.0), "col_dir": (0.0, 0.0, -1.0), "write_order": "shuffle"},
+    "oblique_anisotropic": {
+        "row_dir": tuple(OBLIQUE[:, 0]),
+        "col_dir": tuple(OBLIQUE[:, 1]),
+        "spacing": (0.6, 1.3, 3.1),
+        "write_order": "shuffle",
+    },
+}
+
+
+def _check(volume, series) -> None:
+    assert volume.array.shape == series.truth.shape
+    np.testing.assert_array_equal(volume.array, series.truth)
+    np.testing.assert_allclose(volume_affine_lps(volume), series.affine_lps, atol=1e-4)
+    # RAS = LPS with x and y negated, voxel by voxel, at the corners of the grid
+    corners = np.array([[0, 0, 0], [volume.shape[0] - 1, 0, 0], [0, volume.shape[1] - 1, 0], np.array(volume.shape) - 1])
+    expected_ras = lps_of(series.affine_lps, corners) * np.array([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(volume.voxel_to_ras(corners), expected_ras, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_single_frame_geometries(tmp_path: Path, name: str) -> None:
+    series = make_ct_series(tmp_path / "ct", **GEOMETRIES[name])
+    volume = read_series(tmp_path / "ct")
+    _check(volume, series)
+    assert volume.modality == "CT"
+    assert volume.array.dtype == np.int16
+    meta = volume.meta
+    assert meta["format"] == "dicom"
+    assert meta["series_instance_uid"] == series.series_uid
+    assert meta["study_instance_uid"] == series.study_uid
+    assert meta["frame_of_reference_uid"] == series.for_uid
+    # SOP instance UIDs are in slice order (along the normal), whatever the file order
+    by_uid = {ds.SOPInstanceUID: ds for ds in series.datasets}
+    normal = np.cross(series.affine_lps[:3, 0], series.affine_lps[:3, 1])
+    depths = [np.asarray(by_uid[u].ImagePositionPatient, dtype=float) @ normal for u in meta["sop_instance_uids"]]
+    assert np.all(np.diff(depths) > 0)
+    assert isinstance(meta["dicom_source"], DicomSource)
+    assert "Synthetic" not in repr(meta["dicom_source"])  # the repr carries no patient data
+
+
+def test_known_affine_for_a_plain_axial_series(tmp_path: Path) -> None:
+    """Hand-written expectation: HFS axial, rows along +x(L), columns along +y(P)."""
+    make_ct_series(tmp_path / "ct", spacing=(0.8, 0.7, 2.5), origin=(-10.0, -20.0, 30.0))
+    volume = read_series(tmp_path / "ct")
+    expected = np.array(
+        [
+            [-0.8, 0.0, 0.0, 10.0],  # i runs to the patient's left  = -R
+            [0.0, -0.7, 0.0, 20.0],  # j runs to posterior           = -A
+            [0.0, 0.0, 2.5, 30.0],  # k runs superior
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    np.testing.assert_allclose(volume.affine, expected, atol=1e-6)
+    np.testing.assert_allclose(volume.spacing, [0.8, 0.7, 2.5], atol=1e-6)
+
+
+def test_rescale_slope_gives_float_values(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct", slope=0.5, intercept=-100.25)
+    volume = read_series(tmp_path / "ct")
+    assert volume.array.dtype == np.float32
+    np.testing.assert_allclose(volume.array, series.truth, atol=1e-3)
+
+
+@pytest.mark.parametrize("write_order", ["forward", "reverse"])
+def test_legacy_converted_multiframe(tmp_path: Path, write_order: str) -> None:
+    series = make_ct_series(
+        tmp_path / "ct", row_dir=(-1.0, 0.0, 0.0), col_dir=(0.0, 0.0, -1.0), write_order=write_order
+    )
+    mf = make_legacy_multiframe(series, tmp_path / "mf.dcm")
+    volume = read_series(mf)
+    _check(volume, series)
+    frames = volume.meta["frame_numbers"]
+    assert sorted(frames) == list(range(1, len(frames) + 1))
+    assert volume.meta["dicom_source"].multiframe
+
+
+@pytest.mark.parametrize(
+    ("transfer_syntax", "shape"),
+    [(RLELossless, (20, 16, 6)), (JPEGLSLossless, (20, 16, 6)), (JPEG2000Lossless, (64, 48, 4))],
+    ids=["rle", "jpeg-ls", "jpeg2000"],
+)
+def test_compressed_transfer_syntaxes(tmp_path: Path, transfer_syntax: str, shape: tuple[int, int, int]) -> None:
+    series = make_ct_series(tmp_path / "ct", transfer_syntax=transfer_syntax, shape=shape, write_order="reverse")
+    assert pydicom.dcmread(series.paths[0]).file_meta.TransferSyntaxUID == transfer_syntax
+    volume = read_series(tmp_path / "ct")
+    _check(volume, series)
+    assert volume.meta["transfer_syntax_uids"] == [transfer_syntax]
+
+
+def test_jpeg_lossless_decoder_is_installed() -> None:
+    """No JPEG Lossless (Process 14) encoder is available to make a test file; the decoder must be."""
+    from pydicom.pixels.decoders import JPEGLosslessSV1Decoder
+
+    assert JPEGLosslessSV1Decoder.is_available
+
+
+def test_inputs_list_zip_and_nested_folder(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "nested" / "a" / "b", write_order="shuffle")
+    _check(read_series(tmp_path / "nested"), series)
+    _check(read_series(list(reversed(series.paths))), series)
+    archive = shutil.make_archive(str(tmp_path / "upload"), "zip", tmp_path / "nested")
+    _check(read_series(archive), series)
+    (tmp_path / "nested" / "README.txt").write_text("not dicom")
+    _check(read_series(tmp_path / "nested"), series)
+
+
+def test_localizer_in_the_series_is_skipped(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    loc = make_ct_series(
+        tmp_path / "tmp", shape=(20, 16, 1), row_dir=(1.0, 0.0, 0.0), col_dir=(0.0, 0.0, -1.0),
+        series_uid=series.series_uid, for_uid=series.for_uid, study_uid=series.study_uid,
+    )
+    ds = pydicom.dcmread(loc.paths[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "ct" / "localizer.dcm")
+    _check(read_series(tmp_path / "ct"), series)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_gantry_tilt_is_refused(tmp_path: Path) -> None:
+    make_ct_series(tmp_path / "ct", gantry_shift_mm=0.5)
+    with pytest.raises(InvalidVolume, match="gantry tilt"):
+        read_series(tmp_path / "ct")
+
+
+def test_missing_slice_is_refused(tmp_path: Path) -> None:
+    make_ct_series(tmp_path / "ct", drop_slices=(4,), write_order="shuffle")
+    with pytest.raises(InvalidVolume, match=r"missing .*about 1 missing slice"):
+        read_series(tmp_path / "ct")
+
+
+def test_uneven_spacing_is_refused(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    ds = pydicom.dcmread(series.paths[3])
+    pos = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [pos[0], pos[1], pos[2] + 0.7]
+    ds.save_as(series.paths[3])
+    with pytest.raises(InvalidVolume, match="uneven"):
+        read_series(tmp_path / "ct")
+
+
+def test_duplicate_positions_are_refused(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    ds = pydicom.dcmread(series.paths[2])
+    ds.SOPInstanceUID = generate_uid(UID_ROOT)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(tmp_path / "ct" / "dup.dcm")
+    with pytest.raises(InvalidVolume, match="share a position"):
+        read_series(tmp_path / "ct")
+
+
+def test_mixed_orientation_is_refused(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    ds = pydicom.dcmread(series.paths[0])
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(series.paths[0])
+    with pytest.raises(InvalidVolume, match="orientations"):
+        read_series(tmp_path / "ct")
+
+
+def test_several_series_need_a_choice(tmp_path: Path) -> None:
+    a = make_ct_series(tmp_path / "up" / "a", series_description="ABDOMEN 5mm")
+    b = make_ct_series(tmp_path / "up" / "b", shape=(20, 16, 7), series_description="CHEST 1mm", seed=3)
+    with pytest.raises(InvalidVolume) as err:
+        read_series(tmp_path / "up")
+    message = str(err.value)
+    for text in (a.series_uid, b.series_uid, "'ABDOMEN 5mm'", "'CHEST 1mm'", "CT", "10 image(s)", "7 image(s)"):
+        assert text in message
+    assert "Synthetic" not in message  # no patient name in the message
+    _check(read_series(tmp_path / "up", series_uid=b.series_uid), b)
+    infos = list_series(tmp_path / "up")
+    assert [i.series_instance_uid for i in infos] == [a.series_uid, b.series_uid]
+    with pytest.raises(InvalidVolume, match="not among the image series"):
+        read_series(tmp_path / "up", series_uid="1.2.3.4")
+
+
+def _write_sr(path: Path) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid(UID_ROOT)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    ds.StudyInstanceUID = generate_uid(UID_ROOT)
+    ds.SeriesInstanceUID = generate_uid(UID_ROOT)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_non_image_objects_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "up").mkdir()
+    _write_sr(tmp_path / "up" / "report.dcm")
+    (tmp_path / "up" / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidVolume, match=r"no DICOM image series found \(found: 1 Basic Text SR Storage, 1 not DICOM\)"):
+        read_series(tmp_path / "up")
+
+
+def test_non_image_objects_beside_a_series_are_ignored(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "up")
+    _write_sr(tmp_path / "up" / "report.dcm")
+    _check(read_series(tmp_path / "up"), series)
+
+
+def test_image_without_pixel_data_is_refused(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    ds = pydicom.dcmread(series.paths[5])
+    del ds.PixelData
+    ds.save_as(series.paths[5])
+    with pytest.raises(InvalidVolume, match="has no pixel data"):
+        read_series(tmp_path / "ct")
+
+
+def test_missing_input_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidVolume, match="no such file"):
+        read_series(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidVolume, match="no DICOM image series"):
+        read_series(tmp_path / "empty")
+
+
+def test_lps_to_ras_is_its_own_inverse() -> None:
+    np.testing.assert_array_equal(LPS_TO_RAS @ LPS_TO_RAS, np.eye(4))
