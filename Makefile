@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install tools run test bench clean
 
 install: $(STAMP)
 
@@ -17,12 +17,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# External validators the tests run for real: dciodvfy (Debian package dicom3tools) checks every
+# DICOM-SEG and RTSTRUCT the tests write.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+tools:
+	command -v dciodvfy >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools)
+
 run: install
 	@echo "The HTTP service is not built yet (issue #5). Available now: $(VENV)/bin/msam --help" >&2
 	$(VENV)/bin/msam --help
 	@exit 1
 
-test: install
+test: install tools
 	$(PY) -m pytest -q -ra
 
 bench: install
