@@ -1,0 +1,60 @@
+"""One entry point that turns a path into a :class:`~msam_core.io.volume.Volume`.
+
+Formats are chosen by name: ``.nii`` / ``.nii.gz`` (NIfTI), ``.nrrd`` / ``.nhdr`` (NRRD), a
+folder, ``.zip`` or ``.dcm`` (a DICOM series, read by :mod:`msam_core.io.dicom`). Every failure a
+user can cause is an :class:`~msam_core.errors.InvalidVolume` or
+:class:`~msam_core.errors.UnsupportedRequest` whose message names the file, never its contents.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from msam_core.errors import InvalidVolume, UnsupportedRequest
+from msam_core.io.volume import Volume
+
+SUPPORTED_INPUTS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), DICOM series (folder, .zip, .dcm)"
+
+
+def volume_format(path: str | Path) -> str:
+    """``"nifti"``, ``"nrrd"`` or ``"dicom"`` for a path, judged by its name (and folder-ness)."""
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_dir() or name.endswith((".zip", ".dcm")):
+        return "dicom"
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".nrrd", ".nhdr")):
+        return "nrrd"
+    raise InvalidVolume(f"{path.name}: unknown image format; supported inputs: {SUPPORTED_INPUTS}")
+
+
+def read_dicom_series(path: str | Path) -> Volume:
+    """Read a DICOM series through :func:`msam_core.io.dicom.read_series` when it is installed."""
+    try:
+        dicom = importlib.import_module("msam_core.io.dicom")
+        read_series = dicom.read_series
+    except (ImportError, AttributeError) as exc:
+        raise UnsupportedRequest(
+            "DICOM input needs the DICOM reader (msam_core.io.dicom.read_series), which this "
+            "build does not include yet; convert the series to NIfTI or NRRD first"
+        ) from exc
+    return read_series(path)
+
+
+def load_volume(path: str | Path) -> Volume:
+    """Read any supported image into a :class:`Volume` whose affine maps voxels to RAS mm."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidVolume(f"{path}: no such file or folder")
+    kind = volume_format(path)
+    if kind == "nifti":
+        from msam_core.io.nifti import read_nifti
+
+        return read_nifti(path)
+    if kind == "nrrd":
+        from msam_core.io.nrrd import read_nrrd
+
+        return read_nrrd(path)
+    return read_dicom_series(path)

@@ -1,0 +1,103 @@
+"""NIfTI-1/2 reading and mask writing (nibabel).
+
+NIfTI stores world coordinates in RAS millimetres already, so the affine nibabel returns is the
+:class:`~msam_core.io.volume.Volume` affine as is: voxel ``(i, j, k)`` of ``img.dataobj`` ->
+RAS mm. nibabel chooses between sform and qform (sform when its code is > 0, else qform, else
+a plain scaling); we keep that choice and record the codes, not the header (a NIfTI ``descrip``
+or ``aux_file`` may hold free text, and we never carry text that could be patient data).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from msam_core.errors import InvalidVolume
+from msam_core.io.volume import Volume
+
+#: Header fields that fully define a NIfTI grid; copied verbatim onto masks written "like" it.
+_GEOMETRY_FIELDS = (
+    "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+    "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units",
+)
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """Native byte order, and no float64/bool/float16 that the resampler cannot take cheaply."""
+    if array.dtype.byteorder not in ("=", "|"):
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype == np.float64 or array.dtype == np.float16:
+        array = array.astype(np.float32)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    return array
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """Read a ``.nii`` / ``.nii.gz`` file into a :class:`Volume` (affine: voxel -> RAS mm).
+
+    A 4D image with a single time point is squeezed to 3D; any other 4D image is refused.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InvalidVolume(f"{path.name} is not a NIfTI image")
+        array = np.asanyarray(img.dataobj)
+    except InvalidVolume:
+        raise
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise InvalidVolume(f"cannot read {path.name} as NIfTI: {exc}") from exc
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InvalidVolume(
+            f"{path.name} has shape {array.shape}; expected a 3D image (one time point / channel)"
+        )
+    header = img.header
+    geometry: dict[str, Any] = {}
+    for name in _GEOMETRY_FIELDS:
+        value = np.asarray(header[name])
+        geometry[name] = value.tolist()
+    meta = {"format": "nifti", "nifti_geometry": geometry}
+    return Volume(array=_native(np.asarray(array)), affine=img.affine, modality=None, meta=meta)
+
+
+def save_mask_nifti(mask: np.ndarray, like: Volume, path: str | Path) -> Path:
+    """Write a label mask (``uint8``, shape ``like.shape``, 0 = background) as NIfTI.
+
+    The mask is written on ``like``'s grid: same shape, same affine. When ``like`` came from a
+    NIfTI file its qform/sform fields are copied verbatim, so the mask's header geometry is
+    bit-identical to the input's; otherwise both sform and qform are set from ``like.affine``.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != like.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image shape {like.shape}")
+    if mask.size and int(mask.max(initial=0)) > 255:
+        raise ValueError("mask labels must fit in uint8 (at most 255 lesions)")
+    path = Path(path)
+    img = nib.Nifti1Image(mask.astype(np.uint8), like.affine)
+    geometry = like.meta.get("nifti_geometry")
+    if geometry:
+        header = img.header
+        for name, value in geometry.items():
+            if name == "pixdim":
+                pixdim = np.asarray(value, dtype=np.float32)
+                pixdim[4:] = header["pixdim"][4:]
+                header["pixdim"] = pixdim
+            else:
+                header[name] = value
+    else:
+        img.set_sform(like.affine, code=2)  # "aligned": same world as the image it was drawn on
+        try:
+            img.set_qform(like.affine, code=2)
+        except Exception:  # a sheared affine has no quaternion form; the sform carries it
+            img.set_qform(None, code=0)
+        img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"msam mask"
+    img.set_data_dtype(np.uint8)
+    nib.save(img, str(path))
+    return path

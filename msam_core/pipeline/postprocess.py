@@ -1,0 +1,133 @@
+"""From network logits back to a label mask on the input's own grid.
+
+Upstream: low-res logits ``[1, 1, 32, 32, 32]`` -> 128^3 trilinear (``align_corners=False``),
+``sigmoid > 0.5`` (that is, logit > 0), then back to the original grid with nearest neighbour. We
+carry *logits* to the input grid (nearest, so the thresholded result is identical to resampling
+the binary mask) because several lesions are then told apart by the larger logit, and we resample
+only the bounding box of the foreground, so the cost does not grow with the input's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from msam_core.io.volume import Volume
+from msam_core.pipeline.resample import IndexImage
+
+#: Logit used for "certainly background" (outside a box, outside every window).
+BACKGROUND_LOGIT = -30.0
+
+
+def upsample_logits(low_res: torch.Tensor, size: int = 128) -> np.ndarray:
+    """``[1, 1, 32, 32, 32]`` logits -> ``float32 [128, 128, 128]`` logits (trilinear)."""
+    up = F.interpolate(low_res.detach().float(), size=(size, size, size), mode="trilinear",
+                       align_corners=False)
+    return up[0, 0].cpu().numpy()
+
+
+def foreground_bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive ``(lo, hi)`` voxel indices of the ``True`` voxels of a 3D mask, or ``None``."""
+    spans = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=other))
+        if hits.size == 0:
+            return None
+        spans.append((hits[0], hits[-1]))
+    lo, hi = zip(*spans)
+    return np.asarray(lo), np.asarray(hi)
+
+
+@dataclass
+class GridLogits:
+    """Logits of one lesion on the input grid, restricted to a box of it.
+
+    Attributes:
+        lo: ``(3,)`` input voxel index of ``logits[0, 0, 0]``.
+        logits: ``float32 [I', J', K']`` logits for input voxels ``lo .. lo + shape - 1``.
+    """
+
+    lo: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(int(l), int(l) + n) for l, n in zip(self.lo, self.logits.shape))  # type: ignore[return-value]
+
+
+def logits_to_volume_grid(logits: np.ndarray, logits_affine: np.ndarray,
+                          volume: Volume) -> GridLogits | None:
+    """Resample (nearest) a lesion's logits onto the input grid, cropped to the image.
+
+    Args:
+        logits: ``float32 [A, B, C]`` logits on a RAS-aligned crop/canvas grid.
+        logits_affine: ``(4, 4)`` canvas voxel index -> RAS mm.
+        volume: the input image (target grid).
+
+    Returns:
+        the logits over the input voxels the foreground can reach, or ``None`` when empty.
+    """
+    box = foreground_bbox(logits > 0)
+    if box is None:
+        return None
+    lo_c, hi_c = box
+    corners_canvas = np.array([[x, y, z] for x in (lo_c[0] - 1, hi_c[0] + 1)
+                               for y in (lo_c[1] - 1, hi_c[1] + 1)
+                               for z in (lo_c[2] - 1, hi_c[2] + 1)], dtype=np.float64)
+    to_voxel = np.linalg.inv(volume.affine) @ logits_affine
+    corners = corners_canvas @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+    shape = np.asarray(volume.shape)
+    lo = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, shape - 1)
+    hi = np.clip(np.ceil(corners.max(axis=0)).astype(int), 0, shape - 1)
+    sub_shape = tuple(int(n) for n in hi - lo + 1)
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    dst_to_src = np.linalg.inv(logits_affine) @ volume.affine @ shift
+    sub = IndexImage(logits.astype(np.float32, copy=False)).resample(
+        dst_to_src, sub_shape, "nearest", BACKGROUND_LOGIT)  # type: ignore[arg-type]
+    if not np.any(sub > 0):
+        return None
+    return GridLogits(lo=lo, logits=sub)
+
+
+def combine_lesions(per_lesion: dict[int, GridLogits | None], shape: tuple[int, int, int]) -> np.ndarray:
+    """Label mask ``uint8`` of ``shape``: voxel = lesion whose logit is > 0 and largest there."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    best: dict[int, GridLogits] = {}
+    for lesion, grid_logits in sorted(per_lesion.items()):
+        if grid_logits is None:
+            continue
+        sl = grid_logits.slices
+        fg = grid_logits.logits > 0
+        region = labels[sl]
+        taken = region != 0
+        if np.any(taken & fg):
+            # compare with the logit of the lesion already there
+            current = np.full(fg.shape, -np.inf, dtype=np.float32)
+            for other, other_logits in best.items():
+                where = region == other
+                if not np.any(where):
+                    continue
+                overlap = _window(other_logits, grid_logits)
+                current[where] = overlap[where]
+            fg &= grid_logits.logits > current
+        region[fg] = lesion
+        best[lesion] = grid_logits
+    return labels
+
+
+def _window(src: GridLogits, dst: GridLogits) -> np.ndarray:
+    """``src``'s logits over ``dst``'s box (``-inf`` where ``src`` has none)."""
+    out = np.full(dst.logits.shape, -np.inf, dtype=np.float32)
+    lo = np.maximum(src.lo, dst.lo)
+    hi = np.minimum(src.lo + src.logits.shape, dst.lo + dst.logits.shape)
+    if np.any(hi <= lo):
+        return out
+    s = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, src.lo, hi))
+    d = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, dst.lo, hi))
+    out[d] = src.logits[s]
+    return out

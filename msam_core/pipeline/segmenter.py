@@ -1,0 +1,304 @@
+"""The one object that turns a volume plus prompts into masks (used by the CLI and the worker).
+
+Typical use::
+
+    seg = Segmenter(model, device="cpu", cache=DictEmbeddingCache())
+    result = seg.segment(volume, points=[Point((10.0, -20.0, 35.0), space="RAS")])
+    result.labels  # uint8 on volume's grid: 0 background, k = lesion k
+
+The steps are public so a service can split and cache them, nnInteractive-session style:
+:meth:`Segmenter.sampler` (wrap a volume once) -> :meth:`Segmenter.prepare` (a 128^3 window for
+a lesion) -> :meth:`Segmenter.encode` (embedding + cache key ``model_id:sha256(crop)``, looked up
+in an optional :class:`EmbeddingCache`) -> :meth:`Segmenter.predict` (decoder / refinement) ->
+:mod:`~msam_core.pipeline.postprocess`. A follow-up click on the same lesion keeps the crop
+centred on the *first* positive click, so it hits the cache and costs only a decoder pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from msam_core.errors import InvalidPrompt
+from msam_core.io.volume import Volume
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, combine_lesions, logits_to_volume_grid,
+                                            upsample_logits)
+from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
+from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
+from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
+                                        touched_faces, window_grid)
+
+MAX_ITERATIONS = 20
+
+
+class PromptableModel(Protocol):
+    """What the pipeline needs from a network (``msam_core.model.MSAM`` satisfies it)."""
+
+    img_size: int
+    model_id: str
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+               mask_logits: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def refine(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+               mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor: ...
+
+
+class EmbeddingCache(Protocol):
+    """Where embeddings are kept between requests (the worker backs it with Redis)."""
+
+    def get(self, key: str) -> torch.Tensor | None: ...
+
+    def put(self, key: str, embedding: torch.Tensor) -> None: ...
+
+
+class DictEmbeddingCache:
+    """An in-process :class:`EmbeddingCache` (LRU over ``max_items``), for tests and the CLI."""
+
+    def __init__(self, max_items: int = 16) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: str, embedding: torch.Tensor) -> None:
+        self._items[key] = embedding
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Window:
+    """One network input.
+
+    Attributes:
+        grid: where the crop lies (128^3, 1.5 mm, RAS axes).
+        offset: position on the lesion's window lattice (half-window steps).
+        image: normalised crop, ``float32 [1, 1, 128, 128, 128]`` in ``[a, b, c]`` (R, A, S) order.
+    """
+
+    grid: CropGrid
+    offset: Offset
+    image: torch.Tensor
+
+
+@dataclass
+class LesionOutcome:
+    """What happened for one lesion (no image content: safe to log)."""
+
+    lesion: int
+    windows: int
+    cache_hits: int
+    voxels: int = 0
+    stopped_at_limit: bool = False
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :meth:`Segmenter.segment`.
+
+    Attributes:
+        labels: ``uint8`` label mask on the input grid (shape of the input; 0 = background,
+            ``k`` = lesion ``k``).
+        lesions: per-lesion facts.
+        model_id: the network that produced it.
+    """
+
+    labels: np.ndarray
+    lesions: list[LesionOutcome] = field(default_factory=list)
+    model_id: str = ""
+
+
+def crop_key(model_id: str, image: torch.Tensor) -> str:
+    """Cache key of an embedding: the model and the exact crop content (shape, dtype, bytes)."""
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy()
+    digest = hashlib.sha256()
+    digest.update(f"{tuple(data.shape)}|{data.dtype}|".encode())
+    digest.update(memoryview(data).cast("B"))
+    return f"{model_id}:{digest.hexdigest()}"
+
+
+class Segmenter:
+    """Runs a promptable model on volumes.
+
+    Args:
+        model: the network (see :class:`PromptableModel`).
+        device: ``"cpu"`` or ``"cuda"``; crops and prompts are moved there.
+        cache: optional embedding cache shared across requests.
+        max_windows: most 128^3 windows spent on one lesion (large-lesion following).
+    """
+
+    def __init__(self, model: PromptableModel, device: str | torch.device = "cpu",
+                 cache: EmbeddingCache | None = None, max_windows: int = 8) -> None:
+        if max_windows < 1:
+            raise ValueError("max_windows must be >= 1")
+        self.model = model
+        self.device = torch.device(device)
+        self.cache = cache
+        self.max_windows = max_windows
+
+    # -- steps --------------------------------------------------------------------------------
+    def sampler(self, volume: Volume) -> VolumeSampler:
+        """Wrap ``volume`` once for all crops cut from it."""
+        return VolumeSampler(volume)
+
+    def prepare(self, sampler: VolumeSampler, lesion: LesionPrompt,
+                offset: Offset = (0, 0, 0)) -> Window:
+        """The window ``offset`` of ``lesion`` (``(0, 0, 0)``: centred on its first prompt)."""
+        grid = window_grid(CropGrid.centred(lesion.center_ras, size=self.model.img_size), offset)
+        return Window(grid=grid, offset=offset, image=sampler.crop(grid))
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """``[1, 1, 128, 128, 128]`` crop -> ``(embedding [1, C, 8, 8, 8], cache key)``."""
+        key = crop_key(self.model.model_id, image)
+        if self.cache is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached.to(self.device), key
+        with torch.inference_mode(), self._autocast():
+            embedding = self.model.encode(image.to(self.device))
+        if self.cache is not None:
+            self.cache.put(key, embedding)
+        return embedding, key
+
+    def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
+                mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor:
+        """Decoder pass(es).
+
+        Args:
+            embedding: from :meth:`encode`.
+            points_crop: ``(N, 3)`` continuous crop voxel indices ``(a, b, c)``.
+            labels: ``(N,)`` 1 positive / 0 negative.
+            mask_logits: optional mask prompt ``[1, 1, 32, 32, 32]``.
+            iterations: 1 = one decoder pass; more feeds each prediction back as the mask prompt.
+
+        Returns:
+            logits ``float32 [1, 1, 32, 32, 32]`` on the CPU.
+        """
+        points = torch.as_tensor(np.asarray(points_crop, np.float32).reshape(1, -1, 3), device=self.device)
+        lab = torch.as_tensor(np.asarray(labels, np.int64).reshape(1, -1), device=self.device)
+        mask = None if mask_logits is None else mask_logits.to(self.device)
+        with torch.inference_mode(), self._autocast():
+            if iterations == 1:
+                out = self.model.decode(embedding, points, lab, mask)
+            else:
+                out = self.model.refine(embedding, points, lab, mask, iterations=iterations)
+        return out.float().cpu()
+
+    # -- whole requests -----------------------------------------------------------------------
+    def segment(self, volume: Volume, points: Sequence[Point] = (), boxes: Sequence[Box] = (),
+                prior: np.ndarray | None = None, iterations: int = 1) -> SegmentationResult:
+        """Segment every prompted lesion of ``volume``; labels on ``volume``'s grid."""
+        if not 1 <= int(iterations) <= MAX_ITERATIONS:
+            raise InvalidPrompt(f"iterations must be between 1 and {MAX_ITERATIONS}, got {iterations}")
+        lesions = resolve_prompts(volume, points, boxes, prior)
+        sampler = self.sampler(volume)
+        per_lesion = {}
+        outcomes = []
+        for lesion in lesions:
+            canvas, outcome = self.segment_lesion(sampler, lesion, int(iterations))
+            logits, affine = canvas.merged()
+            per_lesion[lesion.lesion] = logits_to_volume_grid(logits, affine, volume)
+            outcomes.append(outcome)
+        labels = combine_lesions(per_lesion, volume.shape)
+        counts = np.bincount(labels.ravel(), minlength=256)
+        for outcome in outcomes:
+            outcome.voxels = int(counts[outcome.lesion])
+        return SegmentationResult(labels=labels, lesions=outcomes, model_id=self.model.model_id)
+
+    def segment_lesion(self, sampler: VolumeSampler, lesion: LesionPrompt,
+                       iterations: int = 1) -> tuple[LogitCanvas, LesionOutcome]:
+        """Predict one lesion, following it over further windows while it reaches their border.
+
+        Returns the merged logits (on the lesion's RAS-aligned 1.5 mm lattice) and a summary.
+        """
+        base = CropGrid.centred(lesion.center_ras, size=self.model.img_size)
+        canvas = LogitCanvas(base=base)
+        queue: list[Offset] = [(0, 0, 0)]
+        seen: set[Offset] = {(0, 0, 0)}
+        outcome = LesionOutcome(lesion=lesion.lesion, windows=0, cache_hits=0)
+        while queue:
+            if outcome.windows >= self.max_windows:
+                outcome.stopped_at_limit = True
+                break
+            offset = queue.pop(0)
+            grid = window_grid(base, offset)
+            pts, labels = self._window_points(grid, lesion, canvas, offset)
+            if pts is None:
+                continue  # nothing of this lesion is known to reach into that window
+            window = Window(grid=grid, offset=offset, image=sampler.crop(grid))
+            hits_before = getattr(self.cache, "hits", 0)
+            embedding, _ = self.encode(window.image)
+            outcome.cache_hits += getattr(self.cache, "hits", 0) - hits_before
+            mask_prompt = None
+            if lesion.prior is not None:
+                mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
+            low_res = self.predict(embedding, pts, labels, mask_prompt, iterations)
+            logits = upsample_logits(low_res, size=grid.size)
+            if lesion.box is not None:
+                centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
+                inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)
+                logits[~inside] = BACKGROUND_LOGIT
+            canvas.add(offset, logits)
+            outcome.windows += 1
+            for axis, side in touched_faces(logits > 0, lambda p, g=grid: sampler.inside_image(g, p)):
+                nxt = neighbour(offset, axis, side)
+                if nxt not in seen:
+                    seen.add(nxt)
+                    queue.append(nxt)
+        return canvas, outcome
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _window_points(self, grid: CropGrid, lesion: LesionPrompt, canvas: LogitCanvas,
+                       offset: Offset) -> tuple[np.ndarray | None, np.ndarray]:
+        """Clicks for one window, in crop voxel indices: the user's clicks that fall inside it,
+        the box centre as a positive click, and (further windows) a positive seed deep inside
+        the part of the lesion already segmented. ``None`` when the window has no positive."""
+        pts = [p for p in lesion.points_ras]
+        labels = [int(v) for v in lesion.labels]
+        if lesion.box is not None:
+            pts.append(lesion.box.center_ras)
+            labels.append(1)
+        crop_pts = grid.ras_to_crop(np.asarray(pts).reshape(-1, 3))
+        keep = grid.contains_crop(crop_pts)
+        crop_pts, lab = crop_pts[keep], np.asarray(labels, np.int64)[keep]
+        if offset != (0, 0, 0):
+            known_logits, known = canvas.window(offset)
+            seed = seed_from_known(known_logits, known)
+            if seed is not None:
+                crop_pts = np.vstack([seed[None], crop_pts])
+                lab = np.concatenate([[1], lab]).astype(np.int64)
+        if not np.any(lab == 1):
+            if offset == (0, 0, 0) and lesion.prior is not None:
+                centre = grid.ras_to_crop(lesion.center_ras)  # deepest point of the prior
+                return np.vstack([centre, crop_pts]), np.concatenate([[1], lab]).astype(np.int64)
+            return None, lab
+        return crop_pts, lab
+
+    def _autocast(self):
+        autocast = getattr(self.model, "autocast", None)
+        if callable(autocast):
+            return autocast()
+        import contextlib
+
+        return contextlib.nullcontext()
