@@ -203,7 +203,7 @@ class _materialised:
                 return sorted(_walk(p))
             if not p.is_file():
                 raise InvalidVolume(f"no such file or folder: {p.name!r}")
-            if zipfile.is_zipfile(p):
+            if not _has_dicom_preamble(p) and zipfile.is_zipfile(p):
                 self._tmp = tempfile.TemporaryDirectory(prefix="msam-dicom-")
                 return extract_zip(p, self._tmp.name, self._limits)
             return [p]
@@ -216,6 +216,11 @@ class _materialised:
     def __exit__(self, *exc: object) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(132)[128:] == b"DICM"
 
 
 def _walk(root: Path) -> Iterable[Path]:
@@ -253,6 +258,7 @@ def _scan(files: Sequence[Path]) -> tuple[dict[str, _Series], dict[str, int]]:
     """Group image headers by SeriesInstanceUID; count what was skipped and why."""
     series: dict[str, _Series] = {}
     skipped: dict[str, int] = {}
+    seen: set[str] = set()
     for f in files:
         ds = _read_header(f)
         if ds is None:
@@ -267,6 +273,11 @@ def _scan(files: Sequence[Path]) -> tuple[dict[str, _Series], dict[str, int]]:
             skipped["localizer"] = skipped.get("localizer", 0) + 1
             continue
         uid = str(ds.SeriesInstanceUID)
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
+        if sop_uid and sop_uid in seen:
+            skipped["duplicate file"] = skipped.get("duplicate file", 0) + 1
+            continue
+        seen.add(sop_uid)
         s = series.setdefault(
             uid, _Series(uid, str(ds.get("SeriesDescription", "")), str(ds.get("Modality", "")))
         )
@@ -459,6 +470,19 @@ def _geometry(frames: list[_Frame], headers: list[tuple[Path, Dataset]]) -> tupl
                 "without tilt)"
             )
         step = extent / (len(frames) - 1)
+        # every slice must sit where the affine puts it, in-plane as well as along the normal
+        positions = np.array([f.position for f in frames])
+        residual = positions - (frames[0].position + np.arange(len(frames))[:, None] * step)
+        in_plane = np.linalg.norm(residual - np.outer(residual @ normal, normal), axis=1)
+        if in_plane.max() > 0.1 * min(row_spacing, col_spacing):
+            raise InvalidVolume(
+                f"slices are shifted in-plane against each other by up to {in_plane.max():.3g} mm; the series "
+                "is not a regular 3D grid"
+            )
+        if np.max(np.abs(residual @ normal)) > 0.1 * median:
+            raise InvalidVolume(
+                "the slice spacing drifts along the series; the series is not a regular 3D grid"
+            )
 
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * col_spacing  # i: along a row, one column per step

@@ -259,3 +259,19 @@ def test_missing_input_is_refused(tmp_path: Path) -> None:
 
 def test_lps_to_ras_is_its_own_inverse() -> None:
     np.testing.assert_array_equal(LPS_TO_RAS @ LPS_TO_RAS, np.eye(4))
+
+
+def test_slice_shifted_in_plane_is_refused(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    ds = pydicom.dcmread(series.paths[4])
+    pos = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [pos[0] + 0.3, pos[1], pos[2]]
+    ds.save_as(series.paths[4])
+    with pytest.raises(InvalidVolume, match="shifted in-plane"):
+        read_series(tmp_path / "ct")
+
+
+def test_duplicate_files_are_read_once(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct")
+    shutil.copy(series.paths[3], tmp_path / "ct" / "copy_of_img.dcm")
+    _check(read_series(tmp_path / "ct"), series)
