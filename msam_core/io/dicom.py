@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_PathInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 #: SOP classes that carry pixel data but are not images to segment (or not images at all).
 _NOT_SEGMENTABLE_SOP_CLASSES = {
@@ -143,7 +146,7 @@ class _Series:
 
 
 def read_series(
-    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    path: _PathInput,
     series_uid: str | None = None,
     *,
     zip_limits: ZipLimits = DEFAULT_ZIP_LIMITS,
@@ -168,7 +171,7 @@ def read_series(
 
 
 def list_series(
-    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    path: _PathInput,
     *,
     zip_limits: ZipLimits = DEFAULT_ZIP_LIMITS,
 ) -> list[SeriesInfo]:
@@ -180,7 +183,8 @@ def list_series(
 
 def volume_affine_lps(volume: Volume) -> np.ndarray:
     """The volume's affine to **LPS** mm (DICOM patient coordinates) instead of RAS."""
-    return LPS_TO_RAS @ volume.affine
+    affine: np.ndarray = LPS_TO_RAS @ volume.affine
+    return affine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ def volume_affine_lps(volume: Volume) -> np.ndarray:
 class _materialised:
     """Context manager: the input as a list of local files (a zip is extracted to a temp dir)."""
 
-    def __init__(self, path: object, limits: ZipLimits) -> None:
+    def __init__(self, path: _PathInput, limits: ZipLimits) -> None:
         self._path = path
         self._limits = limits
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -207,7 +211,7 @@ class _materialised:
                 self._tmp = tempfile.TemporaryDirectory(prefix="msam-dicom-")
                 return extract_zip(p, self._tmp.name, self._limits)
             return [p]
-        files = [Path(x) for x in p]  # type: ignore[union-attr]
+        files = [Path(x) for x in p]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InvalidVolume(f"{len(missing)} of the given DICOM files do not exist (e.g. {missing[0]!r})")
@@ -324,14 +328,18 @@ def _choose(series: dict[str, _Series], skipped: dict[str, int], series_uid: str
 # geometry
 
 
-def _floats(value: object, n: int, what: str) -> np.ndarray:
+def _floats(value: Any, n: int, what: str) -> np.ndarray:
     try:
-        arr = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        arr = np.array([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         arr = np.zeros(0)
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
         raise InvalidVolume(f"the series has a missing or malformed {what}; it is not a usable 3D image")
     return arr
+
+
+def _pair(values: np.ndarray) -> tuple[float, float]:
+    return float(values[0]), float(values[1])
 
 
 def _group_item(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
@@ -373,7 +381,7 @@ def _frames_of(path: Path, header_index: int, ds: Dataset) -> list[_Frame]:
                     f + 1,
                     _floats(pos.get("ImagePositionPatient"), 3, "Image Position (Patient)"),
                     _floats(ori.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)"),
-                    tuple(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),  # type: ignore[arg-type]
+                    _pair(_floats(meas.get("PixelSpacing"), 2, "Pixel Spacing")),
                     rows,
                     cols,
                     float(src.get("RescaleSlope", 1.0) or 1.0),
@@ -398,7 +406,7 @@ def _frames_of(path: Path, header_index: int, ds: Dataset) -> list[_Frame]:
             None,
             _floats(ds.ImagePositionPatient, 3, "Image Position (Patient)"),
             _floats(ds.ImageOrientationPatient, 6, "Image Orientation (Patient)"),
-            tuple(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),  # type: ignore[arg-type]
+            _pair(_floats(ds.get("PixelSpacing"), 2, "Pixel Spacing")),
             rows,
             cols,
             float(ds.get("RescaleSlope", 1.0) or 1.0),

@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from msam_core.errors import InvalidVolume, UnsupportedRequest
 from msam_core.io.dicom import DicomSource, volume_affine_lps
@@ -35,7 +35,7 @@ __all__ = ["RT_STRUCTURE_SET_STORAGE", "mask_to_polygons", "read_rtstruct", "wri
 
 logger = logging.getLogger(__name__)
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 #: Detached Study Management (retired, but the class every RTSTRUCT writer puts here)
 _STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
 
@@ -172,7 +172,7 @@ def write_rtstruct(
     affine = volume_affine_lps(source)
     first = src.datasets[0]
     for_uid = str(source.meta.get("frame_of_reference_uid") or first.FrameOfReferenceUID)
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
 
     sop_uid = generate_uid()
     meta = FileMetaDataset()
@@ -212,7 +212,9 @@ def write_rtstruct(
     ds.StructureSetTime = ds.InstanceCreationTime
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame_of_reference(src, for_uid, source)])
 
-    rois, contours, observations = [], [], []
+    rois: list[Dataset] = []
+    contours: list[Dataset] = []
+    observations: list[Dataset] = []
     for n, label in enumerate(present):
         roi = Dataset()
         roi.ROINumber = label
@@ -225,7 +227,7 @@ def write_rtstruct(
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = label
         roi_contour.ROIDisplayColor = list(_COLOURS[n % len(_COLOURS)])
-        items = []
+        items: list[Dataset] = []
         for k in range(labels_arr.shape[2]):
             plane = labels_arr[:, :, k].T == label  # [row, column]
             if not plane.any():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as sr_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
@@ -80,7 +81,7 @@ def check_mask(mask: np.ndarray, source: Volume) -> np.ndarray:
     return m
 
 
-def _frames_from_mask(labels: np.ndarray, src: DicomSource) -> tuple[list, np.ndarray]:
+def _frames_from_mask(labels: np.ndarray, src: DicomSource) -> tuple[list[Dataset], np.ndarray]:
     """(source_images, frames) for highdicom: frame ``f`` lies pixel for pixel on source frame ``f``."""
     slices = labels.transpose(2, 1, 0)  # (k, row, column)
     if not src.multiframe:
