@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 # A fixed root keeps UIDs valid and recognisable; generate_uid adds randomness.
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -106,7 +107,9 @@ def make_ct_series(
             intercept,
             series_description,
         )
-        if transfer_syntax != ExplicitVRLittleEndian:
+        if transfer_syntax == JPEGLosslessSV1:
+            _compress_jpeg_lossless(ds)
+        elif transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax)
         path = folder / f"img{number:04d}.dcm"
         if write:
@@ -248,3 +251,58 @@ def dciodvfy_errors(path: Path) -> list[str]:
     result = subprocess.run([exe, str(path)], check=False, capture_output=True, text=True, timeout=120)
     lines = (result.stdout + result.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
+
+
+def encode_jpeg_lossless_sv1(pixels: np.ndarray, precision: int) -> bytes:
+    """A minimal JPEG Lossless (ITU T.81 process 14, first-order prediction) encoder.
+
+    No library available here encodes this transfer syntax, so the tests bring their own to feed
+    the real decoder (pylibjpeg-libjpeg) a real codestream. One component, predictor 1, Pt = 0, a
+    fixed Huffman table giving every difference category (0..16) a 5-bit code.
+    """
+    rows, cols = pixels.shape
+    x = pixels.astype(np.int64)
+    pred = np.empty_like(x)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:] = x[0, :-1]  # first row: left neighbour
+    pred[1:, 0] = x[:-1, 0]  # first column: the pixel above
+    pred[1:, 1:] = x[1:, :-1]  # predictor 1 (left) elsewhere
+    diffs = ((x - pred) % 65536).ravel()
+    diffs = np.where(diffs > 32768, diffs - 65536, diffs)
+
+    bits: list[str] = []
+    for d in diffs.tolist():
+        ssss = 0 if d == 0 else int(abs(d)).bit_length()
+        bits.append(format(ssss, "05b"))  # canonical code of category ssss: its 5-bit index
+        if 0 < ssss < 16:
+            bits.append(format(d if d > 0 else d + (1 << ssss) - 1, f"0{ssss}b"))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)  # pad with 1-bits
+    raw = int(stream, 2).to_bytes(len(stream) // 8, "big") if stream else b""
+    entropy = raw.replace(b"\xff", b"\xff\x00")  # byte stuffing
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    sof3 = bytes([precision]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + bytes([1, 1, 0x11, 0])
+    counts = [0] * 16
+    counts[4] = 17  # 17 codes of length 5
+    dht = bytes([0x00]) + bytes(counts) + bytes(range(17))
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # Ns=1, Cs=1, Td/Ta=0, Ss=predictor 1, Se=0, Ah/Al=0
+    return (
+        b"\xff\xd8"
+        + segment(0xC3, sof3)
+        + segment(0xC4, dht)
+        + segment(0xDA, sos)
+        + entropy
+        + b"\xff\xd9"
+    )
+
+
+def _compress_jpeg_lossless(ds: Dataset) -> None:
+    pixels = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.Rows, ds.Columns)
+    frame = encode_jpeg_lossless_sv1(pixels, precision=int(ds.BitsStored))
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
