@@ -214,6 +214,23 @@ def make_legacy_multiframe(series: SynthSeries, path: Path, shuffle_seed: int | 
     return path
 
 
+def make_split_multiframe(series: SynthSeries, folder: Path) -> Path:
+    """One series as two Legacy Converted Enhanced CT instances (first 5 files, the rest)."""
+    import highdicom as hd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = generate_uid(UID_ROOT)
+    for n, part in enumerate((series.paths[:5], series.paths[5:]), start=1):
+        hd.legacy.LegacyConvertedEnhancedCTImage(
+            [pydicom.dcmread(p) for p in part],
+            series_instance_uid=uid,
+            series_number=4,
+            sop_instance_uid=generate_uid(UID_ROOT),
+            instance_number=n,
+        ).save_as(folder / f"part{n}.dcm")
+    return folder
+
+
 def lps_of(affine_lps: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
     return ijk @ affine_lps[:3, :3].T + affine_lps[:3, 3]

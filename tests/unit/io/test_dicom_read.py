@@ -21,7 +21,14 @@ from pydicom.uid import (
 from msam_core.errors import InvalidVolume
 from msam_core.io.dicom import DicomSource, list_series, read_series, volume_affine_lps
 from msam_core.io.volume import LPS_TO_RAS
-from tests.unit.io.dicom_synth import UID_ROOT, lps_of, make_ct_series, make_legacy_multiframe, rotation
+from tests.unit.io.dicom_synth import (
+    UID_ROOT,
+    lps_of,
+    make_ct_series,
+    make_legacy_multiframe,
+    make_split_multiframe,
+    rotation,
+)
 
 OBLIQUE = rotation((1.0, 2.0, 0.5), 27.0)
 
@@ -274,3 +281,28 @@ def test_duplicate_files_are_read_once(tmp_path: Path) -> None:
     series = make_ct_series(tmp_path / "ct")
     shutil.copy(series.paths[3], tmp_path / "ct" / "copy_of_img.dcm")
     _check(read_series(tmp_path / "ct"), series)
+
+
+def test_multiframe_per_frame_rescale(tmp_path: Path) -> None:
+    """Enhanced objects may rescale each frame differently (Pixel Value Transformation per frame)."""
+    series = make_ct_series(tmp_path / "ct", write_order="reverse")
+    mf_path = make_legacy_multiframe(series, tmp_path / "mf.dcm")
+    mf = pydicom.dcmread(mf_path)
+    del mf.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    for f, group in enumerate(mf.PerFrameFunctionalGroupsSequence):
+        pvt = Dataset()
+        pvt.RescaleIntercept = str(-1024 + 10 * f)
+        pvt.RescaleSlope = "1"
+        pvt.RescaleType = "HU"
+        group.PixelValueTransformationSequence = [pvt]
+    mf.save_as(mf_path)
+    volume = read_series(mf_path)
+    offsets = np.array([10 * (n - 1) for n in volume.meta["frame_numbers"]], dtype=np.float64)
+    np.testing.assert_array_equal(volume.array, series.truth + offsets[None, None, :])
+
+
+def test_series_split_over_several_multiframe_instances(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct", shape=(20, 16, 8), write_order="shuffle")
+    volume = read_series(make_split_multiframe(series, tmp_path / "mf"))
+    _check(volume, series)
+    assert len(set(volume.meta["sop_instance_uids"])) == 2

@@ -17,6 +17,7 @@ from tests.unit.io.dicom_synth import (
     dciodvfy_errors,
     make_ct_series,
     make_legacy_multiframe,
+    make_split_multiframe,
     rotation,
     sphere_mask,
 )
@@ -150,3 +151,15 @@ def test_rtstruct_refusals(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedRequest, match="RTSTRUCT output needs a DICOM input"):
         write_rtstruct(np.ones(volume.shape, np.uint8), nifti_like, tmp_path / "x.dcm")
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_rtstruct_for_a_series_of_several_multiframe_instances(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct", shape=(20, 16, 8), write_order="reverse")
+    volume = read_series(make_split_multiframe(series, tmp_path / "mf"))
+    mask = _tricky_mask(volume.shape)
+    path = write_rtstruct(mask, volume, tmp_path / "out.rtstruct.dcm")
+    np.testing.assert_array_equal(read_rtstruct(path, volume), mask)
+    ds = pydicom.dcmread(path)
+    refs = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert {r.ReferencedSOPInstanceUID for r in refs.ContourImageSequence} == set(volume.meta["sop_instance_uids"])
+    assert dciodvfy_errors(path) == []

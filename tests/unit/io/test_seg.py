@@ -20,6 +20,7 @@ from tests.unit.io.dicom_synth import (
     dciodvfy_errors,
     make_ct_series,
     make_legacy_multiframe,
+    make_split_multiframe,
     rotation,
     sphere_mask,
 )
@@ -199,6 +200,13 @@ def test_seg_refusals(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedRequest, match="needs a DICOM input"):
         write_seg(np.ones(volume.shape, np.uint8), nifti_like, tmp_path / "x.dcm")
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_seg_refuses_a_series_of_several_multiframe_instances(tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct", shape=(20, 16, 8))
+    volume = read_series(make_split_multiframe(series, tmp_path / "mf"))
+    with pytest.raises(UnsupportedRequest, match="several multi-frame instances"):
+        write_seg(asymmetric_mask(volume.shape), volume, tmp_path / "x.dcm")
 
 
 def test_centroid_check_detects_a_mirrored_seg(tmp_path: Path) -> None:
