@@ -33,8 +33,8 @@ def reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     rel_w = torch.einsum("bdhwc,wkc->bdhwk", r_q, rw)
     logits = (
         logits.view(b * nh, s, s, s, s, s, s)
-        + rel_d[:, :, :, :, :, None, None]
-        + rel_h[:, :, :, None, :, None]  # upstream's 3D broadcast, kept on purpose
+        + rel_d[:, :, :, :, None, None]  # upstream's 3D broadcast, kept on purpose
+        + rel_h[:, :, :, None, :, None]
         + rel_w[:, :, :, None, None, :]
     ).view(b * nh, s**3, s**3)
     out = logits.softmax(dim=-1) @ v

@@ -4,15 +4,15 @@
 (MViTv2's decomposition, lifted from 2D SAM to 3D). For a query at grid position ``(d, h, w)``
 and a key at ``(kd, kh, kw)``, with ``q`` the *unscaled* query vectors and ``Rd, Rh, Rw`` the
 tables gathered at relative offsets (``R[i, j] = table[i - j + S - 1]`` over an extent ``S``),
-upstream's broadcasting makes the added bias
+upstream's broadcasting (``rel_d[:, :, :, :, None, None]``, ``rel_h[:, :, :, None, :, None]``,
+``rel_w[:, :, :, None, None, :]`` against a ``[B, d, h, w, kd, kh, kw]`` view) adds
 
-    bias = q[d, h, w]  . Rd[d,  kd]        (as intended)
-         + q[d, h, kd] . Rh[h,  kw]        (3D quirk: query row taken at w := kd)
-         + q[d, h, kh] . Rw[kh, kw]        (3D quirk: query row taken at w := kh)
+    bias = q[d, h, w]  . Rd[d,  kw]        (the depth table lands on the key's w axis)
+         + q[d, h, kd] . Rh[h,  kw]        (query row taken at w := kd)
+         + q[d, h, kh] . Rw[kh, kw]        (query row taken at w := kh)
 
-because ``rel_h[:, :, :, None, :, None]`` and ``rel_w[:, :, :, None, None, :]`` put the query's
-``w`` axis onto key axes (2D SAM's two-axis version broadcasts correctly; the 3D one does not).
-The public checkpoints were trained with this, so we reproduce it exactly.
+2D SAM's two-axis version broadcasts as intended; the 3D lift does not. The public checkpoints
+were trained with this, so it is reproduced exactly. Every term depends on the key's ``kw``.
 
 **Windowed blocks.** The 8^3 token grid is zero-padded to one 14^3 window *after* norm1, so every
 padded token has ``q = b_q``, ``k = b_k``, ``v = b_v`` (the qkv bias; LoRA adds nothing to a zero
@@ -48,11 +48,11 @@ def rel_pos_terms(
         tables: ``rel_pos_d, rel_pos_h, rel_pos_w``, each ``[2S-1, C]``.
 
     Returns:
-        ``A [B, nH, G, G, G, S]`` indexed ``(d, h, w, kd)``,
+        ``A [B, nH, G, G, G, S]`` indexed ``(d, h, w, kw)``,
         ``Bh [B, nH, G, G, S, S]`` indexed ``(d, h, kd, kw)``,
         ``Cw [B, nH, G, G, S, S]`` indexed ``(d, h, kh, kw)``;
         the bias of key ``(kd, kh, kw)`` for query ``(d, h, w)`` is
-        ``A[d,h,w,kd] + Bh[d,h,kd,kw] + Cw[d,h,kh,kw]``.
+        ``A[d,h,w,kw] + Bh[d,h,kd,kw] + Cw[d,h,kh,kw]``.
     """
     table_d, table_h, table_w = tables
     grid = q.shape[2]
@@ -80,7 +80,7 @@ def real_key_bias(a: torch.Tensor, bh: torch.Tensor, cw: torch.Tensor) -> torch.
     """Bias for the real keys: ``[B, nH, G^3 queries, G^3 keys]`` (keys flattened ``kd, kh, kw``)."""
     b, nh, g = a.shape[:3]
     bias = (
-        a[..., :g, None, None]  # [B,nH,d,h,w,kd,1,1]
+        a[:, :, :, :, :, None, None, :g]  # [B,nH,d,h,w,1,1,kw]
         + bh[:, :, :, :, None, :g, None, :g]  # [B,nH,d,h,1,kd,1,kw]
         + cw[:, :, :, :, None, None, :g, :g]  # [B,nH,d,h,1,1,kh,kw]
     )
@@ -90,21 +90,20 @@ def real_key_bias(a: torch.Tensor, bh: torch.Tensor, cw: torch.Tensor) -> torch.
 def padded_keys_logsumexp(a: torch.Tensor, bh: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
     """``log sum exp`` of the bias over every padded key of the window: ``[B, nH, G^3, 1]``.
 
-    The padded keys ``{0..S-1}^3 minus {0..G-1}^3`` split into three disjoint boxes:
-    ``kd >= G``; ``kd < G, kh >= G``; ``kd < G, kh < G, kw >= G``. Over each box the sum of
-    ``exp(A + Bh + Cw)`` factorises into nested one-axis log-sum-exps.
+    For each key column ``kw`` the padded ``(kd, kh)`` are all ``S^2`` pairs when ``kw >= G``,
+    else the two disjoint boxes ``kd >= G`` and ``kd < G, kh >= G``; over each box the sum of
+    ``exp(Bh + Cw)`` is a product of one-axis sums. No subtraction, so no cancellation.
     """
     b, nh, g = a.shape[:3]
     lse = torch.logsumexp
-    cw_all = lse(cw, dim=4)  # sum over every kh -> [B,nH,d,h,kw]
-    cw_hi = lse(cw[:, :, :, :, g:, :], dim=4)  # kh >= G
-    cw_lo = lse(cw[:, :, :, :, :g, :], dim=4)  # kh < G
-    # Sum over kw for each kd: [B, nH, d, h, kd]
-    t_all = lse(bh + cw_all[:, :, :, :, None, :], dim=5)
-    t_hi = lse(bh + cw_hi[:, :, :, :, None, :], dim=5)
-    t_lo = lse(bh[..., g:] + cw_lo[:, :, :, :, None, g:], dim=5)  # kw >= G only
-    box1 = lse(a[..., g:] + t_all[:, :, :, :, None, g:], dim=5)  # kd >= G
-    box2 = lse(a[..., :g] + t_hi[:, :, :, :, None, :g], dim=5)  # kd < G, kh >= G
-    box3 = lse(a[..., :g] + t_lo[:, :, :, :, None, :g], dim=5)  # kd < G, kh < G, kw >= G
-    total = lse(torch.stack([box1, box2, box3], dim=-1), dim=-1)  # [B,nH,d,h,w]
+    bh_all, bh_hi, bh_lo = lse(bh, dim=4), lse(bh[:, :, :, :, g:], dim=4), lse(bh[:, :, :, :, :g], dim=4)
+    cw_all, cw_hi = lse(cw, dim=4), lse(cw[:, :, :, :, g:], dim=4)  # each [B, nH, d, h, kw]
+    inner = torch.cat(
+        [
+            torch.logaddexp(bh_hi + cw_all, bh_lo + cw_hi)[..., :g],  # kw < G
+            (bh_all + cw_all)[..., g:],  # kw >= G: every (kd, kh)
+        ],
+        dim=-1,
+    )
+    total = lse(a + inner[:, :, :, :, None, :], dim=-1)  # [B, nH, d, h, w]
     return total.reshape(b, nh, g**3, 1)

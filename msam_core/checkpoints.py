@@ -1,0 +1,296 @@
+"""Loading and saving weights: official SAM-Med3D, official M-SAM, and msam's own format.
+
+Formats read by :func:`load_checkpoint`:
+
+- **SAM-Med3D** (``sam_med3d.pth``, ``sam_med3d_turbo.pth``): ``torch.save`` of a dict whose
+  ``model_state_dict`` holds ``image_encoder.* prompt_encoder.* mask_decoder.*``; older files also
+  pickle the training ``args`` (an ``argparse.Namespace``). Our module names equal upstream's, so
+  these keys load unchanged.
+- **M-SAM** training checkpoints: ``model_state_dict`` with ``lora_sam.sam.*`` (LoRA wrapped
+  around each ``attn.qkv``) and ``bidatt.*`` (the adapter); renamed here, see :data:`MEA_RENAMES`.
+- **msam** (``.safetensors``): weights in our names plus JSON metadata under the ``msam`` key
+  (format version, model config, msam version, provenance).
+
+Pickled files are opened with ``torch.load(weights_only=True)`` and a short allow-list
+(``argparse.Namespace``, numpy scalars). A file that needs anything else is refused unless the
+operator opts in (``allow_unsafe_pickle=True`` / ``--allow-unsafe-pickle``): unpickling runs code.
+Missing, unexpected and mis-shaped keys raise :class:`InvalidCheckpoint` listing them; nothing is
+ever silently left at random initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msam_core.errors import InvalidCheckpoint
+from msam_core.model import MSAM, ModelConfig, get_config
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "msam"
+FORMAT_VERSION = 1
+MSAM_PREFIX = "lora_sam.sam."
+
+#: Our MEA names -> M-SAM's ``bidatt`` names (prefixes; order matters only for readability).
+MEA_RENAMES: tuple[tuple[str, str], ...] = (
+    ("mea.image_in_norm.", "bidatt.add_norm3."),
+    ("mea.mask_in_norm.", "bidatt.add_norm2."),
+    ("mea.fuse_attn.", "bidatt.multi_head_self_attention."),
+    ("mea.fuse_norm.", "bidatt.add_norm."),
+    ("mea.fuse_mlp.", "bidatt.mlp."),
+    ("mea.blocks.", "bidatt.bidirectional_attentions."),
+)
+#: Inside one Mutual Feature Enhancement Block: our part name -> M-SAM's.
+MFEB_RENAMES: dict[str, str] = {
+    "mask_conv1": "prompt_conv1",
+    "mask_conv2": "prompt_conv2",
+    "mask_norm": "prompt_norm",
+    "mask_addnorm1": "prompt_addnorm1",
+    "mask_addnorm2": "prompt_addnorm2",
+    "mask_addnorm3": "prompt_addnorm3",
+    "mask_attn": "prompt_multiheadattn",
+    "image_attn": "image_multiheadattn",
+    "image_mlp": "mlp1",
+    "mask_mlp": "mlp2",
+}
+#: Parameters M-SAM creates but never uses in its forward pass; dropped on import.
+MSAM_UNUSED = ("bidatt.add_norm4.weight", "bidatt.add_norm4.bias")
+
+_LORA_OURS = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.)lora\.(a_q|b_q|a_v|b_v)\.weight$")
+_LORA_THEIRS = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.)qkv\.linear_(a_q|b_q|a_v|b_v)\.weight$")
+_QKV_OURS = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.)qkv\.(weight|bias)$")
+_QKV_THEIRS = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.)qkv\.qkv\.(weight|bias)$")
+_MFEB = re.compile(r"^(bidatt\.bidirectional_attentions\.\d+\.|mea\.blocks\.\d+\.)([a-z_0-9]+)(\..*)$")
+
+
+# -- key mapping ---------------------------------------------------------------------------
+def ours_to_msam_key(key: str, has_lora: bool) -> str:
+    """One of our keys -> the M-SAM training-checkpoint key."""
+    if key.startswith("mea."):
+        for ours, theirs in MEA_RENAMES:
+            if key.startswith(ours):
+                key = theirs + key[len(ours) :]
+                break
+        m = _MFEB.match(key)
+        if m:
+            key = m.group(1) + MFEB_RENAMES.get(m.group(2), m.group(2)) + m.group(3)
+        return key
+    if has_lora:
+        key = _LORA_OURS.sub(r"\1qkv.linear_\2.weight", key)
+        key = _QKV_OURS.sub(r"\1qkv.qkv.\2", key)
+    return MSAM_PREFIX + key
+
+
+def msam_to_ours_key(key: str) -> str:
+    """An M-SAM training-checkpoint key -> ours."""
+    if key.startswith("bidatt."):
+        m = _MFEB.match(key)
+        if m:
+            inverse = {v: k for k, v in MFEB_RENAMES.items()}
+            key = m.group(1) + inverse.get(m.group(2), m.group(2)) + m.group(3)
+        for ours, theirs in MEA_RENAMES:
+            if key.startswith(theirs):
+                return ours + key[len(theirs) :]
+        return key
+    if key.startswith(MSAM_PREFIX):
+        key = key[len(MSAM_PREFIX) :]
+    key = _LORA_THEIRS.sub(r"\1lora.\2.weight", key)
+    return _QKV_THEIRS.sub(r"\1qkv.\2", key)
+
+
+def export_state_dict(model: MSAM, layout: str) -> dict[str, torch.Tensor]:
+    """Our weights in an upstream layout: ``"sam_med3d"`` or ``"m_sam"``."""
+    state = model.state_dict()
+    if layout == "sam_med3d":
+        extra = [k for k in state if k.startswith("mea.") or ".attn.lora." in k]
+        if extra:
+            raise InvalidCheckpoint(
+                f"this {model.config.name} model has LoRA/MEA weights ({len(extra)} tensors) that the "
+                "SAM-Med3D layout cannot hold; export it as 'm_sam' or 'msam'"
+            )
+        return dict(state)
+    if layout == "m_sam":
+        has_lora = model.config.lora_rank > 0
+        out = {ours_to_msam_key(k, has_lora): v for k, v in state.items()}
+        if model.mea is not None:
+            dim = model.config.prompt_embed_dim
+            out[MSAM_UNUSED[0]] = torch.ones(dim)
+            out[MSAM_UNUSED[1]] = torch.zeros(dim)
+        return out
+    raise ValueError(f"unknown layout {layout!r}; use 'sam_med3d' or 'm_sam'")
+
+
+# -- reading files -------------------------------------------------------------------------
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+
+
+# Training checkpoints pickle their argparse args and numpy scalars (e.g. a best Dice); files
+# written with numpy 1.x name the scalar constructor under numpy.core, 2.x under numpy._core.
+_SAFE_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    np.dtype,
+    np._core.multiarray.scalar,
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+] + [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+
+
+def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_unsafe_pickle:
+            reason = str(exc).strip().splitlines()[0][:300]
+            raise InvalidCheckpoint(
+                f"{path.name} needs arbitrary unpickling to load ({reason}); unpickling can run code, "
+                "so it is refused. If you trust the file, pass --allow-unsafe-pickle "
+                "(MSAM_ALLOW_UNSAFE_PICKLE=1), or convert it once with 'msam convert "
+                "--allow-unsafe-pickle IN OUT.safetensors'"
+            ) from None
+        log.warning("loading %s with full unpickling (operator opted in)", path.name)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for junk: RuntimeError, EOFError, IndexError, ...
+        raise InvalidCheckpoint(
+            f"{path.name} is not a readable PyTorch or safetensors checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
+        ) from None
+
+
+def _state_from_pickle(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InvalidCheckpoint(
+            f"{name} holds no model weights: expected a state dict, or a dict with 'model_state_dict' "
+            "(SAM-Med3D / M-SAM training checkpoints)"
+        )
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _guess_config(state: dict[str, torch.Tensor], is_msam_layout: bool, name: str) -> ModelConfig:
+    pos = state.get("image_encoder.pos_embed")
+    if pos is None:
+        raise InvalidCheckpoint(f"{name} has no image_encoder.pos_embed: not a SAM-Med3D-family checkpoint")
+    if pos.shape[-1] != 768 or pos.shape[1] != 8:
+        raise InvalidCheckpoint(
+            f"{name}: image encoder of width {pos.shape[-1]} over a {pos.shape[1]}^3 grid matches no "
+            "built-in config (SAM-Med3D vit_b_ori is 768 over 8^3); pass the config explicitly"
+        )
+    return get_config("msam" if is_msam_layout else "sam_med3d")
+
+
+def _check_and_load(model: MSAM, state: dict[str, torch.Tensor], name: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {show(mismatched)}")
+        raise InvalidCheckpoint(f"{name} does not fit the {model.config.name} model - " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def read_weights(path: str | Path, allow_unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig | None, dict]:
+    """Weights of any supported file in **our** key names, its config if the file states one
+    (msam files; ``None`` for upstream files), and metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidCheckpoint(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta_raw = (f.metadata() or {}).get(FORMAT_NAME)
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise InvalidCheckpoint(f"{path.name} is a damaged safetensors file ({exc})") from None
+        if meta_raw is None:
+            raise InvalidCheckpoint(f"{path.name} is a safetensors file without msam metadata; convert it with 'msam convert'")
+        meta = json.loads(meta_raw)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InvalidCheckpoint(f"{path.name}: msam format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        return state, ModelConfig.from_dict(meta["config"]), meta
+    state = _state_from_pickle(_torch_load(path, allow_unsafe_pickle), path.name)
+    is_msam_layout = any(k.startswith(("lora_sam.", "bidatt.")) for k in state)
+    if is_msam_layout:
+        state = {msam_to_ours_key(k): v for k, v in state.items() if k not in MSAM_UNUSED}
+    return state, None, {"source_layout": "m_sam" if is_msam_layout else "sam_med3d"}
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    config: ModelConfig | str | None = None,
+    allow_unsafe_pickle: bool = False,
+) -> MSAM:
+    """Build the model a checkpoint describes and load its weights exactly; eval mode on ``device``."""
+    state, file_config, meta = read_weights(path, allow_unsafe_pickle)
+    if isinstance(config, str):
+        config = get_config(config)
+    name = Path(path).name
+    config = config or file_config or _guess_config(state, meta.get("source_layout") == "m_sam", name)
+    model = MSAM(config)
+    _check_and_load(model, state, name)
+    model.checkpoint_meta = meta
+    return model.to(device).eval()
+
+
+def init_from_checkpoint(model: MSAM, path: str | Path, allow_unsafe_pickle: bool = False) -> list[str]:
+    """Start training ``model`` from a checkpoint that lacks its LoRA/MEA parts (e.g. SAM-Med3D).
+
+    Only LoRA (whose B starts at zero) and MEA tensors may be absent; every other key must match.
+    Returns the keys that kept their fresh initialisation, for the training log.
+    """
+    state, _, _ = read_weights(path, allow_unsafe_pickle)
+    fresh = [k for k in model.state_dict() if k not in state and (k.startswith("mea.") or ".attn.lora." in k)]
+    current = model.state_dict()
+    _check_and_load(model, {**{k: current[k] for k in fresh}, **state}, Path(path).name)
+    model.invalidate_model_id()
+    return fresh
+
+
+def save_checkpoint(model: MSAM, path: str | Path, provenance: dict | None = None) -> Path:
+    """Write ``model`` in msam's format: safetensors weights + JSON metadata."""
+    from safetensors.torch import save_file
+
+    import msam_core
+
+    path = Path(path)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "msam_version": msam_core.__version__,
+        "provenance": provenance or {},
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={FORMAT_NAME: json.dumps(meta)})
+    return path

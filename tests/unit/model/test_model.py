@@ -1,0 +1,148 @@
+"""Shapes, parameter counts, LoRA, MEA and the refinement loop."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+from msam_core.model import MSAM, build_model, get_config
+
+
+@pytest.fixture(scope="module")
+def small() -> MSAM:
+    torch.manual_seed(0)
+    return build_model("msam_small")
+
+
+def prompts(batch: int = 2):
+    points = torch.tensor([[[64.0, 64.0, 64.0], [20.0, 30.0, 100.0]]] * batch)
+    labels = torch.tensor([[1, 0]] * batch)
+    return points, labels
+
+
+def test_shapes(small):
+    image = torch.randn(2, 1, 128, 128, 128)
+    points, labels = prompts()
+    with torch.inference_mode():
+        embedding = small.encode(image)
+        assert embedding.shape == (2, 96, 8, 8, 8)
+        logits = small.decode(embedding, points, labels)
+        assert logits.shape == (2, 1, 32, 32, 32)
+        assert small.decode(embedding, points, labels, logits).shape == (2, 1, 32, 32, 32)
+        assert small.refine(embedding, points, labels, iterations=3).shape == (2, 1, 32, 32, 32)
+    assert torch.isfinite(logits).all()
+
+
+def test_bad_shapes_are_refused(small):
+    with pytest.raises(ValueError, match=r"\[B, 1, 128, 128, 128\]"):
+        small.encode(torch.zeros(1, 1, 64, 64, 64))
+    embedding = torch.zeros(1, 96, 8, 8, 8)
+    with pytest.raises(ValueError, match="points must be"):
+        small.decode(embedding, torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch"):
+        small.decode(embedding, *prompts(2))
+    with pytest.raises(ValueError, match="iterations"):
+        small.refine(embedding, *prompts(1), iterations=0)
+
+
+def test_parameter_counts_match_m_sam():
+    msam = build_model("msam")
+    msam.set_trainable()
+    trainable, total = msam.parameter_counts()
+    # M-SAM reports about 21% trainable: 24.9M of 117.8M.
+    assert round(trainable / 1e6, 1) == 24.9 and round(total / 1e6, 1) == 117.8
+    assert abs(trainable / total - 0.211) < 0.001
+    base = build_model("sam_med3d")
+    base.set_trainable()
+    base_trainable, base_total = base.parameter_counts()
+    assert base_total == total - sum(p.numel() for n, p in msam.named_parameters() if n.startswith("mea.") or ".lora." in n)
+    assert base_trainable == sum(p.numel() for n, p in base.named_parameters() if n.startswith(("prompt_encoder.", "mask_decoder.")))
+
+
+def test_only_trainable_parameters_get_gradients(small):
+    model = build_model("msam_small")
+    model.set_trainable()
+    model.train()
+    logits = model.refine(model.encode(torch.randn(1, 1, 128, 128, 128)), *prompts(1), iterations=2)
+    logits.mean().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("image_encoder.") and ".lora." not in name:
+            assert not p.requires_grad and p.grad is None, name
+    lora_a = model.image_encoder.blocks[0].attn.lora.a_q.weight
+    lora_b = model.image_encoder.blocks[0].attn.lora.b_q.weight
+    assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0  # while B is zero only B gets a gradient
+    assert lora_a.requires_grad
+    assert model.mea.fuse_attn.qkv.weight.grad.abs().sum() > 0
+    assert model.mask_decoder.mask_tokens.weight.grad.abs().sum() > 0
+
+
+def test_zero_initialised_lora_leaves_encoder_unchanged():
+    torch.manual_seed(1)
+    with_lora = build_model("msam_small")
+    without = build_model(replace(get_config("msam_small"), lora_rank=0))
+    state = {k: v for k, v in with_lora.state_dict().items() if ".lora." not in k}
+    without.load_state_dict(state)
+    image = torch.randn(1, 1, 128, 128, 128)
+    with torch.inference_mode():
+        assert torch.equal(with_lora.encode(image), without.encode(image))
+        # ... and a non-zero B does change it.
+        with_lora.image_encoder.blocks[0].attn.lora.b_v.weight.fill_(0.05)
+        assert not torch.allclose(with_lora.encode(image), without.encode(image))
+
+
+def test_mea_replaces_the_sum(small):
+    """Without the adapter, decode sums image and mask embeddings (SAM); with it, the MEA fuses them."""
+    plain = build_model(replace(get_config("msam_small"), mea=False))
+    plain.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith("mea.")})
+    embedding = torch.randn(1, 96, 8, 8, 8)
+    points, labels = prompts(1)
+    with torch.inference_mode():
+        sparse, dense = plain.prompt_encoder(points, labels, None)
+        by_hand, _ = plain.mask_decoder(embedding + dense, plain.prompt_encoder.dense_pe(), sparse)
+        assert torch.allclose(plain.decode(embedding, points, labels), by_hand[:, :1])
+        fused, _ = small.mask_decoder(small.mea(embedding, dense), small.prompt_encoder.dense_pe(), sparse)
+        assert torch.allclose(small.decode(embedding, points, labels), fused[:, :1])
+        assert not torch.allclose(fused[:, :1], by_hand[:, :1])
+
+
+def test_refine_feeds_each_prediction_back(small):
+    embedding = torch.randn(1, 96, 8, 8, 8)
+    points, labels = prompts(1)
+    with torch.inference_mode():
+        logits = torch.zeros(1, 1, 32, 32, 32)
+        steps = []
+        for _ in range(3):
+            logits = small.decode(embedding, points, labels, logits)
+            steps.append(logits)
+        assert torch.equal(small.refine(embedding, points, labels, iterations=3), steps[-1])
+        assert torch.equal(small.refine(embedding, points, labels, mask_logits=steps[0], iterations=2), steps[-1])
+        assert not torch.allclose(steps[0], steps[1])  # the mask prompt matters
+
+
+def test_point_order_is_tensor_axis_order(small):
+    """A point at index (a, b, c) of the crop and one at (c, b, a) give different predictions."""
+    embedding = torch.randn(1, 96, 8, 8, 8)
+    labels = torch.tensor([[1]])
+    with torch.inference_mode():
+        one = small.decode(embedding, torch.tensor([[[10.0, 60.0, 110.0]]]), labels)
+        other = small.decode(embedding, torch.tensor([[[110.0, 60.0, 10.0]]]), labels)
+    assert not torch.allclose(one, other)
+
+
+def test_model_id_is_stable_and_tracks_weights():
+    torch.manual_seed(2)
+    a = build_model("msam_small")
+    b = build_model("msam_small")
+    b.load_state_dict(a.state_dict())
+    assert a.model_id == b.model_id and a.model_id.startswith("msam_small-")
+    with torch.no_grad():
+        b.mask_decoder.iou_token.weight.add_(1.0)
+    b.invalidate_model_id()
+    assert a.model_id != b.model_id
+
+
+def test_autocast_is_a_no_op_on_cpu(small):
+    assert isinstance(small.autocast(), contextlib.nullcontext)
