@@ -270,11 +270,14 @@ def _scan(files: Sequence[Path]) -> tuple[dict[str, _Series], dict[str, int]]:
             continue
         if not _is_image(ds):
             sop = str(ds.get("SOPClassUID", ""))
-            name = _NOT_SEGMENTABLE_SOP_CLASSES.get(sop) or UID(sop).name if sop else "unknown"
+            name = (_NOT_SEGMENTABLE_SOP_CLASSES.get(sop) or UID(sop).name) if sop else "unknown"
             skipped[name] = skipped.get(name, 0) + 1
             continue
         if _is_localizer(ds):
             skipped["localizer"] = skipped.get("localizer", 0) + 1
+            continue
+        if "SeriesInstanceUID" not in ds:
+            skipped["image without SeriesInstanceUID"] = skipped.get("image without SeriesInstanceUID", 0) + 1
             continue
         uid = str(ds.SeriesInstanceUID)
         sop_uid = str(ds.get("SOPInstanceUID", ""))
@@ -296,7 +299,8 @@ def _scan(files: Sequence[Path]) -> tuple[dict[str, _Series], dict[str, int]]:
 
 
 def _is_localizer(ds: Dataset) -> bool:
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    value = ds.get("ImageType") or []
+    image_type = [str(value).upper()] if isinstance(value, str) else [str(v).upper() for v in value]
     return len(image_type) >= 3 and image_type[2] == "LOCALIZER"
 
 
