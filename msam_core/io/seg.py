@@ -113,6 +113,7 @@ def write_seg(
     series_description: str = "msam lesion segmentation",
     series_number: int = 901,
     manufacturer: str = "msam",
+    device_serial_number: str = "msam",
     transfer_syntax_uid: str = ExplicitVRLittleEndian,
 ) -> Path:
     """Write ``mask`` (labels ``0..K`` on ``source``'s grid) as a DICOM Segmentation.
@@ -182,7 +183,7 @@ def write_seg(
         manufacturer=manufacturer,
         manufacturer_model_name="msam",
         software_versions=version_text,
-        device_serial_number="none",
+        device_serial_number=device_serial_number,
         content_label="MSAM",
         content_description="Lesion segmentation by msam",
         series_description=series_description,
