@@ -11,7 +11,7 @@ import sys
 from msam_core.errors import MsamError
 
 # Sub-command modules: each has ``register(subparsers)`` that adds its parser and sets ``func``.
-_COMMANDS = ("msam_core.cli.convert",)
+_COMMANDS = ("msam_core.cli.convert", "msam_core.cli.segment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,18 @@ def logits_to_volume_grid(logits: np.ndarray, logits_affine: np.ndarray,
     return GridLogits(lo=lo, logits=sub)
 
 
+def clip_to_box(grid_logits: GridLogits | None, box, volume: Volume) -> GridLogits | None:
+    """Set the logits of input voxels whose centre lies outside ``box`` (a
+    :class:`~msam_core.pipeline.prompts.ResolvedBox`) to background, on the input grid itself, so
+    the clipping is exact whatever the crop resolution."""
+    if grid_logits is None:
+        return None
+    idx = np.indices(grid_logits.logits.shape).reshape(3, -1).T + grid_logits.lo
+    inside = box.contains_ras(volume.voxel_to_ras(idx), volume).reshape(grid_logits.logits.shape)
+    grid_logits.logits[~inside] = BACKGROUND_LOGIT
+    return grid_logits if np.any(grid_logits.logits > 0) else None
+
+
 def combine_lesions(per_lesion: dict[int, GridLogits | None], shape: tuple[int, int, int]) -> np.ndarray:
     """Label mask ``uint8`` of ``shape``: voxel = lesion whose logit is > 0 and largest there."""
     labels = np.zeros(shape, dtype=np.uint8)

@@ -26,8 +26,8 @@ import torch
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
-from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, combine_lesions, logits_to_volume_grid,
-                                            upsample_logits)
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
+                                            logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
 from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
@@ -208,17 +208,29 @@ class Segmenter:
     # -- whole requests -----------------------------------------------------------------------
     def segment(self, volume: Volume, points: Sequence[Point] = (), boxes: Sequence[Box] = (),
                 prior: np.ndarray | None = None, iterations: int = 1) -> SegmentationResult:
-        """Segment every prompted lesion of ``volume``; labels on ``volume``'s grid."""
+        """Segment every prompted lesion of ``volume``; labels on ``volume``'s grid.
+
+        Raises:
+            InvalidPrompt: see :func:`~msam_core.pipeline.prompts.resolve_prompts`; iterations
+                outside 1..20.
+        """
+        return self.segment_lesions(volume, resolve_prompts(volume, points, boxes, prior), iterations)
+
+    def segment_lesions(self, volume: Volume, lesions: Sequence[LesionPrompt],
+                        iterations: int = 1) -> SegmentationResult:
+        """Like :meth:`segment`, for prompts already resolved against ``volume``."""
         if not 1 <= int(iterations) <= MAX_ITERATIONS:
             raise InvalidPrompt(f"iterations must be between 1 and {MAX_ITERATIONS}, got {iterations}")
-        lesions = resolve_prompts(volume, points, boxes, prior)
         sampler = self.sampler(volume)
         per_lesion = {}
         outcomes = []
         for lesion in lesions:
             canvas, outcome = self.segment_lesion(sampler, lesion, int(iterations))
             logits, affine = canvas.merged()
-            per_lesion[lesion.lesion] = logits_to_volume_grid(logits, affine, volume)
+            grid_logits = logits_to_volume_grid(logits, affine, volume)
+            if lesion.box is not None:
+                grid_logits = clip_to_box(grid_logits, lesion.box, volume)
+            per_lesion[lesion.lesion] = grid_logits
             outcomes.append(outcome)
         labels = combine_lesions(per_lesion, volume.shape)
         counts = np.bincount(labels.ravel(), minlength=256)

@@ -1,0 +1,120 @@
+"""``msam segment``: real files, the real network (random weights), exit codes and messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from msam_core.cli import main
+from tests.unit.pipeline.phantoms import centred_affine, rotation, spheres_image
+
+SHAPE = (48, 40, 24)
+AFFINE = centred_affine(SHAPE, (0.9, 1.1, 2.5), rotation((0, 0, 1), 12.0), (-30.0, 15.0, 60.0))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    from msam_core.checkpoints import save_checkpoint
+    from msam_core.model import build_model
+
+    root = tmp_path_factory.mktemp("cli")
+    image = root / "image.nii.gz"
+    nib.save(nib.Nifti1Image(spheres_image(SHAPE, AFFINE, [((-30.0, 15.0, 60.0), 10.0)]), AFFINE), str(image))
+    prior = np.zeros(SHAPE, np.uint8)
+    prior[20:28, 16:24, 10:14] = 1
+    nib.save(nib.Nifti1Image(prior, AFFINE), str(root / "prior.nii.gz"))
+    checkpoint = save_checkpoint(build_model("msam_small"), root / "small.safetensors")
+    return {"root": root, "image": image, "prior": root / "prior.nii.gz", "ckpt": Path(checkpoint)}
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main(["segment", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_nifti_and_png_outputs(files, capsys):
+    out = files["root"] / "mask.nii.gz"
+    code, err = _run(capsys, files["image"], "-o", out, "--point", "24,20,12", "--point", "2,2,2,0",
+                     "--checkpoint", files["ckpt"], "--iterations", "2", "--max-windows", "2")
+    assert code == 0, err
+    assert "lesion 1:" in err
+    mask = nib.load(str(out))
+    assert mask.shape == SHAPE and mask.get_data_dtype() == np.uint8
+    assert np.array_equal(mask.affine, nib.load(str(files["image"])).affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+    png = files["root"] / "preview.png"
+    centre_ras = "-30,15,60"  # negative world coordinates pass as values
+    code, err = _run(capsys, files["image"], "-o", png, "--space", "RAS", "--point", centre_ras,
+                     "--checkpoint", files["ckpt"], "--max-windows", "1")
+    assert code == 0, err
+    assert Image.open(png).format == "PNG"
+
+
+def test_prior_mask_only(files, capsys):
+    out = files["root"] / "refined.nii.gz"
+    code, err = _run(capsys, files["image"], "-o", out, "--mask", files["prior"],
+                     "--checkpoint", files["ckpt"], "--max-windows", "1")
+    assert code == 0, err
+    assert nib.load(str(out)).shape == SHAPE
+
+
+def test_dicom_in_dicom_seg_out(files, capsys, tmp_path):
+    from msam_core.io.dicom import read_series
+    from msam_core.io.seg import read_seg
+    from tests.unit.io.dicom_synth import make_ct_series
+
+    make_ct_series(tmp_path / "ct", shape=(24, 20, 12))
+    out = tmp_path / "seg.dcm"
+    code, err = _run(capsys, tmp_path / "ct", "-o", out, "--point", "12,10,6",
+                     "--checkpoint", files["ckpt"], "--max-windows", "1")
+    assert code == 0, err
+    labels = read_seg(out, read_series(tmp_path / "ct"))
+    assert labels.shape == (24, 20, 12)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--point", "24,20,99"], "outside the image"),
+    (["--point", "24,20,12,0"], "no positive point"),
+    (["--point", "24,20"], "expected 3 or 4 or 5 numbers"),
+    (["--point", "a,b,c"], "comma-separated numbers"),
+    (["--point", "24,20,12", "--space", "IJK"], "use voxel, LPS or RAS"),
+    (["--point", "24,20,12", "--iterations", "0"], "--iterations"),
+    (["--box", "0,0,0,10,10"], "--box"),
+    ([], "nothing to segment"),
+])
+def test_prompt_mistakes_exit_2(files, capsys, extra, message):
+    code, err = _run(capsys, files["image"], "-o", files["root"] / "x.nii.gz", *extra,
+                     "--checkpoint", files["ckpt"])
+    assert code == 2
+    assert message in err and err.startswith("msam segment: error:")
+
+
+def test_file_mistakes_exit_2(files, capsys, tmp_path):
+    root, image, ckpt = files["root"], files["image"], files["ckpt"]
+    cases = [
+        ([tmp_path / "missing.nii.gz", "-o", root / "x.nii.gz", "--checkpoint", ckpt], "no such file"),
+        ([image, "-o", root / "x.dcm", "--checkpoint", ckpt], "DICOM-SEG output needs a DICOM input"),
+        ([image, "-o", root / "x.jpg", "--checkpoint", ckpt], "output must end in"),
+        ([image, "-o", tmp_path / "nope" / "x.nii.gz", "--checkpoint", ckpt], "does not exist"),
+        ([image, "-o", root / "x.nii.gz", "--checkpoint", tmp_path / "none.safetensors"], "checkpoint"),
+    ]
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x00" * 100)
+    cases.append(([tmp_path / "bad.nii.gz", "-o", root / "x.nii.gz", "--checkpoint", ckpt], "cannot read bad.nii.gz"))
+    for argv, message in cases:
+        code, err = _run(capsys, *argv, "--point", "1,1,1")
+        assert code == 2, argv
+        assert message in err, (argv, err)
+
+
+def test_missing_default_model_names_the_file(files, capsys, tmp_path, monkeypatch):
+    import msam_core.cli.segment as segment
+
+    monkeypatch.setattr(segment, "DEFAULT_CHECKPOINT", tmp_path / "msam_default.safetensors")
+    code, err = _run(capsys, files["image"], "-o", files["root"] / "x.nii.gz", "--point", "1,1,1")
+    assert code == 2
+    assert "msam_default.safetensors" in err and "--checkpoint PATH" in err

@@ -1,0 +1,82 @@
+"""Prompt validation: every user mistake is an InvalidPrompt with a message that says what."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from msam_core.errors import InvalidPrompt
+from msam_core.io.volume import Volume
+from msam_core.pipeline.prompts import Box, Point, resolve_prompts, to_ras
+from tests.unit.pipeline.phantoms import centred_affine, rotation
+
+AFFINE = centred_affine((40, 30, 20), (1.0, 1.5, 3.0), rotation((0, 1, 1), 20.0), (5.0, -7.0, 11.0))
+VOLUME = Volume(np.zeros((40, 30, 20), np.float32), AFFINE)
+
+
+def test_spaces_convert_consistently():
+    voxel = np.array([[3.0, 4.0, 5.0], [39.0, 0.0, 19.0]])
+    ras = to_ras(voxel, "voxel", VOLUME)
+    np.testing.assert_allclose(ras, voxel @ AFFINE[:3, :3].T + AFFINE[:3, 3])
+    lps = ras * [-1, -1, 1]
+    np.testing.assert_allclose(to_ras(lps, "LPS", VOLUME), ras)
+    np.testing.assert_allclose(to_ras(ras, "ras", VOLUME), ras)  # case-insensitive
+    np.testing.assert_allclose(VOLUME.ras_to_voxel(ras), voxel, atol=1e-9)
+
+
+def test_points_group_per_lesion_and_centre_on_first_positive():
+    lesions = resolve_prompts(VOLUME, [
+        Point((1, 1, 1), label=0), Point((10, 10, 10)), Point((12, 10, 10)),
+        Point((30, 20, 5), lesion=3),
+    ])
+    assert [l.lesion for l in lesions] == [1, 3]
+    np.testing.assert_allclose(lesions[0].center_ras, VOLUME.voxel_to_ras([10, 10, 10])[0])
+    assert lesions[0].labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("points, boxes, message", [
+    ([Point((40.2, 0, 0))], [], "outside the image"),
+    ([Point((-0.7, 0, 0))], [], "outside the image"),
+    ([Point((0, 0, 1e6), space="RAS")], [], "outside the image"),
+    ([Point((float("nan"), 1, 1))], [], "not a finite number"),
+    ([Point((1, 1, 1), label=0)], [], "no positive point"),
+    ([Point((1, 1, 1), label=2)], [], "label must be 1"),
+    ([Point((1, 1, 1), lesion=0)], [], "lesion number"),
+    ([Point((1, 1, 1), space="IJK")], [], "unknown coordinate space"),
+    ([], [], "no prompt given"),
+    ([], [Box((0, 0, 0), (100, 100, 100), space="voxel")], "outside the image"),
+    ([], [Box((0, 0, 0), (0, 5, 5), space="RAS")], "flat"),
+    ([], [Box((1, 1, 1), (5, 5, 5)), Box((2, 2, 2), (6, 6, 6))], "several boxes"),
+])
+def test_invalid_prompts_are_refused_with_a_reason(points, boxes, message):
+    with pytest.raises(InvalidPrompt, match=message):
+        resolve_prompts(VOLUME, points, boxes)
+
+
+def test_box_alone_prompts_a_lesion_centred_on_it():
+    (lesion,) = resolve_prompts(VOLUME, [], [Box((2, 2, 2), (10, 12, 8))])
+    np.testing.assert_allclose(lesion.center_ras, VOLUME.voxel_to_ras([6, 7, 5])[0])
+    inside = lesion.box.contains_ras(VOLUME.voxel_to_ras([[2, 2, 2], [10, 12, 8], [11, 2, 2]]), VOLUME)
+    assert inside.tolist() == [True, True, False]
+
+
+def test_prior_mask_labels_become_lesions():
+    prior = np.zeros(VOLUME.shape, np.uint8)
+    prior[5:10, 5:10, 5:10] = 1
+    prior[20:30, 10:20, 2:8] = 2
+    lesions = resolve_prompts(VOLUME, [Point((7, 7, 7), label=0, lesion=1)], [], prior)
+    assert [l.lesion for l in lesions] == [1, 2]
+    # a lesion given by its prior alone is centred on the prior's deepest voxel
+    centre = np.rint(VOLUME.ras_to_voxel(lesions[1].center_ras)[0]).astype(int)
+    assert prior[tuple(centre)] == 2 and centre[2] in (4, 5)  # as deep as the 6-slice slab allows
+    with pytest.raises(InvalidPrompt, match="shape"):
+        resolve_prompts(VOLUME, [], [], np.zeros((3, 3, 3)))
+    with pytest.raises(InvalidPrompt, match="empty"):
+        resolve_prompts(VOLUME, [], [], np.zeros(VOLUME.shape))
+
+
+def test_binary_prior_goes_to_the_one_prompted_lesion():
+    prior = np.zeros(VOLUME.shape, np.uint8)
+    prior[5:10, 5:10, 5:10] = 1
+    (lesion,) = resolve_prompts(VOLUME, [Point((7, 7, 7), lesion=4)], [], prior)
+    assert lesion.lesion == 4 and lesion.prior.sum() == 125

@@ -1,0 +1,141 @@
+"""Segmenter: large lesions over several windows, several lesions, boxes, priors, the cache,
+and one end-to-end run of the real (randomly initialised) network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msam_core.io.volume import Volume
+from msam_core.pipeline.preprocess import CropGrid
+from msam_core.pipeline.prompts import Box, Point
+from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter, crop_key
+from tests.unit.pipeline.phantoms import (RegionGrowDouble, centred_affine, dice, rotation,
+                                          sphere_truth, spheres_image, voxel_centres_ras)
+
+# a capsule 40 mm thick and ~380 mm long along S: two crops (192 mm) cannot hold it
+CAPSULE = [(np.array([5.0, -3.0, z]), 40.0) for z in np.arange(-150.0, 151.0, 15.0)]
+
+
+def _capsule_truth(shape, affine) -> np.ndarray:
+    return np.any([sphere_truth(shape, affine, c, r) for c, r in CAPSULE], axis=0)
+
+
+@pytest.fixture(scope="module")
+def capsule_volume() -> Volume:
+    shape = (40, 40, 160)
+    affine = centred_affine(shape, (3.0, 3.0, 3.0), rotation((1, 0, 0), 10.0), (5.0, -3.0, 0.0))
+    return Volume(spheres_image(shape, affine, CAPSULE, edge_mm=3.0), affine)
+
+
+def test_large_lesion_is_followed_over_several_windows(capsule_volume):
+    truth = _capsule_truth(capsule_volume.shape, capsule_volume.affine)
+    click = [Point((5.0, -3.0, 20.0), space="RAS")]
+    one = Segmenter(RegionGrowDouble(), max_windows=1).segment(capsule_volume, click)
+    assert one.lesions[0].stopped_at_limit
+    assert dice(one.labels, truth) < 0.75  # a single crop holds half of it
+
+    model = RegionGrowDouble()
+    many = Segmenter(model, max_windows=8).segment(capsule_volume, click)
+    outcome = many.lesions[0]
+    assert 3 <= outcome.windows <= 8 and not outcome.stopped_at_limit
+    assert model.encode_calls == outcome.windows
+    assert dice(many.labels, truth) > 0.93
+    # the mask reaches both ends, far beyond the first crop (which ends ~96 mm from the click)
+    z = voxel_centres_ras(capsule_volume.shape, capsule_volume.affine)[..., 2][many.labels > 0]
+    assert z.min() < -150 and z.max() > 150
+
+
+def test_several_lesions_get_labels_1_to_k(tmp_path):
+    shape = (90, 60, 40)
+    affine = centred_affine(shape, (1.0, 1.2, 2.0), None, (0.0, 0.0, 0.0))
+    a, b, c = np.array([-25.0, 0, 0]), np.array([25.0, 5.0, 0]), np.array([0.0, -20.0, 20.0])
+    volume = Volume(spheres_image(shape, affine, [(a, 12.0), (b, 9.0), (c, 8.0)]), affine)
+    result = Segmenter(RegionGrowDouble()).segment(volume, [
+        Point(tuple(a), space="RAS"),
+        Point(tuple(b), space="RAS", lesion=2),
+        Point(tuple(c * [-1, -1, 1]), space="LPS", lesion=3),
+    ])
+    assert set(np.unique(result.labels)) == {0, 1, 2, 3}
+    for label, (centre, radius) in enumerate([(a, 12.0), (b, 9.0), (c, 8.0)], start=1):
+        # 6 mm logits (32^3 over 192 mm) limit Dice on spheres this small
+        assert dice(result.labels == label, sphere_truth(shape, affine, centre, radius)) > 0.8
+    assert [o.lesion for o in result.lesions] == [1, 2, 3]
+    assert all(o.voxels > 0 for o in result.lesions)
+
+
+def test_box_centres_prompts_and_clips():
+    shape = (70, 70, 70)
+    affine = centred_affine(shape, (1.0, 1.0, 1.0), None, (0.0, 0.0, 0.0))
+    centre = np.array([3.0, -2.0, 4.0])
+    volume = Volume(spheres_image(shape, affine, [(centre, 18.0)]), affine)
+    lo, hi = centre - 18, centre + 18
+    full = Segmenter(RegionGrowDouble()).segment(volume, boxes=[Box(tuple(lo), tuple(hi), space="RAS")])
+    assert dice(full.labels, sphere_truth(shape, affine, centre, 18.0)) > 0.93
+    # a box over the upper half only: clipped at the box's lower face (z = centre)
+    half = Segmenter(RegionGrowDouble()).segment(
+        volume, boxes=[Box(tuple(lo * [1, 1, 0] + [0, 0, centre[2]]), tuple(hi), space="RAS")])
+    z = voxel_centres_ras(shape, affine)[..., 2]
+    assert half.labels.sum() > 0 and z[half.labels > 0].min() >= centre[2] - 1e-6
+    # a voxel-space box gives the same as the same box in RAS here (axis-aligned storage)
+    vlo, vhi = volume.ras_to_voxel(lo)[0], volume.ras_to_voxel(hi)[0]
+    vox = Segmenter(RegionGrowDouble()).segment(volume, boxes=[Box(tuple(vlo), tuple(vhi))])
+    assert dice(vox.labels, full.labels) > 0.99
+
+
+def test_prior_mask_alone_segments_its_lesion():
+    shape = (60, 60, 60)
+    affine = centred_affine(shape, (1.5, 1.5, 1.5), None, (0.0, 0.0, 0.0))
+    centre = np.array([10.0, 5.0, -8.0])
+    volume = Volume(spheres_image(shape, affine, [(centre, 20.0)]), affine)
+    prior = sphere_truth(shape, affine, centre, 12.0).astype(np.uint8)  # too small a guess
+    result = Segmenter(RegionGrowDouble()).segment(volume, prior=prior, iterations=3)
+    assert dice(result.labels, sphere_truth(shape, affine, centre, 20.0)) > 0.93
+
+
+def test_embedding_cache_key_is_model_and_crop_content():
+    shape = (60, 60, 60)
+    affine = centred_affine(shape, (1.0, 1.0, 1.0), None, (0.0, 0.0, 0.0))
+    volume = Volume(spheres_image(shape, affine, [((0.0, 0.0, 0.0), 15.0)]), affine)
+    cache = DictEmbeddingCache()
+    model = RegionGrowDouble()
+    seg = Segmenter(model, cache=cache)
+    first = seg.segment(volume, [Point((0.0, 0.0, 0.0), space="RAS")])
+    # a second click on the same lesion: same crop (centred on the first click) -> cache hit
+    second = seg.segment(volume, [Point((0.0, 0.0, 0.0), space="RAS"), Point((25.0, 0.0, 0.0), label=0, space="RAS")])
+    assert model.encode_calls == 1 and cache.hits == 1 and second.lesions[0].cache_hits == 1
+    assert np.array_equal(first.labels, second.labels)
+    # the key names the model and changes with the crop content
+    sampler = seg.sampler(volume)
+    grid = CropGrid.centred(np.zeros(3))
+    image = sampler.crop(grid)
+    embedding, key = seg.encode(image)
+    assert key.startswith(model.model_id + ":")
+    assert key == crop_key(model.model_id, image.clone())
+    assert key != crop_key(model.model_id, sampler.crop(grid.shifted((1, 0, 0))))
+    assert key != crop_key("another-model", image)
+
+
+def test_real_network_end_to_end():
+    """The real network (random weights) through the Segmenter: shapes, grid, dtype; no Dice."""
+    from msam_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("msam_small")
+    shape = (48, 40, 30)
+    affine = centred_affine(shape, (0.9, 1.1, 2.5), rotation((0, 0, 1), 15.0), (1.0, 2.0, 3.0))
+    volume = Volume(spheres_image(shape, affine, [((1.0, 2.0, 3.0), 10.0)]), affine)
+    cache = DictEmbeddingCache()
+    seg = Segmenter(model, cache=cache, max_windows=2)
+    image = seg.prepare(seg.sampler(volume), __import__("msam_core.pipeline.prompts", fromlist=["x"])
+                        .resolve_prompts(volume, [Point((24, 20, 15))])[0]).image
+    embedding, key = seg.encode(image)
+    assert embedding.shape[0] == 1 and embedding.shape[2:] == (8, 8, 8)
+    assert key.startswith(model.model_id)
+    logits = seg.predict(embedding, np.array([[64.0, 64.0, 64.0]]), np.array([1]), iterations=2)
+    assert logits.shape == (1, 1, 32, 32, 32) and torch.isfinite(logits).all()
+    result = seg.segment(volume, [Point((24, 20, 15))], iterations=2)
+    assert result.labels.shape == shape and result.labels.dtype == np.uint8
+    assert set(np.unique(result.labels)) <= {0, 1}
+    assert result.model_id == model.model_id and cache.hits >= 1
