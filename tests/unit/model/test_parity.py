@@ -23,31 +23,40 @@ def max_rel(ours: torch.Tensor, golden: np.ndarray) -> float:
     return float(np.abs(ours.detach().double().numpy() - golden).max() / np.abs(golden).max())
 
 
+_MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+
+
+def model_in(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with the golden weights, built directly in ``dtype`` (no lossy round trips)."""
+    if (name, dtype) not in _MODELS:
+        if any(n != name for n, _ in _MODELS):
+            _MODELS.clear()  # keep one configuration (both dtypes) in memory
+        model = build_model(name).to(dtype)
+        model.load_state_dict(make_state(model.state_dict(), torch.float64))
+        _MODELS[(name, dtype)] = model
+    return _MODELS[(name, dtype)]
+
+
 @pytest.fixture(scope="module", params=["sam_med3d", "msam"])
 def golden_case(request):
     name = request.param
-    golden = dict(np.load(FIXTURES / f"golden_{name}.npz"))
-    model = build_model(name).double()
-    model.load_state_dict(make_state(model.state_dict()))
-    return name, model, golden
+    return name, dict(np.load(FIXTURES / f"golden_{name}.npz"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_image_embedding_matches_upstream(golden_case, dtype):
-    name, model, golden = golden_case
-    model = model.to(dtype)
+    name, golden = golden_case
     with torch.inference_mode():
-        embedding = model.encode(make_inputs(dtype)["image"])
+        embedding = model_in(name, dtype).encode(make_inputs(dtype)["image"])
     assert embedding.shape == (1, 384, 8, 8, 8)
     assert max_rel(embedding, golden["embedding"]) < TOLERANCE[dtype]
-    model.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "prev_mask"])
 def test_decoder_logits_match_upstream(golden_case, dtype, with_mask):
-    name, model, golden = golden_case
-    model = model.to(dtype)
+    name, golden = golden_case
+    model = model_in(name, dtype)
     inputs = make_inputs(dtype)
     embedding = torch.from_numpy(golden["embedding"]).to(dtype)
     with torch.inference_mode():
@@ -55,7 +64,6 @@ def test_decoder_logits_match_upstream(golden_case, dtype, with_mask):
     key = "logits_mask" if with_mask else "logits_no_mask"
     assert logits.shape == (1, 1, 32, 32, 32)
     assert max_rel(logits, golden[key]) < TOLERANCE[dtype]
-    model.double()
 
 
 def test_golden_outputs_are_not_degenerate():
