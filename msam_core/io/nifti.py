@@ -92,9 +92,10 @@ def save_mask_nifti(mask: np.ndarray, like: Volume, path: str | Path) -> Path:
                 header[name] = value
     else:
         img.set_sform(like.affine, code=2)  # "aligned": same world as the image it was drawn on
-        try:
+        axes = like.affine[:3, :3] / np.linalg.norm(like.affine[:3, :3], axis=0)
+        if np.allclose(axes.T @ axes, np.eye(3), atol=1e-6):
             img.set_qform(like.affine, code=2)
-        except Exception:  # a sheared affine has no quaternion form; the sform carries it
+        else:  # a sheared grid has no quaternion form (nibabel would approximate it): sform only
             img.set_qform(None, code=0)
         img.header.set_xyzt_units("mm")
     img.header["descrip"] = b"msam mask"

@@ -217,11 +217,16 @@ class Segmenter:
         return self.segment_lesions(volume, resolve_prompts(volume, points, boxes, prior), iterations)
 
     def segment_lesions(self, volume: Volume, lesions: Sequence[LesionPrompt],
-                        iterations: int = 1) -> SegmentationResult:
-        """Like :meth:`segment`, for prompts already resolved against ``volume``."""
+                        iterations: int = 1, sampler: VolumeSampler | None = None) -> SegmentationResult:
+        """Like :meth:`segment`, for prompts already resolved against ``volume``.
+
+        ``sampler`` (from :meth:`sampler` on the same volume) may be kept between requests on
+        one image to skip wrapping it again.
+        """
         if not 1 <= int(iterations) <= MAX_ITERATIONS:
             raise InvalidPrompt(f"iterations must be between 1 and {MAX_ITERATIONS}, got {iterations}")
-        sampler = self.sampler(volume)
+        if sampler is None or sampler.volume is not volume:
+            sampler = self.sampler(volume)
         per_lesion = {}
         outcomes = []
         for lesion in lesions:

@@ -147,3 +147,13 @@ def test_load_volume_reads_a_dicom_folder(tmp_path):
     make_ct_series(tmp_path / "ct")
     volume = load_volume(tmp_path / "ct")
     assert volume.meta["format"] == "dicom" and volume.modality == "CT"
+
+
+def test_mask_for_a_sheared_grid_keeps_the_sform_only(tmp_path):
+    from msam_core.io.volume import Volume
+
+    sheared = np.array([[1.0, 0.3, 0.0, 5.0], [0.0, 1.0, 0.0, 3.0], [0.0, 0.2, 2.0, 1.0], [0, 0, 0, 1.0]])
+    volume = Volume(np.zeros((5, 6, 7), np.int16), sheared)
+    out = nib.load(str(save_mask_nifti(np.ones(volume.shape, np.uint8), volume, tmp_path / "m.nii.gz")))
+    assert out.header["qform_code"] == 0 and out.header["sform_code"] == 2
+    np.testing.assert_allclose(out.affine, sheared, atol=1e-6)

@@ -93,6 +93,7 @@ def test_permuted_storage_gives_the_identical_mask(reference, tmp_path, perm):
         ("oblique", (1.0, 1.1, 1.3), rotation((1, 1, 0), 25.0), "nifti"),
         ("oblique-lps-nrrd", (0.8, 0.8, 2.0), rotation((0.2, -1, 0.5), 40.0), "nrrd"),
         ("flipped-anisotropic-nrrd", (-0.9, 1.2, -3.0), None, "nrrd"),
+        ("sheared", (1.0, 1.0, 1.5), np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.0], [0.0, 0.15, 1.0]]), "nifti"),
     ],
 )
 def test_resampled_storage_gives_the_same_mask_in_physical_space(reference, tmp_path, name, spacing, rot, fmt):
