@@ -168,18 +168,29 @@ class Segmenter:
         grid = window_grid(CropGrid.centred(lesion.center_ras, size=self.model.img_size), offset)
         return Window(grid=grid, offset=offset, image=sampler.crop(grid))
 
-    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """``[1, 1, 128, 128, 128]`` crop -> ``(embedding [1, C, 8, 8, 8], cache key)``."""
+    def encode(self, image: torch.Tensor,
+               cache: EmbeddingCache | None = None) -> tuple[torch.Tensor, str]:
+        """``[1, 1, 128, 128, 128]`` crop -> ``(embedding [1, C, 8, 8, 8], cache key)``.
+
+        The key is ``model_id:sha256(crop)``; ``cache`` (default: the Segmenter's own) is asked
+        first and given the embedding after a miss.
+        """
+        embedding, key, _ = self._encode(image, cache)
+        return embedding, key
+
+    def _encode(self, image: torch.Tensor,
+                cache: EmbeddingCache | None = None) -> tuple[torch.Tensor, str, bool]:
+        cache = cache if cache is not None else self.cache
         key = crop_key(self.model.model_id, image)
-        if self.cache is not None:
-            cached = self.cache.get(key)
+        if cache is not None:
+            cached = cache.get(key)
             if cached is not None:
-                return cached.to(self.device), key
+                return cached.to(self.device), key, True
         with torch.inference_mode(), self._autocast():
             embedding = self.model.encode(image.to(self.device))
-        if self.cache is not None:
-            self.cache.put(key, embedding)
-        return embedding, key
+        if cache is not None:
+            cache.put(key, embedding)
+        return embedding, key, False
 
     def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
                 mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor:
@@ -264,9 +275,8 @@ class Segmenter:
             if pts is None:
                 continue  # nothing of this lesion is known to reach into that window
             window = Window(grid=grid, offset=offset, image=sampler.crop(grid))
-            hits_before = getattr(self.cache, "hits", 0)
-            embedding, _ = self.encode(window.image)
-            outcome.cache_hits += getattr(self.cache, "hits", 0) - hits_before
+            embedding, _, hit = self._encode(window.image)
+            outcome.cache_hits += int(hit)
             mask_prompt = None
             if lesion.prior is not None:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
