@@ -15,7 +15,8 @@ from msam_core.io.volume import Volume
 
 #: Where the bundled default model is expected (shipped by the packaging of issue 4).
 DEFAULT_CHECKPOINT = Path(msam_core.__file__).resolve().parent / "weights" / "msam_default.safetensors"
-OUTPUTS = ".nii.gz / .nii (mask on the input grid), .png (preview), .dcm (DICOM-SEG, DICOM input only)"
+OUTPUTS = (".nii.gz / .nii (mask on the input grid), .png (preview), .dcm (DICOM-SEG) or .rtstruct.dcm "
+           "(RTSTRUCT), both for DICOM input only")
 
 EPILOG = """\
 coordinates: --space voxel (default) takes array indices i,j,k of INPUT (for NIfTI: nibabel's
@@ -105,6 +106,8 @@ def output_kind(path: Path) -> str:
         return "nifti"
     if name.endswith(".png"):
         return "png"
+    if name.endswith(".rtstruct.dcm"):
+        return "rtstruct"
     if name.endswith(".dcm"):
         return "seg"
     raise UnsupportedRequest(f"cannot write {path.name}: the output must end in {OUTPUTS}")
@@ -166,9 +169,10 @@ def run(args: argparse.Namespace) -> int:
             raise UnsupportedRequest("--device cuda: no CUDA GPU is available here; use --device cpu")
 
     volume = load_volume(args.input)
-    if kind == "seg" and volume.meta.get("format") != "dicom":
+    if kind in ("seg", "rtstruct") and volume.meta.get("format") != "dicom":
+        what = "DICOM-SEG" if kind == "seg" else "RTSTRUCT"
         raise UnsupportedRequest(
-            f"DICOM-SEG output needs a DICOM input, but {args.input.name} is "
+            f"{what} output needs a DICOM input, but {args.input.name} is "
             f"{volume.meta.get('format', 'not DICOM')}; write .nii.gz or .png instead"
         )
     prior = load_prior(args.mask, volume) if args.mask is not None else None
@@ -189,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
         from msam_core.io.preview import save_preview
 
         save_preview(volume, result.labels, args.output)
+    elif kind == "rtstruct":
+        from msam_core.io.rtstruct import write_rtstruct
+
+        write_rtstruct(result.labels, volume, args.output, algorithm_version=msam_core.__version__)
     else:
         from msam_core.io.seg import write_seg
 

@@ -18,9 +18,12 @@ AFFINE = centred_affine(SHAPE, (0.9, 1.1, 2.5), rotation((0, 0, 1), 12.0), (-30.
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
     from msam_core.checkpoints import save_checkpoint
     from msam_core.model import build_model
 
+    torch.manual_seed(0)  # fixed random weights: the same (non-empty) masks on every run
     root = tmp_path_factory.mktemp("cli")
     image = root / "image.nii.gz"
     nib.save(nib.Nifti1Image(spheres_image(SHAPE, AFFINE, [((-30.0, 15.0, 60.0), 10.0)]), AFFINE), str(image))
@@ -77,6 +80,25 @@ def test_dicom_in_dicom_seg_out(files, capsys, tmp_path):
     assert labels.shape == (24, 20, 12)
 
 
+def test_dicom_in_rtstruct_out(files, capsys, tmp_path):
+    """``.rtstruct.dcm`` writes an RT Structure Set whose contours give back the NIfTI mask."""
+    import nibabel as nib
+
+    from msam_core.io.dicom import read_series
+    from msam_core.io.rtstruct import read_rtstruct
+    from tests.unit.io.dicom_synth import make_ct_series
+
+    make_ct_series(tmp_path / "ct", shape=(24, 20, 12))
+    args = ["--point", "12,10,6", "--checkpoint", files["ckpt"], "--max-windows", "1"]
+    code, err = _run(capsys, tmp_path / "ct", "-o", tmp_path / "lesion.rtstruct.dcm", *args)
+    assert code == 0, err
+    code, err = _run(capsys, tmp_path / "ct", "-o", tmp_path / "lesion.nii.gz", *args)
+    assert code == 0, err
+    from_contours = read_rtstruct(tmp_path / "lesion.rtstruct.dcm", read_series(tmp_path / "ct"))
+    nifti = np.asarray(nib.load(str(tmp_path / "lesion.nii.gz")).dataobj)
+    assert nifti.any() and np.array_equal(from_contours > 0, nifti > 0)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--point", "24,20,99"], "outside the image"),
     (["--point", "24,20,12,0"], "no positive point"),
@@ -99,6 +121,7 @@ def test_file_mistakes_exit_2(files, capsys, tmp_path):
     cases = [
         ([tmp_path / "missing.nii.gz", "-o", root / "x.nii.gz", "--checkpoint", ckpt], "no such file"),
         ([image, "-o", root / "x.dcm", "--checkpoint", ckpt], "DICOM-SEG output needs a DICOM input"),
+        ([image, "-o", root / "x.rtstruct.dcm", "--checkpoint", ckpt], "RTSTRUCT output needs a DICOM input"),
         ([image, "-o", root / "x.jpg", "--checkpoint", ckpt], "output must end in"),
         ([image, "-o", tmp_path / "nope" / "x.nii.gz", "--checkpoint", ckpt], "does not exist"),
         ([image, "-o", root / "x.nii.gz", "--checkpoint", tmp_path / "none.safetensors"], "checkpoint"),
