@@ -21,7 +21,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
         importlib.import_module(name).register(sub)
+    _register_plugins(sub)
     return parser
+
+
+def _register_plugins(sub: argparse._SubParsersAction) -> None:
+    """Sub-commands other installed packages add (entry point group ``msam.commands``, e.g.
+    ``msam serve`` from the service), so msam_core never imports them."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="msam.commands"):
+        try:
+            register = ep.load()
+        except ImportError:  # an optional part that is not installed here
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
