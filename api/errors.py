@@ -1,0 +1,67 @@
+"""Every error the API answers has the body ``{"error": {"code", "message"}}``.
+
+User mistakes found by msam_core (:class:`~msam_core.errors.MsamError`) are 422 with msam_core's
+own message (the worker fails a job with the same text); request-shape problems are 400/422 with
+the field named; a Redis outage is 503. A 500 means a bug, never bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from msam_core.errors import MsamError
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def describe(errors: list) -> str:
+    """Pydantic errors as one readable line: ``prompts.lesions.0.positive: Field required``."""
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(MsamError)
+    async def _msam(_: Request, exc: MsamError) -> JSONResponse:
+        return JSONResponse(body(exc.code, str(exc)), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(body("invalid_request", describe(list(exc.errors()))), status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def _model(_: Request, exc: ValidationError) -> JSONResponse:
+        return JSONResponse(body("invalid_request", describe(list(exc.errors()))), status_code=422)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
+        logger.error("redis unavailable: %s", type(exc).__name__)
+        return JSONResponse(body("unavailable", "the job queue is unavailable; retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})

@@ -1,0 +1,93 @@
+"""The gateway: ``uvicorn api.main:app``. It validates, stores, enqueues and reports; it never
+runs the model (see ``worker/``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.concurrency import run_in_threadpool
+
+from api import errors
+from api.deps import Services
+from api.routes import health, jobs, metrics, segment, volumes
+from msam_service import redis_conn
+from msam_service.jobs import JobStore
+from msam_service.metrics import GaugeSource, RedisCollector, RedisMetrics
+from msam_service.queue import make_celery
+from msam_service.settings import Settings, get_settings
+from msam_service.storage import make_storage
+
+logger = logging.getLogger("msam.api")
+SWEEP_EVERY_S = 600
+
+
+def build_services(settings: Settings) -> Services:
+    if not settings.redis_url:
+        raise RuntimeError("MSAM_REDIS_URL / REDIS_URL is not set; `msam serve` starts an embedded Redis")
+    r = redis_conn.client(settings.redis_url)
+    return Services(settings=settings, redis=r, store=JobStore(r, settings.job_ttl_s),
+                    storage=make_storage(settings.storage_dir), queue=make_celery(settings, "msam-api"),
+                    metrics=RedisMetrics(r), gauges=GaugeSource(r, settings.queue))
+
+
+async def _sweeper(svc: Services) -> None:
+    while True:
+        try:
+            removed = await run_in_threadpool(svc.storage.sweep, svc.settings.job_ttl_s)
+            await run_in_threadpool(svc.store.prune_index)
+            if removed:
+                logger.info("expired %d stored item(s)", removed)
+        except Exception as exc:  # keep sweeping whatever one pass hit
+            logger.warning("sweep failed: %s", type(exc).__name__)
+        await asyncio.sleep(SWEEP_EVERY_S)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = build_services(settings)
+        app.state.services = svc
+        app.state.registry.register(RedisCollector(svc.metrics, svc.gauges))
+        sweeper = asyncio.create_task(_sweeper(svc))
+        if not settings.key_list():
+            logger.warning("no API keys configured (MSAM_API_KEYS): every caller is tenant 'public'")
+        yield
+        sweeper.cancel()
+
+    app = FastAPI(title="msam", version="0.1.0", lifespan=lifespan,
+                  description="Promptable 3D lesion segmentation (M-SAM on SAM-Med3D): upload a CT/MR "
+                              "volume with clicks, poll the job, download DICOM-SEG / RTSTRUCT / NIfTI / PNG.")
+    registry = CollectorRegistry()
+    app.state.registry = registry
+    requests = Counter("msam_http_requests", "HTTP requests", ["route", "method", "status"], registry=registry)
+    latency = Histogram("msam_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    errors.install(app)
+    for router in (segment.router, volumes.router, jobs.router, health.router, metrics.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "other")
+        requests.labels(route, request.method, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn api.main:app` builds the app on first access (importing the module needs no settings)
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Services, base_url, services, tenant
+from api.errors import ApiError
+from api.schemas import ErrorBody, ErrorInfo, JobOut, LesionSummary, ResultFormat, Timings
+from msam_service import jobs
+from msam_service.jobs import JobRecord
+
+router = APIRouter(tags=["jobs"])
+
+#: format -> (file name in storage, media type, download name)
+RESULTS: dict[str, tuple[str, str, str]] = {
+    "dicom-seg": ("seg.dcm", "application/dicom", "seg.dcm"),
+    "rtstruct": ("rtstruct.dcm", "application/dicom", "rtstruct.dcm"),
+    "nifti": ("mask.nii.gz", "application/gzip", "mask.nii.gz"),
+    "png": ("preview.png", "image/png", "preview.png"),
+}
+
+
+def _job(svc: Services, job_id: str, who: str) -> JobRecord:
+    rec = svc.store.get(job_id) if len(job_id) == 32 and job_id.isalnum() else None
+    if rec is None or rec.tenant != who:
+        raise ApiError(404, "not_found", f"job {job_id} does not exist or has expired")
+    return rec
+
+
+def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
+    return JobOut(
+        job_id=rec.job_id, status=rec.status, stage=rec.stage, progress=rec.progress,  # type: ignore[arg-type]
+        queue_position=svc.store.queue_position(rec.job_id) if rec.status == jobs.QUEUED else None,
+        volume_id=rec.volume_id, created_at=rec.created_at, started_at=rec.started_at,
+        finished_at=rec.finished_at, attempts=rec.deliveries, timings=Timings(**rec.timings),
+        cache_hits=rec.cache_hits, encoder_runs=rec.encoder_runs,
+        lesions=[LesionSummary(**x) for x in rec.lesions],
+        results={f: f"{base}/jobs/{rec.job_id}/result?format={f}" for f in rec.results}
+        if rec.status == jobs.SUCCEEDED else {},
+        unavailable_results=rec.result_errors if rec.status == jobs.SUCCEEDED else {},
+        error=ErrorInfo(**rec.error) if rec.error else None,
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorBody}})
+def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(tenant),
+            base: str = Depends(base_url)) -> JobOut:
+    """Status, progress, queue position, stage timings, result links or the error."""
+    return _view(svc, _job(svc, job_id, who), base)
+
+
+@router.get("/jobs/{job_id}/result", response_class=FileResponse,
+            responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {}}},
+                       404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+def get_result(job_id: str, format: ResultFormat | None = Query(
+                   default=None, description="default: dicom-seg for DICOM input, else nifti"),
+               svc: Services = Depends(services), who: str = Depends(tenant)) -> FileResponse:
+    """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``nifti``, ``png``."""
+    rec = _job(svc, job_id, who)
+    if rec.status != jobs.SUCCEEDED:
+        what = {jobs.QUEUED: "is queued", jobs.RUNNING: "is running"}.get(rec.status, f"has {rec.status}")
+        raise ApiError(409, "not_ready", f"job {job_id} {what}; results exist once it has succeeded")
+    fmt = format or ("dicom-seg" if "dicom-seg" in rec.results else "nifti")
+    if fmt not in rec.results:
+        why = rec.result_errors.get(fmt, f"{fmt} was not produced for this job")
+        raise ApiError(422, "unsupported_request", why)
+    name, media, download = RESULTS[fmt]
+    key = f"jobs/{job_id}/{name}"
+    local = getattr(svc.storage, "path", None)
+    if local is None or not svc.storage.exists(key):
+        raise ApiError(404, "not_found", f"the {fmt} result of job {job_id} has expired")
+    return FileResponse(local(key), media_type=media, filename=download)
+
+
+@router.delete("/jobs/{job_id}", status_code=202, response_model=JobOut,
+               responses={204: {"description": "finished job and its files deleted"},
+                          404: {"model": ErrorBody}})
+async def delete_job(job_id: str, svc: Services = Depends(services), who: str = Depends(tenant),
+                     base: str = Depends(base_url)) -> JobOut | Response:
+    """Cancel a queued or running job (202, status ``canceled``); delete a finished one (204)."""
+    rec = await run_in_threadpool(_job, svc, job_id, who)
+    if rec.status in jobs.FINISHED:
+        await run_in_threadpool(_forget, svc, job_id)
+        return Response(status_code=204)
+    old = await run_in_threadpool(svc.store.transition, job_id, jobs.CANCELED, (jobs.QUEUED, jobs.RUNNING),
+                                  cancel_requested=True, finished_at=time.time(), stage="canceled")
+    if old is not None:
+        svc.metrics.incr("jobs_canceled")
+        if old == jobs.QUEUED:
+            svc.queue.control.revoke(job_id)  # the worker also skips it by its status
+    rec = await run_in_threadpool(_job, svc, job_id, who)
+    return _view(svc, rec, base)
+
+
+def _forget(svc: Services, job_id: str) -> None:
+    svc.storage.delete_prefix(f"jobs/{job_id}")
+    svc.store.delete(job_id)

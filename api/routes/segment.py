@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api import uploads
+from api.deps import Services, base_url, services, tenant
+from api.errors import ApiError
+from api.schemas import ErrorBody, JobAccepted, Prompts, SegmentByVolume
+from msam_service import jobs
+from msam_service.prompts import resolve
+from msam_service.queue import enqueue
+
+router = APIRouter(tags=["jobs"])
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["image", "prompts"],
+    "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "NIfTI, NRRD, the DICOM files of one series, or a zip of them"},
+        "prompts": {"type": "string", "description": "JSON document, schema Prompts"},
+        "series_uid": {"type": "string", "description": "SeriesInstanceUID when the upload holds several"},
+    },
+}
+
+
+@router.post(
+    "/segment", status_code=202, response_model=JobAccepted,
+    responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+               415: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        "application/json": {"schema": {"$ref": "#/components/schemas/SegmentByVolume"}}}}},
+)
+async def segment(request: Request, svc: Services = Depends(services), who: str = Depends(tenant),
+                  base: str = Depends(base_url)) -> JobAccepted:
+    """Queue a segmentation: multipart (image files + ``prompts`` JSON) or JSON
+    (``volume_id`` from ``POST /volumes`` + ``prompts``). Poll ``status_url``."""
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("application/json"):
+        payload = SegmentByVolume.model_validate_json(await request.body())
+        prompts = payload.prompts
+        info = await run_in_threadpool(uploads.volume_for, svc, payload.volume_id, who)
+    elif ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=svc.settings.max_files + 1, max_fields=10)
+        raw = form.get("prompts")
+        if not isinstance(raw, str):
+            raise ApiError(422, "invalid_request", "prompts: missing; send the prompts JSON as the form field 'prompts'")
+        prompts = Prompts.model_validate_json(raw)
+        files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
+        series = form.get("series_uid")
+        info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       "send multipart/form-data (image + prompts) or application/json (volume_id + prompts)")
+    doc = prompts.model_dump()
+    resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
+    job_id = jobs.new_id()
+    await run_in_threadpool(_submit, svc, job_id, who, info.volume_id, doc)
+    return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=info.volume_id)
+
+
+def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict) -> None:
+    svc.store.create(job_id, tenant=who, volume_id=volume_id, request={"prompts": doc})
+    enqueue(svc.queue, job_id)
+    svc.metrics.incr("jobs_submitted")

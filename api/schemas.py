@@ -1,0 +1,127 @@
+"""The public HTTP schemas, in one place (they also generate the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Xyz = tuple[float, float, float]
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct"]
+
+
+class Lesion(BaseModel):
+    """One lesion; only ``positive`` is required. Lesion *n* (1-based, in request order) is
+    label *n* in the mask and segment *n* in the DICOM-SEG."""
+
+    model_config = ConfigDict(extra="forbid")
+    positive: list[Xyz] = Field(min_length=1, max_length=64, description="clicks inside the lesion")
+    negative: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks outside it")
+    box: tuple[Xyz, Xyz] | None = Field(default=None, description="two opposite corners")
+    label: str | None = Field(default=None, max_length=64, description="segment / ROI name")
+
+    @field_validator("label")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and not v.isprintable():
+            raise ValueError("label must be printable text")
+        return v
+
+
+class Prompts(BaseModel):
+    """Where the lesions are. ``space``: ``voxel`` = array indices i, j, k of the image as
+    read (NIfTI: nibabel's ``dataobj[i, j, k]``; DICOM: column, row, slice along the normal);
+    ``RAS`` / ``LPS`` = world millimetres."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: Literal["voxel", "LPS", "RAS"] = "voxel"
+    lesions: list[Lesion] = Field(min_length=1, max_length=32)
+    iterations: int = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
+
+
+class SegmentByVolume(BaseModel):
+    """``POST /segment`` as JSON: prompts on an image uploaded before with ``POST /volumes``."""
+
+    model_config = ConfigDict(extra="forbid")
+    volume_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    prompts: Prompts
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Status = "queued"
+    status_url: str
+    volume_id: str
+
+
+class VolumeOut(BaseModel):
+    volume_id: str
+    format: str
+    shape: list[int]
+    spacing: list[float] = Field(description="mm along i, j, k")
+    affine_ras: list[list[float]] = Field(description="voxel (i, j, k, 1) -> RAS mm")
+    modality: str | None
+    series_instance_uid: str | None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Timings(BaseModel):
+    """Seconds per stage (absent until reached)."""
+
+    model_config = ConfigDict(extra="allow")
+    queue: float | None = None
+    model_load: float | None = Field(default=None, description="only on a worker process's first job")
+    load: float | None = None
+    preprocess: float | None = None
+    encode: float | None = None
+    decode: float | None = None
+    write: float | None = None
+    total: float | None = None
+
+
+class LesionSummary(BaseModel):
+    lesion: int
+    voxels: int
+    windows: int
+    cache_hits: int
+    stopped_at_limit: bool
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Status
+    stage: str
+    progress: float = Field(ge=0, le=1)
+    queue_position: int | None = Field(default=None, description="1 = next; only while queued")
+    volume_id: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = Field(description="deliveries to a worker (more than 1 after a lost worker)")
+    timings: Timings
+    cache_hits: int = Field(description="embeddings found in the cache (encoder skipped)")
+    encoder_runs: int = Field(description="image-encoder passes this job ran")
+    lesions: list[LesionSummary] = Field(default_factory=list)
+    results: dict[str, str] = Field(default_factory=dict, description="format -> download URL")
+    unavailable_results: dict[str, str] = Field(default_factory=dict, description="format -> why not")
+    error: ErrorInfo | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    workers: int
+    reasons: list[str] = Field(default_factory=list)

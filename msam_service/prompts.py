@@ -1,0 +1,39 @@
+"""The request's prompt document (validated by api/schemas.py) -> msam_core prompts.
+
+Document: ``{"space": "voxel"|"LPS"|"RAS", "lesions": [{"positive": [[x,y,z], ...],
+"negative": [...], "box": [[x0,y0,z0],[x1,y1,z1]], "label": "name"}], "iterations": N}``.
+Lesion ``n`` (1-based, in the order given) becomes label ``n`` in the mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
+from msam_core.io.volume import Volume
+
+
+def to_points_boxes(doc: dict[str, Any]) -> tuple[list[Point], list[Box]]:
+    space = doc.get("space", "voxel")
+    points: list[Point] = []
+    boxes: list[Box] = []
+    for n, lesion in enumerate(doc.get("lesions", []), start=1):
+        for xyz in lesion.get("positive", []):
+            points.append(Point(xyz=tuple(xyz), label=1, space=space, lesion=n))  # type: ignore[arg-type]
+        for xyz in lesion.get("negative", []) or []:
+            points.append(Point(xyz=tuple(xyz), label=0, space=space, lesion=n))  # type: ignore[arg-type]
+        if lesion.get("box"):
+            c0, c1 = lesion["box"]
+            boxes.append(Box(corner0=tuple(c0), corner1=tuple(c1), space=space, lesion=n))  # type: ignore[arg-type]
+    return points, boxes
+
+
+def resolve(doc: dict[str, Any], volume: Volume) -> list[LesionPrompt]:
+    """Validate against ``volume`` (raises :class:`~msam_core.errors.InvalidPrompt`)."""
+    points, boxes = to_points_boxes(doc)
+    return resolve_prompts(volume, points, boxes)
+
+
+def segment_labels(doc: dict[str, Any]) -> dict[int, str]:
+    return {n: str(lesion["label"]) for n, lesion in enumerate(doc.get("lesions", []), start=1)
+            if lesion.get("label")}

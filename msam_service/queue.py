@@ -1,0 +1,64 @@
+"""Celery configuration shared by the sender (api/) and the consumer (worker/).
+
+The message carries only the job id; the request lives in the job record
+(:mod:`msam_service.jobs`). Reliability settings:
+
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job whose worker dies is put back on
+  the queue (the worker counts deliveries and fails a job after ``max_deliveries``).
+- ``worker_prefetch_multiplier = 1``: a worker holds one job at a time (jobs are long).
+- ``visibility_timeout`` above the hard time limit, set in every place Celery reads it (broker
+  transport options, result backend transport options, and the top-level setting), so a job
+  that is still running is never handed to a second worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from msam_service.redis_conn import celery_url
+from msam_service.settings import Settings
+
+TASK_NAME = "msam.segment"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    if not settings.redis_url:
+        raise RuntimeError("MSAM_REDIS_URL / REDIS_URL is not set (run `msam serve` to embed Redis)")
+    url = celery_url(settings.redis_url)
+    vt = settings.visibility_timeout_s
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "broker_transport_options": {"visibility_timeout": vt},
+        "result_backend_transport_options": {"visibility_timeout": vt},
+        "visibility_timeout": vt,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_NAME: {"queue": settings.queue}},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.job_soft_time_limit_s,
+        "task_time_limit": settings.job_time_limit_s,
+        "task_track_started": True,
+        "result_expires": settings.job_ttl_s,
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: Settings, name: str = "msam") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueue(app: Celery, job_id: str) -> None:
+    """Send the job (the Celery task id is the job id)."""
+    app.send_task(TASK_NAME, args=[job_id], task_id=job_id)

@@ -1,0 +1,80 @@
+"""The one place for service configuration: environment variables ``MSAM_*`` (pydantic-settings).
+
+``REDIS_URL`` is also read without the prefix (the common convention; ``MSAM_REDIS_URL`` wins).
+Unset means "no Redis configured": ``msam serve`` then starts an embedded one.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import msam_core
+
+#: Where the bundled default model is expected (the same path the CLI falls back to).
+DEFAULT_CHECKPOINT = Path(msam_core.__file__).resolve().parent / "weights" / "msam_default.safetensors"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MSAM_", extra="ignore")
+
+    # -- where things are ------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("MSAM_REDIS_URL", "REDIS_URL"),
+        description="Redis for queue, job records and embedding cache (unset: `msam serve` embeds one)")
+    storage_dir: Path = Field(default=Path("/tmp/msam-storage"),
+                              description="directory shared by gateway and workers")
+    checkpoint: Path | None = Field(default=None, description="model weights (default: bundled model)")
+    device: str = Field(default="cpu", description="cpu or cuda (one worker per GPU)")
+
+    # -- HTTP -------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="address the API binds to")
+    port: int = Field(default=8000, description="API port")
+    api_keys: str = Field(default="", description="comma-separated bearer keys; empty: no auth")
+    public_url: str = Field(default="", description="base URL for links in responses (default: request's)")
+
+    # -- limits -----------------------------------------------------------------------------
+    max_upload_mb: int = Field(default=2048, description="largest upload (all files together)")
+    max_files: int = Field(default=5000, description="most files in one upload")
+    max_lesions: int = Field(default=32, description="most lesions in one request")
+    max_points: int = Field(default=64, description="most points per lesion")
+    max_windows: int = Field(default=8, description="most 128^3 windows per lesion")
+
+    # -- jobs and queue ---------------------------------------------------------------------
+    queue: str = Field(default="msam", description="Celery queue name")
+    job_soft_time_limit_s: int = Field(default=300, description="a job is asked to stop after this")
+    job_time_limit_s: int = Field(default=360, description="a job's process is killed after this")
+    visibility_timeout_s: int = Field(default=900, description="unacked job redelivered after this "
+                                      "(must exceed job_time_limit_s)")
+    max_deliveries: int = Field(default=3, description="a job that lost its worker this often fails")
+    job_ttl_s: int = Field(default=86400, description="job records, uploads and results expire after this")
+    volume_cache_items: int = Field(default=2, description="decoded volumes kept per worker process")
+
+    # -- embedding cache --------------------------------------------------------------------
+    cache_ttl_s: int = Field(default=3600, description="embedding cache entry lifetime")
+    cache_max_mb: int = Field(default=512, description="embedding cache memory cap in Redis")
+
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint if self.checkpoint is not None else DEFAULT_CHECKPOINT
+
+    def key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def check(self) -> None:
+        """Refuse inconsistent settings at start (not at the first job)."""
+        if self.visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError(
+                f"MSAM_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
+                f"MSAM_JOB_TIME_LIMIT_S ({self.job_time_limit_s}), or running jobs get delivered twice")
+        if self.job_soft_time_limit_s >= self.job_time_limit_s:
+            raise ValueError("MSAM_JOB_SOFT_TIME_LIMIT_S must be below MSAM_JOB_TIME_LIMIT_S")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.check()
+    return settings

@@ -1,0 +1,51 @@
+"""The Celery application of the workers: ``celery -A worker.celery_app worker``.
+
+One worker process per GPU (``CUDA_VISIBLE_DEVICES``), ``--concurrency 1``: the model is loaded
+once per pool child, lazily, on its first job (:mod:`worker.runtime`); the main process only
+consumes messages and reports liveness (:mod:`worker.heartbeat`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import signals
+
+from msam_service import redis_conn
+from msam_service.queue import make_celery
+from msam_service.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings, "msam-worker")
+app.conf.include = ["worker.tasks"]
+
+_heartbeat = None
+
+
+@signals.worker_init.connect
+def _mark_main(**_: object) -> None:
+    # children inherit it: worker_name() is the main process's in every pool child
+    os.environ["MSAM_WORKER_MAIN_PID"] = str(os.getpid())
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(**_: object) -> None:
+    global _heartbeat
+    from worker.heartbeat import Heartbeat
+    from worker.runtime import checkpoint_problem, worker_name
+
+    assert settings.redis_url
+    _heartbeat = Heartbeat(redis_conn.client(settings.redis_url), worker_name(), settings)
+    _heartbeat.start()
+    problem = checkpoint_problem(settings)
+    if problem:
+        logger.error("%s; jobs will fail with this message until it is fixed", problem)
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_: object) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -1,0 +1,134 @@
+"""The Segmenter's :class:`~msam_core.pipeline.segmenter.EmbeddingCache`, backed by Redis.
+
+- Key: ``msam:emb:<model id>:<sha256 of the preprocessed crop>`` (the key the Segmenter makes),
+  so different weights never share entries and the same crop from any worker hits.
+- Value: a small header (magic, original dtype, shape) + zlib-compressed **float16** bytes
+  (~4x smaller than float32 before compression; returned in the dtype it was stored from).
+- Lifetime: ``ttl_s`` since the last use (a hit extends it).
+- Memory cap: the cache keeps its own byte count and evicts least recently used entries past
+  ``max_bytes``, in one Lua script. Redis itself runs ``noeviction`` (it holds the queue, which
+  must never be evicted), so the cache must bound itself.
+- Hits and misses are counted in this process (``hits``/``misses``, which the Segmenter reads)
+  and in Redis for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+
+import numpy as np
+import redis
+import torch
+
+from msam_service.metrics import RedisMetrics
+
+PREFIX = "msam:emb:"
+INDEX = "msam:emb:index"
+SIZES = "msam:emb:sizes"
+BYTES = "msam:emb:bytes"
+_MAGIC = b"MSE1"
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_DTYPES_BACK = {v: k for k, v in _DTYPES.items()}
+
+# KEYS: entry, index, sizes, bytes. ARGV: value, ttl, now, max_bytes, entry name.
+_PUT = """
+local ttl = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
+local old = tonumber(redis.call('HGET', KEYS[3], ARGV[5]) or '0')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+redis.call('ZADD', KEYS[2], now, ARGV[5])
+redis.call('HSET', KEYS[3], ARGV[5], string.len(ARGV[1]))
+local total = redis.call('INCRBY', KEYS[4], string.len(ARGV[1]) - old)
+-- forget entries that expired by TTL (score = last use)
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)) do
+  local size = tonumber(redis.call('HGET', KEYS[3], name) or '0')
+  redis.call('DEL', 'msam:emb:' .. name)
+  redis.call('HDEL', KEYS[3], name)
+  redis.call('ZREM', KEYS[2], name)
+  total = redis.call('DECRBY', KEYS[4], size)
+end
+-- least recently used first, until under the cap (never the entry just written)
+local evicted = 0
+while total > cap do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if (not oldest) or oldest == ARGV[5] then break end
+  local size = tonumber(redis.call('HGET', KEYS[3], oldest) or '0')
+  redis.call('DEL', 'msam:emb:' .. oldest)
+  redis.call('HDEL', KEYS[3], oldest)
+  redis.call('ZREM', KEYS[2], oldest)
+  total = redis.call('DECRBY', KEYS[4], size)
+  evicted = evicted + 1
+end
+return evicted
+"""
+
+
+def pack(embedding: torch.Tensor) -> bytes:
+    t = embedding.detach().to("cpu")
+    half = t.float().clamp(-65504, 65504).to(torch.float16).contiguous().numpy()
+    header = _MAGIC + struct.pack("<BB", _DTYPES.get(t.dtype, 0), half.ndim) + struct.pack(f"<{half.ndim}I", *half.shape)
+    return header + zlib.compress(half.tobytes(), 1)
+
+
+def unpack(data: bytes) -> torch.Tensor:
+    if data[:4] != _MAGIC:
+        raise ValueError("not an msam embedding")
+    dtype_code, ndim = struct.unpack_from("<BB", data, 4)
+    shape = struct.unpack_from(f"<{ndim}I", data, 6)
+    body = zlib.decompress(data[6 + 4 * ndim:])
+    arr = np.frombuffer(body, dtype=np.float16).reshape(shape)
+    return torch.from_numpy(arr.copy()).to(_DTYPES_BACK.get(dtype_code, torch.float32))
+
+
+class RedisEmbeddingCache:
+    def __init__(self, r: redis.Redis, ttl_s: int, max_bytes: int, metrics: RedisMetrics | None = None) -> None:
+        self.r = r
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.hits = 0
+        self.misses = 0
+        self._put = r.register_script(_PUT)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        try:
+            data = self.r.get(PREFIX + key)
+        except redis.RedisError:
+            data = None  # a cache outage costs speed, not the job
+        if data is None:
+            self.misses += 1
+            self._count("cache_misses")
+            return None
+        try:
+            pipe = self.r.pipeline()
+            pipe.expire(PREFIX + key, self.ttl_s)
+            pipe.zadd(INDEX, {key: time.time()})
+            pipe.execute()
+        except redis.RedisError:
+            pass
+        self.hits += 1
+        self._count("cache_hits")
+        return unpack(data)  # type: ignore[arg-type]
+
+    def put(self, key: str, embedding: torch.Tensor) -> None:
+        value = pack(embedding)
+        if len(value) > self.max_bytes:
+            return
+        try:
+            self._put(keys=[PREFIX + key, INDEX, SIZES, BYTES],
+                      args=[value, self.ttl_s, time.time(), self.max_bytes, key])
+        except redis.RedisError:
+            pass
+
+    def stored_bytes(self) -> int:
+        return int(self.r.get(BYTES) or 0)  # type: ignore[arg-type]
+
+    def _count(self, name: str) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.incr(name)
+            except redis.RedisError:
+                pass

@@ -1,0 +1,178 @@
+"""One job: the job record in, calls on msam_core, results and a final status out.
+
+Every user mistake (an :class:`~msam_core.errors.MsamError`) ends the job ``failed`` with the
+same code and message the API would give; anything else ends it ``failed`` with a generic
+message (the details go to the log, without image content or patient data).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from msam_core.errors import InvalidVolume, MsamError
+from msam_core.pipeline.segmenter import Segmenter
+from msam_service import jobs
+from msam_service.prompts import resolve, segment_labels
+from msam_service.volumes import load_info
+from worker.runtime import Runtime, worker_name
+from worker.timing import TimedModel
+
+logger = logging.getLogger(__name__)
+
+#: format name -> (storage file name, writer kind)
+RESULT_FILES = {"nifti": "mask.nii.gz", "png": "preview.png", "dicom-seg": "seg.dcm",
+                "rtstruct": "rtstruct.dcm"}
+
+Progress = Callable[[str, float], None]
+
+
+class JobCanceled(Exception):
+    """The client canceled the job; stop at the next step."""
+
+
+def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
+    """Run ``job_id``; returns its final status (``None`` when there was nothing to do)."""
+    store = rt.store
+    rec = store.get(job_id)
+    if rec is None or rec.status in jobs.FINISHED:
+        return None  # expired, deleted, canceled while queued, or a duplicate delivery
+    deliveries = store.incr(job_id, "deliveries")
+    if deliveries > 1:
+        rt.metrics.incr("redeliveries")
+        logger.warning("job %s delivered again (delivery %d)", job_id, deliveries)
+    if deliveries > rt.settings.max_deliveries:
+        return _fail(rt, job_id, "worker_lost",
+                     f"the job stopped its worker {deliveries - 1} times (crash or out of memory) "
+                     "and was not tried again; try a smaller image or fewer lesions")
+    started = time.time()
+    if store.transition(job_id, jobs.RUNNING, (jobs.QUEUED, jobs.RUNNING), started_at=started,
+                        stage="load", progress=0.05, worker=f"{worker_name()}/{os.getpid()}") is None:
+        return None
+    timings = {"queue": round(started - rec.created_at, 4)}
+
+    def check() -> None:
+        raw = rt.redis.hmget(jobs.job_key(job_id), "status", "cancel_requested")
+        if raw[0] is None or raw[0] == b"canceled" or raw[1] == b"1":
+            raise JobCanceled()
+
+    def step(stage: str, fraction: float) -> None:
+        check()
+        store.update(job_id, stage=stage, progress=fraction)
+        progress(stage, fraction)
+
+    try:
+        step("load", 0.05)
+        t0 = time.perf_counter()
+        loaded_before = rt.model_loaded()
+        model = rt.model()
+        if not loaded_before:
+            timings["model_load"] = round(time.perf_counter() - t0, 4)  # first job of a process
+        t0 = time.perf_counter()
+        info = load_info(rt.storage, rec.volume_id)
+        if info is None:
+            raise InvalidVolume(f"volume {rec.volume_id} no longer exists (uploads expire); upload it again")
+        volume, from_memory = rt.volume(info)
+        timings["load"] = round(time.perf_counter() - t0, 4)
+        step("segment", 0.2)
+        doc = rec.request.get("prompts", {})
+        timed = TimedModel(model, check)
+        cache_hits_before = rt.cache.hits
+        segmenter = Segmenter(timed, device=rt.settings.device, cache=rt.cache,
+                              max_windows=rt.settings.max_windows)
+        t0 = time.perf_counter()
+        lesions = resolve(doc, volume)
+        result = segmenter.segment_lesions(volume, lesions, iterations=int(doc.get("iterations", 1)))
+        seg_s = time.perf_counter() - t0
+        timings["encode"] = round(timed.encode_s, 4)
+        timings["decode"] = round(timed.decode_s, 4)
+        timings["preprocess"] = round(max(0.0, seg_s - timed.encode_s - timed.decode_s), 4)
+        step("write", 0.85)
+        t0 = time.perf_counter()
+        written, errors = write_results(rt, job_id, result.labels, volume, segment_labels(doc))
+        timings["write"] = round(time.perf_counter() - t0, 4)
+        timings["total"] = round(time.time() - rec.created_at, 4)
+        summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
+                    "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit}
+                   for o in result.lesions]
+        fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
+                      results=written, result_errors=errors, lesions=summary,
+                      cache_hits=rt.cache.hits - cache_hits_before, encoder_runs=timed.encoder_runs,
+                      volume_from_memory=from_memory)
+        if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), **fields) is None:
+            raise JobCanceled()
+        rt.metrics.incr("jobs_succeeded")
+        rt.metrics.observe_all(timings)
+        progress("done", 1.0)
+        logger.info("job %s succeeded in %.2f s (encoder runs %d)", job_id, timings["total"], timed.encoder_runs)
+        return jobs.SUCCEEDED
+    except JobCanceled:
+        rt.storage.delete_prefix(f"jobs/{job_id}")
+        store.transition(job_id, jobs.CANCELED, (jobs.RUNNING, jobs.QUEUED), finished_at=time.time(),
+                         stage="canceled")
+        logger.info("job %s canceled", job_id)
+        return jobs.CANCELED
+    except MsamError as exc:
+        return _fail(rt, job_id, exc.code, str(exc))
+    except SoftTimeLimitExceeded:
+        return _fail(rt, job_id, "timeout", f"the job ran longer than {rt.settings.job_soft_time_limit_s} s "
+                     "and was stopped; try fewer lesions or a smaller max_windows")
+    except Exception as exc:  # a bug or a broken environment: generic message, details logged
+        logger.error("job %s failed: %s\n%s", job_id, type(exc).__name__,
+                     "".join(traceback.format_tb(exc.__traceback__)))
+        return _fail(rt, job_id, "internal_error",
+                     f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
+
+
+def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str | None:
+    rt.storage.delete_prefix(f"jobs/{job_id}")
+    if rt.store.transition(job_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(),
+                           stage="failed", error={"code": code, "message": message}) is None:
+        return None
+    rt.metrics.incr("jobs_failed")
+    logger.info("job %s failed: %s", job_id, code)
+    return jobs.FAILED
+
+
+def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str]) -> tuple[list[str], dict[str, str]]:
+    """Every output this input allows; returns (formats written, format -> why not)."""
+    from msam_core.io.nifti import save_mask_nifti
+    from msam_core.io.preview import save_preview
+
+    written: list[str] = []
+    errors: dict[str, str] = {}
+    writers: dict[str, Callable[[Path], object]] = {
+        "nifti": lambda p: save_mask_nifti(labels, volume, p),
+        "png": lambda p: save_preview(volume, labels, p),
+    }
+    if volume.meta.get("format") == "dicom":
+        from msam_core.io.rtstruct import write_rtstruct
+        from msam_core.io.seg import write_seg
+
+        writers["dicom-seg"] = lambda p: write_seg(labels, volume, p, segment_labels=names or None)
+        writers["rtstruct"] = lambda p: write_rtstruct(labels, volume, p, roi_names=names or None)
+    else:
+        fmt = volume.meta.get("format", "not DICOM")
+        for name in ("dicom-seg", "rtstruct"):
+            errors[name] = f"{name} output needs a DICOM input (this image was {fmt}); ask for nifti or png"
+    tmp = rt.storage.staging_dir()
+    try:
+        for name, write in writers.items():
+            path = Path(tmp) / RESULT_FILES[name]
+            try:
+                write(path)
+            except MsamError as exc:
+                errors[name] = str(exc)
+                continue
+            rt.storage.put_file(f"jobs/{job_id}/{RESULT_FILES[name]}", path)
+            written.append(name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written, errors

@@ -1,0 +1,33 @@
+"""The Celery task: thin; the work is in :mod:`worker.job`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task
+
+from msam_service import jobs
+from msam_service.queue import TASK_NAME
+from worker.celery_app import app
+from worker.job import run_job
+from worker.runtime import get_runtime
+
+
+class SegmentTask(Task):
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Runs in the main process when the hard time limit killed the job's process."""
+        rt = get_runtime()
+        message = (f"the job ran longer than {rt.settings.job_time_limit_s} s and its process was "
+                   f"stopped ({type(exc).__name__}); try fewer lesions or a smaller max_windows")
+        if rt.store.transition(task_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(),
+                               stage="failed", error={"code": "timeout", "message": message}):
+            rt.metrics.incr("jobs_failed")
+
+
+@app.task(name=TASK_NAME, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
+def segment(self: Task, job_id: str) -> str | None:
+    def progress(stage: str, fraction: float) -> None:
+        self.update_state(state="PROGRESS", meta={"stage": stage, "progress": fraction})
+
+    return run_job(get_runtime(), job_id, progress)
