@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
-from api import errors
+from api import errors, viewer
 from api.deps import Services
 from api.routes import health, jobs, metrics, segment, volumes
 from msam_service import redis_conn
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in (segment.router, volumes.router, jobs.router, health.router, metrics.router):
         app.include_router(router)
+    viewer.install(app)  # the web viewer (issue #9): page at /, assets under /static
 
     @app.middleware("http")
     async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
