@@ -31,7 +31,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": url,
         "result_backend": url,
-        "broker_transport_options": {"visibility_timeout": vt},
+        # unacked_restore_interval: how often a consumer looks for messages past the timeout
+        "broker_transport_options": {"visibility_timeout": vt,
+                                     "unacked_restore_interval": max(1, min(60, vt // 10))},
         "result_backend_transport_options": {"visibility_timeout": vt},
         "visibility_timeout": vt,
         "broker_connection_retry_on_startup": True,

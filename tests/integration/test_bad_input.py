@@ -1,0 +1,89 @@
+"""User mistakes get a 4xx with a message that says what is wrong - never a 500."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.integration.conftest import prompts
+from tests.integration.harness import Service
+
+pytestmark = pytest.mark.slow
+
+
+def _post(service: Service, files, data=None, **kw):
+    with service.client() as c:
+        return c.post("/segment", files=files, data=data, **kw)
+
+
+def _error(r) -> dict:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    body = r.json()["error"]
+    assert body["code"] and body["message"]
+    return body
+
+
+@pytest.fixture(scope="module")
+def nifti_bytes(ct_nifti: Path) -> bytes:
+    return ct_nifti.read_bytes()
+
+
+def test_bad_uploads(service: Service, nifti_bytes: bytes, tmp_path: Path) -> None:
+    ok = {"prompts": prompts((5, 5, 5))}
+    e = _error(_post(service, {"image": ("scan.nii.gz", b"not an image at all")}, ok))
+    assert e["code"] == "invalid_volume" and "NIfTI" in e["message"]
+    e = _error(_post(service, {"image": ("scan.nii.gz", gzip.compress(b"truncated"))}, ok))
+    assert e["code"] == "invalid_volume"
+    e = _error(_post(service, {"image": ("notes.txt", b"hello")}, ok))
+    assert "unknown format" in e["message"]
+    e = _error(_post(service, {"image": ("scan.nii.gz", b"")}, ok))
+    assert "empty" in e["message"]
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(flat))
+    e = _error(_post(service, {"image": ("flat.nii.gz", flat.read_bytes())}, ok))
+    assert "3D" in e["message"]
+    e = _error(_post(service, None, ok))  # no image
+    assert "image" in e["message"]
+    e = _error(_post(service, [("image", ("a.nii.gz", nifti_bytes)), ("image", ("b.nii.gz", nifti_bytes))], ok))
+    assert "one NIfTI" in e["message"]
+
+
+def test_bad_prompts(service: Service, nifti_bytes: bytes) -> None:
+    img = {"image": ("ct.nii.gz", nifti_bytes)}
+    e = _error(_post(service, img, {"prompts": "{not json"}))
+    assert e["code"] == "invalid_request" and "JSON" in e["message"]
+    e = _error(_post(service, img, {"prompts": prompts((500, 5, 5))}))
+    assert e["code"] == "invalid_prompt" and "outside the image" in e["message"]
+    e = _error(_post(service, img, {"prompts": json.dumps({"lesions": [{"negative": [[1, 2, 3]]}]})}))
+    assert "positive" in e["message"]
+    e = _error(_post(service, img, {"prompts": json.dumps({"space": "IJK", "lesions": [{"positive": [[1, 2, 3]]}]})}))
+    assert "space" in e["message"]
+    e = _error(_post(service, img, {"prompts": json.dumps({"lesions": [{"positive": [[1, 2]]}]})}))
+    assert "positive" in e["message"]
+    e = _error(_post(service, img, {"prompts": '{"lesions": [{"positive": [[NaN, 2, 3]]}]}'}))
+    e = _error(_post(service, img, {"prompts": json.dumps({"lesions": []})}))
+    assert "lesions" in e["message"]
+    e = _error(_post(service, img))  # no prompts field
+    assert "prompts" in e["message"]
+
+
+def test_bad_requests(service: Service) -> None:
+    with service.client() as c:
+        e = _error(c.post("/segment", json={"volume_id": "0" * 32, "prompts": {"lesions": [{"positive": [[1, 2, 3]]}]}}))
+        assert e["code"] == "not_found"
+        e = _error(c.post("/segment", json={"volume_id": "../../etc", "prompts": {"lesions": [{"positive": [[1, 2, 3]]}]}}))
+        e = _error(c.post("/segment", content=b"x=1", headers={"content-type": "text/plain"}))
+        assert "multipart" in e["message"]
+        e = _error(c.post("/segment", content=b"{", headers={"content-type": "application/json"}))
+        e = _error(c.get("/jobs/" + "f" * 32))
+        assert e["code"] == "not_found"
+        e = _error(c.get("/jobs/nonsense/result"))
+        e = _error(c.delete("/jobs/" + "a" * 32))
+        e = _error(c.get("/jobs/" + "f" * 32 + "/result", params={"format": "jpeg"}))
+        assert "format" in e["message"]

@@ -1,0 +1,68 @@
+"""No model: the worker stays up, /readyz says why, jobs fail with that message. And `msam serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from msam_service import serve
+from tests.integration.conftest import prompts, service_env
+from tests.integration.harness import Service
+
+pytestmark = pytest.mark.slow
+
+
+def test_missing_checkpoint_fails_jobs_and_readyz_says_why(tmp_path: Path, redis_server: str, ct_nifti: Path) -> None:
+    url = redis_server.replace("?db=0", "?db=3")  # a separate database: its own queue and workers
+    env = service_env(tmp_path, url, tmp_path / "missing.safetensors", MSAM_QUEUE="nomodel")
+    svc = Service(tmp=tmp_path, redis_url=url, env=env)
+    try:
+        worker = svc.start_worker("nomodel")
+        svc.start_api()
+        with svc.client() as c:
+            r = c.get("/readyz")
+            assert r.status_code == 503
+            assert any("MSAM_CHECKPOINT" in reason for reason in r.json()["reasons"]), r.json()
+            with open(ct_nifti, "rb") as f:
+                job_id = c.post("/segment", files={"image": ("ct.nii.gz", f)},
+                                data={"prompts": prompts((22, 20, 12))}).json()["job_id"]
+        job = svc.wait_job(job_id)
+        assert job["status"] == "failed"
+        assert job["error"]["code"] == "invalid_checkpoint" and "MSAM_CHECKPOINT" in job["error"]["message"]
+        assert worker.poll() is None  # no crash loop
+    finally:
+        svc.stop()
+
+
+def test_msam_serve_embedded_redis_and_stop_together(tmp_path: Path, checkpoint: Path) -> None:
+    port = serve.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSAM_") and k != "REDIS_URL"}
+    env.update(MSAM_PORT=str(port), MSAM_STORAGE_DIR=str(tmp_path / "storage"), MSAM_CHECKPOINT=str(checkpoint))
+    msam = Path(sys.executable).with_name("msam")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([str(msam), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        serve.wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200, 90,
+                         "msam serve", proc)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 3  # redis-server, worker, api
+        text = (tmp_path / "serve.log").read_text()
+        assert "embedded Redis on unix://" in text
+        os.killpg(proc.pid, signal.SIGTERM)  # SIGTERM to the process group
+        assert proc.wait(30) == 0
+        time.sleep(0.5)
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
