@@ -1,0 +1,24 @@
+# CUDA worker image: Celery worker with torch (CUDA build). One container per GPU.
+# Build from the repository root: docker build -f deploy/docker/worker.Dockerfile -t msam-worker .
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.12 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+WORKDIR /src
+# torch first, from the CUDA index, at the version pyproject.toml pins
+COPY pyproject.toml README.md ./
+RUN TORCH=$(python -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml','rb'))['project']['dependencies'] if d.startswith('torch==')))") \
+ && pip install --no-cache-dir --index-url "$TORCH_INDEX" "$TORCH"
+COPY msam_core ./msam_core
+COPY msam_service ./msam_service
+COPY api ./api
+COPY worker ./worker
+RUN pip install --no-cache-dir . && useradd --uid 10001 --create-home msam && mkdir -p /data/msam /models && chown msam /data/msam
+USER msam
+ENV MSAM_DEVICE=cuda MSAM_STORAGE_DIR=/data/msam MSAM_CHECKPOINT=/models/msam.safetensors
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s CMD python -m worker.healthcheck
+# concurrency 1 and prefetch 1: one job per GPU at a time; the model loads once in the pool child
+CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "prefork", "--concurrency", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from msam_core.pipeline.segmenter import Segmenter
+from msam_service.metrics import RedisMetrics
+from worker.embedding_cache import BYTES, INDEX, PREFIX, RedisEmbeddingCache, pack, unpack
+
+
+def _emb(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 96, 8, 8, 8, generator=g).to(dtype)
+
+
+def test_pack_is_float16_compressed_and_round_trips() -> None:
+    e = _emb()
+    data = pack(e)
+    assert len(data) < e.numel() * 2 + 64  # float16 (2 bytes) or less, plus a small header
+    back = unpack(data)
+    assert back.dtype == torch.float32 and back.shape == e.shape
+    torch.testing.assert_close(back, e, atol=2e-3, rtol=1e-3)
+    assert unpack(pack(e.to(torch.bfloat16))).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        unpack(b"garbage")
+
+
+def test_get_put_counts_hits_and_misses(r) -> None:
+    metrics = RedisMetrics(r)
+    cache = RedisEmbeddingCache(r, ttl_s=60, max_bytes=10 * 2**20, metrics=metrics)
+    assert cache.get("m:abc") is None
+    cache.put("m:abc", _emb())
+    got = cache.get("m:abc")
+    assert got is not None and got.shape == (1, 96, 8, 8, 8)
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert metrics.counters() == {"cache_hits": 1, "cache_misses": 1}
+    assert 0 < r.ttl(PREFIX + "m:abc") <= 60
+    assert int(r.get(BYTES)) == len(r.get(PREFIX + "m:abc"))
+
+
+def test_memory_cap_evicts_least_recently_used(r) -> None:
+    one = len(pack(_emb()))
+    cache = RedisEmbeddingCache(r, ttl_s=60, max_bytes=int(one * 2.5))
+    cache.put("m:a", _emb(1))
+    time.sleep(0.01)
+    cache.put("m:b", _emb(2))
+    time.sleep(0.01)
+    assert cache.get("m:a") is not None  # a is now more recent than b
+    time.sleep(0.01)
+    cache.put("m:c", _emb(3))  # over the cap: b goes
+    assert cache.get("m:b") is None
+    assert cache.get("m:a") is not None and cache.get("m:c") is not None
+    assert int(r.get(BYTES)) <= cache.max_bytes
+    assert r.zcard(INDEX) == 2
+
+
+def test_expired_entries_leave_the_byte_count(r) -> None:
+    cache = RedisEmbeddingCache(r, ttl_s=1, max_bytes=10 * 2**20)
+    cache.put("m:old", _emb(1))
+    time.sleep(1.2)
+    cache.put("m:new", _emb(2))
+    assert r.zcard(INDEX) == 1 and int(r.get(BYTES)) == len(r.get(PREFIX + "m:new"))
+
+
+def test_redis_outage_costs_speed_not_the_job(redis_url: str) -> None:
+    import redis as redis_lib
+
+    broken = redis_lib.Redis(unix_socket_path="/nonexistent/redis.sock")
+    cache = RedisEmbeddingCache(broken, ttl_s=60, max_bytes=2**20)
+    assert cache.get("m:x") is None
+    cache.put("m:x", _emb())  # no exception
+
+
+class _CountingModel:
+    img_size = 128
+    model_id = "stub-1"
+
+    def __init__(self) -> None:
+        self.encodes = 0
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.encodes += 1
+        return image.mean() * torch.ones(1, 8, 8, 8, 8)
+
+    def decode(self, embedding, points, labels, mask_logits=None):  # pragma: no cover - unused
+        raise NotImplementedError
+
+    refine = decode
+
+
+def test_segmenter_uses_the_redis_cache_across_processes_worth_of_instances(r) -> None:
+    model = _CountingModel()
+    crop = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 128, 128, 128)).astype(np.float32))
+    first = Segmenter(model, cache=RedisEmbeddingCache(r, 60, 2**24))
+    emb1, key1 = first.encode(crop)
+    second = Segmenter(model, cache=RedisEmbeddingCache(r, 60, 2**24))  # another worker, same Redis
+    emb2, key2 = second.encode(crop)
+    assert key1 == key2 and key1.startswith("stub-1:")
+    assert model.encodes == 1 and second.cache.hits == 1
+    torch.testing.assert_close(emb1, emb2, atol=1e-2, rtol=1e-3)

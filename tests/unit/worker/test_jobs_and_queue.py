@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+
+from msam_service import jobs
+from msam_service.jobs import JobStore
+from msam_service.queue import celery_config
+from msam_service.settings import Settings
+
+
+def test_transitions_are_compare_and_set(r) -> None:
+    store = JobStore(r, ttl_s=60)
+    store.create("a" * 32, tenant="t", volume_id="v", request={"prompts": {}})
+    store.create("b" * 32, tenant="t", volume_id="v", request={})
+    assert store.queue_position("a" * 32) == 1 and store.queue_position("b" * 32) == 2
+    assert store.transition("a" * 32, jobs.RUNNING, (jobs.QUEUED,)) == jobs.QUEUED
+    assert store.queue_position("a" * 32) is None and store.queue_position("b" * 32) == 1
+    assert store.counts() == {"queued": 1, "running": 1}
+    # a cancel wins over a finishing worker: the later "succeeded" is refused
+    assert store.transition("a" * 32, jobs.CANCELED, (jobs.QUEUED, jobs.RUNNING)) == jobs.RUNNING
+    assert store.transition("a" * 32, jobs.SUCCEEDED, (jobs.RUNNING,)) is None
+    rec = store.get("a" * 32)
+    assert rec is not None and rec.status == jobs.CANCELED and rec.tenant == "t"
+    assert store.transition("missing", jobs.RUNNING, (jobs.QUEUED,)) is None
+    store.update("b" * 32, timings={"load": 0.5}, error={"code": "x", "message": "y"})
+    assert store.get("b" * 32).timings == {"load": 0.5}
+    assert 0 < r.ttl(jobs.job_key("b" * 32)) <= 60
+    store.delete("b" * 32)
+    assert store.get("b" * 32) is None and store.counts() == {"queued": 0, "running": 0}
+
+
+def test_celery_reliability_settings() -> None:
+    s = Settings(redis_url="unix:///tmp/r.sock?db=2", job_time_limit_s=100, job_soft_time_limit_s=90,
+                 visibility_timeout_s=150)
+    conf = celery_config(s)
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_time_limit"] == 100 and conf["task_soft_time_limit"] == 90
+    # every place Celery reads the visibility timeout, all above the hard limit
+    assert conf["broker_transport_options"]["visibility_timeout"] == 150
+    assert conf["result_backend_transport_options"]["visibility_timeout"] == 150
+    assert conf["visibility_timeout"] == 150
+    assert conf["broker_url"] == "redis+socket:///tmp/r.sock?virtual_host=2"
+
+
+def test_settings_refuse_a_visibility_timeout_below_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="VISIBILITY"):
+        Settings(job_time_limit_s=600, visibility_timeout_s=300).check()
+    with pytest.raises(ValueError, match="SOFT"):
+        Settings(job_time_limit_s=100, job_soft_time_limit_s=100, visibility_timeout_s=300).check()
+    monkeypatch.setenv("REDIS_URL", "redis://h:1/0")
+    monkeypatch.setenv("MSAM_PORT", "9001")
+    s = Settings()
+    assert s.redis_url == "redis://h:1/0" and s.port == 9001
+    monkeypatch.setenv("MSAM_REDIS_URL", "redis://other:2/0")
+    assert Settings().redis_url == "redis://other:2/0"
