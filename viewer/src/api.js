@@ -1,0 +1,132 @@
+// The msam HTTP API as the page uses it. Every call carries the API key (if one was entered):
+// `Authorization: Bearer <key>`; the key lives in sessionStorage only (gone with the tab).
+// Nothing here logs request bodies, file names or headers: no patient data reaches the console.
+
+const KEY_STORAGE = 'msam.apiKey'
+
+export function getApiKey () {
+  try { return sessionStorage.getItem(KEY_STORAGE) || '' } catch { return '' }
+}
+
+export function setApiKey (key) {
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key)
+    else sessionStorage.removeItem(KEY_STORAGE)
+  } catch { /* storage disabled: the key lasts until reload */ }
+}
+
+export class ApiError extends Error {
+  constructor (status, code, message) {
+    super(message)
+    this.status = status
+    this.code = code
+  }
+}
+
+function url (path) {
+  // relative to the page, so the viewer also works behind a path prefix
+  return new URL(path.replace(/^\//, ''), document.baseURI).toString()
+}
+
+function headers (extra = {}) {
+  const key = getApiKey()
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : { ...extra }
+}
+
+async function errorOf (response) {
+  let code = 'http_' + response.status
+  let message = response.statusText || 'request failed'
+  try {
+    const body = await response.json()
+    if (body && body.error) {
+      code = body.error.code || code
+      message = body.error.message || message
+    } else if (body && body.detail) {
+      message = typeof body.detail === 'string' ? body.detail : JSON.stringify(body.detail)
+    }
+  } catch { /* not JSON */ }
+  if (response.status === 401) message += ' - enter an API key (top right)'
+  return new ApiError(response.status, code, message)
+}
+
+async function call (path, { method = 'GET', json, signal } = {}) {
+  const init = { method, headers: headers(json !== undefined ? { 'Content-Type': 'application/json' } : {}), signal }
+  if (json !== undefined) init.body = JSON.stringify(json)
+  const response = await fetch(url(path), init)
+  if (!response.ok) throw await errorOf(response)
+  return response
+}
+
+/** POST /volumes (multipart, field `image`), with upload progress (0..1) through `onProgress`. */
+export function uploadVolume (files, onProgress = () => {}) {
+  return new Promise((resolve, reject) => {
+    const form = new FormData()
+    for (const f of files) form.append('image', f, safeName(f.name))
+    const xhr = new XMLHttpRequest()
+    xhr.open('POST', url('volumes'))
+    for (const [k, v] of Object.entries(headers())) xhr.setRequestHeader(k, v)
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total) }
+    xhr.onerror = () => reject(new ApiError(0, 'network', 'the upload failed (network error)'))
+    xhr.onload = async () => {
+      const response = new Response(xhr.responseText, { status: xhr.status, statusText: xhr.statusText })
+      if (xhr.status >= 200 && xhr.status < 300) resolve(await response.json())
+      else reject(await errorOf(response))
+    }
+    xhr.send(form)
+  })
+}
+
+// The server only looks at the suffix of a file name; never send the name itself (it may
+// carry a patient's name).
+export function safeName (name) {
+  const lower = (name || '').toLowerCase()
+  for (const suffix of ['.nii.gz', '.nii', '.nrrd', '.zip', '.dcm']) {
+    if (lower.endsWith(suffix)) return 'image' + suffix
+  }
+  return 'image'
+}
+
+export async function segment (volumeId, prompts) {
+  return (await call('segment', { method: 'POST', json: { volume_id: volumeId, prompts } })).json()
+}
+
+export async function getJob (jobId, signal) {
+  return (await call(`jobs/${jobId}`, { signal })).json()
+}
+
+export async function cancelJob (jobId) {
+  try { await call(`jobs/${jobId}`, { method: 'DELETE' }) } catch { /* already gone */ }
+}
+
+export async function getResult (jobId, format) {
+  return (await call(`jobs/${jobId}/result?format=${encodeURIComponent(format)}`)).arrayBuffer()
+}
+
+export async function getVolumeImage (volumeId) {
+  return (await call(`viewer/volumes/${volumeId}/image`)).arrayBuffer()
+}
+
+export async function readiness () {
+  const response = await fetch(url('readyz'), { headers: headers() })
+  try { return await response.json() } catch { return { ready: false, reasons: ['no answer'] } }
+}
+
+/** Poll a job until it ends; `onUpdate(job)` after every poll. Fast at first (warm clicks end
+ * in a few hundred ms), slower for long jobs. */
+export async function waitJob (jobId, onUpdate = () => {}, { signal } = {}) {
+  const started = performance.now()
+  for (;;) {
+    const job = await getJob(jobId, signal)
+    onUpdate(job)
+    if (['succeeded', 'failed', 'canceled'].includes(job.status)) return job
+    const elapsed = performance.now() - started
+    await sleep(elapsed < 3000 ? 50 : elapsed < 15000 ? 200 : 1000, signal)
+  }
+}
+
+function sleep (ms, signal) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(resolve, ms)
+    if (signal) signal.addEventListener('abort', () => { clearTimeout(t); reject(new DOMException('aborted', 'AbortError')) }, { once: true })
+  })
+}

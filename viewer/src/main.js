@@ -1,0 +1,633 @@
+// msam viewer: open a volume, click on lesions, see their 3D masks (NiiVue).
+//
+// Each click runs one job on the uploaded volume (POST /segment with the volume_id), with the
+// points of the lesion being edited; re-clicks on a volume hit the server's embedding cache.
+// Every lesion has its own overlay. Downloads run one job with all lesions (label n = lesion n).
+// The console never gets file names, headers or API keys (no patient data in the page's logs).
+
+import { Niivue, NVImage, SLICE_TYPE, SHOW_RENDER, DRAG_MODE } from '@niivue/niivue'
+import * as api from './api.js'
+import { affinesAgree, fracToRAS, headerAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
+
+// ---------------------------------------------------------------------------------------------
+// window / level presets (width, level in HU; MR and unknown: robust range of the image)
+export const PRESETS = {
+  'ct-soft': { label: 'CT soft tissue (W400 L40)', w: 400, l: 40 },
+  'ct-lung': { label: 'CT lung (W1500 L-600)', w: 1500, l: -600 },
+  'ct-bone': { label: 'CT bone (W1800 L400)', w: 1800, l: 400 },
+  'mr-auto': { label: 'MR / auto (robust range)', auto: true }
+}
+const LESION_COLORMAPS = ['red', 'blue', 'violet', 'gold', 'copper', 'cool', 'warm', 'hot']
+const LESION_CSS = ['#ff3030', '#3a6bff', '#c060ff', '#ffc430', '#d08050', '#30d0ff', '#ff9040', '#ffef60']
+const PEN_POSITIVE = 2 // ITK-SNAP draw colours: 2 green
+const PEN_NEGATIVE = 4 //                         4 yellow
+const RECENT_KEY = 'msam.recentVolumes'
+const CLICK_SLOP_PX = 5
+
+const $ = (id) => document.getElementById(id)
+
+const state = {
+  volume: null, // {volume_id, format, shape, spacing, affine_ras, modality, source}
+  lesions: [], // {n, points: [{ras, voxel, positive}], overlay, voxels, ml, jobId, generation, status}
+  active: -1,
+  nextLesion: 1,
+  busy: 0,
+  lastLatencyMs: null,
+  lastBreakdown: null,
+  lastJob: null,
+  history: [] // [{lesion n}] order of point additions, for undo across lesions
+}
+
+const nv = new Niivue({
+  backColor: [0.06, 0.07, 0.09, 1],
+  crosshairColor: [0.15, 0.75, 1, 0.5],
+  crosshairWidth: 0.4,
+  crosshairWidthUnit: 'mm',
+  show3Dcrosshair: true,
+  dragAndDropEnabled: false,
+  multiplanarShowRender: SHOW_RENDER.ALWAYS,
+  logLevel: 'error',
+  loadingText: '',
+  isColorbar: false,
+  mouseEventConfig: {
+    leftButton: { primary: DRAG_MODE.crosshair, withShift: DRAG_MODE.crosshair, withCtrl: DRAG_MODE.crosshair },
+    rightButton: DRAG_MODE.crosshair,
+    centerButton: DRAG_MODE.pan
+  }
+})
+
+// ---------------------------------------------------------------------------------------------
+// messages and status
+
+function say (text, kind = 'info') {
+  const el = $('message')
+  el.textContent = text
+  el.className = kind
+}
+
+function setBusy (delta) {
+  state.busy = Math.max(0, state.busy + delta)
+  document.body.classList.toggle('busy', state.busy > 0)
+}
+
+function fmtS (s) {
+  if (s === null || s === undefined) return '-'
+  return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`
+}
+
+function showJob (job, latencyMs = null) {
+  state.lastJob = job
+  $('job-status').textContent = job ? `${job.status}${job.stage && job.stage !== job.status ? ' (' + job.stage + ')' : ''}` +
+    (job.queue_position ? ` - position ${job.queue_position} in queue` : '') : '-'
+  $('job-progress').value = job ? job.progress : 0
+  const t = (job && job.timings) || {}
+  const rows = ['queue', 'model_load', 'load', 'preprocess', 'encode', 'decode', 'write', 'total']
+    .filter((k) => t[k] !== null && t[k] !== undefined)
+    .map((k) => `<tr><td>${k.replace('_', ' ')}</td><td>${fmtS(t[k])}</td></tr>`)
+  if (job) {
+    rows.push(`<tr><td>encoder</td><td>${job.encoder_runs ? job.encoder_runs + ' run' + (job.encoder_runs > 1 ? 's' : '') : 'cached'}` +
+      `${job.cache_hits ? ' (' + job.cache_hits + ' cache hit' + (job.cache_hits > 1 ? 's' : '') + ')' : ''}</td></tr>`)
+  }
+  if (latencyMs !== null) rows.push(`<tr class="latency"><td>click → overlay</td><td>${fmtS(latencyMs / 1000)}</td></tr>`)
+  $('job-timings').innerHTML = rows.join('')
+}
+
+// ---------------------------------------------------------------------------------------------
+// recent volumes (this browser only; no file names are stored)
+
+function recentVolumes () {
+  try { return JSON.parse(localStorage.getItem(RECENT_KEY) || '[]') } catch { return [] }
+}
+
+function rememberVolume (info) {
+  const entry = {
+    volume_id: info.volume_id, format: info.format, shape: info.shape, spacing: info.spacing,
+    affine_ras: info.affine_ras, modality: info.modality, at: Date.now()
+  }
+  const list = [entry, ...recentVolumes().filter((v) => v.volume_id !== info.volume_id)].slice(0, 12)
+  try { localStorage.setItem(RECENT_KEY, JSON.stringify(list)) } catch { /* full or disabled */ }
+  renderRecent()
+}
+
+function forgetVolume (volumeId) {
+  const list = recentVolumes().filter((v) => v.volume_id !== volumeId)
+  try { localStorage.setItem(RECENT_KEY, JSON.stringify(list)) } catch { }
+  renderRecent()
+}
+
+function renderRecent () {
+  const sel = $('recent')
+  const list = recentVolumes()
+  sel.innerHTML = '<option value="">recent volumes…</option>' + list.map((v) => {
+    const when = new Date(v.at).toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' })
+    return `<option value="${v.volume_id}">${v.modality || v.format} ${v.shape.join('×')} · ${when} · ${v.volume_id.slice(0, 8)}</option>`
+  }).join('')
+  sel.disabled = list.length === 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// opening a volume
+
+async function openFiles (files) {
+  if (!files || files.length === 0) return
+  files = Array.from(files)
+  const single = files.length === 1 ? files[0] : null
+  const isNifti = single && /\.nii(\.gz)?$/i.test(single.name)
+  say('uploading…')
+  setBusy(1)
+  try {
+    const info = await api.uploadVolume(files, (f) => { $('upload-progress').value = f })
+    rememberVolume(info)
+    let buffer = null
+    let name = 'image.nii.gz'
+    if (isNifti) {
+      buffer = await single.arrayBuffer()
+      name = api.safeName(single.name)
+    }
+    await showVolume(info, buffer, name)
+  } catch (err) {
+    say(`could not open the volume: ${err.message}`, 'error')
+  } finally {
+    $('upload-progress').value = 0
+    setBusy(-1)
+  }
+}
+
+async function openRecent (volumeId) {
+  const info = recentVolumes().find((v) => v.volume_id === volumeId)
+  if (!info) return
+  say('loading…')
+  setBusy(1)
+  try {
+    await showVolume(info, null)
+  } catch (err) {
+    if (err.status === 404) forgetVolume(volumeId)
+    say(`could not open the volume: ${err.message}`, 'error')
+  } finally {
+    setBusy(-1)
+  }
+}
+
+async function loadImage (buffer, name) {
+  return NVImage.loadFromUrl({ url: name, buffer, name, colormap: 'gray' })
+}
+
+/** Show `info`'s image: the local NIfTI when its affine is the server's, else the server's own
+ * decoded image (DICOM, NRRD, NIfTI whose header is read differently, recent volumes). */
+async function showVolume (info, localBuffer, localName = 'image.nii.gz') {
+  resetLesions(false)
+  let image = null
+  let source = 'server'
+  if (localBuffer) {
+    const candidate = await loadImage(localBuffer, localName)
+    if (affinesAgree(headerAffine(candidate), info.affine_ras, info.shape)) {
+      image = candidate
+      source = 'local'
+    }
+  }
+  if (!image) image = await loadImage(await api.getVolumeImage(info.volume_id), 'image.nii.gz')
+  for (const v of [...nv.volumes]) nv.removeVolume(v)
+  nv.addVolume(image)
+  state.volume = { ...info, source }
+  nv.createEmptyDrawing()
+  nv.setDrawOpacity(0.9)
+  const ct = info.modality === 'CT' || (info.modality == null && image.global_min !== undefined && image.global_min < -500)
+  $('preset').value = ct ? 'ct-soft' : 'mr-auto'
+  applyPreset($('preset').value)
+  newLesion()
+  $('volume-info').textContent = `${info.modality || info.format} · ${info.shape.join(' × ')} voxels · ` +
+    `${round(info.spacing, 2).join(' × ')} mm · ${info.volume_id.slice(0, 8)}`
+  document.body.classList.add('has-volume')
+  updateButtons()
+  say('click on a lesion (left click: inside, shift+click or right click: outside)')
+}
+
+function applyPreset (key) {
+  const vol = nv.volumes[0]
+  if (!vol) return
+  const p = PRESETS[key]
+  if (!p || p.auto) {
+    vol.cal_min = vol.robust_min ?? vol.global_min
+    vol.cal_max = vol.robust_max ?? vol.global_max
+  } else {
+    vol.cal_min = p.l - p.w / 2
+    vol.cal_max = p.l + p.w / 2
+  }
+  nv.updateGLVolume()
+}
+
+// ---------------------------------------------------------------------------------------------
+// lesions
+
+function currentLesion () {
+  return state.lesions[state.active] || null
+}
+
+function newLesion () {
+  if (!state.volume) return
+  const cur = currentLesion()
+  if (cur && cur.points.length === 0) return // reuse the empty one
+  const n = state.nextLesion++
+  state.lesions.push({ n, label: `lesion ${n}`, points: [], overlay: null, voxels: 0, ml: 0, jobId: null, generation: 0, shown: 0, status: '' })
+  state.active = state.lesions.length - 1
+  renderLesions()
+  updateButtons()
+}
+
+function resetLesions (render = true) {
+  for (const lesion of state.lesions) dropOverlay(lesion)
+  state.lesions = []
+  state.active = -1
+  state.nextLesion = 1
+  state.history = []
+  if (nv.drawBitmap) { nv.drawBitmap.fill(0); nv.refreshDrawing(true) }
+  if (render) {
+    newLesion()
+    renderLesions()
+    showJob(null)
+  }
+}
+
+function dropOverlay (lesion) {
+  if (lesion.overlay) {
+    nv.removeVolume(lesion.overlay)
+    lesion.overlay = null
+  }
+}
+
+function colourIndex (lesion) {
+  return (lesion.n - 1) % LESION_COLORMAPS.length
+}
+
+function renderLesions () {
+  const ul = $('lesions')
+  ul.innerHTML = ''
+  state.lesions.forEach((lesion, idx) => {
+    const li = document.createElement('li')
+    li.className = idx === state.active ? 'active' : ''
+    li.dataset.lesion = String(lesion.n)
+    const pos = lesion.points.filter((p) => p.positive).length
+    const neg = lesion.points.length - pos
+    li.innerHTML = `<span class="swatch" style="background:${LESION_CSS[colourIndex(lesion)]}"></span>` +
+      `<span class="name">${lesion.label}</span>` +
+      `<span class="pts">+${pos} −${neg}</span>` +
+      `<span class="ml">${lesion.overlay || lesion.voxels ? lesion.ml.toFixed(2) + ' mL' : ''}</span>` +
+      `<span class="st">${lesion.status}</span>` +
+      '<button class="del" title="delete this lesion">×</button>'
+    li.addEventListener('click', (e) => {
+      if (e.target.classList.contains('del')) {
+        deleteLesion(idx)
+      } else {
+        state.active = idx
+        renderLesions()
+      }
+    })
+    ul.appendChild(li)
+  })
+}
+
+function deleteLesion (idx) {
+  const lesion = state.lesions[idx]
+  dropOverlay(lesion)
+  state.lesions.splice(idx, 1)
+  state.history = state.history.filter((n) => n !== lesion.n)
+  redrawMarkers()
+  if (state.lesions.length === 0) newLesion()
+  state.active = Math.min(state.active, state.lesions.length - 1)
+  renderLesions()
+  updateButtons()
+}
+
+function updateButtons () {
+  const has = !!state.volume
+  const anyMask = state.lesions.some((l) => l.overlay)
+  $('new-lesion').disabled = !has
+  $('undo').disabled = !has || state.history.length === 0
+  $('clear').disabled = !has || state.lesions.every((l) => l.points.length === 0)
+  $('dl-nifti').disabled = !anyMask
+  $('dl-png').disabled = !anyMask
+  $('dl-seg').disabled = !anyMask || !(state.volume && state.volume.format === 'dicom')
+  $('dl-seg').title = state.volume && state.volume.format !== 'dicom' ? 'DICOM-SEG needs a DICOM input' : ''
+}
+
+// point markers live in NiiVue's drawing layer (same grid as the image: exact on every view)
+function redrawMarkers () {
+  const vol = nv.volumes[0]
+  if (!vol || !nv.drawBitmap) return
+  const bm = nv.drawBitmap
+  bm.fill(0)
+  const d = vol.dimsRAS
+  const px = vol.pixDimsRAS || [1, 1, 1, 1]
+  const r = [1, 2, 3].map((n) => Math.max(0, Math.round(1.5 / Math.abs(px[n] || 1))))
+  for (const lesion of state.lesions) {
+    for (const p of lesion.points) {
+      const [x0, y0, z0] = p.rasVoxel
+      for (let z = z0 - r[2]; z <= z0 + r[2]; z++) {
+        for (let y = y0 - r[1]; y <= y0 + r[1]; y++) {
+          for (let x = x0 - r[0]; x <= x0 + r[0]; x++) {
+            if (x < 0 || y < 0 || z < 0 || x >= d[1] || y >= d[2] || z >= d[3]) continue
+            bm[x + y * d[1] + z * d[1] * d[2]] = p.positive ? PEN_POSITIVE : PEN_NEGATIVE
+          }
+        }
+      }
+    }
+  }
+  nv.refreshDrawing(true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// clicks -> jobs -> overlays
+
+function addPoint (ras, rasVoxel, positive, t0) {
+  const lesion = currentLesion()
+  if (!lesion || !state.volume) return
+  const voxel = rasToVoxel(state.volume.affine_ras, ras)
+  lesion.points.push({ ras, rasVoxel, voxel, positive })
+  state.history.push(lesion.n)
+  redrawMarkers()
+  renderLesions()
+  updateButtons()
+  runLesion(lesion, t0)
+}
+
+function undo () {
+  const n = state.history.pop()
+  const lesion = state.lesions.find((l) => l.n === n)
+  if (!lesion) { updateButtons(); return }
+  lesion.points.pop()
+  state.active = state.lesions.indexOf(lesion)
+  redrawMarkers()
+  runLesion(lesion, performance.now())
+}
+
+function clearAll () {
+  resetLesions(true)
+  updateButtons()
+  say('cleared')
+}
+
+function lesionPrompt (lesion) {
+  const positive = lesion.points.filter((p) => p.positive).map((p) => round(p.ras, 3))
+  const negative = lesion.points.filter((p) => !p.positive).map((p) => round(p.ras, 3))
+  const out = { positive, label: lesion.label }
+  if (negative.length) out.negative = negative
+  return out
+}
+
+/** Segment one lesion from its current points. A click that arrives while a job for the same
+ * lesion runs does not queue a second job: when the running one ends, one job runs for the
+ * newest points (older results are never shown over newer ones). */
+async function runLesion (lesion, t0) {
+  lesion.generation++
+  lesion.t0 = t0
+  if (!lesion.points.some((p) => p.positive)) {
+    dropOverlay(lesion)
+    lesion.voxels = 0
+    lesion.ml = 0
+    lesion.status = lesion.points.length ? 'needs a positive point' : ''
+    renderLesions()
+    updateButtons()
+    return
+  }
+  if (lesion.running) return
+  lesion.running = true
+  setBusy(1)
+  try {
+    while (lesion.shown !== lesion.generation && state.lesions.includes(lesion) && lesion.points.some((p) => p.positive)) {
+      const generation = lesion.generation
+      const started = lesion.t0
+      lesion.status = 'queued'
+      renderLesions()
+      const prompts = { space: 'RAS', lesions: [lesionPrompt(lesion)] }
+      const tSubmit = performance.now()
+      const accepted = await api.segment(state.volume.volume_id, prompts)
+      const tAccepted = performance.now()
+      lesion.jobId = accepted.job_id
+      const job = await api.waitJob(accepted.job_id, (j) => {
+        lesion.status = j.status === 'running' ? `${Math.round(j.progress * 100)} %` : j.status
+        showJob(j)
+        renderLesions()
+      })
+      if (job.status !== 'succeeded') {
+        lesion.status = job.status
+        lesion.shown = generation
+        say(job.error ? `job ${job.status}: ${job.error.message}` : `job ${job.status}`, 'error')
+        break
+      }
+      if (generation !== lesion.generation) continue // newer clicks came in: run again
+      const tDone = performance.now()
+      const buffer = await api.getResult(job.job_id, 'nifti')
+      if (generation !== lesion.generation || !state.lesions.includes(lesion)) continue
+      await showMask(lesion, buffer, job)
+      lesion.shown = generation
+      const tShown = performance.now()
+      const latency = tShown - started
+      state.lastLatencyMs = latency
+      // where the time went, as the browser saw it (server stages: the job's timings)
+      state.lastBreakdown = {
+        click_to_submit_ms: tSubmit - started,
+        post_segment_ms: tAccepted - tSubmit,
+        accepted_to_job_done_ms: tDone - tAccepted,
+        server_created_to_finished_ms: job.finished_at && job.created_at ? (job.finished_at - job.created_at) * 1000 : null,
+        result_and_overlay_ms: tShown - tDone,
+        server_total_ms: (job.timings && job.timings.total || 0) * 1000
+      }
+      lesion.status = ''
+      showJob(job, latency)
+      say(`${lesion.label}: ${lesion.ml.toFixed(2)} mL (${lesion.voxels} voxels) in ${fmtS(latency / 1000)}`)
+    }
+  } catch (err) {
+    lesion.status = 'error'
+    say(err.message, 'error')
+  } finally {
+    lesion.running = false
+    setBusy(-1)
+    renderLesions()
+    updateButtons()
+  }
+}
+
+async function showMask (lesion, buffer, job) {
+  const img = await NVImage.loadFromUrl({
+    url: 'mask.nii.gz', buffer, name: `mask-${lesion.n}.nii.gz`,
+    colormap: LESION_COLORMAPS[colourIndex(lesion)], opacity: 0.45, cal_min: 0.5, cal_max: 1
+  })
+  img.cal_min = 0.5
+  img.cal_max = 1
+  dropOverlay(lesion)
+  lesion.overlay = img
+  nv.addVolume(img)
+  const summary = (job.lesions || [])[0]
+  const sp = state.volume.spacing
+  lesion.voxels = summary ? summary.voxels : 0
+  lesion.ml = lesion.voxels * Math.abs(sp[0] * sp[1] * sp[2]) / 1000
+  lesion.lastJob = job.job_id
+}
+
+// ---------------------------------------------------------------------------------------------
+// downloads: one job with every lesion that has a positive point (lesion n -> label n)
+
+async function download (format) {
+  const lesions = state.lesions.filter((l) => l.points.some((p) => p.positive))
+  if (!lesions.length) return
+  setBusy(1)
+  say(`preparing ${format}…`)
+  try {
+    let jobId
+    if (lesions.length === 1 && lesions[0].lastJob && lesions[0].shown === lesions[0].generation) {
+      jobId = lesions[0].lastJob
+    } else {
+      const accepted = await api.segment(state.volume.volume_id, { space: 'RAS', lesions: lesions.map(lesionPrompt) })
+      const job = await api.waitJob(accepted.job_id, (j) => showJob(j))
+      if (job.status !== 'succeeded') throw new Error(job.error ? job.error.message : `job ${job.status}`)
+      jobId = job.job_id
+    }
+    const buffer = await api.getResult(jobId, format)
+    const ext = { nifti: 'nii.gz', 'dicom-seg': 'dcm', png: 'png' }[format]
+    const type = { nifti: 'application/gzip', 'dicom-seg': 'application/dicom', png: 'image/png' }[format]
+    const a = document.createElement('a')
+    a.href = URL.createObjectURL(new Blob([buffer], { type }))
+    a.download = `msam-${state.volume.volume_id.slice(0, 8)}-${format === 'dicom-seg' ? 'seg' : 'mask'}.${ext}`
+    document.body.appendChild(a)
+    a.click()
+    setTimeout(() => { URL.revokeObjectURL(a.href); a.remove() }, 1000)
+    say(`downloaded ${a.download}`)
+  } catch (err) {
+    say(`download failed: ${err.message}`, 'error')
+  } finally {
+    setBusy(-1)
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mouse: a click (no drag) on a 2D view is a point; drags stay NiiVue's (crosshair, pan)
+
+function canvasFrac (e) {
+  const canvas = $('gl')
+  const rect = canvas.getBoundingClientRect()
+  const dpr = nv.uiData.dpr || window.devicePixelRatio || 1
+  return nv.canvasPos2frac([(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr])
+}
+
+function installMouse () {
+  const canvas = $('gl')
+  let down = null
+  canvas.addEventListener('pointerdown', (e) => {
+    down = { x: e.clientX, y: e.clientY, button: e.button, shift: e.shiftKey }
+  })
+  canvas.addEventListener('pointerup', (e) => {
+    const d = down
+    down = null
+    if (!d || d.button !== e.button || !state.volume) return
+    if (Math.hypot(e.clientX - d.x, e.clientY - d.y) > CLICK_SLOP_PX) return
+    if (d.button !== 0 && d.button !== 2) return
+    const hit = fracToRAS(nv.volumes[0], canvasFrac(e))
+    if (!hit) return // the 3D view or outside the image
+    addPoint(hit.ras, hit.rasVoxel, d.button === 0 && !d.shift, performance.now())
+  })
+  canvas.addEventListener('contextmenu', (e) => e.preventDefault())
+  // ctrl/cmd + wheel zooms the 2D views (plain wheel: slices, NiiVue's default)
+  $('viewport').addEventListener('wheel', (e) => {
+    if (!(e.ctrlKey || e.metaKey) || !state.volume) return
+    e.preventDefault()
+    e.stopPropagation()
+    zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15)
+  }, { capture: true, passive: false })
+}
+
+function zoom (factor) {
+  const p = nv.scene.pan2Dxyzmm
+  nv.setPan2Dxyzmm([p[0], p[1], p[2], Math.min(20, Math.max(0.2, p[3] * factor))])
+}
+
+// ---------------------------------------------------------------------------------------------
+// page
+
+function setLayout (value) {
+  if (value === 'multi') {
+    nv.opts.multiplanarShowRender = SHOW_RENDER.ALWAYS
+    nv.setSliceType(SLICE_TYPE.MULTIPLANAR)
+  } else {
+    nv.setSliceType(SLICE_TYPE[value.toUpperCase()])
+  }
+}
+
+async function refreshReadiness () {
+  const r = await api.readiness()
+  const el = $('ready')
+  el.textContent = r.ready ? `ready · ${r.workers} worker${r.workers === 1 ? '' : 's'}` : `not ready: ${(r.reasons || []).join('; ') || r.error?.message || ''}`
+  el.className = r.ready ? 'ok' : 'warn'
+}
+
+function installControls () {
+  $('file').addEventListener('change', (e) => { openFiles(e.target.files); e.target.value = '' })
+  $('recent').addEventListener('change', (e) => { if (e.target.value) openRecent(e.target.value); e.target.value = '' })
+  $('preset').innerHTML = Object.entries(PRESETS).map(([k, p]) => `<option value="${k}">${p.label}</option>`).join('')
+  $('preset').addEventListener('change', (e) => applyPreset(e.target.value))
+  $('layout').addEventListener('change', (e) => setLayout(e.target.value))
+  $('zoom-in').addEventListener('click', () => zoom(1.25))
+  $('zoom-out').addEventListener('click', () => zoom(1 / 1.25))
+  $('zoom-reset').addEventListener('click', () => nv.setPan2Dxyzmm([0, 0, 0, 1]))
+  $('new-lesion').addEventListener('click', newLesion)
+  $('undo').addEventListener('click', undo)
+  $('clear').addEventListener('click', clearAll)
+  $('dl-nifti').addEventListener('click', () => download('nifti'))
+  $('dl-seg').addEventListener('click', () => download('dicom-seg'))
+  $('dl-png').addEventListener('click', () => download('png'))
+  const key = $('api-key')
+  key.value = api.getApiKey() ? '••••••••' : ''
+  $('key-form').addEventListener('submit', (e) => {
+    e.preventDefault()
+    if (key.value !== '••••••••') api.setApiKey(key.value.trim())
+    key.value = api.getApiKey() ? '••••••••' : ''
+    say(api.getApiKey() ? 'API key kept for this tab' : 'API key removed')
+    refreshReadiness()
+  })
+  const vp = $('viewport')
+  vp.addEventListener('dragover', (e) => { e.preventDefault(); vp.classList.add('dragging') })
+  vp.addEventListener('dragleave', () => vp.classList.remove('dragging'))
+  vp.addEventListener('drop', (e) => {
+    e.preventDefault()
+    vp.classList.remove('dragging')
+    openFiles(e.dataTransfer.files)
+  })
+  document.addEventListener('keydown', (e) => {
+    if (e.target.tagName === 'INPUT') return
+    if ((e.ctrlKey || e.metaKey) && e.key === 'z') { e.preventDefault(); undo() }
+    if (e.key === 'n' && !e.ctrlKey && !e.metaKey) newLesion()
+  })
+}
+
+async function main () {
+  installControls()
+  renderRecent()
+  updateButtons()
+  await nv.attachToCanvas($('gl'))
+  nv.setSliceType(SLICE_TYPE.MULTIPLANAR)
+  installMouse()
+  refreshReadiness().catch(() => {})
+  setInterval(() => refreshReadiness().catch(() => {}), 15000)
+  say('open a volume: upload a NIfTI, NRRD or DICOM (files or a zip), or pick a recent one')
+}
+
+// for the browser tests and the curious: the viewer's state, NiiVue and helpers
+window.msamViewer = {
+  nv,
+  state,
+  openRecent,
+  showVolume,
+  /** CSS pixel of a RAS point's voxel centre on the 2D view `sliceType` ('axial'...), or null. */
+  canvasPointOf (ras, sliceType = 'axial') {
+    const vol = nv.volumes[0]
+    const hit = nv.frac2canvasPosWithTile(rasToFrac(vol, ras), SLICE_TYPE[sliceType.toUpperCase()])
+    if (!hit) return null
+    const dpr = nv.uiData.dpr || window.devicePixelRatio || 1
+    return { x: hit.pos[0] / dpr, y: hit.pos[1] / dpr, tile: hit.tileIndex }
+  },
+  moveCrosshairTo (ras) {
+    nv.scene.crosshairPos = rasToFrac(nv.volumes[0], ras)
+    nv.updateGLVolume()
+  }
+}
+
+main().catch((err) => say(`the viewer could not start: ${err.message}`, 'error'))
