@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Xyz = tuple[float, float, float]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -40,12 +40,45 @@ class Prompts(BaseModel):
     iterations: int = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
 
 
-class SegmentByVolume(BaseModel):
-    """``POST /segment`` as JSON: prompts on an image uploaded before with ``POST /volumes``."""
+_UID = r"^[0-9]+(\.[0-9]+)*$"
+
+
+class DicomwebSource(BaseModel):
+    """A series on a DICOMweb node configured on the server (``MSAM_DICOMWEB_NODES``); the
+    worker retrieves it by WADO-RS."""
 
     model_config = ConfigDict(extra="forbid")
-    volume_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    pacs: str = Field(max_length=64, description="the node's configured name (never a URL)")
+    study_uid: str = Field(max_length=64, pattern=_UID, description="StudyInstanceUID")
+    series_uid: str = Field(max_length=64, pattern=_UID, description="SeriesInstanceUID")
+
+
+class ReceivedSource(BaseModel):
+    """A series received by ``msam dicom-listener`` (C-STORE) and accepted by its routing rules."""
+
+    model_config = ConfigDict(extra="forbid")
+    received_series_uid: str = Field(max_length=64, pattern=_UID, description="SeriesInstanceUID")
+
+
+class SegmentByVolume(BaseModel):
+    """``POST /segment`` as JSON: prompts on an image uploaded before with ``POST /volumes``
+    (``volume_id``) or on a series in a PACS (``source``). Optionally the DICOM-SEG is stored to
+    ``destinations`` and ``callback_url`` receives a signed POST when the job ends (issue #8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    source: DicomwebSource | ReceivedSource | None = Field(default=None, description="instead of volume_id")
     prompts: Prompts
+    destinations: list[str] = Field(default_factory=list, max_length=8,
+                                    description="configured DICOMweb node or AE names (STOW-RS / C-STORE)")
+    callback_url: str | None = Field(default=None, max_length=2048,
+                                     description="webhook URL; must be on the server's allowlist")
+
+    @model_validator(mode="after")
+    def _one_image(self) -> "SegmentByVolume":
+        if (self.volume_id is None) == (self.source is None):
+            raise ValueError("give exactly one of volume_id and source")
+        return self
 
 
 class JobAccepted(BaseModel):

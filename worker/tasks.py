@@ -9,6 +9,7 @@ from celery import Task
 
 from msam_service import jobs
 from msam_service.queue import TASK_NAME
+from worker import pacs_tasks  # PACS pull before a job, push + webhook after it; msam.webhook
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
@@ -23,6 +24,7 @@ class SegmentTask(Task):
         if rt.store.transition(task_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(),
                                stage="failed", error={"code": "timeout", "message": message}):
             rt.metrics.incr("jobs_failed")
+            pacs_tasks.finish(rt, task_id, push_results=False)
 
 
 @app.task(name=TASK_NAME, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
@@ -30,4 +32,8 @@ def segment(self: Task, job_id: str) -> str | None:
     def progress(stage: str, fraction: float) -> None:
         self.update_state(state="PROGRESS", meta={"stage": stage, "progress": fraction})
 
-    return run_job(get_runtime(), job_id, progress)
+    rt = get_runtime()
+    pacs_tasks.prepare(rt, job_id)
+    status = run_job(rt, job_id, progress)
+    pacs_tasks.finish(rt, job_id)
+    return status

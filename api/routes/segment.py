@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api import uploads
+from api import pacs_requests, uploads
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
 from api.schemas import ErrorBody, JobAccepted, Prompts, SegmentByVolume
@@ -22,6 +22,8 @@ _MULTIPART_SCHEMA = {
                   "description": "NIfTI, NRRD, the DICOM files of one series, or a zip of them"},
         "prompts": {"type": "string", "description": "JSON document, schema Prompts"},
         "series_uid": {"type": "string", "description": "SeriesInstanceUID when the upload holds several"},
+        "destinations": {"type": "string", "description": "configured node names for the DICOM-SEG (JSON list or comma-separated)"},
+        "callback_url": {"type": "string", "description": "webhook URL on the server's allowlist"},
     },
 }
 
@@ -37,12 +39,14 @@ _MULTIPART_SCHEMA = {
 async def segment(request: Request, svc: Services = Depends(services), who: str = Depends(tenant),
                   base: str = Depends(base_url)) -> JobAccepted:
     """Queue a segmentation: multipart (image files + ``prompts`` JSON) or JSON
-    (``volume_id`` from ``POST /volumes`` + ``prompts``). Poll ``status_url``."""
+    (``volume_id`` from ``POST /volumes``, or ``source``: a PACS series, + ``prompts``). Poll
+    ``status_url``; optional ``destinations`` (DICOM-SEG to PACS nodes) and ``callback_url``."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("application/json"):
         payload = SegmentByVolume.model_validate_json(await request.body())
         prompts = payload.prompts
-        info = await run_in_threadpool(uploads.volume_for, svc, payload.volume_id, who)
+        routing = await run_in_threadpool(pacs_requests.route, svc, payload, who, base)
+        info, volume_id, extra = routing.info, routing.volume_id, routing.extra
     elif ctype.startswith("multipart/form-data"):
         form = await request.form(max_files=svc.settings.max_files + 1, max_fields=10)
         raw = form.get("prompts")
@@ -51,18 +55,23 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         prompts = Prompts.model_validate_json(raw)
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
         series = form.get("series_uid")
+        callback = form.get("callback_url")
+        extra = pacs_requests.outputs(pacs_requests.form_destinations(form.get("destinations")),
+                                      callback if isinstance(callback, str) else None, base)
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
+        volume_id = info.volume_id
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (image + prompts) or application/json (volume_id + prompts)")
     doc = prompts.model_dump()
-    resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
+    if info is not None:  # None: a PACS series the worker retrieves (it checks the prompts then)
+        resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
     job_id = jobs.new_id()
-    await run_in_threadpool(_submit, svc, job_id, who, info.volume_id, doc)
-    return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=info.volume_id)
+    await run_in_threadpool(_submit, svc, job_id, who, volume_id, doc, extra)
+    return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=volume_id)
 
 
-def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict) -> None:
-    svc.store.create(job_id, tenant=who, volume_id=volume_id, request={"prompts": doc})
+def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict, extra: dict | None = None) -> None:
+    svc.store.create(job_id, tenant=who, volume_id=volume_id, request={"prompts": doc, **(extra or {})})
     enqueue(svc.queue, job_id)
     svc.metrics.incr("jobs_submitted")

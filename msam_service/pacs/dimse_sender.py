@@ -1,0 +1,44 @@
+"""C-STORE SCU: send result instances (DICOM-SEG, ...) to a configured AE (pynetdicom).
+
+One association per call; a presentation context per SOP class present, offering the file's
+own transfer syntax plus Explicit/Implicit VR Little Endian.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from msam_service.pacs.nodes import DimseNode, PacsError
+
+logger = logging.getLogger(__name__)
+
+
+def send(node: DimseNode, paths: list[Path], calling_ae: str = "MSAM", timeout: float = 30.0) -> None:
+    """C-STORE every file to ``node``; raises :class:`PacsError` unless all succeed."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
+        ae.add_requested_context(sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+    target = node.ae
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise PacsError(f"C-STORE to {node.name}: association refused or not reachable "
+                        f"({'rejected' if assoc.is_rejected else 'aborted' if assoc.is_aborted else 'no answer'})")
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise PacsError(f"C-STORE to {node.name}: no response (timeout or aborted association)")
+            if code not in (0x0000, 0xB000, 0xB006, 0xB007):  # success or warning
+                raise PacsError(f"C-STORE to {node.name}: refused with status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    logger.info("sent %d instance(s) to %s by C-STORE", len(datasets), node.name)

@@ -1,0 +1,168 @@
+"""The PACS block of the configuration (``MSAM_*`` environment, pydantic-settings).
+
+Kept beside :class:`msam_service.settings.Settings` rather than inside it: the same environment,
+the same prefix, read by the API (to validate requests), the worker (to pull and push) and the
+listener. JSON-valued variables are parsed as JSON by pydantic-settings.
+
+=================================  ==============================================================
+``MSAM_DICOMWEB_NODES``            ``{"name": "http://host:8042/dicom-web", ...}``: the DICOMweb
+                                   nodes a request may name as ``source.pacs`` or a destination
+``MSAM_DICOMWEB_CREDENTIALS``      ``{"name": {"username": "...", "password": "..."}}`` or
+                                   ``{"name": {"token": "..."}}`` (bearer); optional
+``MSAM_DICOMWEB_CREDENTIALS_FILE`` the same JSON in a file (keeps secrets out of the environment)
+``MSAM_DICOM_AES``                 ``{"name": {"ae_title": "PACS", "host": "10.0.0.5", "port": 104}}``:
+                                   DIMSE destinations (C-STORE SCU)
+``MSAM_DICOM_AE_TITLE``            our AE title, calling (SCU) and called (listener); ``MSAM``
+``MSAM_DICOM_LISTENER_HOST/PORT``  where ``msam dicom-listener`` listens; ``127.0.0.1:11112``
+``MSAM_DICOM_IDLE_TIMEOUT_S``      a series is complete this long after its last instance; 10
+``MSAM_DICOM_ROUTES``              routing rules, a JSON list (see :class:`RouteRule`); unset:
+                                   accept every image series, queue nothing
+``MSAM_DICOM_MAX_INSTANCES``       most instances per received or retrieved series; 5000
+``MSAM_WEBHOOK_ALLOWLIST``         callback URL prefixes allowed (comma separated), e.g.
+                                   ``https://ris.example.org/msam/``; empty: no webhooks
+``MSAM_WEBHOOK_SECRET``            HMAC-SHA256 key for ``X-MSAM-Signature``
+``MSAM_WEBHOOK_RETRIES``           delivery attempts after the first; 5
+``MSAM_WEBHOOK_BACKOFF_S``         first retry delay, doubled each time (capped); 2
+=================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+AE_RE = r"^[ -~]{1,16}$"  # printable ASCII, at most 16 characters (DICOM AE VR)
+
+
+class Credential(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never print secrets
+        return "Credential(***)"
+
+    __str__ = __repr__
+
+
+class AeNode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ae_title: str = Field(pattern=AE_RE)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+def _as_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class RouteRule(BaseModel):
+    """One routing rule of the listener; the first rule that matches a completed series decides.
+
+    Every criterion given must match: ``modality`` (one or a list, exact, case-insensitive),
+    ``series_description`` (a regular expression searched case-insensitively), ``calling_ae``
+    (one or a list of AE titles, exact). ``action``: ``accept`` stores the series as a volume
+    the API can reference; ``ignore`` drops it. With ``prompts`` (the ``POST /segment`` prompt
+    document), an accepted series is also queued at once, its result sent to ``destinations``
+    and ``callback_url`` notified. A series no rule matches is dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(default="", max_length=64)
+    modality: list[str] | None = None
+    series_description: str | None = None
+    calling_ae: list[str] | None = None
+    action: Literal["accept", "ignore"] = "accept"
+    tenant: str = Field(default="public", max_length=64)
+    prompts: dict[str, Any] | None = None
+    destinations: list[str] = Field(default_factory=list)
+    callback_url: str | None = None
+
+    _as_lists = field_validator("modality", "calling_ae", mode="before")(_as_list)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            re.compile(v)
+        return v
+
+    def matches(self, modality: str, description: str, calling_ae: str) -> bool:
+        if self.modality is not None and modality.upper() not in {m.upper() for m in self.modality}:
+            return False
+        if self.series_description is not None and not re.search(self.series_description, description, re.I):
+            return False
+        if self.calling_ae is not None and calling_ae.strip() not in {a.strip() for a in self.calling_ae}:
+            return False
+        return True
+
+
+class PacsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MSAM_", extra="ignore")
+
+    dicomweb_nodes: dict[str, str] = Field(default_factory=dict)
+    dicomweb_credentials: dict[str, Credential] = Field(default_factory=dict, repr=False)
+    dicomweb_credentials_file: Path | None = None
+    dicomweb_timeout_s: float = 60.0
+    dicom_aes: dict[str, AeNode] = Field(default_factory=dict)
+    dicom_ae_title: str = Field(default="MSAM", pattern=AE_RE)
+    dicom_listener_host: str = "127.0.0.1"
+    dicom_listener_port: int = Field(default=11112, ge=0, le=65535)
+    dicom_idle_timeout_s: float = Field(default=10.0, gt=0)
+    dicom_routes: list[RouteRule] | None = None
+    dicom_max_instances: int = Field(default=5000, ge=1)
+    webhook_allowlist: str = ""
+    webhook_secret: str = Field(default="", repr=False)
+    webhook_retries: int = Field(default=5, ge=0, le=20)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("dicomweb_nodes")
+    @classmethod
+    def _nodes(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, url in v.items():
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"node name {name!r}: letters, digits, '_', '.', '-' only")
+            if not re.match(r"^https?://[^\s/@]+(/\S*)?$", url):
+                raise ValueError(f"node {name}: the base URL must be http(s)://host[:port]/path without credentials")
+        return v
+
+    def credentials(self) -> dict[str, Credential]:
+        creds = dict(self.dicomweb_credentials)
+        if self.dicomweb_credentials_file is not None:
+            raw = json.loads(self.dicomweb_credentials_file.read_text())
+            creds.update({k: Credential.model_validate(c) for k, c in raw.items()})
+        return creds
+
+    def allowlist(self) -> list[str]:
+        return [p for p in re.split(r"[,\s]+", self.webhook_allowlist) if p]
+
+    def routes(self) -> list[RouteRule]:
+        return self.dicom_routes if self.dicom_routes is not None else [RouteRule(name="default")]
+
+    def check(self) -> None:
+        clash = set(self.dicomweb_nodes) & set(self.dicom_aes)
+        if clash:
+            raise ValueError(f"names used both as DICOMweb node and AE: {sorted(clash)}; destinations must be unambiguous")
+        for name in self.dicom_aes:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"AE name {name!r}: letters, digits, '_', '.', '-' only")
+        for rule in self.routes():
+            for dest in rule.destinations:
+                if dest not in self.dicomweb_nodes and dest not in self.dicom_aes:
+                    raise ValueError(f"routing rule {rule.name or '?'}: unknown destination {dest!r}")
+
+
+@lru_cache(maxsize=1)
+def get_pacs_settings() -> PacsSettings:
+    s = PacsSettings()
+    s.check()
+    return s
