@@ -23,6 +23,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian's chromium runs the viewer's browser tests (tests/viewer, driven by Playwright).
 tools:
 	command -v dciodvfy >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools)
+	# A real PACS for the RIS/PACS tests (tests/integration/pacs): Orthanc with its DICOMweb plugin,
+	# and dcmtk's storescu. Debian does not start the service here (policy-rc.d / no init); the
+	# tests run their own Orthanc inside a private network namespace.
+	command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v storescu >/dev/null \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc orthanc-dicomweb dcmtk)
 	test -x /usr/bin/chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
 # The web viewer (viewer/ -> api/static/viewer/, committed): only needed after editing viewer/.
