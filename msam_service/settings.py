@@ -29,6 +29,8 @@ class Settings(BaseSettings):
                               description="directory shared by gateway and workers")
     checkpoint: Path | None = Field(default=None, description="model weights (default: bundled model)")
     device: str = Field(default="cpu", description="cpu or cuda (one worker per GPU)")
+    torch_threads: int = Field(default=0, description="CPU threads per worker process for torch "
+                               "(0: torch's default; on CPU workers use cores / workers)")
 
     # -- HTTP -------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address the API binds to")

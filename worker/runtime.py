@@ -70,6 +70,11 @@ class Runtime:
                     raise InvalidCheckpoint(problem)
                 from msam_core.checkpoints import load_checkpoint
 
+                if self.settings.torch_threads > 0:
+                    import torch
+
+                    torch.set_num_threads(self.settings.torch_threads)
+
                 try:
                     self._model = load_checkpoint(self.settings.checkpoint_path(), device=self.settings.device)
                 except InvalidCheckpoint as exc:

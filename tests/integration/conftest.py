@@ -37,7 +37,7 @@ def service_env(tmp: Path, redis_url: str, checkpoint: Path, **extra: str) -> di
         "MSAM_JOB_TIME_LIMIT_S": "20",
         "MSAM_VISIBILITY_TIMEOUT_S": "25",
         "MSAM_CACHE_TTL_S": "600",
-        "OMP_NUM_THREADS": "2",
+        "MSAM_TORCH_THREADS": "1",  # the API and the test process share the 2 cores
     })
     env.update(extra)
     return env

@@ -67,8 +67,10 @@ def test_expired_entries_leave_the_byte_count(r) -> None:
 
 def test_redis_outage_costs_speed_not_the_job(redis_url: str) -> None:
     import redis as redis_lib
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    broken = redis_lib.Redis(unix_socket_path="/nonexistent/redis.sock")
+    broken = redis_lib.Redis(unix_socket_path="/nonexistent/redis.sock", retry=Retry(NoBackoff(), 0))
     cache = RedisEmbeddingCache(broken, ttl_s=60, max_bytes=2**20)
     assert cache.get("m:x") is None
     cache.put("m:x", _emb())  # no exception
