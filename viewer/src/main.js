@@ -23,6 +23,7 @@ const PEN_POSITIVE = 2 // ITK-SNAP draw colours: 2 green
 const PEN_NEGATIVE = 4 //                         4 yellow
 const RECENT_KEY = 'msam.recentVolumes'
 const CLICK_SLOP_PX = 5
+const MARKER_RADIUS_MM = 2
 
 const $ = (id) => document.getElementById(id)
 
@@ -318,7 +319,7 @@ function redrawMarkers () {
   bm.fill(0)
   const d = vol.dimsRAS
   const px = vol.pixDimsRAS || [1, 1, 1, 1]
-  const r = [1, 2, 3].map((n) => Math.max(0, Math.round(1.5 / Math.abs(px[n] || 1))))
+  const r = [1, 2, 3].map((n) => Math.max(0, Math.floor(MARKER_RADIUS_MM / Math.abs(px[n] || 1))))
   for (const lesion of state.lesions) {
     for (const p of lesion.points) {
       const [x0, y0, z0] = p.rasVoxel
@@ -344,10 +345,10 @@ function addPoint (ras, rasVoxel, positive, t0) {
   const voxel = rasToVoxel(state.volume.affine_ras, ras)
   lesion.points.push({ ras, rasVoxel, voxel, positive })
   state.history.push(lesion.n)
+  runLesion(lesion, t0) // sends the request before anything is redrawn (drawing can be slow)
   redrawMarkers()
   renderLesions()
   updateButtons()
-  runLesion(lesion, t0)
 }
 
 function undo () {
@@ -356,8 +357,8 @@ function undo () {
   if (!lesion) { updateButtons(); return }
   lesion.points.pop()
   state.active = state.lesions.indexOf(lesion)
-  redrawMarkers()
   runLesion(lesion, performance.now())
+  redrawMarkers()
 }
 
 function clearAll () {
