@@ -146,6 +146,8 @@ class JobOut(BaseModel):
     lesions: list[LesionSummary] = Field(default_factory=list)
     results: dict[str, str] = Field(default_factory=dict, description="format -> download URL")
     unavailable_results: dict[str, str] = Field(default_factory=dict, description="format -> why not")
+    destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
+                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded)")
     error: ErrorInfo | None = None
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -42,7 +43,16 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         if rec.status == jobs.SUCCEEDED else {},
         unavailable_results=rec.result_errors if rec.status == jobs.SUCCEEDED else {},
         error=ErrorInfo(**rec.error) if rec.error else None,
+        destinations=_destinations(svc, rec),
     )
+
+
+def _destinations(svc: Services, rec: JobRecord) -> dict[str, str]:
+    """Outcome per PACS destination (written by worker/pacs_tasks.py after the job)."""
+    if not rec.request.get("destinations"):
+        return {}
+    raw = svc.redis.hget(jobs.job_key(rec.job_id), "destinations_status")
+    return json.loads(raw) if raw else {}  # type: ignore[arg-type]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorBody}})

@@ -16,6 +16,8 @@ from dicomweb_client.api import DICOMwebClient
 from msam_service.pacs.nodes import DicomwebNode, PacsError
 
 logger = logging.getLogger(__name__)
+# dicomweb-client logs study/series UIDs at INFO; UIDs identify a patient's study: keep them out
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
 
 def client(node: DicomwebNode, timeout: float = 60.0) -> DICOMwebClient:

@@ -92,7 +92,10 @@ class RouteRule(BaseModel):
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
-            re.compile(v)
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"series_description is not a valid regular expression: {exc}") from exc
         return v
 
     def matches(self, modality: str, description: str, calling_ae: str) -> bool:
