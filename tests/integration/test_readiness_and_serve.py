@@ -66,3 +66,25 @@ def test_msam_serve_embedded_redis_and_stop_together(tmp_path: Path, checkpoint:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_time_limits_fail_the_job_with_a_message(tmp_path: Path, redis_server: str, checkpoint: Path,
+                                                 ct_nifti: Path) -> None:
+    url = redis_server.replace("?db=0", "?db=4")
+    env = service_env(tmp_path, url, checkpoint, MSAM_QUEUE="limits", MSAM_JOB_SOFT_TIME_LIMIT_S="1",
+                      MSAM_JOB_TIME_LIMIT_S="3", MSAM_VISIBILITY_TIMEOUT_S="10",
+                      MSAM_MAX_WINDOWS="8")
+    svc = Service(tmp=tmp_path, redis_url=url, env=env)
+    try:
+        worker = svc.start_worker("limits")
+        svc.start_api()
+        with svc.client() as c, open(ct_nifti, "rb") as f:
+            job_id = c.post("/segment", files={"image": ("ct.nii.gz", f)},
+                            data={"prompts": prompts((22, 20, 12))}).json()["job_id"]
+        job = svc.wait_job(job_id, timeout=60)
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "timeout" and "longer than" in job["error"]["message"]
+        assert job["results"] == {}
+        assert worker.poll() is None
+    finally:
+        svc.stop()

@@ -1,0 +1,63 @@
+"""The API in-process (TestClient) on a private Redis: tenants, errors, OpenAPI; no worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from msam_service.settings import Settings
+
+
+@pytest.fixture
+def nifti(tmp_path: Path) -> bytes:
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 8), np.int16), np.diag([1.5, 1.5, 3.0, 1])), str(path))
+    return path.read_bytes()
+
+
+def _client(redis_url: str, tmp_path: Path, keys: str = "") -> TestClient:
+    settings = Settings(redis_url=redis_url, storage_dir=tmp_path / "storage", api_keys=keys)
+    return TestClient(create_app(settings))
+
+
+def test_tenants_see_only_their_own(r, redis_url: str, tmp_path: Path, nifti: bytes) -> None:
+    with _client(redis_url, tmp_path, keys="key-a,key-b") as c:
+        assert c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}).status_code == 401
+        bad = c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"
+        a = {"Authorization": "Bearer key-a"}
+        b = {"Authorization": "Bearer key-b"}
+        vol = c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}, headers=a)
+        assert vol.status_code == 201, vol.text
+        info = vol.json()
+        assert info["shape"] == [12, 10, 8] and info["spacing"] == [1.5, 1.5, 3.0] and info["format"] == "nifti"
+        body = {"volume_id": info["volume_id"], "prompts": {"lesions": [{"positive": [[5, 5, 4]]}]}}
+        job = c.post("/segment", json=body, headers=a)
+        assert job.status_code == 202, job.text
+        job_id = job.json()["job_id"]
+        assert c.get(f"/jobs/{job_id}", headers=a).json()["status"] == "queued"
+        assert c.get(f"/jobs/{job_id}", headers=a).json()["queue_position"] == 1
+        # another tenant: the same ids do not exist
+        assert c.get(f"/jobs/{job_id}", headers=b).status_code == 404
+        assert c.delete(f"/jobs/{job_id}", headers=b).status_code == 404
+        assert c.post("/segment", json=body, headers=b).status_code == 404
+        # the owner cancels (nothing runs it here), then deletes it
+        assert c.delete(f"/jobs/{job_id}", headers=a).json()["status"] == "canceled"
+        assert c.delete(f"/jobs/{job_id}", headers=a).status_code == 204
+        assert c.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_readyz_without_worker_and_prompt_check_before_queueing(r, redis_url: str, tmp_path: Path,
+                                                                nifti: bytes) -> None:
+    with _client(redis_url, tmp_path) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "no worker alive" in ready.json()["reasons"][0]
+        r_ = c.post("/segment", files={"image": ("ct.nii.gz", nifti)},
+                    data={"prompts": '{"space": "RAS", "lesions": [{"positive": [[500, 0, 0]]}]}'})
+        assert r_.status_code == 422 and r_.json()["error"]["code"] == "invalid_prompt"
+        assert r.llen("msam") == 0  # nothing was queued
