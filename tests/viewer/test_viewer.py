@@ -102,7 +102,7 @@ def service() -> Iterator[Stack]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MSAM_") and k != "REDIS_URL"}
         env.update({
             "MSAM_REDIS_URL": url, "MSAM_STORAGE_DIR": str(tmp / "storage"), "MSAM_CHECKPOINT": str(checkpoint),
-            "MSAM_API_KEYS": API_KEY, "MSAM_MAX_WINDOWS": "1", "OMP_NUM_THREADS": "2",
+            "MSAM_API_KEYS": API_KEY, "MSAM_MAX_WINDOWS": "1", "MSAM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
             "MSAM_JOB_SOFT_TIME_LIMIT_S": "60", "MSAM_JOB_TIME_LIMIT_S": "70", "MSAM_VISIBILITY_TIMEOUT_S": "80",
         })
         worker = serve.start_worker(env, name="viewer", log=tmp / "worker.log")
@@ -292,6 +292,7 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         assert not any(phantom.name in m or API_KEY in m for m in console), console
         assert not any(m.startswith("pageerror") for m in console), console
 
+        page.evaluate("ras => window.msamViewer.moveCrosshairTo(ras)", click_mm.tolist())
         page.screenshot(path=str(OUT / "viewer.png"))
         (OUT / "timings.json").write_text(json.dumps({"cold_click_to_overlay_s": round(cold_s, 3),
                                                       "warm_click_to_overlay_ms": round(warm_ms, 1),
