@@ -211,6 +211,8 @@ def make_ae(listener: Listener, ae_title: str) -> Any:
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
     ae.maximum_associations = 8
+    if listener.pacs.dicom_calling_aes is not None:
+        ae.require_calling_aet = list(listener.pacs.dicom_calling_aes)  # others: association rejected
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
     return ae
 

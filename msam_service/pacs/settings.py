@@ -15,6 +15,8 @@ listener. JSON-valued variables are parsed as JSON by pydantic-settings.
 ``MSAM_DICOM_AE_TITLE``            our AE title, calling (SCU) and called (listener); ``MSAM``
 ``MSAM_DICOM_LISTENER_HOST/PORT``  where ``msam dicom-listener`` listens; ``127.0.0.1:11112``
 ``MSAM_DICOM_IDLE_TIMEOUT_S``      a series is complete this long after its last instance; 10
+``MSAM_DICOM_CALLING_AES``         JSON list of AE titles allowed to associate with the listener;
+                                   unset: any (routing rules still decide what is kept)
 ``MSAM_DICOM_ROUTES``              routing rules, a JSON list (see :class:`RouteRule`); unset:
                                    accept every image series, queue nothing
 ``MSAM_DICOM_MAX_INSTANCES``       most instances per received or retrieved series; 5000
@@ -120,6 +122,7 @@ class PacsSettings(BaseSettings):
     dicom_listener_host: str = "127.0.0.1"
     dicom_listener_port: int = Field(default=11112, ge=0, le=65535)
     dicom_idle_timeout_s: float = Field(default=10.0, gt=0)
+    dicom_calling_aes: list[str] | None = None  # None: any calling AE may associate
     dicom_routes: list[RouteRule] | None = None
     dicom_max_instances: int = Field(default=5000, ge=1)
     webhook_allowlist: str = ""

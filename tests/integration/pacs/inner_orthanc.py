@@ -17,9 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pydicom
@@ -101,12 +102,12 @@ def seg_series_referencing(series_uid: str) -> list[pydicom.Dataset]:
 
 # -- webhook receiver ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def hooks() -> Iterator["queue.Queue[tuple[str, dict[str, str], bytes]]"]:
+def hooks() -> Iterator[queue.Queue[tuple[str, dict[str, str], bytes]]]:
     got: queue.Queue[tuple[str, dict[str, str], bytes]] = queue.Queue()
     fail_first = {"/hooks/job": 1}  # the first delivery to /hooks/job gets a 503: retried
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if fail_first.get(self.path, 0) > 0:
                 fail_first[self.path] -= 1
@@ -126,7 +127,7 @@ def hooks() -> Iterator["queue.Queue[tuple[str, dict[str, str], bytes]]"]:
     server.shutdown()
 
 
-def next_hook(got: "queue.Queue[tuple[str, dict[str, str], bytes]]", path: str, timeout: float = 60) -> tuple[dict[str, str], dict]:
+def next_hook(got: queue.Queue[tuple[str, dict[str, str], bytes]], path: str, timeout: float = 60) -> tuple[dict[str, str], dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -151,7 +152,7 @@ def pacs_service(tmp_path_factory: pytest.TempPathFactory, redis_server: str, ch
         MSAM_DICOMWEB_NODES=json.dumps({"orthanc": DICOMWEB}),
         MSAM_DICOM_AES=json.dumps({"orthanc_ae": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": ORTHANC_DICOM}}),
         MSAM_DICOM_LISTENER_PORT=str(LISTENER), MSAM_DICOM_IDLE_TIMEOUT_S="1.5",
-        MSAM_DICOM_ROUTES=json.dumps(ROUTES),
+        MSAM_DICOM_ROUTES=json.dumps(ROUTES), MSAM_DICOM_CALLING_AES=json.dumps(["ORTHANC", "STORESCU"]),
         MSAM_WEBHOOK_ALLOWLIST=f"http://127.0.0.1:{HOOKS}/hooks/", MSAM_WEBHOOK_SECRET=SECRET,
         MSAM_WEBHOOK_BACKOFF_S="0.5",
     )
@@ -177,7 +178,7 @@ def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("series")
 
 
-def ct(folder: Path, description: str, seed: int):  # noqa: ANN201
+def ct(folder: Path, description: str, seed: int):
     return make_ct_series(folder / description.replace(" ", "_"), shape=(48, 40, 16), spacing=(1.2, 1.1, 2.5),
                           series_description=description, seed=seed)
 
@@ -284,6 +285,9 @@ def test_storescu_routing_rules_auto_job_and_dropped_series(pacs_service: Servic
     for s in (dropped, auto):  # -aet STORESCU: the calling AE the "auto" rule asks for
         subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "MSAM", "127.0.0.1", str(LISTENER),
                         *map(str, s.paths)], check=True, capture_output=True, timeout=60)
+    intruder = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "MSAM", "127.0.0.1", str(LISTENER),
+                               str(auto.paths[0])], capture_output=True, text=True, timeout=60)
+    assert intruder.returncode != 0 and "reject" in (intruder.stdout + intruder.stderr).lower(), intruder
     _, payload = next_hook(hooks, "/hooks/auto", timeout=120)
     assert payload["status"] == "succeeded", (payload, pacs_service.logs())
     assert payload["source"] == {"received_series_uid": auto.series_uid}
