@@ -16,6 +16,8 @@ from pynetdicom import AE
 from msam_service.pacs.nodes import DimseNode, PacsError
 
 logger = logging.getLogger(__name__)
+# pynetdicom's INFO/DEBUG output can describe datasets; keep it out of the worker's log
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def send(node: DimseNode, paths: list[Path], calling_ae: str = "MSAM", timeout: float = 30.0) -> None:
