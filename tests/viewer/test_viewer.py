@@ -294,6 +294,27 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
 
         page.evaluate("ras => window.msamViewer.moveCrosshairTo(ras)", click_mm.tolist())
         page.screenshot(path=str(OUT / "viewer.png"))
+
+        # window / level presets
+        cal = "() => { const v = window.msamViewer.nv.volumes[0]; return [v.cal_min, v.cal_max] }"
+        assert page.evaluate(cal) == [-160, 240]  # CT soft tissue, chosen for a CT-like image
+        page.select_option("#preset", "ct-lung")
+        assert page.evaluate(cal) == [-1350, 150]
+        page.select_option("#preset", "mr-auto")
+        lo, hi = page.evaluate(cal)
+        assert -900 < lo < -500 and 0 < hi < 200  # robust range of the phantom
+
+        # a reload keeps the key (sessionStorage) and lists the volume among the recent ones,
+        # which opens from the server's decoded image
+        page.reload()
+        page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
+        assert page.evaluate("() => sessionStorage.getItem('msam.apiKey')") == API_KEY
+        page.select_option("#recent", volume["volume_id"])
+        page.wait_for_function("() => window.msamViewer.state.volume && window.msamViewer.nv.volumes.length === 1",
+                               timeout=60_000)
+        assert page.evaluate("() => window.msamViewer.state.volume.source") == "server"
+        stored = page.evaluate("() => localStorage.getItem('msam.recentVolumes')")
+        assert phantom.name not in stored and "phantom" not in stored
         (OUT / "timings.json").write_text(json.dumps({"cold_click_to_overlay_s": round(cold_s, 3),
                                                       "warm_click_to_overlay_ms": round(warm_ms, 1),
                                                       "warm_click_to_overlay_axial_only_ms": round(warm_axial_ms, 1),
