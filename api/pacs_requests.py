@@ -41,8 +41,10 @@ class Routing:
 
 def outputs(destinations: list[str], callback_url: str | None, base: str) -> dict[str, Any]:
     """Validate destinations and callback; what the job record keeps of them."""
-    pacs = _pacs()
     extra: dict[str, Any] = {}
+    if not destinations and not callback_url:
+        return extra  # plain requests never read the PACS configuration
+    pacs = _pacs()
     if destinations:
         try:
             extra["destinations"] = nodes.check_destinations(pacs, destinations)

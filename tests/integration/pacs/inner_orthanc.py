@@ -248,6 +248,16 @@ def test_requests_can_only_name_configured_nodes(pacs_service: Service, body: di
     assert r.json()["error"]["code"] == code, r.text
 
 
+def test_multipart_upload_checks_destinations_and_callback_first(pacs_service: Service, series_dir: Path) -> None:
+    series = ct(series_dir, "upload CT", seed=5)
+    with pacs_service.client() as c:
+        for data, code in (({"destinations": '["http://127.0.0.1:8042/"]'}, "unknown_node"),
+                           ({"callback_url": "http://127.0.0.1:8042/hooks/"}, "callback_not_allowed")):
+            r = c.post("/segment", files=[("image", ("a.dcm", series.paths[0].read_bytes()))],
+                       data={"prompts": json.dumps(PROMPTS), **data})
+            assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
+
+
 # -- 2. DIMSE: Orthanc pushes to the listener; the API references the received series ---------
 def test_orthanc_pushes_to_listener_then_segment_received_series(pacs_service: Service, orthanc: str,
                                                                  series_dir: Path) -> None:
