@@ -75,7 +75,7 @@ class SegmentByVolume(BaseModel):
                                      description="webhook URL; must be on the server's allowlist")
 
     @model_validator(mode="after")
-    def _one_image(self) -> "SegmentByVolume":
+    def _one_image(self) -> SegmentByVolume:
         if (self.volume_id is None) == (self.source is None):
             raise ValueError("give exactly one of volume_id and source")
         return self

@@ -6,10 +6,11 @@ Client file names are only used for their suffix (format detection), never as pa
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
-from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile  # FastAPI's UploadFile subclasses it
 
 from api.deps import Services
 from api.errors import ApiError
@@ -22,7 +23,7 @@ def volume_owner_key(volume_id: str) -> str:
     return f"msam:volume:{volume_id}"
 
 
-def _copy(files: list[UploadFile], staging: Path, limit: int) -> list[tuple[str, Path]]:
+def _copy(files: Sequence[UploadFile], staging: Path, limit: int) -> list[tuple[str, Path]]:
     total = 0
     staged = []
     for n, upload in enumerate(files):
@@ -39,7 +40,7 @@ def _copy(files: list[UploadFile], staging: Path, limit: int) -> list[tuple[str,
     return staged
 
 
-async def ingest_upload(svc: Services, files: list[UploadFile], series_uid: str | None, tenant: str) -> VolumeInfo:
+async def ingest_upload(svc: Services, files: Sequence[UploadFile], series_uid: str | None, tenant: str) -> VolumeInfo:
     settings = svc.settings
     if not files:
         raise ApiError(422, "invalid_volume", "no image uploaded: send the file(s) in the multipart field 'image'")

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msam_service import serve  # noqa: E402
+from msam_service import serve
 
 STAGES = ("queue", "model_load", "load", "preprocess", "encode", "decode", "write")
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import redis
 
@@ -71,7 +72,7 @@ class JobRecord:
     lesions: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def from_hash(cls, job_id: str, raw: dict[bytes, bytes]) -> "JobRecord":
+    def from_hash(cls, job_id: str, raw: dict[bytes, bytes]) -> JobRecord:
         d = {k.decode(): v.decode() for k, v in raw.items()}
         rec = cls(job_id=job_id, status=d.get("status", QUEUED))
         rec.tenant = d.get("tenant", "")
@@ -177,10 +178,11 @@ class JobStore:
 
     def prune_index(self) -> None:
         """Drop queue/running entries whose record expired (keeps gauges honest)."""
-        for key in (_QUEUED_KEY,):
-            for jid in self.r.zrange(key, 0, -1):
-                if not self.r.exists(job_key(jid.decode())):
-                    self.r.zrem(key, jid)
-        for jid in self.r.smembers(_RUNNING_KEY):  # type: ignore[union-attr]
+        queued: list[bytes] = self.r.zrange(_QUEUED_KEY, 0, -1)  # type: ignore[assignment]
+        for jid in queued:
+            if not self.r.exists(job_key(jid.decode())):
+                self.r.zrem(_QUEUED_KEY, jid)
+        running: set[bytes] = self.r.smembers(_RUNNING_KEY)  # type: ignore[assignment]
+        for jid in running:
             if not self.r.exists(job_key(jid.decode())):
                 self.r.srem(_RUNNING_KEY, jid)

@@ -6,11 +6,10 @@ lets one ``/metrics`` endpoint report them all without a push gateway.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import redis
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 _COUNTERS = "msam:metrics:counters"
 _HIST = "msam:metrics:hist:"
@@ -55,7 +54,7 @@ class RedisMetrics:
 class RedisCollector:
     """A prometheus_client collector that reads :class:`RedisMetrics` and queue state."""
 
-    def __init__(self, metrics: RedisMetrics, gauges: "GaugeSource") -> None:
+    def __init__(self, metrics: RedisMetrics, gauges: GaugeSource) -> None:
         self.metrics = metrics
         self.gauges = gauges
 

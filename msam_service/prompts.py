@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
 from msam_core.io.volume import Volume
+from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
 
 
 def to_points_boxes(doc: dict[str, Any]) -> tuple[list[Point], list[Box]]:

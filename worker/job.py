@@ -12,8 +12,8 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 

@@ -54,7 +54,7 @@ class Runtime:
     storage: Storage
     cache: RedisEmbeddingCache
     _model: Any = None
-    _volumes: "OrderedDict[str, Volume]" = field(default_factory=OrderedDict)
+    _volumes: OrderedDict[str, Volume] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def model_loaded(self) -> bool:

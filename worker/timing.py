@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -14,20 +15,14 @@ class TimedModel:
 
     def __init__(self, model: Any, check: Callable[[], None] = lambda: None) -> None:
         self.model = model
+        self.img_size: int = int(model.img_size)
+        self.model_id: str = str(model.model_id)
         self.check = check
         self.encode_s = 0.0
         self.decode_s = 0.0
         self.encoder_runs = 0
 
-    @property
-    def img_size(self) -> int:
-        return int(self.model.img_size)
-
-    @property
-    def model_id(self) -> str:
-        return str(self.model.model_id)
-
-    def autocast(self):  # noqa: ANN201 - context manager of the wrapped model
+    def autocast(self):
         return self.model.autocast()
 
     def _sync(self, t: torch.Tensor) -> None:

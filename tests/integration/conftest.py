@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +14,6 @@ import torch
 
 from msam_service import serve
 from tests.integration.harness import Service
-
 
 
 def make_checkpoint(path: Path) -> Path:

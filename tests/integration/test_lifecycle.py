@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import prompts
 from tests.integration.harness import Service
 
 pytestmark = pytest.mark.slow

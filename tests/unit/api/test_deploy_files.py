@@ -38,7 +38,7 @@ def test_compose() -> None:
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
-    text = re.sub(r"<<'PY'.*?\nPY\n", "\n", text, flags=re.S)  # heredoc bodies are not instructions
+    text = re.sub(r"<<'PY'.*?\nPY\n", "\n", text, flags=re.DOTALL)  # heredoc bodies are not instructions
     out = []
     for line in text.splitlines():
         line = line.strip()
