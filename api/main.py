@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
@@ -73,6 +74,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (segment.router, volumes.router, jobs.router, health.router, metrics.router):
         app.include_router(router)
     viewer.install(app)  # the web viewer (issue #9): page at /, assets under /static
+
+    @app.middleware("http")
+    async def _refuse_oversized(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # before the multipart parser spools a huge body to disk
+        length = request.headers.get("content-length", "")
+        limit = settings.max_upload_mb * 2**20 + 2**20  # files + form overhead
+        if length.isdigit() and int(length) > limit:
+            return JSONResponse(errors.body("too_large", f"the upload exceeds {settings.max_upload_mb} MB "
+                                            "(MSAM_MAX_UPLOAD_MB)"), status_code=413)
+        return await call_next(request)
 
     @app.middleware("http")
     async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -59,8 +59,9 @@ class Service:
             serve.stop(proc, timeout=5)
         self.workers.clear()
 
-    def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.tmp.glob("*.log")))
+    def logs(self, tail: int = 4000) -> str:
+        """The processes' logs (the last ``tail`` characters of each; 0: all)."""
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(self.tmp.glob("*.log")))
 
     # -- HTTP -------------------------------------------------------------------------------
     def client(self) -> httpx.Client:

@@ -104,6 +104,10 @@ def test_dicom_files_upload_to_seg_rtstruct_nifti(service: Service, dicom_series
             f.close()
     assert r.status_code == 202, r.text
     _check_dicom_job(service, r.json()["job_id"], dicom_series, tmp_path)
+    # no patient data in any log of the API, the worker or Redis
+    logs = service.logs(tail=0)
+    assert "job " in logs  # the worker did log
+    assert "Synthetic^Patient" not in logs and "SYN0001" not in logs and "Synthetic" not in logs
 
 
 def test_dicom_zip_volume_then_json_segment(service: Service, dicom_series, tmp_path: Path) -> None:

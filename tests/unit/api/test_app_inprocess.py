@@ -61,3 +61,15 @@ def test_readyz_without_worker_and_prompt_check_before_queueing(r, redis_url: st
                     data={"prompts": '{"space": "RAS", "lesions": [{"positive": [[500, 0, 0]]}]}'})
         assert r_.status_code == 422 and r_.json()["error"]["code"] == "invalid_prompt"
         assert r.llen("msam") == 0  # nothing was queued
+
+
+def test_http_errors_keep_the_error_shape_and_oversized_uploads_are_refused_early(
+        r, redis_url: str, tmp_path: Path) -> None:
+    settings = Settings(redis_url=redis_url, storage_dir=tmp_path / "storage", max_upload_mb=1)
+    with TestClient(create_app(settings)) as c:
+        missing = c.get("/no/such/route")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        wrong = c.put("/segment")
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+        big = c.post("/volumes", files={"image": ("ct.nii.gz", b"0" * (3 * 2**20))})
+        assert big.status_code == 413 and "MSAM_MAX_UPLOAD_MB" in big.json()["error"]["message"]
