@@ -20,8 +20,15 @@ logger = logging.getLogger(__name__)
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
 
+#: dicomweb-client retries connection errors and 408/429/503/504 with exponential backoff; its
+#: default (5 attempts, 2+4+8+16 s) keeps a job waiting 30 s on a node that is down.
+ATTEMPTS, BACKOFF_MS = 3, 500
+
+
 def client(node: DicomwebNode, timeout: float = 60.0) -> DICOMwebClient:
-    return DICOMwebClient(url=node.url, session=node.session(), timeout=timeout)
+    c = DICOMwebClient(url=node.url, session=node.session(), timeout=timeout)
+    c.set_http_retry_params(retry=True, max_attempts=ATTEMPTS, wait_exponential_multiplier=BACKOFF_MS)
+    return c
 
 
 def _http_reason(exc: BaseException) -> str:
