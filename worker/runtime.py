@@ -39,8 +39,8 @@ def checkpoint_problem(settings: Settings) -> str | None:
     """Why the model cannot be loaded, judged without loading it (``None``: looks fine)."""
     path = settings.checkpoint_path()
     if not path.is_file():
-        where = "MSAM_CHECKPOINT" if settings.checkpoint else "the bundled default (MSAM_CHECKPOINT unset)"
-        return (f"no model: checkpoint {path} ({where}) does not exist; set MSAM_CHECKPOINT to a "
+        where = "MSAM_CHECKPOINT" if settings.checkpoint else "the bundled default; MSAM_CHECKPOINT is unset"
+        return (f"no model: {path} does not exist ({where}); set MSAM_CHECKPOINT to a "
                 "SAM-Med3D / M-SAM .pth or msam .safetensors file")
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -9,15 +10,27 @@ from pathlib import Path
 import pytest
 
 from msam_service import redis_conn
-from tests.integration.conftest import prompts
 from tests.integration.harness import Service
 
 pytestmark = pytest.mark.slow
 
 
+def _progress_state(service: Service, job_id: str) -> tuple[str, dict]:
+    """The job's Celery task state, as any Celery client sees it."""
+    from msam_service.queue import make_celery
+    from msam_service.settings import Settings
+
+    app = make_celery(Settings(redis_url=service.redis_url))
+    result = app.AsyncResult(job_id)
+    return result.state, result.info if isinstance(result.info, dict) else {}
+
+
 def _running_job(service: Service, ct_nifti: Path, click: tuple) -> dict:
+    # three lesions: three encoder passes, a wide enough window to kill the job mid-way
+    lesions = [{"positive": [list(click)]}, {"positive": [[click[0] - 8, click[1], click[2]]]},
+               {"positive": [[click[0], click[1] - 8, click[2]]]}]
     with service.client() as c, open(ct_nifti, "rb") as f:
-        r = c.post("/segment", files={"image": ("ct.nii.gz", f)}, data={"prompts": prompts(click)})
+        r = c.post("/segment", files={"image": ("ct.nii.gz", f)}, data={"prompts": json.dumps({"lesions": lesions})})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     body = service.wait_job(job_id, until=("running",))
@@ -33,10 +46,12 @@ def _running_job(service: Service, ct_nifti: Path, click: tuple) -> dict:
 
 def test_pool_child_sigkilled_mid_job_is_redelivered(service: Service, ct_nifti: Path) -> None:
     job = _running_job(service, ct_nifti, (21, 19, 11))
-    child_pid = int(job["worker_pid"]) if "worker_pid" in job else None
+
     rec = redis_conn.client(service.redis_url).hget(f"msam:job:{job['job_id']}", "worker").decode()
     child_pid = int(rec.rsplit("/", 1)[1])
     os.kill(child_pid, signal.SIGKILL)  # the process running the job (an OOM kill looks like this)
+    state, info = _progress_state(service, job["job_id"])  # progress is published as task state
+    assert state == "PROGRESS" and info["stage"] in ("load", "segment") and 0 < info["progress"] < 1, (state, info)
     done = service.wait_job(job["job_id"], timeout=120)
     assert done["status"] == "succeeded", (done, service.logs())
     assert done["attempts"] == 2
@@ -55,3 +70,23 @@ def test_whole_worker_sigkilled_mid_job_is_redelivered_to_another(service: Servi
         assert done["attempts"] == 2
     finally:
         service.workers["w1"] = service.workers.pop("w2")  # later tests use "w1"
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_after_the_cap(tmp_path: Path, redis_server: str,
+                                                                 checkpoint: Path, ct_nifti: Path) -> None:
+    from tests.integration.conftest import service_env
+
+    url = redis_server.replace("?db=0", "?db=5")
+    svc = Service(tmp=tmp_path, redis_url=url, env=service_env(tmp_path, url, checkpoint, MSAM_QUEUE="cap",
+                                                                MSAM_MAX_DELIVERIES="1"))
+    try:
+        svc.start_worker("cap")
+        svc.start_api()
+        job = _running_job(svc, ct_nifti, (20, 20, 12))
+        worker = redis_conn.client(url).hget(f"msam:job:{job['job_id']}", "worker").decode()
+        os.kill(int(worker.rsplit("/", 1)[1]), signal.SIGKILL)
+        done = svc.wait_job(job["job_id"], timeout=60)
+        assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+        assert "stopped its worker 1 times" in done["error"]["message"]
+    finally:
+        svc.stop()
