@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
+from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 
 from msam_service import jobs
@@ -17,13 +19,21 @@ from worker.runtime import get_runtime
 
 class SegmentTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Runs in the main process when the hard time limit killed the job's process."""
+        """The job's process was killed at the hard time limit (this runs in the main process),
+        or something escaped :func:`run_job` (e.g. Redis went away mid-job)."""
         rt = get_runtime()
-        message = (f"the job ran longer than {rt.settings.job_time_limit_s} s and its process was "
-                   f"stopped ({type(exc).__name__}); try fewer lesions or a smaller max_windows")
-        if rt.store.transition(task_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(),
-                               stage="failed", error={"code": "timeout", "message": message}):
-            rt.metrics.incr("jobs_failed")
+        if isinstance(exc, TimeLimitExceeded):
+            error = {"code": "timeout", "message": f"the job ran longer than {rt.settings.job_time_limit_s} s "
+                     "and its process was stopped; try fewer lesions or a smaller max_windows"}
+        else:
+            error = {"code": "internal_error", "message": f"the worker failed unexpectedly "
+                     f"({type(exc).__name__}); the job can be submitted again"}
+        try:
+            if rt.store.transition(task_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(),
+                                   stage="failed", error=error):
+                rt.metrics.incr("jobs_failed")
+        except redis.RedisError:
+            # the record expires; nothing else to do without Redis
             pacs_tasks.finish(rt, task_id, push_results=False)
 
 
