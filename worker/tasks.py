@@ -29,11 +29,12 @@ class SegmentTask(Task):
             error = {"code": "internal_error", "message": f"the worker failed unexpectedly "
                      f"({type(exc).__name__}); the job can be submitted again"}
         try:
-            if rt.store.transition(task_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(),
-                                   stage="failed", error=error):
-                rt.metrics.incr("jobs_failed")
+            failed = rt.store.transition(task_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING),
+                                         finished_at=time.time(), stage="failed", error=error)
         except redis.RedisError:
-            # the record expires; nothing else to do without Redis
+            return  # the record expires; nothing else to do without Redis
+        if failed:
+            rt.metrics.incr("jobs_failed")
             pacs_tasks.finish(rt, task_id, push_results=False)
 
 
