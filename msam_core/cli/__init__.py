@@ -11,7 +11,8 @@ import sys
 from msam_core.errors import MsamError
 
 # Sub-command modules: each has ``register(subparsers)`` that adds its parser and sets ``func``.
-_COMMANDS = ("msam_core.cli.convert", "msam_core.cli.segment")
+_COMMANDS = ("msam_core.cli.convert", "msam_core.cli.segment", "msam_core.train.synth",
+             "msam_core.train.trainer", "msam_core.train.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,79 @@
+"""Metrics agree with hand-computed values; simulated clicks land where they should."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from msam_core.train.clicks import first_click, next_click, random_error_clicks
+from msam_core.train.evaluate import dice_nsd, region_growing
+
+
+def _box(shape, lo, hi) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return m
+
+
+def test_dice_matches_hand_computation() -> None:
+    shape = (40, 40, 40)
+    gt = _box(shape, (10, 10, 10), (20, 20, 20))  # 1000 voxels
+    pred = _box(shape, (15, 10, 10), (25, 20, 20))  # 1000 voxels, 500 shared
+    dice, _ = dice_nsd(pred, gt)
+    assert dice == 2 * 500 / 2000
+    pred2 = _box(shape, (10, 10, 10), (20, 20, 15))  # 500 voxels, all inside
+    assert abs(dice_nsd(pred2, gt)[0] - 2 * 500 / 1500) < 1e-6
+    assert dice_nsd(gt, gt) == (1.0, 1.0)
+    assert dice_nsd(np.zeros(shape, bool), gt) == (0.0, 0.0)
+
+
+def test_nsd_tolerance() -> None:
+    shape = (40, 40, 40)
+    gt = _box(shape, (10, 10, 10), (20, 20, 20))
+    shifted1 = _box(shape, (11, 10, 10), (21, 20, 20))  # 1 voxel = 1.5 mm off
+    shifted4 = _box(shape, (14, 10, 10), (24, 20, 20))  # 6 mm off
+    assert dice_nsd(shifted1, gt, spacing=1.5, tolerance_mm=2.0)[1] == 1.0
+    _, nsd = dice_nsd(shifted4, gt, spacing=1.5, tolerance_mm=2.0)
+    assert 0.0 < nsd < 0.9
+
+
+def test_first_and_next_clicks() -> None:
+    shape = (30, 30, 30)
+    gt = _box(shape, (5, 5, 5), (16, 16, 16))
+    assert tuple(first_click(gt)) == (10, 10, 10)
+    pred = gt.copy()
+    assert next_click(pred, gt) is None
+    pred[5:16, 5:16, 11:16] = False  # a missed slab -> positive click in it
+    point, label = next_click(pred, gt)
+    assert label == 1 and gt[tuple(point)] and not pred[tuple(point)]
+    pred = gt | _box(shape, (20, 20, 20), (28, 28, 28))  # a false-positive blob -> negative click
+    point, label = next_click(pred, gt)
+    assert label == 0 and pred[tuple(point)] and not gt[tuple(point)]
+
+
+def test_random_error_clicks_label_their_error() -> None:
+    gt = torch.zeros(3, 1, 16, 16, 16, dtype=torch.bool)
+    gt[:, :, 4:12, 4:12, 4:12] = True
+    pred = torch.zeros_like(gt)
+    pred[1] = gt[1]
+    pred[1, :, 0:3, 0:3, 0:3] = True  # only false positives
+    pred[2] = gt[2]  # perfect
+    g = torch.Generator().manual_seed(0)
+    points, labels = random_error_clicks(pred, gt, g)
+    assert points.shape == (3, 1, 3) and labels.shape == (3, 1)
+    p0 = tuple(int(v) for v in points[0, 0])
+    assert labels[0, 0] == 1 and gt[0, 0][p0]
+    p1 = tuple(int(v) for v in points[1, 0])
+    assert labels[1, 0] == 0 and pred[1, 0][p1] and not gt[1, 0][p1]
+    assert labels[2, 0] == 1 and gt[2, 0][tuple(int(v) for v in points[2, 0])]
+
+
+def test_region_growing_finds_a_bright_blob_and_respects_negative_clicks() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 0.1, (48, 48, 48)).astype(np.float32)
+    blob = _box(image.shape, (16, 16, 16), (30, 30, 30))
+    image[blob] += 3.0
+    grown = region_growing(image, np.array([[22.0, 22.0, 22.0]]), np.array([1]))
+    assert dice_nsd(grown, blob)[0] > 0.7
+    cut = region_growing(image, np.array([[22.0, 22.0, 22.0], [29.0, 22.0, 22.0]]), np.array([1, 0]))
+    assert cut.sum() < grown.sum() and not cut[29, 22, 22]

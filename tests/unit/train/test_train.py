@@ -1,0 +1,98 @@
+"""A tiny CPU training run: the crop cache matches inference, the loss goes down, runs resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from msam_core.checkpoints import load_checkpoint
+from msam_core.io.load import load_volume
+from msam_core.model import build_model
+from msam_core.pipeline.preprocess import CropGrid, VolumeSampler
+from msam_core.train.data import CropDataset, build_cache, list_cases
+from msam_core.train.synth import synthesize
+from msam_core.train.trainer import TrainSettings, interaction_step, param_groups, train
+from tests.unit.train.phantoms import phantom_scans
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, seed=4, n_train=2, n_val=1, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
+    return out
+
+
+def test_cache_crops_are_the_inference_crops(dataset_dir) -> None:
+    cache = build_cache(dataset_dir, "training", crops_per_lesion=1, seed=0, log_fn=lambda *_: None)
+    index = json.loads((cache / "index.json").read_text())
+    assert index["items"], "every lesion gives a crop"
+    item = index["items"][0]
+    case = next(c for c in list_cases(dataset_dir, "training") if c.name == item["case"])
+    volume = load_volume(case.image)
+    mask = np.load(cache / f"{item['stem']}_msk.npy")
+    image = np.load(cache / f"{item['stem']}_img.npy")
+    assert mask[64, 64, 64] == 1  # the first click (crop centre) lies in the lesion
+    # recompute the crop the way Segmenter.prepare does, centred on the same voxel
+    labels = np.asarray(load_volume(case.label).array)
+    centre = np.asarray(item["centre_voxel"])
+    assert labels[tuple(centre)] == item["lesion"]
+    expected = VolumeSampler(volume).crop(CropGrid.centred(volume.voxel_to_ras(centre)[0]))[0, 0].numpy()
+    np.testing.assert_allclose(image.astype(np.float32), expected, rtol=2e-3, atol=2e-3)  # float16 storage
+    # second call reuses the cache
+    assert build_cache(dataset_dir, "training", crops_per_lesion=1, seed=0, log_fn=lambda *_: None) == cache
+    ds = CropDataset(cache, augment=True)
+    img, msk, click = ds[0]
+    assert img.shape == msk.shape == (1, 128, 128, 128)
+    assert msk[0][tuple(int(v) for v in click)] == 1  # flips move the click with the lesion
+
+
+def test_tiny_training_run_lowers_the_loss(dataset_dir) -> None:
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    cache = build_cache(dataset_dir, "training", crops_per_lesion=1, seed=0, log_fn=lambda *_: None)
+    ds = CropDataset(cache, augment=False)
+    image, gt, click = (x[None] for x in ds[0])
+    model = build_model("msam_small").train()
+    groups = param_groups(model, TrainSettings(lr=1e-3), from_pretrained=False)
+    opt = torch.optim.AdamW(groups, weight_decay=0.1)
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(6):
+        loss, _ = interaction_step(model, image, gt, click, 2, loss_fn, rng, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_from_scratch_trains_everything_and_init_trains_the_m_sam_parts() -> None:
+    model = build_model("msam_small")
+    param_groups(model, TrainSettings(), from_pretrained=False)
+    assert model.parameter_counts()[0] == model.parameter_counts()[1]
+    groups = param_groups(model, TrainSettings(), from_pretrained=True)
+    assert [g["lr"] for g in groups] == [8e-4, 8e-5]
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("mea.", "prompt_encoder.", "mask_decoder.")) or ".attn.lora." in n for n in names)
+    assert any(".attn.lora." in n for n in names) and any(n.startswith("mea.") for n in names)
+
+
+def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -> None:
+    s = TrainSettings(data=str(dataset_dir), out=str(tmp_path / "run"), steps=1, batch_size=1, iterations=2,
+                      crops_per_lesion=1, device="cpu", warmup=1)
+    path = train(s, log=lambda *_: None)
+    model = load_checkpoint(path)
+    assert model.config.name == "msam_small"
+    prov = model.checkpoint_meta["provenance"]
+    assert prov["steps"] == 1 and prov["trained_by"] == "msam train" and prov["final"] is True
+    s.steps, s.resume = 2, True
+    train(s, log=lambda *_: None)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert load_checkpoint(path).checkpoint_meta["provenance"]["steps"] == 2
