@@ -63,11 +63,12 @@ def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(t
 
 
 @router.get("/jobs/{job_id}/result", response_class=FileResponse,
+            response_model=None,
             responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {}}},
                        404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 def get_result(job_id: str, format: ResultFormat | None = Query(
                    default=None, description="default: dicom-seg for DICOM input, else nifti"),
-               svc: Services = Depends(services), who: str = Depends(tenant)) -> FileResponse:
+               svc: Services = Depends(services), who: str = Depends(tenant)) -> Response:
     """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``nifti``, ``png``."""
     rec = _job(svc, job_id, who)
     if rec.status != jobs.SUCCEEDED:
@@ -79,10 +80,13 @@ def get_result(job_id: str, format: ResultFormat | None = Query(
         raise ApiError(422, "unsupported_request", why)
     name, media, download = RESULTS[fmt]
     key = f"jobs/{job_id}/{name}"
-    local = getattr(svc.storage, "path", None)
-    if local is None or not svc.storage.exists(key):
+    if not svc.storage.exists(key):
         raise ApiError(404, "not_found", f"the {fmt} result of job {job_id} has expired")
-    return FileResponse(local(key), media_type=media, filename=download)
+    local = getattr(svc.storage, "path", None)  # LocalStorage: send the file itself
+    if local is not None:
+        return FileResponse(local(key), media_type=media, filename=download)
+    return Response(svc.storage.get_bytes(key), media_type=media,  # another Storage (object store)
+                    headers={"Content-Disposition": f'attachment; filename="{download}"'})
 
 
 @router.delete("/jobs/{job_id}", status_code=202, response_model=JobOut,
