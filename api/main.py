@@ -49,6 +49,28 @@ async def _sweeper(svc: Services) -> None:
         await asyncio.sleep(SWEEP_EVERY_S)
 
 
+def _document_extra_schemas(app: FastAPI) -> None:
+    """Add the models that routes read by hand (``POST /segment``'s JSON body) to the OpenAPI
+    components, so the document's ``$ref`` s resolve."""
+    from fastapi.openapi.utils import get_openapi
+
+    from api.schemas import SegmentByVolume
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            extra = SegmentByVolume.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in extra.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components.setdefault("SegmentByVolume", extra)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -71,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     requests = Counter("msam_http_requests", "HTTP requests", ["route", "method", "status"], registry=registry)
     latency = Histogram("msam_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
     errors.install(app)
+    _document_extra_schemas(app)
     for router in (segment.router, volumes.router, jobs.router, health.router, metrics.router):
         app.include_router(router)
     viewer.install(app)  # the web viewer (issue #9): page at /, assets under /static

@@ -73,3 +73,16 @@ def test_http_errors_keep_the_error_shape_and_oversized_uploads_are_refused_earl
         assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
         big = c.post("/volumes", files={"image": ("ct.nii.gz", b"0" * (3 * 2**20))})
         assert big.status_code == 413 and "MSAM_MAX_UPLOAD_MB" in big.json()["error"]["message"]
+
+
+def test_openapi_references_resolve(redis_url: str, tmp_path: Path) -> None:
+    import json
+    import re
+
+    spec = create_app(Settings(redis_url=redis_url, storage_dir=tmp_path / "s")).openapi()
+    components = spec["components"]["schemas"]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs <= set(components), refs - set(components)
+    body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert "prompts" in components["SegmentByVolume"]["properties"]
