@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,19 @@ def test_missing_checkpoint_fails_jobs_and_readyz_says_why(tmp_path: Path, redis
         svc.stop()
 
 
+def _children(pid: int) -> list[str]:
+    """PIDs whose parent is ``pid`` (from /proc; no procps needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == str(pid):
+            out.append(stat.parent.name)
+    return out
+
+
 def test_msam_serve_embedded_redis_and_stop_together(tmp_path: Path, checkpoint: Path) -> None:
     port = serve.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSAM_") and k != "REDIS_URL"}
@@ -51,7 +65,7 @@ def test_msam_serve_embedded_redis_and_stop_together(tmp_path: Path, checkpoint:
     try:
         serve.wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200, 90,
                          "msam serve", proc)
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        children = _children(proc.pid)
         assert len(children) == 3  # redis-server, worker, api
         text = (tmp_path / "serve.log").read_text()
         assert "embedded Redis on unix://" in text
@@ -78,9 +92,11 @@ def test_time_limits_fail_the_job_with_a_message(tmp_path: Path, redis_server: s
     try:
         worker = svc.start_worker("limits")
         svc.start_api()
+        # 16 lesions on distinct crops: 16 encoder passes, well over the 1 s soft limit
+        lesions = [{"positive": [[4 + 2.5 * n, 6 + 2 * n, 3 + n]]} for n in range(16)]
         with svc.client() as c, open(ct_nifti, "rb") as f:
             job_id = c.post("/segment", files={"image": ("ct.nii.gz", f)},
-                            data={"prompts": prompts((22, 20, 12))}).json()["job_id"]
+                            data={"prompts": json.dumps({"lesions": lesions})}).json()["job_id"]
         job = svc.wait_job(job_id, timeout=60)
         assert job["status"] == "failed", job
         assert job["error"]["code"] == "timeout" and "longer than" in job["error"]["message"]

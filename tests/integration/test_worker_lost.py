@@ -26,9 +26,8 @@ def _progress_state(service: Service, job_id: str) -> tuple[str, dict]:
 
 
 def _running_job(service: Service, ct_nifti: Path, click: tuple) -> dict:
-    # three lesions: three encoder passes, a wide enough window to kill the job mid-way
-    lesions = [{"positive": [list(click)]}, {"positive": [[click[0] - 8, click[1], click[2]]]},
-               {"positive": [[click[0], click[1] - 8, click[2]]]}]
+    # six lesions on distinct crops: six encoder passes, a wide window to kill the job mid-way
+    lesions = [{"positive": [[click[0] - 3 * n, click[1] - 2 * n, click[2]]]} for n in range(6)]
     with service.client() as c, open(ct_nifti, "rb") as f:
         r = c.post("/segment", files={"image": ("ct.nii.gz", f)}, data={"prompts": json.dumps({"lesions": lesions})})
     assert r.status_code == 202, r.text
