@@ -230,6 +230,9 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
 
         mask = _result_mask(service, first["job"])
         assert mask.shape == SHAPE and int((mask > 0).sum()) == first["voxels"] > 0
+        # the overlay holds exactly the job's mask, voxel for voxel (NIfTI file order: i fastest)
+        shown = page.evaluate("() => Array.from(window.msamViewer.state.lesions[0].overlay.img)")
+        assert np.array_equal(np.flatnonzero(np.asarray(shown) > 0), np.flatnonzero(mask.ravel(order="F") > 0))
         fg = np.argwhere(mask > 0)
         centroid_mm = AFFINE[:3, :3] @ fg.mean(axis=0) + AFFINE[:3, 3]
         click_mm = AFFINE[:3, :3] @ np.array(CENTRE) + AFFINE[:3, 3]
@@ -247,6 +250,10 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         second = _wait_shown(page, 0)
         assert second["status"] == "" and second["job"] != first["job"]
         job2 = _job(service, second["job"])
+        mask2 = _result_mask(service, second["job"])  # the overlay was updated in place
+        shown = page.evaluate("() => Array.from(window.msamViewer.state.lesions[0].overlay.img)")
+        assert np.array_equal(np.flatnonzero(np.asarray(shown) > 0), np.flatnonzero(mask2.ravel(order="F") > 0))
+        assert page.evaluate("() => window.msamViewer.nv.volumes.length") == 2  # image + one overlay
         assert job2["encoder_runs"] == 0 and job2["cache_hits"] >= 1, job2
         warm_ms = second["latencyMs"]
         warm_breakdown = page.evaluate("() => window.msamViewer.state.lastBreakdown")

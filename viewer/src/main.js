@@ -8,6 +8,7 @@
 import { Niivue, NVImage, SLICE_TYPE, SHOW_RENDER, DRAG_MODE } from '@niivue/niivue'
 import * as api from './api.js'
 import { affinesAgree, fracToRAS, headerAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
+import { readMaskNifti } from './nifti.js'
 
 // ---------------------------------------------------------------------------------------------
 // window / level presets (width, level in HU; MR and unknown: robust range of the image)
@@ -17,8 +18,10 @@ export const PRESETS = {
   'ct-bone': { label: 'CT bone (W1800 L400)', w: 1800, l: 400 },
   'mr-auto': { label: 'MR / auto (robust range)', auto: true }
 }
+// one overlay per lesion, each its own colour map (a click updates its overlay in place)
 const LESION_COLORMAPS = ['red', 'blue', 'violet', 'gold', 'copper', 'cool', 'warm', 'hot']
 const LESION_CSS = ['#ff3030', '#3a6bff', '#c060ff', '#ffc430', '#d08050', '#30d0ff', '#ff9040', '#ffef60']
+const OVERLAY_OPACITY = 0.5
 const PEN_POSITIVE = 2 // ITK-SNAP draw colours: 2 green
 const PEN_NEGATIVE = 4 //                         4 yellow
 const RECENT_KEY = 'msam.recentVolumes'
@@ -29,7 +32,7 @@ const $ = (id) => document.getElementById(id)
 
 const state = {
   volume: null, // {volume_id, format, shape, spacing, affine_ras, modality, source}
-  lesions: [], // {n, points: [{ras, voxel, positive}], overlay, voxels, ml, jobId, generation, status}
+  lesions: [], // {n, points: [{ras, voxel, positive}], overlay (NVImage), voxels, ml, jobId, generation, status}
   active: -1,
   nextLesion: 1,
   busy: 0,
@@ -251,7 +254,7 @@ function resetLesions (render = true) {
 
 function dropOverlay (lesion) {
   if (lesion.overlay) {
-    nv.removeVolume(lesion.overlay)
+    if (nv.volumes.includes(lesion.overlay)) nv.removeVolume(lesion.overlay)
     lesion.overlay = null
   }
 }
@@ -449,18 +452,27 @@ async function runLesion (lesion, t0) {
 }
 
 async function showMask (lesion, buffer, job) {
-  const img = await NVImage.loadFromUrl({
-    url: 'mask.nii.gz', buffer, name: `mask-${lesion.n}.nii.gz`,
-    colormap: LESION_COLORMAPS[colourIndex(lesion)], opacity: 0.45, cal_min: 0.5, cal_max: 1
-  })
-  img.cal_min = 0.5
-  img.cal_max = 1
-  dropOverlay(lesion)
-  lesion.overlay = img
-  nv.addVolume(img)
+  const mask = await readMaskNifti(buffer)
+  const dims = nv.volumes[0].hdr.dims.slice(1, 4)
+  if (mask.dims.some((d, n) => d !== dims[n])) throw new Error('the mask is not on the grid of the image shown')
+  if (lesion.overlay && nv.volumes.includes(lesion.overlay)) {
+    lesion.overlay.img = new Uint8Array(mask.data) // same grid, same header: swap the voxels
+    nv.updateGLVolume() // one refresh (removing and adding a volume would cost two)
+  } else {
+    const img = await NVImage.loadFromUrl({
+      url: 'mask.nii.gz', buffer, name: `mask-${lesion.n}.nii.gz`,
+      colormap: LESION_COLORMAPS[colourIndex(lesion)], opacity: OVERLAY_OPACITY, cal_min: 0.5, cal_max: 1
+    })
+    img.cal_min = 0.5
+    img.cal_max = 1
+    lesion.overlay = img
+    nv.addVolume(img)
+  }
   const summary = (job.lesions || [])[0]
   const sp = state.volume.spacing
-  lesion.voxels = summary ? summary.voxels : 0
+  let count = 0
+  for (let i = 0; i < mask.data.length; i++) if (mask.data[i]) count++
+  lesion.voxels = summary ? summary.voxels : count
   lesion.ml = lesion.voxels * Math.abs(sp[0] * sp[1] * sp[2]) / 1000
   lesion.lastJob = job.job_id
 }
