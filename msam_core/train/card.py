@@ -65,7 +65,7 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
     counts = {k: len(dataset.get(k, [])) for k in ("training", "validation", "heldout")}
     lesions = {k: sum(len(e["lesions"]) for e in dataset.get(k, [])) for k in counts}
     sources = "\n".join(f"- `{s['name']}` ({s['modality']}{', held out' if s['heldout'] else ''}): organs "
-                        f"{', '.join(s['organs'])}. {s['licence']}." for s in dataset["sources"])
+                        f"{', '.join(s['organs'])}." for s in dataset["sources"])
     md = [
         "# msam default model (`msam_default.safetensors`)",
         "",

@@ -52,8 +52,9 @@ NL_MEMBERS = ("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
               "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
 
 LICENCES: dict[str, str] = {
-    "totalsegmentator": "TotalSegmentator 2.18.0 sdist (Apache-2.0; example scans from the "
-    "TotalSegmentator data, published under CC BY 4.0 - Wasserthal et al., Radiology: AI 2023)",
+    "totalsegmentator": "TotalSegmentator 2.18.0 sdist, Apache-2.0 (its test reference scans carry no "
+    "separate licence statement; TotalSegmentator's public CT/MR data sets are CC BY 4.0 - Wasserthal "
+    "et al., Radiology: AI 2023). Used for research/demonstration, scans never redistributed by msam",
     "nilearn": "nilearn 0.14.1 wheel (BSD-3-Clause); MNI ICBM152 2009a template, Copyright (C) "
     "1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
     "McGill University - free use with this notice (Fonov et al., NeuroImage 2011)",
