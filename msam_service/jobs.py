@@ -64,6 +64,7 @@ class JobRecord:
     cache_hits: int = 0
     encoder_runs: int = 0
     worker: str = ""
+    input_format: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: dict[str, str] | None = None
     results: list[str] = field(default_factory=list)
@@ -87,6 +88,7 @@ class JobRecord:
         rec.cache_hits = int(d.get("cache_hits", 0) or 0)
         rec.encoder_runs = int(d.get("encoder_runs", 0) or 0)
         rec.worker = d.get("worker", "")
+        rec.input_format = d.get("input_format", "")
         for name in _JSON_FIELDS:
             if d.get(name):
                 setattr(rec, name, json.loads(d[name]))

@@ -105,7 +105,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
                       results=written, result_errors=errors, lesions=summary,
                       cache_hits=rt.cache.hits - cache_hits_before, encoder_runs=timed.encoder_runs,
-                      volume_from_memory=from_memory)
+                      volume_from_memory=from_memory, input_format=str(volume.meta.get("format", "")))
         if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), **fields) is None:
             raise JobCanceled()
         rt.metrics.incr("jobs_succeeded")

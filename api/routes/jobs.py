@@ -74,7 +74,7 @@ def get_result(job_id: str, format: ResultFormat | None = Query(
     if rec.status != jobs.SUCCEEDED:
         what = {jobs.QUEUED: "is queued", jobs.RUNNING: "is running"}.get(rec.status, f"has {rec.status}")
         raise ApiError(409, "not_ready", f"job {job_id} {what}; results exist once it has succeeded")
-    fmt = format or ("dicom-seg" if "dicom-seg" in rec.results else "nifti")
+    fmt = format or ("dicom-seg" if rec.input_format == "dicom" or "dicom-seg" in rec.results else "nifti")
     if fmt not in rec.results:
         why = rec.result_errors.get(fmt, f"{fmt} was not produced for this job")
         raise ApiError(422, "unsupported_request", why)
