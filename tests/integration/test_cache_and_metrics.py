@@ -36,6 +36,7 @@ def test_second_click_hits_the_embedding_cache(service: Service, ct_nifti: Path)
     assert cold["encoder_runs"] == 1 and cold["cache_hits"] == 0
     assert warm["encoder_runs"] == 0 and warm["cache_hits"] == 1  # the encoder did not run
     assert warm["timings"]["encode"] == 0.0
+    assert warm["timings"]["model_load"] is None  # the model is loaded once per worker process
     assert cold["timings"]["encode"] > 0.05
     hits = _metric(after, "msam_embedding_cache_total", '{result="hit"}') - _metric(before, "msam_embedding_cache_total", '{result="hit"}')
     misses = _metric(after, "msam_embedding_cache_total", '{result="miss"}') - _metric(before, "msam_embedding_cache_total", '{result="miss"}')
