@@ -29,6 +29,8 @@ const CLICK_SLOP_PX = 5
 const MARKER_RADIUS_MM = 2
 
 const $ = (id) => document.getElementById(id)
+// text from the server (or a DICOM header) never goes into innerHTML unescaped
+const esc = (v) => String(v).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c])
 
 const state = {
   volume: null, // {volume_id, format, shape, spacing, affine_ras, modality, source}
@@ -87,10 +89,12 @@ function showJob (job, latencyMs = null) {
   const t = (job && job.timings) || {}
   const rows = ['queue', 'model_load', 'load', 'preprocess', 'encode', 'decode', 'write', 'total']
     .filter((k) => t[k] !== null && t[k] !== undefined)
-    .map((k) => `<tr><td>${k.replace('_', ' ')}</td><td>${fmtS(t[k])}</td></tr>`)
+    .map((k) => `<tr><td>${esc(k.replace('_', ' '))}</td><td>${esc(fmtS(Number(t[k])))}</td></tr>`)
   if (job) {
-    rows.push(`<tr><td>encoder</td><td>${job.encoder_runs ? job.encoder_runs + ' run' + (job.encoder_runs > 1 ? 's' : '') : 'cached'}` +
-      `${job.cache_hits ? ' (' + job.cache_hits + ' cache hit' + (job.cache_hits > 1 ? 's' : '') + ')' : ''}</td></tr>`)
+    const runs = Number(job.encoder_runs) || 0
+    const hits = Number(job.cache_hits) || 0
+    rows.push(`<tr><td>encoder</td><td>${runs ? runs + ' run' + (runs > 1 ? 's' : '') : 'cached'}` +
+      `${hits ? ' (' + hits + ' cache hit' + (hits > 1 ? 's' : '') + ')' : ''}</td></tr>`)
   }
   if (latencyMs !== null) rows.push(`<tr class="latency"><td>click → overlay</td><td>${fmtS(latencyMs / 1000)}</td></tr>`)
   $('job-timings').innerHTML = rows.join('')
@@ -124,7 +128,7 @@ function renderRecent () {
   const list = recentVolumes()
   sel.innerHTML = '<option value="">recent volumes…</option>' + list.map((v) => {
     const when = new Date(v.at).toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' })
-    return `<option value="${v.volume_id}">${v.modality || v.format} ${v.shape.join('×')} · ${when} · ${v.volume_id.slice(0, 8)}</option>`
+    return `<option value="${esc(v.volume_id)}">${esc(v.modality || v.format)} ${esc(v.shape.join('×'))} · ${esc(when)} · ${esc(v.volume_id.slice(0, 8))}</option>`
   }).join('')
   sel.disabled = list.length === 0
 }
@@ -273,10 +277,10 @@ function renderLesions () {
     const pos = lesion.points.filter((p) => p.positive).length
     const neg = lesion.points.length - pos
     li.innerHTML = `<span class="swatch" style="background:${LESION_CSS[colourIndex(lesion)]}"></span>` +
-      `<span class="name">${lesion.label}</span>` +
+      `<span class="name">${esc(lesion.label)}</span>` +
       `<span class="pts">+${pos} −${neg}</span>` +
       `<span class="ml">${lesion.overlay || lesion.voxels ? lesion.ml.toFixed(2) + ' mL' : ''}</span>` +
-      `<span class="st">${lesion.status}</span>` +
+      `<span class="st">${esc(lesion.status)}</span>` +
       '<button class="del" title="delete this lesion">×</button>'
     li.addEventListener('click', (e) => {
       if (e.target.classList.contains('del')) {
