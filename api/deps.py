@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from celery import Celery
 from fastapi import Depends, Request
 
 from api.errors import ApiError
+from msam_service.auth import tenant_for
 from msam_service.jobs import JobStore
 from msam_service.metrics import GaugeSource, RedisMetrics
 from msam_service.settings import Settings
@@ -26,6 +25,7 @@ class Services:
     queue: Celery
     metrics: RedisMetrics
     gauges: GaugeSource
+    keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> tenant (msam_service.auth)
 
 
 def services(request: Request) -> Services:
@@ -33,18 +33,21 @@ def services(request: Request) -> Services:
 
 
 def tenant(request: Request, svc: Services = Depends(services)) -> str:
-    """The caller's tenant: ``public`` without configured keys, else derived from the bearer key
-    (a digest, so keys never reach Redis or logs). Per-tenant key files: issue #7."""
-    keys = svc.settings.key_list()
-    if not keys:
+    """The caller's tenant: ``public`` without configured keys (loopback only), else the tenant
+    whose hashed key matches the bearer key. Also kept for the audit line."""
+    if not svc.keys:
+        request.state.tenant = "public"
         return "public"
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        raise ApiError(401, "unauthorized", "unknown API key")
-    return "key-" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    who = tenant_for(token, svc.keys)
+    if who is None:
+        raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    request.state.tenant = who
+    return who
 
 
 def base_url(request: Request, svc: Services = Depends(services)) -> str:

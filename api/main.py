@@ -14,10 +14,13 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
-from api import errors, viewer
+from api import audit, errors, viewer
 from api.deps import Services
+from api.timeouts import RequestTimeout
 from api.routes import health, jobs, metrics, segment, volumes
 from msam_service import redis_conn
+from msam_service import lifecycle
+from msam_service.auth import is_loopback, load_keys
 from msam_service.jobs import JobStore
 from msam_service.metrics import GaugeSource, RedisCollector, RedisMetrics
 from msam_service.queue import make_celery
@@ -25,7 +28,6 @@ from msam_service.settings import Settings, get_settings
 from msam_service.storage import make_storage
 
 logger = logging.getLogger("msam.api")
-SWEEP_EVERY_S = 600
 
 
 def build_services(settings: Settings) -> Services:
@@ -34,19 +36,21 @@ def build_services(settings: Settings) -> Services:
     r = redis_conn.client(settings.redis_url)
     return Services(settings=settings, redis=r, store=JobStore(r, settings.job_ttl_s),
                     storage=make_storage(settings.storage_dir), queue=make_celery(settings, "msam-api"),
-                    metrics=RedisMetrics(r), gauges=GaugeSource(r, settings.queue))
+                    metrics=RedisMetrics(r), gauges=GaugeSource(r, settings.queue),
+                    keys=load_keys(settings.key_entries()))
 
 
 async def _sweeper(svc: Services) -> None:
+    ttl = svc.settings.job_ttl_s
     while True:
         try:
-            removed = await run_in_threadpool(svc.storage.sweep, svc.settings.job_ttl_s)
-            await run_in_threadpool(svc.store.prune_index)
+            removed = await run_in_threadpool(lifecycle.sweep, svc.storage, svc.store, svc.redis, ttl,
+                                              min(600.0, float(ttl)))
             if removed:
-                logger.info("expired %d stored item(s)", removed)
+                logger.warning("expired %d stored item(s)", removed)
         except Exception as exc:  # keep sweeping whatever one pass hit
             logger.warning("sweep failed: %s", type(exc).__name__)
-        await asyncio.sleep(SWEEP_EVERY_S)
+        await asyncio.sleep(svc.settings.sweep_interval_s)
 
 
 def _document_extra_schemas(app: FastAPI) -> None:
@@ -72,7 +76,11 @@ def _document_extra_schemas(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway. Refuses (``ValueError``) malformed API keys, and a non-loopback
+    ``MSAM_HOST`` without keys."""
     settings = settings or get_settings()
+    settings.check_listener()
+    open_access = not settings.key_entries()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,8 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = svc
         app.state.registry.register(RedisCollector(svc.metrics, svc.gauges))
         sweeper = asyncio.create_task(_sweeper(svc))
-        if not settings.key_list():
-            logger.warning("no API keys configured (MSAM_API_KEYS): every caller is tenant 'public'")
+        if open_access:
+            logger.warning("no API keys configured (MSAM_API_KEYS / MSAM_API_KEYS_FILE): every caller is "
+                           "tenant 'public'; answering loopback clients only")
         yield
         sweeper.cancel()
 
@@ -109,6 +118,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await call_next(request)
 
     @app.middleware("http")
+    async def _loopback_only(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # without keys: even if the process was bound elsewhere by hand (uvicorn --host), only
+        # this machine gets answers
+        client = request.client.host if request.client else ""
+        if open_access and _is_ip(client) and not is_loopback(client):
+            return JSONResponse(errors.body("forbidden", "this server has no API keys configured and only "
+                                            "answers on loopback"), status_code=403)
+        return await call_next(request)
+
+    @app.middleware("http")
     async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
         response = await call_next(request)
@@ -117,7 +136,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         latency.labels(route).observe(time.perf_counter() - start)
         return response
 
+    app.add_middleware(RequestTimeout, timeout_s=settings.request_timeout_s)
+    audit.install(app)  # outermost: every answer is audited, a 408 too
     return app
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -14,13 +14,14 @@ from starlette.datastructures import UploadFile  # FastAPI's UploadFile subclass
 
 from api.deps import Services
 from api.errors import ApiError
+from msam_service.lifecycle import volume_owner_key
+from msam_service.upload_guard import UploadLimits
 from msam_service.volumes import VolumeInfo, ingest, load_info
 
 _CHUNK = 1 << 20
 
 
-def volume_owner_key(volume_id: str) -> str:
-    return f"msam:volume:{volume_id}"
+__all__ = ["forget_volume", "ingest_upload", "volume_for", "volume_owner_key"]
 
 
 def _copy(files: Sequence[UploadFile], staging: Path, limit: int) -> list[tuple[str, Path]]:
@@ -49,7 +50,8 @@ async def ingest_upload(svc: Services, files: Sequence[UploadFile], series_uid: 
     staging = svc.storage.staging_dir()
     try:
         staged = await run_in_threadpool(_copy, files, staging, settings.max_upload_mb * 2**20)
-        info, _ = await run_in_threadpool(ingest, svc.storage, staging, staged, series_uid or None)
+        info, _ = await run_in_threadpool(ingest, svc.storage, staging, staged, series_uid or None,
+                                          UploadLimits.from_settings(settings))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     svc.redis.set(volume_owner_key(info.volume_id), tenant, ex=settings.job_ttl_s)
@@ -65,3 +67,9 @@ def volume_for(svc: Services, volume_id: str, tenant: str) -> VolumeInfo:
     svc.redis.expire(volume_owner_key(volume_id), svc.settings.job_ttl_s)
     svc.storage.touch(f"volumes/{volume_id}")
     return info
+
+
+def forget_volume(svc: Services, volume_id: str) -> None:
+    """Delete an uploaded volume's files and its owner record."""
+    svc.storage.delete_prefix(f"volumes/{volume_id}")
+    svc.redis.delete(volume_owner_key(volume_id))

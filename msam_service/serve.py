@@ -144,7 +144,15 @@ def serve(port: int | None = None) -> int:
     from msam_service.settings import Settings
 
     settings = Settings()
-    settings.check()
+    try:
+        settings.check()
+        settings.check_listener()
+    except (ValueError, OSError) as exc:
+        print(f"msam serve: error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.key_entries():
+        print(f"msam: no API keys (MSAM_API_KEYS): listening on loopback only ({settings.host}); "
+              "set keys to serve other machines", file=sys.stderr, flush=True)
     port = port or settings.port
     env = dict(os.environ)
     env["MSAM_PORT"] = str(port)

@@ -35,12 +35,22 @@ class Settings(BaseSettings):
     # -- HTTP -------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address the API binds to")
     port: int = Field(default=8000, description="API port")
-    api_keys: str = Field(default="", description="comma-separated bearer keys; empty: no auth")
+    api_keys: str = Field(default="", description="comma-separated 'tenant:sha256-of-key' entries "
+                          "(`msam hash-key`); empty (and no keys file): no auth, loopback only")
+    api_keys_file: Path | None = Field(default=None, description="file of 'tenant:sha256-of-key' lines "
+                                       "(read at start; '#' comments)")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="a request (body included) must "
+                                     "complete within this, else 408")
     public_url: str = Field(default="", description="base URL for links in responses (default: request's)")
 
     # -- limits -----------------------------------------------------------------------------
     max_upload_mb: int = Field(default=2048, description="largest upload (all files together)")
     max_files: int = Field(default=5000, description="most files in one upload")
+    max_decompressed_mb: int = Field(default=4096, description="most bytes an upload may expand to "
+                                     "(zip members, gzip'd NIfTI data, DICOM pixel data)")
+    max_voxels: int = Field(default=2**29, description="most voxels in one image (512 x 512 x 2048)")
+    max_prompts: int = Field(default=256, description="most points and boxes in one request, all lesions together")
+    max_jobs_in_flight: int = Field(default=16, description="most queued + running jobs per tenant (429 beyond)")
     max_lesions: int = Field(default=32, description="most lesions in one request")
     max_points: int = Field(default=64, description="most points per lesion")
     max_windows: int = Field(default=8, description="most 128^3 windows per lesion")
@@ -53,6 +63,7 @@ class Settings(BaseSettings):
                                       "(must exceed job_time_limit_s)")
     max_deliveries: int = Field(default=3, description="a job that lost its worker this often fails")
     job_ttl_s: int = Field(default=86400, description="job records, uploads and results expire after this")
+    sweep_interval_s: float = Field(default=600.0, gt=0, description="how often the gateway deletes expired files")
     volume_cache_items: int = Field(default=2, description="decoded volumes kept per worker process")
 
     # -- embedding cache --------------------------------------------------------------------
@@ -62,8 +73,13 @@ class Settings(BaseSettings):
     def checkpoint_path(self) -> Path:
         return self.checkpoint if self.checkpoint is not None else DEFAULT_CHECKPOINT
 
-    def key_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+    def key_entries(self) -> list[str]:
+        """Every configured ``tenant:sha256`` entry (``MSAM_API_KEYS`` and the keys file)."""
+        entries = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            entries += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        return entries
 
     def check(self) -> None:
         """Refuse inconsistent settings at start (not at the first job)."""
@@ -73,6 +89,12 @@ class Settings(BaseSettings):
                 f"MSAM_JOB_TIME_LIMIT_S ({self.job_time_limit_s}), or running jobs get delivered twice")
         if self.job_soft_time_limit_s >= self.job_time_limit_s:
             raise ValueError("MSAM_JOB_SOFT_TIME_LIMIT_S must be below MSAM_JOB_TIME_LIMIT_S")
+
+    def check_listener(self, host: str | None = None) -> None:
+        """The API's start-up check: keys well-formed; no keys -> loopback only (``ValueError``)."""
+        from msam_service.auth import check_bind, load_keys
+
+        check_bind(host or self.host, bool(load_keys(self.key_entries())))
 
 
 @lru_cache(maxsize=1)

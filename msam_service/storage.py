@@ -48,6 +48,8 @@ class Storage(Protocol):
 
     def sweep(self, max_age_s: float) -> int: ...
 
+    def entries(self, prefix: str) -> list[tuple[str, float]]: ...
+
 
 class LocalStorage:
     """Keys as files below ``root`` (shared by every process that mounts it)."""
@@ -117,6 +119,18 @@ class LocalStorage:
                 except FileNotFoundError:
                     continue
         return removed
+
+
+    def entries(self, prefix: str) -> list[tuple[str, float]]:
+        """``(name, seconds since last use)`` of each folder/file directly under ``prefix``."""
+        now = time.time()
+        out = []
+        for entry in self.path(prefix).iterdir():
+            try:
+                out.append((entry.name, now - entry.stat().st_mtime))
+            except FileNotFoundError:
+                continue
+        return out
 
 
 def make_storage(root: Path) -> Storage:

@@ -21,6 +21,7 @@ from msam_core.errors import InvalidVolume, MsamError
 from msam_core.io.load import SUPPORTED_INPUTS
 from msam_core.io.volume import Volume
 from msam_service.storage import Storage
+from msam_service.upload_guard import UploadLimits, check_upload
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,12 @@ def info_of(volume: Volume, volume_id: str, input_key: str) -> VolumeInfo:
 
 
 def ingest(storage: Storage, staging: Path, files: list[tuple[str, Path]],
-           series_uid: str | None = None) -> tuple[VolumeInfo, Volume]:
-    """Validate and store an upload; returns its info and the decoded volume."""
+           series_uid: str | None = None, limits: UploadLimits | None = None) -> tuple[VolumeInfo, Volume]:
+    """Validate and store an upload; returns its info and the decoded volume. With ``limits``,
+    headers are checked (and a zip extracted) before any pixel data is decoded."""
     arranged = arrange_upload(staging, files)
+    if limits is not None:
+        arranged = check_upload(arranged, staging, limits)
     volume = decode(arranged, series_uid)
     volume_id = new_volume_id()
     input_key = f"volumes/{volume_id}/input/{arranged.name}"

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
+from api.uploads import forget_volume
 from api.schemas import ErrorBody, ErrorInfo, JobOut, LesionSummary, ResultFormat, Timings
 from msam_service import jobs
 from msam_service.jobs import JobRecord
@@ -110,5 +111,9 @@ async def delete_job(job_id: str, svc: Services = Depends(services), who: str = 
 
 
 def _forget(svc: Services, job_id: str) -> None:
+    """Every file of the job: its results, and its image when it was uploaded with the job."""
+    rec = svc.store.get(job_id)
     svc.storage.delete_prefix(f"jobs/{job_id}")
+    if rec is not None and rec.request.get("own_volume") and rec.volume_id:
+        forget_volume(svc, rec.volume_id)
     svc.store.delete(job_id)

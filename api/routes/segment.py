@@ -7,10 +7,14 @@ from starlette.datastructures import UploadFile
 from api import pacs_requests, uploads
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
+from api.uploads import forget_volume
 from api.schemas import ErrorBody, JobAccepted, Prompts, SegmentByVolume
 from msam_service import jobs
 from msam_service.prompts import resolve
+from msam_service.inflight import InFlight
 from msam_service.queue import enqueue
+
+RETRY_AFTER_S = 10
 
 router = APIRouter(tags=["jobs"])
 
@@ -30,8 +34,9 @@ _MULTIPART_SCHEMA = {
 
 @router.post(
     "/segment", status_code=202, response_model=JobAccepted,
-    responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
-               415: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
+               408: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
+               422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
         "application/json": {"schema": {"$ref": "#/components/schemas/SegmentByVolume"}}}}},
@@ -58,20 +63,44 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         callback = form.get("callback_url")
         extra = pacs_requests.outputs(pacs_requests.form_destinations(form.get("destinations")),
                                       callback if isinstance(callback, str) else None, base)
+        check_prompt_count(svc, prompts)  # before the upload is decoded
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
         volume_id = info.volume_id
+        extra["own_volume"] = True  # uploaded for this job alone: DELETE of the job removes it
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (image + prompts) or application/json (volume_id + prompts)")
+    check_prompt_count(svc, prompts)
+    request.state.volume_id = volume_id
     doc = prompts.model_dump()
     if info is not None:  # None: a PACS series the worker retrieves (it checks the prompts then)
         resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
     job_id = jobs.new_id()
+    request.state.job_id = job_id
     await run_in_threadpool(_submit, svc, job_id, who, volume_id, doc, extra)
     return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=volume_id)
 
 
+def check_prompt_count(svc: Services, prompts: Prompts) -> None:
+    """``MSAM_MAX_LESIONS`` and ``MSAM_MAX_PROMPTS`` (points and boxes of all lesions together)."""
+    limit = svc.settings
+    if len(prompts.lesions) > limit.max_lesions:
+        raise ApiError(422, "too_many_prompts", f"{len(prompts.lesions)} lesions in one request; at most "
+                       f"{limit.max_lesions} (MSAM_MAX_LESIONS)")
+    n = sum(len(x.positive) + len(x.negative) + (x.box is not None) for x in prompts.lesions)
+    if n > limit.max_prompts:
+        raise ApiError(422, "too_many_prompts", f"{n} points and boxes in one request; at most "
+                       f"{limit.max_prompts} (MSAM_MAX_PROMPTS)")
+
+
 def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict, extra: dict | None = None) -> None:
     svc.store.create(job_id, tenant=who, volume_id=volume_id, request={"prompts": doc, **(extra or {})})
+    if not InFlight(svc.redis, svc.settings.max_jobs_in_flight, svc.settings.job_ttl_s).acquire(who, job_id):
+        svc.store.delete(job_id)
+        if (extra or {}).get("own_volume"):
+            forget_volume(svc, volume_id)
+        raise ApiError(429, "too_many_jobs", f"this tenant already has {svc.settings.max_jobs_in_flight} jobs "
+                       "queued or running (MSAM_MAX_JOBS_IN_FLIGHT); wait for one to finish",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
     enqueue(svc.queue, job_id)
     svc.metrics.incr("jobs_submitted")

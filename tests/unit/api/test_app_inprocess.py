@@ -26,7 +26,9 @@ def _client(redis_url: str, tmp_path: Path, keys: str = "") -> TestClient:
 
 
 def test_tenants_see_only_their_own(r, redis_url: str, tmp_path: Path, nifti: bytes) -> None:
-    with _client(redis_url, tmp_path, keys="key-a,key-b") as c:
+    from msam_service.auth import hash_key
+
+    with _client(redis_url, tmp_path, keys=f"a:{hash_key('key-a')},b:{hash_key('key-b')}") as c:
         assert c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}).status_code == 401
         bad = c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}, headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"

@@ -1,0 +1,107 @@
+"""Size limits checked on an upload's *headers*, before any pixel data is decoded.
+
+A 2 KB file may claim 100000^3 voxels (a NIfTI or NRRD header, a DICOM's Rows x Columns x
+frames), and a small gzip or zip may expand a thousandfold. :func:`check_upload` reads only the
+headers, refuses what exceeds ``MSAM_MAX_VOXELS`` / ``MSAM_MAX_DECOMPRESSED_MB`` with an
+:class:`~msam_core.errors.InvalidVolume` (a 4xx), and extracts a zip itself - into the upload's
+staging folder inside the storage directory, under generated names, with the same limits - so
+the decoders only ever see data whose size is known to fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from msam_core.errors import InvalidVolume
+from msam_core.io.dicom_zip import ZipLimits, extract_zip
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_voxels: int
+    max_bytes: int  # decompressed
+    max_files: int
+
+    @classmethod
+    def from_settings(cls, settings: object) -> UploadLimits:
+        return cls(max_voxels=int(settings.max_voxels),  # type: ignore[attr-defined]
+                   max_bytes=int(settings.max_decompressed_mb) * 2**20,  # type: ignore[attr-defined]
+                   max_files=int(settings.max_files))  # type: ignore[attr-defined]
+
+
+def _check(voxels: int, nbytes: int, what: str, limits: UploadLimits) -> None:
+    if voxels > limits.max_voxels:
+        raise InvalidVolume(f"{what} declares {voxels} voxels, more than the limit of {limits.max_voxels} "
+                            "(MSAM_MAX_VOXELS); crop or resample the image")
+    if nbytes > limits.max_bytes:
+        raise InvalidVolume(f"{what} would decode to {nbytes // 2**20} MB, more than the limit of "
+                            f"{limits.max_bytes // 2**20} MB (MSAM_MAX_DECOMPRESSED_MB)")
+
+
+def _nifti(path: Path, limits: UploadLimits) -> None:
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header  # lazy: the header only
+        shape = tuple(int(n) for n in header.get_data_shape())
+        itemsize = int(header.get_data_dtype().itemsize)
+    except Exception as exc:  # nibabel raises many types on broken headers
+        raise InvalidVolume(f"the NIfTI header cannot be read ({type(exc).__name__}); is the file complete?") from exc
+    voxels = math.prod(shape) if shape else 0
+    _check(voxels, voxels * itemsize, f"the NIfTI header ({'x'.join(map(str, shape))})", limits)
+
+
+def _nrrd(path: Path, limits: UploadLimits) -> None:
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+        sizes = [int(n) for n in header["sizes"]]
+        itemsize = int(nrrd.reader._determine_datatype(header).itemsize)  # noqa: SLF001 - pynrrd's own mapping
+    except Exception as exc:
+        raise InvalidVolume(f"the NRRD header cannot be read ({type(exc).__name__}); is the file complete?") from exc
+    voxels = math.prod(sizes)
+    _check(voxels, voxels * itemsize, f"the NRRD header ({'x'.join(map(str, sizes))})", limits)
+
+
+def _dicom(files: list[Path], limits: UploadLimits) -> None:
+    import pydicom
+
+    voxels = nbytes = 0
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True,
+                                 specific_tags=["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
+                                                "BitsAllocated"])
+            n = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) \
+                * max(1, int(ds.get("NumberOfFrames", 1) or 1)) * max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+            bits = int(ds.get("BitsAllocated", 16) or 16)
+        except Exception:
+            continue  # not DICOM / unreadable: the reader reports it with its own message
+        voxels += n
+        nbytes += n * max(1, bits // 8)
+        _check(voxels, nbytes, "the DICOM files", limits)
+
+
+def check_upload(arranged: Path, staging: Path, limits: UploadLimits) -> Path:
+    """Refuse ``arranged`` (file or folder from ``arrange_upload``) when its headers exceed the
+    limits; returns the path to decode (a zip comes back as the folder it was extracted to)."""
+    name = arranged.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        _nifti(arranged, limits)
+        return arranged
+    if name.endswith((".nrrd", ".nhdr")):
+        _nrrd(arranged, limits)
+        return arranged
+    if name.endswith(".zip"):
+        folder = staging / "unzipped"
+        folder.mkdir()
+        zl = ZipLimits(max_members=limits.max_files, max_total_bytes=limits.max_bytes,
+                       max_member_bytes=limits.max_bytes)
+        _dicom(extract_zip(arranged, folder, zl), limits)
+        arranged.unlink()
+        return folder
+    _dicom(sorted(arranged.iterdir()) if arranged.is_dir() else [arranged], limits)
+    return arranged
