@@ -68,6 +68,16 @@ def _phantom(path: Path) -> Path:
     return path
 
 
+def _key_config() -> str:
+    """``MSAM_API_KEYS`` for API_KEY: ``tenant:sha256`` entries where the service stores keys
+    hashed (issue #7), the plain key before that."""
+    try:
+        from msam_service.auth import hash_key
+    except ImportError:
+        return API_KEY
+    return f"viewer:{hash_key(API_KEY)}"
+
+
 def _checkpoint(folder: Path) -> tuple[Path, bool]:
     if BUNDLED.is_file():
         return BUNDLED, True
@@ -102,7 +112,7 @@ def service() -> Iterator[Stack]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MSAM_") and k != "REDIS_URL"}
         env.update({
             "MSAM_REDIS_URL": url, "MSAM_STORAGE_DIR": str(tmp / "storage"), "MSAM_CHECKPOINT": str(checkpoint),
-            "MSAM_API_KEYS": API_KEY, "MSAM_MAX_WINDOWS": "1", "MSAM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "MSAM_API_KEYS": _key_config(), "MSAM_MAX_WINDOWS": "1", "MSAM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
             "MSAM_JOB_SOFT_TIME_LIMIT_S": "60", "MSAM_JOB_TIME_LIMIT_S": "70", "MSAM_VISIBILITY_TIMEOUT_S": "80",
         })
         worker = serve.start_worker(env, name="viewer", log=tmp / "worker.log")
