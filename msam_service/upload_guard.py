@@ -33,10 +33,10 @@ class UploadLimits:
 
 def _check(voxels: int, nbytes: int, what: str, limits: UploadLimits) -> None:
     if voxels > limits.max_voxels:
-        raise InvalidVolume(f"{what} declares {voxels} voxels, more than the limit of {limits.max_voxels} "
+        raise InvalidVolume(f"{what}: {voxels} voxels declared, more than the limit of {limits.max_voxels} "
                             "(MSAM_MAX_VOXELS); crop or resample the image")
     if nbytes > limits.max_bytes:
-        raise InvalidVolume(f"{what} would decode to {nbytes // 2**20} MB, more than the limit of "
+        raise InvalidVolume(f"{what}: would decode to {nbytes // 2**20} MB, more than the limit of "
                             f"{limits.max_bytes // 2**20} MB (MSAM_MAX_DECOMPRESSED_MB)")
 
 
@@ -58,8 +58,14 @@ def _nrrd(path: Path, limits: UploadLimits) -> None:
 
     try:
         header = nrrd.read_header(str(path))
+        if any(k.replace(" ", "").lower() == "datafile" for k in header):
+            raise InvalidVolume("the NRRD header names a separate data file; upload a single .nrrd with the "
+                                "data attached (detached headers could point at server files)")
         sizes = [int(n) for n in header["sizes"]]
+        _check(math.prod(sizes), 0, f"the NRRD header ({'x'.join(map(str, sizes))})", limits)
         itemsize = int(nrrd.reader._determine_datatype(header).itemsize)  # noqa: SLF001 - pynrrd's own mapping
+    except InvalidVolume:
+        raise
     except Exception as exc:
         raise InvalidVolume(f"the NRRD header cannot be read ({type(exc).__name__}); is the file complete?") from exc
     voxels = math.prod(sizes)
@@ -82,7 +88,7 @@ def _dicom(files: list[Path], limits: UploadLimits) -> None:
             continue  # not DICOM / unreadable: the reader reports it with its own message
         voxels += n
         nbytes += n * max(1, bits // 8)
-        _check(voxels, nbytes, "the DICOM files", limits)
+        _check(voxels, nbytes, f"the DICOM headers ({len(files)} files)", limits)
 
 
 def check_upload(arranged: Path, staging: Path, limits: UploadLimits) -> Path:

@@ -26,7 +26,9 @@ def make_checkpoint(path: Path) -> Path:
 
 def service_env(tmp: Path, redis_url: str, checkpoint: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSAM_") and k != "REDIS_URL"}
+    (tmp / "tmp").mkdir(exist_ok=True)
     env.update({
+        "TMPDIR": str(tmp / "tmp"),  # the services' own temp folder: tests check nothing is left there
         "MSAM_REDIS_URL": redis_url,
         "MSAM_STORAGE_DIR": str(tmp / "storage"),
         "MSAM_CHECKPOINT": str(checkpoint),
