@@ -294,10 +294,33 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         _wait_shown(page, 0)
         page.click("#new-lesion")
         assert page.locator("#lesions li").count() == 2
-        page.click("#lesions li >> nth=0")
 
-        # downloads: NIfTI and PNG (DICOM-SEG needs a DICOM input: disabled here)
+        # a second lesion, clicked on a zoomed and panned view: still the intended voxel
+        page.click("#zoom-in")
+        page.click("#zoom-in")
+        assert page.evaluate("() => window.msamViewer.nv.scene.pan2Dxyzmm[3]") > 1.5
+        box = page.locator("#gl").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.7)
+        page.mouse.down(button="middle")
+        page.mouse.move(box["x"] + box["width"] * 0.3 + 30, box["y"] + box["height"] * 0.7 + 20, steps=4)
+        page.mouse.up(button="middle")
+        second_lesion = (CENTRE[0] - 3, CENTRE[1] + 4, CENTRE[2] + 1)
+        _click_voxel(page, second_lesion)
+        page.wait_for_function("() => window.msamViewer.state.lesions[1].points.length === 1")
+        other = _wait_shown(page, 1)
+        assert np.allclose(other["points"][0]["voxel"], second_lesion, atol=1e-3), other["points"]
+        assert other["hasOverlay"] and page.evaluate("() => window.msamViewer.nv.volumes.length") == 3
+        assert "mL" in page.locator("#lesions li >> nth=1").inner_text()
+        page.click("#zoom-reset")
+
+        # downloads: NIfTI (one job with both lesions: labels 1 and 2) and PNG; DICOM-SEG needs
+        # a DICOM input: disabled here
         assert page.is_disabled("#dl-seg")
+        with page.expect_download() as dl:
+            page.click("#dl-nifti")
+        both = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(dl.value.path().read_bytes())).dataobj)
+        assert both.shape == SHAPE and set(np.unique(both).tolist()) <= {0, 1, 2} and both.max() > 0
+        page.click("#lesions li >> nth=0")
         with page.expect_download() as dl:
             page.click("#dl-png")
         png = dl.value.path().read_bytes()
