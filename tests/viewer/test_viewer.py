@@ -435,3 +435,47 @@ def test_dicom_zip_is_shown_from_the_server_and_clicks_map_to_its_voxels(service
         raise
     finally:
         context.close()
+
+
+def test_oblique_nifti_click_maps_to_the_voxel_under_the_cursor(service: Stack, browser, tmp_path: Path) -> None:
+    """NiiVue draws an oblique image on its voxel grid (de-obliqued); the page still sends the
+    voxel's true RAS position, which the server maps back to that voxel."""
+    from tests.unit.io.dicom_synth import rotation
+
+    shape = (48, 40, 24)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation((0.2, 0.3, 1.0), 25.0) @ np.diag([1.3, 1.1, 2.2])
+    affine[:3, 3] = (-20.0, 15.0, -8.0)
+    rng = np.random.default_rng(1)
+    img = nib.Nifti1Image(rng.normal(0, 50, shape).astype(np.int16), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path = tmp_path / "oblique.nii.gz"
+    nib.save(img, str(path))
+    target = (30, 12, 15)
+
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(service.url + "/")
+        page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
+        page.fill("#api-key", API_KEY)
+        page.click("#key-form button")
+        page.set_input_files("#file", str(path))
+        page.wait_for_function("() => window.msamViewer.state.volume && window.msamViewer.nv.volumes.length === 1",
+                               timeout=60_000)
+        assert page.evaluate("() => window.msamViewer.state.volume.source") == "local"
+        ras = (affine[:3, :3] @ np.array(target) + affine[:3, 3]).tolist()
+        page.evaluate("ras => window.msamViewer.moveCrosshairTo(ras)", ras)
+        for view in ("axial", "sagittal"):
+            pos = page.evaluate("([ras, view]) => window.msamViewer.canvasPointOf(ras, view)", [ras, view])
+            box = page.locator("#gl").bounding_box()
+            page.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
+        page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 2")
+        shown = _wait_shown(page, 0)
+        for point in shown["points"]:
+            assert np.allclose(point["voxel"], target, atol=1e-3), point
+            assert np.allclose(point["ras"], ras, atol=1e-3), point
+        assert shown["hasOverlay"], (shown, service.logs())
+    finally:
+        context.close()
