@@ -300,8 +300,9 @@ function deleteLesion (idx) {
   state.lesions.splice(idx, 1)
   state.history = state.history.filter((n) => n !== lesion.n)
   redrawMarkers()
-  if (state.lesions.length === 0) newLesion()
+  if (idx < state.active) state.active--
   state.active = Math.min(state.active, state.lesions.length - 1)
+  if (state.lesions.length === 0) newLesion()
   renderLesions()
   updateButtons()
 }
