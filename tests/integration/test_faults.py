@@ -212,3 +212,74 @@ def test_tenants_are_isolated_and_audited_without_patient_data(stack: Stack, ct_
     assert f'audit tenant=beta action="GET /jobs/{{job_id}}" job={jid} volume=- outcome=404' in api_log
     logs = stack.logs(tail=0)
     assert "Synthetic" not in logs and "SYN0001" not in logs and "alpha-key" not in logs
+
+
+def _kill_running_child(r, job_id: str, previous: set[int], timeout: float = 60) -> int | None:
+    """Wait for a delivery of ``job_id`` on a process not in ``previous`` and SIGKILL it; ``None``
+    when the job ended instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = r.hmget(f"msam:job:{job_id}", "status", "worker")
+        if raw[0] in (b"failed", b"succeeded", b"canceled"):
+            return None
+        if raw[0] == b"running" and raw[1]:
+            pid = int(raw[1].decode().rsplit("/", 1)[1])
+            if pid not in previous:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} was not delivered again within {timeout} s")
+
+
+def test_a_job_that_keeps_killing_its_worker_stops_after_max_deliveries(stack: Stack, ct_nifti: Path) -> None:
+    """MSAM_MAX_DELIVERIES = 3 (the default): killed on 3 deliveries, failed on the 4th, not run again;
+    the worker then takes the next job."""
+    r = redis_conn.client(stack.redis_url)
+    job_id = _submit(stack, ct_nifti, lesions=6)["job_id"]
+    killed: set[int] = set()
+    for _ in range(3):
+        pid = _kill_running_child(r, job_id, killed)
+        assert pid is not None, _wait(stack, job_id)
+        killed.add(pid)
+    done = _wait(stack, job_id)
+    assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+    assert "stopped its worker 3 times" in done["error"]["message"] and done["attempts"] == 4
+    assert _wait(stack, _submit(stack, ct_nifti)["job_id"])["status"] == "succeeded"
+    assert int(r.hget(f"msam:job:{job_id}", "deliveries")) == 4  # no delivery after the failure
+
+
+def test_a_stuck_job_is_killed_at_the_hard_time_limit(stack: Stack, ct_nifti: Path) -> None:
+    """A job that cannot react to the soft limit (its process stopped: SIGSTOP) is killed by the
+    worker's main process at MSAM_JOB_TIME_LIMIT_S and fails ``timeout``; the worker lives on."""
+    from msam_service.jobs import JobStore, new_id
+    from msam_service.queue import enqueue, make_celery
+    from msam_service.settings import Settings
+
+    env = dict(stack.env, MSAM_QUEUE="hardlimit", MSAM_JOB_SOFT_TIME_LIMIT_S="2", MSAM_JOB_TIME_LIMIT_S="4",
+               MSAM_VISIBILITY_TIMEOUT_S="30")
+    worker = serve.start_worker(env, name="hl", log=stack.tmp / "worker-hl.log")
+    r = redis_conn.client(stack.redis_url)
+    try:
+        serve.wait_until(lambda: any(True for _ in r.scan_iter(match=f"msam:worker:*:{worker.pid}")), 60, "worker hl")
+        volume_id = _submit(stack, ct_nifti)["volume_id"]  # an uploaded volume (its job runs on the main queue)
+        job_id = new_id()
+        JobStore(r, 3600).create(job_id, tenant="alpha", volume_id=volume_id,
+                                 request={"prompts": {"lesions": [{"positive": [[20, 20, 12]]}]}})
+        enqueue(make_celery(Settings(redis_url=stack.redis_url, queue="hardlimit")), job_id)
+        deadline = time.monotonic() + 60
+        while r.hget(f"msam:job:{job_id}", "status") != b"running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = int(r.hget(f"msam:job:{job_id}", "worker").decode().rsplit("/", 1)[1])
+        os.kill(child, signal.SIGSTOP)  # deaf to the soft limit's signal
+        t0 = time.monotonic()
+        done = _wait(stack, job_id, timeout=30)
+        assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
+        assert "longer than 4 s and its process was stopped" in done["error"]["message"]
+        assert time.monotonic() - t0 < 15
+        def gone() -> bool:
+            return not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+
+        serve.wait_until(gone, 15, "the stuck process to be killed")
+        assert worker.poll() is None
+    finally:
+        serve.stop(worker, timeout=5)
