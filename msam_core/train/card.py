@@ -35,12 +35,14 @@ def _loss_curve(log_csv: Path, points: int = 8) -> list[dict]:
 
 
 def _metrics_table(summary: dict) -> str:
-    lines = ["| lesions | method | Dice@1 | Dice@3 | Dice@5 | NSD@1 | NSD@5 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| lesions | method | Dice@1 | Dice@3 | Dice@5 | best-so-far Dice@5 | NSD@1 | NSD@5 |",
+             "|---|---|---|---|---|---|---|---|"]
     for group, stats in summary["groups"].items():
         for method, s in stats.items():
-            d, n = s["dice"], s["nsd"]
+            d, n, b = s["dice"], s["nsd"], s.get("dice_best_so_far", [])
             at = lambda v, k: f"{v[k - 1]:.3f}" if len(v) >= k else "-"  # noqa: E731
-            lines.append(f"| {group} ({s['lesions']}) | {method} | {at(d, 1)} | {at(d, 3)} | {at(d, 5)} | {at(n, 1)} | {at(n, 5)} |")
+            lines.append(f"| {group} ({s['lesions']}) | {method} | {at(d, 1)} | {at(d, 3)} | {at(d, 5)} | {at(b, 5)} | "
+                         f"{at(n, 1)} | {at(n, 5)} |")
     return "\n".join(lines)
 
 
