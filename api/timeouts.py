@@ -1,10 +1,12 @@
 """The request deadline (``MSAM_REQUEST_TIMEOUT_S``): a request whose body has not arrived, or
-whose answer has not started, within the deadline gets 408 with a message. Protects the
-gateway's connections and threads from slow (or stalled) clients."""
+whose answer has not started, within the deadline gets 408 with a message (an answer already
+being sent, e.g. a large result download, is left to finish). Protects the gateway's
+connections from slow or stalled clients."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -28,12 +30,22 @@ class RequestTimeout:
                 started = True
             await send(message)
 
+        task = asyncio.ensure_future(self.app(scope, receive, tracked))
         try:
-            await asyncio.wait_for(self.app(scope, receive, tracked), self.timeout_s)
+            await asyncio.wait_for(asyncio.shield(task), self.timeout_s)
+            return
         except TimeoutError:
-            if started:
-                return  # the answer was already under way: the connection is closed mid-response
-            await _send_408(send, self.timeout_s)
+            pass
+        except asyncio.CancelledError:  # the server is stopping or the client went away
+            task.cancel()
+            raise
+        if started:  # the answer is under way (e.g. a large download): let it finish
+            await task
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _send_408(send, self.timeout_s)
 
 
 async def _send_408(send: Send, timeout_s: float) -> None:
