@@ -207,3 +207,14 @@ def test_one_audit_line_per_request_without_patient_data(redis_url: str, tmp_pat
     assert "tenant=- " in lines[4] and "outcome=401" in lines[4]
     text = "\n".join(lines)
     assert "Doe" not in text and "12345" not in text and "key-a" not in text
+
+
+def test_the_gateway_sweeps_expired_uploads_by_itself(r, redis_url: str, tmp_path: Path) -> None:
+    settings = _settings(redis_url, tmp_path, job_ttl_s=1, sweep_interval_s=0.2)
+    with TestClient(create_app(settings)) as c:
+        vid = c.post("/volumes", files={"image": ("ct.nii.gz", _nifti())}).json()["volume_id"]
+        folder = tmp_path / "storage" / "volumes" / vid
+        assert folder.is_dir()
+        serve.wait_until(lambda: not folder.exists(), 10, "the sweep")
+        gone = _job(c, vid, {})
+        assert gone.status_code == 404 and "expired" in gone.json()["error"]["message"]
