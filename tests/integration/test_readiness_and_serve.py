@@ -69,6 +69,7 @@ def test_msam_serve_embedded_redis_and_stop_together(tmp_path: Path, checkpoint:
         assert len(children) == 3  # redis-server, worker, api
         text = (tmp_path / "serve.log").read_text()
         assert "embedded Redis on unix://" in text
+        assert "no API keys (MSAM_API_KEYS): listening on loopback only (127.0.0.1)" in text
         os.killpg(proc.pid, signal.SIGTERM)  # SIGTERM to the process group
         assert proc.wait(30) == 0
         time.sleep(0.5)
