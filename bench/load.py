@@ -11,7 +11,8 @@ deadline no job is submitted; outstanding ones get ``--grace-s`` to finish. Ever
 bounded: the run stops by itself.
 
 Reports jobs finished per minute, p50/p99 latency of every API call (submit, poll) and of whole
-jobs, and lost jobs: accepted (202) but never seen finished, or gone (404) - which must be 0.
+jobs, encoder runs vs embedding-cache hits, and lost jobs: accepted (202) but never seen
+finished, or gone (404) - which must be 0 (the exit status is 1 otherwise).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Tally:
     finished: dict[str, str] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)
     throttled: int = 0
+    encoder_runs: int = 0
+    cache_hits: int = 0
     errors: list[str] = field(default_factory=list)
 
     def call(self, kind: str, seconds: float) -> None:
@@ -105,10 +108,13 @@ def client(url: str, key: str, volume_id: str, shape: tuple[int, int, int], dead
                     with tally.lock:
                         tally.gone.add(job_id)
                     break
-                status = p.json().get("status")
+                body = p.json()
+                status = body.get("status")
                 if status in TERMINAL:
                     with tally.lock:
                         tally.finished[job_id] = status
+                        tally.encoder_runs += int(body.get("encoder_runs") or 0)
+                        tally.cache_hits += int(body.get("cache_hits") or 0)
                         tally.job_s.append(time.perf_counter() - t0)
                     break
 
@@ -171,6 +177,7 @@ def run(args: argparse.Namespace) -> dict:
             "minutes": args.minutes, "elapsed_s": round(elapsed, 1), "accepted": len(tally.accepted),
             "finished": statuses, "throughput_jobs_per_min": round(len(tally.finished) / (elapsed / 60), 2),
             "throttled_429": tally.throttled, "lost": len(lost), "lost_ids": lost[:10],
+            "encoder_runs": tally.encoder_runs, "cache_hits": tally.cache_hits,
             "api_latency_ms": {k: {"n": len(v), "p50": round(pct(v, 50) * 1000, 1), "p99": round(pct(v, 99) * 1000, 1)}
                                for k, v in tally.api_s.items()},
             "job_latency_s": {"p50": round(pct(tally.job_s, 50), 2), "p99": round(pct(tally.job_s, 99), 2),
