@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from api import uploads
 from api.deps import Services, services, tenant
@@ -12,8 +12,10 @@ router = APIRouter(tags=["volumes"])
 
 
 @router.post("/volumes", status_code=201, response_model=VolumeOut,
-             responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+             responses={401: {"model": ErrorBody}, 408: {"model": ErrorBody}, 413: {"model": ErrorBody},
+                        422: {"model": ErrorBody}})
 async def upload_volume(
+    request: Request,
     image: list[UploadFile] = File(description="NIfTI, NRRD, the DICOM files of one series, or a zip of them"),
     series_uid: str | None = Form(default=None, description="SeriesInstanceUID when the upload holds several"),
     svc: Services = Depends(services),
@@ -21,6 +23,7 @@ async def upload_volume(
 ) -> VolumeOut:
     """Upload an image once; segment it any number of times with ``POST /segment`` (JSON)."""
     info = await uploads.ingest_upload(svc, image, series_uid, who)
+    request.state.volume_id = info.volume_id  # for the audit line
     data = asdict(info)
     data.pop("input_key")
     return VolumeOut(**data)

@@ -202,6 +202,7 @@ def test_one_audit_line_per_request_without_patient_data(redis_url: str, tmp_pat
         audit.removeHandler(handler)
     assert len(lines) == 5, lines
     assert 'tenant=alpha action="POST /volumes"' in lines[0] and "outcome=201" in lines[0]
+    assert f"volume={vol['volume_id']}" in lines[0]
     assert f"job={job}" in lines[1] and f"volume={vol['volume_id']}" in lines[1] and "outcome=202" in lines[1]
     assert "tenant=beta" in lines[2] and "outcome=404" in lines[2]
     assert "tenant=- " in lines[4] and "outcome=401" in lines[4]
