@@ -13,9 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from msam_core.errors import InvalidVolume
 from msam_core.io.dicom_zip import ZipLimits, extract_zip
+
+if TYPE_CHECKING:
+    from msam_service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -25,10 +29,9 @@ class UploadLimits:
     max_files: int
 
     @classmethod
-    def from_settings(cls, settings: object) -> UploadLimits:
-        return cls(max_voxels=int(settings.max_voxels),  # type: ignore[attr-defined]
-                   max_bytes=int(settings.max_decompressed_mb) * 2**20,  # type: ignore[attr-defined]
-                   max_files=int(settings.max_files))  # type: ignore[attr-defined]
+    def from_settings(cls, settings: Settings) -> UploadLimits:
+        return cls(max_voxels=settings.max_voxels, max_bytes=settings.max_decompressed_mb * 2**20,
+                   max_files=settings.max_files)
 
 
 def _check(voxels: int, nbytes: int, what: str, limits: UploadLimits) -> None:
