@@ -156,6 +156,10 @@ def serve(port: int | None = None) -> int:
     port = port or settings.port
     env = dict(os.environ)
     env["MSAM_PORT"] = str(port)
+    if "TMPDIR" not in env:  # uploads spooled by the multipart parser stay on the storage volume too
+        tmp = settings.storage_dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmp)
     stack = Stack()
     stopping = False
 
