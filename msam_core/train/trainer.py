@@ -168,8 +168,8 @@ class Progress:
     def __init__(self, total: int, every: int = 10) -> None:
         self.total, self.every, self.tty = total, every, sys.stderr.isatty()
 
-    def update(self, step: int, text: str) -> None:
-        frac = step / max(1, self.total)
+    def update(self, step: int, text: str, fraction: float | None = None) -> None:
+        frac = min(1.0, step / max(1, self.total) if fraction is None else fraction)
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         line = f"[{bar}] {step}/{self.total} {text}"
         if self.tty:
@@ -287,7 +287,8 @@ def train(s: TrainSettings, log=print) -> Path:
         if tb is not None:
             for k in ("loss", "loss_first", "loss_last", "dice_first", "dice_last", "lr"):
                 tb.add_scalar(f"train/{k}", row[k], step)
-        progress.update(step, f"loss {row['loss']:.4f} dice@last {row['dice_last']:.3f} {seconds / 60:.1f} min")
+        fraction = max(step / s.steps, seconds / (60 * s.max_minutes)) if s.max_minutes else None
+        progress.update(step, f"loss {row['loss']:.4f} dice@last {row['dice_last']:.3f} {seconds / 60:.1f} min", fraction)
         if time.time() - last_save > s.save_every * 60:
             save()
             last_save = time.time()
