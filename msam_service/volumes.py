@@ -110,6 +110,18 @@ def decode(path: Path, series_uid: str | None = None) -> Volume:
                             f"send one of: {SUPPORTED_INPUTS}") from exc
 
 
+def store_input(storage: Storage, volume_id: str, arranged: Path) -> str:
+    """Copy an arranged upload (one file, or a folder of DICOM files) into the volume's
+    ``input/`` in storage; returns its storage key."""
+    input_key = f"volumes/{volume_id}/input/{arranged.name}"
+    if arranged.is_dir():
+        for f in sorted(arranged.iterdir()):
+            storage.put_file(f"{input_key}/{f.name}", f)
+    else:
+        storage.put_file(input_key, arranged)
+    return input_key
+
+
 def info_of(volume: Volume, volume_id: str, input_key: str) -> VolumeInfo:
     series = volume.meta.get("series_instance_uid") if volume.meta.get("format") == "dicom" else None
     return VolumeInfo(
@@ -128,12 +140,7 @@ def ingest(storage: Storage, staging: Path, files: list[tuple[str, Path]],
         arranged = check_upload(arranged, staging, limits)
     volume = decode(arranged, series_uid)
     volume_id = new_volume_id()
-    input_key = f"volumes/{volume_id}/input/{arranged.name}"
-    if arranged.is_dir():
-        for f in sorted(arranged.iterdir()):
-            storage.put_file(f"{input_key}/{f.name}", f)
-    else:
-        storage.put_file(input_key, arranged)
+    input_key = store_input(storage, volume_id, arranged)
     if volume.meta.get("format") == "dicom":
         series_uid = str(volume.meta.get("series_instance_uid"))
     info = info_of(volume, volume_id, input_key)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from msam_core.io.volume import Volume
 from msam_service.storage import Storage
-from msam_service.volumes import VolumeInfo, arrange_upload, decode, info_of
+from msam_service.volumes import VolumeInfo, arrange_upload, decode, info_of, store_input
 
 #: Redis key of a volume's owner (the same key the gateway sets for uploads, api/uploads.py).
 VOLUME_OWNER_KEY = "msam:volume:{}"
@@ -25,12 +25,7 @@ def ingest_series(storage: Storage, staging: Path, files: list[Path], volume_id:
     Raises :class:`~msam_core.errors.InvalidVolume` with the reader's message."""
     arranged = arrange_upload(staging, [(f"{n:06d}.dcm", p) for n, p in enumerate(files)])
     volume = decode(arranged, series_uid)
-    input_key = f"volumes/{volume_id}/input/{arranged.name}"
-    if arranged.is_dir():
-        for f in sorted(arranged.iterdir()):
-            storage.put_file(f"{input_key}/{f.name}", f)
-    else:
-        storage.put_file(input_key, arranged)
+    input_key = store_input(storage, volume_id, arranged)
     info = info_of(volume, volume_id, input_key)
     storage.put_bytes(f"volumes/{volume_id}/meta.json", json.dumps(asdict(info)).encode())
     return info, volume
