@@ -117,6 +117,26 @@ def test_legacy_converted_multiframe(tmp_path: Path, write_order: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "sop_class",
+    ["1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4.1"],
+    ids=["enhanced-ct", "enhanced-mr"],
+)
+def test_enhanced_multiframe_sop_classes(tmp_path: Path, sop_class: str) -> None:
+    """Enhanced CT/MR share the functional-group layout of Legacy Converted Enhanced objects; no
+    tool here writes a full Enhanced object, so the same frames are labelled with those SOP
+    classes. This shows the reader places them by their functional groups, not by SOP class."""
+    series = make_ct_series(tmp_path / "ct", row_dir=(0.0, 1.0, 0.0), col_dir=(0.0, 0.0, -1.0), write_order="reverse")
+    mf = make_legacy_multiframe(series, tmp_path / "mf.dcm")
+    ds = pydicom.dcmread(mf)
+    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.save_as(mf)
+    volume = read_series(mf)
+    _check(volume, series)
+    assert volume.meta["sop_class_uid"] == sop_class
+
+
+@pytest.mark.parametrize(
     ("transfer_syntax", "shape"),
     [
         (RLELossless, (20, 16, 6)),
