@@ -97,11 +97,9 @@ class Block(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         rel_pos_extent: int,
-        window_size: int,
         lora_rank: int = 0,
     ) -> None:
         super().__init__()
-        self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, True, rel_pos_extent, lora_rank)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -142,7 +140,7 @@ class ImageEncoderViT3D(nn.Module):
         for i in range(depth):
             window = 0 if i in global_attn_indexes else window_size
             self.blocks.append(
-                Block(embed_dim, num_heads, mlp_ratio, window or grid, window, lora_rank)
+                Block(embed_dim, num_heads, mlp_ratio, window or grid, lora_rank)
             )
         self.neck = nn.Sequential(
             nn.Conv3d(embed_dim, out_chans, kernel_size=1, bias=False),
