@@ -46,6 +46,15 @@ def _metrics_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _machine(prov: dict) -> str:
+    machine = prov.get("machine", "")
+    if machine.endswith("cuda"):
+        return "a GPU"
+    if not machine:
+        return "an unrecorded machine"
+    return f"a CPU ({prov['threads']} threads)" if prov.get("threads") else "a CPU"
+
+
 def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
     settings = json.loads((run / "settings.json").read_text())
     dataset = json.loads((data / "dataset.json").read_text())
@@ -72,7 +81,8 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         "# msam default model (`msam_default.safetensors`)",
         "",
         "**Intended use: demonstration and integration testing of msam. Not for clinical use** - it was "
-        "trained for about an hour on a shared 2-core CPU, from scratch, on synthetic lesions only.",
+        f"trained for {prov.get('minutes', '?')} minutes on {_machine(prov)}, "
+        f"{'from ' + Path(settings['init']).name if settings.get('init') else 'from scratch'}, on synthetic lesions only.",
         "",
         "## Model",
         f"- Architecture: `{settings['config']}` (M-SAM: SAM-Med3D ViT encoder + LoRA + Mask-Enhanced Adapter, "
@@ -97,8 +107,9 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         "```",
         command,
         "```",
-        f"Batch {settings['batch_size']}, {settings['iterations']} decoder passes per batch (M-SAM uses 11; fewer "
-        "here to see more crops in the CPU budget), AdamW (weight decay 0.1), LR "
+        f"Batch {settings['batch_size']}, {settings['iterations']} decoder passes per batch"
+        f"{' (M-SAM uses 11; fewer here to see more crops in the CPU budget)' if settings['iterations'] < 11 else ''}, "
+        f"{settings.get('crops_per_lesion', '?')} cached crops per lesion, AdamW (weight decay 0.1), LR "
         f"{settings.get('lr') or 4e-4:g} with warm-up and cosine decay, DiceCE summed over passes, "
         "error-region click simulation, mask-prompt dropout, flips and intensity augmentation.",
         "",

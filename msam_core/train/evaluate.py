@@ -42,6 +42,9 @@ from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.train.clicks import first_click, next_click
 
 METHODS = ("msam", "region_growing")
+#: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
+#: 6 mm voxels, so lesions under ~10 mm are a separate regime.
+SIZE_GROUPS = (("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">=20mm", 20.0, float("inf")))
 
 
 @dataclass
@@ -233,6 +236,10 @@ def summarise(rows: list[Row], clicks: int) -> dict:
     for key in ("organ", "modality"):
         for value in sorted({getattr(r, key) for r in rows if getattr(r, key)}):
             groups[f"{key}={value}"] = means([r for r in rows if getattr(r, key) == value])
+    for name, lo, hi in SIZE_GROUPS:
+        selected = [r for r in rows if r.diameter_mm > 0 and lo <= r.diameter_mm < hi]
+        if selected:
+            groups[f"diameter={name}"] = means(selected)
     return {"clicks": clicks, "groups": groups}
 
 

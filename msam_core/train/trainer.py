@@ -247,7 +247,7 @@ def train(s: TrainSettings, log=print) -> Path:
             "iterations": s.iterations, "init": Path(s.init).name if s.init else None,
             "minutes": round((elapsed_before + time.time() - t0) / 60, 1), "final": final,
             "train_crops": len(dataset), "git_commit": _git_commit(), "torch": torch.__version__,
-            "machine": f"{platform.machine()} {device.type}",
+            "machine": f"{platform.machine()} {device.type}", "threads": torch.get_num_threads(),
         }
         model.invalidate_model_id()
         return save_checkpoint(model, out / "model.safetensors", provenance)
@@ -281,7 +281,7 @@ def train(s: TrainSettings, log=print) -> Path:
         step += 1
         seconds = elapsed_before + time.time() - t0
         row = {"step": step, "epoch": epoch, "seconds": round(seconds, 1), "lr": optimizer.param_groups[0]["lr"],
-               "loss": round(float(loss) / s.iterations, 5), **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()}}
+               "loss": round(float(loss.detach()) / s.iterations, 5), **{k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()}}
         writer.writerow(row)
         csv_file.flush()
         if tb is not None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from msam_core.train.clicks import first_click, next_click, random_error_clicks
-from msam_core.train.evaluate import dice_nsd, region_growing
+from msam_core.train.evaluate import Row, dice_nsd, region_growing, summarise
 
 
 def _box(shape, lo, hi) -> np.ndarray:
@@ -77,3 +77,24 @@ def test_region_growing_finds_a_bright_blob_and_respects_negative_clicks() -> No
     assert dice_nsd(grown, blob)[0] > 0.7
     cut = region_growing(image, np.array([[22.0, 22.0, 22.0], [29.0, 22.0, 22.0]]), np.array([1, 0]))
     assert cut.sum() < grown.sum() and not cut[29, 22, 22]
+
+
+def test_summary_means_by_group_and_lesion_size() -> None:
+    def row(lesion, organ, diameter, method, clicks, dice):
+        return Row("validation", "c", lesion, "s", "CT", organ, diameter, 10, method, clicks, dice, dice)
+
+    rows = []
+    for lesion, organ, diameter, dices in ((1, "liver", 6.0, (0.2, 0.6)), (2, "liver", 15.0, (0.5, 0.4)),
+                                           (3, "lung", 30.0, (0.8, 0.9))):
+        for c, d in enumerate(dices, start=1):
+            rows.append(row(lesion, organ, diameter, "msam", c, d))
+    summary = summarise(rows, clicks=2)
+    groups = summary["groups"]
+    assert groups["all"]["msam"]["dice"] == [round((0.2 + 0.5 + 0.8) / 3, 4), round((0.6 + 0.4 + 0.9) / 3, 4)]
+    # best so far: lesion 2 keeps its 0.5 after the worse second click
+    assert groups["all"]["msam"]["dice_best_so_far"][1] == round((0.6 + 0.5 + 0.9) / 3, 4)
+    assert groups["organ=liver"]["msam"]["dice"] == [0.35, 0.5]
+    assert groups["diameter=<10mm"]["msam"]["dice"] == [0.2, 0.6]
+    assert groups["diameter=10-20mm"]["msam"]["lesions"] == 1
+    assert groups["diameter=>=20mm"]["msam"]["dice"] == [0.8, 0.9]
+    assert "region_growing" not in groups["all"]
