@@ -46,6 +46,14 @@ def _metrics_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+#: evaluation splits read from RUN/eval_<split>/summary.json, in the card's order
+SPLIT_TITLES = {
+    "validation": "Synthetic validation set (training sources, unseen lesions)",
+    "heldout": "Lesions inserted into the held-out scan (chest CTA never seen in training)",
+    "real": "Real tumours (PyRadiomics test cases, never seen in training)",
+}
+
+
 def _machine(prov: dict) -> str:
     machine = prov.get("machine", "")
     if machine.endswith("cuda"):
@@ -69,7 +77,7 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
     prov = meta.get("provenance", {})
     curve = _loss_curve(run / "log.csv")
     evals = {}
-    for split in ("validation", "heldout"):
+    for split in SPLIT_TITLES:
         path = run / f"eval_{split}" / "summary.json"
         if path.is_file():
             evals[split] = json.loads(path.read_text())
@@ -137,11 +145,13 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         md += ["", "Region growing gets worse after its first click: the next click lands in the largest error, "
                "often at a lesion edge, and a region grown from an edge voxel (whose neighbourhood mixes lesion and "
                "organ) leaks into the organ; the best-so-far column (a user who undoes such clicks) is its fairer "
-               "figure. No real-tumour data was available here: real CT/MR tumours were not measured.", ""]
+               "figure. "
+               + ("Real tumours: the five clinical cases PyRadiomics ships (`msam data real`; brain MR x2, breast "
+                  "MR, lung CT x2) - real anatomy and real outlines, but five lesions: a sanity check, not a "
+                  "clinical validation." if "real" in evals else
+                  "No real-tumour data was evaluated: real CT/MR tumours were not measured."), ""]
     for split, summary in evals.items():
-        title = "Synthetic validation set (training sources, unseen lesions)" if split == "validation" else \
-            "Lesions inserted into the held-out scan (chest CTA never seen in training)"
-        md += [f"### {title}", "", _metrics_table(summary), ""]
+        md += [f"### {SPLIT_TITLES[split]}", "", _metrics_table(summary), ""]
     if not evals:
         md += ["Not evaluated.", ""]
     md += [

@@ -46,14 +46,25 @@ class CaseRef:
     split: str
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def case_name(path: str | Path) -> str:
+    """A case's name: its file name without the image suffix (``lung1.nrrd`` -> ``lung1``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def list_cases(data_dir: Path, split: str = "training") -> list[CaseRef]:
     """The cases of ``split`` in an MSD or plain data folder."""
     data_dir = Path(data_dir)
     manifest = data_dir / "dataset.json"
     if manifest.is_file():
         entries = json.loads(manifest.read_text()).get(split, [])
-        return [CaseRef(Path(e["image"]).name.removesuffix(".gz").removesuffix(".nii"),
-                        (data_dir / e["image"]).resolve(), (data_dir / e["label"]).resolve(), split)
+        return [CaseRef(case_name(e["image"]), (data_dir / e["image"]).resolve(), (data_dir / e["label"]).resolve(), split)
                 for e in entries]
     images = data_dir / "images"
     if images.is_dir() and split == "training":

@@ -40,6 +40,7 @@ from msam_core.io.load import load_volume
 from msam_core.pipeline.postprocess import upsample_logits
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.train.clicks import first_click, next_click
+from msam_core.train.data import case_name
 
 METHODS = ("msam", "region_growing")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
@@ -128,8 +129,7 @@ def _lesion_meta(data_dir: Path, split: str) -> dict[str, dict]:
         return {}
     out = {}
     for entry in json.loads(manifest.read_text()).get(split, []):
-        name = Path(entry["image"]).name.removesuffix(".gz").removesuffix(".nii")
-        out[name] = entry
+        out[case_name(entry["image"])] = entry
     return out
 
 

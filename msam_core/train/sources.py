@@ -101,11 +101,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(requirement: str, filename: str, sha256: str, where: Path, sdist: bool) -> Path:
+SDIST = ("--no-binary", ":all:")
+WHEEL = ("--only-binary", ":all:")
+
+
+def download(requirement: str, filename: str, sha256: str, where: Path, pip_args: tuple[str, ...] = ()) -> Path:
+    """``pip download`` one distribution file into ``where`` (once) and check its SHA-256."""
     target = where / filename
     if not target.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(where), requirement]
-        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        where.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(where), requirement, *pip_args]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not target.is_file():
             raise UnsupportedRequest(f"could not download {requirement} with pip: {result.stderr.strip()[-400:]}")
@@ -122,8 +127,8 @@ def fetch_sources(root: Path | None = None) -> Path:
     if all(p.is_file() for p in wanted):
         return out
     root.mkdir(parents=True, exist_ok=True)
-    ts = _download(*TOTALSEG, root, sdist=True)
-    nl = _download(*NILEARN, root, sdist=False)
+    ts = download(*TOTALSEG, root, SDIST)
+    nl = download(*NILEARN, root, WHEEL)
     with tarfile.open(ts) as tar:
         for member in TS_MEMBERS:
             data = tar.extractfile(_TS + member)

@@ -268,6 +268,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val", type=int, default=12, help="validation cases (training sources)")
     s.add_argument("--heldout", type=int, default=12, help="cases from the held-out source scan")
     s.set_defaults(func=run)
+    from msam_core.train import real
+
+    real.add_parser(data_sub)
 
 
 def run(args: argparse.Namespace) -> int:
