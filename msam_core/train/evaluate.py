@@ -17,6 +17,9 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    one-click Dice of a small grid, sigma 0/0.5/1/curvature flow x multiplier 2/2.5/3, on
    validation lesions), grown from each positive click separately and united; voxels nearer to
    a negative click than to every positive click are removed.
+5. Control (``--blank-image-control``): the model on an all-zero crop with the same protocol
+   (``msam_blank_image``): what the clicks alone give. A model whose Dice matches it does not use
+   the image.
 
 Writes ``per_lesion.csv`` and ``per_lesion.json`` (one row per lesion, method and click count),
 ``summary.json`` (means by method and click count, overall and per organ/modality; also the
@@ -42,7 +45,7 @@ from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
-METHODS = ("msam", "region_growing")
+METHODS = ("msam", "msam_blank_image", "region_growing")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
 #: 6 mm voxels, so lesions under ~10 mm are a separate regime.
 SIZE_GROUPS = (("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">=20mm", 20.0, float("inf")))
@@ -133,15 +136,8 @@ def _lesion_meta(data_dir: Path, split: str) -> dict[str, dict]:
     return out
 
 
-def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: int, tolerance_mm: float,
-                    feedback: bool = True, baseline: bool = True) -> dict[str, list[tuple[float, float]]]:
-    """``{method: [(dice, nsd) after 1..clicks clicks]}`` for one lesion mask on the volume grid."""
-    start = first_click(gt_volume)
-    grid = CropGrid.centred(volume.voxel_to_ras(start)[0], size=segmenter.model.img_size)
-    image = sampler.crop(grid)
-    gt = mask_on_grid(gt_volume, volume, grid)
-    centre = grid.ras_to_crop(volume.voxel_to_ras(start))[0]
-    results: dict[str, list[tuple[float, float]]] = {}
+def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, clicks: int, tolerance_mm: float,
+                  feedback: bool) -> list[tuple[float, float]]:
     embedding, _ = segmenter.encode(image)
     pts, labs = [centre], [1]
     low = None
@@ -155,7 +151,27 @@ def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: i
             nxt = (np.asarray(pts[-1]), labs[-1])
         pts.append(np.asarray(nxt[0], float))
         labs.append(int(nxt[1]))
-    results["msam"] = scores
+    return scores
+
+
+def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: int, tolerance_mm: float,
+                    feedback: bool = True, baseline: bool = True,
+                    blank_control: bool = False) -> dict[str, list[tuple[float, float]]]:
+    """``{method: [(dice, nsd) after 1..clicks clicks]}`` for one lesion mask on the volume grid.
+
+    ``blank_control``: also run the model on an all-zero crop with the same protocol
+    (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
+    """
+    start = first_click(gt_volume)
+    grid = CropGrid.centred(volume.voxel_to_ras(start)[0], size=segmenter.model.img_size)
+    image = sampler.crop(grid)
+    gt = mask_on_grid(gt_volume, volume, grid)
+    centre = grid.ras_to_crop(volume.voxel_to_ras(start))[0]
+    results: dict[str, list[tuple[float, float]]] = {}
+    results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback)
+    if blank_control:
+        results["msam_blank_image"] = _model_clicks(segmenter, torch.zeros_like(image), gt, centre, grid, clicks,
+                                                    tolerance_mm, feedback)
     if baseline:
         raw = image[0, 0].numpy()
         pts, labs = [centre], [1]
@@ -174,7 +190,7 @@ def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: i
 
 def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation", clicks: int = 5,
              out_dir: Path | None = None, tolerance_mm: float = 2.0, device: str = "cpu", feedback: bool = True,
-             baseline: bool = True, model=None, log=print) -> dict:
+             baseline: bool = True, model=None, log=print, blank_control: bool = False) -> dict:
     """Evaluate every lesion of ``split``; writes the reports into ``out_dir`` and returns the summary."""
     from msam_core.checkpoints import load_checkpoint
     from msam_core.pipeline.segmenter import Segmenter
@@ -196,7 +212,7 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
         infos = {int(x["label"]): x for x in entry.get("lesions", [])}
         for k in (int(v) for v in np.unique(labels) if v > 0):
             gt = labels == k
-            res = evaluate_lesion(segmenter, sampler, volume, gt, clicks, tolerance_mm, feedback, baseline)
+            res = evaluate_lesion(segmenter, sampler, volume, gt, clicks, tolerance_mm, feedback, baseline, blank_control)
             info = infos.get(k, {})
             for method, scores in res.items():
                 for c, (d, s) in enumerate(scores, start=1):
@@ -281,7 +297,7 @@ def plot_dice_vs_clicks(summary: dict, path: Path, size: tuple[int, int] = (640,
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     draw.text((w // 2 - 30, h - 22), "clicks", fill="black", font=font)
     draw.text((left, 12), f"mean Dice vs clicks ({summary.get('split', '')}, {summary.get('lesions', '?')} lesions)", fill="black", font=font)
-    colours = {"msam": (200, 30, 30), "region_growing": (30, 80, 200)}
+    colours = {"msam": (200, 30, 30), "msam_blank_image": (150, 150, 150), "region_growing": (30, 80, 200)}
     for i, (method, stats) in enumerate(groups.items()):
         line = [xy(c + 1, v) for c, v in enumerate(stats["dice"])]
         if len(line) > 1:
@@ -305,6 +321,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-feedback", action="store_true", help="do not feed the previous logits back")
     p.add_argument("--no-baseline", action="store_true", help="skip region growing")
+    p.add_argument("--blank-image-control", action="store_true",
+                   help="also run the model on an all-zero crop (msam_blank_image): does it use the image at all?")
     p.set_defaults(func=run)
 
 
@@ -313,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     summary = evaluate(args.data, checkpoint, args.split, args.clicks, args.out, args.nsd_tolerance, args.device,
-                       not args.no_feedback, not args.no_baseline)
+                       not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control)
     for method, stats in summary["groups"]["all"].items():
         print(f"{method}: Dice " + " ".join(f"@{i + 1} {v:.3f}" for i, v in enumerate(stats["dice"]))
               + f" (NSD@1 {stats['nsd'][0]:.3f}, @{len(stats['nsd'])} {stats['nsd'][-1]:.3f})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from msam_core.checkpoints import save_checkpoint
 from msam_core.cli import build_parser, main
 from msam_core.model import build_model
@@ -36,3 +38,18 @@ def test_evaluate_writes_reports(tmp_path) -> None:
     assert {r["method"] for r in rows} == {"msam", "region_growing"}
     assert (out / "per_lesion.csv").read_text().startswith("split,case,lesion")
     assert (out / "dice_vs_clicks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_blank_image_control_runs_the_model_without_the_image(tmp_path) -> None:
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=0, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", "heldout", "--clicks", "2",
+                 "--out", str(out), "--no-baseline", "--blank-image-control"]) == 0
+    rows = json.loads((out / "per_lesion.json").read_text())
+    assert {r["method"] for r in rows} == {"msam", "msam_blank_image"}
+    by = {(r["method"], r["lesion"], r["clicks"]): r["dice"] for r in rows}
+    # a random network does depend on its input: the blank crop changes at least one result
+    assert any(by[("msam", lesion, c)] != by[("msam_blank_image", lesion, c)] for _, lesion, c in by)

@@ -106,7 +106,8 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     s = TrainSettings(data=str(dataset_dir), out=str(run), steps=1, batch_size=1, iterations=2,
                       crops_per_lesion=1, device="cpu", warmup=1, threads=1)
     path = train(s, log=lambda *_: None)
-    evaluate(dataset_dir, path, "heldout", clicks=2, out_dir=run / "eval_heldout", log=lambda *_: None)
+    evaluate(dataset_dir, path, "heldout", clicks=2, out_dir=run / "eval_heldout", log=lambda *_: None,
+             blank_control=True)
     card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1")
     text = card.read_text()
     summary = json.loads((run / "eval_heldout" / "summary.json").read_text())
@@ -114,5 +115,7 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     assert f"Dice@1 {m[0]:.3f} (msam) vs {r[0]:.3f} (region growing)" in text
     assert "a CPU (1 threads)" in text and "from scratch" in text and "msam train --steps 1" in text
     assert "M-SAM uses 11" in text  # 2 passes < 11 is explained
+    b = summary["groups"]["all"]["msam_blank_image"]["dice"]
+    assert f"blank (all-zero) crop: Dice@1 {b[0]:.3f}" in text and "| all (1) | msam_blank_image |" in text
     assert "| 1-1 | " in text  # the loss curve has the one step
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == path.read_bytes()
