@@ -46,7 +46,8 @@ class CaseRef:
     split: str
 
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: the file formats ``load_volume`` reads by name (NIfTI, NRRD)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
 
 def case_name(path: str | Path) -> str:

@@ -136,15 +136,14 @@ def _lesion_meta(data_dir: Path, split: str) -> dict[str, dict]:
     return out
 
 
-def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, clicks: int, tolerance_mm: float,
-                  feedback: bool) -> list[tuple[float, float]]:
-    embedding, _ = segmenter.encode(image)
+def _click_protocol(segment, gt: np.ndarray, centre: np.ndarray, grid, clicks: int,
+                    tolerance_mm: float) -> list[tuple[float, float]]:
+    """Scores after 1..``clicks`` clicks: first click at ``centre``, each next one at the deepest
+    voxel of the largest error of ``segment(points, labels) -> bool mask``."""
     pts, labs = [centre], [1]
-    low = None
     scores = []
     for _ in range(clicks):
-        low = segmenter.predict(embedding, np.asarray(pts), np.asarray(labs), low if feedback else None)
-        pred = upsample_logits(low, size=grid.size) > 0
+        pred = segment(np.asarray(pts), np.asarray(labs))
         scores.append(dice_nsd(pred, gt, grid.spacing, tolerance_mm))
         nxt = next_click(pred, gt)
         if nxt is None:
@@ -152,6 +151,19 @@ def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, cl
         pts.append(np.asarray(nxt[0], float))
         labs.append(int(nxt[1]))
     return scores
+
+
+def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, clicks: int, tolerance_mm: float,
+                  feedback: bool) -> list[tuple[float, float]]:
+    embedding, _ = segmenter.encode(image)
+    low = None
+
+    def segment(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        nonlocal low
+        low = segmenter.predict(embedding, points, labels, low if feedback else None)
+        return upsample_logits(low, size=grid.size) > 0
+
+    return _click_protocol(segment, gt, centre, grid, clicks, tolerance_mm)
 
 
 def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: int, tolerance_mm: float,
@@ -174,17 +186,8 @@ def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: i
                                                     tolerance_mm, feedback)
     if baseline:
         raw = image[0, 0].numpy()
-        pts, labs = [centre], [1]
-        scores = []
-        for _ in range(clicks):
-            pred = region_growing(raw, np.asarray(pts), np.asarray(labs))
-            scores.append(dice_nsd(pred, gt, grid.spacing, tolerance_mm))
-            nxt = next_click(pred, gt)
-            if nxt is None:
-                nxt = (np.asarray(pts[-1]), labs[-1])
-            pts.append(np.asarray(nxt[0], float))
-            labs.append(int(nxt[1]))
-        results["region_growing"] = scores
+        results["region_growing"] = _click_protocol(lambda pts, labs: region_growing(raw, pts, labs), gt, centre,
+                                                    grid, clicks, tolerance_mm)
     return results
 
 
