@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 
+INPUT_TRANSFORMS = ("none", "signed_log")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -31,6 +34,14 @@ class ModelConfig:
     mea: bool = False
     mea_num_heads: int = 6
     mea_num_blocks: int = 1
+    #: Applied to the normalised crop before the patch embedding: ``"none"`` (SAM-Med3D) or
+    #: ``"signed_log"`` (``sign(x) * log1p(|x|)``: CT crops z-scored over > 0 HU reach +-17 to
+    #: +-35 where air is; this keeps every contrast but compresses that range to about +-3.6).
+    input_transform: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}")
 
     @property
     def grid(self) -> int:

@@ -102,6 +102,8 @@ class MSAM(nn.Module):
         s = self.config.img_size
         if image.ndim != 5 or tuple(image.shape[1:]) != (1, s, s, s):
             raise ValueError(f"encode expects [B, 1, {s}, {s}, {s}], got {tuple(image.shape)}")
+        if self.config.input_transform == "signed_log":
+            image = torch.sign(image) * torch.log1p(image.abs())
         return self.image_encoder(image)
 
     def decode(

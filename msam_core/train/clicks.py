@@ -20,7 +20,8 @@ def random_error_clicks(pred: torch.Tensor, gt: torch.Tensor, generator: torch.G
     """One click per sample from the error region.
 
     Args:
-        pred, gt: ``bool [B, 1, D, H, W]``.
+        pred, gt: ``bool [B, 1, D, H, W]`` on any device (the random draws use ``generator``, a
+            CPU generator, so a GPU run draws the same clicks as a CPU run).
 
     Returns:
         ``(points [B, 1, 3] float32 voxel indices, labels [B, 1] int64)``. A sample without any
@@ -41,7 +42,7 @@ def random_error_clicks(pred: torch.Tensor, gt: torch.Tensor, generator: torch.G
             labels[i, 0] = 1
             continue
         flat = torch.nonzero(region.reshape(-1)).squeeze(1)
-        pick = flat[torch.randint(len(flat), (1,), generator=generator)].item()
+        pick = int(flat[int(torch.randint(len(flat), (1,), generator=generator))])
         idx = np.unravel_index(pick, tuple(shape))
         points[i, 0] = torch.tensor(idx, dtype=torch.float32)
         labels[i, 0] = 1 if bool(gt[i, 0][idx]) else 0

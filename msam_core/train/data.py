@@ -35,7 +35,7 @@ from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "msam-crops-v1"
+CACHE_VERSION = "msam-crops-v2"  # v2: crop centres seeded per case
 
 
 @dataclass(frozen=True)
@@ -87,70 +87,121 @@ def crop_centres(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.n
     return np.stack(np.unravel_index(chosen, mask.shape), 1)
 
 
+def _case_crops(case: CaseRef, crops_per_lesion: int, seed: int, case_index: int, out: Path) -> list[dict]:
+    """Write the crops of one case; its centres come from ``default_rng([seed, case_index])``, so
+    the cache does not depend on how many workers build it."""
+    rng = np.random.default_rng([seed, case_index])
+    volume = load_volume(case.image)
+    labels = np.asarray(load_volume(case.label).array)
+    sampler = VolumeSampler(volume)
+    items = []
+    for k in (int(v) for v in np.unique(labels) if v > 0):
+        lesion = labels == k
+        for c, centre in enumerate(crop_centres(lesion, crops_per_lesion, rng)):
+            grid = CropGrid.centred(volume.voxel_to_ras(centre)[0])
+            image = sampler.crop(grid)[0, 0].numpy().astype(np.float16)
+            mask = mask_on_grid(lesion, volume, grid).astype(np.uint8)
+            if not mask[64, 64, 64]:  # the first click must lie in the lesion
+                continue
+            stem = f"{case.name}_l{k}_c{c}"
+            np.save(out / f"{stem}_img.npy", image)
+            np.save(out / f"{stem}_msk.npy", mask)
+            items.append({"stem": stem, "case": case.name, "lesion": k, "ct": bool(sampler.ct),
+                          "centre_voxel": [int(v) for v in centre], "voxels": int(mask.sum())})
+    return items
+
+
 def build_cache(data_dir: Path, split: str = "training", crops_per_lesion: int = 2, seed: int = 0,
-                cache_dir: Path | None = None, log_fn=print) -> Path:
-    """Write (once) the crop cache of ``split``; returns its folder (``index.json`` + arrays)."""
+                cache_dir: Path | None = None, log_fn=print, workers: int = 1) -> Path:
+    """Write (once) the crop cache of ``split``; returns its folder (``index.json`` + arrays).
+
+    ``workers`` > 1 builds cases in that many processes; the result is the same.
+    """
     out = Path(cache_dir) if cache_dir is not None else Path(data_dir) / "cache" / split
     index_path = out / "index.json"
     settings = {"version": CACHE_VERSION, "crops_per_lesion": crops_per_lesion, "seed": seed}
     if index_path.is_file() and json.loads(index_path.read_text()).get("settings") == settings:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    items = []
     cases = list_cases(data_dir, split)
-    for n, case in enumerate(cases):
-        volume = load_volume(case.image)
-        labels = np.asarray(load_volume(case.label).array)
-        sampler = VolumeSampler(volume)
-        for k in (int(v) for v in np.unique(labels) if v > 0):
-            lesion = labels == k
-            for c, centre in enumerate(crop_centres(lesion, crops_per_lesion, rng)):
-                grid = CropGrid.centred(volume.voxel_to_ras(centre)[0])
-                image = sampler.crop(grid)[0, 0].numpy().astype(np.float16)
-                mask = mask_on_grid(lesion, volume, grid).astype(np.uint8)
-                if not mask[64, 64, 64]:  # the first click must lie in the lesion
-                    continue
-                stem = f"{case.name}_l{k}_c{c}"
-                np.save(out / f"{stem}_img.npy", image)
-                np.save(out / f"{stem}_msk.npy", mask)
-                items.append({"stem": stem, "case": case.name, "lesion": k, "ct": bool(sampler.ct),
-                              "centre_voxel": [int(v) for v in centre],
-                              "voxels": int(mask.sum())})
-        log_fn(f"cache {split}: {n + 1}/{len(cases)} cases, {len(items)} crops")
+    jobs = [(case, crops_per_lesion, seed, n, out) for n, case in enumerate(cases)]
+    items: list[dict] = []
+    if workers > 1 and len(cases) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(cases))) as pool:
+            for n, case_items in enumerate(pool.map(_case_crops, *zip(*jobs))):
+                items += case_items
+                log_fn(f"cache {split}: {n + 1}/{len(cases)} cases, {len(items)} crops")
+    else:
+        for n, job in enumerate(jobs):
+            items += _case_crops(*job)
+            log_fn(f"cache {split}: {n + 1}/{len(cases)} cases, {len(items)} crops")
     index_path.write_text(json.dumps({"settings": settings, "items": items}, indent=1))
     return out
 
 
+def augment(image: torch.Tensor, mask: torch.Tensor, click: torch.Tensor,
+            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training augmentation of one crop (``[1, S, S, S]`` tensors on any device, click ``[3]``):
+    a flip of each axis with p = 0.5 (the click follows), intensity scale 0.9-1.1 and shift
+    +-0.1, and Gaussian noise (sd 0.02-0.1) with p = 0.3. All draws come from ``rng``."""
+    axes = [a for a in range(3) if rng.random() < 0.5]
+    if axes:
+        image = torch.flip(image, [a + 1 for a in axes])
+        mask = torch.flip(mask, [a + 1 for a in axes])
+        click = click.clone()
+        click[axes] = image.shape[1] - 1 - click[axes]
+    image = image * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
+    if rng.random() < 0.3:
+        sd = float(rng.uniform(0.02, 0.1))
+        noise = torch.Generator(image.device).manual_seed(int(rng.integers(2**62)))
+        image = image + sd * torch.randn(image.shape, generator=noise, device=image.device, dtype=image.dtype)
+    return image, mask, click
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Cached crops as ``(image [1,128,128,128] float32, mask [1,128,128,128] float32,
-    first click [3] float32)``, with flips and intensity augmentation when ``augment``."""
+    first click [3] float32)``, with :func:`augment` when ``augment``.
 
-    def __init__(self, cache: Path, augment: bool = True, seed: int = 0) -> None:
+    ``device=None`` reads each crop from disk (memory-mapped) when it is asked for; a device
+    (a GPU) gets every crop copied onto it once (6 MB per crop: float16 image, uint8 mask), so
+    training there never waits for the disk or the CPU. Both give the same crops.
+    """
+
+    def __init__(self, cache: Path, augment: bool = True, seed: int = 0, device: torch.device | str | None = None) -> None:
         self.cache = Path(cache)
         self.items = json.loads((self.cache / "index.json").read_text())["items"]
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.device = torch.device(device) if device is not None else None
+        self._images: torch.Tensor | None = None
+        self._masks: torch.Tensor | None = None
+        if self.device is not None and self.items:
+            self._images = torch.empty(len(self.items), 1, 128, 128, 128, dtype=torch.float16, device=self.device)
+            self._masks = torch.empty(len(self.items), 1, 128, 128, 128, dtype=torch.uint8, device=self.device)
+            for i in range(len(self.items)):
+                image, mask = self._read(i)
+                self._images[i, 0] = torch.from_numpy(image).to(self.device)
+                self._masks[i, 0] = torch.from_numpy(mask).to(self.device)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         stem = self.items[i]["stem"]
-        image = np.load(self.cache / f"{stem}_img.npy", mmap_mode="r").astype(np.float32)
-        mask = np.load(self.cache / f"{stem}_msk.npy", mmap_mode="r").astype(np.float32)
-        click = np.full(3, 64.0, np.float32)
+        return (np.load(self.cache / f"{stem}_img.npy", mmap_mode="r"),
+                np.load(self.cache / f"{stem}_msk.npy", mmap_mode="r"))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._images is not None and self._masks is not None:
+            image, mask = self._images[i].float(), self._masks[i].float()
+        else:
+            image_np, mask_np = self._read(i)
+            image = torch.from_numpy(image_np.astype(np.float32))[None]
+            mask = torch.from_numpy(mask_np.astype(np.float32))[None]
+        click = torch.full((3,), 64.0, device=image.device)
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            for axis in range(3):
-                if rng.random() < 0.5:
-                    image = np.flip(image, axis)
-                    mask = np.flip(mask, axis)
-                    click[axis] = image.shape[axis] - 1 - click[axis]
-            image = image * np.float32(rng.uniform(0.9, 1.1)) + np.float32(rng.uniform(-0.1, 0.1))
-            if rng.random() < 0.3:
-                image = image + rng.normal(0, rng.uniform(0.02, 0.1), image.shape).astype(np.float32)
-        img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-        msk_t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
-        return img_t, msk_t, torch.from_numpy(click)
+            image, mask, click = augment(image, mask, click, np.random.default_rng([self.seed, self.epoch, i]))
+        return image, mask, click

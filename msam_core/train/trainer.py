@@ -37,7 +37,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ import torch
 from torch.nn import functional as F
 
 from msam_core.model import MSAM, build_model
+from msam_core.model.configs import INPUT_TRANSFORMS, get_config
 
 SAM_LR_ADAPTER = 8e-4
 SAM_LR_DECODER = 8e-5
@@ -72,6 +73,8 @@ class TrainSettings:
     seed: int = 0
     resume: bool = False
     threads: int | None = None
+    workers: int = 1
+    input_transform: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -135,7 +138,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
         if 0 < it < iterations - 1 and it != no_click:
             with torch.no_grad():
                 pred = upsample(low, size) > 0
-            new_pts, new_lab = random_error_clicks(pred.cpu(), gt_bool.cpu(), generator)
+            new_pts, new_lab = random_error_clicks(pred, gt_bool, generator)
             points = torch.cat([points, new_pts.to(points.device)], 1)
             labels = torch.cat([labels, new_lab.to(labels.device)], 1)
         # Inference decodes the first click without a mask prompt (no_mask_embed) and an
@@ -191,12 +194,16 @@ def train(s: TrainSettings, log=print) -> Path:
     torch.manual_seed(s.seed)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log)
-    dataset = CropDataset(cache, augment=True, seed=s.seed)
+    cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
+    # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
+    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None)
     if len(dataset) == 0:
         raise ValueError(f"no training crops in {s.data}")
 
-    model = build_model(s.config)
+    config = get_config(s.config)
+    if s.input_transform is not None:
+        config = replace(config, input_transform=s.input_transform)
+    model = build_model(config)
     from_pretrained = s.init is not None
     if from_pretrained:
         fresh = init_from_checkpoint(model, s.init)
@@ -330,6 +337,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=1, help="processes building the crop cache")
+    p.add_argument("--input-transform", choices=INPUT_TRANSFORMS, default=None,
+                   help="transform of the normalised crop before the encoder (default: the config's)")
     p.set_defaults(func=run)
 
 
@@ -339,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
+        workers=args.workers, input_transform=args.input_transform,
     )
     train(settings)
     return 0

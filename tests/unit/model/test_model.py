@@ -146,3 +146,20 @@ def test_model_id_is_stable_and_tracks_weights():
 
 def test_autocast_is_a_no_op_on_cpu(small):
     assert isinstance(small.autocast(), contextlib.nullcontext)
+
+
+def test_signed_log_input_transform(small, tmp_path):
+    from msam_core.checkpoints import load_checkpoint, save_checkpoint
+
+    with pytest.raises(ValueError, match="input_transform must be one of"):
+        replace(get_config("msam_small"), input_transform="log")
+    logged = MSAM(replace(small.config, input_transform="signed_log"))
+    logged.load_state_dict(small.state_dict())
+    image = 20 * torch.randn(1, 1, 128, 128, 128)
+    compressed = torch.sign(image) * torch.log1p(image.abs())
+    assert float(compressed.abs().max()) < 5
+    with torch.inference_mode():
+        torch.testing.assert_close(logged.encode(image), small.encode(compressed))
+        assert not torch.allclose(logged.encode(image), small.encode(image), atol=1e-3)
+    again = load_checkpoint(save_checkpoint(logged, tmp_path / "m.safetensors", provenance={}))
+    assert again.config.input_transform == "signed_log"

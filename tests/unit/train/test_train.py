@@ -50,6 +50,33 @@ def test_cache_crops_are_the_inference_crops(dataset_dir) -> None:
     assert msk[0][tuple(int(v) for v in click)] == 1  # flips move the click with the lesion
 
 
+def test_cache_does_not_depend_on_the_number_of_workers(dataset_dir, tmp_path) -> None:
+    one = build_cache(dataset_dir, "training", crops_per_lesion=2, seed=1, cache_dir=tmp_path / "one", log_fn=lambda *_: None)
+    two = build_cache(dataset_dir, "training", crops_per_lesion=2, seed=1, cache_dir=tmp_path / "two",
+                      log_fn=lambda *_: None, workers=2)
+    items_one = json.loads((one / "index.json").read_text())["items"]
+    items_two = json.loads((two / "index.json").read_text())["items"]
+    assert len({i["case"] for i in items_one}) == 2 and items_one == items_two
+    for item in items_one:
+        for suffix in ("_img.npy", "_msk.npy"):
+            np.testing.assert_array_equal(np.load(one / (item["stem"] + suffix)), np.load(two / (item["stem"] + suffix)))
+
+
+def test_crops_held_on_a_device_are_the_crops_read_from_disk(dataset_dir) -> None:
+    cache = build_cache(dataset_dir, "training", crops_per_lesion=1, seed=0, log_fn=lambda *_: None)
+    disk = CropDataset(cache, augment=True, seed=3)
+    held = CropDataset(cache, augment=True, seed=3, device="cpu")
+    assert held._images is not None and held._images.dtype == torch.float16
+    for epoch in (0, 1, 2):
+        disk.epoch = held.epoch = epoch
+        for i in range(len(disk)):
+            for a, b in zip(disk[i], held[i]):
+                torch.testing.assert_close(a, b)
+    flipped = [i for i in range(len(disk)) for epoch in range(3)
+               if (setattr(disk, "epoch", epoch) or True) and disk[i][2].tolist() != [64.0, 64.0, 64.0]]
+    assert flipped, "augmentation flips some crops (and moves their click)"
+
+
 def test_tiny_training_run_lowers_the_loss(dataset_dir) -> None:
     from monai.losses import DiceCELoss
 
