@@ -111,10 +111,10 @@ def export_state_dict(model: MSAM, layout: str) -> dict[str, torch.Tensor]:
     """Our weights in an upstream layout: ``"sam_med3d"`` or ``"m_sam"``."""
     state = model.state_dict()
     if layout == "sam_med3d":
-        extra = [k for k in state if k.startswith("mea.") or ".attn.lora." in k]
+        extra = [k for k in state if k.startswith(("mea.", "high_res.")) or ".attn.lora." in k]
         if extra:
             raise InvalidCheckpoint(
-                f"this {model.config.name} model has LoRA/MEA weights ({len(extra)} tensors) that the "
+                f"this {model.config.name} model has LoRA/MEA/high-res weights ({len(extra)} tensors) that the "
                 "SAM-Med3D layout cannot hold; export it as 'm_sam' or 'msam'"
             )
         return dict(state)

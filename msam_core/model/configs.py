@@ -2,7 +2,9 @@
 
 - ``sam_med3d``: SAM-Med3D ``vit_b_ori`` exactly (loads ``sam_med3d.pth`` / ``sam_med3d_turbo.pth``).
 - ``msam``: ``sam_med3d`` + LoRA (rank 4, q and v of every encoder block) + Mask-Enhanced Adapter.
-- ``msam_small``: the same code with reduced widths and depths, for CPU training and tests.
+- ``msam_small``: the same code with reduced widths and depths, for CPU training and tests;
+  trained from scratch, so it also takes stride-4 image features into its decoder
+  (``high_res_features``, see :mod:`msam_core.model.high_res`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class ModelConfig:
     #: ``"signed_log"`` (``sign(x) * log1p(|x|)``: CT crops z-scored over > 0 HU reach +-17 to
     #: +-35 where air is; this keeps every contrast but compresses that range to about +-3.6).
     input_transform: str = "none"
+    #: A convolutional stem whose stride-4 features enter the decoder's last upscaling stage
+    #: (:mod:`msam_core.model.high_res`); not part of SAM-Med3D or M-SAM.
+    high_res_features: bool = False
 
     def __post_init__(self) -> None:
         if self.input_transform not in INPUT_TRANSFORMS:
@@ -81,6 +86,7 @@ MSAM_SMALL = ModelConfig(
     iou_head_hidden_dim=64,
     lora_rank=4,
     mea=True,
+    high_res_features=True,
 )
 
 CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (SAM_MED3D, MSAM, MSAM_SMALL)}

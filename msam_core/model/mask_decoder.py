@@ -48,15 +48,24 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
     def forward(
-        self, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
+        self, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, high_res: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``high_res [B, E/8, 32, 32, 32]`` (optional, :mod:`msam_core.model.high_res`): image
+        features added to the upscaled embedding before its last activation, as SAM 2 does."""
         b, c, x, y, z = src.shape
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         pos = image_pe.expand(b, -1, -1, -1, -1)
         hs, keys = self.transformer(src, pos, tokens)
         iou_out, mask_out = hs[:, 0], hs[:, 1 : 1 + self.num_mask_tokens]
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, x, y, z))
+        grid = keys.transpose(1, 2).reshape(b, c, x, y, z)
+        if high_res is None:
+            upscaled = self.output_upscaling(grid)
+        else:
+            *stages, act = self.output_upscaling
+            for stage in stages:
+                grid = stage(grid)
+            upscaled = act(grid + high_res.to(grid.dtype))
         hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         _, c_up, *size = upscaled.shape
         masks = (hyper @ upscaled.reshape(b, c_up, -1)).reshape(b, -1, *size)

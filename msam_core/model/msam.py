@@ -2,7 +2,9 @@
 
 Public interface (everything else in msam uses only these):
 
-- ``encode(image [B, 1, 128, 128, 128]) -> embedding [B, 384, 8, 8, 8]``
+- ``encode(image [B, 1, 128, 128, 128]) -> embedding [B, 384, 8, 8, 8]`` (with
+  ``high_res_features``, ``[B, E + 64 E/8, 8, 8, 8]``: the stride-4 image features folded in,
+  see :mod:`msam_core.model.high_res`)
 - ``decode(embedding, points [B, N, 3], labels [B, N], mask_logits [B, 1, 32, 32, 32] | None)
   -> logits [B, 1, 32, 32, 32]``. Points are voxel indices in the 128^3 crop, in the axis order
   of the image tensor; labels are 1 (positive) / 0 (negative). The MEA fuses the mask prompt
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from msam_core.model.configs import ModelConfig, get_config
+from msam_core.model.high_res import HighResStem, fold, unfold
 from msam_core.model.image_encoder import ImageEncoderViT3D
 from msam_core.model.mask_decoder import MaskDecoder3D
 from msam_core.model.mea import MaskEnhancedAdapter
@@ -63,6 +66,7 @@ class MSAM(nn.Module):
             if config.mea
             else None
         )
+        self.high_res = HighResStem(config.prompt_embed_dim // 8) if config.high_res_features else None
         #: Mixed-precision dtype used by :meth:`autocast` on CUDA (None: full precision).
         self.amp_dtype: torch.dtype | None = torch.bfloat16
 
@@ -70,6 +74,12 @@ class MSAM(nn.Module):
     @property
     def img_size(self) -> int:
         return self.config.img_size
+
+    @property
+    def embedding_channels(self) -> int:
+        """Channels of :meth:`encode`'s output (the high-resolution features folded in, if any)."""
+        e = self.config.prompt_embed_dim
+        return e + (e // 8) * 64 if self.high_res is not None else e
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +114,10 @@ class MSAM(nn.Module):
             raise ValueError(f"encode expects [B, 1, {s}, {s}, {s}], got {tuple(image.shape)}")
         if self.config.input_transform == "signed_log":
             image = torch.sign(image) * torch.log1p(image.abs())
-        return self.image_encoder(image)
+        tokens = self.image_encoder(image)
+        if self.high_res is None:
+            return tokens
+        return torch.cat([tokens, fold(self.high_res(image).to(tokens.dtype))], dim=1)
 
     def decode(
         self,
@@ -118,10 +131,17 @@ class MSAM(nn.Module):
             raise ValueError(f"points must be [B, N, 3] and labels [B, N]; got {tuple(points.shape)}, {tuple(labels.shape)}")
         if embedding.shape[0] != points.shape[0]:
             raise ValueError("embedding and points must have the same batch size")
+        if embedding.ndim != 5 or embedding.shape[1] != self.embedding_channels:
+            raise ValueError(f"this {self.config.name} model decodes [B, {self.embedding_channels}, G, G, G] embeddings "
+                             f"(from its own encode), got {tuple(embedding.shape)}")
+        high_res = None
+        if self.high_res is not None:
+            e = self.config.prompt_embed_dim
+            embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
         src = self.mea(embedding, dense) if self.mea is not None else embedding + dense
-        masks, _ = self.mask_decoder(src, self.prompt_encoder.dense_pe().to(src.dtype), sparse.to(src.dtype))
+        masks, _ = self.mask_decoder(src, self.prompt_encoder.dense_pe().to(src.dtype), sparse.to(src.dtype), high_res)
         return masks[:, :1]
 
     def refine(
@@ -148,7 +168,8 @@ class MSAM(nn.Module):
 
     # -- training helpers -------------------------------------------------------------------
     def set_trainable(self) -> None:
-        """M-SAM's recipe: the image encoder frozen except LoRA; prompt encoder, decoder, MEA trained.
+        """M-SAM's recipe: the image encoder frozen except LoRA; prompt encoder, decoder, MEA (and the
+        high-res stem, where the config has one) trained.
 
         A model without LoRA (``sam_med3d``) trains prompt encoder and decoder only.
         """

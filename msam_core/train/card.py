@@ -73,7 +73,7 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
     shutil.copyfile(weights, out / "msam_default.safetensors")
     from msam_core.checkpoints import read_weights
 
-    _, _, meta = read_weights(weights)
+    _, config, meta = read_weights(weights)
     prov = meta.get("provenance", {})
     curve = _loss_curve(run / "log.csv")
     evals = {}
@@ -95,6 +95,11 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         "## Model",
         f"- Architecture: `{settings['config']}` (M-SAM: SAM-Med3D ViT encoder + LoRA + Mask-Enhanced Adapter, "
         "reduced widths/depths), 128^3 crops of 1.5 mm, 32^3 logits upsampled. "
+        + ("Stride-4 image features from a three-layer convolutional stem are added to the decoder's upscaling "
+           "(`high_res_features`, as SAM 2 does). " if config is not None and config.high_res_features else "")
+        + (f"Input transform `{config.input_transform}` on the normalised crop. "
+           if config is not None and config.input_transform != "none" else "")
+        +
         f"{'Initialised from ' + settings['init'] if settings.get('init') else 'No pretrained encoder exists for this size, so it was trained from scratch with every parameter trainable (not the LoRA-only recipe, which needs SAM-Med3D weights).'}",
         f"- Weights: safetensors, {weights.stat().st_size / 1e6:.1f} MB, msam format with provenance metadata "
         f"(steps {prov.get('steps')}, {prov.get('minutes')} min, git {prov.get('git_commit') or 'n/a'}).",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from msam_core.model import MSAM, build_model, get_config
+from msam_core.model.high_res import unfold
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def test_shapes(small):
     points, labels = prompts()
     with torch.inference_mode():
         embedding = small.encode(image)
-        assert embedding.shape == (2, 96, 8, 8, 8)
+        # 96 token channels + the stride-4 features (12 channels x 4^3 positions) folded in
+        assert embedding.shape == (2, 96 + 12 * 64, 8, 8, 8) == (2, small.embedding_channels, 8, 8, 8)
         logits = small.decode(embedding, points, labels)
         assert logits.shape == (2, 1, 32, 32, 32)
         assert small.decode(embedding, points, labels, logits).shape == (2, 1, 32, 32, 32)
@@ -39,7 +41,9 @@ def test_shapes(small):
 def test_bad_shapes_are_refused(small):
     with pytest.raises(ValueError, match=r"\[B, 1, 128, 128, 128\]"):
         small.encode(torch.zeros(1, 1, 64, 64, 64))
-    embedding = torch.zeros(1, 96, 8, 8, 8)
+    embedding = torch.zeros(1, small.embedding_channels, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"decodes \[B, 864, G, G, G\] embeddings"):
+        small.decode(torch.zeros(1, 96, 8, 8, 8), *prompts(1))
     with pytest.raises(ValueError, match="points must be"):
         small.decode(embedding, torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="batch"):
@@ -97,19 +101,20 @@ def test_mea_replaces_the_sum(small):
     """Without the adapter, decode sums image and mask embeddings (SAM); with it, the MEA fuses them."""
     plain = build_model(replace(get_config("msam_small"), mea=False))
     plain.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith("mea.")})
-    embedding = torch.randn(1, 96, 8, 8, 8)
+    embedding = torch.randn(1, small.embedding_channels, 8, 8, 8)
     points, labels = prompts(1)
+    tokens, high_res = embedding[:, :96], unfold(embedding[:, 96:])
     with torch.inference_mode():
         sparse, dense = plain.prompt_encoder(points, labels, None)
-        by_hand, _ = plain.mask_decoder(embedding + dense, plain.prompt_encoder.dense_pe(), sparse)
+        by_hand, _ = plain.mask_decoder(tokens + dense, plain.prompt_encoder.dense_pe(), sparse, high_res)
         assert torch.allclose(plain.decode(embedding, points, labels), by_hand[:, :1])
-        fused, _ = small.mask_decoder(small.mea(embedding, dense), small.prompt_encoder.dense_pe(), sparse)
+        fused, _ = small.mask_decoder(small.mea(tokens, dense), small.prompt_encoder.dense_pe(), sparse, high_res)
         assert torch.allclose(small.decode(embedding, points, labels), fused[:, :1])
         assert not torch.allclose(fused[:, :1], by_hand[:, :1])
 
 
 def test_refine_feeds_each_prediction_back(small):
-    embedding = torch.randn(1, 96, 8, 8, 8)
+    embedding = torch.randn(1, small.embedding_channels, 8, 8, 8)
     points, labels = prompts(1)
     with torch.inference_mode():
         logits = torch.zeros(1, 1, 32, 32, 32)
@@ -124,7 +129,7 @@ def test_refine_feeds_each_prediction_back(small):
 
 def test_point_order_is_tensor_axis_order(small):
     """A point at index (a, b, c) of the crop and one at (c, b, a) give different predictions."""
-    embedding = torch.randn(1, 96, 8, 8, 8)
+    embedding = torch.randn(1, small.embedding_channels, 8, 8, 8)
     labels = torch.tensor([[1]])
     with torch.inference_mode():
         one = small.decode(embedding, torch.tensor([[[10.0, 60.0, 110.0]]]), labels)
@@ -163,3 +168,40 @@ def test_signed_log_input_transform(small, tmp_path):
         assert not torch.allclose(logged.encode(image), small.encode(image), atol=1e-3)
     again = load_checkpoint(save_checkpoint(logged, tmp_path / "m.safetensors", provenance={}))
     assert again.config.input_transform == "signed_log"
+
+
+def test_high_res_fold_is_exactly_invertible():
+    from msam_core.model.high_res import fold, unfold
+
+    x = torch.randn(2, 12, 32, 32, 32)
+    folded = fold(x)
+    assert folded.shape == (2, 12 * 64, 8, 8, 8)
+    assert torch.equal(unfold(folded), x)
+    # token (i, j, k) holds exactly the 4^3 block of positions it covers
+    torch.testing.assert_close(folded[0, :, 1, 2, 3].reshape(12, 4, 4, 4), x[0, :, 4:8, 8:12, 12:16])
+    with pytest.raises(ValueError, match="not divisible"):
+        fold(torch.zeros(1, 1, 30, 32, 32))
+
+
+def test_high_res_features_carry_fine_detail_to_the_logits():
+    """With ``high_res_features`` a change inside one token's 16^3 patch reaches the logits at
+    that position through the stem (stride 4) as well as through the ViT; without it the
+    SAM-Med3D configurations are unchanged (same state-dict keys, 384-channel embeddings)."""
+    torch.manual_seed(0)
+    model = build_model("msam_small")
+    assert model.high_res is not None and get_config("msam").high_res_features is False
+    assert not any(k.startswith("high_res.") for k in build_model("sam_med3d").state_dict())
+    image = torch.randn(1, 1, 128, 128, 128)
+    bumped = image.clone()
+    bumped[..., 72:76, 72:76, 72:76] += 5.0
+    with torch.inference_mode():
+        e0, e1 = model.encode(image), model.encode(bumped)
+        e = model.config.prompt_embed_dim
+        diff = (unfold(e1[:, e:]) - unfold(e0[:, e:])).abs().sum(1)[0]
+        # the stem's receptive field is 19 voxels: the change stays local at stride 4
+        assert diff[18, 18, 18] > 0 and diff[2, 2, 2] == 0 and diff[30, 30, 30] == 0
+        p, lab = torch.tensor([[[74.0, 74.0, 74.0]]]), torch.ones(1, 1, dtype=torch.long)
+        assert not torch.allclose(model.decode(e0, p, lab), model.decode(e1, p, lab))
+    model.train()
+    model.decode(model.encode(image), p, lab).mean().backward()
+    assert model.high_res.net[0].weight.grad.abs().sum() > 0

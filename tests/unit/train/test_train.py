@@ -106,8 +106,10 @@ def test_from_scratch_trains_everything_and_init_trains_the_m_sam_parts() -> Non
     groups = param_groups(model, TrainSettings(), from_pretrained=True)
     assert [g["lr"] for g in groups] == [8e-4, 8e-5]
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("mea.", "prompt_encoder.", "mask_decoder.")) or ".attn.lora." in n for n in names)
+    assert all(n.startswith(("mea.", "high_res.", "prompt_encoder.", "mask_decoder.")) or ".attn.lora." in n for n in names)
     assert any(".attn.lora." in n for n in names) and any(n.startswith("mea.") for n in names)
+    fresh = {id(p) for n, p in model.named_parameters() if n.startswith(("mea.", "high_res.")) or ".attn.lora." in n}
+    assert {id(p) for p in groups[0]["params"]} == fresh  # the new parts train at the adapter LR
 
 
 def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -> None:
