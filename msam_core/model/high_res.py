@@ -9,6 +9,14 @@ small convolutional stem on the crop, at the decoder's output resolution (stride
 ``[B, 1, 128, 128, 128] -> [B, C, 32, 32, 32]`` with ``C = prompt_embed_dim // 8`` (the
 upscaled channels), added before the decoder's last activation.
 
+The decoder's tokens never see these features, so on their own they cannot tell the decoder
+which intensities belong to *this* lesion. :meth:`HighResStem.prompted` adds that, as
+prototype matching in few-shot segmentation does (masked average pooling, Wang et al., PANet,
+ICCV 2019): the features at the positive clicks (and at the negative ones) are averaged into a
+prototype, every position gets its cosine similarity to each prototype, and a 1x1x1
+convolution mixes ``[features, similarity to positives, similarity to negatives]`` back into
+``C`` channels. A click on a dark lesion thus marks every position that looks like it.
+
 So that :meth:`MSAM.encode` still returns one 8^3 tensor (the embedding cache, the API and the
 worker handle one tensor per crop), the features are folded into the token grid
 (space-to-depth, 4^3 positions per token): the embedding is ``[B, E + 64 C, 8, 8, 8]``, tokens
@@ -42,8 +50,40 @@ class HighResStem(nn.Module):
             nn.Conv3d(hidden, out_chans, kernel_size=3, padding=1),
         )
 
+        self.fuse = nn.Conv3d(out_chans + 2, out_chans, kernel_size=1)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, S, S, S] -> [B, C, S/4, S/4, S/4]`` (prompt-independent: cached with the embedding)."""
         return self.net(image)
+
+    def prompted(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
+        """``features [B, C, G, G, G]``, ``points [B, N, 3]`` (crop voxels), ``labels [B, N]``
+        -> ``[B, C, G, G, G]``: the features mixed with their similarity to the clicked ones."""
+        sim = click_similarity(features, points, labels, img_size)
+        return self.fuse(torch.cat([features, sim.to(features.dtype)], dim=1))
+
+
+def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Cosine similarity of every position to the mean feature at the positive (label 1) and at
+    the negative (label 0) clicks: ``-> [B, 2, G, G, G]`` in ``[-1, 1]``; a channel is 0 where
+    there is no click of its kind. Features are standardised per channel over the crop first, so
+    the similarity compares what differs across the crop, not a common offset."""
+    b, c, g = features.shape[0], features.shape[1], features.shape[2]
+    f = features.float()
+    f = (f - f.mean(dim=(2, 3, 4), keepdim=True)) / (f.std(dim=(2, 3, 4), keepdim=True) + 1e-5)
+    idx = (points.float() * g / img_size).floor().long().clamp(0, g - 1)  # [B, N, 3]
+    flat = idx[..., 0] * g * g + idx[..., 1] * g + idx[..., 2]  # [B, N]
+    at = torch.gather(f.reshape(b, c, -1), 2, flat[:, None, :].expand(b, c, -1))  # [B, C, N]
+    unit = nn.functional.normalize(f, dim=1)
+    out = []
+    for value in (1, 0):
+        weight = (labels == value).float()[:, None, :]  # [B, 1, N]
+        count = weight.sum(-1)  # [B, 1]
+        proto = (at * weight).sum(-1) / count.clamp(min=1)  # [B, C]
+        proto = nn.functional.normalize(proto, dim=1)
+        sim = torch.einsum("bcxyz,bc->bxyz", unit, proto)
+        out.append(sim * (count[:, 0] > 0).float()[:, None, None, None])
+    return torch.stack(out, dim=1)
 
 
 def fold(features: torch.Tensor, factor: int = FACTOR) -> torch.Tensor:

@@ -138,6 +138,7 @@ class MSAM(nn.Module):
         if self.high_res is not None:
             e = self.config.prompt_embed_dim
             embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
+            high_res = self.high_res.prompted(high_res, points, labels, self.config.img_size)
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
         src = self.mea(embedding, dense) if self.mea is not None else embedding + dense

@@ -95,8 +95,9 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         "## Model",
         f"- Architecture: `{settings['config']}` (M-SAM: SAM-Med3D ViT encoder + LoRA + Mask-Enhanced Adapter, "
         "reduced widths/depths), 128^3 crops of 1.5 mm, 32^3 logits upsampled. "
-        + ("Stride-4 image features from a three-layer convolutional stem are added to the decoder's upscaling "
-           "(`high_res_features`, as SAM 2 does). " if config is not None and config.high_res_features else "")
+        + ("Stride-4 image features from a three-layer convolutional stem, with each position's similarity to the "
+           "features at the clicks, are added to the decoder's upscaling (`high_res_features`, as SAM 2 adds "
+           "high-resolution features). " if config is not None and config.high_res_features else "")
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
         +

@@ -103,8 +103,9 @@ def test_mea_replaces_the_sum(small):
     plain.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith("mea.")})
     embedding = torch.randn(1, small.embedding_channels, 8, 8, 8)
     points, labels = prompts(1)
-    tokens, high_res = embedding[:, :96], unfold(embedding[:, 96:])
+    tokens = embedding[:, :96]
     with torch.inference_mode():
+        high_res = small.high_res.prompted(unfold(embedding[:, 96:]), points, labels, 128)
         sparse, dense = plain.prompt_encoder(points, labels, None)
         by_hand, _ = plain.mask_decoder(tokens + dense, plain.prompt_encoder.dense_pe(), sparse, high_res)
         assert torch.allclose(plain.decode(embedding, points, labels), by_hand[:, :1])
@@ -205,3 +206,25 @@ def test_high_res_features_carry_fine_detail_to_the_logits():
     model.train()
     model.decode(model.encode(image), p, lab).mean().backward()
     assert model.high_res.net[0].weight.grad.abs().sum() > 0
+
+
+def test_click_similarity_marks_what_looks_like_the_clicked_position():
+    from msam_core.model.high_res import click_similarity
+
+    g = torch.Generator().manual_seed(0)
+    features = 0.05 * torch.randn(1, 12, 32, 32, 32, generator=g)
+    features[:, :6, :16] += 1.0  # region A (first half of axis 0) differs from region B in 6 channels
+    features[:, 6:, 16:] += 1.0
+    points = torch.tensor([[[10.0, 60.0, 60.0], [100.0, 60.0, 60.0]]])  # crop voxels; /4 -> token 2 (A), 25 (B)
+    sim = click_similarity(features, points, torch.tensor([[1, 0]]), img_size=128)
+    assert sim.shape == (1, 2, 32, 32, 32) and sim.abs().max() <= 1 + 1e-5
+    pos, neg = sim[0, 0], sim[0, 1]
+    assert pos[:16].mean() > 0.9 and pos[16:].mean() < -0.9  # positives: like the positive click
+    assert neg[16:].mean() > 0.9 and neg[:16].mean() < -0.9
+    # the click's axis order is the tensor's: the same click with axes swapped lands in B
+    one = click_similarity(features, torch.tensor([[[10.0, 60.0, 100.0]]]), torch.tensor([[1]]), img_size=128)
+    other = click_similarity(features, torch.tensor([[[100.0, 60.0, 10.0]]]), torch.tensor([[1]]), img_size=128)
+    assert one[0, 0, :16].mean() > 0.9 and other[0, 0, 16:].mean() > 0.9
+    # no negative click: its channel is exactly zero
+    only_pos = click_similarity(features, points[:, :1], torch.tensor([[1]]), img_size=128)
+    assert torch.equal(only_pos[0, 1], torch.zeros(32, 32, 32))
