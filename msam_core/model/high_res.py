@@ -65,8 +65,8 @@ class HighResStem(nn.Module):
 
 def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
     """Cosine similarity of every position to the mean feature at the positive (label 1) and at
-    the negative (label 0) clicks: ``-> [B, 2, G, G, G]`` in ``[-1, 1]``; a channel is 0 where
-    there is no click of its kind. Features are standardised per channel over the crop first, so
+    the negative (label 0) clicks inside the crop: ``-> [B, 2, G, G, G]`` in ``[-1, 1]``; a
+    channel is 0 where there is no such click. Features are standardised per channel over the crop first, so
     the similarity compares what differs across the crop, not a common offset."""
     b, c, g = features.shape[0], features.shape[1], features.shape[2]
     f = features.float()
@@ -76,8 +76,9 @@ def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch
     at = torch.gather(f.reshape(b, c, -1), 2, flat[:, None, :].expand(b, c, -1))  # [B, C, N]
     unit = nn.functional.normalize(f, dim=1)
     out = []
+    inside = ((points >= 0) & (points < img_size)).all(-1)  # clicks outside this crop are not its prototypes
     for value in (1, 0):
-        weight = (labels == value).float()[:, None, :]  # [B, 1, N]
+        weight = ((labels == value) & inside).float()[:, None, :]  # [B, 1, N]
         count = weight.sum(-1)  # [B, 1]
         proto = (at * weight).sum(-1) / count.clamp(min=1)  # [B, C]
         proto = nn.functional.normalize(proto, dim=1)

@@ -228,3 +228,7 @@ def test_click_similarity_marks_what_looks_like_the_clicked_position():
     # no negative click: its channel is exactly zero
     only_pos = click_similarity(features, points[:, :1], torch.tensor([[1]]), img_size=128)
     assert torch.equal(only_pos[0, 1], torch.zeros(32, 32, 32))
+    # a click outside the crop (another sliding window's) is no prototype here
+    outside = click_similarity(features, torch.tensor([[[10.0, 60.0, 60.0], [-30.0, 60.0, 60.0]]]),
+                               torch.tensor([[1, 0]]), img_size=128)
+    assert torch.equal(outside[0, 1], torch.zeros(32, 32, 32))
