@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from msam_core.errors import InvalidCheckpoint
-from msam_core.model import MSAM, ModelConfig, get_config
+from msam_core.model import MSAM, ModelConfig, get_config, is_added_parameter
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def export_state_dict(model: MSAM, layout: str) -> dict[str, torch.Tensor]:
     """Our weights in an upstream layout: ``"sam_med3d"`` or ``"m_sam"``."""
     state = model.state_dict()
     if layout == "sam_med3d":
-        extra = [k for k in state if k.startswith(("mea.", "high_res.")) or ".attn.lora." in k]
+        extra = [k for k in state if is_added_parameter(k)]
         if extra:
             raise InvalidCheckpoint(
                 f"this {model.config.name} model has LoRA/MEA/high-res weights ({len(extra)} tensors) that the "
@@ -263,13 +263,14 @@ def load_checkpoint(
 
 
 def init_from_checkpoint(model: MSAM, path: str | Path, allow_unsafe_pickle: bool = False) -> list[str]:
-    """Start training ``model`` from a checkpoint that lacks its LoRA/MEA parts (e.g. SAM-Med3D).
+    """Start training ``model`` from a checkpoint that lacks its LoRA/MEA/high-res parts (e.g. SAM-Med3D).
 
-    Only LoRA (whose B starts at zero) and MEA tensors may be absent; every other key must match.
+    Only those tensors (:func:`is_added_parameter`; LoRA's B starts at zero) may be absent; every
+    other key must match.
     Returns the keys that kept their fresh initialisation, for the training log.
     """
     state, _, _ = read_weights(path, allow_unsafe_pickle)
-    fresh = [k for k in model.state_dict() if k not in state and (k.startswith("mea.") or ".attn.lora." in k)]
+    fresh = [k for k in model.state_dict() if k not in state and is_added_parameter(k)]
     current = model.state_dict()
     _check_and_load(model, {**{k: current[k] for k in fresh}, **state}, Path(path).name)
     model.invalidate_model_id()

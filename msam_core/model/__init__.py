@@ -5,6 +5,6 @@ msam.py assembles them; configs.py names the sizes.
 """
 
 from msam_core.model.configs import CONFIGS, ModelConfig, get_config
-from msam_core.model.msam import MSAM, build_model
+from msam_core.model.msam import MSAM, build_model, is_added_parameter
 
-__all__ = ["CONFIGS", "MSAM", "ModelConfig", "build_model", "get_config"]
+__all__ = ["CONFIGS", "MSAM", "ModelConfig", "build_model", "get_config", "is_added_parameter"]

@@ -49,7 +49,6 @@ class HighResStem(nn.Module):
             nn.GELU(),
             nn.Conv3d(hidden, out_chans, kernel_size=3, padding=1),
         )
-
         self.fuse = nn.Conv3d(out_chans + 2, out_chans, kernel_size=1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -66,17 +65,17 @@ class HighResStem(nn.Module):
 def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
     """Cosine similarity of every position to the mean feature at the positive (label 1) and at
     the negative (label 0) clicks inside the crop: ``-> [B, 2, G, G, G]`` in ``[-1, 1]``; a
-    channel is 0 where there is no such click. Features are standardised per channel over the crop first, so
-    the similarity compares what differs across the crop, not a common offset."""
+    channel is 0 where there is no such click. Features are standardised per channel over the
+    crop first, so the similarity compares what differs across the crop, not a common offset."""
     b, c, g = features.shape[0], features.shape[1], features.shape[2]
     f = features.float()
     f = (f - f.mean(dim=(2, 3, 4), keepdim=True)) / (f.std(dim=(2, 3, 4), keepdim=True) + 1e-5)
     idx = (points.float() * g / img_size).floor().long().clamp(0, g - 1)  # [B, N, 3]
     flat = idx[..., 0] * g * g + idx[..., 1] * g + idx[..., 2]  # [B, N]
     at = torch.gather(f.reshape(b, c, -1), 2, flat[:, None, :].expand(b, c, -1))  # [B, C, N]
+    inside = ((points >= 0) & (points < img_size)).all(-1)  # clicks outside this crop are not its prototypes
     unit = nn.functional.normalize(f, dim=1)
     out = []
-    inside = ((points >= 0) & (points < img_size)).all(-1)  # clicks outside this crop are not its prototypes
     for value in (1, 0):
         weight = ((labels == value) & inside).float()[:, None, :]  # [B, 1, N]
         count = weight.sum(-1)  # [B, 1]

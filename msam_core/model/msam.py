@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from msam_core.model.configs import ModelConfig, get_config
-from msam_core.model.high_res import HighResStem, fold, unfold
+from msam_core.model.high_res import FACTOR, HighResStem, fold, unfold
 from msam_core.model.image_encoder import ImageEncoderViT3D
 from msam_core.model.mask_decoder import MaskDecoder3D
 from msam_core.model.mea import MaskEnhancedAdapter
@@ -79,7 +79,7 @@ class MSAM(nn.Module):
     def embedding_channels(self) -> int:
         """Channels of :meth:`encode`'s output (the high-resolution features folded in, if any)."""
         e = self.config.prompt_embed_dim
-        return e + (e // 8) * 64 if self.high_res is not None else e
+        return e + (e // 8) * FACTOR**3 if self.high_res is not None else e
 
     @property
     def device(self) -> torch.device:
@@ -182,6 +182,12 @@ class MSAM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, total
+
+
+def is_added_parameter(name: str) -> bool:
+    """Whether a state-dict key belongs to a part SAM-Med3D does not have (LoRA, MEA, the
+    high-res stem): such parts start fresh from a SAM-Med3D checkpoint and train at the adapter LR."""
+    return name.startswith(("mea.", "high_res.")) or ".attn.lora." in name
 
 
 def build_model(config: ModelConfig | str) -> MSAM:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from msam_core.model import MSAM, build_model
+from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.configs import INPUT_TRANSFORMS, get_config
 
 SAM_LR_ADAPTER = 8e-4
@@ -82,10 +82,8 @@ def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[d
     """The optimiser's parameter groups (and ``requires_grad`` set accordingly)."""
     if from_pretrained:
         model.set_trainable()
-        # the parts SAM-Med3D lacks (LoRA, MEA, msam_small's high-res stem) start fresh: adapter LR
-        fresh = lambda n: n.startswith(("mea.", "high_res.")) or ".attn.lora." in n  # noqa: E731
-        adapter = [p for n, p in model.named_parameters() if p.requires_grad and fresh(n)]
-        rest = [p for n, p in model.named_parameters() if p.requires_grad and not fresh(n)]
+        adapter = [p for n, p in model.named_parameters() if p.requires_grad and is_added_parameter(n)]
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and not is_added_parameter(n)]
         return [{"params": adapter, "lr": s.lr or SAM_LR_ADAPTER, "name": "lora+mea"},
                 {"params": rest, "lr": s.lr_decoder or SAM_LR_DECODER, "name": "prompt_encoder+decoder"}]
     for p in model.parameters():

@@ -190,6 +190,17 @@ def test_init_from_sam_med3d_weights_keeps_only_lora_and_mea_fresh(tmp_path):
         init_from_checkpoint(build_model("msam_small"), tmp_path / "holey.pth")
 
 
+def test_init_from_a_checkpoint_without_the_high_res_stem(tmp_path):
+    """An msam_small checkpoint from before the high-res stem initialises today's msam_small:
+    the stem starts fresh, like LoRA and MEA."""
+    old = build_model(replace(get_config("msam_small"), high_res_features=False))
+    path = save_checkpoint(old, tmp_path / "old.safetensors", provenance={})
+    model = build_model("msam_small")
+    fresh = init_from_checkpoint(model, path)
+    assert set(fresh) == {k for k in model.state_dict() if k.startswith("high_res.")}
+    assert torch.equal(model.mask_decoder.iou_token.weight, old.mask_decoder.iou_token.weight)
+
+
 def test_cli_convert(tmp_path, small_msam, capsys):
     src = tmp_path / "m_sam.pth"
     torch.save({"model_state_dict": export_state_dict(small_msam, "m_sam")}, src)
