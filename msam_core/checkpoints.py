@@ -265,14 +265,16 @@ def load_checkpoint(
 def init_from_checkpoint(model: MSAM, path: str | Path, allow_unsafe_pickle: bool = False) -> list[str]:
     """Start training ``model`` from a checkpoint that lacks its LoRA/MEA/high-res parts (e.g. SAM-Med3D).
 
-    Only those tensors (:func:`is_added_parameter`; LoRA's B starts at zero) may be absent; every
-    other key must match.
+    Only those tensors (:func:`is_added_parameter`; LoRA's B starts at zero) may be absent, or
+    differ in shape (e.g. the high-res stem's ``fuse`` of an ``msam_small`` made before
+    ``click_regions``); every other key must match.
     Returns the keys that kept their fresh initialisation, for the training log.
     """
     state, _, _ = read_weights(path, allow_unsafe_pickle)
-    fresh = [k for k in model.state_dict() if k not in state and is_added_parameter(k)]
     current = model.state_dict()
-    _check_and_load(model, {**{k: current[k] for k in fresh}, **state}, Path(path).name)
+    fresh = [k for k, v in current.items()
+             if is_added_parameter(k) and (k not in state or tuple(state[k].shape) != tuple(v.shape))]
+    _check_and_load(model, {**state, **{k: current[k] for k in fresh}}, Path(path).name)
     model.invalidate_model_id()
     return fresh
 

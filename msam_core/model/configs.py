@@ -4,7 +4,8 @@
 - ``msam``: ``sam_med3d`` + LoRA (rank 4, q and v of every encoder block) + Mask-Enhanced Adapter.
 - ``msam_small``: the same code with reduced widths and depths, for CPU training and tests;
   trained from scratch, so it also takes stride-4 image features into its decoder
-  (``high_res_features``, see :mod:`msam_core.model.high_res`).
+  (``high_res_features``, see :mod:`msam_core.model.high_res`) and intensity regions grown from
+  the clicks (``click_regions``, :mod:`msam_core.model.click_regions`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ class ModelConfig:
     #: A convolutional stem whose stride-4 features enter the decoder's last upscaling stage
     #: (:mod:`msam_core.model.high_res`); not part of SAM-Med3D or M-SAM.
     high_res_features: bool = False
+    #: With ``high_res_features``: intensity regions grown from the clicks enter the same stage
+    #: (:mod:`msam_core.model.click_regions`); not part of SAM-Med3D or M-SAM.
+    click_regions: bool = False
 
     def __post_init__(self) -> None:
+        if self.click_regions and not self.high_res_features:
+            raise ValueError("click_regions needs high_res_features (the regions enter through the high-res stem)")
         if self.input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}")
 
@@ -87,6 +93,7 @@ MSAM_SMALL = ModelConfig(
     lora_rank=4,
     mea=True,
     high_res_features=True,
+    click_regions=True,
 )
 
 CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (SAM_MED3D, MSAM, MSAM_SMALL)}

@@ -22,6 +22,10 @@ worker handle one tensor per crop), the features are folded into the token grid
 (space-to-depth, 4^3 positions per token): the embedding is ``[B, E + 64 C, 8, 8, 8]``, tokens
 first. :func:`fold` and :func:`unfold` are exact inverses.
 
+With ``ModelConfig.click_regions`` the decoder also gets intensity regions grown from the clicks
+(:mod:`msam_core.model.click_regions`), a parameter-free cue for the lesion's extent; the
+pooled crop they need is folded into the embedding as one more channel.
+
 The SAM-Med3D and M-SAM configurations do not use this, so their checkpoints are unchanged.
 """
 
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from msam_core.model.click_regions import SCALES, click_cells, click_regions, pooled_intensity
 
 #: Side of the block of high-resolution positions folded into one token.
 FACTOR = 4
@@ -40,8 +46,12 @@ class HighResStem(nn.Module):
     Receptive field 19 voxels (28 mm at 1.5 mm): local contrast, edges and texture.
     """
 
-    def __init__(self, out_chans: int, hidden: int = 16) -> None:
+    def __init__(self, out_chans: int, hidden: int = 16, click_regions: bool = False) -> None:
         super().__init__()
+        #: Also fold the pooled crop into the features and give :meth:`prompted` the regions
+        #: grown from the clicks (:mod:`msam_core.model.click_regions`).
+        self.click_regions = click_regions
+        self.out_chans = out_chans
         self.net = nn.Sequential(
             nn.Conv3d(1, hidden, kernel_size=3, stride=2, padding=1),
             nn.GELU(),
@@ -49,17 +59,32 @@ class HighResStem(nn.Module):
             nn.GELU(),
             nn.Conv3d(hidden, out_chans, kernel_size=3, padding=1),
         )
-        self.fuse = nn.Conv3d(out_chans + 2, out_chans, kernel_size=1)
+        extra = 2 + (2 * len(SCALES) if click_regions else 0)
+        self.fuse = nn.Conv3d(out_chans + extra, out_chans, kernel_size=1)
+
+    @property
+    def channels(self) -> int:
+        """Channels of :meth:`forward`'s output: ``C``, plus the pooled crop with ``click_regions``."""
+        return self.out_chans + (1 if self.click_regions else 0)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, S, S, S] -> [B, C, S/4, S/4, S/4]`` (prompt-independent: cached with the embedding)."""
-        return self.net(image)
+        """``[B, 1, S, S, S] -> [B, C (+1), S/4, S/4, S/4]`` (prompt-independent: cached with the
+        embedding); with ``click_regions`` the last channel is the crop average-pooled per cell."""
+        features = self.net(image)
+        if not self.click_regions:
+            return features
+        return torch.cat([features, pooled_intensity(image).to(features.dtype)], dim=1)
 
     def prompted(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
-        """``features [B, C, G, G, G]``, ``points [B, N, 3]`` (crop voxels), ``labels [B, N]``
-        -> ``[B, C, G, G, G]``: the features mixed with their similarity to the clicked ones."""
+        """``features [B, C (+1), G, G, G]`` (:meth:`forward`), ``points [B, N, 3]`` (crop voxels),
+        ``labels [B, N]`` -> ``[B, C, G, G, G]``: the features mixed with their similarity to the
+        clicked ones (and, with ``click_regions``, the regions grown from the clicks)."""
+        cues = []
+        if self.click_regions:
+            features, pooled = features[:, : self.out_chans], features[:, self.out_chans :]
+            cues.append(click_regions(pooled, points, labels, img_size).to(features.dtype))
         sim = click_similarity(features, points, labels, img_size)
-        return self.fuse(torch.cat([features, sim.to(features.dtype)], dim=1))
+        return self.fuse(torch.cat([features, sim.to(features.dtype), *cues], dim=1))
 
 
 def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -70,10 +95,8 @@ def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch
     b, c, g = features.shape[0], features.shape[1], features.shape[2]
     f = features.float()
     f = (f - f.mean(dim=(2, 3, 4), keepdim=True)) / (f.std(dim=(2, 3, 4), keepdim=True) + 1e-5)
-    idx = (points.float() * g / img_size).floor().long().clamp(0, g - 1)  # [B, N, 3]
-    flat = idx[..., 0] * g * g + idx[..., 1] * g + idx[..., 2]  # [B, N]
+    flat, inside = click_cells(points, g, img_size)  # clicks outside this crop are not its prototypes
     at = torch.gather(f.reshape(b, c, -1), 2, flat[:, None, :].expand(b, c, -1))  # [B, C, N]
-    inside = ((points >= 0) & (points < img_size)).all(-1)  # clicks outside this crop are not its prototypes
     unit = nn.functional.normalize(f, dim=1)
     out = []
     for value in (1, 0):

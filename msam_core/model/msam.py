@@ -4,7 +4,8 @@ Public interface (everything else in msam uses only these):
 
 - ``encode(image [B, 1, 128, 128, 128]) -> embedding [B, 384, 8, 8, 8]`` (with
   ``high_res_features``, ``[B, E + 64 E/8, 8, 8, 8]``: the stride-4 image features folded in,
-  see :mod:`msam_core.model.high_res`)
+  see :mod:`msam_core.model.high_res`; with ``click_regions`` also the crop pooled per 4^3
+  voxels, ``[B, E + 64 (E/8 + 1), 8, 8, 8]``, see :mod:`msam_core.model.click_regions`)
 - ``decode(embedding, points [B, N, 3], labels [B, N], mask_logits [B, 1, 32, 32, 32] | None)
   -> logits [B, 1, 32, 32, 32]``. Points are voxel indices in the 128^3 crop, in the axis order
   of the image tensor; labels are 1 (positive) / 0 (negative). The MEA fuses the mask prompt
@@ -66,7 +67,11 @@ class MSAM(nn.Module):
             if config.mea
             else None
         )
-        self.high_res = HighResStem(config.prompt_embed_dim // 8) if config.high_res_features else None
+        self.high_res = (
+            HighResStem(config.prompt_embed_dim // 8, click_regions=config.click_regions)
+            if config.high_res_features
+            else None
+        )
         #: Mixed-precision dtype used by :meth:`autocast` on CUDA (None: full precision).
         self.amp_dtype: torch.dtype | None = torch.bfloat16
 
@@ -79,7 +84,7 @@ class MSAM(nn.Module):
     def embedding_channels(self) -> int:
         """Channels of :meth:`encode`'s output (the high-resolution features folded in, if any)."""
         e = self.config.prompt_embed_dim
-        return e + (e // 8) * FACTOR**3 if self.high_res is not None else e
+        return e + self.high_res.channels * FACTOR**3 if self.high_res is not None else e
 
     @property
     def device(self) -> torch.device:

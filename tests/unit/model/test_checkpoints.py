@@ -193,12 +193,27 @@ def test_init_from_sam_med3d_weights_keeps_only_lora_and_mea_fresh(tmp_path):
 def test_init_from_a_checkpoint_without_the_high_res_stem(tmp_path):
     """An msam_small checkpoint from before the high-res stem initialises today's msam_small:
     the stem starts fresh, like LoRA and MEA."""
-    old = build_model(replace(get_config("msam_small"), high_res_features=False))
+    old = build_model(replace(get_config("msam_small"), high_res_features=False, click_regions=False))
     path = save_checkpoint(old, tmp_path / "old.safetensors", provenance={})
     model = build_model("msam_small")
     fresh = init_from_checkpoint(model, path)
     assert set(fresh) == {k for k in model.state_dict() if k.startswith("high_res.")}
     assert torch.equal(model.mask_decoder.iou_token.weight, old.mask_decoder.iou_token.weight)
+
+
+def test_init_from_a_checkpoint_before_click_regions(tmp_path):
+    """An msam_small checkpoint from before ``click_regions`` loads as it was (its stated config)
+    and initialises today's msam_small: only the weight of the stem's ``fuse`` (more input
+    channels now) starts fresh; its bias, the stem's convolutions and the rest are taken over."""
+    old = build_model(replace(get_config("msam_small"), click_regions=False))
+    path = save_checkpoint(old, tmp_path / "old.safetensors", provenance={})
+    assert load_checkpoint(path).config.click_regions is False
+    model = build_model("msam_small")
+    fresh = init_from_checkpoint(model, path)
+    assert fresh == ["high_res.fuse.weight"]
+    assert torch.equal(model.high_res.fuse.bias, old.high_res.fuse.bias)
+    assert torch.equal(model.high_res.net[0].weight, old.high_res.net[0].weight)
+    assert model.high_res.fuse.weight.shape != old.high_res.fuse.weight.shape
 
 
 def test_cli_convert(tmp_path, small_msam, capsys):
