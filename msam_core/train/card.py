@@ -98,6 +98,9 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         + ("Stride-4 image features from a three-layer convolutional stem, with each position's similarity to the "
            "features at the clicks, are added to the decoder's upscaling (`high_res_features`, as SAM 2 adds "
            "high-resolution features). " if config is not None and config.high_res_features else "")
+        + ("The same stage also gets intensity regions grown from the clicks (max-product paths of intensity "
+           "affinity on 6 mm cells, an exponentiated geodesic distance as in DeepIGeoS; `click_regions`), a "
+           "parameter-free cue for the lesion's extent. " if config is not None and config.click_regions else "")
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
         +
@@ -124,7 +127,9 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         f"Batch {settings['batch_size']}, {settings['iterations']} decoder passes per batch"
         f"{' (M-SAM uses 11; fewer here to see more crops in the CPU budget)' if settings['iterations'] < 11 else ''}, "
         f"{settings.get('crops_per_lesion', '?')} cached crops per lesion, AdamW (weight decay 0.1), LR "
-        f"{settings.get('lr') or 4e-4:g} with warm-up and cosine decay, DiceCE summed over passes, "
+        f"{settings.get('lr') or 4e-4:g} with warm-up and cosine decay, DiceCE summed over passes"
+        + (f" (the first pass, the one-click result, weighted {settings['first_pass_weight']:g})"
+           if settings.get("first_pass_weight", 1.0) != 1.0 else "") + ", "
         "error-region click simulation, mask-prompt dropout, flips and intensity augmentation.",
         "",
         "Loss curve (mean per-pass DiceCE over blocks of steps; `dice_last` = training Dice of the last pass):",

@@ -19,7 +19,8 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
   (``no_mask_embed``) unless given a prior, which M-SAM's loop never trains; so pass 1 gets no
   mask prompt in half of the batches (else zeros, as M-SAM) and later passes in 20 %.
 - **Loss**: MONAI ``DiceCELoss`` (sigmoid, squared prediction) between the logits upsampled to
-  128^3 (trilinear, as inference) and the mask, summed over all passes; one backward per batch.
+  128^3 (trilinear, as inference) and the mask, summed over all passes (``--first-pass-weight``
+  weighs pass 1, the one-click result a user sees first); one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
 - Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set);
   bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
@@ -61,6 +62,7 @@ class TrainSettings:
     steps: int = 1000
     batch_size: int = 2
     iterations: int = 11
+    first_pass_weight: float = 1.0
     lr: float | None = None
     lr_decoder: float | None = None
     weight_decay: float = 0.1
@@ -114,13 +116,15 @@ def hard_dice(logits: torch.Tensor, gt: torch.Tensor) -> float:
 
 def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: torch.Tensor, iterations: int,
                      loss_fn, rng: np.random.Generator, generator: torch.Generator | None = None,
-                     first_pass_no_mask: float = 0.5, mask_dropout: float = 0.2) -> tuple[torch.Tensor, dict]:
+                     first_pass_no_mask: float = 0.5, mask_dropout: float = 0.2,
+                     first_pass_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """One batch of M-SAM's simulated interaction; returns the summed loss and statistics.
 
     ``first_pass_no_mask``: probability that pass 1 gets no mask prompt (``None``, as
     :meth:`Segmenter.predict` without a prior) instead of all-zero logits (M-SAM);
     ``mask_dropout``: probability that a later pass gets no mask prompt instead of the previous
-    logits (as a stateless ``msam segment`` call with several clicks).
+    logits (as a stateless ``msam segment`` call with several clicks);
+    ``first_pass_weight``: weight of pass 1's loss in the sum (the others weigh 1).
     """
     from msam_core.train.clicks import random_error_clicks
 
@@ -147,7 +151,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
         low = model.decode(embedding, points, labels, None if drop else low.detach())
         up = upsample(low, size)
         loss = loss_fn(up, gt)
-        total = total + loss
+        total = total + (first_pass_weight * loss if it == 0 else loss)
         if it == 0:
             stats["loss_first"] = float(loss.detach())
             stats["dice_first"] = hard_dice(up.detach(), gt)
@@ -280,7 +284,8 @@ def train(s: TrainSettings, log=print) -> Path:
             spent = (elapsed_before + time.time() - t0) / (60 * s.max_minutes) if s.max_minutes else 0.0
             g["lr"] = base * lr_factor(step, s.steps, s.warmup, spent)
         with model.autocast():
-            loss, stats = interaction_step(model, image, gt, first, s.iterations, loss_fn, rng, generator)
+            loss, stats = interaction_step(model, image, gt, first, s.iterations, loss_fn, rng, generator,
+                                           first_pass_weight=s.first_pass_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -326,6 +331,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--iterations", type=int, default=11, help="decoder passes per batch (simulated clicks), M-SAM: 11")
+    p.add_argument("--first-pass-weight", type=float, default=1.0,
+                   help="weight of the first pass's loss (the one-click result; other passes weigh 1)")
     p.add_argument("--lr", type=float, default=None, help=f"LR (LoRA+MEA with --init, default {SAM_LR_ADAPTER:g}; all parameters from scratch, default {SCRATCH_LR:g})")
     p.add_argument("--lr-decoder", type=float, default=None, help=f"LR of prompt encoder + decoder with --init (default {SAM_LR_DECODER:g})")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -346,7 +353,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
-        steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, lr=args.lr, lr_decoder=args.lr_decoder,
+        steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, first_pass_weight=args.first_pass_weight,
+        lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
         workers=args.workers, input_transform=args.input_transform,

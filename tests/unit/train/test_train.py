@@ -99,6 +99,27 @@ def test_tiny_training_run_lowers_the_loss(dataset_dir) -> None:
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def test_first_pass_weight_weighs_only_the_first_pass(dataset_dir) -> None:
+    """total = w * loss(pass 1) + loss(passes 2..n): with the same random draws, the difference
+    between two weights is (w1 - w0) * the first pass's loss that the step reports."""
+    from monai.losses import DiceCELoss
+
+    cache = build_cache(dataset_dir, "training", crops_per_lesion=1, seed=0, log_fn=lambda *_: None)
+    image, gt, click = (x[None] for x in CropDataset(cache, augment=False)[0])
+    torch.manual_seed(0)
+    model = build_model("msam_small").eval()
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    totals, firsts = [], []
+    for weight in (1.0, 3.0):
+        with torch.no_grad():
+            total, stats = interaction_step(model, image, gt, click, 3, loss_fn, np.random.default_rng(0),
+                                            torch.Generator().manual_seed(0), first_pass_weight=weight)
+        totals.append(float(total))
+        firsts.append(stats["loss_first"])
+    assert firsts[0] == pytest.approx(firsts[1]) and firsts[0] > 0
+    assert totals[1] - totals[0] == pytest.approx(2.0 * firsts[0], rel=1e-4)
+
+
 def test_from_scratch_trains_everything_and_init_trains_the_m_sam_parts() -> None:
     model = build_model("msam_small")
     param_groups(model, TrainSettings(), from_pretrained=False)
