@@ -4,8 +4,9 @@
 - ``msam``: ``sam_med3d`` + LoRA (rank 4, q and v of every encoder block) + Mask-Enhanced Adapter.
 - ``msam_small``: the same code with reduced widths and depths, for CPU training and tests;
   trained from scratch, so it also takes stride-4 image features into its decoder
-  (``high_res_features``, see :mod:`msam_core.model.high_res`) and intensity regions grown from
-  the clicks (``click_regions``, :mod:`msam_core.model.click_regions`).
+  (``high_res_features``, see :mod:`msam_core.model.high_res`); optionally also intensity
+  regions grown from the clicks (``click_regions``, ``msam train --click-regions``,
+  :mod:`msam_core.model.click_regions`).
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ MSAM_SMALL = ModelConfig(
     lora_rank=4,
     mea=True,
     high_res_features=True,
-    click_regions=True,
 )
 
 CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (SAM_MED3D, MSAM, MSAM_SMALL)}

@@ -77,6 +77,7 @@ class TrainSettings:
     threads: int | None = None
     workers: int = 1
     input_transform: str | None = None
+    click_regions: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -207,6 +208,8 @@ def train(s: TrainSettings, log=print) -> Path:
     config = get_config(s.config)
     if s.input_transform is not None:
         config = replace(config, input_transform=s.input_transform)
+    if s.click_regions:
+        config = replace(config, click_regions=True)
     model = build_model(config)
     from_pretrained = s.init is not None
     if from_pretrained:
@@ -347,6 +350,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes building the crop cache")
     p.add_argument("--input-transform", choices=INPUT_TRANSFORMS, default=None,
                    help="transform of the normalised crop before the encoder (default: the config's)")
+    p.add_argument("--click-regions", action="store_true",
+                   help="msam_small: also give the decoder intensity regions grown from the clicks "
+                        "(msam_core/model/click_regions.py)")
     p.set_defaults(func=run)
 
 
@@ -357,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
-        workers=args.workers, input_transform=args.input_transform,
+        workers=args.workers, input_transform=args.input_transform, click_regions=args.click_regions,
     )
     train(settings)
     return 0

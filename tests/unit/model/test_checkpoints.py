@@ -201,14 +201,14 @@ def test_init_from_a_checkpoint_without_the_high_res_stem(tmp_path):
     assert torch.equal(model.mask_decoder.iou_token.weight, old.mask_decoder.iou_token.weight)
 
 
-def test_init_from_a_checkpoint_before_click_regions(tmp_path):
-    """An msam_small checkpoint from before ``click_regions`` loads as it was (its stated config)
-    and initialises today's msam_small: only the weight of the stem's ``fuse`` (more input
-    channels now) starts fresh; its bias, the stem's convolutions and the rest are taken over."""
-    old = build_model(replace(get_config("msam_small"), click_regions=False))
+def test_init_from_a_checkpoint_without_click_regions(tmp_path):
+    """An msam_small checkpoint without ``click_regions`` loads as it was (its stated config) and
+    initialises an msam_small with them: only the weight of the stem's ``fuse`` (more input
+    channels) starts fresh; its bias, the stem's convolutions and the rest are taken over."""
+    old = build_model("msam_small")
     path = save_checkpoint(old, tmp_path / "old.safetensors", provenance={})
     assert load_checkpoint(path).config.click_regions is False
-    model = build_model("msam_small")
+    model = build_model(replace(get_config("msam_small"), click_regions=True))
     fresh = init_from_checkpoint(model, path)
     assert fresh == ["high_res.fuse.weight"]
     assert torch.equal(model.high_res.fuse.bias, old.high_res.fuse.bias)

@@ -66,10 +66,10 @@ def test_axis_order_of_the_clicks_is_the_tensors():
     assert swapped[0, 0, 16, 16, 27] < 1e-3
 
 
-def test_msam_small_folds_the_pooled_crop_and_trains_the_region_weights():
-    model = build_model("msam_small")
+def test_click_regions_fold_the_pooled_crop_and_train_the_region_weights():
+    model = build_model(replace(get_config("msam_small"), click_regions=True))
     c = model.config.prompt_embed_dim // 8
-    assert model.config.click_regions and model.high_res.channels == c + 1
+    assert model.high_res.channels == c + 1
     assert model.embedding_channels == model.config.prompt_embed_dim + (c + 1) * 64
     assert model.high_res.fuse.in_channels == c + 2 + 2 * len(SCALES)
     image = _spheres()
@@ -78,8 +78,8 @@ def test_msam_small_folds_the_pooled_crop_and_trains_the_region_weights():
     out.mean().backward()
     grad = model.high_res.fuse.weight.grad[:, c + 2 :]  # the region channels' columns
     assert grad.abs().sum() > 0
-    # without the flag the stem (and so an older msam_small checkpoint) is unchanged
-    plain = build_model(replace(get_config("msam_small"), click_regions=False))
+    # without the flag (msam_small's default) the stem is as before
+    plain = build_model("msam_small")
     assert plain.high_res.channels == c and plain.high_res.fuse.in_channels == c + 2
     with pytest.raises(ValueError, match="click_regions needs high_res_features"):
         replace(get_config("msam_small"), high_res_features=False, click_regions=True)

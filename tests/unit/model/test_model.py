@@ -29,8 +29,8 @@ def test_shapes(small):
     points, labels = prompts()
     with torch.inference_mode():
         embedding = small.encode(image)
-        # tokens + the stem's 12 channels and the pooled crop (click_regions), folded: 13 x 4^3
-        assert embedding.shape == (2, 96 + 13 * 64, 8, 8, 8) == (2, small.embedding_channels, 8, 8, 8)
+        # 96 token channels + the stride-4 features (12 channels x 4^3 positions) folded in
+        assert embedding.shape == (2, 96 + 12 * 64, 8, 8, 8) == (2, small.embedding_channels, 8, 8, 8)
         logits = small.decode(embedding, points, labels)
         assert logits.shape == (2, 1, 32, 32, 32)
         assert small.decode(embedding, points, labels, logits).shape == (2, 1, 32, 32, 32)
@@ -42,7 +42,7 @@ def test_bad_shapes_are_refused(small):
     with pytest.raises(ValueError, match=r"\[B, 1, 128, 128, 128\]"):
         small.encode(torch.zeros(1, 1, 64, 64, 64))
     embedding = torch.zeros(1, small.embedding_channels, 8, 8, 8)
-    with pytest.raises(ValueError, match=r"decodes \[B, 928, G, G, G\] embeddings"):
+    with pytest.raises(ValueError, match=r"decodes \[B, 864, G, G, G\] embeddings"):
         small.decode(torch.zeros(1, 96, 8, 8, 8), *prompts(1))
     with pytest.raises(ValueError, match="points must be"):
         small.decode(embedding, torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long))
