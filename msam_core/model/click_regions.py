@@ -8,20 +8,23 @@ the decoder that classical cue as input channels and lets it learn when to trust
 approach of DeepIGeoS (Wang et al., TPAMI 2018) and MIDeepSeg (Luo et al., MedIA 2021), whose
 networks take geodesic distance maps of the clicks.
 
-On the decoder's output grid (stride 4, ``G = 32``, 6 mm cells at 1.5 mm):
+On a grid of stride :data:`POOL` (2: ``P = 64``, 3 mm cells at 1.5 mm):
 
-1. ``I``: the (input-transformed) crop, average-pooled over 4^3 voxels (less noise, one value per
-   output cell).
-2. Affinity of every cell to each click ``j``: ``a_j(x) = exp(-(I(x) - I(c_j))^2 / (2 s^2))`` for
-   a few intensity scales ``s`` (:data:`SCALES`, in the units of the transformed, normalised
-   crop; lesion-to-organ contrasts there are about 0.1-1). Per label (positive, negative) the
-   affinity is the largest over that label's clicks.
-3. Region: ``r = 1`` at the clicked cells, then :data:`STEPS` times
-   ``r <- max(r, maxpool3x3x3(r) * a)``: ``r(x)`` is the best product of affinities along any
-   path from a click to ``x`` - an exponentiated geodesic distance (max-product path), so a
-   region does not jump to a disconnected structure of the same intensity.
+1. ``I``: the (input-transformed) crop, average-pooled over 2^3 voxels (:func:`pooled_intensity`).
+2. Per click ``j``, in a window of :data:`WINDOW`^3 cells centred on it (lesions are at most
+   ~60 mm, so the window bounds the cost, not the regions): the affinity of every cell to the
+   click, ``a_j(x) = exp(-(I(x) - I(c_j))^2 / (2 s^2))``, for a few intensity scales ``s``
+   (:data:`SCALES`, in units of the transformed, normalised crop; lesion-to-organ contrasts
+   there are about 0.1-1).
+3. Region: ``r_j = 1`` at the clicked cell, then :data:`STEPS` times
+   ``r_j <- max(r_j, maxpool3x3x3(r_j) * a_j)``: ``r_j(x)`` is the best product of affinities
+   along any path from the click to ``x`` - an exponentiated geodesic distance (max-product
+   path), so a region does not jump to a disconnected structure of the same intensity.
+4. Per label (positive, negative) the regions of its clicks are united (maximum), then averaged
+   over 2^3 cells onto the decoder's stride-4 output grid (``G = 32``): the fraction of each 6 mm
+   cell the region covers, so a lesion smaller than a cell still shows.
 
-``[B, 1, G, G, G]`` pooled crop + clicks ``-> [B, 2 * len(SCALES), G, G, G]`` in ``[0, 1]``:
+``[B, 1, P, P, P]`` pooled crop + clicks ``-> [B, 2 * len(SCALES), G, G, G]`` in ``[0, 1]``:
 positives' regions first, then negatives'. A label without a click inside the crop gives zeros.
 """
 
@@ -32,23 +35,30 @@ from torch.nn import functional as F
 
 #: Intensity scales ``s`` of the affinity (transformed, normalised crop units).
 SCALES: tuple[float, ...] = (0.1, 0.2, 0.4)
-#: Propagation steps (cells of 6 mm): a region reaches at most ~100 mm from its click.
-STEPS = 16
-#: Side of the voxel block pooled into one cell (the decoder's logits are at stride 4).
-POOL = 4
+#: Side of the voxel block pooled into one cell of the regions' grid (3 mm at 1.5 mm).
+POOL = 2
+#: Side of each click's window, in cells (108 mm): a region reaches at most 54 mm from its click.
+WINDOW = 36
+#: Propagation steps (cells): enough to fill the window along a winding path.
+STEPS = 20
 
 
 def click_cells(points: torch.Tensor, grid: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``points [B, N, 3]`` (crop voxels) -> the flat index of each click's cell on a ``grid^3``
     grid ``[B, N]`` (clamped into it) and whether the click lies inside the crop ``[B, N]``."""
-    idx = (points.float() * grid / img_size).floor().long().clamp(0, grid - 1)
+    idx = click_index(points, grid, img_size)
     flat = idx[..., 0] * grid * grid + idx[..., 1] * grid + idx[..., 2]
     inside = ((points >= 0) & (points < img_size)).all(-1)
     return flat, inside
 
 
+def click_index(points: torch.Tensor, grid: int, img_size: int) -> torch.Tensor:
+    """``points [B, N, 3]`` (crop voxels) -> ``[B, N, 3]`` cell indices on a ``grid^3`` grid (clamped)."""
+    return (points.float() * grid / img_size).floor().long().clamp(0, grid - 1)
+
+
 def pooled_intensity(image: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, S, S, S] -> [B, 1, S/4, S/4, S/4]``: mean intensity per output cell."""
+    """``[B, 1, S, S, S] -> [B, 1, S/2, S/2, S/2]``: mean intensity per cell of the regions' grid."""
     return F.avg_pool3d(image.float(), POOL)
 
 
@@ -66,32 +76,46 @@ def _dilate(r: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def grow(windows: torch.Tensor, scales: tuple[float, ...] = SCALES, steps: int = STEPS) -> torch.Tensor:
+    """``windows [K, 1, W, W, W]`` (intensity, the click at the centre cell ``W // 2``; cells
+    outside the crop ``+inf``) ``-> [K, len(scales), W, W, W]`` regions in ``[0, 1]``."""
+    k, w = windows.shape[0], windows.shape[-1]
+    h = w // 2
+    at = windows[:, :, h, h, h].reshape(k, 1, 1, 1, 1)
+    sigma = torch.tensor(scales, dtype=windows.dtype, device=windows.device).reshape(1, -1, 1, 1, 1)
+    aff = torch.exp(-0.5 * ((windows - at) / sigma).square())  # [K, S, W, W, W]; 0 outside the crop
+    r = torch.zeros_like(aff)
+    r[:, :, h, h, h] = 1.0
+    for _ in range(steps):
+        r = torch.maximum(r, _dilate(r) * aff)
+    return r
+
+
 @torch.no_grad()
 def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int,
-                  scales: tuple[float, ...] = SCALES, steps: int = STEPS) -> torch.Tensor:
-    """``pooled [B, 1, G, G, G]``, ``points [B, N, 3]`` (crop voxels), ``labels [B, N]`` (1/0;
-    others ignored) ``-> [B, 2 * len(scales), G, G, G]`` regions grown from the positive, then
-    the negative clicks (see the module docstring)."""
-    if pooled.ndim != 5 or pooled.shape[1] != 1:
-        raise ValueError(f"pooled must be [B, 1, G, G, G], got {tuple(pooled.shape)}")
-    b, g = pooled.shape[0], pooled.shape[2]
-    inten = pooled.float().reshape(b, 1, -1)  # [B, 1, G^3]
-    flat, inside = click_cells(points, g, img_size)  # [B, N] each
-    at = torch.gather(inten[:, 0], 1, flat)  # [B, N]: intensity at each click
-    sigma = torch.tensor(scales, dtype=inten.dtype, device=inten.device)  # [S]
-    # affinity of every cell to every click at every scale: [B, N, S, G^3]
-    diff = (inten[:, :, None, :] - at[:, :, None, None]) / sigma[None, None, :, None]
-    aff = torch.exp(-0.5 * diff.square())
-    out = []
-    for value in (1, 0):
-        use = (labels == value) & inside  # [B, N]
-        a = (aff * use[:, :, None, None].to(aff.dtype)).amax(dim=1)  # [B, S, G^3]
-        seeds = torch.zeros(b, g**3, dtype=aff.dtype, device=aff.device)
-        seeds.scatter_add_(1, flat, use.to(aff.dtype))  # two clicks in one cell: add, then clamp
-        seeds = seeds.clamp(max=1).reshape(b, 1, g, g, g).expand(-1, len(scales), -1, -1, -1)
-        a = a.reshape(b, len(scales), g, g, g)
-        r = seeds.clone()
-        for _ in range(steps):
-            r = torch.maximum(r, _dilate(r) * a)
-        out.append(r)
-    return torch.cat(out, dim=1)
+                  scales: tuple[float, ...] = SCALES, steps: int = STEPS, window: int = WINDOW) -> torch.Tensor:
+    """``pooled [B, 1, P, P, P]`` (:func:`pooled_intensity`), ``points [B, N, 3]`` (crop voxels),
+    ``labels [B, N]`` (1/0; others ignored) ``-> [B, 2 * len(scales), P/2, P/2, P/2]`` regions
+    grown from the positive, then the negative clicks (see the module docstring)."""
+    if pooled.ndim != 5 or pooled.shape[1] != 1 or pooled.shape[2] % 2:
+        raise ValueError(f"pooled must be [B, 1, P, P, P] with P even, got {tuple(pooled.shape)}")
+    b, p, n_s = pooled.shape[0], pooled.shape[2], len(scales)
+    h = window // 2
+    padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))  # affinity 0 outside the crop
+    idx = click_index(points, p, img_size)
+    inside = ((points >= 0) & (points < img_size)).all(-1)
+    jobs = [(i, j, int(labels[i, j])) for i in range(b) for j in range(points.shape[1])
+            if bool(inside[i, j]) and int(labels[i, j]) in (0, 1)]
+    out = padded.new_zeros(b, 2 * n_s, p + window, p + window, p + window)
+    if jobs:
+        # in padded coordinates the window of a click at cell c starts at c (its centre is c + h)
+        corners = [tuple(int(v) for v in idx[i, j]) for i, j, _ in jobs]
+        windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window]
+                               for (i, _, _), (x, y, z) in zip(jobs, corners)])
+        regions = grow(windows, scales, steps)
+        for (i, _, label), (x, y, z), r in zip(jobs, corners, regions):
+            c0 = 0 if label == 1 else n_s
+            view = out[i, c0:c0 + n_s, x:x + window, y:y + window, z:z + window]
+            view.copy_(torch.maximum(view, r))
+    out = out[:, :, h:h + p, h:h + p, h:h + p]
+    return F.avg_pool3d(out, 2)

@@ -24,7 +24,8 @@ first. :func:`fold` and :func:`unfold` are exact inverses.
 
 With ``ModelConfig.click_regions`` the decoder also gets intensity regions grown from the clicks
 (:mod:`msam_core.model.click_regions`), a parameter-free cue for the lesion's extent; the
-pooled crop they need is folded into the embedding as one more channel.
+crop pooled to the regions' grid (stride 2, 64^3) they need is folded into the embedding as
+``POOL^3 = 8`` more channels at stride 4.
 
 The SAM-Med3D and M-SAM configurations do not use this, so their checkpoints are unchanged.
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msam_core.model.click_regions import SCALES, click_cells, click_regions, pooled_intensity
+from msam_core.model.click_regions import POOL, SCALES, click_cells, click_regions, pooled_intensity
 
 #: Side of the block of high-resolution positions folded into one token.
 FACTOR = 4
@@ -65,23 +66,28 @@ class HighResStem(nn.Module):
     @property
     def channels(self) -> int:
         """Channels of :meth:`forward`'s output: ``C``, plus the pooled crop with ``click_regions``."""
-        return self.out_chans + (1 if self.click_regions else 0)
+        return self.out_chans + (self._pooled_chans if self.click_regions else 0)
+
+    #: The stride-2 pooled crop folded to stride 4.
+    _pooled_chans = (FACTOR // POOL) ** 3
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, S, S, S] -> [B, C (+1), S/4, S/4, S/4]`` (prompt-independent: cached with the
-        embedding); with ``click_regions`` the last channel is the crop average-pooled per cell."""
+        """``[B, 1, S, S, S] -> [B, C (+8), S/4, S/4, S/4]`` (prompt-independent: cached with the
+        embedding); with ``click_regions`` the last 8 channels are the crop average-pooled per 2^3
+        voxels (:func:`pooled_intensity`), folded to stride 4."""
         features = self.net(image)
         if not self.click_regions:
             return features
-        return torch.cat([features, pooled_intensity(image).to(features.dtype)], dim=1)
+        pooled = fold(pooled_intensity(image), FACTOR // POOL)
+        return torch.cat([features, pooled.to(features.dtype)], dim=1)
 
     def prompted(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
-        """``features [B, C (+1), G, G, G]`` (:meth:`forward`), ``points [B, N, 3]`` (crop voxels),
+        """``features [B, C (+8), G, G, G]`` (:meth:`forward`), ``points [B, N, 3]`` (crop voxels),
         ``labels [B, N]`` -> ``[B, C, G, G, G]``: the features mixed with their similarity to the
         clicked ones (and, with ``click_regions``, the regions grown from the clicks)."""
         cues = []
         if self.click_regions:
-            features, pooled = features[:, : self.out_chans], features[:, self.out_chans :]
+            features, pooled = features[:, : self.out_chans], unfold(features[:, self.out_chans :], FACTOR // POOL)
             cues.append(click_regions(pooled, points, labels, img_size).to(features.dtype))
         sim = click_similarity(features, points, labels, img_size)
         return self.fuse(torch.cat([features, sim.to(features.dtype), *cues], dim=1))

@@ -4,8 +4,8 @@ Public interface (everything else in msam uses only these):
 
 - ``encode(image [B, 1, 128, 128, 128]) -> embedding [B, 384, 8, 8, 8]`` (with
   ``high_res_features``, ``[B, E + 64 E/8, 8, 8, 8]``: the stride-4 image features folded in,
-  see :mod:`msam_core.model.high_res`; with ``click_regions`` also the crop pooled per 4^3
-  voxels, ``[B, E + 64 (E/8 + 1), 8, 8, 8]``, see :mod:`msam_core.model.click_regions`)
+  see :mod:`msam_core.model.high_res`; with ``click_regions`` also the crop pooled per 2^3
+  voxels, ``[B, E + 64 (E/8 + 8), 8, 8, 8]``, see :mod:`msam_core.model.click_regions`)
 - ``decode(embedding, points [B, N, 3], labels [B, N], mask_logits [B, 1, 32, 32, 32] | None)
   -> logits [B, 1, 32, 32, 32]``. Points are voxel indices in the 128^3 crop, in the axis order
   of the image tensor; labels are 1 (positive) / 0 (negative). The MEA fuses the mask prompt

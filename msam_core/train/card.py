@@ -99,7 +99,7 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
            "features at the clicks, are added to the decoder's upscaling (`high_res_features`, as SAM 2 adds "
            "high-resolution features). " if config is not None and config.high_res_features else "")
         + ("The same stage also gets intensity regions grown from the clicks (max-product paths of intensity "
-           "affinity on 6 mm cells, an exponentiated geodesic distance as in DeepIGeoS; `click_regions`), a "
+           "affinity on 3 mm cells, one per click, an exponentiated geodesic distance as in DeepIGeoS; `click_regions`), a "
            "parameter-free cue for the lesion's extent. " if config is not None and config.click_regions else "")
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
