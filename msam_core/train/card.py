@@ -169,7 +169,11 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         md += ["**Image-use control** (`msam_blank_image` rows): the model run on an all-zero crop with the same "
                "clicks. Where its Dice matches the real run, the model's masks come from the clicks (a learned "
                "shape prior around them), not from the image - compare before reading the region-growing "
-               "comparison as image understanding.", ""]
+               "comparison as image understanding."
+               + (" With `click_regions` the control is not the clicks alone: on a uniform crop every click's "
+                  "region fills its whole 108 mm window, so the control predicts a large blob, which can beat "
+                  "the real run at one click on lesions >= 20 mm that the model under-segments."
+                  if config is not None and config.click_regions else ""), ""]
     for split, summary in evals.items():
         md += [f"### {SPLIT_TITLES[split]}", "", _metrics_table(summary), ""]
     if not evals:
