@@ -67,10 +67,10 @@ MODEL_TRAIN    = train --config msam_small --data $(MODEL_DATA) --out $(MODEL_RU
 model: install
 	$(VENV)/bin/msam data synth --out $(MODEL_DATA) --seed 0
 	OMP_NUM_THREADS=$(MODEL_THREADS) $(VENV)/bin/msam $(MODEL_TRAIN)
-	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/model.safetensors --split validation --out $(MODEL_RUN)/eval_validation --blank-image-control
-	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/model.safetensors --split heldout --out $(MODEL_RUN)/eval_heldout --blank-image-control
+	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/model.safetensors --split validation --out $(MODEL_RUN)/eval_validation --blank-image-control --other-image-control
+	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/model.safetensors --split heldout --out $(MODEL_RUN)/eval_heldout --blank-image-control --other-image-control
 	$(VENV)/bin/msam data real --out $(MODEL_REAL)
-	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/model.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control
+	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/model.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control --other-image-control
 	$(PY) -m msam_core.train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)"
 
 clean:

@@ -155,6 +155,9 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
             if "msam_blank_image" in a:
                 b = a["msam_blank_image"]["dice"]
                 line += f" The same model on a blank (all-zero) crop: Dice@1 {b[0]:.3f}, Dice@{k} {b[-1]:.3f}."
+            if "msam_other_image" in a:
+                o = a["msam_other_image"]["dice"]
+                line += f" On another lesion's crop with this lesion's clicks: Dice@1 {o[0]:.3f}, Dice@{k} {o[-1]:.3f}."
             md.append(line)
     if evals:
         md += ["", "Region growing gets worse after its first click: the next click lands in the largest error, "
@@ -165,6 +168,11 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
                   "MR, lung CT x2) - real anatomy and real outlines, but five lesions: a sanity check, not a "
                   "clinical validation." if "real" in evals else
                   "No real-tumour data was evaluated: real CT/MR tumours were not measured."), ""]
+    if any("msam_other_image" in e["groups"]["all"] for e in evals.values()):
+        md += ["**Other-image control** (`msam_other_image` rows): the model run on the next lesion's crop (a real "
+               "image with a lesion at the first click, but not this one) with this lesion's clicks. A model that "
+               "fits the lesion it sees scores low here; one that draws a fixed shape around the clicks scores as "
+               "on the right crop.", ""]
     if any("msam_blank_image" in e["groups"]["all"] for e in evals.values()):
         md += ["**Image-use control** (`msam_blank_image` rows): the model run on an all-zero crop with the same "
                "clicks. Where its Dice matches the real run, the model's masks come from the clicks (a learned "

@@ -17,9 +17,17 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    one-click Dice of a small grid, sigma 0/0.5/1/curvature flow x multiplier 2/2.5/3, on
    validation lesions), grown from each positive click separately and united; voxels nearer to
    a negative click than to every positive click are removed.
-5. Control (``--blank-image-control``): the model on an all-zero crop with the same protocol
-   (``msam_blank_image``): what the clicks alone give. A model whose Dice matches it does not use
-   the image.
+5. Controls: does the model use the image?
+
+   - ``--blank-image-control``: the model on an all-zero crop with the same protocol
+     (``msam_blank_image``): what the clicks alone give. A model whose Dice matches it does not
+     use the image. With ``click_regions`` a uniform crop is not "no image" (every click's region
+     fills its window), so the next control is the one to read.
+   - ``--other-image-control``: the model on *another* lesion's crop (the next lesion of the
+     split, cyclically; each crop is centred on its own lesion), with the clicks placed for this
+     lesion (``msam_other_image``): a real image with a lesion at the first click, but not this
+     one. A model that fits the lesion it sees scores low here; one that draws a fixed shape
+     around the clicks scores the same as on the right crop.
 
 Writes ``per_lesion.csv`` and ``per_lesion.json`` (one row per lesion, method and click count),
 ``summary.json`` (means by method and click count, overall and per organ/modality; also the
@@ -33,7 +41,7 @@ import argparse
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +53,7 @@ from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
-METHODS = ("msam", "msam_blank_image", "region_growing")
+METHODS = ("msam", "msam_blank_image", "msam_other_image", "region_growing")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
 #: 6 mm voxels, so lesions under ~10 mm are a separate regime.
 SIZE_GROUPS = (("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">=20mm", 20.0, float("inf")))
@@ -166,6 +174,20 @@ def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, cl
     return _click_protocol(segment, gt, centre, grid, clicks, tolerance_mm)
 
 
+def _rows(template: Row, results: dict[str, list[tuple[float, float]]]) -> list[Row]:
+    return [replace(template, method=method, clicks=c, dice=round(d, 4), nsd=round(s, 4))
+            for method, scores in results.items() for c, (d, s) in enumerate(scores, start=1)]
+
+
+def lesion_crop(sampler, volume, gt_volume: np.ndarray, size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, CropGrid]:
+    """The crop :class:`Segmenter` would take for a first click at the lesion's deepest voxel:
+    ``(image [1, 1, S, S, S], mask on the crop grid, click in crop voxels, grid)``."""
+    start = first_click(gt_volume)
+    grid = CropGrid.centred(volume.voxel_to_ras(start)[0], size=size)
+    return (sampler.crop(grid), mask_on_grid(gt_volume, volume, grid), grid.ras_to_crop(volume.voxel_to_ras(start))[0],
+            grid)
+
+
 def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: int, tolerance_mm: float,
                     feedback: bool = True, baseline: bool = True,
                     blank_control: bool = False) -> dict[str, list[tuple[float, float]]]:
@@ -174,11 +196,7 @@ def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: i
     ``blank_control``: also run the model on an all-zero crop with the same protocol
     (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
     """
-    start = first_click(gt_volume)
-    grid = CropGrid.centred(volume.voxel_to_ras(start)[0], size=segmenter.model.img_size)
-    image = sampler.crop(grid)
-    gt = mask_on_grid(gt_volume, volume, grid)
-    centre = grid.ras_to_crop(volume.voxel_to_ras(start))[0]
+    image, gt, centre, grid = lesion_crop(sampler, volume, gt_volume, segmenter.model.img_size)
     results: dict[str, list[tuple[float, float]]] = {}
     results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback)
     if blank_control:
@@ -193,8 +211,11 @@ def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: i
 
 def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation", clicks: int = 5,
              out_dir: Path | None = None, tolerance_mm: float = 2.0, device: str = "cpu", feedback: bool = True,
-             baseline: bool = True, model=None, log=print, blank_control: bool = False) -> dict:
-    """Evaluate every lesion of ``split``; writes the reports into ``out_dir`` and returns the summary."""
+             baseline: bool = True, model=None, log=print, blank_control: bool = False,
+             other_image_control: bool = False) -> dict:
+    """Evaluate every lesion of ``split``; writes the reports into ``out_dir`` and returns the summary.
+
+    ``other_image_control`` needs at least two lesions (each is run on the next one's crop)."""
     from msam_core.checkpoints import load_checkpoint
     from msam_core.pipeline.segmenter import Segmenter
     from msam_core.train.data import list_cases
@@ -205,6 +226,8 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     segmenter = Segmenter(model, device=device)
     meta = _lesion_meta(data_dir, split)
     rows: list[Row] = []
+    #: with other_image_control: (row template, crop, mask, first click, grid) per lesion
+    kept: list[tuple[Row, torch.Tensor, np.ndarray, np.ndarray, CropGrid]] = []
     cases = list_cases(data_dir, split)
     t0 = time.time()
     for n, case in enumerate(cases):
@@ -217,12 +240,20 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
             gt = labels == k
             res = evaluate_lesion(segmenter, sampler, volume, gt, clicks, tolerance_mm, feedback, baseline, blank_control)
             info = infos.get(k, {})
-            for method, scores in res.items():
-                for c, (d, s) in enumerate(scores, start=1):
-                    rows.append(Row(split, case.name, k, entry.get("source", ""), entry.get("modality", ""),
-                                    info.get("organ", ""), float(info.get("diameter_mm", 0.0)), int(gt.sum()),
-                                    method, c, round(d, 4), round(s, 4)))
+            template = Row(split, case.name, k, entry.get("source", ""), entry.get("modality", ""),
+                           info.get("organ", ""), float(info.get("diameter_mm", 0.0)), int(gt.sum()), "", 0, 0.0, 0.0)
+            rows += _rows(template, res)
+            if other_image_control:
+                kept.append((template, *lesion_crop(sampler, volume, gt, segmenter.model.img_size)))
         log(f"evaluate {split}: {n + 1}/{len(cases)} cases ({time.time() - t0:.0f} s)")
+    if other_image_control and len(kept) < 2:
+        raise ValueError(f"--other-image-control needs at least two lesions; split {split!r} has {len(kept)}")
+    for i, (template, _, gt, centre, grid) in enumerate(kept):
+        other = kept[(i + 1) % len(kept)][1]
+        scores = _model_clicks(segmenter, other, gt, centre, grid, clicks, tolerance_mm, feedback)
+        rows += _rows(template, {"msam_other_image": scores})
+    if kept:
+        log(f"evaluate {split}: other-image control done ({time.time() - t0:.0f} s)")
     summary = summarise(rows, clicks)
     summary.update({"split": split, "data": data_dir.name, "checkpoint": Path(checkpoint).name if checkpoint else None,
                     "nsd_tolerance_mm": tolerance_mm, "feedback": feedback, "lesions": len({(r.case, r.lesion) for r in rows})})
@@ -300,7 +331,8 @@ def plot_dice_vs_clicks(summary: dict, path: Path, size: tuple[int, int] = (640,
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     draw.text((w // 2 - 30, h - 22), "clicks", fill="black", font=font)
     draw.text((left, 12), f"mean Dice vs clicks ({summary.get('split', '')}, {summary.get('lesions', '?')} lesions)", fill="black", font=font)
-    colours = {"msam": (200, 30, 30), "msam_blank_image": (150, 150, 150), "region_growing": (30, 80, 200)}
+    colours = {"msam": (200, 30, 30), "msam_blank_image": (150, 150, 150), "msam_other_image": (230, 150, 30),
+               "region_growing": (30, 80, 200)}
     for i, (method, stats) in enumerate(groups.items()):
         line = [xy(c + 1, v) for c, v in enumerate(stats["dice"])]
         if len(line) > 1:
@@ -326,6 +358,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip region growing")
     p.add_argument("--blank-image-control", action="store_true",
                    help="also run the model on an all-zero crop (msam_blank_image): does it use the image at all?")
+    p.add_argument("--other-image-control", action="store_true",
+                   help="also run the model on the next lesion's crop with this lesion's clicks (msam_other_image): "
+                        "does it fit the lesion it sees? Needs two or more lesions")
     p.set_defaults(func=run)
 
 
@@ -334,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     summary = evaluate(args.data, checkpoint, args.split, args.clicks, args.out, args.nsd_tolerance, args.device,
-                       not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control)
+                       not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control,
+                       other_image_control=args.other_image_control)
     for method, stats in summary["groups"]["all"].items():
         print(f"{method}: Dice " + " ".join(f"@{i + 1} {v:.3f}" for i, v in enumerate(stats["dice"]))
               + f" (NSD@1 {stats['nsd'][0]:.3f}, @{len(stats['nsd'])} {stats['nsd'][-1]:.3f})")

@@ -53,3 +53,36 @@ def test_blank_image_control_runs_the_model_without_the_image(tmp_path) -> None:
     by = {(r["method"], r["lesion"], r["clicks"]): r["dice"] for r in rows}
     # a random network does depend on its input: the blank crop changes at least one result
     assert any(by[("msam", lesion, c)] != by[("msam_blank_image", lesion, c)] for _, lesion, c in by)
+
+
+def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path) -> None:
+    from msam_core.checkpoints import load_checkpoint
+    from msam_core.io.load import load_volume
+    from msam_core.pipeline.segmenter import Segmenter
+    from msam_core.train.data import list_cases
+    from msam_core.train.evaluate import _model_clicks, lesion_crop
+
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=2, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--clicks", "2",
+                 "--out", str(out), "--no-baseline", "--other-image-control"]) == 0
+    rows = json.loads((out / "per_lesion.json").read_text())
+    assert {r["method"] for r in rows} == {"msam", "msam_other_image"}
+    lesions = [(r["case"], r["lesion"]) for r in rows if r["method"] == "msam" and r["clicks"] == 1]
+    assert len(lesions) >= 2
+    other = {(r["case"], r["lesion"], r["clicks"]): r["dice"] for r in rows if r["method"] == "msam_other_image"}
+    assert len(other) == 2 * len(lesions)
+    # recompute the control of the last lesion by hand: its clicks on the first lesion's crop
+    segmenter = Segmenter(load_checkpoint(ck))
+    crops = []
+    for case in list_cases(data, "validation"):
+        volume, labels = load_volume(case.image), load_volume(case.label).array
+        for k in sorted(int(v) for v in set(labels.ravel().tolist()) if v > 0):
+            crops.append(((case.name, k), lesion_crop(segmenter.sampler(volume), volume, labels == k, 128)))
+    assert [name for name, _ in crops] == lesions
+    (last, (_, gt, centre, grid)), (_, (first_image, *_)) = crops[-1], crops[0]
+    expected = _model_clicks(segmenter, first_image, gt, centre, grid, 2, 2.0, True)
+    assert [other[(*last, c)] for c in (1, 2)] == [round(d, 4) for d, _ in expected]

@@ -150,7 +150,7 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
 
 def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_path) -> None:
     from msam_core.train.card import write_card
-    from msam_core.train.evaluate import evaluate
+    from msam_core.train.evaluate import Row, evaluate, summarise, write_reports
 
     run = tmp_path / "run"
     s = TrainSettings(data=str(dataset_dir), out=str(run), steps=1, batch_size=1, iterations=2,
@@ -158,6 +158,11 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     path = train(s, log=lambda *_: None)
     evaluate(dataset_dir, path, "heldout", clicks=2, out_dir=run / "eval_heldout", log=lambda *_: None,
              blank_control=True)
+    # a validation report with the other-image control, written from rows (two lesions)
+    rows = [Row("validation", f"case{i}", 1, "src", "CT", "liver", 12.0, 100, method, c, dice, 0.5)
+            for i in range(2) for c in (1, 2)
+            for method, dice in (("msam", 0.6 + 0.1 * c), ("region_growing", 0.3), ("msam_other_image", 0.2 + 0.05 * i))]
+    write_reports(run / "eval_validation", rows, summarise(rows, 2))
     card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1")
     text = card.read_text()
     summary = json.loads((run / "eval_heldout" / "summary.json").read_text())
@@ -168,4 +173,7 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     b = summary["groups"]["all"]["msam_blank_image"]["dice"]
     assert f"blank (all-zero) crop: Dice@1 {b[0]:.3f}" in text and "| all (1) | msam_blank_image |" in text
     assert "| 1-1 | " in text  # the loss curve has the one step
+    assert "Dice@1 0.700 (msam) vs 0.300 (region growing)" in text
+    assert "another lesion's crop with this lesion's clicks: Dice@1 0.225, Dice@2 0.225" in text
+    assert "**Other-image control**" in text and "| all (2) | msam_other_image | 0.225 |" in text
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == path.read_bytes()
