@@ -40,15 +40,22 @@ def test_evaluate_writes_reports(tmp_path) -> None:
     assert (out / "dice_vs_clicks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_blank_image_control_runs_the_model_without_the_image(tmp_path) -> None:
+def _evaluate_random_model(tmp_path, split: str, control: str) -> tuple:
+    """Phantom lesions (two validation cases or one held-out case), a random ``msam_small``, and
+    ``msam evaluate --clicks 2 --no-baseline CONTROL``: ``(data, checkpoint, per-lesion rows)``."""
     data = tmp_path / "data"
-    synthesize(data, seed=5, n_train=0, n_val=0, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
+    n_val, n_heldout = (2, 0) if split == "validation" else (0, 1)
+    synthesize(data, seed=5, n_train=0, n_val=n_val, n_heldout=n_heldout, scans=phantom_scans(), log=lambda *_: None)
     torch.manual_seed(0)
     ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
     out = tmp_path / "eval"
-    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", "heldout", "--clicks", "2",
-                 "--out", str(out), "--no-baseline", "--blank-image-control"]) == 0
-    rows = json.loads((out / "per_lesion.json").read_text())
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", split, "--clicks", "2",
+                 "--out", str(out), "--no-baseline", control]) == 0
+    return data, ck, json.loads((out / "per_lesion.json").read_text())
+
+
+def test_blank_image_control_runs_the_model_without_the_image(tmp_path) -> None:
+    _, _, rows = _evaluate_random_model(tmp_path, "heldout", "--blank-image-control")
     assert {r["method"] for r in rows} == {"msam", "msam_blank_image"}
     by = {(r["method"], r["lesion"], r["clicks"]): r["dice"] for r in rows}
     # a random network does depend on its input: the blank crop changes at least one result
@@ -62,14 +69,7 @@ def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path)
     from msam_core.train.data import list_cases
     from msam_core.train.evaluate import _model_clicks, lesion_crop
 
-    data = tmp_path / "data"
-    synthesize(data, seed=5, n_train=0, n_val=2, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
-    torch.manual_seed(0)
-    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
-    out = tmp_path / "eval"
-    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--clicks", "2",
-                 "--out", str(out), "--no-baseline", "--other-image-control"]) == 0
-    rows = json.loads((out / "per_lesion.json").read_text())
+    data, ck, rows = _evaluate_random_model(tmp_path, "validation", "--other-image-control")
     assert {r["method"] for r in rows} == {"msam", "msam_other_image"}
     lesions = [(r["case"], r["lesion"]) for r in rows if r["method"] == "msam" and r["clicks"] == 1]
     assert len(lesions) >= 2
