@@ -48,13 +48,17 @@ def click_cells(points: torch.Tensor, grid: int, img_size: int) -> tuple[torch.T
     grid ``[B, N]`` (clamped into it) and whether the click lies inside the crop ``[B, N]``."""
     idx = click_index(points, grid, img_size)
     flat = idx[..., 0] * grid * grid + idx[..., 1] * grid + idx[..., 2]
-    inside = ((points >= 0) & (points < img_size)).all(-1)
-    return flat, inside
+    return flat, click_inside(points, img_size)
 
 
 def click_index(points: torch.Tensor, grid: int, img_size: int) -> torch.Tensor:
     """``points [B, N, 3]`` (crop voxels) -> ``[B, N, 3]`` cell indices on a ``grid^3`` grid (clamped)."""
     return (points.float() * grid / img_size).floor().long().clamp(0, grid - 1)
+
+
+def click_inside(points: torch.Tensor, img_size: int) -> torch.Tensor:
+    """``points [B, N, 3]`` (crop voxels) -> ``[B, N]``: whether each click lies inside the crop."""
+    return ((points >= 0) & (points < img_size)).all(-1)
 
 
 def pooled_intensity(image: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,7 @@ def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tens
     h = window // 2
     padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))  # affinity 0 outside the crop
     idx = click_index(points, p, img_size)
-    inside = ((points >= 0) & (points < img_size)).all(-1)
+    inside = click_inside(points, img_size)
     jobs = [(i, j, int(labels[i, j])) for i in range(b) for j in range(points.shape[1])
             if bool(inside[i, j]) and int(labels[i, j]) in (0, 1)]
     out = padded.new_zeros(b, 2 * n_s, p + window, p + window, p + window)

@@ -66,10 +66,10 @@ class HighResStem(nn.Module):
     @property
     def channels(self) -> int:
         """Channels of :meth:`forward`'s output: ``C``, plus the pooled crop with ``click_regions``."""
-        return self.out_chans + (self._pooled_chans if self.click_regions else 0)
+        return self.out_chans + (self._POOLED_FOLD**3 if self.click_regions else 0)
 
-    #: The stride-2 pooled crop folded to stride 4.
-    _pooled_chans = (FACTOR // POOL) ** 3
+    #: Fold factor from the regions' grid (stride 2) to the features' (stride 4).
+    _POOLED_FOLD = FACTOR // POOL
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``[B, 1, S, S, S] -> [B, C (+8), S/4, S/4, S/4]`` (prompt-independent: cached with the
@@ -78,7 +78,7 @@ class HighResStem(nn.Module):
         features = self.net(image)
         if not self.click_regions:
             return features
-        pooled = fold(pooled_intensity(image), FACTOR // POOL)
+        pooled = fold(pooled_intensity(image), self._POOLED_FOLD)
         return torch.cat([features, pooled.to(features.dtype)], dim=1)
 
     def prompted(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class HighResStem(nn.Module):
         clicked ones (and, with ``click_regions``, the regions grown from the clicks)."""
         cues = []
         if self.click_regions:
-            features, pooled = features[:, : self.out_chans], unfold(features[:, self.out_chans :], FACTOR // POOL)
+            features, pooled = features[:, : self.out_chans], unfold(features[:, self.out_chans :], self._POOLED_FOLD)
             cues.append(click_regions(pooled, points, labels, img_size).to(features.dtype))
         sim = click_similarity(features, points, labels, img_size)
         return self.fuse(torch.cat([features, sim.to(features.dtype), *cues], dim=1))

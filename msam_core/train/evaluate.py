@@ -188,15 +188,15 @@ def lesion_crop(sampler, volume, gt_volume: np.ndarray, size: int) -> tuple[torc
             grid)
 
 
-def evaluate_lesion(segmenter, sampler, volume, gt_volume: np.ndarray, clicks: int, tolerance_mm: float,
-                    feedback: bool = True, baseline: bool = True,
+def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray, CropGrid], clicks: int,
+                    tolerance_mm: float, feedback: bool = True, baseline: bool = True,
                     blank_control: bool = False) -> dict[str, list[tuple[float, float]]]:
-    """``{method: [(dice, nsd) after 1..clicks clicks]}`` for one lesion mask on the volume grid.
+    """``{method: [(dice, nsd) after 1..clicks clicks]}`` for one lesion's ``crop`` (:func:`lesion_crop`).
 
     ``blank_control``: also run the model on an all-zero crop with the same protocol
     (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
     """
-    image, gt, centre, grid = lesion_crop(sampler, volume, gt_volume, segmenter.model.img_size)
+    image, gt, centre, grid = crop
     results: dict[str, list[tuple[float, float]]] = {}
     results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback)
     if blank_control:
@@ -238,13 +238,14 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
         infos = {int(x["label"]): x for x in entry.get("lesions", [])}
         for k in (int(v) for v in np.unique(labels) if v > 0):
             gt = labels == k
-            res = evaluate_lesion(segmenter, sampler, volume, gt, clicks, tolerance_mm, feedback, baseline, blank_control)
+            crop = lesion_crop(sampler, volume, gt, segmenter.model.img_size)
+            res = evaluate_lesion(segmenter, crop, clicks, tolerance_mm, feedback, baseline, blank_control)
             info = infos.get(k, {})
             template = Row(split, case.name, k, entry.get("source", ""), entry.get("modality", ""),
                            info.get("organ", ""), float(info.get("diameter_mm", 0.0)), int(gt.sum()), "", 0, 0.0, 0.0)
             rows += _rows(template, res)
             if other_image_control:
-                kept.append((template, *lesion_crop(sampler, volume, gt, segmenter.model.img_size)))
+                kept.append((template, *crop))
         log(f"evaluate {split}: {n + 1}/{len(cases)} cases ({time.time() - t0:.0f} s)")
     if other_image_control and len(kept) < 2:
         raise ValueError(f"--other-image-control needs at least two lesions; split {split!r} has {len(kept)}")
