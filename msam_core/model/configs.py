@@ -6,7 +6,8 @@
   trained from scratch, so it also takes stride-4 image features into its decoder
   (``high_res_features``, see :mod:`msam_core.model.high_res`); optionally also intensity
   regions grown from the clicks (``click_regions``, ``msam train --click-regions``,
-  :mod:`msam_core.model.click_regions`).
+  :mod:`msam_core.model.click_regions`), and with ``region_logits`` (``--region-logits``) those
+  regions added to the logits directly (:mod:`msam_core.model.region_logits`).
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ class ModelConfig:
     #: With ``high_res_features``: intensity regions grown from the clicks enter the same stage
     #: (:mod:`msam_core.model.click_regions`); not part of SAM-Med3D or M-SAM.
     click_regions: bool = False
+    #: With ``click_regions``: the regions also add to the logits directly, weighted per prompt
+    #: (:mod:`msam_core.model.region_logits`); not part of SAM-Med3D or M-SAM.
+    region_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.click_regions and not self.high_res_features:
             raise ValueError("click_regions needs high_res_features (the regions enter through the high-res stem)")
+        if self.region_logits and not self.click_regions:
+            raise ValueError("region_logits needs click_regions (it weights the regions grown from the clicks)")
         if self.input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}")
 

@@ -81,16 +81,20 @@ class HighResStem(nn.Module):
         pooled = fold(pooled_intensity(image), self._POOLED_FOLD)
         return torch.cat([features, pooled.to(features.dtype)], dim=1)
 
-    def prompted(self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
+    def prompted(
+        self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``features [B, C (+8), G, G, G]`` (:meth:`forward`), ``points [B, N, 3]`` (crop voxels),
-        ``labels [B, N]`` -> ``[B, C, G, G, G]``: the features mixed with their similarity to the
-        clicked ones (and, with ``click_regions``, the regions grown from the clicks)."""
-        cues = []
+        ``labels [B, N]`` -> ``([B, C, G, G, G], regions)``: the features mixed with their
+        similarity to the clicked ones (and, with ``click_regions``, the regions grown from the
+        clicks, which are also returned, ``[B, 2 len(SCALES), G, G, G]``; else ``None``)."""
+        regions = None
         if self.click_regions:
             features, pooled = features[:, : self.out_chans], unfold(features[:, self.out_chans :], self._POOLED_FOLD)
-            cues.append(click_regions(pooled, points, labels, img_size).to(features.dtype))
+            regions = click_regions(pooled, points, labels, img_size).to(features.dtype)
         sim = click_similarity(features, points, labels, img_size)
-        return self.fuse(torch.cat([features, sim.to(features.dtype), *cues], dim=1))
+        cues = [features, sim.to(features.dtype)] + ([regions] if regions is not None else [])
+        return self.fuse(torch.cat(cues, dim=1)), regions
 
 
 def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:

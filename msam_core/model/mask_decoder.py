@@ -52,6 +52,14 @@ class MaskDecoder3D(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``high_res [B, E/8, 32, 32, 32]`` (optional, :mod:`msam_core.model.high_res`): image
         features added to the upscaled embedding before its last activation, as SAM 2 does."""
+        masks, iou, _ = self.predict(src, image_pe, sparse, high_res)
+        return masks, iou
+
+    def predict(
+        self, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, high_res: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, plus the mask tokens after the transformer ``[B, 4, E]`` (for heads
+        that weight other inputs per prompt, :mod:`msam_core.model.region_logits`)."""
         b, c, x, y, z = src.shape
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
@@ -69,4 +77,4 @@ class MaskDecoder3D(nn.Module):
         hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         _, c_up, *size = upscaled.shape
         masks = (hyper @ upscaled.reshape(b, c_up, -1)).reshape(b, -1, *size)
-        return masks, self.iou_prediction_head(iou_out)
+        return masks, self.iou_prediction_head(iou_out), mask_out

@@ -9,7 +9,9 @@ Public interface (everything else in msam uses only these):
 - ``decode(embedding, points [B, N, 3], labels [B, N], mask_logits [B, 1, 32, 32, 32] | None)
   -> logits [B, 1, 32, 32, 32]``. Points are voxel indices in the 128^3 crop, in the axis order
   of the image tensor; labels are 1 (positive) / 0 (negative). The MEA fuses the mask prompt
-  with the image embedding when the model has one; otherwise they are summed, as in SAM.
+  with the image embedding when the model has one; otherwise they are summed, as in SAM. With
+  ``region_logits`` the click regions are also added to the logits, see
+  :mod:`msam_core.model.region_logits`.
 - ``refine(embedding, points, labels, mask_logits=None, iterations=N) -> logits``.
 
 These are plain differentiable calls (training uses them); inference wraps them in
@@ -30,6 +32,7 @@ from msam_core.model.image_encoder import ImageEncoderViT3D
 from msam_core.model.mask_decoder import MaskDecoder3D
 from msam_core.model.mea import MaskEnhancedAdapter
 from msam_core.model.prompt_encoder import PromptEncoder3D
+from msam_core.model.region_logits import RegionLogits
 
 
 class MSAM(nn.Module):
@@ -72,6 +75,7 @@ class MSAM(nn.Module):
             if config.high_res_features
             else None
         )
+        self.region_logits = RegionLogits(config.prompt_embed_dim) if config.region_logits else None
         #: Mixed-precision dtype used by :meth:`autocast` on CUDA (None: full precision).
         self.amp_dtype: torch.dtype | None = torch.bfloat16
 
@@ -139,16 +143,18 @@ class MSAM(nn.Module):
         if embedding.ndim != 5 or embedding.shape[1] != self.embedding_channels:
             raise ValueError(f"this {self.config.name} model decodes [B, {self.embedding_channels}, G, G, G] embeddings "
                              f"(from its own encode), got {tuple(embedding.shape)}")
-        high_res = None
+        high_res = regions = None
         if self.high_res is not None:
             e = self.config.prompt_embed_dim
             embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
-            high_res = self.high_res.prompted(high_res, points, labels, self.config.img_size)
+            high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size)
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
         src = self.mea(embedding, dense) if self.mea is not None else embedding + dense
-        masks, _ = self.mask_decoder(src, self.prompt_encoder.dense_pe().to(src.dtype), sparse.to(src.dtype), high_res)
-        return masks[:, :1]
+        masks, _, tokens = self.mask_decoder.predict(src, self.prompt_encoder.dense_pe().to(src.dtype), sparse.to(src.dtype), high_res)
+        if self.region_logits is None:
+            return masks[:, :1]
+        return masks[:, :1] + self.region_logits(tokens[:, 0], regions).to(masks.dtype)
 
     def refine(
         self,
@@ -191,8 +197,8 @@ class MSAM(nn.Module):
 
 def is_added_parameter(name: str) -> bool:
     """Whether a state-dict key belongs to a part SAM-Med3D does not have (LoRA, MEA, the
-    high-res stem): such parts start fresh from a SAM-Med3D checkpoint and train at the adapter LR."""
-    return name.startswith(("mea.", "high_res.")) or ".attn.lora." in name
+    high-res stem, the region logits): such parts start fresh from a SAM-Med3D checkpoint and train at the adapter LR."""
+    return name.startswith(("mea.", "high_res.", "region_logits.")) or ".attn.lora." in name
 
 
 def build_model(config: ModelConfig | str) -> MSAM:

@@ -101,6 +101,10 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         + ("The same stage also gets intensity regions grown from the clicks (max-product paths of intensity "
            "affinity on 3 mm cells, one per click, an exponentiated geodesic distance as in DeepIGeoS; `click_regions`), a "
            "parameter-free cue for the lesion's extent. " if config is not None and config.click_regions else "")
+        + ("Those regions are also added to the logits directly (`region_logits`), weighted per prompt by a "
+           "linear map of the first mask token that starts at zero on top of learned weights that start at the "
+           "middle scale's region, so the first prediction follows the cue from the start. "
+           if config is not None and config.region_logits else "")
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
         +

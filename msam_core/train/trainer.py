@@ -78,6 +78,7 @@ class TrainSettings:
     workers: int = 1
     input_transform: str | None = None
     click_regions: bool = False
+    region_logits: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -210,6 +211,8 @@ def train(s: TrainSettings, log=print) -> Path:
         config = replace(config, input_transform=s.input_transform)
     if s.click_regions:
         config = replace(config, click_regions=True)
+    if s.region_logits:
+        config = replace(config, region_logits=True)
     model = build_model(config)
     from_pretrained = s.init is not None
     if from_pretrained:
@@ -353,6 +356,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--click-regions", action="store_true",
                    help="msam_small: also give the decoder intensity regions grown from the clicks "
                         "(msam_core/model/click_regions.py)")
+    p.add_argument("--region-logits", action="store_true",
+                   help="with --click-regions: also add the regions to the logits directly, weighted per "
+                        "prompt (msam_core/model/region_logits.py)")
     p.set_defaults(func=run)
 
 
@@ -364,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
         workers=args.workers, input_transform=args.input_transform, click_regions=args.click_regions,
+        region_logits=args.region_logits,
     )
     train(settings)
     return 0

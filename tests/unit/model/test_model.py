@@ -105,7 +105,7 @@ def test_mea_replaces_the_sum(small):
     points, labels = prompts(1)
     tokens = embedding[:, :96]
     with torch.inference_mode():
-        high_res = small.high_res.prompted(unfold(embedding[:, 96:]), points, labels, 128)
+        high_res, _ = small.high_res.prompted(unfold(embedding[:, 96:]), points, labels, 128)
         sparse, dense = plain.prompt_encoder(points, labels, None)
         by_hand, _ = plain.mask_decoder(tokens + dense, plain.prompt_encoder.dense_pe(), sparse, high_res)
         assert torch.allclose(plain.decode(embedding, points, labels), by_hand[:, :1])
