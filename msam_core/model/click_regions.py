@@ -95,12 +95,45 @@ def grow(windows: torch.Tensor, scales: tuple[float, ...] = SCALES, steps: int =
     return r
 
 
+class RegionCache:
+    """Each click's grown region on one crop (batch), kept across decoder passes.
+
+    Growing is nearly all of the regions' cost, and a click's region depends only on the crop
+    and the click's cell: with a cache, refinement passes and a growing list of clicks (an
+    interaction, training's simulated clicks) grow each click once instead of on every pass.
+    A cache belongs to the crop it first saw and refuses another (a different pooled crop).
+    """
+
+    def __init__(self) -> None:
+        self._regions: dict[tuple, torch.Tensor] = {}
+        self._fingerprint: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def bind(self, pooled: torch.Tensor) -> None:
+        """Remember ``pooled``'s per-row sums on first use; raise if a later crop differs."""
+        fingerprint = pooled.detach().double().flatten(1).sum(1)
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint
+        elif fingerprint.shape != self._fingerprint.shape or not torch.equal(fingerprint, self._fingerprint):
+            raise ValueError("this RegionCache holds another crop's regions; use one cache per embedding")
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        return self._regions.get(key)
+
+    def put(self, key: tuple, region: torch.Tensor) -> None:
+        self._regions[key] = region
+
+
 @torch.no_grad()
 def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int,
-                  scales: tuple[float, ...] = SCALES, steps: int = STEPS, window: int = WINDOW) -> torch.Tensor:
+                  scales: tuple[float, ...] = SCALES, steps: int = STEPS, window: int = WINDOW,
+                  cache: RegionCache | None = None) -> torch.Tensor:
     """``pooled [B, 1, P, P, P]`` (:func:`pooled_intensity`), ``points [B, N, 3]`` (crop voxels),
     ``labels [B, N]`` (1/0; others ignored) ``-> [B, 2 * len(scales), P/2, P/2, P/2]`` regions
-    grown from the positive, then the negative clicks (see the module docstring)."""
+    grown from the positive, then the negative clicks (see the module docstring). ``cache``
+    (one per crop): regions grown in an earlier call are reused, new ones kept."""
     if pooled.ndim != 5 or pooled.shape[1] != 1 or pooled.shape[2] % 2:
         raise ValueError(f"pooled must be [B, 1, P, P, P] with P even, got {tuple(pooled.shape)}")
     b, p, n_s = pooled.shape[0], pooled.shape[2], len(scales)
@@ -114,9 +147,18 @@ def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tens
     if jobs:
         # in padded coordinates the window of a click at cell c starts at c (its centre is c + h)
         corners = [tuple(int(v) for v in idx[i, j]) for i, j, _ in jobs]
-        windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window]
-                               for (i, _, _), (x, y, z) in zip(jobs, corners)])
-        regions = grow(windows, scales, steps)
+        keys = [(i, x, y, z, scales, steps, window) for (i, _, _), (x, y, z) in zip(jobs, corners)]
+        if cache is not None:
+            cache.bind(pooled)
+        known = {k: cache.get(k) for k in keys} if cache is not None else {}
+        missing = list(dict.fromkeys(k for k in keys if known.get(k) is None))
+        if missing:
+            windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window] for i, x, y, z, *_ in missing])
+            for k, r in zip(missing, grow(windows, scales, steps)):
+                known[k] = r
+                if cache is not None:
+                    cache.put(k, r)
+        regions = [known[k] for k in keys]
         for (i, _, label), (x, y, z), r in zip(jobs, corners, regions):
             c0 = 0 if label == 1 else n_s
             view = out[i, c0:c0 + n_s, x:x + window, y:y + window, z:z + window]

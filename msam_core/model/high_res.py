@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msam_core.model.click_regions import POOL, SCALES, click_cells, click_regions, pooled_intensity
+from msam_core.model.click_regions import POOL, SCALES, RegionCache, click_cells, click_regions, pooled_intensity
 
 #: Side of the block of high-resolution positions folded into one token.
 FACTOR = 4
@@ -82,16 +82,18 @@ class HighResStem(nn.Module):
         return torch.cat([features, pooled.to(features.dtype)], dim=1)
 
     def prompted(
-        self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int
+        self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int,
+        region_cache: RegionCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``features [B, C (+8), G, G, G]`` (:meth:`forward`), ``points [B, N, 3]`` (crop voxels),
         ``labels [B, N]`` -> ``([B, C, G, G, G], regions)``: the features mixed with their
         similarity to the clicked ones (and, with ``click_regions``, the regions grown from the
-        clicks, which are also returned, ``[B, 2 len(SCALES), G, G, G]``; else ``None``)."""
+        clicks, which are also returned, ``[B, 2 len(SCALES), G, G, G]``; else ``None``;
+        ``region_cache``: see :class:`~msam_core.model.click_regions.RegionCache`)."""
         regions = None
         if self.click_regions:
             features, pooled = features[:, : self.out_chans], unfold(features[:, self.out_chans :], self._POOLED_FOLD)
-            regions = click_regions(pooled, points, labels, img_size).to(features.dtype)
+            regions = click_regions(pooled, points, labels, img_size, cache=region_cache).to(features.dtype)
         sim = click_similarity(features, points, labels, img_size)
         cues = [features, sim.to(features.dtype)] + ([regions] if regions is not None else [])
         return self.fuse(torch.cat(cues, dim=1)), regions

@@ -26,6 +26,7 @@ import hashlib
 import torch
 from torch import nn
 
+from msam_core.model.click_regions import RegionCache
 from msam_core.model.configs import ModelConfig, get_config
 from msam_core.model.high_res import FACTOR, HighResStem, fold, unfold
 from msam_core.model.image_encoder import ImageEncoderViT3D
@@ -134,8 +135,12 @@ class MSAM(nn.Module):
         points: torch.Tensor,
         labels: torch.Tensor,
         mask_logits: torch.Tensor | None = None,
+        region_cache: RegionCache | None = None,
     ) -> torch.Tensor:
-        """One decoder pass: ``-> logits [B, 1, 32, 32, 32]`` (single-mask output)."""
+        """One decoder pass: ``-> logits [B, 1, 32, 32, 32]`` (single-mask output).
+
+        ``region_cache`` (models with ``click_regions``; one per embedding): keeps each click's
+        grown region for later passes on the same embedding (:class:`RegionCache`)."""
         if points.ndim != 3 or points.shape[-1] != 3 or labels.shape != points.shape[:2]:
             raise ValueError(f"points must be [B, N, 3] and labels [B, N]; got {tuple(points.shape)}, {tuple(labels.shape)}")
         if embedding.shape[0] != points.shape[0]:
@@ -147,7 +152,7 @@ class MSAM(nn.Module):
         if self.high_res is not None:
             e = self.config.prompt_embed_dim
             embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
-            high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size)
+            high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size, region_cache)
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
         src = self.mea(embedding, dense) if self.mea is not None else embedding + dense
@@ -174,8 +179,9 @@ class MSAM(nn.Module):
         if mask_logits is None:
             r = self.config.low_res
             mask_logits = embedding.new_zeros(embedding.shape[0], 1, r, r, r)
+        cache = RegionCache()  # the clicks stay: each region is grown once
         for _ in range(iterations):
-            mask_logits = self.decode(embedding, points, labels, mask_logits)
+            mask_logits = self.decode(embedding, points, labels, mask_logits, cache)
         return mask_logits
 
     # -- training helpers -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msam_core.model import build_model, get_config
-from msam_core.model.click_regions import SCALES, _dilate, click_regions, pooled_intensity
+from msam_core.model.click_regions import SCALES, RegionCache, _dilate, click_regions, grow, pooled_intensity
 
 
 def _spheres() -> torch.Tensor:
@@ -96,3 +96,44 @@ def test_regions_stop_at_the_crop_and_window_edges():
     centre = click_regions(flat, torch.tensor([[[64.0, 64.0, 64.0]]]), torch.tensor([[1]]), img_size=128)[0, 0]
     assert centre[16, 16, 16] == 1.0 and centre[7, 16, 16] == 1.0 and centre[6, 16, 16] == 0.0
     assert centre[16, 16, 24] == 1.0 and centre[16, 16, 25] == 0.0
+
+
+def test_a_region_cache_grows_each_click_once_and_gives_the_same_regions(monkeypatch):
+    """Passes with a growing list of clicks on one crop grow only the new clicks' regions, and
+    the result equals growing every region afresh; the cache refuses another crop."""
+    import msam_core.model.click_regions as module
+
+    pooled = pooled_intensity(_spheres())
+    pts = torch.tensor([[[64.0, 64.0, 64.0], [64.0, 64.0, 94.0], [20.0, 20.0, 20.0]]])
+    labels = torch.tensor([[1, 1, 0]])
+    calls = (1, 2, 2, 3)
+    fresh = [click_regions(pooled, pts[:, :n], labels[:, :n], img_size=128) for n in calls]
+    grown: list[int] = []
+    monkeypatch.setattr(module, "grow", lambda windows, *a: (grown.append(len(windows)), grow(windows, *a))[1])
+    cache = RegionCache()
+    for n, expected in zip(calls, fresh):
+        assert torch.equal(click_regions(pooled, pts[:, :n], labels[:, :n], img_size=128, cache=cache), expected)
+    assert len(cache) == 3
+    assert grown == [1, 1, 1], "the first click, then only each new one; nothing for a repeated call"
+    with pytest.raises(ValueError, match="another crop"):
+        click_regions(pooled + 1, pts, labels, img_size=128, cache=cache)
+
+
+def test_refine_grows_each_region_once_and_matches_fresh_decodes(monkeypatch):
+    """refine keeps one cache across its passes: same logits as passes that each regrow."""
+    import msam_core.model.click_regions as module
+
+    torch.manual_seed(0)
+    model = build_model(replace(get_config("msam_small"), click_regions=True, region_logits=True))
+    points, labels = torch.tensor([[[64.0, 64.0, 64.0], [64.0, 64.0, 94.0]]]), torch.tensor([[1, 0]])
+    with torch.inference_mode():
+        embedding = model.encode(_spheres())
+        by_hand = None
+        for _ in range(3):
+            by_hand = model.decode(embedding, points, labels, by_hand)
+        grown: list[int] = []
+        monkeypatch.setattr(module, "grow", lambda windows, *a: (grown.append(len(windows)), grow(windows, *a))[1])
+        refined = model.refine(embedding, points, labels, torch.zeros(1, 1, 32, 32, 32), iterations=3)
+    assert grown == [2]
+    first = model.decode(embedding, points, labels, None)
+    assert torch.allclose(refined, by_hand, atol=1e-5) and not torch.allclose(refined, first, atol=1e-3)
