@@ -165,6 +165,19 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
     return total, stats
 
 
+def _drop_rows_after(csv_path: Path, step: int) -> None:
+    """Keep only the log rows of steps up to ``step`` (the checkpoint a run resumes from)."""
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+        fields = rows[0].keys() if rows else None
+    if fields is None or all(int(r["step"]) <= step for r in rows):
+        return
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= step)
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -244,6 +257,8 @@ def train(s: TrainSettings, log=print) -> Path:
     csv_path = out / "log.csv"
     fields = ["step", "epoch", "seconds", "lr", "loss", "loss_first", "loss_last", "dice_first", "dice_last", "clicks"]
     new_csv = not (s.resume and csv_path.is_file())
+    if not new_csv:
+        _drop_rows_after(csv_path, step)  # logged after the last save: those steps run again
     csv_file = csv_path.open("w" if new_csv else "a", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=fields)
     if new_csv:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -146,6 +147,15 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert load_checkpoint(path).checkpoint_meta["provenance"]["steps"] == 2
+    # a run stopped after logging steps past its last save resumes from the save: those rows go
+    shutil.copy(tmp_path / "run" / "last.pt", tmp_path / "at2.pt")
+    s.steps = 3
+    train(s, log=lambda *_: None)
+    shutil.copy(tmp_path / "at2.pt", tmp_path / "run" / "last.pt")
+    s.steps = 4
+    train(s, log=lambda *_: None)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
 
 def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_path) -> None:
