@@ -25,7 +25,8 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 - Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set);
   bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
-  written every ``--save-every`` minutes, so an interrupted run is still usable.
+  written every ``--save-every`` minutes, so an interrupted run is still usable; with
+  ``--keep-checkpoints`` every save is also kept as ``checkpoints/step-NNNNNN.safetensors``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TrainSettings:
     input_transform: str | None = None
     click_regions: bool = False
     region_logits: bool = False
+    keep_checkpoints: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -284,6 +286,8 @@ def train(s: TrainSettings, log=print) -> Path:
             "machine": f"{platform.machine()} {device.type}", "threads": torch.get_num_threads(),
         }
         model.invalidate_model_id()
+        if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
+            save_checkpoint(model, out / "checkpoints" / f"step-{step:06d}.safetensors", provenance)
         return save_checkpoint(model, out / "model.safetensors", provenance)
 
     rng = np.random.default_rng([s.seed, step])
@@ -366,6 +370,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep every save as OUT/checkpoints/step-NNNNNN.safetensors (to choose one on validation)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="processes building the crop cache")
     p.add_argument("--input-transform", choices=INPUT_TRANSFORMS, default=None,
@@ -387,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
         workers=args.workers, input_transform=args.input_transform, click_regions=args.click_regions,
-        region_logits=args.region_logits,
+        region_logits=args.region_logits, keep_checkpoints=args.keep_checkpoints,
     )
     train(settings)
     return 0

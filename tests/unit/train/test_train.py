@@ -156,6 +156,13 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
     train(s, log=lambda *_: None)
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # --keep-checkpoints: each save also kept under its step, loadable with its provenance
+    s.steps, s.keep_checkpoints = 5, True
+    train(s, log=lambda *_: None)
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+    assert [p.name for p in kept] == ["step-000005.safetensors"]
+    assert load_checkpoint(kept[0]).checkpoint_meta["provenance"]["steps"] == 5
 
 
 def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_path) -> None:
