@@ -148,17 +148,14 @@ def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tens
         # in padded coordinates the window of a click at cell c starts at c (its centre is c + h)
         corners = [tuple(int(v) for v in idx[i, j]) for i, j, _ in jobs]
         keys = [(i, x, y, z, scales, steps, window) for (i, _, _), (x, y, z) in zip(jobs, corners)]
-        if cache is not None:
-            cache.bind(pooled)
-        known = {k: cache.get(k) for k in keys} if cache is not None else {}
-        missing = list(dict.fromkeys(k for k in keys if known.get(k) is None))
+        cache = RegionCache() if cache is None else cache  # a throwaway one: each click grown once
+        cache.bind(pooled)
+        missing = list(dict.fromkeys(k for k in keys if cache.get(k) is None))
         if missing:
             windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window] for i, x, y, z, *_ in missing])
             for k, r in zip(missing, grow(windows, scales, steps)):
-                known[k] = r
-                if cache is not None:
-                    cache.put(k, r)
-        regions = [known[k] for k in keys]
+                cache.put(k, r)
+        regions = [cache.get(k) for k in keys]
         for (i, _, label), (x, y, z), r in zip(jobs, corners, regions):
             c0 = 0 if label == 1 else n_s
             view = out[i, c0:c0 + n_s, x:x + window, y:y + window, z:z + window]

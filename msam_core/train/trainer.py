@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -286,9 +287,11 @@ def train(s: TrainSettings, log=print) -> Path:
             "machine": f"{platform.machine()} {device.type}", "threads": torch.get_num_threads(),
         }
         model.invalidate_model_id()
+        path = save_checkpoint(model, out / "model.safetensors", provenance)
         if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
-            save_checkpoint(model, out / "checkpoints" / f"step-{step:06d}.safetensors", provenance)
-        return save_checkpoint(model, out / "model.safetensors", provenance)
+            (out / "checkpoints").mkdir(exist_ok=True)
+            shutil.copyfile(path, out / "checkpoints" / f"step-{step:06d}.safetensors")
+        return path
 
     rng = np.random.default_rng([s.seed, step])
     generator = torch.Generator().manual_seed(s.seed + step)
