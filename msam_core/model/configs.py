@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 
@@ -52,6 +53,11 @@ class ModelConfig:
     #: With ``click_regions``: the regions also add to the logits directly, weighted per prompt
     #: (:mod:`msam_core.model.region_logits`); not part of SAM-Med3D or M-SAM.
     region_logits: bool = False
+    #: The logit at which a voxel counts as lesion, chosen on validation data after training
+    #: (``msam calibrate``; SAM's ``mask_threshold``). :meth:`MSAM.decode` returns logits minus it
+    #: and takes its mask prompt in those same units, so ``> 0`` stays the decision everywhere
+    #: downstream. 0 (sigmoid 0.5) for SAM-Med3D and every model not calibrated.
+    mask_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if self.click_regions and not self.high_res_features:
@@ -60,6 +66,8 @@ class ModelConfig:
             raise ValueError("region_logits needs click_regions (it weights the regions grown from the clicks)")
         if self.input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}")
+        if not math.isfinite(self.mask_threshold):
+            raise ValueError(f"mask_threshold must be a finite logit, got {self.mask_threshold!r}")
 
     @property
     def grid(self) -> int:

@@ -62,6 +62,9 @@ class TrainSettings:
     data: str = ""
     out: str = "runs/msam"
     init: str | None = None
+    #: With ``init``: train every parameter in one group (continue a from-scratch model such as
+    #: the bundled ``msam_small``) instead of M-SAM's LoRA/MEA/decoder recipe.
+    train_all: bool = False
     steps: int = 1000
     batch_size: int = 2
     iterations: int = 11
@@ -88,7 +91,7 @@ class TrainSettings:
 
 def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[dict]:
     """The optimiser's parameter groups (and ``requires_grad`` set accordingly)."""
-    if from_pretrained:
+    if from_pretrained and not s.train_all:
         model.set_trainable()
         adapter = [p for n, p in model.named_parameters() if p.requires_grad and is_added_parameter(n)]
         rest = [p for n, p in model.named_parameters() if p.requires_grad and not is_added_parameter(n)]
@@ -96,7 +99,8 @@ def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[d
                 {"params": rest, "lr": s.lr_decoder or SAM_LR_DECODER, "name": "prompt_encoder+decoder"}]
     for p in model.parameters():
         p.requires_grad = True
-    return [{"params": list(model.parameters()), "lr": s.lr or SCRATCH_LR, "name": "all (from scratch)"}]
+    return [{"params": list(model.parameters()), "lr": s.lr or SCRATCH_LR,
+             "name": "all (continued)" if from_pretrained else "all (from scratch)"}]
 
 
 def lr_factor(step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
@@ -235,12 +239,13 @@ def train(s: TrainSettings, log=print) -> Path:
     from_pretrained = s.init is not None
     if from_pretrained:
         fresh = init_from_checkpoint(model, s.init)
-        log(f"initialised from {Path(s.init).name}; {len(fresh)} tensors (LoRA/MEA) start fresh")
+        log(f"initialised from {Path(s.init).name}; {len(fresh)} tensors (LoRA/MEA) start fresh"
+            + ("; every parameter trains (--train-all)" if s.train_all else ""))
     model = model.to(device).train()
     groups = param_groups(model, s, from_pretrained)
     trainable, total = model.parameter_counts()
     log(f"{s.config}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({100 * trainable / total:.1f}%)"
-        + ("" if from_pretrained else " - no --init: training from scratch, the whole encoder trains"))
+        + ("" if from_pretrained and not s.train_all else " - the whole encoder trains"))
     for g in groups:
         log(f"  group {g['name']}: {sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters, lr {g['lr']:g}")
     optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
@@ -357,6 +362,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (SAM-Med3D .pth, msam .safetensors); "
                    "then only LoRA, MEA, prompt encoder and decoder train. Without it everything trains from scratch")
+    p.add_argument("--train-all", action="store_true",
+                   help="with --init: train every parameter at --lr (continue training a from-scratch model "
+                        "such as the bundled msam_small) instead of M-SAM's LoRA/MEA/decoder recipe")
     p.add_argument("--out", type=Path, default=Path("runs/msam"), help="run folder (log.csv, last.pt, model.safetensors)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=2)
@@ -389,8 +397,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.train_all and args.init is None:
+        raise SystemExit("msam train: --train-all continues training from --init CHECKPOINT; give --init "
+                         "(without --init every parameter trains anyway)")
     settings = TrainSettings(
         config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
+        train_all=args.train_all,
         steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, first_pass_weight=args.first_pass_weight,
         lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,

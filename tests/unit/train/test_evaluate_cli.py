@@ -86,3 +86,25 @@ def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path)
     (last, (_, gt, centre, grid)), (_, (first_image, *_)) = crops[-1], crops[0]
     expected = _model_clicks(segmenter, first_image, gt, centre, grid, 2, 2.0, True)
     assert [other[(*last, c)] for c in (1, 2)] == [round(d, 4) for d, _ in expected]
+
+
+def test_calibrate_keeps_the_best_threshold_on_validation(tmp_path) -> None:
+    """``msam calibrate`` runs the click protocol per threshold and writes the best into a copy."""
+    from msam_core.checkpoints import load_checkpoint
+
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=1, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2",
+                 "--thresholds", "-40", "0", "40", "--out", str(out)]) == 0
+    model = load_checkpoint(out)
+    calibration = model.checkpoint_meta["provenance"]["calibration"]
+    table = {float(t): v["mean_dice"] for t, v in calibration["table"].items()}
+    assert set(table) == {-40.0, 0.0, 40.0}
+    assert table[40.0] == 0.0  # no logit of a random model reaches 40: empty masks
+    assert model.config.mask_threshold == calibration["mask_threshold"] == max(table, key=lambda t: (table[t], -abs(t)))
+    original = load_checkpoint(ck)
+    for (name, a), b in zip(original.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name  # weights unchanged

@@ -134,6 +134,20 @@ def test_from_scratch_trains_everything_and_init_trains_the_m_sam_parts() -> Non
     assert {id(p) for p in groups[0]["params"]} == fresh  # the new parts train at the adapter LR
 
 
+def test_train_all_continues_every_parameter_from_init() -> None:
+    model = build_model("msam_small")
+    groups = param_groups(model, TrainSettings(train_all=True, lr=2e-4), from_pretrained=True)
+    assert [g["lr"] for g in groups] == [2e-4] and groups[0]["name"] == "all (continued)"
+    assert model.parameter_counts()[0] == model.parameter_counts()[1]
+
+
+def test_train_all_without_init_is_refused(capsys) -> None:
+    from msam_core.cli import main
+
+    with pytest.raises(SystemExit, match="--train-all continues training from --init"):
+        main(["train", "--config", "msam_small", "--data", "d", "--train-all"])
+
+
 def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -> None:
     s = TrainSettings(data=str(dataset_dir), out=str(tmp_path / "run"), steps=1, batch_size=1, iterations=2,
                       crops_per_lesion=1, device="cpu", warmup=1)
