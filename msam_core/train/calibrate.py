@@ -36,15 +36,17 @@ def calibrate(model, data_dir: Path, split: str = "validation", clicks: int = 5,
               thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, device: str = "cpu", log=print) -> tuple[float, dict]:
     """``-> (best threshold, {threshold: {"mean_dice": m, "dice": [Dice@1..N]}})``; ``model`` is
     left at the best threshold."""
+    from msam_core.pipeline.segmenter import DictEmbeddingCache
     from msam_core.train.evaluate import evaluate
 
     if not thresholds:
         raise ValueError("give at least one threshold")
     table: dict[float, dict] = {}
+    embeddings = DictEmbeddingCache(max_items=100_000)  # the threshold changes no embedding: encode once
     for t in thresholds:
         set_threshold(model, t)
         summary = evaluate(Path(data_dir), None, split, clicks, None, device=device, baseline=False, model=model,
-                           log=lambda *_: None)
+                           log=lambda *_: None, embedding_cache=embeddings)
         dice = [round(float(v), 4) for v in summary["groups"]["all"]["msam"]["dice"]]
         table[float(t)] = {"mean_dice": round(float(np.mean(dice)), 4), "dice": dice}
         log(f"threshold {t:+.2f}: mean Dice {table[float(t)]['mean_dice']:.4f} (" +

@@ -212,8 +212,11 @@ def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray,
 def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation", clicks: int = 5,
              out_dir: Path | None = None, tolerance_mm: float = 2.0, device: str = "cpu", feedback: bool = True,
              baseline: bool = True, model=None, log=print, blank_control: bool = False,
-             other_image_control: bool = False) -> dict:
+             other_image_control: bool = False, embedding_cache=None) -> dict:
     """Evaluate every lesion of ``split``; writes the reports into ``out_dir`` and returns the summary.
+
+    ``embedding_cache`` (an :class:`~msam_core.pipeline.segmenter.EmbeddingCache`): shared by
+    repeated evaluations of the same weights (``msam calibrate``), so each crop is encoded once.
 
     ``other_image_control`` needs at least two lesions (each is run on the next one's crop)."""
     from msam_core.checkpoints import load_checkpoint
@@ -223,7 +226,7 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     data_dir = Path(data_dir)
     if model is None:
         model = load_checkpoint(checkpoint, device=device)
-    segmenter = Segmenter(model, device=device)
+    segmenter = Segmenter(model, device=device, cache=embedding_cache)
     meta = _lesion_meta(data_dir, split)
     rows: list[Row] = []
     #: with other_image_control: (row template, crop, mask, first click, grid) per lesion
