@@ -12,7 +12,8 @@ from msam_core.errors import MsamError
 
 # Sub-command modules: each has ``register(subparsers)`` that adds its parser and sets ``func``.
 _COMMANDS = ("msam_core.cli.convert", "msam_core.cli.segment", "msam_core.train.synth",
-             "msam_core.train.trainer", "msam_core.train.evaluate", "msam_core.train.calibrate")
+             "msam_core.train.trainer", "msam_core.train.evaluate", "msam_core.train.calibrate",
+             "msam_core.train.compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
