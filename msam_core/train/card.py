@@ -63,6 +63,19 @@ def _machine(prov: dict) -> str:
     return f"a CPU ({prov['threads']} threads)" if prov.get("threads") else "a CPU"
 
 
+def _paired(report: Path) -> tuple[str, str]:
+    """Verdicts at the first and last click from ``msam compare`` (msam minus region growing,
+    paired bootstrap 95% interval over the report's lesions), worded for the card."""
+    from msam_core.train.compare import compare, read_dice, verdict
+
+    rows = compare(read_dice(report, "region_growing"), read_dice(report, "msam"))
+    words = {"B better": "msam better", "A better": "region growing better", "no evidence of a difference":
+             "no clear difference"}
+    first, last = rows[0], rows[-2]  # rows[-1] is the mean over clicks
+    return tuple(f", paired difference {d.diff:+.3f} (95% interval {d.low:+.3f} to {d.high:+.3f}): "
+                 f"{words[verdict(d)]}" for d in (first, last))  # type: ignore[return-value]
+
+
 def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
     settings = json.loads((run / "settings.json").read_text())
     dataset = json.loads((data / "dataset.json").read_text())
@@ -153,9 +166,9 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         if "msam" in a and "region_growing" in a:
             m, r = a["msam"]["dice"], a["region_growing"]["dice"]
             k = len(m)
-            better1 = "msam" if m[0] > r[0] else "region growing"
-            line = (f"- **{split}**: Dice@1 {m[0]:.3f} (msam) vs {r[0]:.3f} (region growing) - {better1} better "
-                    f"at one click; Dice@{k} {m[-1]:.3f} vs {r[-1]:.3f}.")
+            first, last = _paired(run / f"eval_{split}")
+            line = (f"- **{split}**: Dice@1 {m[0]:.3f} (msam) vs {r[0]:.3f} (region growing){first} at one click; "
+                    f"Dice@{k} {m[-1]:.3f} vs {r[-1]:.3f}{last}.")
             if "msam_blank_image" in a:
                 b = a["msam_blank_image"]["dice"]
                 line += f" The same model on a blank (all-zero) crop: Dice@1 {b[0]:.3f}, Dice@{k} {b[-1]:.3f}."

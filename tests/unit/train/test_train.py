@@ -204,7 +204,8 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     b = summary["groups"]["all"]["msam_blank_image"]["dice"]
     assert f"blank (all-zero) crop: Dice@1 {b[0]:.3f}" in text and "| all (1) | msam_blank_image |" in text
     assert "| 1-1 | " in text  # the loss curve has the one step
-    assert "Dice@1 0.700 (msam) vs 0.300 (region growing)" in text
+    assert ("Dice@1 0.700 (msam) vs 0.300 (region growing), paired difference +0.400 (95% interval +0.400 to "
+            "+0.400): msam better at one click") in text  # msam compare's verdict, not the means alone
     assert "another lesion's crop with this lesion's clicks: Dice@1 0.225, Dice@2 0.225" in text
     assert "**Other-image control**" in text and "| all (2) | msam_other_image | 0.225 |" in text
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == path.read_bytes()
