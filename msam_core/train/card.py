@@ -71,9 +71,11 @@ def _paired(report: Path) -> tuple[str, str]:
     rows = compare(read_dice(report, "region_growing"), read_dice(report, "msam"))
     words = {"B better": "msam better", "A better": "region growing better", "no evidence of a difference":
              "no clear difference"}
-    first, last = rows[0], rows[-2]  # rows[-1] is the mean over clicks
-    return tuple(f", paired difference {d.diff:+.3f} (95% interval {d.low:+.3f} to {d.high:+.3f}): "
-                 f"{words[verdict(d)]}" for d in (first, last))  # type: ignore[return-value]
+
+    def phrase(d) -> str:
+        return f", paired difference {d.diff:+.3f} (95% interval {d.low:+.3f} to {d.high:+.3f}): {words[verdict(d)]}"
+
+    return phrase(rows[0]), phrase(rows[-2])  # first and last click; rows[-1] is the mean over clicks
 
 
 def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
