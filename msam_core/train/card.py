@@ -66,14 +66,13 @@ def _machine(prov: dict) -> str:
 def _paired(report: Path) -> tuple[str, str]:
     """Verdicts at the first and last click from ``msam compare`` (msam minus region growing,
     paired bootstrap 95% interval over the report's lesions), worded for the card."""
-    from msam_core.train.compare import compare, read_dice, verdict
+    from msam_core.train.compare import compare, direction, read_dice
 
     rows = compare(read_dice(report, "region_growing"), read_dice(report, "msam"))
-    words = {"B better": "msam better", "A better": "region growing better", "no evidence of a difference":
-             "no clear difference"}
+    words = {1: "msam better", -1: "region growing better", 0: "no clear difference"}
 
     def phrase(d) -> str:
-        return f", paired difference {d.diff:+.3f} (95% interval {d.low:+.3f} to {d.high:+.3f}): {words[verdict(d)]}"
+        return f", paired difference {d.diff:+.3f} (95% interval {d.low:+.3f} to {d.high:+.3f}): {words[direction(d)]}"
 
     return phrase(rows[0]), phrase(rows[-2])  # first and last click; rows[-1] is the mean over clicks
 

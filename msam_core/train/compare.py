@@ -81,12 +81,13 @@ def compare(a: dict[Lesion, dict[int, float]], b: dict[Lesion, dict[int, float]]
                        float(low[i]), float(high[i])) for i, lab in enumerate(labels)]
 
 
+def direction(d: Difference) -> int:
+    """+1: B better (the interval lies above 0), -1: A better (below 0), 0: no evidence either way."""
+    return 1 if d.low > 0 else -1 if d.high < 0 else 0
+
+
 def verdict(d: Difference) -> str:
-    if d.low > 0:
-        return "B better"
-    if d.high < 0:
-        return "A better"
-    return "no evidence of a difference"
+    return {1: "B better", -1: "A better", 0: "no evidence of a difference"}[direction(d)]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
