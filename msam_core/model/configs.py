@@ -58,6 +58,12 @@ class ModelConfig:
     #: and takes its mask prompt in those same units, so ``> 0`` stays the decision everywhere
     #: downstream. 0 (sigmoid 0.5) for SAM-Med3D and every model not calibrated.
     mask_threshold: float = 0.0
+    #: Weight of the stable-region prior (:mod:`msam_core.pipeline.region_prior`) that the
+    #: pipeline adds to the upsampled logits of a lesion prompted by one positive click, and
+    #: after further clicks; chosen on validation data (``msam calibrate --prior-weights``).
+    #: The network ignores them; 0 (off) for every model not calibrated.
+    prior_weight_first: float = 0.0
+    prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.click_regions and not self.high_res_features:
@@ -68,6 +74,10 @@ class ModelConfig:
             raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}")
         if not math.isfinite(self.mask_threshold):
             raise ValueError(f"mask_threshold must be a finite logit, got {self.mask_threshold!r}")
+        for name in ("prior_weight_first", "prior_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
 
     @property
     def grid(self) -> int:

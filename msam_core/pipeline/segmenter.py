@@ -30,6 +30,7 @@ from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combi
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
+from msam_core.pipeline.region_prior import RegionPrior, add_prior, prior_weight
 from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
                                         touched_faces, window_grid)
 
@@ -216,6 +217,29 @@ class Segmenter:
                 out = self.model.refine(embedding, points, lab, mask, iterations=iterations)
         return out.float().cpu()
 
+    def crop_logits(self, image: torch.Tensor, embedding: torch.Tensor, points_crop: np.ndarray,
+                    labels: np.ndarray, mask_logits: torch.Tensor | None = None, iterations: int = 1,
+                    prior: RegionPrior | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """:meth:`predict`, upsampled to the crop, plus the model's calibrated stable-region prior.
+
+        Args:
+            image: the crop ``[1, 1, S, S, S]`` that ``embedding`` encodes.
+            prior: a :class:`~msam_core.pipeline.region_prior.RegionPrior` of ``image``, kept
+                across the clicks of one interaction so each click's region is grown once
+                (default: a new one, when the model has a non-zero prior weight).
+
+        Returns:
+            ``(low-res logits [1, 1, 32, 32, 32]``, the network's own, to feed back as the next
+            mask prompt; ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion``)``.
+        """
+        low_res = self.predict(embedding, points_crop, labels, mask_logits, iterations)
+        logits = upsample_logits(low_res, size=image.shape[-1])
+        weight = prior_weight(getattr(self.model, "config", None), labels)
+        if weight:
+            prior = prior if prior is not None else RegionPrior(image.detach().cpu().numpy())
+            logits = add_prior(logits, prior.mask(points_crop, labels), weight)
+        return low_res, logits
+
     # -- whole requests -----------------------------------------------------------------------
     def segment(self, volume: Volume, points: Sequence[Point] = (), boxes: Sequence[Box] = (),
                 prior: np.ndarray | None = None, iterations: int = 1) -> SegmentationResult:
@@ -280,8 +304,7 @@ class Segmenter:
             mask_prompt = None
             if lesion.prior is not None:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
-            low_res = self.predict(embedding, pts, labels, mask_prompt, iterations)
-            logits = upsample_logits(low_res, size=grid.size)
+            _, logits = self.crop_logits(window.image, embedding, pts, labels, mask_prompt, iterations)
             if lesion.box is not None:
                 centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
                 inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)

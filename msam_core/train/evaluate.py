@@ -8,7 +8,9 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    at the deepest voxel of the largest error region of the current result (positive on a miss,
    negative on a false positive) and the previous logits are fed back as the mask prompt (an
    interactive session; ``--no-feedback``: decode from the clicks alone, as repeated
-   ``msam segment`` calls).
+   ``msam segment`` calls). The masks are :meth:`Segmenter.crop_logits` ``> 0``: the network's
+   logits upsampled to the crop plus the checkpoint's calibrated stable-region prior
+   (:mod:`~msam_core.pipeline.region_prior`; off unless ``msam calibrate --prior-weights`` set it).
 3. Metrics on the crop grid (1.5 mm): Dice and normalised surface Dice (NSD, tolerance
    ``--nsd-tolerance`` mm), both MONAI (``compute_dice``, ``compute_surface_dice``).
 4. Baseline from the same protocol (own error-driven clicks, same first click): SimpleITK
@@ -48,8 +50,8 @@ import numpy as np
 import torch
 
 from msam_core.io.load import load_volume
-from msam_core.pipeline.postprocess import upsample_logits
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
+from msam_core.pipeline.region_prior import RegionPrior
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
@@ -165,11 +167,12 @@ def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, cl
                   feedback: bool) -> list[tuple[float, float]]:
     embedding, _ = segmenter.encode(image)
     low = None
+    prior = RegionPrior(image.numpy())  # each click's stable region grown once per lesion
 
     def segment(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         nonlocal low
-        low = segmenter.predict(embedding, points, labels, low if feedback else None)
-        return upsample_logits(low, size=grid.size) > 0
+        low, logits = segmenter.crop_logits(image, embedding, points, labels, low if feedback else None, prior=prior)
+        return logits > 0
 
     return _click_protocol(segment, gt, centre, grid, clicks, tolerance_mm)
 

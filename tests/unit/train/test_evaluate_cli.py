@@ -108,3 +108,40 @@ def test_calibrate_keeps_the_best_threshold_on_validation(tmp_path) -> None:
     original = load_checkpoint(ck)
     for (name, a), b in zip(original.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name  # weights unchanged
+
+
+def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
+    """``--prior-weights``: one click-protocol run per pair at the chosen threshold; the best pair
+    (ties: the smaller total) is written into the copy, and evaluate's masks then include it."""
+    from msam_core.checkpoints import load_checkpoint
+
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=2, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
+                 "--prior-weights", "0,0", "1000,0", "1000,1000", "--out", str(out)]) == 0
+    model = load_checkpoint(out)
+    calibration = model.checkpoint_meta["provenance"]["calibration"]
+    table = {tuple(float(v) for v in k.split(",")): v for k, v in calibration["prior_table"].items()}
+    assert set(table) == {(0.0, 0.0), (1000.0, 0.0), (1000.0, 1000.0)}
+    # pair (1000, 0) changes the first click only: the same second click as (0, 0) would need
+    # the same first mask, so only Dice@1 is compared with the random network's own
+    assert table[(1000.0, 0.0)]["dice"][0] != table[(0.0, 0.0)]["dice"][0]
+    best = max(table, key=lambda w: (table[w]["mean_dice"], -sum(w)))
+    assert (model.config.prior_weight_first, model.config.prior_weight) == best
+    assert (calibration["prior_weight_first"], calibration["prior_weight"]) == best
+    assert model.config.mask_threshold == 0.0
+
+
+def test_calibrate_refuses_a_malformed_prior_weight_pair(tmp_path, capsys) -> None:
+    import pytest
+
+    for bad, says in (("8", "FIRST,LATER"), ("8,x", "FIRST,LATER"), ("1,-2", "finite and >= 0"),
+                      ("nan,1", "finite and >= 0")):
+        with pytest.raises(SystemExit) as exc:
+            main(["calibrate", "--checkpoint", "x.safetensors", "--data", str(tmp_path), "--prior-weights", bad,
+                  "--out", str(tmp_path / "o.safetensors")])
+        assert exc.value.code == 2
+        assert says in capsys.readouterr().err
