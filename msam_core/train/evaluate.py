@@ -18,7 +18,11 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    smoothing sigma 0.5 voxel, multiplier 2.5, 4 iterations, neighbourhood radius 1 - the best
    one-click Dice of a small grid, sigma 0/0.5/1/curvature flow x multiplier 2/2.5/3, on
    validation lesions), grown from each positive click separately and united; voxels nearer to
-   a negative click than to every positive click are removed.
+   a negative click than to every positive click are removed. A second baseline,
+   ``stable_region``: the stable-region prior alone (:mod:`~msam_core.pipeline.region_prior`:
+   per positive click the ConfidenceConnected region that changes least across multipliers),
+   negatives as above - what msam's masks would be without the network, for models calibrated
+   with a prior.
 5. Controls: does the model use the image?
 
    - ``--blank-image-control``: the model on an all-zero crop with the same protocol
@@ -55,7 +59,7 @@ from msam_core.pipeline.region_prior import RegionPrior
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
-METHODS = ("msam", "msam_blank_image", "msam_other_image", "region_growing")
+METHODS = ("msam", "msam_blank_image", "msam_other_image", "region_growing", "stable_region")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
 #: 6 mm voxels, so lesions under ~10 mm are a separate regime.
 SIZE_GROUPS = (("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">=20mm", 20.0, float("inf")))
@@ -126,14 +130,28 @@ def region_growing(image: np.ndarray, points: np.ndarray, labels: np.ndarray, mu
         grown = sitk.ConfidenceConnected(img, seedList=[seed], numberOfIterations=iterations, multiplier=multiplier,
                                          initialNeighborhoodRadius=radius, replaceValue=1)
         mask |= sitk.GetArrayFromImage(grown).astype(bool)
+    return _drop_nearer_to_negatives(mask, points, labels)
+
+
+def _drop_nearer_to_negatives(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``mask`` without the voxels nearer to a negative click than to every positive one."""
+    pos = [p for p, lab in zip(points, labels) if lab == 1]
     neg = [p for p, lab in zip(points, labels) if lab == 0]
-    if neg and mask.any():
+    if pos and neg and mask.any():
         idx = np.argwhere(mask)
         d_pos = np.min([np.linalg.norm(idx - p, axis=1) for p in pos], axis=0)
         d_neg = np.min([np.linalg.norm(idx - p, axis=1) for p in neg], axis=0)
         drop = idx[d_neg < d_pos]
         mask[tuple(drop.T)] = False
     return mask
+
+
+def stable_region_growing(prior: RegionPrior, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The stable-region prior alone as a segmentation: the union of the positive clicks' stable
+    regions (:class:`RegionPrior`), negative clicks handled as in :func:`region_growing`."""
+    mask = prior.mask(points, labels)
+    mask = np.zeros(prior.shape, bool) if mask is None else mask.copy()
+    return _drop_nearer_to_negatives(mask, np.asarray(points, float), labels)
 
 
 def _lesion_meta(data_dir: Path, split: str) -> dict[str, dict]:
@@ -164,10 +182,12 @@ def _click_protocol(segment, gt: np.ndarray, centre: np.ndarray, grid, clicks: i
 
 
 def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, clicks: int, tolerance_mm: float,
-                  feedback: bool) -> list[tuple[float, float]]:
+                  feedback: bool, prior: RegionPrior | None = None) -> list[tuple[float, float]]:
+    """``prior``: the :class:`RegionPrior` of ``image`` (default: a new one), shared so that each
+    click's stable region is grown once per lesion."""
     embedding, _ = segmenter.encode(image)
     low = None
-    prior = RegionPrior(image.numpy())  # each click's stable region grown once per lesion
+    prior = prior if prior is not None else RegionPrior(image.numpy())
 
     def segment(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         nonlocal low
@@ -200,8 +220,9 @@ def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray,
     (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
     """
     image, gt, centre, grid = crop
+    prior = RegionPrior(image.numpy())
     results: dict[str, list[tuple[float, float]]] = {}
-    results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback)
+    results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback, prior)
     if blank_control:
         results["msam_blank_image"] = _model_clicks(segmenter, torch.zeros_like(image), gt, centre, grid, clicks,
                                                     tolerance_mm, feedback)
@@ -209,6 +230,8 @@ def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray,
         raw = image[0, 0].numpy()
         results["region_growing"] = _click_protocol(lambda pts, labs: region_growing(raw, pts, labs), gt, centre,
                                                     grid, clicks, tolerance_mm)
+        results["stable_region"] = _click_protocol(lambda pts, labs: stable_region_growing(prior, pts, labs), gt,
+                                                   centre, grid, clicks, tolerance_mm)
     return results
 
 
@@ -339,6 +362,7 @@ def plot_dice_vs_clicks(summary: dict, path: Path, size: tuple[int, int] = (640,
     draw.text((w // 2 - 30, h - 22), "clicks", fill="black", font=font)
     draw.text((left, 12), f"mean Dice vs clicks ({summary.get('split', '')}, {summary.get('lesions', '?')} lesions)", fill="black", font=font)
     colours = {"msam": (200, 30, 30), "msam_blank_image": (150, 150, 150), "msam_other_image": (230, 150, 30),
+               "stable_region": (30, 140, 60),
                "region_growing": (30, 80, 200)}
     for i, (method, stats) in enumerate(groups.items()):
         line = [xy(c + 1, v) for c, v in enumerate(stats["dice"])]

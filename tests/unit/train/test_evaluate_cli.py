@@ -32,10 +32,10 @@ def test_evaluate_writes_reports(tmp_path) -> None:
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     stats = summary["groups"]["all"]
-    assert set(stats) == {"msam", "region_growing"}
+    assert set(stats) == {"msam", "region_growing", "stable_region"}
     assert len(stats["msam"]["dice"]) == 2 and all(0 <= v <= 1 for v in stats["msam"]["dice"])
     rows = json.loads((out / "per_lesion.json").read_text())
-    assert {r["method"] for r in rows} == {"msam", "region_growing"}
+    assert {r["method"] for r in rows} == {"msam", "region_growing", "stable_region"}
     assert (out / "per_lesion.csv").read_text().startswith("split,case,lesion")
     assert (out / "dice_vs_clicks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

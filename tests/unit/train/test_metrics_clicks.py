@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from msam_core.train.clicks import first_click, next_click, random_error_clicks
-from msam_core.train.evaluate import Row, dice_nsd, region_growing, summarise
+from msam_core.train.evaluate import Row, dice_nsd, region_growing, stable_region_growing, summarise
 
 
 def _box(shape, lo, hi) -> np.ndarray:
@@ -77,6 +77,23 @@ def test_region_growing_finds_a_bright_blob_and_respects_negative_clicks() -> No
     assert dice_nsd(grown, blob)[0] > 0.7
     cut = region_growing(image, np.array([[22.0, 22.0, 22.0], [29.0, 22.0, 22.0]]), np.array([1, 0]))
     assert cut.sum() < grown.sum() and not cut[29, 22, 22]
+
+
+def test_stable_region_baseline_is_the_prior_alone_with_negative_clicks_cutting_it() -> None:
+    from msam_core.pipeline.region_prior import RegionPrior
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 0.1, (48, 48, 48)).astype(np.float32)
+    blob = _box(image.shape, (16, 16, 16), (30, 30, 30))
+    image[blob] += 3.0
+    prior = RegionPrior(image)
+    grown = stable_region_growing(prior, np.array([[22.0, 22.0, 22.0]]), np.array([1]))
+    assert np.array_equal(grown, prior.region((22.0, 22.0, 22.0))) and dice_nsd(grown, blob)[0] > 0.7
+    cut = stable_region_growing(prior, np.array([[22.0, 22.0, 22.0], [29.0, 22.0, 22.0]]), np.array([1, 0]))
+    assert cut.sum() < grown.sum() and not cut[29, 22, 22] and cut[22, 22, 22]
+    assert np.array_equal(prior.region((22.0, 22.0, 22.0)), grown)  # the cached region is not cut
+    # a click on the uniform background: no stable region, an empty mask
+    assert not stable_region_growing(prior, np.array([[3.0, 3.0, 3.0]]), np.array([1])).any()
 
 
 def test_summary_means_by_group_and_lesion_size() -> None:
