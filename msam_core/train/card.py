@@ -2,8 +2,9 @@
 
 ``python -m msam_core.train.card --run RUN --data DATA --out msam_core/weights`` reads
 ``RUN/settings.json``, ``RUN/log.csv``, ``RUN/model.safetensors`` and the evaluation summaries
-``RUN/eval_<split>/summary.json``, and writes ``OUT/msam_default.safetensors`` and
-``OUT/MODEL_CARD.md``. Every number in the card comes from those files.
+``RUN/eval_<split>/summary.json``, and writes ``OUT/msam_default.safetensors`` (``--weights``: another
+checkpoint of the run, such as ``make model``'s calibrated copy) and ``OUT/MODEL_CARD.md``. Every
+number in the card comes from those files.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def _machine(prov: dict) -> str:
     return f"a CPU ({prov['threads']} threads)" if prov.get("threads") else "a CPU"
 
 
-def _paired(report: Path) -> tuple[str, str]:
-    """Verdicts at the first and last click from ``msam compare`` (msam minus region growing,
+def _paired(report: Path, baseline: str = "region_growing") -> tuple[str, str]:
+    """Verdicts at the first and last click from ``msam compare`` (msam minus ``baseline``,
     paired bootstrap 95% interval over the report's lesions), worded for the card."""
     from msam_core.train.compare import compare, direction, read_dice
 
-    rows = compare(read_dice(report, "region_growing"), read_dice(report, "msam"))
-    words = {1: "msam better", -1: "region growing better", 0: "no clear difference"}
+    rows = compare(read_dice(report, baseline), read_dice(report, "msam"))
+    words = {1: "msam better", -1: f"{baseline.replace('_', ' ')} better", 0: "no clear difference"}
 
     def phrase(d) -> str:
         return f", paired difference {d.diff:+.3f} (95% interval {d.low:+.3f} to {d.high:+.3f}): {words[direction(d)]}"
@@ -77,10 +78,27 @@ def _paired(report: Path) -> tuple[str, str]:
     return phrase(rows[0]), phrase(rows[-2])  # first and last click; rows[-1] is the mean over clicks
 
 
-def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
+def _prior(config, prov: dict) -> str:
+    """The Model section's sentence on the stable-region prior, with its calibration table."""
+    if config is None or not (config.prior_weight_first or config.prior_weight):
+        return ""
+    cal = prov.get("calibration", {})
+    table = "; ".join(f"{k}: {v['mean_dice']:.3f}" for k, v in cal.get("prior_table", {}).items())
+    return ("The pipeline adds a stable-region prior to the upsampled logits "
+            "(`msam_core/pipeline/region_prior.py`): per positive click the SimpleITK ConfidenceConnected region "
+            "that changes least from one multiplier to the next (MSER-style, 8 to 5,000 voxels), weighted "
+            f"{config.prior_weight_first:g} for a lesion prompted by one positive click and {config.prior_weight:g} "
+            "after further clicks; the network's weights are unchanged. The weights were chosen by `msam calibrate "
+            f"--prior-weights` on the {cal.get('split', 'validation')} split (mean Dice over clicks 1..{cal.get('clicks', '?')} "
+            f"per FIRST,LATER pair: {table or 'not recorded'}). ")
+
+
+def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | None = None) -> Path:
+    """``weights``: the checkpoint to ship (default ``RUN/model.safetensors``; ``make model`` gives
+    the calibrated copy)."""
     settings = json.loads((run / "settings.json").read_text())
     dataset = json.loads((data / "dataset.json").read_text())
-    weights = run / "model.safetensors"
+    weights = Path(weights) if weights is not None else run / "model.safetensors"
     if weights.stat().st_size > MAX_BYTES:
         raise ValueError(f"{weights} is {weights.stat().st_size / 1e6:.1f} MB, over the 25 MB budget")
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +139,7 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
            if config is not None and config.region_logits else "")
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
+        + _prior(config, prov)
         +
         f"{'Initialised from ' + settings['init'] if settings.get('init') else 'No pretrained encoder exists for this size, so it was trained from scratch with every parameter trainable (not the LoRA-only recipe, which needs SAM-Med3D weights).'}",
         f"- Weights: safetensors, {weights.stat().st_size / 1e6:.1f} MB, msam format with provenance metadata "
@@ -159,7 +178,10 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
         "## Metrics",
         "`msam evaluate` (first click at the lesion's deepest voxel, each next click at the deepest voxel of the "
         "largest error region, previous logits fed back; NSD tolerance 2 mm). Baseline: SimpleITK "
-        "ConfidenceConnected region growing from the same click protocol on the same crops.",
+        "ConfidenceConnected region growing from the same click protocol on the same crops"
+        + ("; second baseline `stable_region`: the stable-region prior alone from the same protocol (what the "
+           "masks would be without the network)." if any("stable_region" in e["groups"]["all"] for e in evals.values())
+           else "."),
         "",
     ]
     for split, summary in evals.items():
@@ -170,6 +192,10 @@ def write_card(run: Path, data: Path, out: Path, command: str) -> Path:
             first, last = _paired(run / f"eval_{split}")
             line = (f"- **{split}**: Dice@1 {m[0]:.3f} (msam) vs {r[0]:.3f} (region growing){first} at one click; "
                     f"Dice@{k} {m[-1]:.3f} vs {r[-1]:.3f}{last}.")
+            if "stable_region" in a:
+                g = a["stable_region"]["dice"]
+                first, last = _paired(run / f"eval_{split}", "stable_region")
+                line += (f" The stable-region prior alone: Dice@1 {g[0]:.3f}{first}; Dice@{k} {g[-1]:.3f}{last}.")
             if "msam_blank_image" in a:
                 b = a["msam_blank_image"]["dice"]
                 line += f" The same model on a blank (all-zero) crop: Dice@1 {b[0]:.3f}, Dice@{k} {b[-1]:.3f}."
@@ -225,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "weights")
     p.add_argument("--command", default="make model")
+    p.add_argument("--weights", type=Path, default=None, help="checkpoint to ship (default RUN/model.safetensors)")
     args = p.parse_args(argv)
-    print(f"wrote {write_card(args.run, args.data, args.out, args.command)}")
+    print(f"wrote {write_card(args.run, args.data, args.out, args.command, args.weights)}")
     return 0
 
 

@@ -192,9 +192,21 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     # a validation report with the other-image control, written from rows (two lesions)
     rows = [Row("validation", f"case{i}", 1, "src", "CT", "liver", 12.0, 100, method, c, dice, 0.5)
             for i in range(2) for c in (1, 2)
-            for method, dice in (("msam", 0.6 + 0.1 * c), ("region_growing", 0.3), ("msam_other_image", 0.2 + 0.05 * i))]
+            for method, dice in (("msam", 0.6 + 0.1 * c), ("region_growing", 0.3), ("msam_other_image", 0.2 + 0.05 * i),
+                                 ("stable_region", 0.5))]
     write_reports(run / "eval_validation", rows, summarise(rows, 2))
-    card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1")
+    # ship a calibrated copy: prior weights and their table in the provenance
+    from msam_core.checkpoints import save_checkpoint
+    from msam_core.train.calibrate import set_prior_weights
+
+    model = load_checkpoint(path)
+    set_prior_weights(model, 8.0, 2.0)
+    provenance = dict(model.checkpoint_meta["provenance"])
+    provenance["calibration"] = {"split": "validation", "clicks": 2, "prior_weight_first": 8.0, "prior_weight": 2.0,
+                                 "prior_table": {"0,0": {"mean_dice": 0.4, "dice": [0.3, 0.5]},
+                                                 "8,2": {"mean_dice": 0.45, "dice": [0.4, 0.5]}}}
+    calibrated = save_checkpoint(model, run / "calibrated.safetensors", provenance)
+    card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1", weights=calibrated)
     text = card.read_text()
     summary = json.loads((run / "eval_heldout" / "summary.json").read_text())
     m, r = summary["groups"]["all"]["msam"]["dice"], summary["groups"]["all"]["region_growing"]["dice"]
@@ -208,4 +220,8 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
             "+0.400): msam better at one click") in text  # msam compare's verdict, not the means alone
     assert "another lesion's crop with this lesion's clicks: Dice@1 0.225, Dice@2 0.225" in text
     assert "**Other-image control**" in text and "| all (2) | msam_other_image | 0.225 |" in text
-    assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == path.read_bytes()
+    assert ("The stable-region prior alone: Dice@1 0.500, paired difference +0.200 (95% interval +0.200 to +0.200): "
+            "msam better; Dice@2 0.500, paired difference +0.300") in text
+    assert "weighted 8 for a lesion prompted by one positive click and 2 after further clicks" in text
+    assert "per FIRST,LATER pair: 0,0: 0.400; 8,2: 0.450" in text and "second baseline `stable_region`" in text
+    assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == calibrated.read_bytes()
