@@ -93,6 +93,74 @@ def _prior(config, prov: dict) -> str:
             f"per FIRST,LATER pair: {table or 'not recorded'}). ")
 
 
+def read_evals(run: Path) -> dict:
+    """``{split: summary}`` of the run's ``eval_<split>/summary.json`` reports, in the card's order."""
+    paths = {split: run / f"eval_{split}" / "summary.json" for split in SPLIT_TITLES}
+    return {split: json.loads(path.read_text()) for split, path in paths.items() if path.is_file()}
+
+
+def metrics_section(run: Path, evals: dict, config) -> list[str]:
+    """The card's Metrics section (markdown lines) from the run's ``eval_<split>`` reports (``evals``:
+    their summaries by split) and the shipped model's ``config``."""
+    md = [
+        "## Metrics",
+        "`msam evaluate` (first click at the lesion's deepest voxel, each next click at the deepest voxel of the "
+        "largest error region, previous logits fed back; NSD tolerance 2 mm). Baseline: SimpleITK "
+        "ConfidenceConnected region growing from the same click protocol on the same crops"
+        + ("; second baseline `stable_region`: the stable-region prior alone from the same protocol (what the "
+           "masks would be without the network)." if any("stable_region" in e["groups"]["all"] for e in evals.values())
+           else "."),
+        "",
+    ]
+    for split, summary in evals.items():
+        a = summary["groups"]["all"]
+        if "msam" in a and "region_growing" in a:
+            m, r = a["msam"]["dice"], a["region_growing"]["dice"]
+            k = len(m)
+            first, last = _paired(run / f"eval_{split}")
+            line = (f"- **{split}**: Dice@1 {m[0]:.3f} (msam) vs {r[0]:.3f} (region growing){first} at one click; "
+                    f"Dice@{k} {m[-1]:.3f} vs {r[-1]:.3f}{last}.")
+            if "stable_region" in a:
+                g = a["stable_region"]["dice"]
+                first, last = _paired(run / f"eval_{split}", "stable_region")
+                line += (f" The stable-region prior alone: Dice@1 {g[0]:.3f}{first}; Dice@{k} {g[-1]:.3f}{last}.")
+            if "msam_blank_image" in a:
+                b = a["msam_blank_image"]["dice"]
+                line += f" The same model on a blank (all-zero) crop: Dice@1 {b[0]:.3f}, Dice@{k} {b[-1]:.3f}."
+            if "msam_other_image" in a:
+                o = a["msam_other_image"]["dice"]
+                line += f" On another lesion's crop with this lesion's clicks: Dice@1 {o[0]:.3f}, Dice@{k} {o[-1]:.3f}."
+            md.append(line)
+    if evals:
+        md += ["", "Region growing gets worse after its first click: the next click lands in the largest error, "
+               "often at a lesion edge, and a region grown from an edge voxel (whose neighbourhood mixes lesion and "
+               "organ) leaks into the organ; the best-so-far column (a user who undoes such clicks) is its fairer "
+               "figure. "
+               + ("Real tumours: the five clinical cases PyRadiomics ships (`msam data real`; brain MR x2, breast "
+                  "MR, lung CT x2) - real anatomy and real outlines, but five lesions: a sanity check, not a "
+                  "clinical validation." if "real" in evals else
+                  "No real-tumour data was evaluated: real CT/MR tumours were not measured."), ""]
+    if any("msam_other_image" in e["groups"]["all"] for e in evals.values()):
+        md += ["**Other-image control** (`msam_other_image` rows): the model run on the next lesion's crop (a real "
+               "image with a lesion at the first click, but not this one) with this lesion's clicks. A model that "
+               "fits the lesion it sees scores low here; one that draws a fixed shape around the clicks scores as "
+               "on the right crop.", ""]
+    if any("msam_blank_image" in e["groups"]["all"] for e in evals.values()):
+        md += ["**Image-use control** (`msam_blank_image` rows): the model run on an all-zero crop with the same "
+               "clicks. Where its Dice matches the real run, the model's masks come from the clicks (a learned "
+               "shape prior around them), not from the image - compare before reading the region-growing "
+               "comparison as image understanding."
+               + (" With `click_regions` the control is not the clicks alone: on a uniform crop every click's "
+                  "region fills its whole 108 mm window, so the control predicts a large blob, which can beat "
+                  "the real run at one click on lesions >= 20 mm that the model under-segments."
+                  if config is not None and config.click_regions else ""), ""]
+    for split, summary in evals.items():
+        md += [f"### {SPLIT_TITLES[split]}", "", _metrics_table(summary), ""]
+    if not evals:
+        md += ["Not evaluated.", ""]
+    return md
+
+
 def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | None = None) -> Path:
     """``weights``: the checkpoint to ship (default ``RUN/model.safetensors``; ``make model`` gives
     the calibrated copy)."""
@@ -108,11 +176,7 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
     _, config, meta = read_weights(weights)
     prov = meta.get("provenance", {})
     curve = _loss_curve(run / "log.csv")
-    evals = {}
-    for split in SPLIT_TITLES:
-        path = run / f"eval_{split}" / "summary.json"
-        if path.is_file():
-            evals[split] = json.loads(path.read_text())
+    evals = read_evals(run)
     counts = {k: len(dataset.get(k, [])) for k in ("training", "validation", "heldout")}
     lesions = {k: sum(len(e["lesions"]) for e in dataset.get(k, [])) for k in counts}
     sources = "\n".join(f"- `{s['name']}` ({s['modality']}{', held out' if s['heldout'] else ''}): organs "
@@ -175,61 +239,8 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
         "|---|---|---|---|",
         *[f"| {c['steps']} | {c['minutes']} | {c['loss']} | {c['dice_last']} |" for c in curve],
         "",
-        "## Metrics",
-        "`msam evaluate` (first click at the lesion's deepest voxel, each next click at the deepest voxel of the "
-        "largest error region, previous logits fed back; NSD tolerance 2 mm). Baseline: SimpleITK "
-        "ConfidenceConnected region growing from the same click protocol on the same crops"
-        + ("; second baseline `stable_region`: the stable-region prior alone from the same protocol (what the "
-           "masks would be without the network)." if any("stable_region" in e["groups"]["all"] for e in evals.values())
-           else "."),
-        "",
     ]
-    for split, summary in evals.items():
-        a = summary["groups"]["all"]
-        if "msam" in a and "region_growing" in a:
-            m, r = a["msam"]["dice"], a["region_growing"]["dice"]
-            k = len(m)
-            first, last = _paired(run / f"eval_{split}")
-            line = (f"- **{split}**: Dice@1 {m[0]:.3f} (msam) vs {r[0]:.3f} (region growing){first} at one click; "
-                    f"Dice@{k} {m[-1]:.3f} vs {r[-1]:.3f}{last}.")
-            if "stable_region" in a:
-                g = a["stable_region"]["dice"]
-                first, last = _paired(run / f"eval_{split}", "stable_region")
-                line += (f" The stable-region prior alone: Dice@1 {g[0]:.3f}{first}; Dice@{k} {g[-1]:.3f}{last}.")
-            if "msam_blank_image" in a:
-                b = a["msam_blank_image"]["dice"]
-                line += f" The same model on a blank (all-zero) crop: Dice@1 {b[0]:.3f}, Dice@{k} {b[-1]:.3f}."
-            if "msam_other_image" in a:
-                o = a["msam_other_image"]["dice"]
-                line += f" On another lesion's crop with this lesion's clicks: Dice@1 {o[0]:.3f}, Dice@{k} {o[-1]:.3f}."
-            md.append(line)
-    if evals:
-        md += ["", "Region growing gets worse after its first click: the next click lands in the largest error, "
-               "often at a lesion edge, and a region grown from an edge voxel (whose neighbourhood mixes lesion and "
-               "organ) leaks into the organ; the best-so-far column (a user who undoes such clicks) is its fairer "
-               "figure. "
-               + ("Real tumours: the five clinical cases PyRadiomics ships (`msam data real`; brain MR x2, breast "
-                  "MR, lung CT x2) - real anatomy and real outlines, but five lesions: a sanity check, not a "
-                  "clinical validation." if "real" in evals else
-                  "No real-tumour data was evaluated: real CT/MR tumours were not measured."), ""]
-    if any("msam_other_image" in e["groups"]["all"] for e in evals.values()):
-        md += ["**Other-image control** (`msam_other_image` rows): the model run on the next lesion's crop (a real "
-               "image with a lesion at the first click, but not this one) with this lesion's clicks. A model that "
-               "fits the lesion it sees scores low here; one that draws a fixed shape around the clicks scores as "
-               "on the right crop.", ""]
-    if any("msam_blank_image" in e["groups"]["all"] for e in evals.values()):
-        md += ["**Image-use control** (`msam_blank_image` rows): the model run on an all-zero crop with the same "
-               "clicks. Where its Dice matches the real run, the model's masks come from the clicks (a learned "
-               "shape prior around them), not from the image - compare before reading the region-growing "
-               "comparison as image understanding."
-               + (" With `click_regions` the control is not the clicks alone: on a uniform crop every click's "
-                  "region fills its whole 108 mm window, so the control predicts a large blob, which can beat "
-                  "the real run at one click on lesions >= 20 mm that the model under-segments."
-                  if config is not None and config.click_regions else ""), ""]
-    for split, summary in evals.items():
-        md += [f"### {SPLIT_TITLES[split]}", "", _metrics_table(summary), ""]
-    if not evals:
-        md += ["Not evaluated.", ""]
+    md += metrics_section(run, evals, config)
     md += [
         "## Limitations",
         "- Synthetic lesions only; real tumours differ (mass effect, vessels, heterogeneous enhancement).",
