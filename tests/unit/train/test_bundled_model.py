@@ -28,6 +28,13 @@ def test_bundled_model_loads_with_provenance_and_card() -> None:
     assert prov["trained_by"] == "msam train" and prov["steps"] > 0
     card = (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
     assert "not for clinical use" in card.lower() and "Dice@1" in card
+    # a stable-region prior ships only as chosen on validation, and the card says so
+    calibration = prov.get("calibration", {})
+    weights = (model.config.prior_weight_first, model.config.prior_weight)
+    assert weights == (calibration.get("prior_weight_first", 0.0), calibration.get("prior_weight", 0.0))
+    if any(weights):
+        assert calibration["split"] == "validation" and f"{weights[0]:g},{weights[1]:g}" in calibration["prior_table"]
+        assert f"weighted {weights[0]:g} for a lesion prompted by one positive click" in card
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model (run make model)")
