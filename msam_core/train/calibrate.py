@@ -46,7 +46,7 @@ def set_prior_weights(model, first: float, later: float) -> None:
     model.config = replace(model.config, prior_weight_first=float(first), prior_weight=float(later))
 
 
-def _scan(model, candidates: dict, apply, data_dir: Path, split: str, clicks: int, device: str, embeddings,
+def _scan(model, candidates: list, apply, data_dir: Path, split: str, clicks: int, device: str, embeddings,
           log, label) -> dict:
     """Run the click protocol once per candidate (``apply(model, candidate)`` first) -> ``{candidate:
     {"mean_dice": m, "dice": [Dice@1..N]}}``."""
@@ -85,14 +85,11 @@ def calibrate_prior(model, data_dir: Path, split: str = "validation", clicks: in
                     log=print) -> tuple[tuple[float, float], dict]:
     """Like :func:`calibrate`, for the stable-region prior's ``(first, later)`` weights at the
     model's threshold; ties go to the smaller total weight (nearest to off). ``model`` is left at
-    the best pair."""
+    the best pair. A negative or non-finite weight raises ``ValueError`` (``ModelConfig``)."""
     from msam_core.pipeline.segmenter import DictEmbeddingCache
 
     if not weights:
         raise ValueError("give at least one pair of prior weights")
-    for first, later in weights:
-        if not (np.isfinite([first, later]).all() and min(first, later) >= 0):
-            raise ValueError(f"prior weights must be finite and >= 0, got {first:g},{later:g}")
     table = _scan(model, [(float(a), float(b)) for a, b in weights], lambda m, w: set_prior_weights(m, *w), data_dir,
                   split, clicks, device, DictEmbeddingCache(max_items=100_000), log,
                   lambda w: f"prior weights {w[0]:g},{w[1]:g}")
