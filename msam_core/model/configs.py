@@ -64,6 +64,11 @@ class ModelConfig:
     #: The network ignores them; 0 (off) for every model not calibrated.
     prior_weight_first: float = 0.0
     prior_weight: float = 0.0
+    #: Largest stable region (voxels at 1.5 mm) the prior may take, calibrated with its weights
+    #: (``msam calibrate --prior-max-voxels``); the default is
+    #: :data:`msam_core.pipeline.region_prior.MAX_VOXELS`. A checkpoint states the bound its
+    #: weights were chosen at.
+    prior_max_voxels: int = 20000
 
     def __post_init__(self) -> None:
         if self.click_regions and not self.high_res_features:
@@ -78,6 +83,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
+        if isinstance(self.prior_max_voxels, bool) or not isinstance(self.prior_max_voxels, int) \
+                or self.prior_max_voxels < 1:
+            raise ValueError(f"prior_max_voxels must be a whole number of voxels >= 1, got {self.prior_max_voxels!r}")
 
     @property
     def grid(self) -> int:

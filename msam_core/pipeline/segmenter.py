@@ -30,7 +30,7 @@ from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combi
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
-from msam_core.pipeline.region_prior import RegionPrior, add_prior, prior_weight
+from msam_core.pipeline.region_prior import RegionPrior, add_prior, for_model, prior_weight
 from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
                                         touched_faces, window_grid)
 
@@ -236,7 +236,7 @@ class Segmenter:
         logits = upsample_logits(low_res, size=image.shape[-1])
         weight = prior_weight(getattr(self.model, "config", None), labels)
         if weight:
-            prior = prior if prior is not None else RegionPrior(image.detach().cpu().numpy())
+            prior = prior if prior is not None else for_model(self.model, image.detach().cpu().numpy())
             logits = add_prior(logits, prior.mask(points_crop, labels), weight)
         return low_res, logits
 

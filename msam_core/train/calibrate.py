@@ -16,18 +16,27 @@ the table of scores in the provenance); the weights are unchanged. Every user of
 
 ``--prior-weights``: then, at the chosen threshold, the same protocol once per candidate pair of
 weights of the stable-region prior (:mod:`msam_core.pipeline.region_prior`: one for a lesion
-prompted by one positive click, one after further clicks), keeping the pair with the highest mean
-Dice (ties: the smaller total weight); written as ``ModelConfig.prior_weight_first`` and
-``prior_weight``, used by :meth:`~msam_core.pipeline.segmenter.Segmenter.crop_logits`.
+prompted by one positive click, one after further clicks). The checkpoint's own pair is always
+among them, and the pair with the highest mean Dice (ties: the smaller total weight) replaces it
+only when it is clearly better: its paired bootstrap 95% interval of the mean Dice difference over
+the lesions (:func:`~msam_core.train.compare.compare`) lies above 0; a few thousandths on two
+dozen lesions is which lesions suit which pair, not a better pair. Written as ``ModelConfig.prior_weight_first`` and
+``prior_weight``, used by :meth:`~msam_core.pipeline.segmenter.Segmenter.crop_logits`. The
+weights are chosen at one bound on the stable region's size (``--prior-max-voxels``, default
+:data:`~msam_core.pipeline.region_prior.MAX_VOXELS`), written with them as
+``ModelConfig.prior_max_voxels``.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from msam_core.pipeline.region_prior import MAX_VOXELS
 
 #: Candidate thresholds (logits): sigmoid 0.05 .. 0.73.
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(-3.0, 1.01, 0.5), 2))
@@ -40,23 +49,30 @@ def set_threshold(model, threshold: float) -> None:
     model.config = replace(model.config, mask_threshold=float(threshold))
 
 
-def set_prior_weights(model, first: float, later: float) -> None:
+def set_prior_weights(model, first: float, later: float, max_voxels: int | None = None) -> None:
     """Set ``model``'s stable-region prior weights (``ModelConfig.prior_weight_first``,
-    ``prior_weight``) in place."""
-    model.config = replace(model.config, prior_weight_first=float(first), prior_weight=float(later))
+    ``prior_weight``) and, when given, its bound (``prior_max_voxels``) in place."""
+    bound = {} if max_voxels is None else {"prior_max_voxels": max_voxels}
+    model.config = replace(model.config, prior_weight_first=float(first), prior_weight=float(later), **bound)
 
 
 def _scan(model, candidates: list, apply, data_dir: Path, split: str, clicks: int, device: str, embeddings,
-          log, label) -> dict:
+          log, label, per_lesion: dict | None = None) -> dict:
     """Run the click protocol once per candidate (``apply(model, candidate)`` first) -> ``{candidate:
-    {"mean_dice": m, "dice": [Dice@1..N]}}``."""
+    {"mean_dice": m, "dice": [Dice@1..N]}}``; ``per_lesion``, when given, gets each candidate's
+    per-lesion Dice (:func:`~msam_core.train.compare.read_dice`)."""
+    from msam_core.train.compare import read_dice
     from msam_core.train.evaluate import evaluate
 
     table: dict = {}
     for key in candidates:
         apply(model, key)
-        summary = evaluate(Path(data_dir), None, split, clicks, None, device=device, baseline=False, model=model,
-                           log=lambda *_: None, embedding_cache=embeddings)
+        with tempfile.TemporaryDirectory(prefix="msam-calibrate-") as tmp:
+            summary = evaluate(Path(data_dir), None, split, clicks, Path(tmp) if per_lesion is not None else None,
+                               device=device, baseline=False, model=model, log=lambda *_: None,
+                               embedding_cache=embeddings)
+            if per_lesion is not None:
+                per_lesion[key] = read_dice(Path(tmp), "msam")
         dice = [round(float(v), 4) for v in summary["groups"]["all"]["msam"]["dice"]]
         table[key] = {"mean_dice": round(float(np.mean(dice)), 4), "dice": dice}
         log(f"{label(key)}: mean Dice {table[key]['mean_dice']:.4f} (" +
@@ -80,22 +96,55 @@ def calibrate(model, data_dir: Path, split: str = "validation", clicks: int = 5,
     return best, table
 
 
+def pair_label(pair: tuple[float, float]) -> str:
+    """``(8.0, 2.0)`` -> ``"8,2"`` (as on the command line and in the provenance)."""
+    return f"{pair[0]:g},{pair[1]:g}"
+
+
+def choose_over_incumbent(table: dict, per_lesion: dict,
+                          incumbent: tuple[float, float]) -> tuple[tuple[float, float], dict]:
+    """The pair to keep: the best of ``table`` (ties: the smaller total) if its paired interval of
+    mean Dice over the ``incumbent`` (``per_lesion``: each pair's per-lesion Dice) lies above 0,
+    else the incumbent. ``-> (pair, decision)``, the decision for the provenance: ``{"incumbent",
+    "best", "chosen"[, "difference", "interval"]}`` (pairs as labels)."""
+    from msam_core.train.compare import compare, direction
+
+    best = chosen = max(table, key=lambda w: (table[w]["mean_dice"], -sum(w)))
+    choice: dict = {"incumbent": pair_label(incumbent), "best": pair_label(best)}
+    if best != incumbent:
+        d = compare(per_lesion[incumbent], per_lesion[best])[-1]
+        choice.update(difference=round(d.diff, 4), interval=[round(d.low, 4), round(d.high, 4)])
+        if direction(d) <= 0:
+            chosen = incumbent
+    choice["chosen"] = pair_label(chosen)
+    return chosen, choice
+
+
 def calibrate_prior(model, data_dir: Path, split: str = "validation", clicks: int = 5,
                     weights: tuple[tuple[float, float], ...] = DEFAULT_PRIOR_WEIGHTS, device: str = "cpu",
-                    log=print) -> tuple[tuple[float, float], dict]:
+                    log=print, max_voxels: int = MAX_VOXELS) -> tuple[tuple[float, float], dict, dict]:
     """Like :func:`calibrate`, for the stable-region prior's ``(first, later)`` weights at the
-    model's threshold; ties go to the smaller total weight (nearest to off). ``model`` is left at
-    the best pair. A negative or non-finite weight raises ``ValueError`` (``ModelConfig``)."""
+    model's threshold and the bound ``max_voxels``. The model's own pair is scanned too, and kept
+    unless the best pair is clearly better (:func:`choose_over_incumbent`). ``-> (chosen pair,
+    table, decision)``; ``model`` is left at the chosen pair and that bound. A negative or
+    non-finite weight, or a bound below 1, raises ``ValueError`` (``ModelConfig``)."""
     from msam_core.pipeline.segmenter import DictEmbeddingCache
 
     if not weights:
         raise ValueError("give at least one pair of prior weights")
-    table = _scan(model, [(float(a), float(b)) for a, b in weights], lambda m, w: set_prior_weights(m, *w), data_dir,
+    incumbent = (float(model.config.prior_weight_first), float(model.config.prior_weight))
+    candidates = list(dict.fromkeys([(float(a), float(b)) for a, b in weights] + [incumbent]))
+    per_lesion: dict = {}
+    table = _scan(model, candidates, lambda m, w: set_prior_weights(m, *w, max_voxels=max_voxels), data_dir,
                   split, clicks, device, DictEmbeddingCache(max_items=100_000), log,
-                  lambda w: f"prior weights {w[0]:g},{w[1]:g}")
-    best = max(table, key=lambda w: (table[w]["mean_dice"], -sum(w)))
-    set_prior_weights(model, *best)
-    return best, table
+                  lambda w: f"prior weights {pair_label(w)}", per_lesion)
+    chosen, choice = choose_over_incumbent(table, per_lesion, incumbent)
+    if choice["chosen"] != choice["best"]:
+        low, high = choice["interval"]
+        log(f"prior weights {choice['best']}: {choice['difference']:+.4f} mean Dice over the checkpoint's own "
+            f"{choice['incumbent']} (95% interval {low:+.4f} to {high:+.4f}): no clear gain, {choice['incumbent']} kept")
+    set_prior_weights(model, *chosen, max_voxels=max_voxels)
+    return chosen, table, choice
 
 
 def parse_weight_pair(text: str) -> tuple[float, float]:
@@ -107,6 +156,17 @@ def parse_weight_pair(text: str) -> tuple[float, float]:
     if not (np.isfinite([first, later]).all() and min(first, later) >= 0):
         raise argparse.ArgumentTypeError(f"prior weights must be finite and >= 0, got {text!r}")
     return first, later
+
+
+def parse_voxels(text: str) -> int:
+    """A region bound in voxels, a whole number >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of voxels (e.g. 20000), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the bound must be at least 1 voxel, got {text!r}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +181,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-weights", type=parse_weight_pair, nargs="*", default=None, metavar="FIRST,LATER",
                    help="then choose the stable-region prior's weights (one positive click, further clicks) at the "
                         "chosen threshold among these pairs (without values: " +
-                        " ".join(f"{a:g},{b:g}" for a, b in DEFAULT_PRIOR_WEIGHTS) + "); default: leave them as they are")
+                        " ".join(map(pair_label, DEFAULT_PRIOR_WEIGHTS)) + "); default: leave them as they are")
+    p.add_argument("--prior-max-voxels", type=parse_voxels, default=MAX_VOXELS, metavar="N",
+                   help=f"with --prior-weights: the largest stable region (voxels at 1.5 mm) the prior may take, "
+                        f"stored with the weights (default {MAX_VOXELS})")
     p.add_argument("--out", type=Path, required=True, help="calibrated copy of the checkpoint to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=run)
@@ -145,12 +208,14 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.prior_weights is not None:
         weights = tuple(args.prior_weights) or DEFAULT_PRIOR_WEIGHTS
-        (first, later), prior_table = calibrate_prior(model, args.data, args.split, args.clicks, weights, args.device)
+        (first, later), prior_table, choice = calibrate_prior(model, args.data, args.split, args.clicks, weights,
+                                                              args.device, max_voxels=args.prior_max_voxels)
         provenance["calibration"].update({
-            "prior_weight_first": first, "prior_weight": later,
-            "prior_table": {f"{a:g},{b:g}": v for (a, b), v in prior_table.items()},
+            "prior_weight_first": first, "prior_weight": later, "prior_max_voxels": args.prior_max_voxels,
+            "prior_choice": choice,
+            "prior_table": {pair_label(w): v for w, v in prior_table.items()},
         })
-        print(f"prior weights {first:g},{later:g} (mean Dice {prior_table[(first, later)]['mean_dice']:.4f})")
+        print(f"prior weights {pair_label((first, later))} (mean Dice {prior_table[(first, later)]['mean_dice']:.4f})")
     save_checkpoint(model, args.out, provenance)
     print(f"mask_threshold {best:+.2f} (mean Dice {table[best]['mean_dice']:.4f}; at 0: "
           f"{table[0.0]['mean_dice']:.4f})" if 0.0 in table else f"mask_threshold {best:+.2f}")

@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from msam_core.pipeline.region_prior import MIN_VOXELS
 from msam_core.train.sources import LICENCES
 
 MAX_BYTES = 25 * 1024 * 1024
@@ -86,11 +87,20 @@ def _prior(config, prov: dict) -> str:
     table = "; ".join(f"{k}: {v['mean_dice']:.3f}" for k, v in cal.get("prior_table", {}).items())
     return ("The pipeline adds a stable-region prior to the upsampled logits "
             "(`msam_core/pipeline/region_prior.py`): per positive click the SimpleITK ConfidenceConnected region "
-            "that changes least from one multiplier to the next (MSER-style, 8 to 5,000 voxels), weighted "
+            f"that changes least from one multiplier to the next (MSER-style, {MIN_VOXELS:,} to {config.prior_max_voxels:,} voxels), weighted "
             f"{config.prior_weight_first:g} for a lesion prompted by one positive click and {config.prior_weight:g} "
             "after further clicks; the network's weights are unchanged. The weights were chosen by `msam calibrate "
             f"--prior-weights` on the {cal.get('split', 'validation')} split (mean Dice over clicks 1..{cal.get('clicks', '?')} "
-            f"per FIRST,LATER pair: {table or 'not recorded'}). ")
+            f"per FIRST,LATER pair: {table or 'not recorded'}{_kept(cal.get('prior_choice', {}))}). ")
+
+
+def _kept(choice: dict) -> str:
+    """Why the checkpoint's own prior weights stayed although another pair scored higher, if so."""
+    if not choice or choice.get("chosen") == choice.get("best"):
+        return ""
+    low, high = choice["interval"]
+    return (f"; {choice['best']} scored {choice['difference']:+.3f} over the checkpoint's own {choice['incumbent']} "
+            f"(95% interval {low:+.3f} to {high:+.3f}), no clear gain, so {choice['incumbent']} was kept")
 
 
 def read_evals(run: Path) -> dict:

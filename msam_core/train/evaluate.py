@@ -55,7 +55,7 @@ import torch
 
 from msam_core.io.load import load_volume
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
-from msam_core.pipeline.region_prior import RegionPrior
+from msam_core.pipeline.region_prior import RegionPrior, for_model
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
@@ -187,7 +187,7 @@ def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, cl
     click's stable region is grown once per lesion."""
     embedding, _ = segmenter.encode(image)
     low = None
-    prior = prior if prior is not None else RegionPrior(image.numpy())
+    prior = prior if prior is not None else for_model(segmenter.model, image.numpy())
 
     def segment(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         nonlocal low
@@ -220,7 +220,7 @@ def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray,
     (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
     """
     image, gt, centre, grid = crop
-    prior = RegionPrior(image.numpy())
+    prior = for_model(segmenter.model, image.numpy())
     results: dict[str, list[tuple[float, float]]] = {}
     results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback, prior)
     if blank_control:

@@ -60,6 +60,19 @@ def test_region_prior_finds_the_lesion_where_it_is_not_mirrored():
     assert mirrored is None or not (mirrored & truth).any()
 
 
+def test_a_large_lesion_gets_its_region():
+    """A 48 mm lesion (at 1.5 mm: radius 16 voxels, ~17,000 voxels) is within the bound, and its
+    click does not take the whole organ-sized background."""
+    rng = np.random.default_rng(2)
+    truth = _ball((80, 80, 80), (40, 38, 42), (16, 16, 16))
+    crop = rng.normal(0.0, 0.15, truth.shape).astype(np.float32) - 1.5 * truth  # hypo-attenuating
+    region = RegionPrior(crop).region((40.0, 38.0, 42.0))
+    assert region is not None and dice(region, truth) > 0.9
+    assert 5000 < truth.sum() <= MAX_VOXELS
+    # a checkpoint calibrated at a smaller bound gets no prior for it
+    assert RegionPrior(crop, max_voxels=5000).region((40.0, 38.0, 42.0)) is None
+
+
 def test_region_prior_unites_positive_clicks_and_ignores_negative_and_outside_ones():
     crop, truth = _crop(1)
     second = _ball(crop.shape, (12, 50, 12), (4, 4, 4))
@@ -93,6 +106,9 @@ def test_add_prior_and_the_weight_for_first_and_later_clicks():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="prior_weight"):
             replace(get_config("msam_small"), prior_weight=bad)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="prior_max_voxels"):
+            replace(get_config("msam_small"), prior_max_voxels=bad)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +138,13 @@ def test_crop_logits_add_the_calibrated_prior_to_the_upsampled_network_logits(ne
     network.config = replace(network.config, prior_weight_first=0.0, prior_weight=0.0)
     _, two_plain = seg.crop_logits(image, embedding, two, np.array([1, 0]))
     assert np.allclose(later, two_plain + 1.0 * (2 * region - 1))
+    # the bound comes from the checkpoint: below the region's size the lesion's region is not taken
+    network.config = replace(network.config, prior_weight_first=5.0, prior_max_voxels=int(region.sum()) - 1)
+    _, bounded = seg.crop_logits(image, embedding, click, labels)
+    network.config = replace(network.config, prior_max_voxels=1)
+    _, none = seg.crop_logits(image, embedding, click, labels)
+    network.config = replace(network.config, prior_weight_first=0.0, prior_max_voxels=MAX_VOXELS)
+    assert ((bounded - plain) > 0).sum() < region.sum() and np.array_equal(none, plain)
 
 
 def test_segment_with_a_dominant_prior_follows_the_lesion_in_an_oblique_anisotropic_volume(network):

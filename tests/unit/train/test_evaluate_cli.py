@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import torch
 
 from msam_core.checkpoints import save_checkpoint
@@ -121,7 +123,7 @@ def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
     ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
     out = tmp_path / "calibrated.safetensors"
     assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
-                 "--prior-weights", "0,0", "1000,0", "1000,1000", "--out", str(out)]) == 0
+                 "--prior-weights", "0,0", "1000,0", "1000,1000", "--prior-max-voxels", "9000", "--out", str(out)]) == 0
     model = load_checkpoint(out)
     calibration = model.checkpoint_meta["provenance"]["calibration"]
     table = {tuple(float(v) for v in k.split(",")): v for k, v in calibration["prior_table"].items()}
@@ -129,10 +131,44 @@ def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
     # pair (1000, 0) changes the first click only: the same second click as (0, 0) would need
     # the same first mask, so only Dice@1 is compared with the random network's own
     assert table[(1000.0, 0.0)]["dice"][0] != table[(0.0, 0.0)]["dice"][0]
+    # the best pair replaces the checkpoint's own (0,0) only when its interval says it is better
     best = max(table, key=lambda w: (table[w]["mean_dice"], -sum(w)))
-    assert (model.config.prior_weight_first, model.config.prior_weight) == best
-    assert (calibration["prior_weight_first"], calibration["prior_weight"]) == best
+    choice = calibration["prior_choice"]
+    assert choice["incumbent"] == "0,0" and choice["best"] == f"{best[0]:g},{best[1]:g}"
+    chosen = best if best == (0.0, 0.0) or choice["interval"][0] > 0 else (0.0, 0.0)
+    assert choice["chosen"] == f"{chosen[0]:g},{chosen[1]:g}"
+    assert (model.config.prior_weight_first, model.config.prior_weight) == chosen
+    assert (calibration["prior_weight_first"], calibration["prior_weight"]) == chosen
+    assert model.config.prior_max_voxels == calibration["prior_max_voxels"] == 9000  # the bound they were chosen at
     assert model.config.mask_threshold == 0.0
+
+
+def test_a_new_prior_pair_must_be_clearly_better_than_the_checkpoints_own() -> None:
+    from msam_core.train.calibrate import choose_over_incumbent
+
+    lesions = [("validation", f"case{i}", "1") for i in range(12)]
+    rng = np.random.default_rng(0)
+    base = {k: {1: 0.5 + 0.1 * rng.standard_normal(), 2: 0.6} for k in lesions}
+    noisy = {k: {1: v[1] + (0.01 if i % 2 else -0.008), 2: 0.6} for i, (k, v) in enumerate(base.items())}
+    clear = {k: {1: v[1] + 0.05 + 0.01 * (i % 3), 2: 0.62} for i, (k, v) in enumerate(base.items())}
+
+    def table(runs):
+        return {w: {"mean_dice": float(np.mean([np.mean(list(d.values())) for d in r.values()]))}
+                for w, r in runs.items()}
+
+    # a higher mean that is lesion-to-lesion noise: the incumbent stays, the decision says why
+    runs = {(4.0, 2.0): base, (2.0, 2.0): noisy}
+    pair, choice = choose_over_incumbent(table(runs), runs, (4.0, 2.0))
+    assert table(runs)[(2.0, 2.0)]["mean_dice"] > table(runs)[(4.0, 2.0)]["mean_dice"]
+    assert pair == (4.0, 2.0) and choice["best"] == "2,2" and choice["chosen"] == "4,2"
+    assert choice["interval"][0] <= 0 < choice["difference"]
+    # a gain on every lesion replaces it
+    runs = {(4.0, 2.0): base, (8.0, 2.0): clear}
+    pair, choice = choose_over_incumbent(table(runs), runs, (4.0, 2.0))
+    assert pair == (8.0, 2.0) and choice["chosen"] == "8,2" and choice["interval"][0] > 0
+    # the incumbent best: nothing to compare
+    pair, choice = choose_over_incumbent(table(runs), runs, (8.0, 2.0))
+    assert pair == (8.0, 2.0) and "interval" not in choice
 
 
 def test_calibrate_refuses_a_malformed_prior_weight_pair(tmp_path, capsys) -> None:
@@ -143,5 +179,11 @@ def test_calibrate_refuses_a_malformed_prior_weight_pair(tmp_path, capsys) -> No
         with pytest.raises(SystemExit) as exc:
             main(["calibrate", "--checkpoint", "x.safetensors", "--data", str(tmp_path), "--prior-weights", bad,
                   "--out", str(tmp_path / "o.safetensors")])
+        assert exc.value.code == 2
+        assert says in capsys.readouterr().err
+    for bad, says in (("0", "at least 1 voxel"), ("2e4", "whole number of voxels")):
+        with pytest.raises(SystemExit) as exc:
+            main(["calibrate", "--checkpoint", "x.safetensors", "--data", str(tmp_path), "--prior-weights",
+                  "--prior-max-voxels", bad, "--out", str(tmp_path / "o.safetensors")])
         assert exc.value.code == 2
         assert says in capsys.readouterr().err

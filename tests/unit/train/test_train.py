@@ -197,14 +197,19 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     write_reports(run / "eval_validation", rows, summarise(rows, 2))
     # ship a calibrated copy: prior weights and their table in the provenance
     from msam_core.checkpoints import save_checkpoint
+    from msam_core.pipeline.region_prior import MAX_VOXELS
     from msam_core.train.calibrate import set_prior_weights
 
     model = load_checkpoint(path)
     set_prior_weights(model, 8.0, 2.0)
     provenance = dict(model.checkpoint_meta["provenance"])
     provenance["calibration"] = {"split": "validation", "clicks": 2, "prior_weight_first": 8.0, "prior_weight": 2.0,
+                                 "prior_max_voxels": MAX_VOXELS,
                                  "prior_table": {"0,0": {"mean_dice": 0.4, "dice": [0.3, 0.5]},
-                                                 "8,2": {"mean_dice": 0.45, "dice": [0.4, 0.5]}}}
+                                                 "8,2": {"mean_dice": 0.45, "dice": [0.4, 0.5]},
+                                                 "4,2": {"mean_dice": 0.46, "dice": [0.4, 0.52]}},
+                                 "prior_choice": {"incumbent": "8,2", "best": "4,2", "chosen": "8,2",
+                                                  "difference": 0.01, "interval": [-0.02, 0.04]}}
     calibrated = save_checkpoint(model, run / "calibrated.safetensors", provenance)
     card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1", weights=calibrated)
     text = card.read_text()
@@ -223,5 +228,7 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     assert ("The stable-region prior alone: Dice@1 0.500, paired difference +0.200 (95% interval +0.200 to +0.200): "
             "msam better; Dice@2 0.500, paired difference +0.300") in text
     assert "weighted 8 for a lesion prompted by one positive click and 2 after further clicks" in text
-    assert "per FIRST,LATER pair: 0,0: 0.400; 8,2: 0.450" in text and "second baseline `stable_region`" in text
+    assert f"(MSER-style, 8 to {MAX_VOXELS:,} voxels)" in text  # the bound the pipeline uses, not a stale copy
+    assert ("per FIRST,LATER pair: 0,0: 0.400; 8,2: 0.450; 4,2: 0.460; 4,2 scored +0.010 over the checkpoint's "
+            "own 8,2 (95% interval -0.020 to +0.040), no clear gain, so 8,2 was kept)") in text and "second baseline `stable_region`" in text
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == calibrated.read_bytes()
