@@ -106,6 +106,7 @@ def test_add_prior_and_the_weight_for_first_and_later_clicks():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="prior_weight"):
             replace(get_config("msam_small"), prior_weight=bad)
+    assert get_config("msam_small").prior_max_voxels == MAX_VOXELS  # one default, written in two layers
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="prior_max_voxels"):
             replace(get_config("msam_small"), prior_max_voxels=bad)
