@@ -20,9 +20,10 @@ prompted by one positive click, one after further clicks). The checkpoint's own 
 among them, and the pair with the highest mean Dice (ties: the smaller total weight) replaces it
 only when it is clearly better: its paired bootstrap 95% interval of the mean Dice difference over
 the lesions (:func:`~msam_core.train.compare.compare`) lies above 0; a few thousandths on two
-dozen lesions is which lesions suit which pair, not a better pair. Written as ``ModelConfig.prior_weight_first`` and
-``prior_weight``, used by :meth:`~msam_core.pipeline.segmenter.Segmenter.crop_logits`. The
-weights are chosen at one bound on the stable region's size (``--prior-max-voxels``, default
+dozen lesions is which lesions suit which pair, not a better pair. Written as
+``ModelConfig.prior_weight_first`` and ``prior_weight``, used by
+:meth:`~msam_core.pipeline.segmenter.Segmenter.crop_logits`. The weights are chosen at one
+bound on the stable region's size (``--prior-max-voxels``, default
 :data:`~msam_core.pipeline.region_prior.MAX_VOXELS`), written with them as
 ``ModelConfig.prior_max_voxels``.
 """
