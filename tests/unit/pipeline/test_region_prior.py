@@ -12,8 +12,8 @@ from msam_core.io.volume import Volume
 from msam_core.model import build_model, get_config
 from msam_core.pipeline.postprocess import upsample_logits
 from msam_core.pipeline.prompts import Point
-from msam_core.pipeline.region_prior import (MAX_VOXELS, RegionPrior, add_prior, most_stable,
-                                             prior_weight)
+from msam_core.pipeline.region_prior import (MAX_VOXELS, MULTIPLIERS, RegionPrior, add_prior, grown_regions,
+                                             most_stable, prior_weight)
 from msam_core.pipeline.segmenter import Segmenter
 from tests.unit.pipeline.phantoms import (centred_affine, dice, rotation, sphere_truth, spheres_image,
                                           voxel_centres_ras)
@@ -71,6 +71,30 @@ def test_a_large_lesion_gets_its_region():
     assert 5000 < truth.sum() <= MAX_VOXELS
     # a checkpoint calibrated at a smaller bound gets no prior for it
     assert RegionPrior(crop, max_voxels=5000).region((40.0, 38.0, 42.0)) is None
+
+
+def test_growing_stops_at_the_first_region_above_the_bound_without_changing_the_choice():
+    """A leak is not grown again at every larger multiplier (it would flood the crop each time),
+    and the stable region chosen is the one the full sweep gives."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    truth = _ball((64, 64, 64), (40, 26, 30), (12, 5, 6))
+    crop = (rng.normal(0.0, 0.15, truth.shape) + 0.6 * truth).astype(np.float32)  # 4 sigma: floods at 5
+    image = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(crop), 0.5)
+    click = (40.0, 26.0, 30.0)
+    every = grown_regions(image, click)
+    sizes = [int(r.sum()) for r in every]
+    bound = int(truth.sum()) * 2
+    assert len(every) == len(MULTIPLIERS) and sizes[-1] > bound  # the largest multiplier floods
+    stopped = grown_regions(image, click, max_voxels=bound)
+    first_over = next(i for i, n in enumerate(sizes) if n > bound)
+    assert len(stopped) == first_over and all(int(r.sum()) <= bound for r in stopped)
+    assert all(np.array_equal(a, b) for a, b in zip(stopped, every))
+    chosen = most_stable(every, max_voxels=bound)
+    assert chosen is not None and dice(chosen, truth) > 0.8
+    assert np.array_equal(most_stable(stopped, max_voxels=bound), chosen)
+    assert np.array_equal(RegionPrior(crop, max_voxels=bound).region(click), chosen)
 
 
 def test_region_prior_unites_positive_clicks_and_ignores_negative_and_outside_ones():
