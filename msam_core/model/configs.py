@@ -69,6 +69,12 @@ class ModelConfig:
     #: :data:`msam_core.pipeline.region_prior.MAX_VOXELS`. A checkpoint states the bound its
     #: weights were chosen at.
     prior_max_voxels: int = 20000
+    #: Half-width (voxels) of the band around the mask's surface in which a random walker moves
+    #: the boundary onto the image's edges (:mod:`msam_core.pipeline.boundary`), for a lesion
+    #: prompted by one positive click, and after further clicks; chosen on validation data
+    #: (``msam calibrate --boundary-bands``). 0 (off) for every model not calibrated.
+    boundary_band_first: int = 0
+    boundary_band: int = 0
 
     def __post_init__(self) -> None:
         if self.click_regions and not self.high_res_features:
@@ -86,6 +92,10 @@ class ModelConfig:
         if isinstance(self.prior_max_voxels, bool) or not isinstance(self.prior_max_voxels, int) \
                 or self.prior_max_voxels < 1:
             raise ValueError(f"prior_max_voxels must be a whole number of voxels >= 1, got {self.prior_max_voxels!r}")
+        for name in ("boundary_band_first", "boundary_band"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number of voxels >= 0, got {value!r}")
 
     @property
     def grid(self) -> int:

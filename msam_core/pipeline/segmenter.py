@@ -30,6 +30,7 @@ from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combi
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
+from msam_core.pipeline.boundary import boundary_band, refine_boundary
 from msam_core.pipeline.region_prior import RegionPrior, add_prior, for_model, prior_weight
 from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
                                         touched_faces, window_grid)
@@ -220,7 +221,9 @@ class Segmenter:
     def crop_logits(self, image: torch.Tensor, embedding: torch.Tensor, points_crop: np.ndarray,
                     labels: np.ndarray, mask_logits: torch.Tensor | None = None, iterations: int = 1,
                     prior: RegionPrior | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """:meth:`predict`, upsampled to the crop, plus the model's calibrated stable-region prior.
+        """:meth:`predict`, upsampled to the crop, plus the model's calibrated stable-region prior,
+        with the boundary then refined at full resolution by its calibrated band
+        (:mod:`~msam_core.pipeline.boundary`).
 
         Args:
             image: the crop ``[1, 1, S, S, S]`` that ``embedding`` encodes.
@@ -238,6 +241,9 @@ class Segmenter:
         if weight:
             prior = prior if prior is not None else for_model(self.model, image.detach().cpu().numpy())
             logits = add_prior(logits, prior.mask(points_crop, labels), weight)
+        band = boundary_band(getattr(self.model, "config", None), labels)
+        if band:
+            logits = refine_boundary(image.detach().cpu().numpy(), logits, points_crop, labels, band)
         return low_res, logits
 
     # -- whole requests -----------------------------------------------------------------------

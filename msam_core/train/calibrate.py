@@ -26,6 +26,12 @@ dozen lesions is which lesions suit which pair, not a better pair. Written as
 bound on the stable region's size (``--prior-max-voxels``, default
 :data:`~msam_core.pipeline.region_prior.MAX_VOXELS`), written with them as
 ``ModelConfig.prior_max_voxels``.
+
+``--boundary-bands``: last, with the chosen prior, the same once per candidate pair of bands of
+the full-resolution boundary refinement (:mod:`msam_core.pipeline.boundary`: half-widths in
+voxels of the band a random walker decides, 0 = off; one for one positive click, one after
+further clicks), with the same rule against the checkpoint's own pair. Written as
+``ModelConfig.boundary_band_first`` and ``boundary_band``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from msam_core.pipeline.region_prior import MAX_VOXELS
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(-3.0, 1.01, 0.5), 2))
 #: Candidate ``(first, later)`` weights of the stable-region prior (``--prior-weights``).
 DEFAULT_PRIOR_WEIGHTS: tuple[tuple[float, float], ...] = ((0, 0), (2, 2), (4, 2), (8, 2), (8, 0), (4, 4))
+#: Candidate ``(first, later)`` bands of the boundary refinement (``--boundary-bands``).
+DEFAULT_BOUNDARY_BANDS: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 2), (2, 2))
 
 
 def set_threshold(model, threshold: float) -> None:
@@ -55,6 +63,12 @@ def set_prior_weights(model, first: float, later: float, max_voxels: int | None 
     ``prior_weight``) and, when given, its bound (``prior_max_voxels``) in place."""
     bound = {} if max_voxels is None else {"prior_max_voxels": max_voxels}
     model.config = replace(model.config, prior_weight_first=float(first), prior_weight=float(later), **bound)
+
+
+def set_boundary_bands(model, first: int, later: int) -> None:
+    """Set ``model``'s boundary-refinement bands (``ModelConfig.boundary_band_first``,
+    ``boundary_band``) in place."""
+    model.config = replace(model.config, boundary_band_first=int(first), boundary_band=int(later))
 
 
 def _scan(model, candidates: list, apply, data_dir: Path, split: str, clicks: int, device: str, embeddings,
@@ -148,6 +162,32 @@ def calibrate_prior(model, data_dir: Path, split: str = "validation", clicks: in
     return chosen, table, choice
 
 
+def calibrate_boundary(model, data_dir: Path, split: str = "validation", clicks: int = 5,
+                       bands: tuple[tuple[int, int], ...] = DEFAULT_BOUNDARY_BANDS, device: str = "cpu",
+                       log=print) -> tuple[tuple[int, int], dict, dict]:
+    """Like :func:`calibrate_prior`, for the boundary refinement's ``(first, later)`` bands at the
+    model's threshold and prior. ``-> (chosen pair, table, decision)``; ``model`` is left at the
+    chosen pair. A negative band raises ``ValueError`` (``ModelConfig``)."""
+    from msam_core.pipeline.segmenter import DictEmbeddingCache
+
+    if not bands:
+        raise ValueError("give at least one pair of boundary bands")
+    incumbent = (int(model.config.boundary_band_first), int(model.config.boundary_band))
+    candidates = list(dict.fromkeys([(int(a), int(b)) for a, b in bands] + [incumbent]))
+    for pair in candidates:  # every pair valid before minutes of scanning
+        replace(model.config, boundary_band_first=pair[0], boundary_band=pair[1])
+    per_lesion: dict = {}
+    table = _scan(model, candidates, lambda m, b: set_boundary_bands(m, *b), data_dir, split, clicks, device,
+                  DictEmbeddingCache(max_items=100_000), log, lambda b: f"boundary bands {pair_label(b)}", per_lesion)
+    chosen, choice = choose_over_incumbent(table, per_lesion, incumbent)
+    if choice["chosen"] != choice["best"]:
+        low, high = choice["interval"]
+        log(f"boundary bands {choice['best']}: {choice['difference']:+.4f} mean Dice over the checkpoint's own "
+            f"{choice['incumbent']} (95% interval {low:+.4f} to {high:+.4f}): no clear gain, {choice['incumbent']} kept")
+    set_boundary_bands(model, *chosen)
+    return chosen, table, choice
+
+
 def parse_weight_pair(text: str) -> tuple[float, float]:
     """``"FIRST,LATER"`` -> ``(first, later)`` (argparse type)."""
     try:
@@ -156,6 +196,18 @@ def parse_weight_pair(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected FIRST,LATER (two numbers, e.g. 8,2), got {text!r}") from None
     if not (np.isfinite([first, later]).all() and min(first, later) >= 0):
         raise argparse.ArgumentTypeError(f"prior weights must be finite and >= 0, got {text!r}")
+    return first, later
+
+
+def parse_band_pair(text: str) -> tuple[int, int]:
+    """``"FIRST,LATER"`` -> ``(first, later)`` whole numbers of voxels >= 0 (argparse type)."""
+    try:
+        first, later = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST,LATER (two whole numbers of voxels, e.g. 0,2), "
+                                         f"got {text!r}") from None
+    if min(first, later) < 0:
+        raise argparse.ArgumentTypeError(f"boundary bands must be >= 0 voxels, got {text!r}")
     return first, later
 
 
@@ -186,6 +238,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-max-voxels", type=parse_voxels, default=MAX_VOXELS, metavar="N",
                    help=f"with --prior-weights: the largest stable region (voxels at 1.5 mm) the prior may take, "
                         f"stored with the weights (default {MAX_VOXELS})")
+    p.add_argument("--boundary-bands", type=parse_band_pair, nargs="*", default=None, metavar="FIRST,LATER",
+                   help="last, choose the boundary refinement's bands in voxels (one positive click, further "
+                        "clicks; 0 = off) among these pairs (without values: " +
+                        " ".join(map(pair_label, DEFAULT_BOUNDARY_BANDS)) + "); default: leave them as they are")
     p.add_argument("--out", type=Path, required=True, help="calibrated copy of the checkpoint to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=run)
@@ -217,6 +273,15 @@ def run(args: argparse.Namespace) -> int:
             "prior_table": {pair_label(w): v for w, v in prior_table.items()},
         })
         print(f"prior weights {pair_label((first, later))} (mean Dice {prior_table[(first, later)]['mean_dice']:.4f})")
+    if args.boundary_bands is not None:
+        bands = tuple(args.boundary_bands) or DEFAULT_BOUNDARY_BANDS
+        (first, later), band_table, choice = calibrate_boundary(model, args.data, args.split, args.clicks, bands,
+                                                                args.device)
+        provenance["calibration"].update({
+            "boundary_band_first": first, "boundary_band": later, "boundary_choice": choice,
+            "boundary_table": {pair_label(b): v for b, v in band_table.items()},
+        })
+        print(f"boundary bands {pair_label((first, later))} (mean Dice {band_table[(first, later)]['mean_dice']:.4f})")
     save_checkpoint(model, args.out, provenance)
     print(f"mask_threshold {best:+.2f} (mean Dice {table[best]['mean_dice']:.4f}; at 0: "
           f"{table[0.0]['mean_dice']:.4f})" if 0.0 in table else f"mask_threshold {best:+.2f}")

@@ -94,8 +94,26 @@ def _prior(config, prov: dict) -> str:
             f"per FIRST,LATER pair: {table or 'not recorded'}{_kept(cal.get('prior_choice', {}))}). ")
 
 
+def _boundary(config, prov: dict) -> str:
+    """The Model section's sentence on the boundary refinement, with its calibration table."""
+    if config is None or not (config.boundary_band_first or config.boundary_band):
+        return ""
+    cal = prov.get("calibration", {})
+    table = "; ".join(f"{k}: {v['mean_dice']:.3f}" for k, v in cal.get("boundary_table", {}).items())
+    first = (f"{config.boundary_band_first} voxels for a lesion prompted by one positive click" if config.boundary_band_first
+             else "none for a lesion prompted by one positive click")
+    return ("Then a random walker (Grady 2006, scikit-image) moves the mask's boundary onto the image's edges at "
+            "full resolution (`msam_core/pipeline/boundary.py`): seeds are the mask eroded by a band (inside), "
+            "everything beyond the band (outside) and the clicks; the band's half-width is "
+            f"{first} and {config.boundary_band} voxels after further clicks, chosen by `msam calibrate "
+            f"--boundary-bands` on the {cal.get('split', 'validation')} split (mean Dice over clicks "
+            f"1..{cal.get('clicks', '?')} per FIRST,LATER pair: {table or 'not recorded'}"
+            f"{_kept(cal.get('boundary_choice', {}))}). ")
+
+
 def _kept(choice: dict) -> str:
-    """Why the checkpoint's own prior weights stayed although another pair scored higher, if so."""
+    """Why the checkpoint's own pair (prior weights, boundary bands) stayed although another pair
+    scored higher, if so."""
     if not choice or choice.get("chosen") == choice.get("best"):
         return ""
     low, high = choice["interval"]
@@ -214,6 +232,7 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
         + _prior(config, prov)
+        + _boundary(config, prov)
         +
         f"{'Initialised from ' + settings['init'] if settings.get('init') else 'No pretrained encoder exists for this size, so it was trained from scratch with every parameter trainable (not the LoRA-only recipe, which needs SAM-Med3D weights).'}",
         f"- Weights: safetensors, {weights.stat().st_size / 1e6:.1f} MB, msam format with provenance metadata "

@@ -38,6 +38,12 @@ def test_bundled_model_loads_with_provenance_and_card() -> None:
         # at the bound the weights were chosen at, stated in the file and on the card
         assert calibration["prior_max_voxels"] == model.config.prior_max_voxels
         assert f"8 to {model.config.prior_max_voxels:,} voxels" in card
+    # so does a boundary refinement
+    bands = (model.config.boundary_band_first, model.config.boundary_band)
+    assert bands == (calibration.get("boundary_band_first", 0), calibration.get("boundary_band", 0))
+    if any(bands):
+        assert f"{bands[0]},{bands[1]}" in calibration["boundary_table"]
+        assert f"and {bands[1]} voxels after further clicks" in card and "--boundary-bands" in card
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model (run make model)")

@@ -143,6 +143,34 @@ def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
     assert model.config.mask_threshold == 0.0
 
 
+def test_calibrate_chooses_the_boundary_bands_on_validation(tmp_path) -> None:
+    """``--boundary-bands``: one click-protocol run per pair, after the threshold; the rule against
+    the checkpoint's own pair as for the prior; the chosen pair is written into the copy."""
+    from msam_core.checkpoints import load_checkpoint
+
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=2, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    # a random network's masks are empty or fill the crop; a dominant prior gives masks of the
+    # lesions' size for the bands to refine
+    assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
+                 "--prior-weights", "1000,1000", "--boundary-bands", "0,0", "3,0", "2,2", "--out", str(out)]) == 0
+    model = load_checkpoint(out)
+    calibration = model.checkpoint_meta["provenance"]["calibration"]
+    table = {tuple(int(v) for v in k.split(",")): v for k, v in calibration["boundary_table"].items()}
+    assert set(table) == {(0, 0), (3, 0), (2, 2)}
+    assert table[(3, 0)]["dice"][0] != table[(0, 0)]["dice"][0]  # the first click's band changes its mask
+    choice = calibration["boundary_choice"]
+    best = max(table, key=lambda b: (table[b]["mean_dice"], -sum(b)))
+    assert choice["incumbent"] == "0,0" and choice["best"] == f"{best[0]},{best[1]}"
+    chosen = best if best == (0, 0) or choice["interval"][0] > 0 else (0, 0)
+    assert (model.config.boundary_band_first, model.config.boundary_band) == chosen
+    assert (calibration["boundary_band_first"], calibration["boundary_band"]) == chosen
+    assert (model.config.prior_weight_first, model.config.prior_weight) == (1000.0, 1000.0)
+
+
 def test_a_new_prior_pair_must_be_clearly_better_than_the_checkpoints_own() -> None:
     from msam_core.train.calibrate import choose_over_incumbent
 
@@ -178,6 +206,12 @@ def test_calibrate_refuses_a_malformed_prior_weight_pair(tmp_path, capsys) -> No
                       ("nan,1", "finite and >= 0")):
         with pytest.raises(SystemExit) as exc:
             main(["calibrate", "--checkpoint", "x.safetensors", "--data", str(tmp_path), "--prior-weights", bad,
+                  "--out", str(tmp_path / "o.safetensors")])
+        assert exc.value.code == 2
+        assert says in capsys.readouterr().err
+    for bad, says in (("2", "FIRST,LATER"), ("1.5,2", "whole numbers"), ("0,-1", ">= 0 voxels")):
+        with pytest.raises(SystemExit) as exc:
+            main(["calibrate", "--checkpoint", "x.safetensors", "--data", str(tmp_path), "--boundary-bands", bad,
                   "--out", str(tmp_path / "o.safetensors")])
         assert exc.value.code == 2
         assert says in capsys.readouterr().err

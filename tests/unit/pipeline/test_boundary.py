@@ -1,0 +1,133 @@
+"""Full-resolution boundary refinement: the random walker's band, its seeds, and its place in the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from msam_core.model import build_model, get_config
+from msam_core.pipeline.boundary import boundary_band, refine_boundary, seeds
+from msam_core.pipeline.postprocess import upsample_logits
+from msam_core.pipeline.segmenter import Segmenter
+from tests.unit.pipeline.phantoms import dice
+
+
+def _ball(shape, centre, radii) -> np.ndarray:
+    idx = np.indices(shape, dtype=float)
+    return sum(((idx[i] - centre[i]) / radii[i]) ** 2 for i in range(3)) <= 1.0
+
+
+def _lesion(seed: int = 0, shape=(48, 48, 48)) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy crop with a bright ellipsoid elongated along the first axis, off-centre."""
+    rng = np.random.default_rng(seed)
+    truth = _ball(shape, (28, 20, 22), (10, 5, 6))
+    crop = (rng.normal(0.0, 0.2, shape) + 1.0 * truth).astype(np.float32)
+    return crop, truth
+
+
+def _coarse_logits(truth: np.ndarray, shift=(2, 0, 0), grow: float = 2.0) -> np.ndarray:
+    """A blob as the network draws it: the truth shifted, fattened and blurred, as logits."""
+    from scipy import ndimage
+
+    moved = np.roll(truth, shift, axis=(0, 1, 2))
+    distance = ndimage.distance_transform_edt(~moved) - ndimage.distance_transform_edt(moved)
+    return (grow - distance).astype(np.float32)
+
+
+def test_the_walker_moves_a_coarse_boundary_onto_the_lesion_where_it_is_not_mirrored():
+    crop, truth = _lesion()
+    logits = _coarse_logits(truth)
+    click = np.array([[28.0, 20.0, 22.0]])
+    before = dice(logits > 0, truth)
+    refined = refine_boundary(crop, logits, click, np.array([1]), band=3)
+    after = dice(refined > 0, truth)
+    assert before < 0.8 and after > 0.9 and after > before + 0.1
+    # the lesion's own side: elongated along a as the truth, not mirrored into the empty half
+    assert refined.shape == truth.shape and refined.dtype == np.float32
+    assert not (refined > 0)[:10].any()
+    extent = [np.ptp(np.nonzero(refined > 0)[i]) for i in range(3)]
+    assert extent[0] > 1.5 * max(extent[1], extent[2])
+    # a [1, 1, S, S, S] crop, as the pipeline holds it, gives the same
+    assert np.array_equal(refine_boundary(crop[None, None], logits, click, np.array([1]), band=3), refined)
+    # far from the band, the network's logits are kept
+    assert refined[0, 0, 0] == logits[0, 0, 0] and refined[28, 20, 22] == logits[28, 20, 22]
+
+
+def test_a_small_lesion_is_not_shrunk_to_its_click():
+    rng = np.random.default_rng(4)
+    truth = _ball((32, 32, 32), (16, 15, 17), (2.5, 2.5, 2.5))  # ~65 voxels, a 7 mm lesion
+    crop = (rng.normal(0.0, 0.2, truth.shape) + 1.0 * truth).astype(np.float32)
+    logits = _coarse_logits(truth, shift=(1, 0, 0), grow=1.0)
+    refined = refine_boundary(crop, logits, np.array([[16.0, 15.0, 17.0]]), np.array([1]), band=2)
+    assert dice(refined > 0, truth) > 0.8 and (refined > 0).sum() > 0.5 * truth.sum()
+
+
+def test_seeds_inside_outside_and_the_clicks():
+    mask = _ball((30, 30, 30), (15, 15, 15), (8, 8, 8))
+    s = seeds(mask, np.array([[15.0, 15.0, 15.0], [2.0, 2.0, 2.0], [27.0, 27.0, 27.0]]), np.array([0, 1, 1]), band=2)
+    assert s[15, 15, 15] == 2 and s[2, 2, 2] == 1 and s[27, 27, 27] == 1  # the clicks decide their voxel
+    assert s[15, 15, 12] == 1 and s[15, 15, 0] == 2  # deep inside / far outside
+    # the mask spans c = 7..23: the band is its 2 outer layers (7, 8) and 2 layers outside (5, 6)
+    assert [int(v) for v in s[15, 15, 3:11]] == [2, 2, 0, 0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="band"):
+        seeds(mask, np.zeros((0, 3)), np.zeros(0), band=0)
+    # a mask thinner than twice the band keeps the inner half of its depth as inside seeds, not
+    # the click alone (a walker from one seed voxel shrinks the mask to it)
+    small = _ball((30, 30, 30), (15, 15, 15), (2.5, 2.5, 2.5))
+    core = seeds(small, np.array([[15.0, 15.0, 15.0]]), np.array([1]), band=3) == 1
+    assert 1 < core.sum() < small.sum() and not (core & ~small).any()
+
+
+def test_clicks_are_honoured_and_degenerate_masks_are_left_alone():
+    crop, truth = _lesion(1)
+    logits = _coarse_logits(truth, shift=(0, 0, 0), grow=1.0)
+    # a negative click inside the mask and a positive one outside it: their voxels take their label
+    clicks = np.array([[28.0, 20.0, 22.0], [5.0, 40.0, 40.0]])
+    out = refine_boundary(crop, logits, clicks, np.array([0, 1]), band=2)
+    assert out[28, 20, 22] < 0 and out[5, 40, 40] > 0
+    # band 0, an empty mask, a mask that fills the crop: unchanged
+    assert refine_boundary(crop, logits, clicks[:1], np.array([1]), band=0) is logits
+    empty = np.full(crop.shape, -3.0, np.float32)
+    assert refine_boundary(crop, empty, clicks[:1], np.array([1]), band=2) is empty
+    full = np.full(crop.shape, 3.0, np.float32)
+    assert refine_boundary(crop, full, clicks[:1], np.array([1]), band=2) is full
+    with pytest.raises(ValueError, match="crop grid"):
+        refine_boundary(crop[:10], logits, clicks[:1], np.array([1]), band=2)
+
+
+def test_the_band_for_first_and_later_clicks_and_its_validation():
+    config = replace(get_config("msam_small"), boundary_band_first=0, boundary_band=2)
+    assert boundary_band(config, np.array([1])) == 0
+    assert boundary_band(config, np.array([1, 0])) == boundary_band(config, np.array([1, 1])) == 2
+    assert boundary_band(None, np.array([1, 0])) == 0
+    assert get_config("msam_small").boundary_band == get_config("msam_small").boundary_band_first == 0
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="boundary_band"):
+            replace(get_config("msam_small"), boundary_band=bad)
+
+
+def test_crop_logits_refine_the_boundary_at_the_calibrated_band():
+    torch.manual_seed(0)
+    network = build_model("msam_small")
+    crop, truth = _lesion(2)
+    image = torch.zeros(1, 1, 128, 128, 128)
+    image[0, 0, :48, :48, :48] = torch.from_numpy(crop)
+    click = np.array([[28.0, 20.0, 22.0]])
+    seg = Segmenter(network)
+    embedding, _ = seg.encode(image)
+    low, plain = seg.crop_logits(image, embedding, click, np.array([1]))
+    assert np.array_equal(plain, upsample_logits(low, size=128))  # bands 0: the network's logits
+    two, two_labels = np.vstack([click, [[100.0, 100.0, 100.0]]]), np.array([1, 0])
+    _, two_plain = seg.crop_logits(image, embedding, two, two_labels)
+    network.config = replace(network.config, boundary_band_first=0, boundary_band=2)
+    _, first = seg.crop_logits(image, embedding, click, np.array([1]))
+    low2, later = seg.crop_logits(image, embedding, two, two_labels)
+    assert np.array_equal(first, plain)  # no band for one positive click
+    assert np.array_equal(later, refine_boundary(image.numpy(), two_plain, two, two_labels, band=2))
+    if (two_plain > 0).any():
+        assert not np.array_equal(later, two_plain)
+    _, low_again = low2, seg.predict(embedding, two, two_labels)
+    assert torch.equal(low2, low_again)  # the fed-back logits stay the network's own
