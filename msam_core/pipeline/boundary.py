@@ -104,6 +104,8 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     undecided = sub == 0
     if not undecided.any() or not (sub == 1).any() or not (sub == 2).any():
         return logits  # nothing to decide, or one side has no seed in reach (a mask filling the crop)
+    if not np.ptp(image[box]) > 0:
+        return logits  # a uniform crop has no edge to move to (the walker's weights divide by its spread)
     with warnings.catch_warnings():
         # scikit-image warns that plain "cg" is slow without UMFPACK (0.16 s per mask here; "cg_j"
         # is no faster) and that probabilities overshoot [0, 1] within the tolerance (clipped below)

@@ -94,20 +94,24 @@ def _prior(config, prov: dict) -> str:
             f"per FIRST,LATER pair: {table or 'not recorded'}{_kept(cal.get('prior_choice', {}))}). ")
 
 
+def _voxels(n: int) -> str:
+    return f"{n} voxel" + ("" if n == 1 else "s")
+
+
 def _boundary(config, prov: dict) -> str:
     """The Model section's sentence on the boundary refinement, with its calibration table."""
     if config is None or not (config.boundary_band_first or config.boundary_band):
         return ""
     cal = prov.get("calibration", {})
     table = "; ".join(f"{k}: {v['mean_dice']:.3f}" for k, v in cal.get("boundary_table", {}).items())
-    first = (f"{config.boundary_band_first} voxels for a lesion prompted by one positive click" if config.boundary_band_first
-             else "none for a lesion prompted by one positive click")
+    first = (f"{_voxels(config.boundary_band_first)} for a lesion prompted by one positive click"
+             if config.boundary_band_first else "none for a lesion prompted by one positive click")
     return ("Then a random walker (Grady 2006, scikit-image) moves the mask's boundary onto the image's edges at "
-            "full resolution (`msam_core/pipeline/boundary.py`): seeds are the mask eroded by a band (inside), "
-            "everything beyond the band (outside) and the clicks; the band's half-width is "
-            f"{first} and {config.boundary_band} voxels after further clicks, chosen by `msam calibrate "
-            f"--boundary-bands` on the {cal.get('split', 'validation')} split (mean Dice over clicks "
-            f"1..{cal.get('clicks', '?')} per FIRST,LATER pair: {table or 'not recorded'}"
+            "full resolution (`msam_core/pipeline/boundary.py`): seeds are the mask's voxels deeper than a band "
+            "(inside; half the mask's depth for a small mask), everything farther out than the band (outside) and "
+            f"the clicks; the band's half-width is {first} and {_voxels(config.boundary_band)} after further "
+            f"clicks, chosen by `msam calibrate --boundary-bands` on the {cal.get('split', 'validation')} split "
+            f"(mean Dice over clicks 1..{cal.get('clicks', '?')} per FIRST,LATER pair: {table or 'not recorded'}"
             f"{_kept(cal.get('boundary_choice', {}))}). ")
 
 

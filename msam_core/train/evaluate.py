@@ -10,7 +10,9 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    interactive session; ``--no-feedback``: decode from the clicks alone, as repeated
    ``msam segment`` calls). The masks are :meth:`Segmenter.crop_logits` ``> 0``: the network's
    logits upsampled to the crop plus the checkpoint's calibrated stable-region prior
-   (:mod:`~msam_core.pipeline.region_prior`; off unless ``msam calibrate --prior-weights`` set it).
+   (:mod:`~msam_core.pipeline.region_prior`; off unless ``msam calibrate --prior-weights`` set it),
+   then its calibrated boundary refinement (:mod:`~msam_core.pipeline.boundary`; off unless
+   ``msam calibrate --boundary-bands`` set it).
 3. Metrics on the crop grid (1.5 mm): Dice and normalised surface Dice (NSD, tolerance
    ``--nsd-tolerance`` mm), both MONAI (``compute_dice``, ``compute_surface_dice``).
 4. Baseline from the same protocol (own error-driven clicks, same first click): SimpleITK

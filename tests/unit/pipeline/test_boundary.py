@@ -94,6 +94,11 @@ def test_clicks_are_honoured_and_degenerate_masks_are_left_alone():
     assert refine_boundary(crop, empty, clicks[:1], np.array([1]), band=2) is empty
     full = np.full(crop.shape, 3.0, np.float32)
     assert refine_boundary(crop, full, clicks[:1], np.array([1]), band=2) is full
+    # a uniform crop (the blank-image control): no edge to move to, and no division by its zero spread
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert refine_boundary(np.zeros_like(crop), logits, clicks[:1], np.array([1]), band=2) is logits
     with pytest.raises(ValueError, match="crop grid"):
         refine_boundary(crop[:10], logits, clicks[:1], np.array([1]), band=2)
 
