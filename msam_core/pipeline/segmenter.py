@@ -26,11 +26,11 @@ import torch
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
+from msam_core.pipeline.boundary import boundary_band, refine_boundary
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
-from msam_core.pipeline.boundary import boundary_band, refine_boundary
 from msam_core.pipeline.region_prior import RegionPrior, add_prior, for_model, prior_weight
 from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
                                         touched_faces, window_grid)

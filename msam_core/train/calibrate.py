@@ -50,7 +50,7 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(-3.0, 1.01, 0.5
 #: Candidate ``(first, later)`` weights of the stable-region prior (``--prior-weights``).
 DEFAULT_PRIOR_WEIGHTS: tuple[tuple[float, float], ...] = ((0, 0), (2, 2), (4, 2), (8, 2), (8, 0), (4, 4))
 #: Candidate ``(first, later)`` bands of the boundary refinement (``--boundary-bands``).
-DEFAULT_BOUNDARY_BANDS: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 2), (2, 2))
+DEFAULT_BOUNDARY_BANDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2), (3, 3), (0, 2), (1, 2))
 
 
 def set_threshold(model, threshold: float) -> None:
