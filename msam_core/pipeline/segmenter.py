@@ -237,13 +237,14 @@ class Segmenter:
         """
         low_res = self.predict(embedding, points_crop, labels, mask_logits, iterations)
         logits = upsample_logits(low_res, size=image.shape[-1])
-        weight = prior_weight(getattr(self.model, "config", None), labels)
+        config = getattr(self.model, "config", None)
+        weight, band = prior_weight(config, labels), boundary_band(config, labels)
+        crop = image.detach().cpu().numpy() if (weight and prior is None) or band else None
         if weight:
-            prior = prior if prior is not None else for_model(self.model, image.detach().cpu().numpy())
+            prior = prior if prior is not None else for_model(self.model, crop)
             logits = add_prior(logits, prior.mask(points_crop, labels), weight)
-        band = boundary_band(getattr(self.model, "config", None), labels)
         if band:
-            logits = refine_boundary(image.detach().cpu().numpy(), logits, points_crop, labels, band)
+            logits = refine_boundary(crop, logits, points_crop, labels, band)
         return low_res, logits
 
     # -- whole requests -----------------------------------------------------------------------

@@ -135,6 +135,31 @@ def choose_over_incumbent(table: dict, per_lesion: dict,
     return chosen, choice
 
 
+def _calibrate_pair(model, candidates: list, incumbent: tuple, apply, what: str, data_dir: Path, split: str,
+                    clicks: int, device: str, log) -> tuple[tuple, dict, dict]:
+    """Scan ``candidates`` (``(first, later)`` settings; ``apply(model, pair)`` sets one) plus the
+    model's own ``incumbent``, keep the best only when clearly better (:func:`choose_over_incumbent`)
+    and leave ``model`` at the chosen pair. ``-> (chosen pair, table, decision)``. Every pair is
+    applied once before the scan, so an invalid one raises ``ValueError`` before minutes of work."""
+    from msam_core.pipeline.segmenter import DictEmbeddingCache
+
+    candidates = list(dict.fromkeys(candidates + [incumbent]))
+    config = model.config
+    for pair in candidates:
+        apply(model, pair)
+    model.config = config
+    per_lesion: dict = {}
+    table = _scan(model, candidates, apply, data_dir, split, clicks, device, DictEmbeddingCache(max_items=100_000),
+                  log, lambda pair: f"{what} {pair_label(pair)}", per_lesion)
+    chosen, choice = choose_over_incumbent(table, per_lesion, incumbent)
+    if choice["chosen"] != choice["best"]:
+        low, high = choice["interval"]
+        log(f"{what} {choice['best']}: {choice['difference']:+.4f} mean Dice over the checkpoint's own "
+            f"{choice['incumbent']} (95% interval {low:+.4f} to {high:+.4f}): no clear gain, {choice['incumbent']} kept")
+    apply(model, chosen)
+    return chosen, table, choice
+
+
 def calibrate_prior(model, data_dir: Path, split: str = "validation", clicks: int = 5,
                     weights: tuple[tuple[float, float], ...] = DEFAULT_PRIOR_WEIGHTS, device: str = "cpu",
                     log=print, max_voxels: int = MAX_VOXELS) -> tuple[tuple[float, float], dict, dict]:
@@ -143,23 +168,12 @@ def calibrate_prior(model, data_dir: Path, split: str = "validation", clicks: in
     unless the best pair is clearly better (:func:`choose_over_incumbent`). ``-> (chosen pair,
     table, decision)``; ``model`` is left at the chosen pair and that bound. A negative or
     non-finite weight, or a bound below 1, raises ``ValueError`` (``ModelConfig``)."""
-    from msam_core.pipeline.segmenter import DictEmbeddingCache
-
     if not weights:
         raise ValueError("give at least one pair of prior weights")
     incumbent = (float(model.config.prior_weight_first), float(model.config.prior_weight))
-    candidates = list(dict.fromkeys([(float(a), float(b)) for a, b in weights] + [incumbent]))
-    per_lesion: dict = {}
-    table = _scan(model, candidates, lambda m, w: set_prior_weights(m, *w, max_voxels=max_voxels), data_dir,
-                  split, clicks, device, DictEmbeddingCache(max_items=100_000), log,
-                  lambda w: f"prior weights {pair_label(w)}", per_lesion)
-    chosen, choice = choose_over_incumbent(table, per_lesion, incumbent)
-    if choice["chosen"] != choice["best"]:
-        low, high = choice["interval"]
-        log(f"prior weights {choice['best']}: {choice['difference']:+.4f} mean Dice over the checkpoint's own "
-            f"{choice['incumbent']} (95% interval {low:+.4f} to {high:+.4f}): no clear gain, {choice['incumbent']} kept")
-    set_prior_weights(model, *chosen, max_voxels=max_voxels)
-    return chosen, table, choice
+    return _calibrate_pair(model, [(float(a), float(b)) for a, b in weights], incumbent,
+                           lambda m, w: set_prior_weights(m, *w, max_voxels=max_voxels), "prior weights",
+                           data_dir, split, clicks, device, log)
 
 
 def calibrate_boundary(model, data_dir: Path, split: str = "validation", clicks: int = 5,
@@ -168,24 +182,12 @@ def calibrate_boundary(model, data_dir: Path, split: str = "validation", clicks:
     """Like :func:`calibrate_prior`, for the boundary refinement's ``(first, later)`` bands at the
     model's threshold and prior. ``-> (chosen pair, table, decision)``; ``model`` is left at the
     chosen pair. A negative band raises ``ValueError`` (``ModelConfig``)."""
-    from msam_core.pipeline.segmenter import DictEmbeddingCache
-
     if not bands:
         raise ValueError("give at least one pair of boundary bands")
     incumbent = (int(model.config.boundary_band_first), int(model.config.boundary_band))
-    candidates = list(dict.fromkeys([(int(a), int(b)) for a, b in bands] + [incumbent]))
-    for pair in candidates:  # every pair valid before minutes of scanning
-        replace(model.config, boundary_band_first=pair[0], boundary_band=pair[1])
-    per_lesion: dict = {}
-    table = _scan(model, candidates, lambda m, b: set_boundary_bands(m, *b), data_dir, split, clicks, device,
-                  DictEmbeddingCache(max_items=100_000), log, lambda b: f"boundary bands {pair_label(b)}", per_lesion)
-    chosen, choice = choose_over_incumbent(table, per_lesion, incumbent)
-    if choice["chosen"] != choice["best"]:
-        low, high = choice["interval"]
-        log(f"boundary bands {choice['best']}: {choice['difference']:+.4f} mean Dice over the checkpoint's own "
-            f"{choice['incumbent']} (95% interval {low:+.4f} to {high:+.4f}): no clear gain, {choice['incumbent']} kept")
-    set_boundary_bands(model, *chosen)
-    return chosen, table, choice
+    return _calibrate_pair(model, [(int(a), int(b)) for a, b in bands], incumbent,
+                           lambda m, b: set_boundary_bands(m, *b), "boundary bands", data_dir, split, clicks,
+                           device, log)
 
 
 def parse_weight_pair(text: str) -> tuple[float, float]:
