@@ -55,7 +55,8 @@ bench-service: install
 # msam_small trained from scratch for MODEL_MINUTES, its stable-region prior weights chosen on the
 # validation set (msam calibrate --prior-weights), then the bands of its full-resolution boundary
 # refinement (--boundary-bands), evaluated on the validation set, on the
-# held-out scan and on real tumours (PyRadiomics' test cases, `msam data real`). On an idle
+# held-out scan, on their thick-slice copies (4.5 mm axial slabs) and on real tumours
+# (PyRadiomics' test cases, `msam data real`). On an idle
 # 2-core CPU two threads give ~1.1 s per step (one: ~2 s); on a machine shared with other work
 # use MODEL_THREADS=1. A GPU is used when present (--device auto).
 MODEL_DATA    ?= $(HOME)/.cache/msam/synth-seed0
@@ -72,6 +73,8 @@ model: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/msam calibrate --checkpoint $(MODEL_RUN)/model.safetensors --data $(MODEL_DATA) --thresholds 0 --prior-weights --boundary-bands --out $(MODEL_RUN)/calibrated.safetensors
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split validation --out $(MODEL_RUN)/eval_validation --blank-image-control --other-image-control
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split heldout --out $(MODEL_RUN)/eval_heldout --blank-image-control --other-image-control
+	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split validation_thick --out $(MODEL_RUN)/eval_validation_thick
+	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split heldout_thick --out $(MODEL_RUN)/eval_heldout_thick
 	$(VENV)/bin/msam data real --out $(MODEL_REAL)
 	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control --other-image-control
 	$(PY) -m msam_core.train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors

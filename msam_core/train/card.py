@@ -52,6 +52,8 @@ def _metrics_table(summary: dict) -> str:
 SPLIT_TITLES = {
     "validation": "Synthetic validation set (training sources, unseen lesions)",
     "heldout": "Lesions inserted into the held-out scan (chest CTA never seen in training)",
+    "validation_thick": "Synthetic validation set as 4.5 mm axial slabs (thick-slice copies, `msam_core/train/thick.py`)",
+    "heldout_thick": "Held-out scan's lesions as 4.5 mm axial slabs (thick-slice copies)",
     "real": "Real tumours (PyRadiomics test cases, never seen in training)",
 }
 

