@@ -22,7 +22,8 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
   128^3 (trilinear, as inference) and the mask, summed over all passes (``--first-pass-weight``
   weighs pass 1, the one-click result a user sees first); one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
-- Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set);
+- Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set), and
+  with ``--thick-slices P`` simulated thick-slice scans (:func:`msam_core.train.data.thicken`);
   bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
   written every ``--save-every`` minutes, so an interrupted run is still usable; with
@@ -86,6 +87,8 @@ class TrainSettings:
     click_regions: bool = False
     region_logits: bool = False
     keep_checkpoints: bool = False
+    #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`).
+    thick_slices: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -224,7 +227,8 @@ def train(s: TrainSettings, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
     # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
-    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None)
+    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
+                          thick_p=s.thick_slices)
     if len(dataset) == 0:
         raise ValueError(f"no training crops in {s.data}")
 
@@ -291,6 +295,8 @@ def train(s: TrainSettings, log=print) -> Path:
             "train_crops": len(dataset), "git_commit": _git_commit(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {device.type}", "threads": torch.get_num_threads(),
         }
+        if s.thick_slices:
+            provenance["thick_slices"] = s.thick_slices
         model.invalidate_model_id()
         path = save_checkpoint(model, out / "model.safetensors", provenance)
         if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
@@ -393,7 +399,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region-logits", action="store_true",
                    help="with --click-regions: also add the regions to the logits directly, weighted per "
                         "prompt (msam_core/model/region_logits.py)")
+    p.add_argument("--thick-slices", type=_probability, default=0.0, metavar="P",
+                   help="chance per crop of simulating a thick-slice scan (3-6 mm slabs along one axis, "
+                        "resampled back; default 0)")
     p.set_defaults(func=run)
+
+
+def _probability(text: str) -> float:
+    """A chance in 0..1 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -408,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
         workers=args.workers, input_transform=args.input_transform, click_regions=args.click_regions,
-        region_logits=args.region_logits, keep_checkpoints=args.keep_checkpoints,
+        region_logits=args.region_logits, keep_checkpoints=args.keep_checkpoints, thick_slices=args.thick_slices,
     )
     train(settings)
     return 0
