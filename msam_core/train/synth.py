@@ -218,8 +218,8 @@ def write_case(case: Case, out: Path) -> dict:
 def thick_case(case: Case, factor: int = FACTOR) -> Case:
     """``case`` as a thick-slice series (:mod:`msam_core.train.thick`), named ``<name>_thick``; its
     lesions are those still labelled on some slab, with their voxel counts and centres there."""
-    image, labels, affine = thick_copy(case.image, case.labels, case.affine, factor)
     axis = slice_axis(case.affine)
+    image, labels, affine = thick_copy(case.image, case.labels, case.affine, factor, axis)
     lesions = []
     for info in case.lesions:
         voxels = int((labels == info.label).sum())
