@@ -75,8 +75,14 @@ class ModelConfig:
     #: (``msam calibrate --boundary-bands``). 0 (off) for every model not calibrated.
     boundary_band_first: int = 0
     boundary_band: int = 0
+    #: Whether the pipeline also looks at twice the spacing and keeps, per click, the candidate
+    #: mask the image supports better (:mod:`msam_core.pipeline.coarse_view`); chosen on
+    #: validation data. Off for every model not calibrated.
+    coarse_view: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.coarse_view, bool):
+            raise ValueError(f"coarse_view must be true or false, got {self.coarse_view!r}")
         if self.click_regions and not self.high_res_features:
             raise ValueError("click_regions needs high_res_features (the regions enter through the high-res stem)")
         if self.region_logits and not self.click_regions:

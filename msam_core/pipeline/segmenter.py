@@ -27,6 +27,7 @@ import torch
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
 from msam_core.pipeline.boundary import boundary_band, refine_boundary
+from msam_core.pipeline.coarse_view import choose, coarse_grid, logits_to_fine, points_to_coarse
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
@@ -102,6 +103,23 @@ class Window:
     grid: CropGrid
     offset: Offset
     image: torch.Tensor
+
+
+@dataclass
+class CoarseView:
+    """One window seen at twice the spacing (:mod:`~msam_core.pipeline.coarse_view`).
+
+    Attributes:
+        fine: the window's own grid.
+        grid: the coarse grid: same size and centre, twice the spacing.
+        image: the coarse crop, ``float32 [1, 1, S, S, S]``.
+        embedding: its image embedding.
+    """
+
+    fine: CropGrid
+    grid: CropGrid
+    image: torch.Tensor
+    embedding: torch.Tensor
 
 
 @dataclass
@@ -194,6 +212,18 @@ class Segmenter:
             cache.put(key, embedding)
         return embedding, key, False
 
+    def coarse_view(self, sampler: VolumeSampler | None, grid: CropGrid,
+                    image: torch.Tensor | None = None) -> CoarseView | None:
+        """The coarse view of the window on ``grid`` when the model's config turns it on
+        (``ModelConfig.coarse_view``), else ``None``. ``image``: the coarse crop when already cut
+        (default: cut from ``sampler``); its embedding goes through the cache as any other."""
+        if not getattr(getattr(self.model, "config", None), "coarse_view", False):
+            return None
+        coarse = coarse_grid(grid)
+        image = sampler.crop(coarse) if image is None else image
+        embedding, _, _ = self._encode(image)
+        return CoarseView(fine=grid, grid=coarse, image=image, embedding=embedding)
+
     def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
                 mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor:
         """Decoder pass(es).
@@ -220,32 +250,48 @@ class Segmenter:
 
     def crop_logits(self, image: torch.Tensor, embedding: torch.Tensor, points_crop: np.ndarray,
                     labels: np.ndarray, mask_logits: torch.Tensor | None = None, iterations: int = 1,
-                    prior: RegionPrior | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                    prior: RegionPrior | None = None,
+                    coarse: CoarseView | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """:meth:`predict`, upsampled to the crop, plus the model's calibrated stable-region prior,
         with the boundary then refined at full resolution by its calibrated band
-        (:mod:`~msam_core.pipeline.boundary`).
+        (:mod:`~msam_core.pipeline.boundary`); with ``coarse``, the same for the mean of these
+        logits and the coarse view's, and the candidate the image supports better is kept
+        (:mod:`~msam_core.pipeline.coarse_view`).
 
         Args:
             image: the crop ``[1, 1, S, S, S]`` that ``embedding`` encodes.
             prior: a :class:`~msam_core.pipeline.region_prior.RegionPrior` of ``image``, kept
                 across the clicks of one interaction so each click's region is grown once
                 (default: a new one, when the model has a non-zero prior weight).
+            coarse: this crop's :meth:`coarse_view` (``None``: the crop alone). It is decoded
+                from the clicks alone, with ``iterations`` passes.
 
         Returns:
-            ``(low-res logits [1, 1, 32, 32, 32]``, the network's own, to feed back as the next
-            mask prompt; ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion``)``.
+            ``(low-res logits [1, 1, 32, 32, 32]``, the network's own on ``image``, to feed back
+            as the next mask prompt; ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion``)``.
         """
         low_res = self.predict(embedding, points_crop, labels, mask_logits, iterations)
-        logits = upsample_logits(low_res, size=image.shape[-1])
+        size = image.shape[-1]
+        logits = upsample_logits(low_res, size=size)
         config = getattr(self.model, "config", None)
         weight, band = prior_weight(config, labels), boundary_band(config, labels)
-        crop = image.detach().cpu().numpy() if (weight and prior is None) or band else None
+        crop = image.detach().cpu().numpy() if (weight and prior is None) or band or coarse is not None else None
+        region = None
         if weight:
             prior = prior if prior is not None else for_model(self.model, crop)
-            logits = add_prior(logits, prior.mask(points_crop, labels), weight)
-        if band:
-            logits = refine_boundary(crop, logits, points_crop, labels, band)
-        return low_res, logits
+            region = prior.mask(points_crop, labels)
+
+        def finish(raw: np.ndarray) -> np.ndarray:
+            out = add_prior(raw, region, weight) if weight else raw
+            return refine_boundary(crop, out, points_crop, labels, band) if band else out
+
+        if coarse is None:
+            return low_res, finish(logits)
+        coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
+                                  labels, None, iterations)
+        seen = logits_to_fine(upsample_logits(coarse_low, size=size), coarse.fine, coarse.grid)
+        candidates = {"fine": finish(logits), "both": finish((logits + seen) / 2)}
+        return low_res, candidates[choose(crop, candidates)]
 
     # -- whole requests -----------------------------------------------------------------------
     def segment(self, volume: Volume, points: Sequence[Point] = (), boxes: Sequence[Box] = (),
@@ -311,7 +357,9 @@ class Segmenter:
             mask_prompt = None
             if lesion.prior is not None:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
-            _, logits = self.crop_logits(window.image, embedding, pts, labels, mask_prompt, iterations)
+            coarse = self.coarse_view(sampler, grid)
+            _, logits = self.crop_logits(window.image, embedding, pts, labels, mask_prompt, iterations,
+                                         coarse=coarse)
             if lesion.box is not None:
                 centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
                 inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)

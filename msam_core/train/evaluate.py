@@ -12,7 +12,8 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    logits upsampled to the crop plus the checkpoint's calibrated stable-region prior
    (:mod:`~msam_core.pipeline.region_prior`; off unless ``msam calibrate --prior-weights`` set it),
    then its calibrated boundary refinement (:mod:`~msam_core.pipeline.boundary`; off unless
-   ``msam calibrate --boundary-bands`` set it).
+   ``msam calibrate --boundary-bands`` set it), and, for a checkpoint with ``coarse_view``, the
+   second candidate from the same place at twice the spacing (:mod:`~msam_core.pipeline.coarse_view`).
 3. Metrics on the crop grid (1.5 mm): Dice and normalised surface Dice (NSD, tolerance
    ``--nsd-tolerance`` mm), both MONAI (``compute_dice``, ``compute_surface_dice``).
 4. Baseline from the same protocol (own error-driven clicks, same first click): SimpleITK
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 
 from msam_core.io.load import load_volume
+from msam_core.pipeline.coarse_view import coarse_grid
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.pipeline.region_prior import RegionPrior, for_model
 from msam_core.train.clicks import first_click, next_click
@@ -184,16 +186,20 @@ def _click_protocol(segment, gt: np.ndarray, centre: np.ndarray, grid, clicks: i
 
 
 def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, clicks: int, tolerance_mm: float,
-                  feedback: bool, prior: RegionPrior | None = None) -> list[tuple[float, float]]:
+                  feedback: bool, prior: RegionPrior | None = None,
+                  coarse_image: torch.Tensor | None = None) -> list[tuple[float, float]]:
     """``prior``: the :class:`RegionPrior` of ``image`` (default: a new one), shared so that each
-    click's stable region is grown once per lesion."""
+    click's stable region is grown once per lesion. ``coarse_image``: the crop of the same place at
+    twice the spacing (:func:`coarse_crop`), for a model with ``coarse_view``."""
     embedding, _ = segmenter.encode(image)
     low = None
     prior = prior if prior is not None else for_model(segmenter.model, image.numpy())
+    coarse = None if coarse_image is None else segmenter.coarse_view(None, grid, coarse_image)
 
     def segment(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         nonlocal low
-        low, logits = segmenter.crop_logits(image, embedding, points, labels, low if feedback else None, prior=prior)
+        low, logits = segmenter.crop_logits(image, embedding, points, labels, low if feedback else None, prior=prior,
+                                            coarse=coarse)
         return logits > 0
 
     return _click_protocol(segment, gt, centre, grid, clicks, tolerance_mm)
@@ -213,21 +219,33 @@ def lesion_crop(sampler, volume, gt_volume: np.ndarray, size: int) -> tuple[torc
             grid)
 
 
+def coarse_crop(segmenter, sampler, grid: CropGrid) -> torch.Tensor | None:
+    """The crop of ``grid``'s place at twice the spacing, when ``segmenter``'s model has
+    ``coarse_view`` (:mod:`~msam_core.pipeline.coarse_view`), else ``None``."""
+    if not getattr(getattr(segmenter.model, "config", None), "coarse_view", False):
+        return None
+    return sampler.crop(coarse_grid(grid))
+
+
 def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray, CropGrid], clicks: int,
                     tolerance_mm: float, feedback: bool = True, baseline: bool = True,
-                    blank_control: bool = False) -> dict[str, list[tuple[float, float]]]:
+                    blank_control: bool = False,
+                    coarse_image: torch.Tensor | None = None) -> dict[str, list[tuple[float, float]]]:
     """``{method: [(dice, nsd) after 1..clicks clicks]}`` for one lesion's ``crop`` (:func:`lesion_crop`).
 
     ``blank_control``: also run the model on an all-zero crop with the same protocol
     (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
+    ``coarse_image``: :func:`coarse_crop` of the lesion's crop (a model with ``coarse_view``).
     """
     image, gt, centre, grid = crop
     prior = for_model(segmenter.model, image.numpy())
     results: dict[str, list[tuple[float, float]]] = {}
-    results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback, prior)
+    results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback, prior,
+                                    coarse_image)
     if blank_control:
+        blank_coarse = None if coarse_image is None else torch.zeros_like(coarse_image)
         results["msam_blank_image"] = _model_clicks(segmenter, torch.zeros_like(image), gt, centre, grid, clicks,
-                                                    tolerance_mm, feedback)
+                                                    tolerance_mm, feedback, coarse_image=blank_coarse)
     if baseline:
         raw = image[0, 0].numpy()
         results["region_growing"] = _click_protocol(lambda pts, labs: region_growing(raw, pts, labs), gt, centre,
@@ -257,8 +275,8 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     segmenter = Segmenter(model, device=device, cache=embedding_cache)
     meta = _lesion_meta(data_dir, split)
     rows: list[Row] = []
-    #: with other_image_control: (row template, crop, mask, first click, grid) per lesion
-    kept: list[tuple[Row, torch.Tensor, np.ndarray, np.ndarray, CropGrid]] = []
+    #: with other_image_control: (row template, crop, mask, first click, grid, coarse crop) per lesion
+    kept: list[tuple[Row, torch.Tensor, np.ndarray, np.ndarray, CropGrid, torch.Tensor | None]] = []
     cases = list_cases(data_dir, split)
     t0 = time.time()
     for n, case in enumerate(cases):
@@ -270,19 +288,21 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
         for k in (int(v) for v in np.unique(labels) if v > 0):
             gt = labels == k
             crop = lesion_crop(sampler, volume, gt, segmenter.model.img_size)
-            res = evaluate_lesion(segmenter, crop, clicks, tolerance_mm, feedback, baseline, blank_control)
+            coarse = coarse_crop(segmenter, sampler, crop[3])
+            res = evaluate_lesion(segmenter, crop, clicks, tolerance_mm, feedback, baseline, blank_control, coarse)
             info = infos.get(k, {})
             template = Row(split, case.name, k, entry.get("source", ""), entry.get("modality", ""),
                            info.get("organ", ""), float(info.get("diameter_mm", 0.0)), int(gt.sum()), "", 0, 0.0, 0.0)
             rows += _rows(template, res)
             if other_image_control:
-                kept.append((template, *crop))
+                kept.append((template, *crop, coarse))
         log(f"evaluate {split}: {n + 1}/{len(cases)} cases ({time.time() - t0:.0f} s)")
     if other_image_control and len(kept) < 2:
         raise ValueError(f"--other-image-control needs at least two lesions; split {split!r} has {len(kept)}")
-    for i, (template, _, gt, centre, grid) in enumerate(kept):
-        other = kept[(i + 1) % len(kept)][1]
-        scores = _model_clicks(segmenter, other, gt, centre, grid, clicks, tolerance_mm, feedback)
+    for i, (template, _, gt, centre, grid, _) in enumerate(kept):
+        other, other_coarse = kept[(i + 1) % len(kept)][1], kept[(i + 1) % len(kept)][5]
+        scores = _model_clicks(segmenter, other, gt, centre, grid, clicks, tolerance_mm, feedback,
+                               coarse_image=other_coarse)
         rows += _rows(template, {"msam_other_image": scores})
     if kept:
         log(f"evaluate {split}: other-image control done ({time.time() - t0:.0f} s)")
