@@ -54,7 +54,8 @@ bench-service: install
 # synthetic lesions in real anatomy (scans fetched with pip into ~/.cache/msam, not committed),
 # msam_small trained from scratch for MODEL_MINUTES, its stable-region prior weights chosen on the
 # validation set (msam calibrate --prior-weights), then the bands of its full-resolution boundary
-# refinement (--boundary-bands), evaluated on the validation set, on the
+# refinement (--boundary-bands), with the second look at twice the spacing set on (--coarse-view on,
+# measured off and on), evaluated on the validation set, on the
 # held-out scan, on their thick-slice copies (4.5 mm axial slabs) and on real tumours
 # (PyRadiomics' test cases, `msam data real`). On an idle
 # 2-core CPU two threads give ~1.1 s per step (one: ~2 s); on a machine shared with other work
@@ -70,7 +71,7 @@ MODEL_TRAIN    = train --config msam_small --data $(MODEL_DATA) --out $(MODEL_RU
 model: install
 	$(VENV)/bin/msam data synth --out $(MODEL_DATA) --seed 0
 	OMP_NUM_THREADS=$(MODEL_THREADS) $(VENV)/bin/msam $(MODEL_TRAIN)
-	OMP_NUM_THREADS=1 $(VENV)/bin/msam calibrate --checkpoint $(MODEL_RUN)/model.safetensors --data $(MODEL_DATA) --thresholds 0 --prior-weights --boundary-bands --out $(MODEL_RUN)/calibrated.safetensors
+	OMP_NUM_THREADS=1 $(VENV)/bin/msam calibrate --checkpoint $(MODEL_RUN)/model.safetensors --data $(MODEL_DATA) --thresholds 0 --prior-weights --boundary-bands --coarse-view on --out $(MODEL_RUN)/calibrated.safetensors
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split validation --out $(MODEL_RUN)/eval_validation --blank-image-control --other-image-control
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split heldout --out $(MODEL_RUN)/eval_heldout --blank-image-control --other-image-control
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split validation_thick --out $(MODEL_RUN)/eval_validation_thick

@@ -32,6 +32,11 @@ the full-resolution boundary refinement (:mod:`msam_core.pipeline.boundary`: hal
 voxels of the band a random walker decides, 0 = off; one for one positive click, one after
 further clicks), with the same rule against the checkpoint's own pair. Written as
 ``ModelConfig.boundary_band_first`` and ``boundary_band``.
+
+``--coarse-view on|off``: last, set whether the pipeline also looks at twice the spacing
+(:mod:`msam_core.pipeline.coarse_view`; ``ModelConfig.coarse_view``). This one is set, not chosen:
+the protocol runs once with it off and once on at the settings above, and both scores, with the
+paired interval of on minus off, go into the provenance for whoever reads the choice.
 """
 
 from __future__ import annotations
@@ -69,6 +74,31 @@ def set_boundary_bands(model, first: int, later: int) -> None:
     """Set ``model``'s boundary-refinement bands (``ModelConfig.boundary_band_first``,
     ``boundary_band``) in place."""
     model.config = replace(model.config, boundary_band_first=int(first), boundary_band=int(later))
+
+
+def set_coarse_view(model, on: bool) -> None:
+    """Turn ``model``'s coarse view (``ModelConfig.coarse_view``) on or off in place."""
+    model.config = replace(model.config, coarse_view=bool(on))
+
+
+def measure_coarse_view(model, data_dir: Path, on: bool, split: str = "validation", clicks: int = 5,
+                        device: str = "cpu", log=print) -> dict:
+    """Run the protocol with the coarse view off and on, leave ``model`` at ``on`` and return the
+    record for the provenance: ``{"coarse_view", "table": {"off"|"on": {"mean_dice", "dice"}},
+    "difference", "interval"}`` (on minus off, paired bootstrap 95% over the lesions)."""
+    from msam_core.pipeline.segmenter import DictEmbeddingCache
+    from msam_core.train.compare import compare
+
+    per_lesion: dict = {}
+    table = _scan(model, [False, True], set_coarse_view, data_dir, split, clicks, device,
+                  DictEmbeddingCache(max_items=100_000), log, lambda v: f"coarse view {'on' if v else 'off'}",
+                  per_lesion)
+    d = compare(per_lesion[False], per_lesion[True])[-1]
+    set_coarse_view(model, on)
+    log(f"coarse view on minus off: {d.diff:+.4f} mean Dice (95% interval {d.low:+.4f} to {d.high:+.4f}); "
+        f"set {'on' if on else 'off'}")
+    return {"coarse_view": bool(on), "table": {("on" if k else "off"): v for k, v in table.items()},
+            "difference": round(d.diff, 4), "interval": [round(d.low, 4), round(d.high, 4)]}
 
 
 def _scan(model, candidates: list, apply, data_dir: Path, split: str, clicks: int, device: str, embeddings,
@@ -244,6 +274,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="last, choose the boundary refinement's bands in voxels (one positive click, further "
                         "clicks; 0 = off) among these pairs (without values: " +
                         " ".join(map(pair_label, DEFAULT_BOUNDARY_BANDS)) + "); default: leave them as they are")
+    p.add_argument("--coarse-view", choices=["on", "off"], default=None,
+                   help="last, set the second look at twice the spacing on or off (both are measured on the split "
+                        "and recorded); default: leave it as it is")
     p.add_argument("--out", type=Path, required=True, help="calibrated copy of the checkpoint to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=run)
@@ -284,6 +317,9 @@ def run(args: argparse.Namespace) -> int:
             "boundary_table": {pair_label(b): v for b, v in band_table.items()},
         })
         print(f"boundary bands {pair_label((first, later))} (mean Dice {band_table[(first, later)]['mean_dice']:.4f})")
+    if args.coarse_view is not None:
+        record = measure_coarse_view(model, args.data, args.coarse_view == "on", args.split, args.clicks, args.device)
+        provenance["calibration"]["coarse_view"] = record
     save_checkpoint(model, args.out, provenance)
     print(f"mask_threshold {best:+.2f} (mean Dice {table[best]['mean_dice']:.4f}; at 0: "
           f"{table[0.0]['mean_dice']:.4f})" if 0.0 in table else f"mask_threshold {best:+.2f}")

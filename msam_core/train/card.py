@@ -117,6 +117,23 @@ def _boundary(config, prov: dict) -> str:
             f"{_kept(cal.get('boundary_choice', {}))}). ")
 
 
+def _coarse(config, prov: dict) -> str:
+    """The Model section's sentence on the coarse view, with the scores it was set on."""
+    if config is None or not config.coarse_view:
+        return ""
+    cal = prov.get("calibration", {})
+    record = cal.get("coarse_view", {})
+    table = record.get("table", {})
+    scores = (f"mean Dice over clicks 1..{cal.get('clicks', '?')}: off {table['off']['mean_dice']:.3f}, on "
+              f"{table['on']['mean_dice']:.3f}, on minus off {record['difference']:+.3f} (95% interval "
+              f"{record['interval'][0]:+.3f} to {record['interval'][1]:+.3f})"
+              if "off" in table and "on" in table else "scores not recorded")
+    return ("Last, a second look at twice the spacing (`msam_core/pipeline/coarse_view.py`): the mean of the 1.5 mm "
+            "and the 3 mm view's logits is a second candidate, finished the same way, and per click the candidate "
+            "whose mask has the higher contrast-to-noise ratio against a 3-voxel shell is kept; set with `msam "
+            f"calibrate --coarse-view on`, measured on the {cal.get('split', 'validation')} split ({scores}). ")
+
+
 def _kept(choice: dict) -> str:
     """Why the checkpoint's own pair (prior weights, boundary bands) stayed although another pair
     scored higher, if so."""
@@ -239,6 +256,7 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
            if config is not None and config.input_transform != "none" else "")
         + _prior(config, prov)
         + _boundary(config, prov)
+        + _coarse(config, prov)
         +
         f"{'Initialised from ' + settings['init'] if settings.get('init') else 'No pretrained encoder exists for this size, so it was trained from scratch with every parameter trainable (not the LoRA-only recipe, which needs SAM-Med3D weights).'}",
         f"- Weights: safetensors, {weights.stat().st_size / 1e6:.1f} MB, msam format with provenance metadata "

@@ -45,6 +45,12 @@ def test_bundled_model_loads_with_provenance_and_card() -> None:
     if any(bands):
         assert f"{bands[0]},{bands[1]}" in calibration["boundary_table"]
         assert f"and {bands[1]} voxel" in card and "after further clicks, chosen by `msam calibrate --boundary-bands`" in card
+    # and the coarse view, with the scores it was set on
+    if model.config.coarse_view:
+        record = calibration["coarse_view"]
+        assert record["coarse_view"] is True and set(record["table"]) == {"off", "on"}
+        assert "set with `msam calibrate --coarse-view on`" in card
+        assert f"off {record['table']['off']['mean_dice']:.3f}, on {record['table']['on']['mean_dice']:.3f}" in card
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model (run make model)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import torch
 
@@ -90,14 +91,54 @@ def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path)
     assert [other[(*last, c)] for c in (1, 2)] == [round(d, 4) for d, _ in expected]
 
 
+def test_evaluate_gives_a_coarse_view_model_its_coarse_crop(tmp_path) -> None:
+    """A checkpoint with ``coarse_view`` is evaluated as the pipeline runs it: each lesion's crop
+    plus the same place at twice the spacing."""
+    from dataclasses import replace
+
+    from msam_core.checkpoints import load_checkpoint
+    from msam_core.io.load import load_volume
+    from msam_core.pipeline.segmenter import Segmenter
+    from msam_core.train.data import list_cases
+    from msam_core.train.evaluate import _model_clicks, coarse_crop, lesion_crop
+
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=0, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    model = build_model("msam_small")
+    model.config = replace(model.config, coarse_view=True)
+    ck = save_checkpoint(model, tmp_path / "coarse.safetensors")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", "heldout", "--clicks", "2",
+                 "--out", str(out), "--no-baseline"]) == 0
+    rows = json.loads((out / "per_lesion.json").read_text())
+    segmenter = Segmenter(load_checkpoint(ck))
+    assert segmenter.model.config.coarse_view is True  # the option travels in the checkpoint
+    case = list_cases(data, "heldout")[0]
+    volume, labels = load_volume(case.image), load_volume(case.label).array
+    k = min(int(v) for v in set(labels.ravel().tolist()) if v > 0)
+    sampler = segmenter.sampler(volume)
+    image, gt, centre, grid = lesion_crop(sampler, volume, labels == k, 128)
+    coarse = coarse_crop(segmenter, sampler, grid)
+    assert coarse is not None and coarse.shape == image.shape
+    expected = _model_clicks(segmenter, image, gt, centre, grid, 2, 2.0, True, coarse_image=coarse)
+    got = {r["clicks"]: r["dice"] for r in rows if r["lesion"] == k and r["case"] == case.name}
+    assert [got[c] for c in (1, 2)] == [round(d, 4) for d, _ in expected]
+
+
+def _one_validation_case_and_a_random_model(tmp_path) -> tuple:
+    """One phantom validation case and a random ``msam_small`` checkpoint: ``(data, checkpoint)``."""
+    data = tmp_path / "data"
+    synthesize(data, seed=5, n_train=0, n_val=1, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
+    torch.manual_seed(0)
+    return data, save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+
+
 def test_calibrate_keeps_the_best_threshold_on_validation(tmp_path) -> None:
     """``msam calibrate`` runs the click protocol per threshold and writes the best into a copy."""
     from msam_core.checkpoints import load_checkpoint
 
-    data = tmp_path / "data"
-    synthesize(data, seed=5, n_train=0, n_val=1, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
-    torch.manual_seed(0)
-    ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
+    data, ck = _one_validation_case_and_a_random_model(tmp_path)
     out = tmp_path / "calibrated.safetensors"
     assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2",
                  "--thresholds", "-40", "0", "40", "--out", str(out)]) == 0
@@ -221,3 +262,23 @@ def test_calibrate_refuses_a_malformed_prior_weight_pair(tmp_path, capsys) -> No
                   "--prior-max-voxels", bad, "--out", str(tmp_path / "o.safetensors")])
         assert exc.value.code == 2
         assert says in capsys.readouterr().err
+
+
+def test_calibrate_sets_the_coarse_view_and_records_both_scores(tmp_path) -> None:
+    from msam_core.checkpoints import load_checkpoint
+
+    data, ck = _one_validation_case_and_a_random_model(tmp_path)
+    out = tmp_path / "coarse.safetensors"
+    assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
+                 "--coarse-view", "on", "--out", str(out)]) == 0
+    model = load_checkpoint(out)
+    assert model.config.coarse_view is True and load_checkpoint(ck).config.coarse_view is False
+    record = model.checkpoint_meta["provenance"]["calibration"]["coarse_view"]
+    assert record["coarse_view"] is True and set(record["table"]) == {"off", "on"}
+    off, on = record["table"]["off"], record["table"]["on"]
+    assert len(off["dice"]) == len(on["dice"]) == 2
+    assert record["difference"] == pytest.approx(on["mean_dice"] - off["mean_dice"], abs=2e-4)
+    low, high = record["interval"]
+    assert low <= record["difference"] <= high
+    # with the view off, the checkpoint's scores are the threshold scan's at 0: the same protocol
+    assert off["mean_dice"] == model.checkpoint_meta["provenance"]["calibration"]["table"]["0"]["mean_dice"]

@@ -200,10 +200,11 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     # ship a calibrated copy: prior weights and their table in the provenance
     from msam_core.checkpoints import save_checkpoint
     from msam_core.pipeline.region_prior import MAX_VOXELS
-    from msam_core.train.calibrate import set_prior_weights
+    from msam_core.train.calibrate import set_coarse_view, set_prior_weights
 
     model = load_checkpoint(path)
     set_prior_weights(model, 8.0, 2.0)
+    set_coarse_view(model, True)
     provenance = dict(model.checkpoint_meta["provenance"])
     provenance["calibration"] = {"split": "validation", "clicks": 2, "prior_weight_first": 8.0, "prior_weight": 2.0,
                                  "prior_max_voxels": MAX_VOXELS,
@@ -211,7 +212,10 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
                                                  "8,2": {"mean_dice": 0.45, "dice": [0.4, 0.5]},
                                                  "4,2": {"mean_dice": 0.46, "dice": [0.4, 0.52]}},
                                  "prior_choice": {"incumbent": "8,2", "best": "4,2", "chosen": "8,2",
-                                                  "difference": 0.01, "interval": [-0.02, 0.04]}}
+                                                  "difference": 0.01, "interval": [-0.02, 0.04]},
+                                 "coarse_view": {"coarse_view": True, "difference": 0.02, "interval": [-0.01, 0.05],
+                                                 "table": {"off": {"mean_dice": 0.46, "dice": [0.4, 0.52]},
+                                                           "on": {"mean_dice": 0.48, "dice": [0.42, 0.54]}}}}
     calibrated = save_checkpoint(model, run / "calibrated.safetensors", provenance)
     card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1", weights=calibrated)
     text = card.read_text()
@@ -233,6 +237,8 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     assert f"(MSER-style, 8 to {MAX_VOXELS:,} voxels)" in text  # the bound the pipeline uses, not a stale copy
     assert ("per FIRST,LATER pair: 0,0: 0.400; 8,2: 0.450; 4,2: 0.460; 4,2 scored +0.010 over the checkpoint's "
             "own 8,2 (95% interval -0.020 to +0.040), no clear gain, so 8,2 was kept)") in text and "second baseline `stable_region`" in text
+    assert ("set with `msam calibrate --coarse-view on`, measured on the validation split (mean Dice over clicks 1..2: "
+            "off 0.460, on 0.480, on minus off +0.020 (95% interval -0.010 to +0.050))") in text
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == calibrated.read_bytes()
 
 
