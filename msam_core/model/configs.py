@@ -76,8 +76,8 @@ class ModelConfig:
     boundary_band_first: int = 0
     boundary_band: int = 0
     #: Whether the pipeline also looks at twice the spacing and keeps, per click, the candidate
-    #: mask the image supports better (:mod:`msam_core.pipeline.coarse_view`); chosen on
-    #: validation data. Off for every model not calibrated.
+    #: mask the image supports better (:mod:`msam_core.pipeline.coarse_view`); set with
+    #: ``msam calibrate --coarse-view``, which records its scores off and on. Off by default.
     coarse_view: bool = False
 
     def __post_init__(self) -> None:

@@ -44,6 +44,11 @@ FACTOR = 2.0
 SHELL_VOXELS = 3
 
 
+def enabled(model) -> bool:
+    """Whether ``model``'s config turns the coarse view on (``ModelConfig.coarse_view``)."""
+    return bool(getattr(getattr(model, "config", None), "coarse_view", False))
+
+
 def coarse_grid(grid: CropGrid, factor: float = FACTOR) -> CropGrid:
     """The grid of the same size and centre as ``grid`` at ``factor`` times its spacing."""
     centre = grid.crop_to_ras(np.full((1, 3), grid.size // 2, dtype=np.float64))[0]

@@ -27,7 +27,7 @@ import torch
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
 from msam_core.pipeline.boundary import boundary_band, refine_boundary
-from msam_core.pipeline.coarse_view import choose, coarse_grid, logits_to_fine, points_to_coarse
+from msam_core.pipeline.coarse_view import choose, coarse_grid, enabled, logits_to_fine, points_to_coarse
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
@@ -217,7 +217,7 @@ class Segmenter:
         """The coarse view of the window on ``grid`` when the model's config turns it on
         (``ModelConfig.coarse_view``), else ``None``. ``image``: the coarse crop when already cut
         (default: cut from ``sampler``); its embedding goes through the cache as any other."""
-        if not getattr(getattr(self.model, "config", None), "coarse_view", False):
+        if not enabled(self.model):
             return None
         coarse = coarse_grid(grid)
         image = sampler.crop(coarse) if image is None else image

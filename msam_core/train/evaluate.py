@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from msam_core.io.load import load_volume
-from msam_core.pipeline.coarse_view import coarse_grid
+from msam_core.pipeline.coarse_view import coarse_grid, enabled
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.pipeline.region_prior import RegionPrior, for_model
 from msam_core.train.clicks import first_click, next_click
@@ -222,9 +222,7 @@ def lesion_crop(sampler, volume, gt_volume: np.ndarray, size: int) -> tuple[torc
 def coarse_crop(segmenter, sampler, grid: CropGrid) -> torch.Tensor | None:
     """The crop of ``grid``'s place at twice the spacing, when ``segmenter``'s model has
     ``coarse_view`` (:mod:`~msam_core.pipeline.coarse_view`), else ``None``."""
-    if not getattr(getattr(segmenter.model, "config", None), "coarse_view", False):
-        return None
-    return sampler.crop(coarse_grid(grid))
+    return sampler.crop(coarse_grid(grid)) if enabled(segmenter.model) else None
 
 
 def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray, CropGrid], clicks: int,
@@ -300,7 +298,7 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     if other_image_control and len(kept) < 2:
         raise ValueError(f"--other-image-control needs at least two lesions; split {split!r} has {len(kept)}")
     for i, (template, _, gt, centre, grid, _) in enumerate(kept):
-        other, other_coarse = kept[(i + 1) % len(kept)][1], kept[(i + 1) % len(kept)][5]
+        _, other, *_, other_coarse = kept[(i + 1) % len(kept)]
         scores = _model_clicks(segmenter, other, gt, centre, grid, clicks, tolerance_mm, feedback,
                                coarse_image=other_coarse)
         rows += _rows(template, {"msam_other_image": scores})
