@@ -147,6 +147,11 @@ _SAFE_GLOBALS: list[Any] = [
 
 
 def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        raise InvalidCheckpoint(f"{path.name} is not a readable PyTorch or safetensors checkpoint: its first bytes "
+                                "are neither a zip archive (torch.save), a pickle, nor a safetensors header")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)

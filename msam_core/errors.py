@@ -29,6 +29,13 @@ class InvalidCheckpoint(MsamError):
     code = "invalid_checkpoint"
 
 
+class InvalidDataset(MsamError):
+    """A data folder cannot be used for training or evaluation: missing, neither an MSD folder
+    (dataset.json) nor a plain one (images/ + labels/), or without cases in the split asked for."""
+
+    code = "invalid_dataset"
+
+
 class UnsupportedRequest(MsamError):
     """The combination asked for is not possible (e.g. DICOM-SEG for a NIfTI input)."""
 

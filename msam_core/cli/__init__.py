@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except MsamError as exc:
         print(f"msam {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be written, a full disk, ...: the reason, not a traceback
+        print(f"msam {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

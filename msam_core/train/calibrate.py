@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msam_core.cli.arguments import whole_number
+from msam_core.errors import InvalidCheckpoint
 from msam_core.pipeline.region_prior import MAX_VOXELS
 
 #: Candidate thresholds (logits): sigmoid 0.05 .. 0.73.
@@ -260,7 +262,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="msam .safetensors to calibrate")
     p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
     p.add_argument("--split", default="validation", help="dataset.json list to choose on (default validation)")
-    p.add_argument("--clicks", type=int, default=5, help="clicks per lesion (default 5)")
+    p.add_argument("--clicks", type=whole_number(1), default=5, help="clicks per lesion (default 5)")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
                    help="candidate logit thresholds (default -3 .. 1 in steps of 0.5)")
     p.add_argument("--prior-weights", type=parse_weight_pair, nargs="*", default=None, metavar="FIRST,LATER",
@@ -284,13 +286,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from msam_core.checkpoints import load_checkpoint, save_checkpoint
+    from msam_core.train.data import require_cases
 
-    if args.clicks < 1:
-        raise SystemExit("msam calibrate: --clicks must be at least 1")
+    require_cases(args.data, args.split)  # a wrong folder or split fails before any evaluation
     model = load_checkpoint(args.checkpoint, device=args.device)
     meta = getattr(model, "checkpoint_meta", {}) or {}
     if "config" not in meta:
-        raise SystemExit(f"msam calibrate: {args.checkpoint.name} is not an msam checkpoint (convert it with 'msam convert')")
+        raise InvalidCheckpoint(f"{args.checkpoint.name} is not an msam checkpoint (convert it with 'msam convert')")
     best, table = calibrate(model, args.data, args.split, args.clicks, tuple(args.thresholds), args.device)
     provenance = dict(meta.get("provenance") or {})
     provenance["calibration"] = {

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msam_core.cli.arguments import whole_number
 from msam_core.errors import MsamError
 
 Lesion = tuple[str, str, str]  # (split, case, lesion)
@@ -97,8 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", type=Path, help="report B: the candidate (may be the same folder as A)")
     p.add_argument("--method-a", default="msam", help="method of report A (default msam)")
     p.add_argument("--method-b", default="msam", help="method of report B (default msam)")
-    p.add_argument("--resamples", type=int, default=5000, help="bootstrap resamples (default 5000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--resamples", type=whole_number(1), default=5000, help="bootstrap resamples (default 5000)")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=run)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from msam_core.errors import InvalidDataset
 from msam_core.io.load import load_volume
 from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
 
@@ -76,6 +77,42 @@ def list_cases(data_dir: Path, split: str = "training") -> list[CaseRef]:
                 refs.append(CaseRef(path.name.split(".")[0], path, label, split))
         return refs
     return []
+
+
+def require_cases(data_dir: Path, split: str) -> list[CaseRef]:
+    """:func:`list_cases`, refusing a folder it cannot use with :class:`InvalidDataset` (a message that
+    says what is wrong and what to give): a missing folder, neither layout, an unreadable
+    ``dataset.json``, a split without cases (naming the splits there are) or a listed file that
+    does not exist. Commands call it before any slow work."""
+    data_dir = Path(data_dir)
+    made_by = "the folder 'msam data synth --out' or 'msam data real --out' wrote, or one with images/ + labels/"
+    if not data_dir.is_dir():
+        raise InvalidDataset(f"data folder {data_dir} does not exist: give {made_by}")
+    manifest = data_dir / "dataset.json"
+    if manifest.is_file():
+        try:
+            splits = json.loads(manifest.read_text())
+            counts = {k: len(v) for k, v in splits.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+                      and "image" in v[0]}
+        except (ValueError, AttributeError) as exc:
+            raise InvalidDataset(f"{manifest} is not a readable MSD dataset.json ({exc})") from None
+        if not counts.get(split):
+            there = ", ".join(f"{k} ({n})" for k, n in counts.items()) or "none"
+            raise InvalidDataset(f"{manifest} has no cases in split {split!r}; its splits (cases): {there}")
+    elif (data_dir / "images").is_dir():
+        if split != "training":
+            raise InvalidDataset(f"{data_dir} is a plain images/ + labels/ folder, whose cases are all in the split "
+                                 f"'training'; use that split, or an MSD folder (dataset.json) for {split!r}")
+    else:
+        raise InvalidDataset(f"{data_dir} holds neither dataset.json (MSD layout) nor images/ + labels/: give {made_by}")
+    cases = list_cases(data_dir, split)
+    if not cases:
+        raise InvalidDataset(f"no image in {data_dir / 'images'} has a label of the same name in {data_dir / 'labels'}")
+    missing = [c for c in cases if not (c.image.is_file() and c.label.is_file())]
+    if missing:
+        first = missing[0].image if not missing[0].image.is_file() else missing[0].label
+        raise InvalidDataset(f"{len(missing)} of the {len(cases)} {split} cases in {data_dir} lack a file, e.g. {first}")
+    return cases
 
 
 def crop_centres(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msam_core.cli.arguments import number, whole_number
 from msam_core.io.load import load_volume
 from msam_core.pipeline.coarse_view import coarse_grid, enabled
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
@@ -265,9 +266,10 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     ``other_image_control`` needs at least two lesions (each is run on the next one's crop)."""
     from msam_core.checkpoints import load_checkpoint
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.data import list_cases
+    from msam_core.train.data import require_cases
 
     data_dir = Path(data_dir)
+    cases = require_cases(data_dir, split)  # before the model loads: a wrong folder or split fails at once
     if model is None:
         model = load_checkpoint(checkpoint, device=device)
     segmenter = Segmenter(model, device=device, cache=embedding_cache)
@@ -275,7 +277,6 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     rows: list[Row] = []
     #: with other_image_control: (row template, crop, mask, first click, grid, coarse crop) per lesion
     kept: list[tuple[Row, torch.Tensor, np.ndarray, np.ndarray, CropGrid, torch.Tensor | None]] = []
-    cases = list_cases(data_dir, split)
     t0 = time.time()
     for n, case in enumerate(cases):
         volume = load_volume(case.image)
@@ -401,9 +402,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model weights (default: the bundled model)")
     p.add_argument("--split", default="validation", help="dataset.json list: validation (default), heldout, training")
-    p.add_argument("--clicks", type=int, default=5, help="clicks per lesion (default 5)")
+    p.add_argument("--clicks", type=whole_number(1), default=5, help="clicks per lesion (default 5)")
     p.add_argument("--out", type=Path, default=Path("eval"), help="report folder")
-    p.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument("--nsd-tolerance", type=number(0, exclusive=True), default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-feedback", action="store_true", help="do not feed the previous logits back")
     p.add_argument("--no-baseline", action="store_true", help="skip region growing")

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from msam_core.cli.arguments import whole_number
 from msam_core.train.sources import SPACING_MM, LICENCES, SourceScan
 from msam_core.train.thick import FACTOR, slice_axis, thick_copy
 
@@ -290,10 +291,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "held-out splits, and thick-slice copies of the last two (validation_thick, "
                             "heldout_thick: 4.5 mm axial slabs).")
     s.add_argument("--out", type=Path, required=True, help="output folder")
-    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
-    s.add_argument("--train", type=int, default=90, help="training cases")
-    s.add_argument("--val", type=int, default=12, help="validation cases (training sources)")
-    s.add_argument("--heldout", type=int, default=12, help="cases from the held-out source scan")
+    s.add_argument("--seed", type=whole_number(0), default=0, help="random seed (same seed, same data)")
+    s.add_argument("--train", type=whole_number(1), default=90, help="training cases")
+    s.add_argument("--val", type=whole_number(1), default=12, help="validation cases (training sources)")
+    s.add_argument("--heldout", type=whole_number(1), default=12, help="cases from the held-out source scan")
     s.set_defaults(func=run)
     from msam_core.train import real
 

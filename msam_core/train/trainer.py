@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from msam_core.cli.arguments import number, probability, whole_number
+from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.click_regions import RegionCache
 from msam_core.model.configs import INPUT_TRANSFORMS, get_config
@@ -230,7 +232,7 @@ def train(s: TrainSettings, log=print) -> Path:
     dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
                           thick_p=s.thick_slices)
     if len(dataset) == 0:
-        raise ValueError(f"no training crops in {s.data}")
+        raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
 
     config = get_config(s.config)
     if s.input_transform is not None:
@@ -264,6 +266,8 @@ def train(s: TrainSettings, log=print) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = int(state["step"]), float(state["elapsed"])
         log(f"resumed from step {step}")
+    elif s.resume:
+        log(f"--resume: no {last_pt} yet, so training starts at step 0")
     (out / "settings.json").write_text(json.dumps(asdict(s), indent=1))
 
     csv_path = out / "log.csv"
@@ -372,25 +376,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --init: train every parameter at --lr (continue training a from-scratch model "
                         "such as the bundled msam_small) instead of M-SAM's LoRA/MEA/decoder recipe")
     p.add_argument("--out", type=Path, default=Path("runs/msam"), help="run folder (log.csv, last.pt, model.safetensors)")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--iterations", type=int, default=11, help="decoder passes per batch (simulated clicks), M-SAM: 11")
-    p.add_argument("--first-pass-weight", type=float, default=1.0,
+    p.add_argument("--steps", type=whole_number(1), default=1000, help="optimiser steps")
+    p.add_argument("--batch-size", type=whole_number(1), default=2)
+    p.add_argument("--iterations", type=whole_number(1), default=11, help="decoder passes per batch (simulated clicks), M-SAM: 11")
+    p.add_argument("--first-pass-weight", type=number(0), default=1.0,
                    help="weight of the first pass's loss (the one-click result; other passes weigh 1)")
-    p.add_argument("--lr", type=float, default=None, help=f"LR (LoRA+MEA with --init, default {SAM_LR_ADAPTER:g}; all parameters from scratch, default {SCRATCH_LR:g})")
-    p.add_argument("--lr-decoder", type=float, default=None, help=f"LR of prompt encoder + decoder with --init (default {SAM_LR_DECODER:g})")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--crops-per-lesion", type=int, default=2)
+    p.add_argument("--lr", type=number(0, exclusive=True), default=None, help=f"LR (LoRA+MEA with --init, default {SAM_LR_ADAPTER:g}; all parameters from scratch, default {SCRATCH_LR:g})")
+    p.add_argument("--lr-decoder", type=number(0, exclusive=True), default=None, help=f"LR of prompt encoder + decoder with --init (default {SAM_LR_DECODER:g})")
+    p.add_argument("--weight-decay", type=number(0), default=0.1)
+    p.add_argument("--warmup", type=whole_number(0), default=50, help="linear warm-up steps")
+    p.add_argument("--crops-per-lesion", type=whole_number(1), default=2)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=number(0, exclusive=True), default=None, help="stop (and save) after this much training time")
+    p.add_argument("--save-every", type=number(0, exclusive=True), default=5.0, help="minutes between checkpoints")
+    p.add_argument("--seed", type=whole_number(0), default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="also keep every save as OUT/checkpoints/step-NNNNNN.safetensors (to choose one on validation)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--workers", type=int, default=1, help="processes building the crop cache")
+    p.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=whole_number(1), default=1, help="processes building the crop cache")
     p.add_argument("--input-transform", choices=INPUT_TRANSFORMS, default=None,
                    help="transform of the normalised crop before the encoder (default: the config's)")
     p.add_argument("--click-regions", action="store_true",
@@ -399,27 +403,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region-logits", action="store_true",
                    help="with --click-regions: also add the regions to the logits directly, weighted per "
                         "prompt (msam_core/model/region_logits.py)")
-    p.add_argument("--thick-slices", type=_probability, default=0.0, metavar="P",
+    p.add_argument("--thick-slices", type=probability, default=0.0, metavar="P",
                    help="chance per crop of simulating a thick-slice scan (3-6 mm slabs along one axis, "
                         "resampled back; default 0)")
     p.set_defaults(func=run)
 
 
-def _probability(text: str) -> float:
-    """A chance in 0..1 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     if args.train_all and args.init is None:
-        raise SystemExit("msam train: --train-all continues training from --init CHECKPOINT; give --init "
-                         "(without --init every parameter trains anyway)")
+        raise UnsupportedRequest("--train-all continues training from --init CHECKPOINT; give --init "
+                                 "(without --init every parameter trains anyway)")
+    from msam_core.train.data import require_cases
+
+    require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
         config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
         train_all=args.train_all,

@@ -138,6 +138,11 @@ def test_wrong_files_give_clear_errors(tmp_path):
     junk.write_bytes(b"this is not a checkpoint at all" * 10)
     with pytest.raises(InvalidCheckpoint, match="not a readable PyTorch or safetensors checkpoint"):
         load_checkpoint(junk)
+    text = tmp_path / "README.md"  # its first byte once read as a pickle opcode: "needs arbitrary unpickling"
+    text.write_text("# msam\n\nA promptable segmentation service.\n")
+    with pytest.raises(InvalidCheckpoint, match="README.md is not a readable PyTorch or safetensors checkpoint: its "
+                                                "first bytes are neither a zip archive"):
+        load_checkpoint(text)
     truncated = tmp_path / "truncated.pth"
     torch.save({"model_state_dict": {"a": torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])

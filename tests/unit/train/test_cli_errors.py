@@ -1,0 +1,127 @@
+"""User mistakes on the training and evaluation commands: refused at once, exit code 2, and a
+message that says what is wrong - before any crop cache is built, model loaded or report written."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from msam_core.cli import main
+from msam_core.errors import InvalidDataset
+from msam_core.train.data import require_cases
+
+
+def _plain_folder(root, names=("a",)):
+    """A plain data folder: ``images/NAME.nii.gz`` + ``labels/NAME.nii.gz`` (8^3, one lesion)."""
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[3:5, 3:5, 3:5] = 1
+    for name in names:
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32), np.eye(4)),
+                 root / "images" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labels" / f"{name}.nii.gz")
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--data", "d", "--clicks", "0"], "argument --clicks: must be at least 1, got '0'"),
+    (["evaluate", "--data", "d", "--nsd-tolerance", "-1"], "argument --nsd-tolerance: must be a finite number > 0"),
+    (["calibrate", "--checkpoint", "c", "--data", "d", "--out", "o", "--clicks", "-2"],
+     "argument --clicks: must be at least 1, got '-2'"),
+    (["train", "--data", "d", "--steps", "0"], "argument --steps: must be at least 1"),
+    (["train", "--data", "d", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["train", "--data", "d", "--iterations", "two"], "argument --iterations: expected a whole number >= 1, got 'two'"),
+    (["train", "--data", "d", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["train", "--data", "d", "--lr-decoder", "0"], "argument --lr-decoder: must be a finite number > 0"),
+    (["train", "--data", "d", "--weight-decay", "-0.1"], "argument --weight-decay: must be a finite number >= 0"),
+    (["train", "--data", "d", "--warmup", "-1"], "argument --warmup: must be at least 0"),
+    (["train", "--data", "d", "--max-minutes", "0"], "argument --max-minutes: must be a finite number > 0"),
+    (["train", "--data", "d", "--seed", "-1"], "argument --seed: must be at least 0"),
+    (["train", "--data", "d", "--threads", "0"], "argument --threads: must be at least 1"),
+    (["train", "--data", "d", "--crops-per-lesion", "0"], "argument --crops-per-lesion: must be at least 1"),
+    (["data", "synth", "--out", "o", "--seed", "-1"], "argument --seed: must be at least 0, got '-1'"),
+    (["data", "synth", "--out", "o", "--train", "0"], "argument --train: must be at least 1"),
+    (["compare", "a", "b", "--resamples", "0"], "argument --resamples: must be at least 1"),
+])
+def test_out_of_range_values_are_refused_while_parsing(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_require_cases_says_what_is_wrong_with_a_data_folder(tmp_path) -> None:
+    with pytest.raises(InvalidDataset, match="data folder .*nope does not exist: give the folder 'msam data synth"):
+        require_cases(tmp_path / "nope", "training")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidDataset, match="holds neither dataset.json .* nor images/ \\+ labels/"):
+        require_cases(tmp_path / "empty", "training")
+
+    msd = tmp_path / "msd"
+    msd.mkdir()
+    (msd / "dataset.json").write_text("{not json")
+    with pytest.raises(InvalidDataset, match="is not a readable MSD dataset.json"):
+        require_cases(msd, "training")
+    plain = _plain_folder(tmp_path / "plain")
+    entry = {"image": "../plain/images/a.nii.gz", "label": "../plain/labels/a.nii.gz"}
+    (msd / "dataset.json").write_text(json.dumps({"name": "x", "training": [entry], "validation": [entry, entry],
+                                                  "heldout": []}))
+    with pytest.raises(InvalidDataset, match=r"has no cases in split 'real'; its splits \(cases\): training \(1\), "
+                                             r"validation \(2\)$"):
+        require_cases(msd, "real")
+    assert [c.name for c in require_cases(msd, "validation")] == ["a", "a"]
+    (msd / "dataset.json").write_text(json.dumps({"training": [entry, {"image": "./imagesTr/b.nii.gz",
+                                                                       "label": "./labelsTr/b.nii.gz"}]}))
+    with pytest.raises(InvalidDataset, match="1 of the 2 training cases in .* lack a file, e.g. .*imagesTr/b.nii.gz"):
+        require_cases(msd, "training")
+
+    assert [c.name for c in require_cases(plain, "training")] == ["a"]
+    with pytest.raises(InvalidDataset, match="plain images/ \\+ labels/ folder, whose cases are all in the split "
+                                             "'training'"):
+        require_cases(plain, "validation")
+    (plain / "labels" / "a.nii.gz").unlink()
+    with pytest.raises(InvalidDataset, match="no image in .*images has a label of the same name"):
+        require_cases(plain, "training")
+
+
+def test_a_wrong_data_folder_fails_before_any_work(tmp_path, capsys) -> None:
+    missing = tmp_path / "missing"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    assert f"data folder {missing} does not exist" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "run").exists()  # no crop cache, no run folder
+
+    plain = _plain_folder(tmp_path / "plain")
+    out = tmp_path / "eval"
+    # the checkpoint does not exist either: the data folder is checked first, before the model loads
+    assert main(["evaluate", "--data", str(plain), "--checkpoint", str(tmp_path / "no.safetensors"),
+                 "--out", str(out)]) == 2
+    assert "whose cases are all in the split 'training'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "no.safetensors"), "--data", str(plain),
+                 "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "whose cases are all in the split 'training'" in capsys.readouterr().err
+    assert not (plain / "cache").exists()
+
+
+def test_a_folder_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, capsys) -> None:
+    plain = _plain_folder(tmp_path / "plain")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert main(["train", "--data", str(plain), "--out", str(blocker / "run"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("msam train: error: ") and "Not a directory" in err and "Traceback" not in err
+
+
+def test_resume_without_a_saved_step_says_it_starts_at_step_zero(tmp_path) -> None:
+    from msam_core.train.trainer import TrainSettings, train
+
+    plain = _plain_folder(tmp_path / "plain")
+    lines: list[str] = []
+    s = TrainSettings(data=str(plain), out=str(tmp_path / "run"), steps=1, batch_size=1, iterations=1,
+                      crops_per_lesion=1, device="cpu", warmup=1, resume=True)
+    train(s, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("--resume: no " in line and "last.pt yet, so training starts at step 0" in line for line in lines)
