@@ -11,6 +11,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from msam_core.errors import UnsupportedRequest
+
 
 def whole_number(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number ``>= minimum``."""
@@ -52,3 +54,14 @@ def probability(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
     return value
+
+
+def require_device(device: str) -> str:
+    """``device`` (``cpu``, ``cuda`` or ``auto``) when it can run here; ``cuda`` without a CUDA GPU
+    raises :class:`UnsupportedRequest` before any work starts (torch would fail later, mid-run)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UnsupportedRequest("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return device

@@ -56,7 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msam_core.cli.arguments import number, whole_number
+from msam_core.cli.arguments import number, require_device, whole_number
+from msam_core.errors import InvalidDataset
 from msam_core.io.load import load_volume
 from msam_core.pipeline.coarse_view import coarse_grid, enabled
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
@@ -296,6 +297,8 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
             if other_image_control:
                 kept.append((template, *crop, coarse))
         log(f"evaluate {split}: {n + 1}/{len(cases)} cases ({time.time() - t0:.0f} s)")
+    if not rows:
+        raise InvalidDataset(f"the {split} cases in {data_dir} hold no lesion (every label is 0): nothing to evaluate")
     if other_image_control and len(kept) < 2:
         raise ValueError(f"--other-image-control needs at least two lesions; split {split!r} has {len(kept)}")
     for i, (template, _, gt, centre, grid, _) in enumerate(kept):
@@ -420,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
     from msam_core.cli.segment import DEFAULT_CHECKPOINT
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    require_device(args.device)
     summary = evaluate(args.data, checkpoint, args.split, args.clicks, args.out, args.nsd_tolerance, args.device,
                        not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control,
                        other_image_control=args.other_image_control)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from msam_core.cli.arguments import number, probability, whole_number
+from msam_core.cli.arguments import number, probability, require_device, whole_number
 from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.click_regions import RegionCache
@@ -386,7 +386,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=number(0), default=0.1)
     p.add_argument("--warmup", type=whole_number(0), default=50, help="linear warm-up steps")
     p.add_argument("--crops-per-lesion", type=whole_number(1), default=2)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--max-minutes", type=number(0, exclusive=True), default=None, help="stop (and save) after this much training time")
     p.add_argument("--save-every", type=number(0, exclusive=True), default=5.0, help="minutes between checkpoints")
     p.add_argument("--seed", type=whole_number(0), default=0)
@@ -415,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
                                  "(without --init every parameter trains anyway)")
     from msam_core.train.data import require_cases
 
+    require_device(args.device)
     require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
         config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,

@@ -8,6 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from msam_core.cli import main
 from msam_core.errors import InvalidDataset
@@ -125,3 +126,29 @@ def test_resume_without_a_saved_step_says_it_starts_at_step_zero(tmp_path) -> No
                       crops_per_lesion=1, device="cpu", warmup=1, resume=True)
     train(s, log=lambda *a: lines.append(" ".join(map(str, a))))
     assert any("--resume: no " in line and "last.pt yet, so training starts at step 0" in line for line in lines)
+
+
+def test_a_split_without_lesions_is_an_error_not_an_empty_report(tmp_path, capsys) -> None:
+    plain = _plain_folder(tmp_path / "plain")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), plain / "labels" / "a.nii.gz")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(plain), "--split", "training", "--out", str(out)]) == 2
+    assert "the training cases in" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "d", "--device", "cuda"],
+    ["evaluate", "--data", "d", "--device", "cuda"],
+    ["calibrate", "--checkpoint", "c", "--data", "d", "--out", "o", "--device", "cuda"],
+    ["segment", "in.nii.gz", "-o", "out.nii.gz", "--point", "1,2,3", "--device", "cuda"],
+])
+def test_cuda_without_a_gpu_is_refused_before_any_work(argv, capsys) -> None:
+    assert main(argv) == 2
+    assert "--device cuda: no CUDA GPU is available here; use --device cpu" in capsys.readouterr().err
+
+
+def test_train_names_its_devices(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", "d", "--device", "gpu"])
+    assert exc.value.code == 2 and "argument --device: invalid choice: 'gpu'" in capsys.readouterr().err
