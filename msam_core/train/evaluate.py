@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from msam_core.cli.arguments import number, require_device, whole_number
-from msam_core.errors import InvalidDataset
+from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.io.load import load_volume
 from msam_core.pipeline.coarse_view import coarse_grid, enabled
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
@@ -300,7 +300,8 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     if not rows:
         raise InvalidDataset(f"the {split} cases in {data_dir} hold no lesion (every label is 0): nothing to evaluate")
     if other_image_control and len(kept) < 2:
-        raise ValueError(f"--other-image-control needs at least two lesions; split {split!r} has {len(kept)}")
+        raise UnsupportedRequest(f"--other-image-control needs at least two lesions (each is run on the next one's "
+                                 f"crop); split {split!r} has {len(kept)}: leave the control out for this split")
     for i, (template, _, gt, centre, grid, _) in enumerate(kept):
         _, other, *_, other_coarse = kept[(i + 1) % len(kept)]
         scores = _model_clicks(segmenter, other, gt, centre, grid, clicks, tolerance_mm, feedback,

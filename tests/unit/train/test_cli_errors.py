@@ -152,3 +152,11 @@ def test_train_names_its_devices(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", "d", "--device", "gpu"])
     assert exc.value.code == 2 and "argument --device: invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_the_other_image_control_on_a_single_lesion_is_refused_with_a_message(tmp_path, capsys) -> None:
+    plain = _plain_folder(tmp_path / "plain")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(plain), "--split", "training", "--clicks", "1", "--no-baseline",
+                 "--other-image-control", "--out", str(out)]) == 2
+    assert "--other-image-control needs at least two lesions" in capsys.readouterr().err and not out.exists()
