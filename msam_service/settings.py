@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import msam_core
@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     # -- embedding cache --------------------------------------------------------------------
     cache_ttl_s: int = Field(default=3600, description="embedding cache entry lifetime")
     cache_max_mb: int = Field(default=512, description="embedding cache memory cap in Redis")
+
+    @field_validator("checkpoint", "api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """An empty variable (compose's ``${MSAM_CHECKPOINT:-}``) means unset: the default, not the
+        current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def checkpoint_path(self) -> Path:
         return self.checkpoint if self.checkpoint is not None else DEFAULT_CHECKPOINT

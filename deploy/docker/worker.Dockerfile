@@ -18,7 +18,8 @@ COPY api ./api
 COPY worker ./worker
 RUN pip install --no-cache-dir . && useradd --uid 10001 --create-home msam && mkdir -p /data/msam /models && chown msam /data/msam
 USER msam
-ENV MSAM_DEVICE=cuda MSAM_STORAGE_DIR=/data/msam MSAM_CHECKPOINT=/models/msam.safetensors
+# no MSAM_CHECKPOINT: the bundled default model (installed with msam_core) unless one is set
+ENV MSAM_DEVICE=cuda MSAM_STORAGE_DIR=/data/msam
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s CMD python -m worker.healthcheck
 # concurrency 1 and prefetch 1: one job per GPU at a time; the model loads once in the pool child
 CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "prefork", "--concurrency", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

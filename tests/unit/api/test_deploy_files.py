@@ -105,3 +105,23 @@ def test_kubernetes_manifests() -> None:
     for (kind, name), doc in docs.items():
         if kind not in ("Kustomization", "Namespace"):
             assert doc["metadata"]["namespace"] == "msam", (kind, name)
+
+
+def test_compose_and_the_worker_image_use_the_bundled_model_unless_told_otherwise(monkeypatch) -> None:
+    """``docker compose up`` segments out of the box, as ``make run`` does: the compose default for
+    MSAM_CHECKPOINT is empty, an empty variable means unset, and unset means the bundled model
+    (installed with msam_core as package data)."""
+    from msam_service.settings import DEFAULT_CHECKPOINT, Settings
+
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("worker", "worker-cpu"):
+        value = doc["services"][name]["environment"]["MSAM_CHECKPOINT"]
+        assert value == "${MSAM_CHECKPOINT:-}", name  # compose: empty when the variable is unset
+    assert not any("MSAM_CHECKPOINT" in args for op, args in _instructions(ROOT / "deploy" / "docker" / "worker.Dockerfile")
+                   if op == "ENV")
+    monkeypatch.setenv("MSAM_CHECKPOINT", "")
+    assert Settings().checkpoint_path() == DEFAULT_CHECKPOINT and DEFAULT_CHECKPOINT.is_file()
+    monkeypatch.setenv("MSAM_CHECKPOINT", "/models/msam.safetensors")
+    assert Settings().checkpoint_path() == Path("/models/msam.safetensors")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'msam_core = ["weights/*.safetensors"' in pyproject  # a non-editable install (the images) ships it
