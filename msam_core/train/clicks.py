@@ -49,12 +49,35 @@ def random_error_clicks(pred: torch.Tensor, gt: torch.Tensor, generator: torch.G
     return points, labels
 
 
+def border_depth(mask: np.ndarray, outside_is_background: bool = True) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Euclidean distance (voxels) of each voxel of a non-empty ``mask`` to the nearest voxel outside
+    it, on the mask's bounding box grown by one voxel: ``(depth over the box, the box's slices)``.
+
+    Equal to ``distance_transform_edt`` of the whole array, at a fraction of the cost for a small
+    lesion in a large volume: every voxel outside the box is outside the mask, and for a voxel in
+    the box the nearest of them lies on the box's one-voxel rim (clamping a point onto the box
+    brings it closer). Where the box meets the array's edge it is the array's edge, which counts as
+    outside the mask when ``outside_is_background`` (as if the array were padded with background)
+    and not otherwise (scipy's own convention).
+    """
+    where = np.argwhere(mask)
+    lo = np.maximum(where.min(0) - 1, 0)
+    hi = np.minimum(where.max(0) + 2, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = np.asarray(mask[box], bool)
+    if outside_is_background:
+        return ndimage.distance_transform_edt(np.pad(sub, 1))[(slice(1, -1),) * sub.ndim], box
+    return ndimage.distance_transform_edt(sub), box
+
+
 def deepest_voxel(mask: np.ndarray) -> np.ndarray | None:
-    """Voxel index of the point of ``mask`` farthest from its border (``None`` when empty)."""
+    """Voxel index of the point of ``mask`` farthest from its border, the array's edge counting as
+    border (``None`` when empty; ties: the first in C order)."""
     if not mask.any():
         return None
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
-    return np.asarray(np.unravel_index(int(np.argmax(depth)), mask.shape))
+    depth, box = border_depth(mask)
+    inner = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return np.asarray([b.start + i for b, i in zip(box, inner)])
 
 
 def first_click(gt: np.ndarray) -> np.ndarray:

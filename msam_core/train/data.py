@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from msam_core.errors import InvalidDataset
 from msam_core.io.load import load_volume
 from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
+from msam_core.train.clicks import border_depth
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,10 @@ def require_cases(data_dir: Path, split: str) -> list[CaseRef]:
 
 def crop_centres(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """``(count, 3)`` voxel indices inside ``mask``, drawn with probability ~ depth in the mask."""
-    depth = ndimage.distance_transform_edt(mask)
-    idx = np.flatnonzero(depth > 0)
-    p = depth.ravel()[idx]
+    depth, box = border_depth(mask, outside_is_background=False)  # the array's edge is not the lesion's
+    inside = np.nonzero(depth > 0)  # C order in the box = C order in the volume
+    idx = np.ravel_multi_index(tuple(i + b.start for i, b in zip(inside, box)), mask.shape)
+    p = depth[inside]
     chosen = rng.choice(idx, size=count, replace=len(idx) < count, p=p / p.sum())
     return np.stack(np.unravel_index(chosen, mask.shape), 1)
 

@@ -115,3 +115,54 @@ def test_summary_means_by_group_and_lesion_size() -> None:
     assert groups["diameter=10-20mm"]["msam"]["lesions"] == 1
     assert groups["diameter=>=20mm"]["msam"]["dice"] == [0.8, 0.9]
     assert "region_growing" not in groups["all"]
+
+
+def _blobs(rng: np.random.Generator, shape=(40, 33, 27)) -> list[np.ndarray]:
+    """Irregular masks: inside the array, touching one edge, touching a corner, two pieces, one voxel."""
+    from scipy import ndimage
+
+    out = []
+    for centre in ((20, 16, 13), (0, 16, 13), (39, 0, 26), (5, 30, 2)):
+        noise = ndimage.gaussian_filter(rng.normal(size=shape), 2)
+        d = np.sqrt(sum((np.indices(shape)[a] - centre[a]) ** 2 for a in range(3)))
+        out.append((d < 9) & (noise > -0.05))
+    two = np.zeros(shape, bool)
+    two[3:9, 3:9, 3:9] = two[25:38, 20:30, 10:25] = True
+    one = np.zeros(shape, bool)
+    one[7, 8, 9] = True
+    return out + [two, one]
+
+
+def test_border_depth_on_the_bounding_box_equals_the_whole_array_transform() -> None:
+    from scipy import ndimage
+
+    from msam_core.train.clicks import border_depth, deepest_voxel
+
+    for mask in _blobs(np.random.default_rng(3)):
+        assert mask.any()
+        for padded in (True, False):
+            whole = (ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1] if padded
+                     else ndimage.distance_transform_edt(mask))
+            depth, box = border_depth(mask, outside_is_background=padded)
+            assert np.array_equal(depth, whole[box])
+            assert not whole[~mask].any()
+            outside_box = np.ones(mask.shape, bool)
+            outside_box[box] = False
+            assert not whole[outside_box].any()  # nothing of the mask beyond the box
+        full = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+        assert tuple(deepest_voxel(mask)) == np.unravel_index(int(np.argmax(full)), mask.shape)
+
+
+def test_crop_centres_draw_what_the_whole_array_transform_draws() -> None:
+    from scipy import ndimage
+
+    from msam_core.train.data import crop_centres
+
+    for k, mask in enumerate(_blobs(np.random.default_rng(4))):
+        depth = ndimage.distance_transform_edt(mask)  # the former whole-volume computation
+        idx = np.flatnonzero(depth > 0)
+        p = depth.ravel()[idx]
+        expected = np.random.default_rng(k).choice(idx, size=5, replace=len(idx) < 5, p=p / p.sum())
+        got = crop_centres(mask, 5, np.random.default_rng(k))
+        assert np.array_equal(got, np.stack(np.unravel_index(expected, mask.shape), 1))
+        assert mask[tuple(got.T)].all()
