@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from msam_core.errors import MsamError
+from msam_core.errors import MsamError, UnsupportedRequest
 
-# Sub-command modules: each has ``register(subparsers)`` that adds its parser and sets ``func``.
-_COMMANDS = ("msam_core.cli.convert", "msam_core.cli.segment", "msam_core.train.synth",
-             "msam_core.train.trainer", "msam_core.train.evaluate", "msam_core.train.calibrate",
-             "msam_core.train.compare")
+# Sub-command -> its module, which has ``register(subparsers)`` that adds the parser and sets ``func``.
+_COMMANDS = {"convert": "msam_core.cli.convert", "segment": "msam_core.cli.segment", "data": "msam_core.train.synth",
+             "train": "msam_core.train.trainer", "evaluate": "msam_core.train.evaluate",
+             "calibrate": "msam_core.train.calibrate", "compare": "msam_core.train.compare"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,10 +21,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="msam", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMANDS:
-        importlib.import_module(name).register(sub)
+    for command, name in _COMMANDS.items():
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # e.g. the API image, which installs no torch
+            _register_unavailable(sub, command, exc.name or str(exc))
+            continue
+        module.register(sub)
     _register_plugins(sub)
     return parser
+
+
+def _register_unavailable(sub: argparse._SubParsersAction, command: str, missing: str) -> None:
+    """A sub-command whose module needs a package this installation lacks: it stays listed, and
+    running it says what is missing (exit code 2) - the other commands still work."""
+    p = sub.add_parser(command, help=f"(unavailable here: needs the package {missing!r})", add_help=False)
+
+    def unavailable(args: argparse.Namespace) -> int:
+        raise UnsupportedRequest(f"this command needs the Python package {missing!r}, which this installation "
+                                 "lacks (the API image installs no torch); run it where msam is fully installed "
+                                 "(make install)")
+
+    p.set_defaults(func=unavailable, unavailable=True)  # main() then ignores the command's own arguments
 
 
 def _register_plugins(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +60,9 @@ def _register_plugins(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except MsamError as exc:

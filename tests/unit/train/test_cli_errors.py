@@ -160,3 +160,30 @@ def test_the_other_image_control_on_a_single_lesion_is_refused_with_a_message(tm
     assert main(["evaluate", "--data", str(plain), "--split", "training", "--clicks", "1", "--no-baseline",
                  "--other-image-control", "--out", str(out)]) == 2
     assert "--other-image-control needs at least two lesions" in capsys.readouterr().err and not out.exists()
+
+
+def test_without_torch_the_other_commands_work_and_the_torch_ones_say_what_is_missing() -> None:
+    """The API image installs no torch: ``msam hash-key`` and ``msam dicom-listener`` must still run
+    there, and ``msam train`` must say why it cannot (a fresh interpreter in which torch cannot be
+    imported)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
+              "from msam_core.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))")
+    def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, *argv], input=stdin, capture_output=True, text=True,
+                              timeout=120)
+
+    listed = run("--help")
+    assert listed.returncode == 0 and "hash-key" in listed.stdout and "dicom-listener" in listed.stdout
+    assert "(unavailable here: needs the package 'torch')" in listed.stdout
+    key = run("hash-key", "--stdin", "tenant1", stdin="a-long-enough-secret-key-0123456789\n")
+    assert key.returncode == 0 and key.stdout.startswith("tenant1:"), key.stderr
+    train = run("train", "--data", "d", "--steps", "3")
+    assert train.returncode == 2, train.stderr
+    assert train.stderr.strip() == ("msam train: error: this command needs the Python package 'torch', which this "
+                                    "installation lacks (the API image installs no torch); run it where msam is "
+                                    "fully installed (make install)")
+    assert run("segment", "--help").returncode == 0  # imports torch only when it runs
