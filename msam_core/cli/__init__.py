@@ -14,6 +14,8 @@ from msam_core.errors import MsamError, UnsupportedRequest
 _COMMANDS = {"convert": "msam_core.cli.convert", "segment": "msam_core.cli.segment", "data": "msam_core.train.synth",
              "train": "msam_core.train.trainer", "evaluate": "msam_core.train.evaluate",
              "calibrate": "msam_core.train.calibrate", "compare": "msam_core.train.compare"}
+#: A missing module of these is a bug, never "unavailable here".
+_OWN_PACKAGES = {"msam_core", "msam_service", "api", "worker"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:  # e.g. the API image, which installs no torch
+            if (exc.name or "").split(".")[0] in _OWN_PACKAGES:
+                raise  # our own code is broken: a traceback, not "unavailable"
             _register_unavailable(sub, command, exc.name or str(exc))
             continue
         module.register(sub)

@@ -187,3 +187,13 @@ def test_without_torch_the_other_commands_work_and_the_torch_ones_say_what_is_mi
                                     "installation lacks (the API image installs no torch); run it where msam is "
                                     "fully installed (make install)")
     assert run("segment", "--help").returncode == 0  # imports torch only when it runs
+
+
+def test_a_missing_module_of_our_own_is_a_bug_not_an_unavailable_command(monkeypatch) -> None:
+    import msam_core.cli as cli
+
+    monkeypatch.setitem(cli._COMMANDS, "broken", "msam_core.no_such_module")
+    with pytest.raises(ModuleNotFoundError, match="msam_core.no_such_module"):
+        cli.build_parser()
+    monkeypatch.setitem(cli._COMMANDS, "broken", "no_such_third_party_package.cli")
+    assert "broken" in cli.build_parser().format_help()
