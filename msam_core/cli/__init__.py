@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from msam_core.cli.arguments import require_device
 from msam_core.errors import MsamError, UnsupportedRequest
 
 # Sub-command -> its module, which has ``register(subparsers)`` that adds the parser and sets ``func``.
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "unavailable", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        require_device(getattr(args, "device", None))  # every command with --device, before any work
         return int(args.func(args) or 0)
     except MsamError as exc:
         print(f"msam {args.command}: error: {exc}", file=sys.stderr)

@@ -56,9 +56,10 @@ def probability(text: str) -> float:
     return value
 
 
-def require_device(device: str) -> str:
-    """``device`` (``cpu``, ``cuda`` or ``auto``) when it can run here; ``cuda`` without a CUDA GPU
-    raises :class:`UnsupportedRequest` before any work starts (torch would fail later, mid-run)."""
+def require_device(device: str | None) -> str | None:
+    """``device`` (``cpu``, ``cuda``, ``auto``; ``None`` for a command without ``--device``) when it
+    can run here; ``cuda`` without a CUDA GPU raises :class:`UnsupportedRequest` before any work
+    starts (torch would fail later, mid-run). ``msam``'s ``main`` checks every command with it."""
     if device == "cuda":
         import torch
 

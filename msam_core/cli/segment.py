@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 import msam_core
-from msam_core.cli.arguments import require_device
 from msam_core.errors import InvalidCheckpoint, InvalidPrompt, UnsupportedRequest
 from msam_core.io.volume import Volume
 
@@ -163,7 +162,6 @@ def run(args: argparse.Namespace) -> int:
     if not points and not boxes and args.mask is None:
         raise InvalidPrompt("nothing to segment: give --point, --box or --mask")
     checkpoint = resolve_checkpoint(args.checkpoint)
-    require_device(args.device)
 
     volume = load_volume(args.input)
     if kind in ("seg", "rtstruct") and volume.meta.get("format") != "dicom":

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from msam_core.pipeline.postprocess import bbox_slices
 from msam_core.pipeline.preprocess import CropGrid
 
 #: Spacing of the coarse view relative to the crop's own.
@@ -81,12 +82,9 @@ def contrast_to_noise(crop: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOX
     for an empty mask or one without a shell (it fills the crop)."""
     crop = np.asarray(crop, np.float32).reshape(np.shape(mask))
     mask = np.asarray(mask, bool)
-    if not mask.any():
+    box = bbox_slices(mask, margin=shell)
+    if box is None:
         return float("-inf")
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - shell, 0)
-    hi = np.minimum(idx.max(0) + shell + 1, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     inner = mask[box]
     ring = ndimage.binary_dilation(inner, ndimage.generate_binary_structure(3, 1), iterations=shell) & ~inner
     if not ring.any():

@@ -42,6 +42,17 @@ def foreground_bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return np.asarray(lo), np.asarray(hi)
 
 
+def bbox_slices(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the :func:`foreground_bbox` of ``mask`` grown by ``margin`` voxels on every side
+    and clipped to the array, or ``None`` for an empty mask."""
+    box = foreground_bbox(mask)
+    if box is None:
+        return None
+    lo = np.maximum(box[0] - margin, 0)
+    hi = np.minimum(box[1] + margin + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 @dataclass
 class GridLogits:
     """Logits of one lesion on the input grid, restricted to a box of it.

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msam_core.cli.arguments import require_device, whole_number
+from msam_core.cli.arguments import whole_number
 from msam_core.errors import InvalidCheckpoint
 from msam_core.pipeline.region_prior import MAX_VOXELS
 
@@ -288,7 +288,6 @@ def run(args: argparse.Namespace) -> int:
     from msam_core.checkpoints import load_checkpoint, save_checkpoint
     from msam_core.train.data import require_cases
 
-    require_device(args.device)
     require_cases(args.data, args.split)  # a wrong folder or split fails before any evaluation
     model = load_checkpoint(args.checkpoint, device=args.device)
     meta = getattr(model, "checkpoint_meta", {}) or {}

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from msam_core.pipeline.postprocess import bbox_slices
+
 
 def random_error_clicks(pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One click per sample from the error region.
@@ -60,10 +62,7 @@ def border_depth(mask: np.ndarray, outside_is_background: bool = True) -> tuple[
     outside the mask when ``outside_is_background`` (as if the array were padded with background)
     and not otherwise (scipy's own convention).
     """
-    where = np.argwhere(mask)
-    lo = np.maximum(where.min(0) - 1, 0)
-    hi = np.minimum(where.max(0) + 2, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box = bbox_slices(mask, margin=1)
     sub = np.asarray(mask[box], bool)
     if outside_is_background:
         return ndimage.distance_transform_edt(np.pad(sub, 1))[(slice(1, -1),) * sub.ndim], box

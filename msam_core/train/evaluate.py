@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msam_core.cli.arguments import number, require_device, whole_number
+from msam_core.cli.arguments import number, whole_number
 from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.io.load import load_volume
 from msam_core.pipeline.coarse_view import coarse_grid, enabled
@@ -424,7 +424,6 @@ def run(args: argparse.Namespace) -> int:
     from msam_core.cli.segment import DEFAULT_CHECKPOINT
 
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
-    require_device(args.device)
     summary = evaluate(args.data, checkpoint, args.split, args.clicks, args.out, args.nsd_tolerance, args.device,
                        not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control,
                        other_image_control=args.other_image_control)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from msam_core.cli.arguments import number, probability, require_device, whole_number
+from msam_core.cli.arguments import number, probability, whole_number
 from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.click_regions import RegionCache
@@ -415,7 +415,6 @@ def run(args: argparse.Namespace) -> int:
                                  "(without --init every parameter trains anyway)")
     from msam_core.train.data import require_cases
 
-    require_device(args.device)
     require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
         config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
