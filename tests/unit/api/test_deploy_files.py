@@ -125,3 +125,190 @@ def test_compose_and_the_worker_image_use_the_bundled_model_unless_told_otherwis
     assert Settings().checkpoint_path() == Path("/models/msam.safetensors")
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'msam_core = ["weights/*.safetensors"' in pyproject  # a non-editable install (the images) ships it
+
+
+# -- the DICOM listener (`msam dicom-listener`) ------------------------------------------------
+
+def _setting_names() -> set[str]:
+    """Every environment variable the settings classes read (``MSAM_`` + field name, and aliases)."""
+    from msam_service.pacs.settings import PacsSettings
+    from msam_service.settings import Settings
+
+    names = set()
+    for cls in (Settings, PacsSettings):
+        for field_name, info in cls.model_fields.items():
+            names.add(f"MSAM_{field_name.upper()}")
+            alias = info.validation_alias
+            names.update(a.upper() for a in getattr(alias, "choices", [alias] if isinstance(alias, str) else []))
+    return names
+
+
+def _interpolate(value: str | None, host_env: dict[str, str]) -> str | None:
+    """Compose's ``${NAME}`` / ``${NAME:-default}``, resolved against ``host_env``."""
+    if value is None:
+        return None
+
+    def sub(m: re.Match) -> str:
+        got = host_env.get(m.group(1))
+        return got if got else (m.group(2) or "")
+
+    return re.sub(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}", sub, str(value))
+
+
+def _listener_command(argv: list[str]):
+    """Parse a container's command the way ``msam`` does: its entry point in pyproject.toml is the
+    script, the ``msam.commands`` plugin named by the sub-command registers the options."""
+    import argparse
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert argv[0] in project["scripts"], argv
+    target = project["entry-points"]["msam.commands"][argv[1]]
+    module, _, func = target.partition(":")
+    assert (module, func) == ("msam_service.pacs.dimse_listener", "register"), target
+    parser = argparse.ArgumentParser(prog=argv[0])
+    getattr(importlib.import_module(module), func)(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv[1:])  # an unknown option exits (SystemExit fails the test)
+
+
+def _listener_settings(monkeypatch, env: dict[str, str | None]):
+    """The settings the listener would read in that environment (and the start-up checks it makes)."""
+    import os
+
+    from msam_service.pacs.dimse_listener import check_rules
+    from msam_service.pacs.settings import PacsSettings
+    from msam_service.settings import Settings
+
+    for name in list(os.environ):
+        if name.startswith("MSAM_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if value is not None:  # compose: no value and not set on the host -> unset
+            monkeypatch.setenv(name, value)
+    settings, pacs = Settings(), PacsSettings()
+    settings.check()
+    pacs.check()
+    check_rules(pacs)
+    return settings, pacs
+
+
+def _listen_address(command: list[str], pacs) -> tuple[str, int]:
+    args = _listener_command(command)
+    assert args.command == "dicom-listener" and callable(args.func)
+    return args.host or pacs.dicom_listener_host, pacs.dicom_listener_port if args.port is None else args.port
+
+
+def _assert_allow_list_reaches_the_ae(pacs_env: dict[str, str | None], monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from msam_service.pacs.dimse_listener import make_ae
+
+    _, pacs = _listener_settings(monkeypatch, pacs_env)
+    ae = make_ae(SimpleNamespace(pacs=pacs), pacs.dicom_ae_title)
+    assert ae.require_calling_aet == ["ORTHANC"] and ae.ae_title == "MSAM-TEST"
+
+
+def test_setting_names_catch_typos() -> None:
+    names = _setting_names()
+    assert {"MSAM_DICOM_AE_TITLE", "MSAM_DICOM_CALLING_AES", "MSAM_DICOM_LISTENER_PORT", "MSAM_REDIS_URL",
+            "REDIS_URL", "MSAM_STORAGE_DIR"} <= names
+    assert not {"MSAM_DICOM_CALLING_AE", "MSAM_DICOM_AETITLE", "MSAM_DICOM_PORT", "MSAM_LISTENER_PORT"} & names
+    assert _interpolate("${X:-null}", {}) == "null" and _interpolate("${X:-null}", {"X": '["A"]'}) == '["A"]'
+
+
+def test_compose_dicom_listener(monkeypatch) -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    api, svc = services["api"], services["dicom-listener"]
+    assert svc["image"] == api["image"] and svc["build"] == api["build"]  # the api image (no torch)
+    assert svc["depends_on"]["redis"]["condition"] == "service_healthy" and svc["restart"] == "unless-stopped"
+
+    names = _setting_names()
+    for name, s in services.items():  # a misspelt variable would silently be the default
+        assert not {k for k in s.get("environment", {}) if k.startswith("MSAM_")} - names, name
+    assert {"MSAM_DICOM_AE_TITLE", "MSAM_DICOM_CALLING_AES"} <= set(svc["environment"])
+    env = {k: _interpolate(v, {}) for k, v in svc["environment"].items()}
+    settings, pacs = _listener_settings(monkeypatch, env)
+    host, port = _listen_address(svc["command"], pacs)
+    assert host == "0.0.0.0"  # reachable through the published port
+    assert pacs.dicom_ae_title == "MSAM" and pacs.dicom_calling_aes is None  # defaults: documented, any AE
+
+    published = [_interpolate(p, {}).rsplit(":", 2) for p in svc["ports"]]
+    assert [int(p[-1]) for p in published] == [port] and int(published[0][-2]) == 11112
+    moved = _interpolate(svc["ports"][0], {"MSAM_DICOM_LISTENER_PORT": "104"})
+    assert moved.rsplit(":", 1) == ["104", str(port)]  # the host port is configurable, the container's is not
+    health = " ".join(svc["healthcheck"]["test"])
+    assert "8000" not in health and re.search(rf"create_connection\(\('127\.0\.0\.1', {port}\)", health)
+
+    # same Redis and storage as the api
+    api_settings, _ = _listener_settings(monkeypatch, {k: _interpolate(v, {}) for k, v in api["environment"].items()})
+    assert settings.redis_url == api_settings.redis_url and settings.redis_url.startswith("redis://redis:")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    api_mounts = {v.split(":")[1]: v.split(":")[0] for v in api["volumes"]}
+    assert mounts[str(settings.storage_dir)] == api_mounts[str(api_settings.storage_dir)] == "storage"
+
+    # the AE title and allow-list set on the host reach the listener's AE
+    host_env = {"MSAM_DICOM_AE_TITLE": "MSAM-TEST", "MSAM_DICOM_CALLING_AES": '["ORTHANC"]'}
+    _assert_allow_list_reaches_the_ae({k: _interpolate(v, host_env) for k, v in svc["environment"].items()},
+                                      monkeypatch)
+
+
+def _container_env(docs: dict, container: dict) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ref in container.get("envFrom", []):
+        if "configMapRef" in ref:
+            env.update(docs[("ConfigMap", ref["configMapRef"]["name"])]["data"])
+        else:
+            env.update(docs[("Secret", ref["secretRef"]["name"])]["stringData"])
+    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    return env
+
+
+def _port(container: dict, ref) -> int:
+    return ref if isinstance(ref, int) else next(p["containerPort"] for p in container["ports"] if p["name"] == ref)
+
+
+def test_kubernetes_dicom_listener(monkeypatch) -> None:
+    docs = _k8s()
+    dep, svc = docs[("Deployment", "msam-dicom-listener")], docs[("Service", "msam-dicom-listener")]
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"] == labels and svc["spec"]["selector"] == labels
+    # no other workload's pods may answer on the listener's Service
+    for (kind, name), doc in docs.items():
+        if kind in ("Deployment", "StatefulSet") and name != "msam-dicom-listener":
+            assert doc["spec"]["template"]["metadata"]["labels"] != labels, name
+    # a series in flight lives in one process: never two listeners at once
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    api_dep = docs[("Deployment", "msam-api")]["spec"]["template"]["spec"]
+    api, container = api_dep["containers"][0], pod["spec"]["containers"][0]
+    assert container["image"] == api["image"]
+    env = _container_env(docs, container)
+    assert not {k for k in env if k.startswith("MSAM_")} - _setting_names()
+    assert not set(docs[("ConfigMap", "msam-config")]["data"]) - _setting_names()  # api and workers read it too
+    assert {"MSAM_DICOM_AE_TITLE", "MSAM_DICOM_CALLING_AES"} <= set(env)
+    settings, pacs = _listener_settings(monkeypatch, env)
+    host, port = _listen_address(container["command"] + container.get("args", []), pacs)
+    assert host == "0.0.0.0"
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert _port(container, container[probe]["tcpSocket"]["port"]) == port, probe
+    (service_port,) = svc["spec"]["ports"]
+    assert _port(container, service_port["targetPort"]) == port
+
+    # same Redis and storage claim as the api
+    api_settings, _ = _listener_settings(monkeypatch, _container_env(docs, api))
+    assert settings.redis_url == api_settings.redis_url and settings.redis_url.startswith("redis://msam-redis:")
+
+    def claim(spec: dict, c: dict, path: Path) -> str:
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(path)]
+        (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        return vol["persistentVolumeClaim"]["claimName"]
+
+    assert claim(pod["spec"], container, settings.storage_dir) == claim(api_dep, api, api_settings.storage_dir) == "msam-storage"
+
+    # the allow-list and AE title in msam-config reach the listener's AE
+    edited = dict(env, MSAM_DICOM_AE_TITLE="MSAM-TEST", MSAM_DICOM_CALLING_AES='["ORTHANC"]')
+    _assert_allow_list_reaches_the_ae(edited, monkeypatch)
