@@ -114,11 +114,69 @@ class Timings(BaseModel):
     queue: float | None = None
     model_load: float | None = Field(default=None, description="only on a worker process's first job")
     load: float | None = None
-    preprocess: float | None = None
-    encode: float | None = None
-    decode: float | None = None
+    preprocess: float | None = Field(default=None, description="cropping, resampling and merging: the segment "
+                                     "stage less the four below")
+    encode: float | None = Field(default=None, description="image-encoder passes (cache misses)")
+    decode: float | None = Field(default=None, description="decoder passes")
+    prior: float | None = Field(default=None, description="stable-region prior (region growing)")
+    boundary: float | None = Field(default=None, description="full-resolution boundary refinement")
     write: float | None = None
     total: float | None = None
+
+
+class PipelineOptionsOut(BaseModel):
+    """The pipeline's settings around the network, as the checkpoint states them."""
+
+    mask_threshold: float = Field(description="logit at which a voxel counts as lesion")
+    prior_weight_first: float = Field(description="stable-region prior weight, one positive click (0 = off)")
+    prior_weight: float = Field(description="stable-region prior weight after further clicks (0 = off)")
+    prior_max_voxels: int = Field(description="largest stable region the prior takes (voxels at 1.5 mm)")
+    boundary_band_first: int = Field(description="boundary refinement band, one positive click (voxels; 0 = off)")
+    boundary_band: int = Field(description="boundary refinement band after further clicks (voxels; 0 = off)")
+    coarse_view: bool = Field(description="second look at twice the spacing")
+
+
+class ModelOut(BaseModel):
+    """Which model answered: the checkpoint file and the pipeline options in force."""
+
+    name: str = Field(description="checkpoint file name without suffix, e.g. msam_default; the DICOM "
+                      "outputs' algorithm name")
+    sha256: str = Field(description="SHA-256 of the checkpoint file (weights and their options)")
+    version: str = Field(description="msam version + checkpoint digest; the DICOM outputs' algorithm version")
+    network_id: str | None = Field(description="architecture + digest of the weights alone (embedding cache "
+                                   "key); known once a worker has loaded the model")
+    architecture: str | None = Field(description="network configuration (msam_small, msam, sam_med3d; null for an "
+                                     "upstream file not loaded yet)")
+    options: PipelineOptionsOut
+
+
+class WorkerModel(BaseModel):
+    """One live worker's model."""
+
+    device: str
+    loaded: bool = Field(description="the worker has loaded its model (on its first job); until then `model` "
+                         "is what its checkpoint file states")
+    model: ModelOut | None = Field(description="null when its checkpoint is missing or unreadable (see `problem`)")
+    problem: str | None = None
+
+
+class PromptRules(BaseModel):
+    """What a request's ``prompts`` may hold."""
+
+    types: list[str] = Field(description="per lesion: positive clicks (required), negative clicks, a box")
+    spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
+    max_lesions: int
+    max_points_per_lesion: int
+    iterations: list[int] = Field(description="allowed decoder passes, [min, max]")
+
+
+class Info(BaseModel):
+    """Which models answer requests, and what a request may hold."""
+
+    models: list[ModelOut] = Field(description="the distinct models of the live workers")
+    workers: list[WorkerModel]
+    prompts: PromptRules
+    result_formats: list[str]
 
 
 class LesionSummary(BaseModel):
@@ -149,6 +207,8 @@ class JobOut(BaseModel):
     destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
                                          "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded)")
     error: ErrorInfo | None = None
+    model: ModelOut | None = Field(default=None, description="the model that ran the job (once a worker has "
+                                   "started it)")
 
 
 class Health(BaseModel):

@@ -8,8 +8,16 @@ Formats read by :func:`load_checkpoint`:
   these keys load unchanged.
 - **M-SAM** training checkpoints: ``model_state_dict`` with ``lora_sam.sam.*`` (LoRA wrapped
   around each ``attn.qkv``) and ``bidatt.*`` (the adapter); renamed here, see :data:`MEA_RENAMES`.
-- **msam** (``.safetensors``): weights in our names plus JSON metadata under the ``msam`` key
-  (format version, model config, msam version, provenance).
+- **msam** (``.safetensors``): weights in our names plus JSON metadata under the ``msam`` key:
+  format version, the network's config (``config``), the pipeline's options (``pipeline``,
+  :class:`~msam_core.pipeline.options.PipelineOptions`), msam version, provenance. Format 1
+  (before the options had an object of their own) kept the options inside ``config``; such files
+  load unchanged, their options taken from there.
+
+:func:`load_model` reads a file once and returns both halves with the file's identity
+(:class:`LoadedModel`): what ``msam segment``, the worker, ``msam evaluate`` and ``msam
+calibrate`` build their :class:`~msam_core.pipeline.segmenter.Segmenter` from.
+:func:`load_checkpoint` returns the network alone (training, conversion).
 
 Pickled files are opened with ``torch.load(weights_only=True)`` and a short allow-list
 (``argparse.Namespace``, numpy scalars). A file that needs anything else is refused unless the
@@ -25,6 +33,7 @@ import json
 import logging
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +42,15 @@ import torch
 
 from msam_core.errors import InvalidCheckpoint
 from msam_core.model import MSAM, ModelConfig, get_config, is_added_parameter
+from msam_core.checkpoint_info import describe, file_sha256, model_name, options_from_meta, split_options, version
+from msam_core.pipeline.options import PipelineOptions
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "msam"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions read: 1 kept the pipeline options inside ``config``.
+READ_VERSIONS = (1, 2)
 MSAM_PREFIX = "lora_sam.sam."
 
 #: Our MEA names -> M-SAM's ``bidatt`` names (prefixes; order matters only for readability).
@@ -239,14 +252,85 @@ def read_weights(path: str | Path, allow_unsafe_pickle: bool = False) -> tuple[d
         if meta_raw is None:
             raise InvalidCheckpoint(f"{path.name} is a safetensors file without msam metadata; convert it with 'msam convert'")
         meta = json.loads(meta_raw)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise InvalidCheckpoint(f"{path.name}: msam format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-        return state, ModelConfig.from_dict(meta["config"]), meta
+        if meta.get("format_version") not in READ_VERSIONS:
+            raise InvalidCheckpoint(f"{path.name}: msam format version {meta.get('format_version')} is not supported "
+                                    f"(this msam reads {', '.join(map(str, READ_VERSIONS))}); update msam")
+        meta = split_options(meta)
+        try:
+            return state, ModelConfig.from_dict(meta["config"]), meta
+        except (ValueError, TypeError) as exc:
+            raise InvalidCheckpoint(f"{path.name}: its model config is not valid ({exc})") from None
     state = _state_from_pickle(_torch_load(path, allow_unsafe_pickle), path.name)
     is_msam_layout = any(k.startswith(("lora_sam.", "bidatt.")) for k in state)
     if is_msam_layout:
         state = {msam_to_ours_key(k): v for k, v in state.items() if k not in MSAM_UNUSED}
     return state, None, {"source_layout": "m_sam" if is_msam_layout else "sam_med3d"}
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint as the pipeline uses it.
+
+    Attributes:
+        network: the network, in eval mode on its device.
+        options: the pipeline options the file states (replace them to try others, as ``msam
+            calibrate`` does; the file is not changed).
+        name: the file's name without its suffixes (``msam_default``).
+        sha256: SHA-256 of the file's bytes, weights and metadata: it changes whenever either does.
+        meta: the file's metadata (:func:`read_weights`).
+        path: the file.
+    """
+
+    network: MSAM
+    options: PipelineOptions
+    name: str
+    sha256: str
+    meta: dict
+    path: Path
+
+    @property
+    def model_id(self) -> str:
+        """The network's id (config name + weights digest): the embedding cache's key."""
+        return self.network.model_id
+
+    @property
+    def version(self) -> str:
+        """``"<msam version>+sha256.<first 16 hex>"``: the DICOM algorithm version of its results."""
+        return version(self.sha256)
+
+    def describe(self) -> dict:
+        """What answered a request, for job records, ``/info`` and logs (no patient data); the
+        options are the ones in force, which ``msam calibrate`` may have changed in memory."""
+        record = describe(self.path, self.sha256, self.meta, self.model_id)
+        record["options"] = self.options.to_dict()
+        return record
+
+
+def _build(state: dict[str, torch.Tensor], file_config: ModelConfig | None, meta: dict, name: str,
+           config: ModelConfig | str | None, device: str | torch.device) -> MSAM:
+    if isinstance(config, str):
+        config = get_config(config)
+    config = config or file_config or _guess_config(state, meta.get("source_layout") == "m_sam", name)
+    model = MSAM(config)
+    _check_and_load(model, state, name)
+    return model.to(device).eval()
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    config: ModelConfig | str | None = None,
+    allow_unsafe_pickle: bool = False,
+) -> LoadedModel:
+    """Read a checkpoint once: the network (weights loaded exactly, eval mode on ``device``), its
+    pipeline options and the file's identity. ``config`` overrides the file's (upstream files
+    state none; it is guessed from the weights)."""
+    path = Path(path)
+    state, file_config, meta = read_weights(path, allow_unsafe_pickle)
+    options = options_from_meta(meta, path.name)
+    network = _build(state, file_config, meta, path.name, config, device)
+    return LoadedModel(network=network, options=options, name=model_name(path), sha256=file_sha256(path),
+                       meta=meta, path=path)
 
 
 def load_checkpoint(
@@ -255,16 +339,10 @@ def load_checkpoint(
     config: ModelConfig | str | None = None,
     allow_unsafe_pickle: bool = False,
 ) -> MSAM:
-    """Build the model a checkpoint describes and load its weights exactly; eval mode on ``device``."""
+    """Build the network a checkpoint describes and load its weights exactly; eval mode on
+    ``device``. The pipeline options are left out: inference uses :func:`load_model`."""
     state, file_config, meta = read_weights(path, allow_unsafe_pickle)
-    if isinstance(config, str):
-        config = get_config(config)
-    name = Path(path).name
-    config = config or file_config or _guess_config(state, meta.get("source_layout") == "m_sam", name)
-    model = MSAM(config)
-    _check_and_load(model, state, name)
-    model.checkpoint_meta = meta
-    return model.to(device).eval()
+    return _build(state, file_config, meta, Path(path).name, config, device)
 
 
 def init_from_checkpoint(model: MSAM, path: str | Path, allow_unsafe_pickle: bool = False) -> list[str]:
@@ -284,8 +362,10 @@ def init_from_checkpoint(model: MSAM, path: str | Path, allow_unsafe_pickle: boo
     return fresh
 
 
-def save_checkpoint(model: MSAM, path: str | Path, provenance: dict | None = None) -> Path:
-    """Write ``model`` in msam's format: safetensors weights + JSON metadata."""
+def save_checkpoint(model: MSAM, path: str | Path, provenance: dict | None = None,
+                    options: PipelineOptions | None = None) -> Path:
+    """Write ``model`` in msam's format: safetensors weights + JSON metadata, with the pipeline
+    ``options`` (default: all off, as a freshly trained network has them)."""
     from safetensors.torch import save_file
 
     import msam_core
@@ -295,6 +375,7 @@ def save_checkpoint(model: MSAM, path: str | Path, provenance: dict | None = Non
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
+        "pipeline": (options or PipelineOptions()).to_dict(),
         "msam_version": msam_core.__version__,
         "provenance": provenance or {},
     }

@@ -21,7 +21,7 @@ import redis
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINISHED = (SUCCEEDED, FAILED, CANCELED)
-_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions")
+_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions", "model")
 _QUEUED_KEY = "msam:queued"
 _RUNNING_KEY = "msam:running"
 
@@ -71,6 +71,8 @@ class JobRecord:
     result_errors: dict[str, str] = field(default_factory=dict)
     request: dict[str, Any] = field(default_factory=dict)
     lesions: list[dict[str, Any]] = field(default_factory=list)
+    #: the model that ran the job (``LoadedModel.describe()``), set once the worker has it
+    model: dict[str, Any] | None = None
 
     @classmethod
     def from_hash(cls, job_id: str, raw: dict[bytes, bytes]) -> JobRecord:

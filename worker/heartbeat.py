@@ -1,8 +1,13 @@
-"""Liveness for ``/readyz``: the worker's main process refreshes ``msam:worker:<host>:<pid>``
-(expires 3 beats after the last one) with whether its checkpoint is usable."""
+"""Liveness for ``/readyz`` and ``/info``: the worker's main process refreshes
+``msam:worker:<host>:<pid>`` (expires 3 beats after the last one) with whether its checkpoint is
+usable and what the file says it is (:func:`msam_core.checkpoint_info.describe`, read once,
+without torch). The pool child adds the loaded model's own record once it has it
+(:meth:`worker.runtime.Runtime.model`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 
@@ -10,6 +15,8 @@ import redis
 
 from msam_service.settings import Settings
 from worker.runtime import checkpoint_problem, worker_key
+
+logger = logging.getLogger(__name__)
 
 BEAT_S = 5.0
 TTL_S = 20
@@ -20,6 +27,7 @@ class Heartbeat:
         self.r = r
         self.key = worker_key(name)
         self.settings = settings
+        self.checkpoint = self._describe()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="msam-heartbeat", daemon=True)
 
@@ -34,11 +42,24 @@ class Heartbeat:
         except redis.RedisError:
             pass
 
+    def _describe(self) -> str:
+        """The configured checkpoint's record as JSON ("" when it is missing or unreadable: the
+        problem is reported as ``checkpoint_error`` / ``model_error``)."""
+        from msam_core.checkpoint_info import describe
+
+        if checkpoint_problem(self.settings):
+            return ""
+        try:
+            return json.dumps(describe(self.settings.checkpoint_path()))
+        except Exception as exc:  # an unreadable file: loading it will say why
+            logger.warning("cannot describe the checkpoint (%s)", type(exc).__name__)
+            return ""
+
     def beat(self) -> None:
         problem = checkpoint_problem(self.settings) or ""
         pipe = self.r.pipeline()
         pipe.hset(self.key, mapping={"alive_at": time.time(), "checkpoint_error": problem,
-                                     "device": self.settings.device})
+                                     "device": self.settings.device, "checkpoint": self.checkpoint})
         pipe.expire(self.key, TTL_S)
         pipe.execute()
 

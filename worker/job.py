@@ -17,13 +17,13 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from msam_core.checkpoints import LoadedModel
 from msam_core.errors import InvalidVolume, MsamError
-from msam_core.pipeline.segmenter import Segmenter
+from msam_core.pipeline.segmenter import Segmenter, StageTimer
 from msam_service import jobs
 from msam_service.prompts import resolve, segment_labels
 from msam_service.volumes import load_info
 from worker.runtime import Runtime, worker_name
-from worker.timing import TimedModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,23 @@ Progress = Callable[[str, float], None]
 
 class JobCanceled(Exception):
     """The client canceled the job; stop at the next step."""
+
+
+class JobHooks(StageTimer):
+    """The worker's view of a running :class:`Segmenter`: stage times (the job's ``timings``), a
+    cancellation check before every stage, and progress after every lesion (``segment`` runs from
+    ``start`` to ``end`` of the job's progress)."""
+
+    def __init__(self, check: Callable[[], None], progress: Callable[[float], None],
+                 start: float, end: float) -> None:
+        super().__init__()
+        self.check, self.progress, self.start, self.end = check, progress, start, end
+
+    def before(self, stage: str) -> None:
+        self.check()
+
+    def lesion_done(self, done: int, total: int) -> None:
+        self.progress(self.start + (self.end - self.start) * done / max(1, total))
 
 
 def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
@@ -75,6 +92,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         model = rt.model()
         if not loaded_before:
             timings["model_load"] = round(time.perf_counter() - t0, 4)  # first job of a process
+        store.update(job_id, model=model.describe())
         t0 = time.perf_counter()
         info = load_info(rt.storage, rec.volume_id)
         if info is None:
@@ -83,20 +101,20 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         timings["load"] = round(time.perf_counter() - t0, 4)
         step("segment", 0.2)
         doc = rec.request.get("prompts", {})
-        timed = TimedModel(model, check)
+        hooks = JobHooks(check, lambda fraction: store.update(job_id, progress=round(fraction, 3)), 0.2, 0.85)
         cache_hits_before = rt.cache.hits
-        segmenter = Segmenter(timed, device=rt.settings.device, cache=rt.cache,
-                              max_windows=rt.settings.max_windows)
+        segmenter = Segmenter(model.network, model.options, device=rt.settings.device, cache=rt.cache,
+                              max_windows=rt.settings.max_windows, hooks=hooks)
         t0 = time.perf_counter()
         lesions = resolve(doc, volume)
         result = segmenter.segment_lesions(volume, lesions, iterations=int(doc.get("iterations", 1)))
         seg_s = time.perf_counter() - t0
-        timings["encode"] = round(timed.encode_s, 4)
-        timings["decode"] = round(timed.decode_s, 4)
-        timings["preprocess"] = round(max(0.0, seg_s - timed.encode_s - timed.decode_s), 4)
+        for stage in ("encode", "decode", "prior", "boundary"):
+            timings[stage] = round(hooks.seconds[stage], 4)
+        timings["preprocess"] = round(max(0.0, seg_s - sum(hooks.seconds.values())), 4)
         step("write", 0.85)
         t0 = time.perf_counter()
-        written, errors = write_results(rt, job_id, result.labels, volume, segment_labels(doc))
+        written, errors = write_results(rt, job_id, result.labels, volume, segment_labels(doc), model)
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
         summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
@@ -104,14 +122,14 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                    for o in result.lesions]
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
                       results=written, result_errors=errors, lesions=summary,
-                      cache_hits=rt.cache.hits - cache_hits_before, encoder_runs=timed.encoder_runs,
+                      cache_hits=rt.cache.hits - cache_hits_before, encoder_runs=hooks.runs["encode"],
                       volume_from_memory=from_memory, input_format=str(volume.meta.get("format", "")))
         if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), **fields) is None:
             raise JobCanceled()
         rt.metrics.incr("jobs_succeeded")
         rt.metrics.observe_all(timings)
         progress("done", 1.0)
-        logger.info("job %s succeeded in %.2f s (encoder runs %d)", job_id, timings["total"], timed.encoder_runs)
+        logger.info("job %s succeeded in %.2f s (encoder runs %d)", job_id, timings["total"], hooks.runs["encode"])
         return jobs.SUCCEEDED
     except JobCanceled:
         rt.storage.delete_prefix(f"jobs/{job_id}")
@@ -141,8 +159,10 @@ def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str | None:
     return jobs.FAILED
 
 
-def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str]) -> tuple[list[str], dict[str, str]]:
-    """Every output this input allows; returns (formats written, format -> why not)."""
+def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str],
+                  model: LoadedModel) -> tuple[list[str], dict[str, str]]:
+    """Every output this input allows; returns (formats written, format -> why not). DICOM
+    outputs name ``model`` (its name and version) as the algorithm that made them."""
     from msam_core.io.nifti import save_mask_nifti
     from msam_core.io.preview import save_preview
 
@@ -156,8 +176,10 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
         from msam_core.io.rtstruct import write_rtstruct
         from msam_core.io.seg import write_seg
 
-        writers["dicom-seg"] = lambda p: write_seg(labels, volume, p, segment_labels=names or None)
-        writers["rtstruct"] = lambda p: write_rtstruct(labels, volume, p, roi_names=names or None)
+        writers["dicom-seg"] = lambda p: write_seg(labels, volume, p, segment_labels=names or None,
+                                                   algorithm_name=model.name, algorithm_version=model.version)
+        writers["rtstruct"] = lambda p: write_rtstruct(labels, volume, p, roi_names=names or None,
+                                                       algorithm_name=model.name, algorithm_version=model.version)
     else:
         fmt = volume.meta.get("format", "not DICOM")
         for name in ("dicom-seg", "rtstruct"):

@@ -3,13 +3,14 @@ runs jobs), the Redis clients, the embedding cache and a few decoded volumes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -22,6 +23,9 @@ from msam_service.settings import Settings, get_settings
 from msam_service.storage import Storage, make_storage
 from msam_service.volumes import VolumeInfo, open_volume
 from worker.embedding_cache import RedisEmbeddingCache
+
+if TYPE_CHECKING:
+    from msam_core.checkpoints import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +64,16 @@ class Runtime:
     def model_loaded(self) -> bool:
         return self._model is not None
 
-    def model(self) -> Any:
-        """The network, loaded on first use; :class:`InvalidCheckpoint` with the reason if not."""
+    def model(self) -> LoadedModel:
+        """The checkpoint (network and pipeline options), loaded on first use;
+        :class:`InvalidCheckpoint` with the reason if not."""
         with self._lock:
             if self._model is None:
                 problem = checkpoint_problem(self.settings)
                 if problem:
                     self._report_model(problem)
                     raise InvalidCheckpoint(problem)
-                from msam_core.checkpoints import load_checkpoint
+                from msam_core.checkpoints import load_model
 
                 if self.settings.torch_threads > 0:
                     import torch
@@ -76,12 +81,12 @@ class Runtime:
                     torch.set_num_threads(self.settings.torch_threads)
 
                 try:
-                    self._model = load_checkpoint(self.settings.checkpoint_path(), device=self.settings.device)
+                    self._model = load_model(self.settings.checkpoint_path(), device=self.settings.device)
                 except InvalidCheckpoint as exc:
                     self._report_model(str(exc))
                     raise
-                logger.info("model %s loaded on %s", self._model.model_id, self.settings.device)
-                self._report_model("")
+                logger.info("model %s (%s) loaded on %s", self._model.name, self._model.version, self.settings.device)
+                self._report_model("", self._model.describe())
             return self._model
 
     def volume(self, info: VolumeInfo) -> tuple[Volume, bool]:
@@ -97,10 +102,14 @@ class Runtime:
             self._volumes.popitem(last=False)
         return volume, False
 
-    def _report_model(self, problem: str) -> None:
+    def _report_model(self, problem: str, description: dict | None = None) -> None:
+        """Tell ``/readyz`` and ``/info`` (through the worker's heartbeat key) whether the model
+        loaded, and which one."""
+        fields = {"model_error": problem, "model_loaded": "0" if problem else "1"}
+        if description is not None:
+            fields["model"] = json.dumps(description)
         try:
-            key = worker_key(worker_name())
-            self.redis.hset(key, mapping={"model_error": problem, "model_loaded": "0" if problem else "1"})
+            self.redis.hset(worker_key(worker_name()), mapping=fields)
         except redis.RedisError:
             pass
 

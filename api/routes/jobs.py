@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
 from api.uploads import forget_volume
-from api.schemas import ErrorBody, ErrorInfo, JobOut, LesionSummary, ResultFormat, Timings
+from api.schemas import ErrorBody, ErrorInfo, JobOut, LesionSummary, ModelOut, ResultFormat, Timings
 from msam_service import jobs
 from msam_service.jobs import JobRecord
 
@@ -45,6 +45,7 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         unavailable_results=rec.result_errors if rec.status == jobs.SUCCEEDED else {},
         error=ErrorInfo(**rec.error) if rec.error else None,
         destinations=_destinations(svc, rec),
+        model=ModelOut(**rec.model) if rec.model else None,
     )
 
 

@@ -24,17 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from msam_core.checkpoints import export_state_dict, load_checkpoint, save_checkpoint
+    from msam_core.checkpoints import export_state_dict, load_model, save_checkpoint
     from msam_core.errors import UnsupportedRequest
 
-    model = load_checkpoint(args.input, config=args.config, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    loaded = load_model(args.input, config=args.config, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    model = loaded.network
     suffix = args.output.suffix.lower()
     if suffix == ".safetensors":
         if args.layout:
             raise UnsupportedRequest("--layout applies to .pth outputs only; .safetensors is always msam's layout")
-        provenance = {"converted_from": args.input.name, **getattr(model, "checkpoint_meta", {})}
-        provenance.pop("format", None)
-        save_checkpoint(model, args.output, provenance=provenance)
+        provenance = {"converted_from": args.input.name, **loaded.meta}
+        for key in ("format", "config", "pipeline"):  # stated by the new file itself
+            provenance.pop(key, None)
+        save_checkpoint(model, args.output, provenance=provenance, options=loaded.options)
     elif suffix in (".pth", ".pt"):
         layout = args.layout or ("m_sam" if model.mea is not None else "sam_med3d")
         torch.save({"model_state_dict": export_state_dict(model, layout)}, args.output)

@@ -173,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
     prior = load_prior(args.mask, volume) if args.mask is not None else None
     lesions = resolve_prompts(volume, points, boxes, prior)
 
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
 
-    model = load_checkpoint(checkpoint, device=args.device)
-    segmenter = Segmenter(model, device=args.device, max_windows=args.max_windows)
+    model = load_model(checkpoint, device=args.device)
+    segmenter = Segmenter(model.network, model.options, device=args.device, max_windows=args.max_windows)
     result = segmenter.segment_lesions(volume, lesions, iterations=args.iterations)
 
     if kind == "nifti":
@@ -191,11 +191,11 @@ def run(args: argparse.Namespace) -> int:
     elif kind == "rtstruct":
         from msam_core.io.rtstruct import write_rtstruct
 
-        write_rtstruct(result.labels, volume, args.output, algorithm_version=msam_core.__version__)
+        write_rtstruct(result.labels, volume, args.output, algorithm_name=model.name, algorithm_version=model.version)
     else:
         from msam_core.io.seg import write_seg
 
-        write_seg(result.labels, volume, args.output)
+        write_seg(result.labels, volume, args.output, algorithm_name=model.name, algorithm_version=model.version)
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
     for lesion in result.lesions:
         note = " (window limit reached: raise --max-windows)" if lesion.stopped_at_limit else ""

@@ -28,7 +28,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from msam_core.errors import InvalidVolume, UnsupportedRequest
 from msam_core.io.dicom import DicomSource, volume_affine_lps
-from msam_core.io.seg import check_mask, msam_version, source_of
+from msam_core.io.seg import check_mask, long_string, msam_version, source_of
 from msam_core.io.volume import Volume
 
 __all__ = ["RT_STRUCTURE_SET_STORAGE", "mask_to_polygons", "read_rtstruct", "write_rtstruct"]
@@ -143,6 +143,7 @@ def write_rtstruct(
     roi_names: Mapping[int, str] | None = None,
     algorithm_version: str | None = None,
     *,
+    algorithm_name: str = "msam",
     generation_algorithm: str = "SEMIAUTOMATIC",
     series_description: str = "msam lesion contours",
     series_number: int = 902,
@@ -156,7 +157,8 @@ def write_rtstruct(
         source: the DICOM volume the mask was computed on.
         path: output file (``.rtstruct.dcm`` by convention).
         roi_names: label -> ROI name (default ``"Lesion <label>"``).
-        algorithm_version: recorded in ROI Generation Description and Software Versions.
+        algorithm_version: recorded in ROI Generation Description (default: msam's version).
+        algorithm_name: recorded in ROI Generation Description (the service gives the model's name).
         generation_algorithm: ``SEMIAUTOMATIC`` for prompted runs, ``AUTOMATIC`` otherwise.
 
     Raises:
@@ -204,7 +206,7 @@ def write_rtstruct(
     ds.OperatorsName = ""
     ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = "msam"
-    ds.SoftwareVersions = version_text
+    ds.SoftwareVersions = msam_version()
     # Structure Set
     ds.StructureSetLabel = structure_set_label
     ds.StructureSetName = "msam lesions"
@@ -221,7 +223,7 @@ def write_rtstruct(
         roi.ReferencedFrameOfReferenceUID = for_uid
         roi.ROIName = (roi_names or {}).get(label, f"Lesion {label}")
         roi.ROIGenerationAlgorithm = generation_algorithm
-        roi.ROIGenerationDescription = f"msam {version_text}"
+        roi.ROIGenerationDescription = long_string(f"{algorithm_name} {version_text}")
         rois.append(roi)
 
         roi_contour = Dataset()

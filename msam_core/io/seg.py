@@ -31,6 +31,7 @@ from msam_core.io.volume import Volume
 __all__ = [
     "DEFAULT_CATEGORY",
     "DEFAULT_TYPE",
+    "long_string",
     "msam_version",
     "read_seg",
     "source_of",
@@ -44,6 +45,12 @@ DEFAULT_CATEGORY: Code = sr_codes.SCT.MorphologicallyAbnormalStructure
 #: SNOMED CT 108369006 "Neoplasm"
 DEFAULT_TYPE: Code = sr_codes.SCT.Neoplasm
 _TRACKING_RE = re.compile(r"^msam lesion (\d+)$")
+
+
+def long_string(text: str) -> str:
+    """``text`` as a DICOM LO value: no backslash or control character, at most 64 characters."""
+    clean = "".join(c for c in str(text) if c != "\\" and c.isprintable()).strip()
+    return clean[:64] or "msam"
 
 
 def msam_version() -> str:
@@ -109,6 +116,7 @@ def write_seg(
     algorithm_version: str | None = None,
     labelmap: bool = False,
     *,
+    algorithm_name: str = "msam",
     algorithm_type: str = "SEMIAUTOMATIC",
     series_description: str = "msam lesion segmentation",
     series_number: int = 901,
@@ -129,7 +137,9 @@ def write_seg(
         segment_labels: label -> segment label text (default ``"Lesion <label>"``).
         codes: ``(category, type)`` coded concepts, for all labels or per label; default SNOMED CT
             Morphologically Abnormal Structure / Neoplasm.
-        algorithm_version: recorded in the algorithm identification (default: msam's version).
+        algorithm_version: recorded in the algorithm identification (default: msam's version;
+            the service gives the model's, :attr:`~msam_core.checkpoints.LoadedModel.version`).
+        algorithm_name: the algorithm identification's name (the service gives the model's name).
         labelmap: write a LABELMAP segmentation (Label Map Segmentation Storage) instead of BINARY.
         algorithm_type: ``SEMIAUTOMATIC`` for prompted runs, ``AUTOMATIC`` otherwise.
 
@@ -147,9 +157,9 @@ def write_seg(
         )
     if len(present) > 65535:
         raise ValueError("too many labels for one DICOM-SEG (at most 65535 segments)")
-    version_text = algorithm_version or msam_version()
+    version_text = long_string(algorithm_version or msam_version())
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="msam", family=sr_codes.cid7162.ArtificialIntelligence, version=version_text
+        name=long_string(algorithm_name), family=sr_codes.cid7162.ArtificialIntelligence, version=version_text
     )
     descriptions = []
     segment_of = np.zeros(int(labels_arr.max()) + 1, dtype=np.uint16)
@@ -182,7 +192,7 @@ def write_seg(
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name="msam",
-        software_versions=version_text,
+        software_versions=msam_version(),
         device_serial_number=device_serial_number,
         content_label="MSAM",
         content_description="Lesion segmentation by msam",

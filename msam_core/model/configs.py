@@ -8,11 +8,14 @@
   regions grown from the clicks (``click_regions``, ``msam train --click-regions``,
   :mod:`msam_core.model.click_regions`), and with ``region_logits`` (``--region-logits``) those
   regions added to the logits directly (:mod:`msam_core.model.region_logits`).
+
+A config describes the network only (it decides the weights' shapes). What the pipeline does
+around the network - decision threshold, stable-region prior, boundary refinement, coarse view - is
+:class:`msam_core.pipeline.options.PipelineOptions`, stored beside it in a checkpoint.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 
@@ -53,55 +56,14 @@ class ModelConfig:
     #: With ``click_regions``: the regions also add to the logits directly, weighted per prompt
     #: (:mod:`msam_core.model.region_logits`); not part of SAM-Med3D or M-SAM.
     region_logits: bool = False
-    #: The logit at which a voxel counts as lesion, chosen on validation data after training
-    #: (``msam calibrate``; SAM's ``mask_threshold``). :meth:`MSAM.decode` returns logits minus it
-    #: and takes its mask prompt in those same units, so ``> 0`` stays the decision everywhere
-    #: downstream. 0 (sigmoid 0.5) for SAM-Med3D and every model not calibrated.
-    mask_threshold: float = 0.0
-    #: Weight of the stable-region prior (:mod:`msam_core.pipeline.region_prior`) that the
-    #: pipeline adds to the upsampled logits of a lesion prompted by one positive click, and
-    #: after further clicks; chosen on validation data (``msam calibrate --prior-weights``).
-    #: The network ignores them; 0 (off) for every model not calibrated.
-    prior_weight_first: float = 0.0
-    prior_weight: float = 0.0
-    #: Largest stable region (voxels at 1.5 mm) the prior may take, calibrated with its weights
-    #: (``msam calibrate --prior-max-voxels``); the default is
-    #: :data:`msam_core.pipeline.region_prior.MAX_VOXELS`. A checkpoint states the bound its
-    #: weights were chosen at.
-    prior_max_voxels: int = 20000
-    #: Half-width (voxels) of the band around the mask's surface in which a random walker moves
-    #: the boundary onto the image's edges (:mod:`msam_core.pipeline.boundary`), for a lesion
-    #: prompted by one positive click, and after further clicks; chosen on validation data
-    #: (``msam calibrate --boundary-bands``). 0 (off) for every model not calibrated.
-    boundary_band_first: int = 0
-    boundary_band: int = 0
-    #: Whether the pipeline also looks at twice the spacing and keeps, per click, the candidate
-    #: mask the image supports better (:mod:`msam_core.pipeline.coarse_view`); set with
-    #: ``msam calibrate --coarse-view``, which records its scores off and on. Off by default.
-    coarse_view: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.coarse_view, bool):
-            raise ValueError(f"coarse_view must be true or false, got {self.coarse_view!r}")
         if self.click_regions and not self.high_res_features:
             raise ValueError("click_regions needs high_res_features (the regions enter through the high-res stem)")
         if self.region_logits and not self.click_regions:
             raise ValueError("region_logits needs click_regions (it weights the regions grown from the clicks)")
         if self.input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}")
-        if not math.isfinite(self.mask_threshold):
-            raise ValueError(f"mask_threshold must be a finite logit, got {self.mask_threshold!r}")
-        for name in ("prior_weight_first", "prior_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
-        if isinstance(self.prior_max_voxels, bool) or not isinstance(self.prior_max_voxels, int) \
-                or self.prior_max_voxels < 1:
-            raise ValueError(f"prior_max_voxels must be a whole number of voxels >= 1, got {self.prior_max_voxels!r}")
-        for name in ("boundary_band_first", "boundary_band"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a whole number of voxels >= 0, got {value!r}")
 
     @property
     def grid(self) -> int:

@@ -137,11 +137,9 @@ class MSAM(nn.Module):
         mask_logits: torch.Tensor | None = None,
         region_cache: RegionCache | None = None,
     ) -> torch.Tensor:
-        """One decoder pass: ``-> logits [B, 1, 32, 32, 32]`` (single-mask output).
-
-        Logits and the ``mask_logits`` prompt are in calibrated units: the network's own logits
-        minus ``config.mask_threshold`` (0 unless ``msam calibrate`` set it), so that ``> 0`` is
-        the decision; the prompt is shifted back before the network sees it.
+        """One decoder pass: ``-> logits [B, 1, 32, 32, 32]`` (single-mask output), in the
+        network's own units (the pipeline's decision threshold is applied by the
+        :class:`~msam_core.pipeline.segmenter.Segmenter`, not here).
         ``region_cache`` (models with ``click_regions``; one per embedding): keeps each click's
         grown region for later passes on the same embedding (:class:`RegionCache`)."""
         if points.ndim != 3 or points.shape[-1] != 3 or labels.shape != points.shape[:2]:
@@ -156,9 +154,6 @@ class MSAM(nn.Module):
             e = self.config.prompt_embed_dim
             embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
             high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size, region_cache)
-        threshold = self.config.mask_threshold
-        if mask_logits is not None and threshold:
-            mask_logits = mask_logits + threshold  # the network's own units
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
         src = self.mea(embedding, dense) if self.mea is not None else embedding + dense
@@ -166,7 +161,7 @@ class MSAM(nn.Module):
         logits = masks[:, :1]
         if self.region_logits is not None:
             logits = logits + self.region_logits(tokens[:, 0], regions).to(masks.dtype)
-        return logits - threshold if threshold else logits
+        return logits
 
     def refine(
         self,
@@ -179,14 +174,13 @@ class MSAM(nn.Module):
         """Iterative refinement: each pass feeds the previous logits back as the mask prompt.
 
         Starts from all-zero logits when ``mask_logits`` is ``None``, as SAM-Med3D's inference
-        and M-SAM's training loops do (zero as the network sees it: ``-mask_threshold``
-        in :meth:`decode`'s calibrated units).
+        and M-SAM's training loops do.
         """
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if mask_logits is None:
             r = self.config.low_res
-            mask_logits = embedding.new_full((embedding.shape[0], 1, r, r, r), -self.config.mask_threshold)
+            mask_logits = embedding.new_zeros((embedding.shape[0], 1, r, r, r))
         cache = RegionCache()  # the clicks stay: each region is grown once
         for _ in range(iterations):
             mask_logits = self.decode(embedding, points, labels, mask_logits, cache)

@@ -21,7 +21,7 @@ similar intensity (``beta``), reaches an inside seed before an outside one. Here
 The logits of the band become the logit of the walker's probability of "inside"; seeds keep the
 network's logits, and each click's own voxel is forced to its label. ``band = 0`` leaves the
 logits unchanged. The bands are calibrated per checkpoint on validation lesions
-(``msam calibrate --boundary-bands``; ``ModelConfig.boundary_band_first`` for a lesion prompted
+(``msam calibrate --boundary-bands``; ``PipelineOptions.boundary_band_first`` for a lesion prompted
 by one positive click, ``boundary_band`` after further clicks).
 
 Crops are the pipeline's 128^3 crops as numpy ``[a, b, c]`` arrays (the normalised crop the
@@ -35,7 +35,6 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
-from msam_core.pipeline.region_prior import one_positive_click
 
 #: The walker's edge sensitivity (scikit-image's default; it scales it by the crop's spread).
 BETA = 130.0
@@ -118,11 +117,3 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     for voxel, label in _click_voxels(points, labels, mask.shape):
         out[voxel] = max(out[voxel], CLICK_LOGIT) if label == 1 else min(out[voxel], -CLICK_LOGIT)
     return out
-
-
-def boundary_band(config, labels: np.ndarray) -> int:
-    """The calibrated band for a lesion's clicks: ``config.boundary_band_first`` when they are one
-    positive click, else ``config.boundary_band`` (0 without a config)."""
-    if config is None:
-        return 0
-    return int(getattr(config, "boundary_band_first" if one_positive_click(labels) else "boundary_band", 0))

@@ -23,7 +23,7 @@ organ mixes organ into its inside. Both lower the ratio.
 The 3 mm view is decoded from the clicks alone (no mask prompt): the 1.5 mm view's logits are the
 ones fed back in an interactive session, whichever candidate is shown. It costs one more image
 embedding per window (cached like the first) and one more decoder pass per click. A checkpoint
-turns it on with ``ModelConfig.coarse_view`` (chosen on validation data); off by default.
+turns it on with ``PipelineOptions.coarse_view`` (chosen on validation data); off by default.
 
 Grids: both crops are centred on the same RAS point, axes along +R, +A, +S; crop voxel indices
 ``(a, b, c)``. Fine index ``i`` lies at coarse index ``offset + i * scale`` (per axis), with
@@ -43,11 +43,6 @@ from msam_core.pipeline.preprocess import CropGrid
 FACTOR = 2.0
 #: Thickness (voxels) of the shell around a mask that its contrast is measured against.
 SHELL_VOXELS = 3
-
-
-def enabled(model) -> bool:
-    """Whether ``model``'s config turns the coarse view on (``ModelConfig.coarse_view``)."""
-    return bool(getattr(getattr(model, "config", None), "coarse_view", False))
 
 
 def coarse_grid(grid: CropGrid, factor: float = FACTOR) -> CropGrid:

@@ -26,7 +26,7 @@ back, and so 15 of those 54 first regions.
 The pipeline adds ``weight * (2 r - 1)`` to the upsampled crop logits (``r`` the union of the
 positive clicks' regions, 1 inside): where the network is unsure, the region decides; where it is
 sure (a negative click nearby), the network does. The weights are calibrated per checkpoint on
-validation lesions (``msam calibrate --prior-weights``; ``ModelConfig.prior_weight_first`` for a
+validation lesions (``msam calibrate --prior-weights``; ``PipelineOptions.prior_weight_first`` for a
 lesion prompted by one positive click, ``prior_weight`` after further clicks); 0 turns it off.
 
 Crops are the pipeline's 128^3 crops on a RAS-aligned isotropic lattice, as numpy ``[a, b, c]``
@@ -44,7 +44,7 @@ MULTIPLIERS: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 #: Smallest region (voxels) a stable pair may start from: fewer is noise around the click.
 MIN_VOXELS = 8
 #: Largest region (voxels, 67.5 ml at 1.5 mm: a 50 mm sphere) a stable pair may end at, by default
-#: (``ModelConfig.prior_max_voxels`` holds the bound a checkpoint's weights were calibrated at). Chosen on
+#: (``PipelineOptions.prior_max_voxels`` holds the bound a checkpoint's weights were calibrated at). Chosen on
 #: the first 56 synthetic *training* lesions, whose sizes reach 60 mm (the validation split has none
 #: above 4,000 voxels, so it cannot tell bounds apart there): the prior alone scores one-click Dice
 #: 0.279 at 20,000 against 0.246 at 5,000 and 0.279 at 40,000 (which loses small lesions to leaks
@@ -109,7 +109,7 @@ class RegionPrior:
     Args:
         crop: the normalised crop, ``[a, b, c]`` (or ``[1, 1, a, b, c]``), as the model sees it
             before its input transform.
-        max_voxels: the largest stable region taken (``ModelConfig.prior_max_voxels``).
+        max_voxels: the largest stable region taken (``PipelineOptions.prior_max_voxels``).
     """
 
     def __init__(self, crop, max_voxels: int = MAX_VOXELS) -> None:
@@ -161,16 +161,3 @@ def one_positive_click(labels: np.ndarray) -> bool:
     its own calibrated settings."""
     labels = np.asarray(labels).reshape(-1)
     return labels.size == 1 and int(labels[0]) == 1
-
-
-def prior_weight(config, labels: np.ndarray) -> float:
-    """The calibrated weight for a lesion's clicks: ``config.prior_weight_first`` when they are one
-    positive click, else ``config.prior_weight``."""
-    if config is None:
-        return 0.0
-    return float(getattr(config, "prior_weight_first" if one_positive_click(labels) else "prior_weight", 0.0))
-
-
-def for_model(model, crop) -> RegionPrior:
-    """A :class:`RegionPrior` of ``crop`` at the bound ``model``'s weights were calibrated at."""
-    return RegionPrior(crop, getattr(getattr(model, "config", None), "prior_max_voxels", MAX_VOXELS))

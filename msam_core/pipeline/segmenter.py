@@ -2,22 +2,33 @@
 
 Typical use::
 
-    seg = Segmenter(model, device="cpu", cache=DictEmbeddingCache())
+    loaded = load_model("msam_default.safetensors")          # network + pipeline options
+    seg = Segmenter(loaded.network, loaded.options, device="cpu", cache=DictEmbeddingCache())
     result = seg.segment(volume, points=[Point((10.0, -20.0, 35.0), space="RAS")])
     result.labels  # uint8 on volume's grid: 0 background, k = lesion k
 
+``msam segment``, the worker, ``msam evaluate`` and ``msam calibrate`` all build their Segmenter
+from a :class:`~msam_core.checkpoints.LoadedModel` this way, and all reach the network through
+:meth:`Segmenter.open_crop` and :meth:`Segmenter.click`: a pipeline step added there is added for
+every caller. Whoever needs to watch the work (the worker times stages, cancels jobs and reports
+progress) passes :class:`SegmenterHooks`; nobody wraps the network.
+
 The steps are public so a service can split and cache them, nnInteractive-session style:
-:meth:`Segmenter.sampler` (wrap a volume once) -> :meth:`Segmenter.prepare` (a 128^3 window for
-a lesion) -> :meth:`Segmenter.encode` (embedding + cache key ``model_id:sha256(crop)``, looked up
-in an optional :class:`EmbeddingCache`) -> :meth:`Segmenter.predict` (decoder / refinement) ->
+:meth:`Segmenter.sampler` (wrap a volume once) -> :meth:`Segmenter.open_crop` (a 128^3 crop, its
+embedding under the cache key ``model_id:sha256(crop)`` in an optional :class:`EmbeddingCache`,
+and the state of one lesion's interaction on it) -> :meth:`Segmenter.click` (decoder, decision
+threshold, stable-region prior, boundary refinement, coarse view) ->
 :mod:`~msam_core.pipeline.postprocess`. A follow-up click on the same lesion keeps the crop
 centred on the *first* positive click, so it hits the cache and costs only a decoder pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -26,13 +37,14 @@ import torch
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
-from msam_core.pipeline.boundary import boundary_band, refine_boundary
-from msam_core.pipeline.coarse_view import choose, coarse_grid, enabled, logits_to_fine, points_to_coarse
+from msam_core.pipeline.boundary import refine_boundary
+from msam_core.pipeline.coarse_view import choose, coarse_grid, logits_to_fine, points_to_coarse
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
-from msam_core.pipeline.region_prior import RegionPrior, add_prior, for_model, prior_weight
+from msam_core.pipeline.region_prior import RegionPrior, add_prior
 from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_from_known,
                                         touched_faces, window_grid)
 
@@ -52,6 +64,44 @@ class PromptableModel(Protocol):
 
     def refine(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
                mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+
+#: The stages :class:`SegmenterHooks` hear about: image embeddings, decoder passes, stable-region
+#: growing and the boundary walker.
+STAGES = ("encode", "decode", "prior", "boundary")
+
+
+class SegmenterHooks:
+    """What a :class:`Segmenter` tells whoever runs it; every method is a no-op here.
+
+    Subclass and override: the worker checks for cancellation in :meth:`before` (an exception
+    raised there stops the request before the stage starts), times the stages in :meth:`after`
+    and reports progress in :meth:`lesion_done`.
+    """
+
+    def before(self, stage: str) -> None:
+        """A stage of :data:`STAGES` is about to run."""
+
+    def after(self, stage: str, seconds: float) -> None:
+        """A stage finished after ``seconds`` (device work included: CUDA is synchronised)."""
+
+    def lesion_done(self, done: int, total: int) -> None:
+        """``done`` of a request's ``total`` lesions are segmented."""
+
+
+class StageTimer(SegmenterHooks):
+    """Hooks that add up each stage's seconds and count its runs (``runs["encode"]``: encoder
+    passes, cache misses only)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {name: 0.0 for name in STAGES}
+        self.runs: dict[str, int] = {name: 0 for name in STAGES}
+
+    def after(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.runs[stage] = self.runs.get(stage, 0) + 1
 
 
 class EmbeddingCache(Protocol):
@@ -123,6 +173,31 @@ class CoarseView:
 
 
 @dataclass
+class CropState:
+    """One lesion's interaction on one crop, kept across its clicks (:meth:`Segmenter.open_crop`).
+
+    Attributes:
+        image: the normalised crop ``float32 [1, 1, S, S, S]``.
+        grid: where it lies (RAS-aligned, crop voxel indices ``(a, b, c)``).
+        embedding: its image embedding.
+        cache_hit: whether the embedding came from the cache.
+        coarse: its coarse view, when the options turn it on.
+        prior: the stable regions of its clicks, grown once each (created at the first click that
+            needs it).
+        low_res: the network's logits at the last click ``[1, 1, 32, 32, 32]`` (calibrated units),
+            the next click's mask prompt when it asks for feedback.
+    """
+
+    image: torch.Tensor
+    grid: CropGrid
+    embedding: torch.Tensor
+    cache_hit: bool = False
+    coarse: CoarseView | None = None
+    prior: RegionPrior | None = None
+    low_res: torch.Tensor | None = None
+
+
+@dataclass
 class LesionOutcome:
     """What happened for one lesion (no image content: safe to log)."""
 
@@ -163,19 +238,37 @@ class Segmenter:
 
     Args:
         model: the network (see :class:`PromptableModel`).
+        options: the pipeline's settings around it, as the checkpoint states them
+            (:class:`~msam_core.checkpoints.LoadedModel`'s ``options``).
         device: ``"cpu"`` or ``"cuda"``; crops and prompts are moved there.
         cache: optional embedding cache shared across requests.
         max_windows: most 128^3 windows spent on one lesion (large-lesion following).
+        hooks: told before and after every stage and after every lesion (default: nobody).
     """
 
-    def __init__(self, model: PromptableModel, device: str | torch.device = "cpu",
-                 cache: EmbeddingCache | None = None, max_windows: int = 8) -> None:
+    def __init__(self, model: PromptableModel, options: PipelineOptions, device: str | torch.device = "cpu",
+                 cache: EmbeddingCache | None = None, max_windows: int = 8,
+                 hooks: SegmenterHooks | None = None) -> None:
         if max_windows < 1:
             raise ValueError("max_windows must be >= 1")
+        if not isinstance(options, PipelineOptions):
+            raise TypeError(f"options must be PipelineOptions (the checkpoint's, from load_model), got "
+                            f"{type(options).__name__}")
         self.model = model
+        self.options = options
         self.device = torch.device(device)
         self.cache = cache
         self.max_windows = max_windows
+        self.hooks = hooks if hooks is not None else SegmenterHooks()
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        self.hooks.before(name)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.hooks.after(name, time.perf_counter() - start)
 
     # -- steps --------------------------------------------------------------------------------
     def sampler(self, volume: Volume) -> VolumeSampler:
@@ -206,7 +299,7 @@ class Segmenter:
             cached = cache.get(key)
             if cached is not None:
                 return cached.to(self.device), key, True
-        with torch.inference_mode(), self._autocast():
+        with self._stage("encode"), torch.inference_mode(), self.model.autocast():
             embedding = self.model.encode(image.to(self.device))
         if cache is not None:
             cache.put(key, embedding)
@@ -214,10 +307,10 @@ class Segmenter:
 
     def coarse_view(self, sampler: VolumeSampler | None, grid: CropGrid,
                     image: torch.Tensor | None = None) -> CoarseView | None:
-        """The coarse view of the window on ``grid`` when the model's config turns it on
-        (``ModelConfig.coarse_view``), else ``None``. ``image``: the coarse crop when already cut
-        (default: cut from ``sampler``); its embedding goes through the cache as any other."""
-        if not enabled(self.model):
+        """The coarse view of the window on ``grid`` when the options turn it on
+        (``PipelineOptions.coarse_view``), else ``None``. ``image``: the coarse crop when already
+        cut (default: cut from ``sampler``); its embedding goes through the cache as any other."""
+        if not self.options.coarse_view:
             return None
         coarse = coarse_grid(grid)
         image = sampler.crop(coarse) if image is None else image
@@ -226,72 +319,98 @@ class Segmenter:
 
     def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
                 mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor:
-        """Decoder pass(es).
+        """Decoder pass(es), in calibrated units: the network's logits minus the options'
+        ``mask_threshold`` (a mask prompt is shifted back before the network sees it).
 
         Args:
             embedding: from :meth:`encode`.
             points_crop: ``(N, 3)`` continuous crop voxel indices ``(a, b, c)``.
             labels: ``(N,)`` 1 positive / 0 negative.
-            mask_logits: optional mask prompt ``[1, 1, 32, 32, 32]``.
+            mask_logits: optional mask prompt ``[1, 1, 32, 32, 32]`` (calibrated units).
             iterations: 1 = one decoder pass; more feeds each prediction back as the mask prompt.
 
         Returns:
-            logits ``float32 [1, 1, 32, 32, 32]`` on the CPU.
+            logits ``float32 [1, 1, 32, 32, 32]`` on the CPU, ``> 0`` = lesion.
         """
         points = torch.as_tensor(np.asarray(points_crop, np.float32).reshape(1, -1, 3), device=self.device)
         lab = torch.as_tensor(np.asarray(labels, np.int64).reshape(1, -1), device=self.device)
-        mask = None if mask_logits is None else mask_logits.to(self.device)
-        with torch.inference_mode(), self._autocast():
+        threshold = self.options.mask_threshold
+        mask = None if mask_logits is None else mask_logits.to(self.device) + threshold
+        with self._stage("decode"), torch.inference_mode(), self.model.autocast():
             if iterations == 1:
                 out = self.model.decode(embedding, points, lab, mask)
             else:
                 out = self.model.refine(embedding, points, lab, mask, iterations=iterations)
-        return out.float().cpu()
+            out = out.float().cpu()
+        return out - threshold if threshold else out
 
-    def crop_logits(self, image: torch.Tensor, embedding: torch.Tensor, points_crop: np.ndarray,
-                    labels: np.ndarray, mask_logits: torch.Tensor | None = None, iterations: int = 1,
-                    prior: RegionPrior | None = None,
-                    coarse: CoarseView | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """:meth:`predict`, upsampled to the crop, plus the model's calibrated stable-region prior,
-        with the boundary then refined at full resolution by its calibrated band
-        (:mod:`~msam_core.pipeline.boundary`); with ``coarse``, the same for the mean of these
-        logits and the coarse view's, and the candidate the image supports better is kept
-        (:mod:`~msam_core.pipeline.coarse_view`).
+    def open_crop(self, image: torch.Tensor, grid: CropGrid, *, sampler: VolumeSampler | None = None,
+                  coarse_image: torch.Tensor | None = None, prior: RegionPrior | None = None) -> CropState:
+        """Start one lesion's interaction on the crop ``image`` (``[1, 1, S, S, S]``, on ``grid``):
+        its embedding (through the cache) and, when the options turn it on, its coarse view, cut
+        from ``sampler`` or given as ``coarse_image``. ``prior``: a
+        :class:`~msam_core.pipeline.region_prior.RegionPrior` of ``image`` to share (default: one
+        is made at the first click that needs it)."""
+        embedding, _, hit = self._encode(image)
+        coarse = self.coarse_view(sampler, grid, coarse_image) if self.options.coarse_view else None
+        return CropState(image=image, grid=grid, embedding=embedding, cache_hit=hit, coarse=coarse, prior=prior)
+
+    def new_prior(self, image: torch.Tensor) -> RegionPrior:
+        """A :class:`~msam_core.pipeline.region_prior.RegionPrior` of the crop ``image`` at the
+        bound the options' weights were chosen at."""
+        return RegionPrior(image.detach().cpu().numpy(), self.options.prior_max_voxels)
+
+    def click(self, state: CropState, points_crop: np.ndarray, labels: np.ndarray,
+              mask_prompt: torch.Tensor | None = None, iterations: int = 1, feedback: bool = False) -> np.ndarray:
+        """The lesion's crop logits for its clicks so far: the network's (:meth:`predict`),
+        upsampled to the crop, plus the stable-region prior, with the boundary then refined at full
+        resolution (:mod:`~msam_core.pipeline.boundary`), each as the options set them; with a
+        coarse view, the same for the mean of these logits and the coarse view's, and the
+        candidate the image supports better is kept (:mod:`~msam_core.pipeline.coarse_view`).
 
         Args:
-            image: the crop ``[1, 1, S, S, S]`` that ``embedding`` encodes.
-            prior: a :class:`~msam_core.pipeline.region_prior.RegionPrior` of ``image``, kept
-                across the clicks of one interaction so each click's region is grown once
-                (default: a new one, when the model has a non-zero prior weight).
-            coarse: this crop's :meth:`coarse_view` (``None``: the crop alone). It is decoded
-                from the clicks alone, with ``iterations`` passes.
+            state: from :meth:`open_crop`; its ``low_res`` is set to this click's network logits.
+            points_crop: ``(N, 3)`` every click so far, crop voxel indices ``(a, b, c)``.
+            labels: ``(N,)`` 1 positive / 0 negative.
+            mask_prompt: the network's mask prompt ``[1, 1, 32, 32, 32]`` (calibrated units).
+            iterations: decoder passes, each fed the previous one's logits.
+            feedback: without ``mask_prompt``, prompt with the logits of the previous click on
+                this crop (an interactive session); else decode from the clicks alone.
 
         Returns:
-            ``(low-res logits [1, 1, 32, 32, 32]``, the network's own on ``image``, to feed back
-            as the next mask prompt; ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion``)``.
+            ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion.
         """
-        low_res = self.predict(embedding, points_crop, labels, mask_logits, iterations)
-        size = image.shape[-1]
+        if mask_prompt is None and feedback:
+            mask_prompt = state.low_res
+        low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations)
+        state.low_res = low_res
+        size = state.image.shape[-1]
         logits = upsample_logits(low_res, size=size)
-        config = getattr(self.model, "config", None)
-        weight, band = prior_weight(config, labels), boundary_band(config, labels)
-        crop = image.detach().cpu().numpy() if (weight and prior is None) or band or coarse is not None else None
+        weight = self.options.prior_weight_for(labels)
+        band = self.options.boundary_band_for(labels)
+        crop = state.image.detach().cpu().numpy() if band or state.coarse is not None else None
         region = None
         if weight:
-            prior = prior if prior is not None else for_model(self.model, crop)
-            region = prior.mask(points_crop, labels)
+            if state.prior is None:
+                state.prior = self.new_prior(state.image)
+            with self._stage("prior"):
+                region = state.prior.mask(points_crop, labels)
 
         def finish(raw: np.ndarray) -> np.ndarray:
             out = add_prior(raw, region, weight) if weight else raw
-            return refine_boundary(crop, out, points_crop, labels, band) if band else out
+            if not band:
+                return out
+            with self._stage("boundary"):
+                return refine_boundary(crop, out, points_crop, labels, band)
 
-        if coarse is None:
-            return low_res, finish(logits)
+        if state.coarse is None:
+            return finish(logits)
+        coarse = state.coarse
         coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
                                   labels, None, iterations)
         seen = logits_to_fine(upsample_logits(coarse_low, size=size), coarse.fine, coarse.grid)
         candidates = {"fine": finish(logits), "both": finish((logits + seen) / 2)}
-        return low_res, candidates[choose(crop, candidates)]
+        return candidates[choose(crop, candidates)]
 
     # -- whole requests -----------------------------------------------------------------------
     def segment(self, volume: Volume, points: Sequence[Point] = (), boxes: Sequence[Box] = (),
@@ -317,7 +436,7 @@ class Segmenter:
             sampler = self.sampler(volume)
         per_lesion = {}
         outcomes = []
-        for lesion in lesions:
+        for n, lesion in enumerate(lesions, start=1):
             canvas, outcome = self.segment_lesion(sampler, lesion, int(iterations))
             logits, affine = canvas.merged()
             grid_logits = logits_to_volume_grid(logits, affine, volume)
@@ -325,6 +444,7 @@ class Segmenter:
                 grid_logits = clip_to_box(grid_logits, lesion.box, volume)
             per_lesion[lesion.lesion] = grid_logits
             outcomes.append(outcome)
+            self.hooks.lesion_done(n, len(lesions))
         labels = combine_lesions(per_lesion, volume.shape)
         counts = np.bincount(labels.ravel(), minlength=256)
         for outcome in outcomes:
@@ -351,15 +471,12 @@ class Segmenter:
             pts, labels = self._window_points(grid, lesion, canvas, offset)
             if pts is None:
                 continue  # nothing of this lesion is known to reach into that window
-            window = Window(grid=grid, offset=offset, image=sampler.crop(grid))
-            embedding, _, hit = self._encode(window.image)
-            outcome.cache_hits += int(hit)
+            state = self.open_crop(sampler.crop(grid), grid, sampler=sampler)
+            outcome.cache_hits += int(state.cache_hit)
             mask_prompt = None
             if lesion.prior is not None:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
-            coarse = self.coarse_view(sampler, grid)
-            _, logits = self.crop_logits(window.image, embedding, pts, labels, mask_prompt, iterations,
-                                         coarse=coarse)
+            logits = self.click(state, pts, labels, mask_prompt, iterations)
             if lesion.box is not None:
                 centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
                 inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)
@@ -399,11 +516,3 @@ class Segmenter:
                 return np.vstack([centre, crop_pts]), np.concatenate([[1], lab]).astype(np.int64)
             return None, lab
         return crop_pts, lab
-
-    def _autocast(self):
-        autocast = getattr(self.model, "autocast", None)
-        if callable(autocast):
-            return autocast()
-        import contextlib
-
-        return contextlib.nullcontext()

@@ -9,10 +9,11 @@ data the model is judged on - once per candidate threshold, and keeps the thresh
 highest mean Dice over clicks 1..N (the area under the Dice-versus-clicks curve, so one-click
 and multi-click results both count); ties go to the threshold nearest 0.
 
-The threshold is written into a copy of the checkpoint (``ModelConfig.mask_threshold``, with
+The threshold is written into a copy of the checkpoint (``PipelineOptions.mask_threshold``, with
 the table of scores in the provenance); the weights are unchanged. Every user of the model
-(``msam segment``, the worker, ``msam evaluate``) then decides at it, because
-:meth:`~msam_core.model.msam.MSAM.decode` returns logits minus the threshold.
+(``msam segment``, the worker, ``msam evaluate``) then decides at it, because their
+:class:`~msam_core.pipeline.segmenter.Segmenter` is built from the checkpoint's options and
+returns logits minus the threshold.
 
 ``--prior-weights``: then, at the chosen threshold, the same protocol once per candidate pair of
 weights of the stable-region prior (:mod:`msam_core.pipeline.region_prior`: one for a lesion
@@ -21,20 +22,20 @@ among them, and the pair with the highest mean Dice (ties: the smaller total wei
 only when it is clearly better: its paired bootstrap 95% interval of the mean Dice difference over
 the lesions (:func:`~msam_core.train.compare.compare`) lies above 0; a few thousandths on two
 dozen lesions is which lesions suit which pair, not a better pair. Written as
-``ModelConfig.prior_weight_first`` and ``prior_weight``, used by
-:meth:`~msam_core.pipeline.segmenter.Segmenter.crop_logits`. The weights are chosen at one
+``PipelineOptions.prior_weight_first`` and ``prior_weight``, used by
+:meth:`~msam_core.pipeline.segmenter.Segmenter.click`. The weights are chosen at one
 bound on the stable region's size (``--prior-max-voxels``, default
 :data:`~msam_core.pipeline.region_prior.MAX_VOXELS`), written with them as
-``ModelConfig.prior_max_voxels``.
+``PipelineOptions.prior_max_voxels``.
 
 ``--boundary-bands``: last, with the chosen prior, the same once per candidate pair of bands of
 the full-resolution boundary refinement (:mod:`msam_core.pipeline.boundary`: half-widths in
 voxels of the band a random walker decides, 0 = off; one for one positive click, one after
 further clicks), with the same rule against the checkpoint's own pair. Written as
-``ModelConfig.boundary_band_first`` and ``boundary_band``.
+``PipelineOptions.boundary_band_first`` and ``boundary_band``.
 
 ``--coarse-view on|off``: last, set whether the pipeline also looks at twice the spacing
-(:mod:`msam_core.pipeline.coarse_view`; ``ModelConfig.coarse_view``). This one is set, not chosen:
+(:mod:`msam_core.pipeline.coarse_view`; ``PipelineOptions.coarse_view``). This one is set, not chosen:
 the protocol runs once with it off and once on at the settings above, and both scores, with the
 paired interval of on minus off, go into the provenance for whoever reads the choice.
 """
@@ -61,26 +62,27 @@ DEFAULT_BOUNDARY_BANDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2), (
 
 
 def set_threshold(model, threshold: float) -> None:
-    """Set ``model``'s decision threshold (``ModelConfig.mask_threshold``) in place."""
-    model.config = replace(model.config, mask_threshold=float(threshold))
+    """Set ``model``'s (a :class:`~msam_core.checkpoints.LoadedModel`) decision threshold
+    (``PipelineOptions.mask_threshold``) in place."""
+    model.options = replace(model.options, mask_threshold=float(threshold))
 
 
 def set_prior_weights(model, first: float, later: float, max_voxels: int | None = None) -> None:
-    """Set ``model``'s stable-region prior weights (``ModelConfig.prior_weight_first``,
+    """Set ``model``'s stable-region prior weights (``PipelineOptions.prior_weight_first``,
     ``prior_weight``) and, when given, its bound (``prior_max_voxels``) in place."""
     bound = {} if max_voxels is None else {"prior_max_voxels": max_voxels}
-    model.config = replace(model.config, prior_weight_first=float(first), prior_weight=float(later), **bound)
+    model.options = replace(model.options, prior_weight_first=float(first), prior_weight=float(later), **bound)
 
 
 def set_boundary_bands(model, first: int, later: int) -> None:
-    """Set ``model``'s boundary-refinement bands (``ModelConfig.boundary_band_first``,
+    """Set ``model``'s boundary-refinement bands (``PipelineOptions.boundary_band_first``,
     ``boundary_band``) in place."""
-    model.config = replace(model.config, boundary_band_first=int(first), boundary_band=int(later))
+    model.options = replace(model.options, boundary_band_first=int(first), boundary_band=int(later))
 
 
 def set_coarse_view(model, on: bool) -> None:
-    """Turn ``model``'s coarse view (``ModelConfig.coarse_view``) on or off in place."""
-    model.config = replace(model.config, coarse_view=bool(on))
+    """Turn ``model``'s coarse view (``PipelineOptions.coarse_view``) on or off in place."""
+    model.options = replace(model.options, coarse_view=bool(on))
 
 
 def measure_coarse_view(model, data_dir: Path, on: bool, split: str = "validation", clicks: int = 5,
@@ -176,10 +178,10 @@ def _calibrate_pair(model, candidates: list, incumbent: tuple, apply, what: str,
     from msam_core.pipeline.segmenter import DictEmbeddingCache
 
     candidates = list(dict.fromkeys(candidates + [incumbent]))
-    config = model.config
+    options = model.options
     for pair in candidates:
         apply(model, pair)
-    model.config = config
+    model.options = options
     per_lesion: dict = {}
     table = _scan(model, candidates, apply, data_dir, split, clicks, device, DictEmbeddingCache(max_items=100_000),
                   log, lambda pair: f"{what} {pair_label(pair)}", per_lesion)
@@ -199,10 +201,10 @@ def calibrate_prior(model, data_dir: Path, split: str = "validation", clicks: in
     model's threshold and the bound ``max_voxels``. The model's own pair is scanned too, and kept
     unless the best pair is clearly better (:func:`choose_over_incumbent`). ``-> (chosen pair,
     table, decision)``; ``model`` is left at the chosen pair and that bound. A negative or
-    non-finite weight, or a bound below 1, raises ``ValueError`` (``ModelConfig``)."""
+    non-finite weight, or a bound below 1, raises ``ValueError`` (``PipelineOptions``)."""
     if not weights:
         raise ValueError("give at least one pair of prior weights")
-    incumbent = (float(model.config.prior_weight_first), float(model.config.prior_weight))
+    incumbent = (float(model.options.prior_weight_first), float(model.options.prior_weight))
     return _calibrate_pair(model, [(float(a), float(b)) for a, b in weights], incumbent,
                            lambda m, w: set_prior_weights(m, *w, max_voxels=max_voxels), "prior weights",
                            data_dir, split, clicks, device, log)
@@ -213,10 +215,10 @@ def calibrate_boundary(model, data_dir: Path, split: str = "validation", clicks:
                        log=print) -> tuple[tuple[int, int], dict, dict]:
     """Like :func:`calibrate_prior`, for the boundary refinement's ``(first, later)`` bands at the
     model's threshold and prior. ``-> (chosen pair, table, decision)``; ``model`` is left at the
-    chosen pair. A negative band raises ``ValueError`` (``ModelConfig``)."""
+    chosen pair. A negative band raises ``ValueError`` (``PipelineOptions``)."""
     if not bands:
         raise ValueError("give at least one pair of boundary bands")
-    incumbent = (int(model.config.boundary_band_first), int(model.config.boundary_band))
+    incumbent = (int(model.options.boundary_band_first), int(model.options.boundary_band))
     return _calibrate_pair(model, [(int(a), int(b)) for a, b in bands], incumbent,
                            lambda m, b: set_boundary_bands(m, *b), "boundary bands", data_dir, split, clicks,
                            device, log)
@@ -285,12 +287,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msam_core.checkpoints import load_checkpoint, save_checkpoint
+    from msam_core.checkpoints import load_model, save_checkpoint
     from msam_core.train.data import require_cases
 
     require_cases(args.data, args.split)  # a wrong folder or split fails before any evaluation
-    model = load_checkpoint(args.checkpoint, device=args.device)
-    meta = getattr(model, "checkpoint_meta", {}) or {}
+    model = load_model(args.checkpoint, device=args.device)
+    meta = model.meta
     if "config" not in meta:
         raise InvalidCheckpoint(f"{args.checkpoint.name} is not an msam checkpoint (convert it with 'msam convert')")
     best, table = calibrate(model, args.data, args.split, args.clicks, tuple(args.thresholds), args.device)
@@ -322,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coarse_view is not None:
         record = measure_coarse_view(model, args.data, args.coarse_view == "on", args.split, args.clicks, args.device)
         provenance["calibration"]["coarse_view"] = record
-    save_checkpoint(model, args.out, provenance)
+    save_checkpoint(model.network, args.out, provenance, model.options)
     print(f"mask_threshold {best:+.2f} (mean Dice {table[best]['mean_dice']:.4f}; at 0: "
           f"{table[0.0]['mean_dice']:.4f})" if 0.0 in table else f"mask_threshold {best:+.2f}")
     print(f"wrote {args.out}")

@@ -81,16 +81,17 @@ def _paired(report: Path, baseline: str = "region_growing") -> tuple[str, str]:
     return phrase(rows[0]), phrase(rows[-2])  # first and last click; rows[-1] is the mean over clicks
 
 
-def _prior(config, prov: dict) -> str:
-    """The Model section's sentence on the stable-region prior, with its calibration table."""
-    if config is None or not (config.prior_weight_first or config.prior_weight):
+def _prior(options, prov: dict) -> str:
+    """The Model section's sentence on the stable-region prior (``options``: the checkpoint's
+    pipeline options), with its calibration table."""
+    if options is None or not (options.prior_weight_first or options.prior_weight):
         return ""
     cal = prov.get("calibration", {})
     table = "; ".join(f"{k}: {v['mean_dice']:.3f}" for k, v in cal.get("prior_table", {}).items())
     return ("The pipeline adds a stable-region prior to the upsampled logits "
             "(`msam_core/pipeline/region_prior.py`): per positive click the SimpleITK ConfidenceConnected region "
-            f"that changes least from one multiplier to the next (MSER-style, {MIN_VOXELS:,} to {config.prior_max_voxels:,} voxels), weighted "
-            f"{config.prior_weight_first:g} for a lesion prompted by one positive click and {config.prior_weight:g} "
+            f"that changes least from one multiplier to the next (MSER-style, {MIN_VOXELS:,} to {options.prior_max_voxels:,} voxels), weighted "
+            f"{options.prior_weight_first:g} for a lesion prompted by one positive click and {options.prior_weight:g} "
             "after further clicks; the network's weights are unchanged. The weights were chosen by `msam calibrate "
             f"--prior-weights` on the {cal.get('split', 'validation')} split (mean Dice over clicks 1..{cal.get('clicks', '?')} "
             f"per FIRST,LATER pair: {table or 'not recorded'}{_kept(cal.get('prior_choice', {}))}). ")
@@ -100,26 +101,26 @@ def _voxels(n: int) -> str:
     return f"{n} voxel" + ("" if n == 1 else "s")
 
 
-def _boundary(config, prov: dict) -> str:
+def _boundary(options, prov: dict) -> str:
     """The Model section's sentence on the boundary refinement, with its calibration table."""
-    if config is None or not (config.boundary_band_first or config.boundary_band):
+    if options is None or not (options.boundary_band_first or options.boundary_band):
         return ""
     cal = prov.get("calibration", {})
     table = "; ".join(f"{k}: {v['mean_dice']:.3f}" for k, v in cal.get("boundary_table", {}).items())
-    first = (f"{_voxels(config.boundary_band_first)} for a lesion prompted by one positive click"
-             if config.boundary_band_first else "none for a lesion prompted by one positive click")
+    first = (f"{_voxels(options.boundary_band_first)} for a lesion prompted by one positive click"
+             if options.boundary_band_first else "none for a lesion prompted by one positive click")
     return ("Then a random walker (Grady 2006, scikit-image) moves the mask's boundary onto the image's edges at "
             "full resolution (`msam_core/pipeline/boundary.py`): seeds are the mask's voxels deeper than a band "
             "(inside; half the mask's depth for a small mask), everything farther out than the band (outside) and "
-            f"the clicks; the band's half-width is {first} and {_voxels(config.boundary_band)} after further "
+            f"the clicks; the band's half-width is {first} and {_voxels(options.boundary_band)} after further "
             f"clicks, chosen by `msam calibrate --boundary-bands` on the {cal.get('split', 'validation')} split "
             f"(mean Dice over clicks 1..{cal.get('clicks', '?')} per FIRST,LATER pair: {table or 'not recorded'}"
             f"{_kept(cal.get('boundary_choice', {}))}). ")
 
 
-def _coarse(config, prov: dict) -> str:
+def _coarse(options, prov: dict) -> str:
     """The Model section's sentence on the coarse view, with the scores it was set on."""
-    if config is None or not config.coarse_view:
+    if options is None or not options.coarse_view:
         return ""
     cal = prov.get("calibration", {})
     record = cal.get("coarse_view", {})
@@ -222,9 +223,10 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
         raise ValueError(f"{weights} is {weights.stat().st_size / 1e6:.1f} MB, over the 25 MB budget")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, out / "msam_default.safetensors")
-    from msam_core.checkpoints import read_weights
+    from msam_core.checkpoints import options_from_meta, read_weights
 
     _, config, meta = read_weights(weights)
+    options = options_from_meta(meta, weights.name)
     prov = meta.get("provenance", {})
     curve = _loss_curve(run / "log.csv")
     evals = read_evals(run)
@@ -254,9 +256,9 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
            if config is not None and config.region_logits else "")
         + (f"Input transform `{config.input_transform}` on the normalised crop. "
            if config is not None and config.input_transform != "none" else "")
-        + _prior(config, prov)
-        + _boundary(config, prov)
-        + _coarse(config, prov)
+        + _prior(options, prov)
+        + _boundary(options, prov)
+        + _coarse(options, prov)
         +
         f"{'Initialised from ' + settings['init'] if settings.get('init') else 'No pretrained encoder exists for this size, so it was trained from scratch with every parameter trainable (not the LoRA-only recipe, which needs SAM-Med3D weights).'}",
         f"- Weights: safetensors, {weights.stat().st_size / 1e6:.1f} MB, msam format with provenance metadata "

@@ -3,17 +3,17 @@
 Protocol, per lesion (every ``k > 0`` of a case's label map):
 
 1. The first click at the lesion's deepest voxel; the 128^3 crop centred on it exactly as
-   :class:`~msam_core.pipeline.segmenter.Segmenter` does (same ``prepare``/``encode``/``predict``).
+   :class:`~msam_core.pipeline.segmenter.Segmenter` centres it for ``msam segment`` and the
+   service.
 2. The model's first pass has no mask prompt (as ``msam segment``); every next click is placed
    at the deepest voxel of the largest error region of the current result (positive on a miss,
    negative on a false positive) and the previous logits are fed back as the mask prompt (an
    interactive session; ``--no-feedback``: decode from the clicks alone, as repeated
-   ``msam segment`` calls). The masks are :meth:`Segmenter.crop_logits` ``> 0``: the network's
-   logits upsampled to the crop plus the checkpoint's calibrated stable-region prior
-   (:mod:`~msam_core.pipeline.region_prior`; off unless ``msam calibrate --prior-weights`` set it),
-   then its calibrated boundary refinement (:mod:`~msam_core.pipeline.boundary`; off unless
-   ``msam calibrate --boundary-bands`` set it), and, for a checkpoint with ``coarse_view``, the
-   second candidate from the same place at twice the spacing (:mod:`~msam_core.pipeline.coarse_view`).
+   ``msam segment`` calls). The masks come from the same calls as the service's:
+   :meth:`Segmenter.open_crop` once per lesion, then :meth:`Segmenter.click` per click, with the
+   checkpoint's pipeline options (decision threshold, stable-region prior, boundary refinement,
+   coarse view; :class:`~msam_core.pipeline.options.PipelineOptions`). ``--masks DIR`` writes each
+   lesion's mask after each click on the case's own grid, resampled as the service resamples.
 3. Metrics on the crop grid (1.5 mm): Dice and normalised surface Dice (NSD, tolerance
    ``--nsd-tolerance`` mm), both MONAI (``compute_dice``, ``compute_surface_dice``).
 4. Baseline from the same protocol (own error-driven clicks, same first click): SimpleITK
@@ -59,9 +59,9 @@ import torch
 from msam_core.cli.arguments import number, whole_number
 from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.io.load import load_volume
-from msam_core.pipeline.coarse_view import coarse_grid, enabled
+from msam_core.pipeline.coarse_view import coarse_grid
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
-from msam_core.pipeline.region_prior import RegionPrior, for_model
+from msam_core.pipeline.region_prior import RegionPrior
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
@@ -188,23 +188,31 @@ def _click_protocol(segment, gt: np.ndarray, centre: np.ndarray, grid, clicks: i
 
 
 def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, clicks: int, tolerance_mm: float,
-                  feedback: bool, prior: RegionPrior | None = None,
-                  coarse_image: torch.Tensor | None = None) -> list[tuple[float, float]]:
-    """``prior``: the :class:`RegionPrior` of ``image`` (default: a new one), shared so that each
-    click's stable region is grown once per lesion. ``coarse_image``: the crop of the same place at
-    twice the spacing (:func:`coarse_crop`), for a model with ``coarse_view``."""
-    embedding, _ = segmenter.encode(image)
-    low = None
-    prior = prior if prior is not None else for_model(segmenter.model, image.numpy())
-    coarse = None if coarse_image is None else segmenter.coarse_view(None, grid, coarse_image)
+                  feedback: bool, prior: RegionPrior | None = None, coarse_image: torch.Tensor | None = None,
+                  on_logits=None) -> list[tuple[float, float]]:
+    """The click protocol through :meth:`Segmenter.open_crop` / :meth:`Segmenter.click`.
+
+    ``prior``: the :class:`RegionPrior` of ``image`` to share (default: the Segmenter makes one),
+    so that each click's stable region is grown once per lesion. ``coarse_image``: the crop of the
+    same place at twice the spacing (:func:`coarse_crop`), when the options turn the coarse view
+    on. ``on_logits(clicks, crop logits)``: told every result (``--masks``)."""
+    state = segmenter.open_crop(image, grid, coarse_image=coarse_image, prior=prior)
 
     def segment(points: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        nonlocal low
-        low, logits = segmenter.crop_logits(image, embedding, points, labels, low if feedback else None, prior=prior,
-                                            coarse=coarse)
+        logits = segmenter.click(state, points, labels, feedback=feedback)
+        if on_logits is not None:
+            on_logits(len(labels), logits)
         return logits > 0
 
     return _click_protocol(segment, gt, centre, grid, clicks, tolerance_mm)
+
+
+def volume_mask(logits: np.ndarray, grid: CropGrid, volume) -> np.ndarray:
+    """Crop logits ``float32 [S, S, S]`` on ``grid`` -> ``uint8`` mask (1 = lesion) on ``volume``'s
+    grid, resampled as the Segmenter resamples a lesion for ``msam segment`` and the service."""
+    from msam_core.pipeline.postprocess import combine_lesions, logits_to_volume_grid
+
+    return combine_lesions({1: logits_to_volume_grid(logits, grid.affine, volume)}, volume.shape)
 
 
 def _rows(template: Row, results: dict[str, list[tuple[float, float]]]) -> list[Row]:
@@ -222,26 +230,28 @@ def lesion_crop(sampler, volume, gt_volume: np.ndarray, size: int) -> tuple[torc
 
 
 def coarse_crop(segmenter, sampler, grid: CropGrid) -> torch.Tensor | None:
-    """The crop of ``grid``'s place at twice the spacing, when ``segmenter``'s model has
-    ``coarse_view`` (:mod:`~msam_core.pipeline.coarse_view`), else ``None``."""
-    return sampler.crop(coarse_grid(grid)) if enabled(segmenter.model) else None
+    """The crop of ``grid``'s place at twice the spacing, when ``segmenter``'s options turn the
+    coarse view on (:mod:`~msam_core.pipeline.coarse_view`), else ``None``. Cut once per lesion and
+    kept for the other-image control."""
+    return sampler.crop(coarse_grid(grid)) if segmenter.options.coarse_view else None
 
 
 def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray, CropGrid], clicks: int,
                     tolerance_mm: float, feedback: bool = True, baseline: bool = True,
-                    blank_control: bool = False,
-                    coarse_image: torch.Tensor | None = None) -> dict[str, list[tuple[float, float]]]:
+                    blank_control: bool = False, coarse_image: torch.Tensor | None = None,
+                    on_logits=None) -> dict[str, list[tuple[float, float]]]:
     """``{method: [(dice, nsd) after 1..clicks clicks]}`` for one lesion's ``crop`` (:func:`lesion_crop`).
 
     ``blank_control``: also run the model on an all-zero crop with the same protocol
     (``msam_blank_image``) - what the clicks alone give; a model that matches it ignores the image.
-    ``coarse_image``: :func:`coarse_crop` of the lesion's crop (a model with ``coarse_view``).
+    ``coarse_image``: :func:`coarse_crop` of the lesion's crop (options with ``coarse_view``).
+    ``on_logits(clicks, crop logits)``: told msam's result after every click.
     """
     image, gt, centre, grid = crop
-    prior = for_model(segmenter.model, image.numpy())
+    prior = segmenter.new_prior(image)  # msam's and the stable-region baseline's: each region grown once
     results: dict[str, list[tuple[float, float]]] = {}
     results["msam"] = _model_clicks(segmenter, image, gt, centre, grid, clicks, tolerance_mm, feedback, prior,
-                                    coarse_image)
+                                    coarse_image, on_logits)
     if blank_control:
         blank_coarse = None if coarse_image is None else torch.zeros_like(coarse_image)
         results["msam_blank_image"] = _model_clicks(segmenter, torch.zeros_like(image), gt, centre, grid, clicks,
@@ -258,22 +268,28 @@ def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray,
 def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation", clicks: int = 5,
              out_dir: Path | None = None, tolerance_mm: float = 2.0, device: str = "cpu", feedback: bool = True,
              baseline: bool = True, model=None, log=print, blank_control: bool = False,
-             other_image_control: bool = False, embedding_cache=None) -> dict:
+             other_image_control: bool = False, embedding_cache=None, masks_dir: Path | None = None) -> dict:
     """Evaluate every lesion of ``split``; writes the reports into ``out_dir`` and returns the summary.
 
-    ``embedding_cache`` (an :class:`~msam_core.pipeline.segmenter.EmbeddingCache`): shared by
-    repeated evaluations of the same weights (``msam calibrate``), so each crop is encoded once.
+    ``model``: a :class:`~msam_core.checkpoints.LoadedModel` (network and pipeline options) to
+    use instead of loading ``checkpoint``. ``embedding_cache`` (an
+    :class:`~msam_core.pipeline.segmenter.EmbeddingCache`): shared by repeated evaluations of the
+    same weights (``msam calibrate``), so each crop is encoded once. ``masks_dir``: write msam's
+    mask of every lesion after every click there (:func:`volume_mask`), as
+    ``<case>_lesion<k>_click<n>.nii.gz`` on the case's grid.
 
     ``other_image_control`` needs at least two lesions (each is run on the next one's crop)."""
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
     from msam_core.train.data import require_cases
 
     data_dir = Path(data_dir)
     cases = require_cases(data_dir, split)  # before the model loads: a wrong folder or split fails at once
     if model is None:
-        model = load_checkpoint(checkpoint, device=device)
-    segmenter = Segmenter(model, device=device, cache=embedding_cache)
+        model = load_model(checkpoint, device=device)
+    segmenter = Segmenter(model.network, model.options, device=device, cache=embedding_cache)
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
     meta = _lesion_meta(data_dir, split)
     rows: list[Row] = []
     #: with other_image_control: (row template, crop, mask, first click, grid, coarse crop) per lesion
@@ -289,7 +305,15 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
             gt = labels == k
             crop = lesion_crop(sampler, volume, gt, segmenter.model.img_size)
             coarse = coarse_crop(segmenter, sampler, crop[3])
-            res = evaluate_lesion(segmenter, crop, clicks, tolerance_mm, feedback, baseline, blank_control, coarse)
+            on_logits = None
+            if masks_dir is not None:
+                def on_logits(n: int, logits: np.ndarray, case=case, k=k, grid=crop[3], volume=volume) -> None:
+                    from msam_core.io.nifti import save_mask_nifti
+
+                    save_mask_nifti(volume_mask(logits, grid, volume), volume,
+                                    Path(masks_dir) / f"{case.name}_lesion{k}_click{n}.nii.gz")
+            res = evaluate_lesion(segmenter, crop, clicks, tolerance_mm, feedback, baseline, blank_control, coarse,
+                                  on_logits)
             info = infos.get(k, {})
             template = Row(split, case.name, k, entry.get("source", ""), entry.get("modality", ""),
                            info.get("organ", ""), float(info.get("diameter_mm", 0.0)), int(gt.sum()), "", 0, 0.0, 0.0)
@@ -414,6 +438,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip region growing")
     p.add_argument("--blank-image-control", action="store_true",
                    help="also run the model on an all-zero crop (msam_blank_image): does it use the image at all?")
+    p.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                   help="also write msam's mask of every lesion after every click into DIR "
+                        "(<case>_lesion<k>_click<n>.nii.gz, on the case's grid): to look at what it drew")
     p.add_argument("--other-image-control", action="store_true",
                    help="also run the model on the next lesion's crop with this lesion's clicks (msam_other_image): "
                         "does it fit the lesion it sees? Needs two or more lesions")
@@ -426,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     summary = evaluate(args.data, checkpoint, args.split, args.clicks, args.out, args.nsd_tolerance, args.device,
                        not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control,
-                       other_image_control=args.other_image_control)
+                       other_image_control=args.other_image_control, masks_dir=args.masks)
     for method, stats in summary["groups"]["all"].items():
         print(f"{method}: Dice " + " ".join(f"@{i + 1} {v:.3f}" for i, v in enumerate(stats["dice"]))
               + f" (NSD@1 {stats['nsd'][0]:.3f}, @{len(stats['nsd'])} {stats['nsd'][-1]:.3f})")

@@ -60,13 +60,15 @@ def make_ct_series(
     series_description: str = "synthetic CT",
     seed: int = 0,
     write: bool = True,
+    pixels: np.ndarray | None = None,
 ) -> SynthSeries:
     """Write a single-frame CT series and return it with the expected reconstruction.
 
     ``spacing`` is (between columns, between rows, between slices) in mm. ``write_order`` is
     "forward", "reverse" or "shuffle": the order of file names *and* InstanceNumbers, which the
     reader must ignore. ``gantry_shift_mm`` shears each slice along the column direction (what a
-    gantry tilt does); ``drop_slices`` leaves slices out (a gap).
+    gantry tilt does); ``drop_slices`` leaves slices out (a gap). ``pixels``: the stored values
+    (``uint16`` of ``shape``, columns x rows x slices) instead of random ones.
     """
     folder.mkdir(parents=True, exist_ok=True)
     n_slices = shape[2]
@@ -79,7 +81,9 @@ def make_ct_series(
     affine[:3, 2] = n * spacing[2]
     affine[:3, 3] = origin
     rng = np.random.default_rng(seed)
-    stored = rng.integers(0, 4000, size=shape, dtype=np.uint16)
+    stored = rng.integers(0, 4000, size=shape, dtype=np.uint16) if pixels is None else np.asarray(pixels, np.uint16)
+    if stored.shape != tuple(shape):
+        raise ValueError(f"pixels {stored.shape} must have the series' shape {tuple(shape)}")
     series_uid = series_uid or generate_uid(UID_ROOT)
     study_uid = study_uid or generate_uid(UID_ROOT)
     for_uid = for_uid or generate_uid(UID_ROOT)

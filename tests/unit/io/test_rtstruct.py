@@ -11,6 +11,7 @@ import pytest
 from msam_core.errors import UnsupportedRequest
 from msam_core.io.dicom import read_series
 from msam_core.io.rtstruct import RT_STRUCTURE_SET_STORAGE, mask_to_polygons, read_rtstruct, write_rtstruct
+from msam_core.io.seg import msam_version
 from msam_core.io.volume import Volume
 from tests.unit.io.dicom_synth import (
     asymmetric_mask,
@@ -109,13 +110,15 @@ def test_rtstruct_content_and_centroid(tmp_path: Path) -> None:
     affine = series.affine_lps
     centre_lps = affine[:3, :3] @ np.array([5.2, 10.7, 6.1]) + affine[:3, 3]
     mask = sphere_mask(volume.shape, affine, centre_lps, radius=3.5).astype(np.uint8) * 4
-    path = write_rtstruct(mask, volume, tmp_path / "out.rtstruct.dcm", roi_names={4: "GTV candidate"}, algorithm_version="9.9")
+    path = write_rtstruct(mask, volume, tmp_path / "out.rtstruct.dcm", roi_names={4: "GTV candidate"},
+                          algorithm_name="msam_default", algorithm_version="9.9")
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == RT_STRUCTURE_SET_STORAGE
     assert ds.Modality == "RTSTRUCT"
     assert ds.StudyInstanceUID == series.study_uid and ds.FrameOfReferenceUID == series.for_uid
-    assert ds.SoftwareVersions == "9.9"
+    assert ds.SoftwareVersions == msam_version()
     roi = ds.StructureSetROISequence[0]
+    assert ds.ROIContourSequence and roi.ROIGenerationDescription == "msam_default 9.9"
     assert (int(roi.ROINumber), roi.ROIName, roi.ROIGenerationAlgorithm) == (4, "GTV candidate", "SEMIAUTOMATIC")
     assert roi.ReferencedFrameOfReferenceUID == series.for_uid
     ref_series = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]

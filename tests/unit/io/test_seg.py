@@ -13,7 +13,7 @@ from pydicom.uid import RLELossless
 
 from msam_core.errors import UnsupportedRequest
 from msam_core.io.dicom import read_series
-from msam_core.io.seg import read_seg, write_seg
+from msam_core.io.seg import msam_version, read_seg, write_seg
 from msam_core.io.volume import Volume
 from tests.unit.io.dicom_synth import (
     asymmetric_mask,
@@ -115,7 +115,8 @@ def test_seg_centroid_in_patient_coordinates(tmp_path: Path, name: str, multifra
 def test_seg_content(tmp_path: Path) -> None:
     volume, series = _source(tmp_path, "axial_reversed", False)
     mask = asymmetric_mask(volume.shape)
-    path = write_seg(mask, volume, tmp_path / "out.seg.dcm", algorithm_version="1.2.3")
+    path = write_seg(mask, volume, tmp_path / "out.seg.dcm", algorithm_name="msam_default",
+                     algorithm_version="0.1.0+sha256.0123456789abcdef")
     seg = pydicom.dcmread(path)
     assert seg.SOPClassUID == SEGMENTATION_STORAGE
     assert seg.SegmentationType == "BINARY"
@@ -124,7 +125,7 @@ def test_seg_content(tmp_path: Path) -> None:
     assert seg.SeriesInstanceUID != series.series_uid
     assert seg.SeriesDescription == "msam lesion segmentation"
     assert seg.Manufacturer == "msam"
-    assert seg.SoftwareVersions == "1.2.3"
+    assert seg.SoftwareVersions == msam_version()  # the software; the model is the algorithm below
     assert seg.PatientID == "SYN0001"  # copied from the source, as DICOM requires
     # one segment per label, SNOMED CT codes, SEMIAUTOMATIC, algorithm identification
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3]
@@ -136,10 +137,10 @@ def test_seg_content(tmp_path: Path) -> None:
         assert (cat.CodingSchemeDesignator, cat.CodeValue) == ("SCT", "49755003")
         assert (typ.CodingSchemeDesignator, typ.CodeValue) == ("SCT", "108369006")
         assert item.SegmentAlgorithmType == "SEMIAUTOMATIC"
-        assert item.SegmentAlgorithmName == "msam"
+        assert item.SegmentAlgorithmName == "msam_default"
         algo = item.SegmentationAlgorithmIdentificationSequence[0]
-        assert algo.AlgorithmName == "msam"
-        assert algo.AlgorithmVersion == "1.2.3"
+        assert algo.AlgorithmName == "msam_default"
+        assert algo.AlgorithmVersion == "0.1.0+sha256.0123456789abcdef"
         family = algo.AlgorithmFamilyCodeSequence[0]
         assert (family.CodingSchemeDesignator, family.CodeValue) == ("DCM", "123110")
     # references the source series and only its instances

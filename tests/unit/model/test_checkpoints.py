@@ -15,6 +15,7 @@ from msam_core.checkpoints import (
     export_state_dict,
     init_from_checkpoint,
     load_checkpoint,
+    load_model,
     msam_to_ours_key,
     ours_to_msam_key,
     read_weights,
@@ -23,6 +24,7 @@ from msam_core.checkpoints import (
 from msam_core.cli import main as cli_main
 from msam_core.errors import InvalidCheckpoint
 from msam_core.model import build_model, get_config
+from msam_core.pipeline.options import PipelineOptions
 from tests.fixtures.golden_weights import make_inputs, make_state
 from tests.fixtures.pickles import Exploit, TrainingNote
 
@@ -104,12 +106,66 @@ def test_safetensors_keeps_config_and_provenance(tmp_path, small_msam):
     path = save_checkpoint(small_msam, tmp_path / "m.safetensors", provenance={"data": "synthetic v1", "epochs": 3})
     state, config, meta = read_weights(path)
     assert config == small_msam.config
-    assert meta["provenance"] == {"data": "synthetic v1", "epochs": 3} and meta["format_version"] == 1
+    assert meta["provenance"] == {"data": "synthetic v1", "epochs": 3} and meta["format_version"] == 2
     loaded = load_checkpoint(path)
     assert loaded.model_id == small_msam.model_id
     image = torch.randn(1, 1, 128, 128, 128)
     with torch.inference_mode():
         assert torch.equal(loaded.encode(image), small_msam.encode(image))
+
+
+def test_network_config_and_pipeline_options_are_stored_apart(tmp_path, small_msam):
+    options = PipelineOptions(mask_threshold=-0.5, prior_weight_first=4.0, prior_weight=2.0, prior_max_voxels=9000,
+                              boundary_band_first=1, boundary_band=2, coarse_view=True)
+    path = save_checkpoint(small_msam, tmp_path / "m.safetensors", options=options)
+    _, config, meta = read_weights(path)
+    assert config == small_msam.config and meta["pipeline"] == options.to_dict()
+    assert not set(options.to_dict()) & set(meta["config"])  # the network's config holds no pipeline option
+    loaded = load_model(path)
+    assert loaded.options == options and loaded.model_id == small_msam.model_id
+    record = loaded.describe()
+    assert record["name"] == "m" and record["network_id"] == small_msam.model_id and len(record["sha256"]) == 64
+    assert record["options"] == options.to_dict() and record["version"].endswith(record["sha256"][:16])
+    # the file's identity follows its options: the same weights with other options are another file
+    other = load_model(save_checkpoint(small_msam, tmp_path / "m2.safetensors", options=PipelineOptions()))
+    assert other.sha256 != loaded.sha256 and other.model_id == loaded.model_id
+
+
+def _as_format_1(src: Path, dst: Path) -> None:
+    """Rewrite an msam file as format 1 wrote it: the pipeline options inside ``config``."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["msam"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"].update(meta.pop("pipeline"))
+    meta["format_version"] = 1
+    save_file(state, str(dst), metadata={"msam": json.dumps(meta)})
+
+
+def test_a_format_1_file_loads_unchanged_with_its_options(tmp_path, small_msam):
+    options = PipelineOptions(prior_weight_first=8.0, prior_weight=2.0, boundary_band=1, coarse_view=True)
+    _as_format_1(save_checkpoint(small_msam, tmp_path / "new.safetensors", options=options), tmp_path / "old.safetensors")
+    loaded = load_model(tmp_path / "old.safetensors")
+    assert loaded.options == options and loaded.network.config == small_msam.config
+    assert loaded.model_id == small_msam.model_id
+    # a file of a newer format is refused with what to do, not misread
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        meta, state = json.loads(f.metadata()["msam"]), {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = 3
+    save_file(state, str(tmp_path / "future.safetensors"), metadata={"msam": json.dumps(meta)})
+    with pytest.raises(InvalidCheckpoint, match="format version 3 .*update msam"):
+        load_model(tmp_path / "future.safetensors")
+    meta["format_version"], meta["pipeline"] = 2, {"prior_weight": -1.0}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"msam": json.dumps(meta)})
+    with pytest.raises(InvalidCheckpoint, match="pipeline options are not valid.*prior_weight"):
+        load_model(tmp_path / "bad.safetensors")
 
 
 def test_sam_med3d_layout_refuses_lora_weights(small_msam):
@@ -227,6 +283,7 @@ def test_cli_convert(tmp_path, small_msam, capsys):
     out = tmp_path / "converted.safetensors"
     assert cli_main(["convert", str(src), str(out), "--config", "msam_small"]) == 0
     assert load_checkpoint(out).model_id == small_msam.model_id
+    assert load_model(out).options == PipelineOptions()  # an upstream file states no options: all off
     back = tmp_path / "back.pth"
     assert cli_main(["convert", str(out), str(back)]) == 0
     assert torch.load(back, weights_only=True)["model_state_dict"].keys() == export_state_dict(small_msam, "m_sam").keys()

@@ -6,6 +6,8 @@ the world position of each voxel centre, so the same object can be stored on any
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,9 @@ class RegionGrowDouble:
     def __init__(self) -> None:
         self.encode_calls = 0
         self.decode_calls = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         self.encode_calls += 1

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 from msam_core.model import build_model, get_config
-from msam_core.pipeline.boundary import boundary_band, refine_boundary, seeds
+from msam_core.pipeline.boundary import refine_boundary, seeds
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.postprocess import upsample_logits
+from msam_core.pipeline.preprocess import CropGrid
 from msam_core.pipeline.segmenter import Segmenter
 from tests.unit.pipeline.phantoms import dice
 
@@ -104,35 +104,37 @@ def test_clicks_are_honoured_and_degenerate_masks_are_left_alone():
 
 
 def test_the_band_for_first_and_later_clicks_and_its_validation():
-    config = replace(get_config("msam_small"), boundary_band_first=0, boundary_band=2)
-    assert boundary_band(config, np.array([1])) == 0
-    assert boundary_band(config, np.array([1, 0])) == boundary_band(config, np.array([1, 1])) == 2
-    assert boundary_band(None, np.array([1, 0])) == 0
-    assert get_config("msam_small").boundary_band == get_config("msam_small").boundary_band_first == 0
+    options = PipelineOptions(boundary_band_first=0, boundary_band=2)
+    assert options.boundary_band_for(np.array([1])) == 0
+    assert options.boundary_band_for(np.array([1, 0])) == options.boundary_band_for(np.array([1, 1])) == 2
+    assert PipelineOptions().boundary_band_for(np.array([1, 0])) == 0
+    assert "boundary_band" not in get_config("msam_small").to_dict()  # a pipeline option, not the network's
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="boundary_band"):
-            replace(get_config("msam_small"), boundary_band=bad)
+            PipelineOptions(boundary_band=bad)
 
 
-def test_crop_logits_refine_the_boundary_at_the_calibrated_band():
+def test_click_refines_the_boundary_at_the_calibrated_band():
     torch.manual_seed(0)
     network = build_model("msam_small")
     crop, truth = _lesion(2)
     image = torch.zeros(1, 1, 128, 128, 128)
     image[0, 0, :48, :48, :48] = torch.from_numpy(crop)
+    grid = CropGrid.centred(np.zeros(3))
     click = np.array([[28.0, 20.0, 22.0]])
-    seg = Segmenter(network)
-    embedding, _ = seg.encode(image)
-    low, plain = seg.crop_logits(image, embedding, click, np.array([1]))
+    plain_seg = Segmenter(network, PipelineOptions())
+    state = plain_seg.open_crop(image, grid)
+    plain = plain_seg.click(state, click, np.array([1]))
+    low = state.low_res
     assert np.array_equal(plain, upsample_logits(low, size=128))  # bands 0: the network's logits
     two, two_labels = np.vstack([click, [[100.0, 100.0, 100.0]]]), np.array([1, 0])
-    _, two_plain = seg.crop_logits(image, embedding, two, two_labels)
-    network.config = replace(network.config, boundary_band_first=0, boundary_band=2)
-    _, first = seg.crop_logits(image, embedding, click, np.array([1]))
-    low2, later = seg.crop_logits(image, embedding, two, two_labels)
+    two_plain = plain_seg.click(state, two, two_labels)
+    seg = Segmenter(network, PipelineOptions(boundary_band_first=0, boundary_band=2))
+    state = seg.open_crop(image, grid)
+    first = seg.click(state, click, np.array([1]))
+    later = seg.click(state, two, two_labels)
     assert np.array_equal(first, plain)  # no band for one positive click
     assert np.array_equal(later, refine_boundary(image.numpy(), two_plain, two, two_labels, band=2))
     if (two_plain > 0).any():
         assert not np.array_equal(later, two_plain)
-    _, low_again = low2, seg.predict(embedding, two, two_labels)
-    assert torch.equal(low2, low_again)  # the fed-back logits stay the network's own
+    assert torch.equal(state.low_res, seg.predict(state.embedding, two, two_labels))  # fed back: the network's own

@@ -3,7 +3,6 @@ the pipeline (geometry checked on an oblique, anisotropic volume)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from msam_core.io.volume import Volume
 from msam_core.model import get_config
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.coarse_view import (choose, coarse_grid, contrast_to_noise, logits_to_fine,
                                             points_to_coarse)
 from msam_core.pipeline.postprocess import upsample_logits
@@ -65,19 +65,16 @@ def test_contrast_to_noise_prefers_the_mask_on_the_lesions_edge():
 
 
 def test_the_option_is_off_unless_a_checkpoint_turns_it_on():
-    assert get_config("msam_small").coarse_view is False
-    assert replace(get_config("msam_small"), coarse_view=True).coarse_view is True
+    assert PipelineOptions().coarse_view is False
+    assert PipelineOptions(coarse_view=True).coarse_view is True
     with pytest.raises(ValueError, match="coarse_view"):
-        replace(get_config("msam_small"), coarse_view=1)
-    double = RegionGrowDouble()
-    seg = Segmenter(double)
-    assert seg.coarse_view(None, CropGrid.centred(np.zeros(3))) is None  # no config: no second look
+        PipelineOptions(coarse_view=1)
+    assert "coarse_view" not in get_config("msam_small").to_dict()  # a pipeline option, not the network's
+    seg = Segmenter(RegionGrowDouble(), PipelineOptions())
+    assert seg.coarse_view(None, CropGrid.centred(np.zeros(3))) is None  # off: no second look
 
 
-class _CoarseDouble(RegionGrowDouble):
-    """The region-growing stand-in with a config that turns the coarse view on (no prior, no band)."""
-
-    config = SimpleNamespace(coarse_view=True)
+COARSE = PipelineOptions(coarse_view=True)
 
 
 def _oblique_sphere(radius: float = 22.0):
@@ -93,7 +90,7 @@ def test_the_coarse_view_sees_the_lesion_in_place_on_an_oblique_anisotropic_volu
     """The coarse path alone - its crop, its clicks, its logits back on the fine crop - puts the
     lesion where the fine view does, not mirrored."""
     volume, truth, centre, affine = _oblique_sphere()
-    seg = Segmenter(_CoarseDouble(), cache=DictEmbeddingCache())
+    seg = Segmenter(RegionGrowDouble(), COARSE, cache=DictEmbeddingCache())
     sampler = seg.sampler(volume)
     grid = CropGrid.centred(centre)
     view = seg.coarse_view(sampler, grid)
@@ -107,19 +104,20 @@ def test_the_coarse_view_sees_the_lesion_in_place_on_an_oblique_anisotropic_volu
     assert (seen & mirrored).sum() < 0.05 * seen.sum()
 
 
-def test_crop_logits_keep_one_candidate_and_feed_back_the_fine_logits():
+def test_click_keeps_one_candidate_and_feeds_back_the_fine_logits():
     volume, truth, centre, _ = _oblique_sphere()
-    double = _CoarseDouble()
-    seg = Segmenter(double, cache=DictEmbeddingCache())
+    double = RegionGrowDouble()
+    seg = Segmenter(double, COARSE, cache=DictEmbeddingCache())
     sampler = seg.sampler(volume)
     window = seg.prepare(sampler, SimpleNamespace(center_ras=centre))
-    embedding, _ = seg.encode(window.image)
-    view = seg.coarse_view(sampler, window.grid)
-    assert double.encode_calls == 2
+    state = seg.open_crop(window.image, window.grid, sampler=sampler)
+    view = state.coarse
+    assert double.encode_calls == 2 and view is not None
     click, labels = window.grid.ras_to_crop(centre), np.array([1])
-    low, logits = seg.crop_logits(window.image, embedding, click, labels, coarse=view)
+    logits = seg.click(state, click, labels)
+    embedding = state.embedding
     fine = upsample_logits(seg.predict(embedding, click, labels), size=128)
-    assert torch.equal(low, seg.predict(embedding, click, labels))
+    assert torch.equal(state.low_res, seg.predict(embedding, click, labels))
     seen = logits_to_fine(upsample_logits(seg.predict(view.embedding, points_to_coarse(click, window.grid, view.grid),
                                                        labels), size=128), window.grid, view.grid)
     assert np.array_equal(logits, fine) or np.allclose(logits, (fine + seen) / 2)
@@ -133,7 +131,7 @@ def test_segment_with_the_coarse_view_returns_the_lesion_on_the_input_grid():
     volume, truth, centre, affine = _oblique_sphere()
     from msam_core.pipeline.prompts import Point
 
-    result = Segmenter(_CoarseDouble()).segment(volume, [Point(tuple(centre), space="RAS")])
+    result = Segmenter(RegionGrowDouble(), COARSE).segment(volume, [Point(tuple(centre), space="RAS")])
     mask = result.labels > 0
     assert dice(mask, truth) > 0.85
     # centred on the lesion in RAS; its mirror image about the volume's centre lies 20 mm away

@@ -16,6 +16,7 @@ import pytest
 from msam_core.io.load import load_volume
 from msam_core.io.volume import LPS_TO_RAS, Volume
 from msam_core.pipeline.prompts import Point
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter
 from tests.unit.pipeline.phantoms import (RegionGrowDouble, centred_affine, dice, rotation,
                                           sample_mask_at, sphere_truth, spheres_image,
@@ -41,7 +42,7 @@ def _save_nrrd_lps(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 
 def _segment(volume: Volume, point: Point) -> np.ndarray:
-    seg = Segmenter(RegionGrowDouble(), cache=DictEmbeddingCache())
+    seg = Segmenter(RegionGrowDouble(), PipelineOptions(), cache=DictEmbeddingCache())
     return seg.segment(volume, points=[point]).labels
 
 

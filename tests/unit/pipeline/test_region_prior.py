@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 from msam_core.io.volume import Volume
 from msam_core.model import build_model, get_config
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.postprocess import upsample_logits
+from msam_core.pipeline.preprocess import CropGrid
 from msam_core.pipeline.prompts import Point
 from msam_core.pipeline.region_prior import (MAX_VOXELS, MULTIPLIERS, RegionPrior, add_prior, grown_regions,
-                                             most_stable, prior_weight)
+                                             most_stable)
 from msam_core.pipeline.segmenter import Segmenter
 from tests.unit.pipeline.phantoms import (centred_affine, dice, rotation, sphere_truth, spheres_image,
                                           voxel_centres_ras)
@@ -123,17 +123,18 @@ def test_add_prior_and_the_weight_for_first_and_later_clicks():
     assert add_prior(logits, None, 3.0) is logits and add_prior(logits, region, 0.0) is logits
     with pytest.raises(ValueError, match="crop grid"):
         add_prior(logits, region[:2], 1.0)
-    config = replace(get_config("msam_small"), prior_weight_first=8.0, prior_weight=2.0)
-    assert prior_weight(config, np.array([1])) == 8.0
-    assert prior_weight(config, np.array([1, 0])) == prior_weight(config, np.array([1, 1])) == 2.0
-    assert prior_weight(None, np.array([1])) == 0.0
-    for bad in (-1.0, float("nan"), float("inf")):
+    options = PipelineOptions(prior_weight_first=8.0, prior_weight=2.0)
+    assert options.prior_weight_for(np.array([1])) == 8.0
+    assert options.prior_weight_for(np.array([1, 0])) == options.prior_weight_for(np.array([1, 1])) == 2.0
+    assert PipelineOptions().prior_weight_for(np.array([1])) == 0.0
+    for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="prior_weight"):
-            replace(get_config("msam_small"), prior_weight=bad)
-    assert get_config("msam_small").prior_max_voxels == MAX_VOXELS  # one default, written in two layers
+            PipelineOptions(prior_weight=bad)
+    assert PipelineOptions().prior_max_voxels == MAX_VOXELS  # one default, written in two layers
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="prior_max_voxels"):
-            replace(get_config("msam_small"), prior_max_voxels=bad)
+            PipelineOptions(prior_max_voxels=bad)
+    assert "prior_weight" not in get_config("msam_small").to_dict()  # a pipeline option, not the network's
 
 
 @pytest.fixture(scope="module")
@@ -142,33 +143,33 @@ def network():
     return build_model("msam_small")
 
 
-def test_crop_logits_add_the_calibrated_prior_to_the_upsampled_network_logits(network):
+def test_click_adds_the_calibrated_prior_to_the_upsampled_network_logits(network):
     crop, truth = _crop(2)
     image = torch.zeros(1, 1, 128, 128, 128)
     image[0, 0, :64, :64, :64] = torch.from_numpy(crop)
+    grid = CropGrid.centred(np.zeros(3))
     click, labels = np.array([[40.0, 26.0, 30.0]]), np.array([1])
-    network.config = replace(network.config, prior_weight_first=0.0, prior_weight=0.0)
-    seg = Segmenter(network)
-    embedding, _ = seg.encode(image)
-    low, plain = seg.crop_logits(image, embedding, click, labels)
+
+    def logits(options: PipelineOptions, points, labs, prior=None):
+        seg = Segmenter(network, options)
+        state = seg.open_crop(image, grid, prior=prior)
+        return state, seg.click(state, points, labs)
+
+    state, plain = logits(PipelineOptions(), click, labels)
+    low = state.low_res
     assert np.array_equal(plain, upsample_logits(low, size=128))
-    network.config = replace(network.config, prior_weight_first=5.0, prior_weight=1.0)
     prior = RegionPrior(image.numpy())
-    low2, first = seg.crop_logits(image, embedding, click, labels, prior=prior)
-    assert torch.equal(low, low2)  # the fed-back logits stay the network's own
+    state, first = logits(PipelineOptions(prior_weight_first=5.0, prior_weight=1.0), click, labels, prior)
+    assert torch.equal(low, state.low_res)  # the fed-back logits stay the network's own
     region = prior.mask(click, labels)
     assert np.allclose(first, plain + 5.0 * (2 * region - 1))
     two = np.vstack([click, [[100.0, 100.0, 100.0]]])
-    _, later = seg.crop_logits(image, embedding, two, np.array([1, 0]), prior=prior)
-    network.config = replace(network.config, prior_weight_first=0.0, prior_weight=0.0)
-    _, two_plain = seg.crop_logits(image, embedding, two, np.array([1, 0]))
+    _, later = logits(PipelineOptions(prior_weight_first=5.0, prior_weight=1.0), two, np.array([1, 0]), prior)
+    _, two_plain = logits(PipelineOptions(), two, np.array([1, 0]))
     assert np.allclose(later, two_plain + 1.0 * (2 * region - 1))
     # the bound comes from the checkpoint: below the region's size the lesion's region is not taken
-    network.config = replace(network.config, prior_weight_first=5.0, prior_max_voxels=int(region.sum()) - 1)
-    _, bounded = seg.crop_logits(image, embedding, click, labels)
-    network.config = replace(network.config, prior_max_voxels=1)
-    _, none = seg.crop_logits(image, embedding, click, labels)
-    network.config = replace(network.config, prior_weight_first=0.0, prior_max_voxels=MAX_VOXELS)
+    _, bounded = logits(PipelineOptions(prior_weight_first=5.0, prior_max_voxels=int(region.sum()) - 1), click, labels)
+    _, none = logits(PipelineOptions(prior_weight_first=5.0, prior_max_voxels=1), click, labels)
     assert ((bounded - plain) > 0).sum() < region.sum() and np.array_equal(none, plain)
 
 
@@ -182,11 +183,7 @@ def test_segment_with_a_dominant_prior_follows_the_lesion_in_an_oblique_anisotro
     noise = np.random.default_rng(0).normal(0.0, 0.05 * np.ptp(image), shape)  # region growing needs texture
     volume = Volume((image + noise).astype(np.float32), affine)
     truth = sphere_truth(shape, affine, centre, 9.0)
-    network.config = replace(network.config, prior_weight_first=1e4, prior_weight=0.0)
-    try:
-        result = Segmenter(network).segment(volume, [Point(tuple(centre), space="RAS")])
-    finally:
-        network.config = replace(network.config, prior_weight_first=0.0)
+    result = Segmenter(network, PipelineOptions(prior_weight_first=1e4)).segment(volume, [Point(tuple(centre), space="RAS")])
     mask = result.labels > 0
     # confidence-connected stops inside the blurred rim of a noisy sphere seen through 3 mm slices
     assert dice(mask, truth) > 0.6 and mask.sum() <= truth.sum()

@@ -10,6 +10,7 @@ import torch
 from msam_core.io.volume import Volume
 from msam_core.pipeline.preprocess import CropGrid
 from msam_core.pipeline.prompts import Box, Point
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter, crop_key
 from tests.unit.pipeline.phantoms import (RegionGrowDouble, centred_affine, dice, rotation,
                                           sphere_truth, spheres_image, voxel_centres_ras)
@@ -32,12 +33,12 @@ def capsule_volume() -> Volume:
 def test_large_lesion_is_followed_over_several_windows(capsule_volume):
     truth = _capsule_truth(capsule_volume.shape, capsule_volume.affine)
     click = [Point((5.0, -3.0, 20.0), space="RAS")]
-    one = Segmenter(RegionGrowDouble(), max_windows=1).segment(capsule_volume, click)
+    one = Segmenter(RegionGrowDouble(), PipelineOptions(), max_windows=1).segment(capsule_volume, click)
     assert one.lesions[0].stopped_at_limit
     assert dice(one.labels, truth) < 0.75  # a single crop holds half of it
 
     model = RegionGrowDouble()
-    many = Segmenter(model, max_windows=8).segment(capsule_volume, click)
+    many = Segmenter(model, PipelineOptions(), max_windows=8).segment(capsule_volume, click)
     outcome = many.lesions[0]
     assert 3 <= outcome.windows <= 8 and not outcome.stopped_at_limit
     assert model.encode_calls == outcome.windows
@@ -52,7 +53,7 @@ def test_several_lesions_get_labels_1_to_k(tmp_path):
     affine = centred_affine(shape, (1.0, 1.2, 2.0), None, (0.0, 0.0, 0.0))
     a, b, c = np.array([-25.0, 0, 0]), np.array([25.0, 5.0, 0]), np.array([0.0, -20.0, 20.0])
     volume = Volume(spheres_image(shape, affine, [(a, 12.0), (b, 9.0), (c, 8.0)]), affine)
-    result = Segmenter(RegionGrowDouble()).segment(volume, [
+    result = Segmenter(RegionGrowDouble(), PipelineOptions()).segment(volume, [
         Point(tuple(a), space="RAS"),
         Point(tuple(b), space="RAS", lesion=2),
         Point(tuple(c * [-1, -1, 1]), space="LPS", lesion=3),
@@ -71,16 +72,16 @@ def test_box_centres_prompts_and_clips():
     centre = np.array([3.0, -2.0, 4.0])
     volume = Volume(spheres_image(shape, affine, [(centre, 18.0)]), affine)
     lo, hi = centre - 18, centre + 18
-    full = Segmenter(RegionGrowDouble()).segment(volume, boxes=[Box(tuple(lo), tuple(hi), space="RAS")])
+    full = Segmenter(RegionGrowDouble(), PipelineOptions()).segment(volume, boxes=[Box(tuple(lo), tuple(hi), space="RAS")])
     assert dice(full.labels, sphere_truth(shape, affine, centre, 18.0)) > 0.93
     # a box over the upper half only: clipped at the box's lower face (z = centre)
-    half = Segmenter(RegionGrowDouble()).segment(
+    half = Segmenter(RegionGrowDouble(), PipelineOptions()).segment(
         volume, boxes=[Box(tuple(lo * [1, 1, 0] + [0, 0, centre[2]]), tuple(hi), space="RAS")])
     z = voxel_centres_ras(shape, affine)[..., 2]
     assert half.labels.sum() > 0 and z[half.labels > 0].min() >= centre[2] - 1e-6
     # a voxel-space box gives the same as the same box in RAS here (axis-aligned storage)
     vlo, vhi = volume.ras_to_voxel(lo)[0], volume.ras_to_voxel(hi)[0]
-    vox = Segmenter(RegionGrowDouble()).segment(volume, boxes=[Box(tuple(vlo), tuple(vhi))])
+    vox = Segmenter(RegionGrowDouble(), PipelineOptions()).segment(volume, boxes=[Box(tuple(vlo), tuple(vhi))])
     assert dice(vox.labels, full.labels) > 0.99
 
 
@@ -90,7 +91,7 @@ def test_prior_mask_alone_segments_its_lesion():
     centre = np.array([10.0, 5.0, -8.0])
     volume = Volume(spheres_image(shape, affine, [(centre, 20.0)]), affine)
     prior = sphere_truth(shape, affine, centre, 12.0).astype(np.uint8)  # too small a guess
-    result = Segmenter(RegionGrowDouble()).segment(volume, prior=prior, iterations=3)
+    result = Segmenter(RegionGrowDouble(), PipelineOptions()).segment(volume, prior=prior, iterations=3)
     assert dice(result.labels, sphere_truth(shape, affine, centre, 20.0)) > 0.93
 
 
@@ -100,7 +101,7 @@ def test_embedding_cache_key_is_model_and_crop_content():
     volume = Volume(spheres_image(shape, affine, [((0.0, 0.0, 0.0), 15.0)]), affine)
     cache = DictEmbeddingCache()
     model = RegionGrowDouble()
-    seg = Segmenter(model, cache=cache)
+    seg = Segmenter(model, PipelineOptions(), cache=cache)
     first = seg.segment(volume, [Point((0.0, 0.0, 0.0), space="RAS")])
     # a second click on the same lesion: same crop (centred on the first click) -> cache hit
     second = seg.segment(volume, [Point((0.0, 0.0, 0.0), space="RAS"), Point((25.0, 0.0, 0.0), label=0, space="RAS")])
@@ -127,7 +128,7 @@ def test_real_network_end_to_end():
     affine = centred_affine(shape, (0.9, 1.1, 2.5), rotation((0, 0, 1), 15.0), (1.0, 2.0, 3.0))
     volume = Volume(spheres_image(shape, affine, [((1.0, 2.0, 3.0), 10.0)]), affine)
     cache = DictEmbeddingCache()
-    seg = Segmenter(model, cache=cache, max_windows=2)
+    seg = Segmenter(model, PipelineOptions(), cache=cache, max_windows=2)
     image = seg.prepare(seg.sampler(volume), __import__("msam_core.pipeline.prompts", fromlist=["x"])
                         .resolve_prompts(volume, [Point((24, 20, 15))])[0]).image
     embedding, key = seg.encode(image)

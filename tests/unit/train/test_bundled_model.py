@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from msam_core.checkpoints import load_checkpoint
+from msam_core.checkpoints import load_checkpoint, load_model
 from msam_core.cli.segment import DEFAULT_CHECKPOINT
 
 #: the bundled model (with its calibrated stable-region prior, bound 20,000 voxels, and boundary
@@ -23,34 +23,48 @@ MIN_IMAGE_GAIN_AT_1 = 0.15
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model (run make model)")
 def test_bundled_model_loads_with_provenance_and_card() -> None:
     assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 1024 * 1024
-    model = load_checkpoint(DEFAULT_CHECKPOINT)
-    assert model.config.name == "msam_small"
-    prov = model.checkpoint_meta["provenance"]
+    loaded = load_model(DEFAULT_CHECKPOINT)
+    assert loaded.network.config.name == "msam_small"
+    model = loaded.options
+    prov = loaded.meta["provenance"]
     assert prov["trained_by"] == "msam train" and prov["steps"] > 0
     card = (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
     assert "not for clinical use" in card.lower() and "Dice@1" in card
     # a stable-region prior ships only as chosen on validation, and the card says so
     calibration = prov.get("calibration", {})
-    weights = (model.config.prior_weight_first, model.config.prior_weight)
+    weights = (model.prior_weight_first, model.prior_weight)
     assert weights == (calibration.get("prior_weight_first", 0.0), calibration.get("prior_weight", 0.0))
     if any(weights):
         assert calibration["split"] == "validation" and f"{weights[0]:g},{weights[1]:g}" in calibration["prior_table"]
         assert f"weighted {weights[0]:g} for a lesion prompted by one positive click" in card
         # at the bound the weights were chosen at, stated in the file and on the card
-        assert calibration["prior_max_voxels"] == model.config.prior_max_voxels
-        assert f"8 to {model.config.prior_max_voxels:,} voxels" in card
+        assert calibration["prior_max_voxels"] == model.prior_max_voxels
+        assert f"8 to {model.prior_max_voxels:,} voxels" in card
     # so does a boundary refinement
-    bands = (model.config.boundary_band_first, model.config.boundary_band)
+    bands = (model.boundary_band_first, model.boundary_band)
     assert bands == (calibration.get("boundary_band_first", 0), calibration.get("boundary_band", 0))
     if any(bands):
         assert f"{bands[0]},{bands[1]}" in calibration["boundary_table"]
         assert f"and {bands[1]} voxel" in card and "after further clicks, chosen by `msam calibrate --boundary-bands`" in card
     # and the coarse view, with the scores it was set on
-    if model.config.coarse_view:
+    if model.coarse_view:
         record = calibration["coarse_view"]
         assert record["coarse_view"] is True and set(record["table"]) == {"off", "on"}
         assert "set with `msam calibrate --coarse-view on`" in card
         assert f"off {record['table']['off']['mean_dice']:.3f}, on {record['table']['on']['mean_dice']:.3f}" in card
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model (run make model)")
+def test_bundled_model_keeps_its_pipeline_options_out_of_the_network() -> None:
+    """The bundled file predates the options' own object (format 1, options inside the config):
+    it loads unchanged, with the prior, the boundary refinement and the coarse view it was
+    calibrated with, and the network's config holds none of them."""
+    loaded = load_model(DEFAULT_CHECKPOINT)
+    assert loaded.meta["format_version"] in (1, 2)
+    assert loaded.options.prior_weight_first > 0 and loaded.options.boundary_band_first > 0
+    assert loaded.options.coarse_view is True
+    assert not set(loaded.options.to_dict()) & set(loaded.network.config.to_dict())
+    assert load_checkpoint(DEFAULT_CHECKPOINT).model_id == loaded.model_id
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no bundled model (run make model)")

@@ -66,7 +66,7 @@ def test_blank_image_control_runs_the_model_without_the_image(tmp_path) -> None:
 
 
 def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path) -> None:
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
     from msam_core.io.load import load_volume
     from msam_core.pipeline.segmenter import Segmenter
     from msam_core.train.data import list_cases
@@ -79,7 +79,8 @@ def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path)
     other = {(r["case"], r["lesion"], r["clicks"]): r["dice"] for r in rows if r["method"] == "msam_other_image"}
     assert len(other) == 2 * len(lesions)
     # recompute the control of the last lesion by hand: its clicks on the first lesion's crop
-    segmenter = Segmenter(load_checkpoint(ck))
+    loaded = load_model(ck)
+    segmenter = Segmenter(loaded.network, loaded.options)
     crops = []
     for case in list_cases(data, "validation"):
         volume, labels = load_volume(case.image), load_volume(case.label).array
@@ -94,10 +95,9 @@ def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path)
 def test_evaluate_gives_a_coarse_view_model_its_coarse_crop(tmp_path) -> None:
     """A checkpoint with ``coarse_view`` is evaluated as the pipeline runs it: each lesion's crop
     plus the same place at twice the spacing."""
-    from dataclasses import replace
-
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
     from msam_core.io.load import load_volume
+    from msam_core.pipeline.options import PipelineOptions
     from msam_core.pipeline.segmenter import Segmenter
     from msam_core.train.data import list_cases
     from msam_core.train.evaluate import _model_clicks, coarse_crop, lesion_crop
@@ -105,15 +105,15 @@ def test_evaluate_gives_a_coarse_view_model_its_coarse_crop(tmp_path) -> None:
     data = tmp_path / "data"
     synthesize(data, seed=5, n_train=0, n_val=0, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
     torch.manual_seed(0)
-    model = build_model("msam_small")
-    model.config = replace(model.config, coarse_view=True)
-    ck = save_checkpoint(model, tmp_path / "coarse.safetensors")
+    ck = save_checkpoint(build_model("msam_small"), tmp_path / "coarse.safetensors",
+                         options=PipelineOptions(coarse_view=True))
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", "heldout", "--clicks", "2",
                  "--out", str(out), "--no-baseline"]) == 0
     rows = json.loads((out / "per_lesion.json").read_text())
-    segmenter = Segmenter(load_checkpoint(ck))
-    assert segmenter.model.config.coarse_view is True  # the option travels in the checkpoint
+    loaded = load_model(ck)
+    assert loaded.options.coarse_view is True  # the option travels in the checkpoint
+    segmenter = Segmenter(loaded.network, loaded.options)
     case = list_cases(data, "heldout")[0]
     volume, labels = load_volume(case.image), load_volume(case.label).array
     k = min(int(v) for v in set(labels.ravel().tolist()) if v > 0)
@@ -136,27 +136,27 @@ def _one_validation_case_and_a_random_model(tmp_path) -> tuple:
 
 def test_calibrate_keeps_the_best_threshold_on_validation(tmp_path) -> None:
     """``msam calibrate`` runs the click protocol per threshold and writes the best into a copy."""
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_checkpoint, load_model
 
     data, ck = _one_validation_case_and_a_random_model(tmp_path)
     out = tmp_path / "calibrated.safetensors"
     assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2",
                  "--thresholds", "-40", "0", "40", "--out", str(out)]) == 0
-    model = load_checkpoint(out)
-    calibration = model.checkpoint_meta["provenance"]["calibration"]
+    model = load_model(out)
+    calibration = model.meta["provenance"]["calibration"]
     table = {float(t): v["mean_dice"] for t, v in calibration["table"].items()}
     assert set(table) == {-40.0, 0.0, 40.0}
     assert table[40.0] == 0.0  # no logit of a random model reaches 40: empty masks
-    assert model.config.mask_threshold == calibration["mask_threshold"] == max(table, key=lambda t: (table[t], -abs(t)))
+    assert model.options.mask_threshold == calibration["mask_threshold"] == max(table, key=lambda t: (table[t], -abs(t)))
     original = load_checkpoint(ck)
-    for (name, a), b in zip(original.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(original.state_dict().items(), model.network.state_dict().values()):
         assert torch.equal(a, b), name  # weights unchanged
 
 
 def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
     """``--prior-weights``: one click-protocol run per pair at the chosen threshold; the best pair
     (ties: the smaller total) is written into the copy, and evaluate's masks then include it."""
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
 
     data = tmp_path / "data"
     synthesize(data, seed=5, n_train=0, n_val=2, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
@@ -165,8 +165,8 @@ def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
     out = tmp_path / "calibrated.safetensors"
     assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
                  "--prior-weights", "0,0", "1000,0", "1000,1000", "--prior-max-voxels", "9000", "--out", str(out)]) == 0
-    model = load_checkpoint(out)
-    calibration = model.checkpoint_meta["provenance"]["calibration"]
+    model = load_model(out)
+    calibration = model.meta["provenance"]["calibration"]
     table = {tuple(float(v) for v in k.split(",")): v for k, v in calibration["prior_table"].items()}
     assert set(table) == {(0.0, 0.0), (1000.0, 0.0), (1000.0, 1000.0)}
     # pair (1000, 0) changes the first click only: the same second click as (0, 0) would need
@@ -178,16 +178,16 @@ def test_calibrate_chooses_the_prior_weights_on_validation(tmp_path) -> None:
     assert choice["incumbent"] == "0,0" and choice["best"] == f"{best[0]:g},{best[1]:g}"
     chosen = best if best == (0.0, 0.0) or choice["interval"][0] > 0 else (0.0, 0.0)
     assert choice["chosen"] == f"{chosen[0]:g},{chosen[1]:g}"
-    assert (model.config.prior_weight_first, model.config.prior_weight) == chosen
+    assert (model.options.prior_weight_first, model.options.prior_weight) == chosen
     assert (calibration["prior_weight_first"], calibration["prior_weight"]) == chosen
-    assert model.config.prior_max_voxels == calibration["prior_max_voxels"] == 9000  # the bound they were chosen at
-    assert model.config.mask_threshold == 0.0
+    assert model.options.prior_max_voxels == calibration["prior_max_voxels"] == 9000  # the bound they were chosen at
+    assert model.options.mask_threshold == 0.0
 
 
 def test_calibrate_chooses_the_boundary_bands_on_validation(tmp_path) -> None:
     """``--boundary-bands``: one click-protocol run per pair, after the threshold; the rule against
     the checkpoint's own pair as for the prior; the chosen pair is written into the copy."""
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
 
     data = tmp_path / "data"
     synthesize(data, seed=5, n_train=0, n_val=2, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)
@@ -198,8 +198,8 @@ def test_calibrate_chooses_the_boundary_bands_on_validation(tmp_path) -> None:
     # lesions' size for the bands to refine
     assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
                  "--prior-weights", "1000,1000", "--boundary-bands", "0,0", "3,0", "2,2", "--out", str(out)]) == 0
-    model = load_checkpoint(out)
-    calibration = model.checkpoint_meta["provenance"]["calibration"]
+    model = load_model(out)
+    calibration = model.meta["provenance"]["calibration"]
     table = {tuple(int(v) for v in k.split(",")): v for k, v in calibration["boundary_table"].items()}
     assert set(table) == {(0, 0), (3, 0), (2, 2)}
     assert table[(3, 0)]["dice"][0] != table[(0, 0)]["dice"][0]  # the first click's band changes its mask
@@ -207,9 +207,9 @@ def test_calibrate_chooses_the_boundary_bands_on_validation(tmp_path) -> None:
     best = max(table, key=lambda b: (table[b]["mean_dice"], -sum(b)))
     assert choice["incumbent"] == "0,0" and choice["best"] == f"{best[0]},{best[1]}"
     chosen = best if best == (0, 0) or choice["interval"][0] > 0 else (0, 0)
-    assert (model.config.boundary_band_first, model.config.boundary_band) == chosen
+    assert (model.options.boundary_band_first, model.options.boundary_band) == chosen
     assert (calibration["boundary_band_first"], calibration["boundary_band"]) == chosen
-    assert (model.config.prior_weight_first, model.config.prior_weight) == (1000.0, 1000.0)
+    assert (model.options.prior_weight_first, model.options.prior_weight) == (1000.0, 1000.0)
 
 
 def test_a_new_prior_pair_must_be_clearly_better_than_the_checkpoints_own() -> None:
@@ -265,15 +265,15 @@ def test_calibrate_refuses_a_malformed_prior_weight_pair(tmp_path, capsys) -> No
 
 
 def test_calibrate_sets_the_coarse_view_and_records_both_scores(tmp_path) -> None:
-    from msam_core.checkpoints import load_checkpoint
+    from msam_core.checkpoints import load_model
 
     data, ck = _one_validation_case_and_a_random_model(tmp_path)
     out = tmp_path / "coarse.safetensors"
     assert main(["calibrate", "--checkpoint", str(ck), "--data", str(data), "--clicks", "2", "--thresholds", "0",
                  "--coarse-view", "on", "--out", str(out)]) == 0
-    model = load_checkpoint(out)
-    assert model.config.coarse_view is True and load_checkpoint(ck).config.coarse_view is False
-    record = model.checkpoint_meta["provenance"]["calibration"]["coarse_view"]
+    model = load_model(out)
+    assert model.options.coarse_view is True and load_model(ck).options.coarse_view is False
+    record = model.meta["provenance"]["calibration"]["coarse_view"]
     assert record["coarse_view"] is True and set(record["table"]) == {"off", "on"}
     off, on = record["table"]["off"], record["table"]["on"]
     assert len(off["dice"]) == len(on["dice"]) == 2
@@ -281,4 +281,4 @@ def test_calibrate_sets_the_coarse_view_and_records_both_scores(tmp_path) -> Non
     low, high = record["interval"]
     assert low <= record["difference"] <= high
     # with the view off, the checkpoint's scores are the threshold scan's at 0: the same protocol
-    assert off["mean_dice"] == model.checkpoint_meta["provenance"]["calibration"]["table"]["0"]["mean_dice"]
+    assert off["mean_dice"] == model.meta["provenance"]["calibration"]["table"]["0"]["mean_dice"]

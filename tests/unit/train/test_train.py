@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from msam_core.checkpoints import load_checkpoint
+from msam_core.checkpoints import load_checkpoint, load_model
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.io.load import load_volume
 from msam_core.model import build_model
 from msam_core.pipeline.preprocess import CropGrid, VolumeSampler
@@ -152,17 +153,18 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
     s = TrainSettings(data=str(dataset_dir), out=str(tmp_path / "run"), steps=1, batch_size=1, iterations=2,
                       crops_per_lesion=1, device="cpu", warmup=1)
     path = train(s, log=lambda *_: None)
-    model = load_checkpoint(path)
-    assert model.config.name == "msam_small"
-    prov = model.checkpoint_meta["provenance"]
+    model = load_model(path)
+    assert model.network.config.name == "msam_small"
+    assert model.options == PipelineOptions()  # a freshly trained network: every pipeline option off
+    prov = model.meta["provenance"]
     assert prov["steps"] == 1 and prov["trained_by"] == "msam train" and prov["final"] is True
     assert "thick_slices" not in prov  # recorded only when the augmentation is on
     s.steps, s.resume, s.thick_slices = 2, True, 0.5
     train(s, log=lambda *_: None)
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2]
-    assert load_checkpoint(path).checkpoint_meta["provenance"]["steps"] == 2
-    assert load_checkpoint(path).checkpoint_meta["provenance"]["thick_slices"] == 0.5
+    assert load_model(path).meta["provenance"]["steps"] == 2
+    assert load_model(path).meta["provenance"]["thick_slices"] == 0.5
     # a run stopped after logging steps past its last save resumes from the save: those rows go
     shutil.copy(tmp_path / "run" / "last.pt", tmp_path / "at2.pt")
     s.steps = 3
@@ -178,7 +180,7 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
     train(s, log=lambda *_: None)
     kept = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
     assert [p.name for p in kept] == ["step-000005.safetensors"]
-    assert load_checkpoint(kept[0]).checkpoint_meta["provenance"]["steps"] == 5
+    assert load_model(kept[0]).meta["provenance"]["steps"] == 5
 
 
 def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_path) -> None:
@@ -202,10 +204,10 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     from msam_core.pipeline.region_prior import MAX_VOXELS
     from msam_core.train.calibrate import set_coarse_view, set_prior_weights
 
-    model = load_checkpoint(path)
+    model = load_model(path)
     set_prior_weights(model, 8.0, 2.0)
     set_coarse_view(model, True)
-    provenance = dict(model.checkpoint_meta["provenance"])
+    provenance = dict(model.meta["provenance"])
     provenance["calibration"] = {"split": "validation", "clicks": 2, "prior_weight_first": 8.0, "prior_weight": 2.0,
                                  "prior_max_voxels": MAX_VOXELS,
                                  "prior_table": {"0,0": {"mean_dice": 0.4, "dice": [0.3, 0.5]},
@@ -216,7 +218,7 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
                                  "coarse_view": {"coarse_view": True, "difference": 0.02, "interval": [-0.01, 0.05],
                                                  "table": {"off": {"mean_dice": 0.46, "dice": [0.4, 0.52]},
                                                            "on": {"mean_dice": 0.48, "dice": [0.42, 0.54]}}}}
-    calibrated = save_checkpoint(model, run / "calibrated.safetensors", provenance)
+    calibrated = save_checkpoint(model.network, run / "calibrated.safetensors", provenance, model.options)
     card = write_card(run, dataset_dir, tmp_path / "weights", command="msam train --steps 1", weights=calibrated)
     text = card.read_text()
     summary = json.loads((run / "eval_heldout" / "summary.json").read_text())

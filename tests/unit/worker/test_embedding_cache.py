@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import contextlib
+
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.segmenter import Segmenter
 from msam_service.metrics import RedisMetrics
 from worker.embedding_cache import BYTES, INDEX, PREFIX, RedisEmbeddingCache, pack, unpack
@@ -83,6 +86,9 @@ class _CountingModel:
     def __init__(self) -> None:
         self.encodes = 0
 
+    def autocast(self):
+        return contextlib.nullcontext()
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         self.encodes += 1
         return image.mean() * torch.ones(1, 8, 8, 8, 8)
@@ -96,9 +102,9 @@ class _CountingModel:
 def test_segmenter_uses_the_redis_cache_across_processes_worth_of_instances(r) -> None:
     model = _CountingModel()
     crop = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 128, 128, 128)).astype(np.float32))
-    first = Segmenter(model, cache=RedisEmbeddingCache(r, 60, 2**24))
+    first = Segmenter(model, PipelineOptions(), cache=RedisEmbeddingCache(r, 60, 2**24))
     emb1, key1 = first.encode(crop)
-    second = Segmenter(model, cache=RedisEmbeddingCache(r, 60, 2**24))  # another worker, same Redis
+    second = Segmenter(model, PipelineOptions(), cache=RedisEmbeddingCache(r, 60, 2**24))  # another worker, same Redis
     emb2, key2 = second.encode(crop)
     assert key1 == key2 and key1.startswith("stub-1:")
     assert model.encodes == 1 and second.cache.hits == 1
