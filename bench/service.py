@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msam_service import serve
 
-STAGES = ("queue", "model_load", "load", "preprocess", "encode", "decode", "write")
+STAGES = ("queue", "model_load", "load", "preprocess", "encode", "decode", "prior", "boundary", "write")
 
 
 def make_ct(path: Path, shape: tuple[int, int, int]) -> None:

@@ -15,7 +15,7 @@ _COUNTERS = "msam:metrics:counters"
 _HIST = "msam:metrics:hist:"
 #: Seconds; covers a cached decoder pass on a GPU (ms) up to a slow CPU job (minutes).
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-STAGES = ("queue", "model_load", "load", "preprocess", "encode", "decode", "write", "total")
+STAGES = ("queue", "model_load", "load", "preprocess", "encode", "decode", "prior", "boundary", "write", "total")
 
 
 class RedisMetrics:

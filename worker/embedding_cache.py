@@ -2,8 +2,10 @@
 
 - Key: ``msam:emb:<model id>:<sha256 of the preprocessed crop>`` (the key the Segmenter makes),
   so different weights never share entries and the same crop from any worker hits.
-- Value: a small header (magic, original dtype, shape) + zlib-compressed **float16** bytes
-  (~4x smaller than float32 before compression; returned in the dtype it was stored from).
+- Value: a small header (magic, dtype, shape) + the zlib-compressed bytes of the embedding in
+  its own dtype: **lossless**, so a follow-up click decodes from exactly the embedding the first
+  one did, and a job's mask equals ``msam segment``'s and ``msam evaluate``'s (a float16 copy
+  moved a few voxels near the threshold).
 - Lifetime: ``ttl_s`` since the last use (a hit extends it).
 - Memory cap: the cache keeps its own byte count and evicts least recently used entries past
   ``max_bytes``, in one Lua script. Redis itself runs ``noeviction`` (it holds the queue, which
@@ -28,7 +30,7 @@ PREFIX = "msam:emb:"
 INDEX = "msam:emb:index"
 SIZES = "msam:emb:sizes"
 BYTES = "msam:emb:bytes"
-_MAGIC = b"MSE1"
+_MAGIC = b"MSE2"
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _DTYPES_BACK = {v: k for k, v in _DTYPES.items()}
 
@@ -67,20 +69,27 @@ return evicted
 
 
 def pack(embedding: torch.Tensor) -> bytes:
-    t = embedding.detach().to("cpu")
-    half = t.float().clamp(-65504, 65504).to(torch.float16).contiguous().numpy()
-    header = _MAGIC + struct.pack("<BB", _DTYPES.get(t.dtype, 0), half.ndim) + struct.pack(f"<{half.ndim}I", *half.shape)
-    return header + zlib.compress(half.tobytes(), 1)
+    """The embedding, bit for bit: header + zlib of its bytes (bfloat16 travels as its 16 bits)."""
+    t = embedding.detach().to("cpu").contiguous()
+    if t.dtype not in _DTYPES:
+        t = t.float()
+    raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    header = _MAGIC + struct.pack("<BB", _DTYPES[t.dtype], t.ndim) + struct.pack(f"<{t.ndim}I", *t.shape)
+    return header + zlib.compress(raw.tobytes(), 1)
 
 
 def unpack(data: bytes) -> torch.Tensor:
+    """:func:`pack`'s bytes -> the tensor; ``ValueError`` for anything else (an entry of another
+    msam version is a miss, not a wrong embedding)."""
     if data[:4] != _MAGIC:
-        raise ValueError("not an msam embedding")
+        raise ValueError("not an msam embedding of this version")
     dtype_code, ndim = struct.unpack_from("<BB", data, 4)
     shape = struct.unpack_from(f"<{ndim}I", data, 6)
+    dtype = _DTYPES_BACK[dtype_code]
     body = zlib.decompress(data[6 + 4 * ndim:])
-    arr = np.frombuffer(body, dtype=np.float16).reshape(shape)
-    return torch.from_numpy(arr.copy()).to(_DTYPES_BACK.get(dtype_code, torch.float32))
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.frombuffer(body, dtype=np.int16).reshape(shape).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.frombuffer(body, dtype=torch.empty(0, dtype=dtype).numpy().dtype).reshape(shape).copy())
 
 
 class RedisEmbeddingCache:
@@ -109,9 +118,15 @@ class RedisEmbeddingCache:
             pipe.execute()
         except redis.RedisError:
             pass
+        try:
+            embedding = unpack(data)  # type: ignore[arg-type]
+        except (ValueError, KeyError, zlib.error, struct.error):
+            self.misses += 1  # an entry another msam version wrote: encode again (and overwrite it)
+            self._count("cache_misses")
+            return None
         self.hits += 1
         self._count("cache_hits")
-        return unpack(data)  # type: ignore[arg-type]
+        return embedding
 
     def put(self, key: str, embedding: torch.Tensor) -> None:
         value = pack(embedding)

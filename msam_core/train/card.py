@@ -151,6 +151,14 @@ def read_evals(run: Path) -> dict:
     return {split: json.loads(path.read_text()) for split, path in paths.items() if path.is_file()}
 
 
+#: How the card's figures relate to what users get (the card's Metrics section states it).
+SERVED_PATH = ("These masks come from the calls `msam segment` and the service make - `Segmenter(network, options)` "
+               "with the pipeline options this file states, `open_crop` then `click` - so the service returns "
+               "them voxel for voxel (`tests/integration/test_served_path.py`). The protocol differs: here each "
+               "click's logits are fed back (an interactive session), while a `POST /segment` job decodes from its "
+               "clicks alone; `bench/served_accuracy.py` measures that protocol through the running service.")
+
+
 def metrics_section(run: Path, evals: dict, config) -> list[str]:
     """The card's Metrics section (markdown lines) from the run's ``eval_<split>`` reports (``evals``:
     their summaries by split) and the shipped model's ``config``."""
@@ -162,6 +170,8 @@ def metrics_section(run: Path, evals: dict, config) -> list[str]:
         + ("; second baseline `stable_region`: the stable-region prior alone from the same protocol (what the "
            "masks would be without the network)." if any("stable_region" in e["groups"]["all"] for e in evals.values())
            else "."),
+        "",
+        SERVED_PATH,
         "",
     ]
     for split, summary in evals.items():

@@ -107,8 +107,13 @@ def one_thread() -> Iterator[None]:
 
 
 def _job(svc: Service, files, prompts: dict) -> dict:
+    """A job from an upload (``files`` + the ``prompts`` form field) or, without ``files``, from the
+    JSON body ``prompts`` (``{"volume_id", "prompts"}``)."""
     with svc.client() as c:
-        r = c.post("/segment", files=files, data={"prompts": json.dumps(prompts)})
+        if files is None:
+            r = c.post("/segment", json=prompts)
+        else:
+            r = c.post("/segment", files=files, data={"prompts": json.dumps(prompts)})
         assert r.status_code == 202, r.text
         job = svc.wait_job(r.json()["job_id"], timeout=240)
     assert job["status"] == "succeeded", (job, svc.logs())
@@ -174,12 +179,17 @@ def test_later_clicks_give_the_same_mask_from_service_and_cli(bundled_service: S
                                                               tmp_path: Path) -> None:
     click = phantom["click"]
     positive, negative = [click, [click[0] + 4, click[1] - 3, click[2] + 1]], [[click[0] - 14, click[1], click[2]]]
-    with open(phantom["nifti"], "rb") as f:
-        job = _job(bundled_service, {"image": ("case.nii.gz", f)},
-                   {"space": "voxel", "lesions": [{"positive": positive, "negative": negative}]})
+    with bundled_service.client() as c, open(phantom["nifti"], "rb") as f:
+        volume_id = c.post("/volumes", files={"image": ("case.nii.gz", f)}).json()["volume_id"]
+    first = _job(bundled_service, None, {"volume_id": volume_id,
+                                         "prompts": {"space": "voxel", "lesions": [{"positive": [click]}]}})
+    job = _job(bundled_service, None, {"volume_id": volume_id, "prompts": {
+        "space": "voxel", "lesions": [{"positive": positive, "negative": negative}]}})
+    assert job["cache_hits"] == 2 and job["encoder_runs"] == 0  # the follow-up decodes from the cached embeddings
     served = _mask(_result(bundled_service, job, "nifti", tmp_path / "served.nii.gz"))
     assert np.array_equal(served, _cli(phantom["nifti"], tmp_path / "cli.nii.gz", positive, negative))
     assert served.any() and not served[tuple(negative[0])]
+    assert first["encoder_runs"] + first["cache_hits"] == 2
 
 
 def test_dicom_job_equals_msam_segment_and_names_the_model(bundled_service: Service, phantom: dict,

@@ -9,9 +9,9 @@ import torch
 
 from msam_core.io.volume import Volume
 from msam_core.pipeline.preprocess import CropGrid
-from msam_core.pipeline.prompts import Box, Point
 from msam_core.pipeline.options import PipelineOptions
-from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter, crop_key
+from msam_core.pipeline.prompts import Box, Point
+from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter, StageTimer, crop_key
 from tests.unit.pipeline.phantoms import (RegionGrowDouble, centred_affine, dice, rotation,
                                           sphere_truth, spheres_image, voxel_centres_ras)
 
@@ -140,3 +140,56 @@ def test_real_network_end_to_end():
     assert result.labels.shape == shape and result.labels.dtype == np.uint8
     assert set(np.unique(result.labels)) <= {0, 1}
     assert result.model_id == model.model_id and cache.hits >= 1
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(StageTimer):
+    def __init__(self, stop_at: str | None = None) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+        self.stop_at = stop_at
+
+    def before(self, stage: str) -> None:
+        self.events.append(("before", stage))
+        if stage == self.stop_at:
+            raise _Stop(stage)
+
+    def lesion_done(self, done: int, total: int) -> None:
+        self.events.append(("lesion", f"{done}/{total}"))
+
+
+def test_hooks_hear_every_stage_and_can_stop_before_one():
+    """What the worker relies on instead of wrapping the network: every stage the options turn
+    on is announced and timed, lesions are counted, and an exception in ``before`` stops the
+    request before that stage runs."""
+    shape = (60, 50, 30)
+    affine = centred_affine(shape, (1.0, 1.1, 2.0), rotation((0, 0, 1), 15.0), (0.0, 0.0, 0.0))
+    a, b = np.array([-12.0, 0.0, 0.0]), np.array([14.0, 4.0, 0.0])
+    image = spheres_image(shape, affine, [(a, 8.0), (b, 7.0)])
+    volume = Volume((image + np.random.default_rng(0).normal(0, 0.05 * np.ptp(image), shape)).astype(np.float32),
+                    affine)
+    points = [Point(tuple(a), space="RAS"), Point(tuple(b), space="RAS", lesion=2)]
+    options = PipelineOptions(prior_weight_first=2.0, boundary_band_first=1)
+    hooks = _Recorder()
+    model = RegionGrowDouble()
+    Segmenter(model, options, hooks=hooks).segment(volume, points)
+    assert hooks.runs == {"encode": 2, "decode": 2, "prior": 2, "boundary": 2}
+    assert all(hooks.seconds[stage] > 0 for stage in hooks.runs)
+    assert [e for e in hooks.events if e[0] == "lesion"] == [("lesion", "1/2"), ("lesion", "2/2")]
+    # without the options, their stages do not run
+    plain = StageTimer()
+    Segmenter(RegionGrowDouble(), PipelineOptions(), hooks=plain).segment(volume, points)
+    assert plain.runs == {"encode": 2, "decode": 2, "prior": 0, "boundary": 0}
+    # a stop before the first decoder pass: the encoder ran, the decoder never did
+    stopper, model = _Recorder(stop_at="decode"), RegionGrowDouble()
+    with pytest.raises(_Stop):
+        Segmenter(model, options, hooks=stopper).segment(volume, points)
+    assert model.encode_calls == 1 and model.decode_calls == 0
+
+
+def test_options_must_be_given_as_pipeline_options():
+    with pytest.raises(TypeError, match="PipelineOptions"):
+        Segmenter(RegionGrowDouble(), {"coarse_view": True})  # type: ignore[arg-type]

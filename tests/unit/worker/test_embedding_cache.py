@@ -19,16 +19,25 @@ def _emb(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(1, 96, 8, 8, 8, generator=g).to(dtype)
 
 
-def test_pack_is_float16_compressed_and_round_trips() -> None:
+def test_pack_is_lossless_and_compressed() -> None:
+    """A cached embedding is the embedding, bit for bit: a follow-up click decodes exactly as the
+    first (and as msam segment, which has no Redis cache)."""
     e = _emb()
     data = pack(e)
-    assert len(data) < e.numel() * 2 + 64  # float16 (2 bytes) or less, plus a small header
+    assert len(data) < e.numel() * 4 + 64  # zlib over float32, plus a small header
     back = unpack(data)
-    assert back.dtype == torch.float32 and back.shape == e.shape
-    torch.testing.assert_close(back, e, atol=2e-3, rtol=1e-3)
-    assert unpack(pack(e.to(torch.bfloat16))).dtype == torch.bfloat16
+    assert back.dtype == torch.float32 and back.shape == e.shape and torch.equal(back, e)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        t = e.to(dtype)
+        assert torch.equal(unpack(pack(t)), t) and unpack(pack(t)).dtype == dtype
     with pytest.raises(ValueError):
         unpack(b"garbage")
+
+
+def test_an_entry_of_another_format_is_a_miss(r) -> None:
+    cache = RedisEmbeddingCache(r, 60, 2**24)
+    r.set(PREFIX + "m:old", b"MSE1" + b"\x00" * 40)  # what the float16 cache of an older msam wrote
+    assert cache.get("m:old") is None and cache.misses == 1 and cache.hits == 0
 
 
 def test_get_put_counts_hits_and_misses(r) -> None:
