@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-Xyz = tuple[float, float, float]
+from msam_core.io.dicom_text import TextRuleError, check_long_string
+
+
+def _kind(value: Any) -> str:
+    return {bool: "true/false", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _json_number(value: Any) -> Any:
+    """Numbers only: pydantic's lax mode would take ``true`` as 1 and ``"12.5"`` as 12.5, so a
+    client's type mix-up would place a click somewhere it never meant."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("number_type", "must be a JSON number, not {kind} (write 12.5, not \"12.5\")",
+                                  {"kind": _kind(value)})
+    return value
+
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int_type", "must be a JSON integer, not {kind} (write 3, not \"3\", 3.0 or true)",
+                                  {"kind": _kind(value) if not isinstance(value, float) else "a fraction"})
+    return value
+
+
+#: A coordinate: a finite JSON number (no booleans, no numeric strings, no NaN / infinity).
+Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, allow_inf_nan=False)]
+StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
+Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct"]
 
@@ -19,14 +46,22 @@ class Lesion(BaseModel):
     positive: list[Xyz] = Field(min_length=1, max_length=64, description="clicks inside the lesion")
     negative: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks outside it")
     box: tuple[Xyz, Xyz] | None = Field(default=None, description="two opposite corners")
-    label: str | None = Field(default=None, max_length=64, description="segment / ROI name")
+    label: str | None = Field(default=None, json_schema_extra={"maxLength": 64},
+                              description="segment / ROI name (a DICOM LO value: at most 64 characters and "
+                              "64 UTF-8 bytes, no backslash or control character; leading and trailing "
+                              "spaces are removed)")
 
     @field_validator("label")
     @classmethod
-    def _printable(cls, v: str | None) -> str | None:
-        if v is not None and not v.isprintable():
-            raise ValueError("label must be printable text")
-        return v
+    def _dicom_long_string(cls, v: str | None) -> str | None:
+        """The DICOM writers' own rule (:func:`~msam_core.io.dicom_text.check_long_string`), so a
+        label that reaches a worker is one DICOM-SEG and RTSTRUCT can hold exactly."""
+        if v is None:
+            return None
+        try:
+            return check_long_string(v)
+        except TextRuleError as exc:
+            raise PydanticCustomError("dicom_text", "{reason}", {"reason": str(exc)}) from None
 
 
 class Prompts(BaseModel):
@@ -37,7 +72,7 @@ class Prompts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     space: Literal["voxel", "LPS", "RAS"] = "voxel"
     lesions: list[Lesion] = Field(min_length=1, max_length=32)
-    iterations: int = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
+    iterations: StrictCount = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
 
 
 _UID = r"^[0-9]+(\.[0-9]+)*$"
@@ -204,6 +239,9 @@ class JobOut(BaseModel):
     lesions: list[LesionSummary] = Field(default_factory=list)
     results: dict[str, str] = Field(default_factory=dict, description="format -> download URL")
     unavailable_results: dict[str, str] = Field(default_factory=dict, description="format -> why not")
+    warnings: list[str] = Field(default_factory=list, description="what the results differ in from what was "
+                                "asked or from the source, e.g. a source attribute DICOM refuses that was "
+                                "left empty in the DICOM outputs (names attributes, never patient values)")
     destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
                                          "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded)")
     error: ErrorInfo | None = None

@@ -21,7 +21,7 @@ import redis
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINISHED = (SUCCEEDED, FAILED, CANCELED)
-_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions", "model")
+_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions", "model", "warnings")
 _QUEUED_KEY = "msam:queued"
 _RUNNING_KEY = "msam:running"
 
@@ -69,6 +69,9 @@ class JobRecord:
     error: dict[str, str] | None = None
     results: list[str] = field(default_factory=list)
     result_errors: dict[str, str] = field(default_factory=dict)
+    #: what the results differ in from the request or the source (e.g. a source attribute left
+    #: empty in the DICOM outputs because DICOM refuses its value); attribute names, no values
+    warnings: list[str] = field(default_factory=list)
     request: dict[str, Any] = field(default_factory=dict)
     lesions: list[dict[str, Any]] = field(default_factory=list)
     #: the model that ran the job (``LoadedModel.describe()``), set once the worker has it

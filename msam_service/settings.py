@@ -41,10 +41,21 @@ class Settings(BaseSettings):
                                        "(read at start; '#' comments)")
     request_timeout_s: float = Field(default=120.0, gt=0, description="a request (body included) must "
                                      "complete within this, else 408")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must deliver a complete "
+                                    "request head (request line and headers) within this of opening, or of "
+                                    "the first byte of its next request, else it is closed (slow-header "
+                                    "clients); also how long a body the API already refused may keep arriving")
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="the API's connect and read timeout for "
+                                   "Redis: a frozen or unreachable Redis is a 503 after about this, not a "
+                                   "request held for minutes (the workers keep their own, longer timeouts)")
     public_url: str = Field(default="", description="base URL for links in responses (default: request's)")
 
     # -- limits -----------------------------------------------------------------------------
-    max_upload_mb: int = Field(default=2048, description="largest upload (all files together)")
+    max_upload_mb: int = Field(default=2048, gt=0, description="largest multipart body (all files together), "
+                               "counted on the bytes received whatever the transfer encoding")
+    max_json_kb: int = Field(default=256, gt=0, description="largest request body of any other type (JSON: ids "
+                             "and prompts only) and largest text field of a multipart form (prompts, "
+                             "destinations), in KiB")
     max_files: int = Field(default=5000, description="most files in one upload")
     max_decompressed_mb: int = Field(default=4096, description="most bytes an upload may expand to "
                                      "(zip members, gzip'd NIfTI data, DICOM pixel data)")
@@ -69,6 +80,9 @@ class Settings(BaseSettings):
     # -- embedding cache --------------------------------------------------------------------
     cache_ttl_s: int = Field(default=3600, description="embedding cache entry lifetime")
     cache_max_mb: int = Field(default=512, description="embedding cache memory cap in Redis")
+    shared_embedding_cache: bool = Field(
+        default=False, description="one embedding cache for all tenants (a tenant's cache hits and timings then "
+        "show that another tenant segmented the same scan at the same place); default: one per tenant")
 
     @field_validator("checkpoint", "api_keys_file", mode="before")
     @classmethod

@@ -3,6 +3,10 @@
 One worker process per GPU (``CUDA_VISIBLE_DEVICES``), ``--concurrency 1``: the model is loaded
 once per pool child, lazily, on its first job (:mod:`worker.runtime`); the main process only
 consumes messages and reports liveness (:mod:`worker.heartbeat`).
+
+Logs carry no DICOM UID (:mod:`msam_service.log_privacy`): redaction is installed before Celery
+sets up its handlers, and the filter is added to the handlers Celery creates (root and task
+loggers), in the main process and in the pool children, which inherit both.
 """
 
 from __future__ import annotations
@@ -12,17 +16,26 @@ import os
 
 from celery import signals
 
-from msam_service import redis_conn
+from msam_service import log_privacy, redis_conn
 from msam_service.queue import make_celery
 from msam_service.settings import get_settings
 
 logger = logging.getLogger(__name__)
+log_privacy.install()
 
 settings = get_settings()
 app = make_celery(settings, "msam-worker")
 app.conf.include = ["worker.tasks"]
 
 _heartbeat = None
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _redact_celery_handlers(logger: logging.Logger | None = None, **_: object) -> None:
+    if logger is not None:
+        log_privacy.attach(logger)
+    log_privacy.attach(logging.getLogger())
 
 
 @signals.worker_init.connect

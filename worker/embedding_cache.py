@@ -1,7 +1,12 @@
 """The Segmenter's :class:`~msam_core.pipeline.segmenter.EmbeddingCache`, backed by Redis.
 
-- Key: ``msam:emb:<model id>:<sha256 of the preprocessed crop>`` (the key the Segmenter makes),
-  so different weights never share entries and the same crop from any worker hits.
+- Key: ``msam:emb:<namespace>/<model id>:<sha256 of the preprocessed crop>`` (after the
+  namespace, the key the Segmenter makes), so different weights never share entries and the same
+  crop from any worker hits.
+- Namespace: one per tenant (:func:`tenant_namespace`, a digest of the tenant's name), so a
+  tenant's ``cache_hits`` and timings never reveal that another tenant segmented the same scan at
+  the same place. ``MSAM_SHARED_EMBEDDING_CACHE=true`` gives all tenants one cache, without
+  namespace (a deliberate choice for a single organisation; off by default).
 - Value: a small header (magic, dtype, shape) + the zlib-compressed bytes of the embedding in
   its own dtype: **lossless**, so a follow-up click decodes from exactly the embedding the first
   one did, and a job's mask equals ``msam segment``'s and ``msam evaluate``'s (a float16 copy
@@ -16,6 +21,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 import zlib
@@ -92,19 +98,41 @@ def unpack(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(body, dtype=torch.empty(0, dtype=dtype).numpy().dtype).reshape(shape).copy())
 
 
+def tenant_namespace(tenant: str) -> str:
+    """The cache namespace of ``tenant``: a digest, so keys have one shape whatever the name."""
+    return "t" + hashlib.sha256(tenant.encode("utf-8")).hexdigest()[:24]
+
+
 class RedisEmbeddingCache:
-    def __init__(self, r: redis.Redis, ttl_s: int, max_bytes: int, metrics: RedisMetrics | None = None) -> None:
+    """Embeddings in Redis under ``namespace`` (``""``: no namespace, the shared cache). The
+    memory cap and the LRU order are global: every namespace counts against one ``max_bytes``."""
+
+    def __init__(self, r: redis.Redis, ttl_s: int, max_bytes: int, metrics: RedisMetrics | None = None,
+                 namespace: str = "") -> None:
+        if "/" in namespace or ":" in namespace:
+            raise ValueError("a cache namespace holds no '/' or ':'")
         self.r = r
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.namespace = namespace
         self.hits = 0
         self.misses = 0
         self._put = r.register_script(_PUT)
 
+    def scoped(self, namespace: str) -> RedisEmbeddingCache:
+        """The same cache (Redis, lifetime, cap, metrics) under ``namespace``, with its own
+        hit and miss counts: one per job."""
+        return RedisEmbeddingCache(self.r, self.ttl_s, self.max_bytes, self.metrics, namespace)
+
+    def _name(self, key: str) -> str:
+        """The entry's name in the LRU index; its Redis key is ``PREFIX + name``."""
+        return f"{self.namespace}/{key}" if self.namespace else key
+
     def get(self, key: str) -> torch.Tensor | None:
+        name = self._name(key)
         try:
-            data = self.r.get(PREFIX + key)
+            data = self.r.get(PREFIX + name)
         except redis.RedisError:
             data = None  # a cache outage costs speed, not the job
         if data is None:
@@ -113,8 +141,8 @@ class RedisEmbeddingCache:
             return None
         try:
             pipe = self.r.pipeline()
-            pipe.expire(PREFIX + key, self.ttl_s)
-            pipe.zadd(INDEX, {key: time.time()})
+            pipe.expire(PREFIX + name, self.ttl_s)
+            pipe.zadd(INDEX, {name: time.time()})
             pipe.execute()
         except redis.RedisError:
             pass
@@ -132,9 +160,10 @@ class RedisEmbeddingCache:
         value = pack(embedding)
         if len(value) > self.max_bytes:
             return
+        name = self._name(key)
         try:
-            self._put(keys=[PREFIX + key, INDEX, SIZES, BYTES],
-                      args=[value, self.ttl_s, time.time(), self.max_bytes, key])
+            self._put(keys=[PREFIX + name, INDEX, SIZES, BYTES],
+                      args=[value, self.ttl_s, time.time(), self.max_bytes, name])
         except redis.RedisError:
             pass
 

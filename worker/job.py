@@ -2,7 +2,10 @@
 
 Every user mistake (an :class:`~msam_core.errors.MsamError`) ends the job ``failed`` with the
 same code and message the API would give; anything else ends it ``failed`` with a generic
-message (the details go to the log, without image content or patient data).
+message (the details go to the log, without image content or patient data). Once the mask
+exists, a result format that cannot be written is reported in the job's
+``unavailable_results`` and the other formats are kept; the job fails only when none could be
+written. The embedding cache a job uses is its tenant's (:meth:`Runtime.cache_for`).
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         step("segment", 0.2)
         doc = rec.request.get("prompts", {})
         hooks = JobHooks(check, lambda fraction: store.update(job_id, progress=round(fraction, 3)), 0.2, 0.85)
-        cache_hits_before = rt.cache.hits
-        segmenter = Segmenter(model.network, model.options, device=rt.settings.device, cache=rt.cache,
+        cache = rt.cache_for(rec.tenant)
+        segmenter = Segmenter(model.network, model.options, device=rt.settings.device, cache=cache,
                               max_windows=rt.settings.max_windows, hooks=hooks)
         t0 = time.perf_counter()
         lesions = resolve(doc, volume)
@@ -114,15 +117,15 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         timings["preprocess"] = round(max(0.0, seg_s - sum(hooks.seconds.values())), 4)
         step("write", 0.85)
         t0 = time.perf_counter()
-        written, errors = write_results(rt, job_id, result.labels, volume, segment_labels(doc), model)
+        written, errors, warnings = write_results(rt, job_id, result.labels, volume, segment_labels(doc), model)
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
         summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
                     "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit}
                    for o in result.lesions]
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
-                      results=written, result_errors=errors, lesions=summary,
-                      cache_hits=rt.cache.hits - cache_hits_before, encoder_runs=hooks.runs["encode"],
+                      results=written, result_errors=errors, warnings=warnings, lesions=summary,
+                      cache_hits=cache.hits, encoder_runs=hooks.runs["encode"],
                       volume_from_memory=from_memory, input_format=str(volume.meta.get("format", "")))
         if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), **fields) is None:
             raise JobCanceled()
@@ -160,14 +163,23 @@ def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str | None:
 
 
 def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str],
-                  model: LoadedModel) -> tuple[list[str], dict[str, str]]:
-    """Every output this input allows; returns (formats written, format -> why not). DICOM
-    outputs name ``model`` (its name and version) as the algorithm that made them."""
+                  model: LoadedModel) -> tuple[list[str], dict[str, str], list[str]]:
+    """Every output this input allows; returns (formats written, format -> why not, warnings).
+    DICOM outputs name ``model`` (its name and version) as the algorithm that made them.
+
+    Each format stands alone: a user mistake (:class:`MsamError`) or an unexpected exception in
+    one writer costs that format only (its reason goes to ``unavailable_results``, the exception
+    type and traceback to the log). Only when no format could be written does the first
+    unexpected exception propagate (the job fails ``internal_error``). A stop (cancel, time
+    limit) always propagates. Warnings are what the DICOM writers fixed in the source's
+    attributes (names, never values)."""
     from msam_core.io.nifti import save_mask_nifti
     from msam_core.io.preview import save_preview
 
     written: list[str] = []
     errors: dict[str, str] = {}
+    warnings: list[str] = []
+    unexpected: list[Exception] = []
     writers: dict[str, Callable[[Path], object]] = {
         "nifti": lambda p: save_mask_nifti(labels, volume, p),
         "png": lambda p: save_preview(volume, labels, p),
@@ -177,9 +189,11 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
         from msam_core.io.seg import write_seg
 
         writers["dicom-seg"] = lambda p: write_seg(labels, volume, p, segment_labels=names or None,
-                                                   algorithm_name=model.name, algorithm_version=model.version)
+                                                   algorithm_name=model.name, algorithm_version=model.version,
+                                                   warnings=warnings)
         writers["rtstruct"] = lambda p: write_rtstruct(labels, volume, p, roi_names=names or None,
-                                                       algorithm_name=model.name, algorithm_version=model.version)
+                                                       algorithm_name=model.name, algorithm_version=model.version,
+                                                       warnings=warnings)
     else:
         fmt = volume.meta.get("format", "not DICOM")
         for name in ("dicom-seg", "rtstruct"):
@@ -190,11 +204,22 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
             path = Path(tmp) / RESULT_FILES[name]
             try:
                 write(path)
+            except (JobCanceled, SoftTimeLimitExceeded):
+                raise
             except MsamError as exc:
                 errors[name] = str(exc)
+                continue
+            except Exception as exc:  # a bug in one writer must not cost the other formats
+                logger.error("job %s: the %s writer failed: %s\n%s", job_id, name, type(exc).__name__,
+                             "".join(traceback.format_tb(exc.__traceback__)))
+                errors[name] = (f"the {name} output could not be written ({type(exc).__name__}, a fault in msam, "
+                                "not in the request); the other formats are complete. Report it with the job id")
+                unexpected.append(exc)
                 continue
             rt.storage.put_file(f"jobs/{job_id}/{RESULT_FILES[name]}", path)
             written.append(name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return written, errors
+    if not written and unexpected:
+        raise unexpected[0]
+    return written, errors, list(dict.fromkeys(warnings))

@@ -22,7 +22,7 @@ from msam_service.metrics import RedisMetrics
 from msam_service.settings import Settings, get_settings
 from msam_service.storage import Storage, make_storage
 from msam_service.volumes import VolumeInfo, open_volume
-from worker.embedding_cache import RedisEmbeddingCache
+from worker.embedding_cache import RedisEmbeddingCache, tenant_namespace
 
 if TYPE_CHECKING:
     from msam_core.checkpoints import LoadedModel
@@ -88,6 +88,13 @@ class Runtime:
                 logger.info("model %s (%s) loaded on %s", self._model.name, self._model.version, self.settings.device)
                 self._report_model("", self._model.describe())
             return self._model
+
+    def cache_for(self, tenant: str) -> RedisEmbeddingCache:
+        """The embedding cache a job of ``tenant`` uses, with its own hit counts: the tenant's
+        namespace, or the one shared cache when ``MSAM_SHARED_EMBEDDING_CACHE`` is on."""
+        if self.settings.shared_embedding_cache:
+            return self.cache.scoped("")
+        return self.cache.scoped(tenant_namespace(tenant))
 
     def volume(self, info: VolumeInfo) -> tuple[Volume, bool]:
         """The decoded volume (``True`` when it came from this process's memory)."""

@@ -43,6 +43,7 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         results={f: f"{base}/jobs/{rec.job_id}/result?format={f}" for f in rec.results}
         if rec.status == jobs.SUCCEEDED else {},
         unavailable_results=rec.result_errors if rec.status == jobs.SUCCEEDED else {},
+        warnings=rec.warnings if rec.status == jobs.SUCCEEDED else [],
         error=ErrorInfo(**rec.error) if rec.error else None,
         destinations=_destinations(svc, rec),
         model=ModelOut(**rec.model) if rec.model else None,

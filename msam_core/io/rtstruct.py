@@ -11,6 +11,10 @@ edges** of the mask, so the polygons enclose exactly the mask's pixels: rasteris
   with the outer one by the even-odd (XOR) rule as most planning systems do;
 - Contour Data is in DICOM patient coordinates (**LPS** mm), computed from the source volume's
   affine (:func:`~msam_core.io.dicom.volume_affine_lps`), i.e. on the source's own slice planes.
+
+Text follows :mod:`msam_core.io.dicom_text`, as for the DICOM-SEG: ROI names checked by the rule
+the API applies, UTF-8 when the text does not fit the source's character set, and source
+patient/study attributes that break their VR left empty with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from msam_core.errors import InvalidVolume, UnsupportedRequest
 from msam_core.io.dicom import DicomSource, volume_affine_lps
-from msam_core.io.seg import check_mask, long_string, msam_version, source_of
+from msam_core.io.dicom_text import apply_character_set, conform_source_header
+from msam_core.io.seg import check_mask, checked_labels, long_string, msam_version, report, source_of
 from msam_core.io.volume import Volume
 
 __all__ = ["RT_STRUCTURE_SET_STORAGE", "mask_to_polygons", "read_rtstruct", "write_rtstruct"]
@@ -56,8 +61,6 @@ _PATIENT_STUDY_KEYWORDS = (
     "AccessionNumber",
     "StudyDescription",
 )
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 _COLOURS = [(255, 0, 0), (0, 200, 0), (0, 100, 255), (255, 200, 0), (200, 0, 255), (0, 220, 220)]
 
@@ -149,6 +152,7 @@ def write_rtstruct(
     series_number: int = 902,
     structure_set_label: str = "MSAM",
     manufacturer: str = "msam",
+    warnings: list[str] | None = None,
 ) -> Path:
     """Write ``mask`` (labels ``0..K`` on ``source``'s grid) as an RT Structure Set.
 
@@ -160,9 +164,12 @@ def write_rtstruct(
         algorithm_version: recorded in ROI Generation Description (default: msam's version).
         algorithm_name: recorded in ROI Generation Description (the service gives the model's name).
         generation_algorithm: ``SEMIAUTOMATIC`` for prompted runs, ``AUTOMATIC`` otherwise.
+        warnings: receives one sentence per source attribute left empty in the RTSTRUCT (a
+            value that breaks its VR); logged when not given.
 
     Raises:
         UnsupportedRequest: ``source`` is not a DICOM volume, or the mask is empty.
+        InvalidPrompt: an ROI name breaks the DICOM LO rules.
         ValueError: the mask does not fit ``source``.
     """
     src = source_of(source, "RTSTRUCT")
@@ -170,9 +177,11 @@ def write_rtstruct(
     present = [int(v) for v in np.unique(labels_arr) if v != 0]
     if not present:
         raise UnsupportedRequest("the segmentation is empty (no lesion voxel); there is nothing to contour")
+    names = checked_labels(roi_names, present)
     version_text = algorithm_version or msam_version()
     affine = volume_affine_lps(source)
-    first = src.datasets[0]
+    header = conform_source_header(src.datasets[0])
+    first = header.dataset
     for_uid = str(source.meta.get("frame_of_reference_uid") or first.FrameOfReferenceUID)
     now = _dt.datetime.now(_dt.UTC)
 
@@ -183,16 +192,13 @@ def write_rtstruct(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 192")
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
     ds.SOPInstanceUID = sop_uid
     for kw in _PATIENT_STUDY_KEYWORDS:
-        if kw in first:
+        if kw in first:  # the Type 2 ones always are (conform_source_header adds them empty)
             setattr(ds, kw, first[kw].value)
-        elif kw in _TYPE2:
-            setattr(ds, kw, "")
     # Frame of Reference (part of the RT Structure Set IOD since 2019): the source's frame
     ds.FrameOfReferenceUID = for_uid
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
@@ -221,7 +227,7 @@ def write_rtstruct(
         roi = Dataset()
         roi.ROINumber = label
         roi.ReferencedFrameOfReferenceUID = for_uid
-        roi.ROIName = (roi_names or {}).get(label, f"Lesion {label}")
+        roi.ROIName = names[label]
         roi.ROIGenerationAlgorithm = generation_algorithm
         roi.ROIGenerationDescription = long_string(f"{algorithm_name} {version_text}")
         rois.append(roi)
@@ -258,9 +264,12 @@ def write_rtstruct(
     ds.ROIContourSequence = DicomSequence(contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
+    notes = header.warnings(ds, "RTSTRUCT", copied=(*_PATIENT_STUDY_KEYWORDS, "PositionReferenceIndicator"))
+    charset_note = apply_character_set(ds, src.datasets[0].get("SpecificCharacterSet"), "RTSTRUCT")
 
     out = Path(path)
     ds.save_as(out, enforce_file_format=True)
+    report(notes + ([charset_note] if charset_note else []), warnings)
     logger.info("RTSTRUCT written: %d ROI(s)", len(present))
     return out
 

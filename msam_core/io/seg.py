@@ -7,6 +7,11 @@ exactly; no resampling and no RAS/LPS conversion happens on the writing side. Th
 (:func:`read_seg`) goes through the SEG's own plane positions in **LPS** and maps them into the
 source grid, so a SEG whose geometry disagrees with its source (a mirrored SEG) cannot read back
 as correct.
+
+Text follows :mod:`msam_core.io.dicom_text`: segment labels are checked by the same rule the API
+applies, the SEG is written in UTF-8 when its text does not fit the source's character set, and
+a patient/study attribute of the source that breaks its VR is left empty with a warning instead
+of failing the SEG.
 """
 
 from __future__ import annotations
@@ -24,13 +29,21 @@ from pydicom.sr.codedict import codes as sr_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
-from msam_core.errors import InvalidVolume, UnsupportedRequest
+from msam_core.errors import InvalidPrompt, InvalidVolume, UnsupportedRequest
 from msam_core.io.dicom import DicomSource, volume_affine_lps
+from msam_core.io.dicom_text import (
+    TextRuleError,
+    apply_character_set,
+    check_long_string,
+    clean_long_string,
+    conform_source_header,
+)
 from msam_core.io.volume import Volume
 
 __all__ = [
     "DEFAULT_CATEGORY",
     "DEFAULT_TYPE",
+    "checked_labels",
     "long_string",
     "msam_version",
     "read_seg",
@@ -48,9 +61,36 @@ _TRACKING_RE = re.compile(r"^msam lesion (\d+)$")
 
 
 def long_string(text: str) -> str:
-    """``text`` as a DICOM LO value: no backslash or control character, at most 64 characters."""
-    clean = "".join(c for c in str(text) if c != "\\" and c.isprintable()).strip()
-    return clean[:64] or "msam"
+    """``text`` (composed by msam, e.g. a model's name) made into a valid DICOM LO value; see
+    :func:`~msam_core.io.dicom_text.clean_long_string`."""
+    return clean_long_string(text)
+
+
+def checked_labels(names: Mapping[int, str] | None, present: list[int]) -> dict[int, str]:
+    """Label -> segment label / ROI name for every label in ``present``: the given name checked by
+    :func:`~msam_core.io.dicom_text.check_long_string` (the rule the API applies), else
+    ``"Lesion <label>"``. A name that breaks the rule is :class:`InvalidPrompt`, never written."""
+    out: dict[int, str] = {}
+    for label in present:
+        name = (names or {}).get(label)
+        if name is None:
+            out[label] = f"Lesion {label}"
+            continue
+        try:
+            out[label] = check_long_string(name)
+        except TextRuleError as exc:
+            raise InvalidPrompt(f"lesion {label}: {exc}") from None
+    return out
+
+
+def report(notes: list[str], into: list[str] | None) -> None:
+    """Hand a writer's warnings to the caller's list, or log them when the caller gave none.
+    Warnings name attributes, never their values."""
+    if into is not None:
+        into.extend(notes)
+    else:
+        for note in notes:
+            logger.warning("%s", note)
 
 
 def msam_version() -> str:
@@ -123,6 +163,7 @@ def write_seg(
     manufacturer: str = "msam",
     device_serial_number: str = "msam",
     transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    warnings: list[str] | None = None,
 ) -> Path:
     """Write ``mask`` (labels ``0..K`` on ``source``'s grid) as a DICOM Segmentation.
 
@@ -142,9 +183,13 @@ def write_seg(
         algorithm_name: the algorithm identification's name (the service gives the model's name).
         labelmap: write a LABELMAP segmentation (Label Map Segmentation Storage) instead of BINARY.
         algorithm_type: ``SEMIAUTOMATIC`` for prompted runs, ``AUTOMATIC`` otherwise.
+        warnings: receives one sentence per source attribute left empty in the SEG (a value
+            highdicom would refuse: a date ``19700132``, a Patient's Sex ``X``); logged when
+            not given.
 
     Raises:
         UnsupportedRequest: ``source`` is not a DICOM volume, or it cannot be referenced.
+        InvalidPrompt: a segment label breaks the DICOM LO rules.
         ValueError: the mask does not fit ``source``.
     """
     src = source_of(source, "DICOM-SEG")
@@ -157,6 +202,7 @@ def write_seg(
         )
     if len(present) > 65535:
         raise ValueError("too many labels for one DICOM-SEG (at most 65535 segments)")
+    names = checked_labels(segment_labels, present)
     version_text = long_string(algorithm_version or msam_version())
     algorithm = hd.AlgorithmIdentificationSequence(
         name=long_string(algorithm_name), family=sr_codes.cid7162.ArtificialIntelligence, version=version_text
@@ -169,7 +215,7 @@ def write_seg(
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
-                segment_label=(segment_labels or {}).get(label, f"Lesion {label}"),
+                segment_label=names[label],
                 segmented_property_category=category,
                 segmented_property_type=prop_type,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues(algorithm_type),
@@ -181,8 +227,9 @@ def write_seg(
     segments = segment_of[labels_arr]
     segments = segments.astype(np.uint8 if len(present) < 256 else np.uint16)
     source_images, frames = _frames_from_mask(segments, src)
+    header = conform_source_header(source_images[0])
     seg = hd.seg.Segmentation(
-        source_images=source_images,
+        source_images=[header.dataset, *source_images[1:]],
         pixel_array=frames,
         segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY),
         segment_descriptions=descriptions,
@@ -199,9 +246,13 @@ def write_seg(
         series_description=series_description,
         transfer_syntax_uid=transfer_syntax_uid,
         omit_empty_frames=True,
+        specific_character_set=None,  # chosen below, once all text is known
     )
+    notes = header.warnings(seg, "DICOM-SEG")
+    charset_note = apply_character_set(seg, source_images[0].get("SpecificCharacterSet"), "DICOM-SEG")
     out = Path(path)
     seg.save_as(out)
+    report(notes + ([charset_note] if charset_note else []), warnings)
     logger.info("DICOM-SEG written: %d segment(s), %d frame(s)", len(present), int(seg.NumberOfFrames))
     return out
 

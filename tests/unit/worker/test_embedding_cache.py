@@ -11,7 +11,7 @@ import torch
 from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.segmenter import Segmenter
 from msam_service.metrics import RedisMetrics
-from worker.embedding_cache import BYTES, INDEX, PREFIX, RedisEmbeddingCache, pack, unpack
+from worker.embedding_cache import BYTES, INDEX, PREFIX, RedisEmbeddingCache, pack, tenant_namespace, unpack
 
 
 def _emb(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -118,3 +118,44 @@ def test_segmenter_uses_the_redis_cache_across_processes_worth_of_instances(r) -
     assert key1 == key2 and key1.startswith("stub-1:")
     assert model.encodes == 1 and second.cache.hits == 1
     torch.testing.assert_close(emb1, emb2, atol=1e-2, rtol=1e-3)
+
+
+def test_namespaces_never_share_entries_but_share_the_cap(r) -> None:
+    """One namespace per tenant: the same crop cached by tenant A is a miss for tenant B (whose
+    hits would otherwise tell B that A segmented the same scan at the same place)."""
+    shared = RedisEmbeddingCache(r, ttl_s=60, max_bytes=int(len(pack(_emb())) * 2.5))
+    alpha, beta = shared.scoped(tenant_namespace("alpha")), shared.scoped(tenant_namespace("beta"))
+    alpha.put("m:same", _emb(1))
+    assert beta.get("m:same") is None and (beta.hits, beta.misses) == (0, 1)
+    assert shared.get("m:same") is None  # nor the shared (un-namespaced) cache
+    got = alpha.get("m:same")
+    assert got is not None and torch.equal(got, _emb(1)) and alpha.hits == 1
+    assert all(name.decode().startswith(tenant_namespace("alpha") + "/") for name in r.zrange(INDEX, 0, -1))
+    time.sleep(0.01)
+    beta.put("m:b", _emb(2))
+    time.sleep(0.01)
+    beta.put("m:c", _emb(3))  # over the one cap: alpha's entry, the least recently used, goes
+    assert alpha.get("m:same") is None and r.zcard(INDEX) == 2
+    assert int(r.get(BYTES)) <= shared.max_bytes
+    assert tenant_namespace("alpha") != tenant_namespace("beta") and "alpha" not in tenant_namespace("alpha")
+
+
+def test_runtime_gives_each_tenant_its_namespace_unless_shared(r, tmp_path) -> None:
+    from msam_service.jobs import JobStore
+    from msam_service.settings import Settings
+    from msam_service.storage import make_storage
+    from worker.runtime import Runtime
+
+    def runtime(**settings: object) -> Runtime:
+        s = Settings(storage_dir=tmp_path, **settings)
+        return Runtime(settings=s, redis=r, store=JobStore(r, 60), metrics=RedisMetrics(r),
+                       storage=make_storage(tmp_path), cache=RedisEmbeddingCache(r, 60, 2**24))
+
+    assert Settings().shared_embedding_cache is False  # per-tenant unless deliberately shared
+    rt = runtime()
+    rt.cache_for("alpha").put("m:x", _emb())
+    assert rt.cache_for("beta").get("m:x") is None and rt.cache_for("alpha").get("m:x") is not None
+    shared = runtime(shared_embedding_cache=True)
+    shared.cache_for("alpha").put("m:y", _emb())
+    assert shared.cache_for("beta").get("m:y") is not None
+    assert r.get(PREFIX + "m:y") is not None  # the shared cache keeps the un-namespaced key
