@@ -71,6 +71,12 @@ def install(app: FastAPI) -> None:
     async def _model(_: Request, exc: ValidationError) -> JSONResponse:
         return JSONResponse(body("invalid_request", describe(list(exc.errors()))), status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        # a bug, never the caller's input; Starlette re-raises it afterwards, so it is logged
+        return JSONResponse(body("internal_error", "the server failed on this request; this is a bug, "
+                                 "not a problem with the request, and it has been logged"), status_code=500)
+
     @app.exception_handler(redis.RedisError)
     async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
         logger.error("redis unavailable: %s", type(exc).__name__)

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import audit, errors, viewer
 from api.deps import Services
-from api.timeouts import RequestTimeout
+from api.timeouts import BodyLimit, RequestTimeout
 from api.routes import health, info, jobs, metrics, segment, volumes
 from msam_service import redis_conn
 from msam_service import lifecycle
@@ -33,7 +33,7 @@ logger = logging.getLogger("msam.api")
 def build_services(settings: Settings) -> Services:
     if not settings.redis_url:
         raise RuntimeError("MSAM_REDIS_URL / REDIS_URL is not set; `msam serve` starts an embedded Redis")
-    r = redis_conn.client(settings.redis_url)
+    r = redis_conn.request_client(settings.redis_url, settings.redis_timeout_s)  # 503 soon when Redis hangs
     return Services(settings=settings, redis=r, store=JobStore(r, settings.job_ttl_s),
                     storage=make_storage(settings.storage_dir), queue=make_celery(settings, "msam-api"),
                     metrics=RedisMetrics(r), gauges=GaugeSource(r, settings.queue),
@@ -107,15 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     viewer.install(app)  # the web viewer (issue #9): page at /, assets under /static
 
-    @app.middleware("http")
-    async def _refuse_oversized(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # before the multipart parser spools a huge body to disk
-        length = request.headers.get("content-length", "")
-        limit = settings.max_upload_mb * 2**20 + 2**20  # files + form overhead
-        if length.isdigit() and int(length) > limit:
-            return JSONResponse(errors.body("too_large", f"the upload exceeds {settings.max_upload_mb} MB "
-                                            "(MSAM_MAX_UPLOAD_MB)"), status_code=413)
-        return await call_next(request)
+    # innermost: counts the body bytes the routes read, before a parser buffers or spools them
+    app.add_middleware(BodyLimit, upload_mb=settings.max_upload_mb, json_kb=settings.max_json_kb)
 
     @app.middleware("http")
     async def _loopback_only(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

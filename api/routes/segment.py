@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import pacs_requests, uploads
 from api.deps import Services, base_url, services, tenant
@@ -48,21 +51,22 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
     ``status_url``; optional ``destinations`` (DICOM-SEG to PACS nodes) and ``callback_url``."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("application/json"):
-        payload = SegmentByVolume.model_validate_json(await request.body())
+        body = await request.body()  # at most MSAM_MAX_JSON_KB (api.timeouts.BodyLimit)
+        payload = await run_in_threadpool(SegmentByVolume.model_validate_json, body)  # off the event loop
         prompts = payload.prompts
         routing = await run_in_threadpool(pacs_requests.route, svc, payload, who, base)
         info, volume_id, extra = routing.info, routing.volume_id, routing.extra
     elif ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=svc.settings.max_files + 1, max_fields=10)
+        form = await _read_form(request, svc)
         raw = form.get("prompts")
         if not isinstance(raw, str):
             raise ApiError(422, "invalid_request", "prompts: missing; send the prompts JSON as the form field 'prompts'")
-        prompts = Prompts.model_validate_json(raw)
+        prompts = await run_in_threadpool(_parse_prompts, raw)  # off the event loop
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
         series = form.get("series_uid")
         callback = form.get("callback_url")
-        extra = pacs_requests.outputs(pacs_requests.form_destinations(form.get("destinations")),
-                                      callback if isinstance(callback, str) else None, base)
+        destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
+        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base)
         check_prompt_count(svc, prompts)  # before the upload is decoded
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
         volume_id = info.volume_id
@@ -79,6 +83,65 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
     request.state.job_id = job_id
     await run_in_threadpool(_submit, svc, job_id, who, volume_id, doc, extra)
     return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=volume_id)
+
+
+async def _read_form(request: Request, svc: Services) -> FormData:
+    """The multipart form; a text field (``prompts``, ``destinations``...) larger than
+    ``MSAM_MAX_JSON_KB`` is a 413 that names the setting."""
+    kb = svc.settings.max_json_kb
+    try:
+        return await request.form(max_files=svc.settings.max_files + 1, max_fields=10, max_part_size=kb * 1024)
+    except StarletteHTTPException as exc:
+        if exc.status_code == 400 and "maximum size" in str(exc.detail):
+            raise ApiError(413, "too_large", f"a form field other than 'image' exceeds {kb} KB (MSAM_MAX_JSON_KB); "
+                           "send images in the field 'image' (with a file name) and keep text fields short") from exc
+        raise
+
+
+#: Deeper than any valid document (prompts nest 5 levels), shallow enough for every JSON parser.
+MAX_JSON_DEPTH = 32
+_JSON_TOKENS = re.compile(r'[\[\]{}"\\]')
+
+
+def check_nesting(field: str, text: str) -> None:
+    """422 for a JSON form field nested deeper than :data:`MAX_JSON_DEPTH`, before any parser
+    sees it: Python's ``json`` recurses once per level and a few thousand ``[`` end in a
+    ``RecursionError``. One linear pass over the brackets, quotes and backslashes."""
+    depth, in_string, skip = 0, False, -1
+    for m in _JSON_TOKENS.finditer(text):
+        c, at = m.group(), m.start()
+        if in_string:
+            if at == skip:
+                continue  # an escaped quote or backslash
+            if c == "\\":
+                skip = at + 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(422, "invalid_request", f"{field}: JSON nested more than {MAX_JSON_DEPTH} levels "
+                               "deep; send the documented structure")
+        elif c in "]}":
+            depth -= 1
+
+
+def _parse_prompts(raw: str) -> Prompts:
+    check_nesting("prompts", raw)
+    return Prompts.model_validate_json(raw)
+
+
+def _form_destinations(raw: object) -> list[str]:
+    """The multipart field ``destinations`` (a JSON list or comma-separated names), nesting checked."""
+    if isinstance(raw, str):
+        check_nesting("destinations", raw)
+    try:
+        return pacs_requests.form_destinations(raw)
+    except RecursionError as exc:  # the check above should make this unreachable
+        raise ApiError(422, "invalid_request", "destinations: JSON nested too deeply; send a list of node "
+                       'names, e.g. ["pacs1"]') from exc
 
 
 def check_prompt_count(svc: Services, prompts: Prompts) -> None:

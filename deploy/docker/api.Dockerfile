@@ -24,4 +24,4 @@ USER msam
 ENV MSAM_HOST=0.0.0.0 MSAM_PORT=8000 MSAM_STORAGE_DIR=/data/msam PYTHONUNBUFFERED=1
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"
-CMD ["sh", "-c", "exec uvicorn api.main:app --host \"$MSAM_HOST\" --port \"$MSAM_PORT\" --proxy-headers --no-access-log"]
+CMD ["sh", "-c", "exec uvicorn api.main:app --host \"$MSAM_HOST\" --port \"$MSAM_PORT\" --http api.timeouts:HeaderTimeoutProtocol --proxy-headers --no-access-log"]

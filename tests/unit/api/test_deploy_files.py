@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from msam_service import serve
+
 ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
 
@@ -60,6 +62,8 @@ def test_dockerfiles() -> None:
     api = _instructions(ROOT / "deploy" / "docker" / "api.Dockerfile")
     assert "torch" in (ROOT / "deploy" / "docker" / "api.Dockerfile").read_text()  # filtered out
     assert any(w == "CMD" and "uvicorn api.main:app" in r for w, r in api)
+    # the request-head deadline runs in the image as under msam serve
+    assert any(w == "CMD" and f"--http {serve.API_HTTP_PROTOCOL}" in r for w, r in api)
     worker = _instructions(ROOT / "deploy" / "docker" / "worker.Dockerfile")
     assert worker[0][1].startswith("nvidia/cuda:")
     assert any(w == "CMD" and "worker.celery_app" in r and '"--concurrency", "1"' in r for w, r in worker)
