@@ -1,22 +1,37 @@
-"""Size limits checked on an upload's *headers*, before any pixel data is decoded.
+"""Size limits checked on an upload's *headers*, before any pixel data is decoded, and
+compressed data expanded only as far as those headers declare.
 
 A 2 KB file may claim 100000^3 voxels (a NIfTI or NRRD header, a DICOM's Rows x Columns x
 frames), and a small gzip or zip may expand a thousandfold. :func:`check_upload` reads only the
-headers, refuses what exceeds ``MSAM_MAX_VOXELS`` / ``MSAM_MAX_DECOMPRESSED_MB`` with an
-:class:`~msam_core.errors.InvalidVolume` (a 4xx), and extracts a zip itself - into the upload's
-staging folder inside the storage directory, under generated names, with the same limits - so
-the decoders only ever see data whose size is known to fit.
+headers and refuses what exceeds ``MSAM_MAX_VOXELS`` / ``MSAM_MAX_DECOMPRESSED_MB`` with an
+:class:`~msam_core.errors.InvalidVolume` (a 4xx). Every compressed form the service accepts is
+bounded while it streams:
+
+* zip: extracted here, into the upload's staging folder under generated names, with the same
+  limits and a compression-ratio limit (:func:`~msam_core.io.dicom_zip.extract_zip`);
+* NRRD with gzip / bzip2 data: rewritten as raw NRRD, expanding only the bytes its header
+  declares (:func:`~msam_core.io.nrrd.decompress_nrrd`); pynrrd would expand the whole stream;
+* DICOM in Deflated Explicit VR Little Endian: rewritten as Explicit VR Little Endian within the
+  limit (:func:`~msam_core.io.dicom.inflate_deflated`); pydicom would inflate it all first;
+* gzip'd NIfTI: nibabel reads exactly the bytes the (checked) header declares and never
+  decompresses the rest, so it needs no rewrite.
+
+The decoders only ever see data whose size is known to fit, and the rewritten file is the one
+stored, so the workers decode the same bounded file.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from msam_core.errors import InvalidVolume
+from msam_core.io.dicom import inflate_deflated
 from msam_core.io.dicom_zip import ZipLimits, extract_zip
+from msam_core.io.nrrd import decompress_nrrd
 
 if TYPE_CHECKING:
     from msam_service.settings import Settings
@@ -73,13 +88,20 @@ def _nrrd(path: Path, limits: UploadLimits) -> None:
         raise InvalidVolume(f"the NRRD header cannot be read ({type(exc).__name__}); is the file complete?") from exc
     voxels = math.prod(sizes)
     _check(voxels, voxels * itemsize, f"the NRRD header ({'x'.join(map(str, sizes))})", limits)
+    raw = path.with_name("raw-" + path.name)
+    if decompress_nrrd(path, raw, limits.max_bytes):
+        os.replace(raw, path)
 
 
 def _dicom(files: list[Path], limits: UploadLimits) -> None:
     import pydicom
 
-    voxels = nbytes = 0
+    voxels = nbytes = inflated = 0
     for f in files:
+        tmp = f.with_name(f.name + ".inflated")
+        if inflate_deflated(f, tmp, limits.max_bytes - inflated):
+            os.replace(tmp, f)
+            inflated += f.stat().st_size
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True,
                                  specific_tags=["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",

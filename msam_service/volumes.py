@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,8 +91,19 @@ def arrange_upload(staging: Path, files: list[tuple[str, Path]]) -> Path:
     return folder
 
 
+#: An absolute file path (``/a/b``, ``/a/b/c.nii``) not glued to a word: "NIfTI/NRRD" is no path.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/])/(?:[\w.+-]+/)*[\w.+-]+")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with absolute paths replaced by ``<file>``: decoders quote the files they were
+    given, and those are server paths (storage, staging) that clients must not learn."""
+    return _ABSOLUTE_PATH.sub("<file>", message)
+
+
 def decode(path: Path, series_uid: str | None = None) -> Volume:
-    """Read an arranged upload; every failure is an :class:`InvalidVolume` (never a crash)."""
+    """Read an arranged upload; every failure is an :class:`InvalidVolume` (never a crash) whose
+    message names no server path."""
     from msam_core.io.load import load_volume, volume_format
 
     try:
@@ -100,8 +112,11 @@ def decode(path: Path, series_uid: str | None = None) -> Volume:
 
             return read_series(path, series_uid=series_uid)
         return load_volume(path)
-    except MsamError:
-        raise
+    except MsamError as exc:
+        message = without_paths(str(exc))
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc
     except (MemoryError, OSError) as exc:
         raise InvalidVolume(f"the image could not be read ({type(exc).__name__}); is it complete?") from exc
     except Exception as exc:  # decoders raise anything on hostile input

@@ -46,6 +46,7 @@ __all__ = [
     "DicomSource",
     "SeriesInfo",
     "SliceRef",
+    "inflate_deflated",
     "list_series",
     "read_series",
     "volume_affine_lps",
@@ -79,8 +80,9 @@ class SeriesInfo:
     image_count: int
 
     def describe(self) -> str:
-        desc = self.description or "(no description)"
-        return f"{self.series_instance_uid} {desc!r} {self.modality or '?'} {self.image_count} image(s)"
+        """UID, modality and image count: what error messages list. Free-text attributes (the
+        SeriesDescription) stay out, since messages reach clients and logs."""
+        return f"{self.series_instance_uid} ({self.modality or '?'}, {self.image_count} image(s))"
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,55 @@ def list_series(
     with _materialised(path, zip_limits) as files:
         series, _ = _scan(files)
     return sorted((_info(s) for s in series.values()), key=lambda s: -s.image_count)
+
+
+def inflate_deflated(src: Path, dst: Path, max_bytes: int, max_ratio: float = DEFAULT_ZIP_LIMITS.max_ratio,
+                     ratio_min_bytes: int = DEFAULT_ZIP_LIMITS.ratio_min_bytes) -> bool:
+    """Rewrite a file in Deflated Explicit VR Little Endian as Explicit VR Little Endian,
+    expanding at most ``max_bytes`` and at most ``max_ratio`` times the file's size (the zip
+    rule, so only outputs above ``ratio_min_bytes`` are held to it); returns False (``dst`` not
+    written) for any other file.
+
+    pydicom inflates such a file completely in memory before reading a single element (even
+    with ``stop_before_pixels``), so a few kilobytes could expand to gigabytes. The file meta
+    is kept except for its transfer syntax; the dataset bytes are the inflated stream as is
+    (PS3.5 A.5: deflate is applied to the Explicit VR Little Endian encoding).
+
+    Raises:
+        InvalidVolume: the inflated dataset exceeds ``max_bytes``, or the data is corrupt.
+    """
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    if not _has_dicom_preamble(src):
+        return False
+    try:
+        meta = pydicom.filereader.read_file_meta_info(src)
+    except Exception:  # noqa: BLE001 - not our case; the reader reports unreadable files
+        return False
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return False
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise InvalidVolume("a deflated DICOM file has no File Meta Information Group Length; re-send it "
+                            "uncompressed or with another transfer syntax")
+    from msam_core.io.bounded import decompress_to
+
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        f.seek(132 + 12 + int(group_length))  # preamble + "DICM", (0002,0000) UL element, the rest of group 2
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(out), meta, enforce_standard=True)
+        by_ratio = max(int(max_ratio * src.stat().st_size), ratio_min_bytes)
+        written, _ = decompress_to(f, out, "deflate", min(max_bytes, by_ratio) + 1, "a deflated DICOM file")
+    if written > max_bytes:
+        raise InvalidVolume(f"a deflated DICOM file expands to more than {max_bytes // 2**20} MB "
+                            "(MSAM_MAX_DECOMPRESSED_MB)")
+    if written > by_ratio:
+        raise InvalidVolume(f"a deflated DICOM file expands more than {max_ratio:g} times (a decompression "
+                            "bomb?); send it uncompressed or in another transfer syntax")
+    return True
 
 
 def volume_affine_lps(volume: Volume) -> np.ndarray:
@@ -524,6 +575,14 @@ def _pixels(ds: Dataset, what: str) -> np.ndarray:
 
 def _read(series: _Series) -> Volume:
     headers = series.headers
+    modalities: dict[str, int] = {}
+    for _, ds in headers:
+        m = str(ds.get("Modality", "") or "") or "none"
+        modalities[m] = modalities.get(m, 0) + 1
+    if len(modalities) > 1:  # the volume's modality (intensity window, prior) would depend on file order
+        counts = ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
+        raise InvalidVolume(f"series {series.uid} mixes modalities ({counts} images); a volume must be one "
+                            "acquisition: upload the files of one modality only")
     frames: list[_Frame] = []
     for idx, (path, ds) in enumerate(headers):
         frames.extend(_frames_of(path, idx, ds))

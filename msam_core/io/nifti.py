@@ -36,6 +36,39 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _check_voxel_sizes(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse voxel sizes (``pixdim[1:4]``) that are zero, negative or not finite when the affine
+    is built from them (no sform). nibabel would read a zero as 1 mm and a negative size as its
+    absolute value, i.e. invent a geometry; the header it returns is already corrected, so the
+    stored one is read again, unchecked."""
+    if int(img.header["sform_code"]) > 0:
+        return  # the affine is the sform's rows; pixdim plays no part in it
+    with nib.openers.ImageOpener(str(path)) as f:
+        stored = type(img.header).from_fileobj(f, check=False)
+    sizes = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+    if not (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
+        raise InvalidVolume(f"{path.name}: the voxel sizes (pixdim[1:4]) are {sizes.tolist()}; they must be "
+                            "positive (the image has no sform, so they define its geometry); fix the header "
+                            "or write the image with its true spacing")
+
+
+def _scaled_float32(proxy: Any) -> np.ndarray:
+    """The voxel values, scaled by ``scl_slope`` / ``scl_inter`` when the header sets them.
+
+    nibabel scales the whole image in float64 (a copy 4x the size of int16 data, before
+    :func:`_native`'s float32 copy); this scales one slab at a time into a float32 array instead, so a scaled image costs
+    its stored data plus one float32 copy."""
+    raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    slope = float(np.asarray(getattr(proxy, "slope", 1.0)))
+    inter = float(np.asarray(getattr(proxy, "inter", 0.0)))
+    if slope == 1.0 and inter == 0.0:
+        return np.asarray(raw)
+    out = np.empty(raw.shape, dtype=np.float32)
+    for k in range(raw.shape[-1]):
+        out[..., k] = raw[..., k] * slope + inter  # float64 for one slab, stored as float32
+    return out
+
+
 def read_nifti(path: str | Path) -> Volume:
     """Read a ``.nii`` / ``.nii.gz`` file into a :class:`Volume` (affine: voxel -> RAS mm).
 
@@ -46,11 +79,13 @@ def read_nifti(path: str | Path) -> Volume:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InvalidVolume(f"{path.name} is not a NIfTI image")
-        array = np.asanyarray(img.dataobj)
+        _check_voxel_sizes(path, img)
+        array = _scaled_float32(img.dataobj)
     except InvalidVolume:
         raise
     except Exception as exc:  # nibabel raises many types for broken files
-        raise InvalidVolume(f"cannot read {path.name} as NIfTI: {exc}") from exc
+        raise InvalidVolume(f"cannot read {path.name} as NIfTI ({type(exc).__name__}); is the file complete "
+                            "and a NIfTI-1 or NIfTI-2 image?") from exc
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:

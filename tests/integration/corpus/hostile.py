@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from tests.unit.io.dicom_synth import make_ct_series
+from tests.unit.io.dicom_synth import deflated_copy, make_ct_series, zeros_compressed
 
 Case = tuple[str, str, str, dict[str, Any], str | None, str]
 ZIP_SLIP_TARGETS = ("msam-zip-slip-evil.dcm", "tmp/msam-zip-slip-abs.dcm")
@@ -63,6 +63,43 @@ def detached_nrrd() -> bytes:
             b"data file: /etc/passwd\n\n")
 
 
+NRRD_4X4X4 = (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nspace: left-posterior-superior\n"
+              b"space directions: (1,0,0) (0,1,0) (0,0,1)\nendian: little\n")
+
+
+def nrrd_bomb(codec: str, n: int) -> bytes:
+    """A valid NRRD header declaring 4x4x4 shorts (128 bytes), then ``n`` compressed zero bytes."""
+    return NRRD_4X4X4 + f"encoding: {codec}\n\n".encode() + zeros_compressed(codec, n)
+
+
+def nifti_gz_bomb(n: int) -> bytes:
+    """A valid 4x4x4 NIfTI, gzip'd together with ``n`` zero bytes after its data."""
+    return zeros_compressed("gzip", n, nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4)).to_bytes())
+
+
+def deflated_dicom_bomb(folder: Path, n: int) -> bytes:
+    """One CT slice in Deflated Explicit VR Little Endian whose dataset ends in ``n`` zero bytes."""
+    src = make_ct_series(folder, shape=(16, 16, 1)).paths[0]
+    return deflated_copy(src, folder / "bomb.dcm", padding=n).read_bytes()
+
+
+def zero_pixdim_nifti(array: np.ndarray) -> bytes:
+    """No sform, a qform with a voxel size of 0 (nibabel alone would read 1 mm)."""
+    img = nib.Nifti1Image(array, None)
+    img.header["pixdim"][1:4] = (1.0, 0.0, 2.0)
+    img.header["qform_code"], img.header["sform_code"] = 1, 0
+    return img.header.binaryblock + b"\0" * 4 + array.tobytes(order="F")
+
+
+def mixed_modality_series(folder: Path) -> list[bytes]:
+    """One series (one SeriesInstanceUID) whose second slice says MR."""
+    files = make_ct_series(folder, shape=(16, 16, 4)).paths
+    ds = pydicom.dcmread(files[1])
+    ds.Modality = "MR"
+    ds.save_as(files[1], enforce_file_format=True)
+    return [p.read_bytes() for p in files]
+
+
 def zip_of(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as z:
@@ -103,6 +140,7 @@ def cases(tmp: Path, good_nifti: bytes) -> list[Case]:
     img = {"image": ("ct.nii.gz", good_nifti)}
     bomb = zip_of({"a.dcm": b"\0" * (40 << 20)})  # 40 MB of zeros in ~40 KB: a ratio of ~1000:1
     mixed = dicom_series_bytes(tmp / "mixed1") + dicom_series_bytes(tmp / "mixed2", seed=1)
+    two_modalities = mixed_modality_series(tmp / "modalities")
     return [
         ("empty file", "POST", "/segment", _seg({"image": ("ct.nii.gz", b"")}), "invalid_volume", "empty"),
         ("truncated NIfTI", "POST", "/segment", _seg({"image": ("ct.nii.gz", good_nifti[: len(good_nifti) // 2])}),
@@ -140,6 +178,18 @@ def cases(tmp: Path, good_nifti: bytes) -> list[Case]:
             {"../../../../../../" + ZIP_SLIP_TARGETS[0]: b"x", "/" + ZIP_SLIP_TARGETS[1]: b"y"}))}},
          "invalid_volume", "unsafe"),
         ("zip bomb", "POST", "/volumes", {"files": {"image": ("b.zip", bomb)}}, "invalid_volume", ""),
+        ("NRRD gzip bomb", "POST", "/volumes", {"files": {"image": ("b.nrrd", nrrd_bomb("gzip", 256 << 20))}},
+         "invalid_volume", "holds more than the 128 bytes"),
+        ("NRRD bzip2 bomb", "POST", "/volumes", {"files": {"image": ("b.nrrd", nrrd_bomb("bzip2", 256 << 20))}},
+         "invalid_volume", "holds more than the 128 bytes"),
+        ("deflated DICOM bomb", "POST", "/volumes",
+         {"files": {"image": ("b.dcm", deflated_dicom_bomb(tmp / "deflate", 256 << 20))}},
+         "invalid_volume", "more than 200 times"),
+        ("zero voxel size", "POST", "/volumes",
+         {"files": {"image": ("p.nii", zero_pixdim_nifti(cube))}}, "invalid_volume", "pixdim"),
+        ("series of two modalities", "POST", "/volumes",
+         {"files": [("image", (f"{n}.dcm", b)) for n, b in enumerate(two_modalities)]},
+         "invalid_volume", "mixes modalities"),
         ("zip of junk", "POST", "/volumes", {"files": {"image": ("j.zip", b"PK\x03\x04" + b"\xff" * 200)}},
          "invalid_volume", ""),
         ("NaN coordinate", "POST", "/segment", _seg(img, '{"lesions": [{"positive": [[NaN, 2, 3]]}]}'), None, ""),

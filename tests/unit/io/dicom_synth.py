@@ -8,11 +8,15 @@ the slice normal, whatever order the files were written in.
 
 from __future__ import annotations
 
+import bz2
+import io
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
@@ -327,3 +331,39 @@ def _compress_jpeg_lossless(ds: Dataset) -> None:
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+
+
+# -- compressed inputs (decompression bombs) ------------------------------------------------------
+
+def zeros_compressed(codec: str, n: int, prefix: bytes = b"") -> bytes:
+    """``prefix`` + ``n`` zero bytes, compressed in a stream (never held in memory)."""
+    comp = {"gzip": lambda: zlib.compressobj(9, zlib.DEFLATED, 31),
+            "deflate": lambda: zlib.compressobj(9, zlib.DEFLATED, -15),
+            "bzip2": lambda: bz2.BZ2Compressor(9)}[codec]()
+    out = [comp.compress(prefix)]
+    block = bytes(1 << 24)
+    for _ in range(n // len(block)):
+        out.append(comp.compress(block))
+    out.append(comp.compress(bytes(n % len(block))))
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+def deflated_copy(src: Path, dst: Path, padding: int = 0) -> Path:
+    """``src`` re-encoded in Deflated Explicit VR Little Endian; with ``padding``, the dataset
+    ends in a private OB element of that many zero bytes (compressed while streaming, so the
+    zeros never sit in memory)."""
+    ds = pydicom.dcmread(src)
+    if not padding:
+        ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+        ds.save_as(dst, enforce_file_format=True)
+        return dst
+    plain = io.BytesIO()
+    ds.save_as(plain, enforce_file_format=True)  # Explicit VR Little Endian
+    body = plain.getvalue()[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength):]
+    ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(pydicom.filebase.DicomFileLike(head), ds.file_meta, enforce_standard=True)
+    private = b"\xe1\x7f\x00\x10OB\x00\x00" + padding.to_bytes(4, "little")  # (7FE1,1000) OB, after the pixels
+    dst.write_bytes(b"\0" * 128 + b"DICM" + head.getvalue() + zeros_compressed("deflate", padding, body + private))
+    return dst
