@@ -282,7 +282,7 @@ def encode_jpeg_lossless_sv1(pixels: np.ndarray, precision: int) -> bytes:
     """A minimal JPEG Lossless (ITU T.81 process 14, first-order prediction) encoder.
 
     No library available here encodes this transfer syntax, so the tests bring their own to feed
-    the real decoder (pylibjpeg-libjpeg) a real codestream. One component, predictor 1, Pt = 0, a
+    the real decoder (GDCM) a real codestream. One component, predictor 1, Pt = 0, a
     fixed Huffman table giving every difference category (0..16) a 5-bit code.
     """
     rows, cols = pixels.shape
