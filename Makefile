@@ -6,16 +6,42 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install tools viewer run test bench bench-service model clean
+.PHONY: install lock tools viewer run test bench bench-service model clean
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml changes (idempotent).
-$(STAMP): pyproject.toml
+# The exact set of requirements-dev.lock (the runtime set of requirements.lock + the test tools),
+# synced by pip-tools' pip-sync: what is not in the lock is uninstalled, so the venv is the lock.
+# Re-installs only when pyproject.toml or the lock changes (idempotent). torch is the lock's CPU
+# build (2.13.0+cpu, found by pip on this machine's disk): no CUDA package is in the lock.
+$(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet "$$(grep -E '^pip==' requirements-dev.lock)" "$$(grep -E '^pip-tools==' requirements-dev.lock)"
+	$(VENV)/bin/pip-sync --quiet requirements-dev.lock
+	$(PIP) install --quiet --no-deps -e .
+	$(PIP) check || (echo 'the lock does not satisfy pyproject.toml: run `make lock`' >&2; false)
 	touch $(STAMP)
+
+# Refresh the lock files from pyproject.toml with pip-compile (pip-tools; options in pyproject's
+# [tool.pip-tools]): pins already in a lock are kept when they still satisfy pyproject.toml, so
+# after editing a dependency run `make lock`; `make lock UPGRADE=1` re-resolves everything to the
+# newest releases the ranges allow. torch stays at LOCK_TORCH, the CPU build on this machine's
+# disk (a newer torch resolves to a CUDA build of several GB). Three locks, one set of versions:
+#   requirements.lock      runtime (make install, CI, the worker image, the install tests)
+#   requirements-dev.lock  runtime + the test extra (make install)
+#   requirements-api.lock  runtime minus API_IMAGE_EXCLUDES, torch-free (the API image)
+LOCK_TORCH         ?= 2.13.0
+API_IMAGE_EXCLUDES := torch monai safetensors
+LOCK_ARGS          := --quiet -P torch==$(LOCK_TORCH) $(if $(UPGRADE),--upgrade)
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(VENV)/bin/pip-compile || $(PIP) install --quiet "$$(grep -E '^pip-tools==' requirements-dev.lock)"
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) -o requirements.lock pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) --extra test -c requirements.lock -o requirements-dev.lock pyproject.toml
+	$(PY) -c 'import re, sys, tomllib; skip = set(sys.argv[1:]); \
+	  deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+	  print("\n".join(d for d in deps if re.split(r"[\s\[<>=!~;]", d, maxsplit=1)[0].lower() not in skip))' $(API_IMAGE_EXCLUDES) \
+	  | CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) -c requirements.lock -o requirements-api.lock -
 
 # External validators the tests run for real: dciodvfy (Debian package dicom3tools) checks every
 # DICOM-SEG and RTSTRUCT the tests write.

@@ -2,19 +2,14 @@
 # Build from the repository root: docker build -f deploy/docker/api.Dockerfile -t msam-api .
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-api.lock ./
 COPY msam_core ./msam_core
 COPY msam_service ./msam_service
 COPY api ./api
 COPY worker ./worker
-# The pinned dependencies of pyproject.toml, minus the model stack (torch, monai, safetensors).
-RUN python - <<'PY' > /tmp/requirements.txt
-import tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-skip = ("torch", "monai", "safetensors")
-print("\n".join(d for d in deps if not d.split("==")[0].split("[")[0].strip().lower() in skip))
-PY
-RUN pip install --no-cache-dir --prefix=/install -r /tmp/requirements.txt \
+# The locked torch-free set: requirements-api.lock is requirements.lock's versions for the runtime
+# dependencies minus the model stack (torch, monai, safetensors), made by `make lock`.
+RUN pip install --no-cache-dir --prefix=/install -r requirements-api.lock \
  && pip install --no-cache-dir --prefix=/install --no-deps .
 
 FROM python:3.11-slim

@@ -8,15 +8,19 @@ RUN apt-get update \
  && python3.12 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 WORKDIR /src
-# torch first, from the CUDA index, at the version pyproject.toml pins
-COPY pyproject.toml README.md ./
-RUN TORCH=$(python -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml','rb'))['project']['dependencies'] if d.startswith('torch==')))") \
- && pip install --no-cache-dir --index-url "$TORCH_INDEX" "$TORCH"
+# The locked set (requirements.lock, made by `make lock` for Python 3.11): torch first, from the CUDA
+# index, at the locked version (the lock pins its CPU build, 2.13.0+cpu: here 2.13.0 from $TORCH_INDEX,
+# with the nvidia-* wheels that build pins), then every other locked package at its locked version.
+COPY pyproject.toml README.md requirements.lock ./
+RUN TORCH=$(sed -n 's/^torch==\([^+]*\).*/\1/p' requirements.lock) \
+ && pip install --no-cache-dir --index-url "$TORCH_INDEX" "torch==$TORCH" \
+ && grep -v '^torch==' requirements.lock > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY msam_core ./msam_core
 COPY msam_service ./msam_service
 COPY api ./api
 COPY worker ./worker
-RUN pip install --no-cache-dir . && useradd --uid 10001 --create-home msam && mkdir -p /data/msam /models && chown msam /data/msam
+RUN pip install --no-cache-dir --no-deps . && useradd --uid 10001 --create-home msam && mkdir -p /data/msam /models && chown msam /data/msam
 USER msam
 # no MSAM_CHECKPOINT: the bundled default model (installed with msam_core) unless one is set
 ENV MSAM_DEVICE=cuda MSAM_STORAGE_DIR=/data/msam

@@ -4,10 +4,13 @@
 dependency missing from ``[project] dependencies``. These tests build fresh virtual environments
 (no ``--system-site-packages``; pip may use its cache) and run the service from them:
 
-* a plain ``pip install .`` (no extras): ``msam serve`` with the bundled model runs one job to success;
-* the API image's dependency set (``deploy/docker/api.Dockerfile``: the runtime dependencies minus
-  the model stack, then ``pip install --no-deps .``): no torch, ``api.main`` answers ``/healthz``
-  and ``msam hash-key`` works. The rule is read from the Dockerfile itself, so the two cannot drift.
+* ``pip install -c requirements.lock .`` (no extras): pip resolves ``[project] dependencies`` itself,
+  held to the locked versions (torch's CPU build), and ``msam serve`` with the bundled model runs
+  one job to success;
+* the API image's dependency set (``deploy/docker/api.Dockerfile``: the lock file it installs,
+  requirements-api.lock, then ``pip install --no-deps .``): no torch, ``api.main`` answers
+  ``/healthz`` and ``msam hash-key`` works. The lock's name is read from the Dockerfile itself, so
+  the two cannot drift.
 
 The source is copied first (without .git, .venv, build outputs, caches), because setuptools builds
 in the source folder: a ``build/`` left in the checkout would be reused and could ship stale modules.
@@ -91,18 +94,15 @@ def _pip_install(bin_dir: Path, args: list[str], log: Path, cwd: Path) -> float:
     return _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-compile", *args], log, cwd=cwd)
 
 
-def _api_image_requirements(src: Path) -> str:
-    """The requirements the API image installs, made by the Dockerfile's own script (the ``python -``
-    heredoc that writes /tmp/requirements.txt), run on the copy's pyproject.toml."""
+def _api_image_requirements(src: Path) -> Path:
+    """The lock file the API image installs (``pip install ... -r <lock>``), in the source copy; the
+    image then installs the project without its dependencies."""
     text = API_DOCKERFILE.read_text()
-    m = re.search(r"^RUN python - <<'PY' > /tmp/requirements\.txt\n(.*?)^PY$", text, re.S | re.M)
-    assert m, f"{API_DOCKERFILE}: no `RUN python - <<'PY' > /tmp/requirements.txt` block"
-    # ... and the image installs exactly that, then the project without its dependencies
-    assert re.search(r"pip install [^\n]*-r /tmp/requirements\.txt", text), "the image no longer installs the list"
+    m = re.search(r"pip install [^\n]*-r (\S+)", text)
+    assert m, f"{API_DOCKERFILE}: no `pip install -r <lock>`"
+    assert re.search(rf"^COPY [^\n]*\b{re.escape(m.group(1))}\b", text, re.M), f"the image does not copy {m.group(1)}"
     assert re.search(r"pip install [^\n]*--no-deps \.", text), "the image no longer installs `--no-deps .`"
-    out = subprocess.run([sys.executable, "-"], input=m.group(1).encode(), cwd=src, capture_output=True,
-                         check=True, timeout=60)
-    return out.stdout.decode()
+    return src / m.group(1)
 
 
 def _stop_group(proc: subprocess.Popen, timeout: float = 30) -> int | None:
@@ -146,8 +146,9 @@ def test_plain_pip_install_serves_a_job(workdir: Path) -> None:
     log = workdir / "pip.log"
     src = _source_copy(workdir)
     bin_dir = _new_venv(workdir / "venv", log)
-    seconds = _pip_install(bin_dir, ["."], log, cwd=src)  # a plain `pip install .`: no extras, no -e
-    print(f"\nfresh venv + pip install .: {time.monotonic() - t0:.0f} s (pip {seconds:.0f} s)")
+    # no extras, no -e: pip resolves the declared ranges, the lock holds them to the tested versions
+    seconds = _pip_install(bin_dir, ["-c", "requirements.lock", "."], log, cwd=src)
+    print(f"\nfresh venv + pip install -c requirements.lock .: {time.monotonic() - t0:.0f} s (pip {seconds:.0f} s)")
 
     port = serve.free_port()
     env = _clean_env()
@@ -195,8 +196,7 @@ def test_api_image_dependency_set_answers_healthz(workdir: Path) -> None:
     t0 = time.monotonic()
     log = workdir / "pip.log"
     src = _source_copy(workdir)
-    requirements = workdir / "requirements.txt"
-    requirements.write_text(_api_image_requirements(src))
+    requirements = _api_image_requirements(src)
     bin_dir = _new_venv(workdir / "venv", log)
     seconds = _pip_install(bin_dir, ["-r", str(requirements)], log, cwd=src)
     seconds += _pip_install(bin_dir, ["--no-deps", "."], log, cwd=src)
