@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock tools viewer run test bench bench-service model clean
+.PHONY: install lock notices tools viewer run test bench bench-service model clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ lock:
 	  deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
 	  print("\n".join(d for d in deps if re.split(r"[\s\[<>=!~;]", d, maxsplit=1)[0].lower() not in skip))' $(API_IMAGE_EXCLUDES) \
 	  | CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) -c requirements.lock -o requirements-api.lock -
+
+# THIRD_PARTY_LICENSES from the installed runtime set (pip-licenses + each wheel's licence files +
+# licence-policy.toml's texts for bundled components); after `make lock`. `make test` checks it.
+notices: install
+	$(PY) -m tests.unit.test_licences --write
 
 # External validators the tests run for real: dciodvfy (Debian package dicom3tools) checks every
 # DICOM-SEG and RTSTRUCT the tests write.

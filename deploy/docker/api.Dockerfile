@@ -15,6 +15,7 @@ RUN pip install --no-cache-dir --prefix=/install -r requirements-api.lock \
 FROM python:3.11-slim
 RUN useradd --uid 10001 --create-home msam && mkdir -p /data/msam && chown msam /data/msam
 COPY --from=build /install /usr/local
+COPY THIRD_PARTY_LICENSES /usr/share/doc/msam/THIRD_PARTY_LICENSES
 USER msam
 ENV MSAM_HOST=0.0.0.0 MSAM_PORT=8000 MSAM_STORAGE_DIR=/data/msam PYTHONUNBUFFERED=1
 EXPOSE 8000

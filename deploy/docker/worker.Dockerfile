@@ -20,6 +20,7 @@ COPY msam_core ./msam_core
 COPY msam_service ./msam_service
 COPY api ./api
 COPY worker ./worker
+COPY THIRD_PARTY_LICENSES /usr/share/doc/msam/THIRD_PARTY_LICENSES
 RUN pip install --no-cache-dir --no-deps . && useradd --uid 10001 --create-home msam && mkdir -p /data/msam /models && chown msam /data/msam
 USER msam
 # no MSAM_CHECKPOINT: the bundled default model (installed with msam_core) unless one is set
