@@ -35,21 +35,51 @@ Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, 
 StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
 Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha"]
+
+
+class MaskRef(BaseModel):
+    """A mask of one lesion, used as its previous-mask prompt: a volume uploaded with ``POST
+    /volumes`` (``volume_id``) or a file sent with the request in the multipart field ``masks``
+    (``upload``: that file's name). It must lie on the image's grid (same shape, spacing,
+    directions and origin)."""
+
+    model_config = ConfigDict(extra="forbid")
+    volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$", description="a mask uploaded with POST /volumes")
+    upload: str | None = Field(default=None, min_length=1, max_length=255,
+                               description="file name of a file in the multipart field 'masks'")
+    label: StrictCount | None = Field(default=None, ge=1, le=255,
+                                      description="this lesion's label in the mask (default: every voxel that is not 0)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MaskRef:
+        if (self.volume_id is None) == (self.upload is None):
+            raise ValueError("give exactly one of volume_id (a mask uploaded with POST /volumes) and upload (the name "
+                             "of a file in the multipart field 'masks')")
+        return self
 
 
 class Lesion(BaseModel):
-    """One lesion; only ``positive`` is required. Lesion *n* (1-based, in request order) is
-    label *n* in the mask and segment *n* in the DICOM-SEG."""
+    """One lesion: at least one ``positive`` click, or a ``mask``. Lesion *n* (1-based, in
+    request order) is label *n* in the mask and segment *n* in the DICOM-SEG."""
 
     model_config = ConfigDict(extra="forbid")
-    positive: list[Xyz] = Field(min_length=1, max_length=64, description="clicks inside the lesion")
+    positive: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks inside the lesion")
     negative: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks outside it")
     box: tuple[Xyz, Xyz] | None = Field(default=None, description="two opposite corners")
     label: str | None = Field(default=None, json_schema_extra={"maxLength": 64},
                               description="segment / ROI name (a DICOM LO value: at most 64 characters and "
                               "64 UTF-8 bytes, no backslash or control character; leading and trailing "
                               "spaces are removed)")
+    mask: MaskRef | None = Field(default=None, description="a mask of the lesion (e.g. from another model or a "
+                                 "previous study), refined as the previous-mask prompt, with or without clicks")
+
+    @model_validator(mode="after")
+    def _prompted(self) -> Lesion:
+        if not self.positive and self.mask is None:
+            raise ValueError("a lesion needs at least one positive click ('positive') or a 'mask'; negative "
+                             "clicks only say where it is not")
+        return self
 
     @field_validator("label")
     @classmethod
@@ -198,7 +228,8 @@ class WorkerModel(BaseModel):
 class PromptRules(BaseModel):
     """What a request's ``prompts`` may hold."""
 
-    types: list[str] = Field(description="per lesion: positive clicks (required), negative clicks, a box")
+    types: list[str] = Field(description="per lesion: positive clicks (or a mask), negative clicks, a box, a mask "
+                             "(the previous-mask prompt)")
     spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
     max_lesions: int
     max_points_per_lesion: int
@@ -220,6 +251,14 @@ class LesionSummary(BaseModel):
     windows: int
     cache_hits: int
     stopped_at_limit: bool
+
+
+class IntensityOut(BaseModel):
+    """What the pipeline took the image's values to be: CT Hounsfield units (clamped to
+    [-1000, 1000] before each crop's z-score) or not (the crop z-scored as it is)."""
+
+    hu: bool = Field(description="true: CT in Hounsfield units")
+    reason: str = Field(description="the evidence: the header's modality, or the share of voxels below -500")
 
 
 class JobOut(BaseModel):
@@ -247,6 +286,8 @@ class JobOut(BaseModel):
     error: ErrorInfo | None = None
     model: ModelOut | None = Field(default=None, description="the model that ran the job (once a worker has "
                                    "started it)")
+    intensity: IntensityOut | None = Field(default=None, description="what the image's values were taken to be "
+                                           "(once the job has succeeded)")
 
 
 class Health(BaseModel):

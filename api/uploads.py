@@ -1,6 +1,7 @@
 """Uploads: stream files to staging (size-checked), decode and store them as a volume.
 
-Client file names are only used for their suffix (format detection), never as paths.
+Client file names are only used for their suffix (format detection) and, for a MetaImage pair,
+compared with the name its header gives the data file; never as paths.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import redis
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINISHED = (SUCCEEDED, FAILED, CANCELED)
-_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions", "model", "warnings")
+_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions", "model", "warnings",
+                "intensity")
 _QUEUED_KEY = "msam:queued"
 _RUNNING_KEY = "msam:running"
 
@@ -76,6 +77,8 @@ class JobRecord:
     lesions: list[dict[str, Any]] = field(default_factory=list)
     #: the model that ran the job (``LoadedModel.describe()``), set once the worker has it
     model: dict[str, Any] | None = None
+    #: what the pipeline took the image's values to be: ``{"hu": bool, "reason": str}``
+    intensity: dict[str, Any] | None = None
 
     @classmethod
     def from_hash(cls, job_id: str, raw: dict[bytes, bytes]) -> JobRecord:

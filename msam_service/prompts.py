@@ -1,13 +1,17 @@
 """The request's prompt document (validated by api/schemas.py) -> msam_core prompts.
 
 Document: ``{"space": "voxel"|"LPS"|"RAS", "lesions": [{"positive": [[x,y,z], ...],
-"negative": [...], "box": [[x0,y0,z0],[x1,y1,z1]], "label": "name"}], "iterations": N}``.
-Lesion ``n`` (1-based, in the order given) becomes label ``n`` in the mask.
+"negative": [...], "box": [[x0,y0,z0],[x1,y1,z1]], "label": "name", "mask": {"volume_id": ID,
+"label": K}}], "iterations": N}``. Lesion ``n`` (1-based, in the order given) becomes label ``n``
+in the mask. A lesion's ``mask`` is its previous-mask prompt (:mod:`msam_service.masks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+import numpy as np
 
 from msam_core.io.volume import Volume
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
@@ -28,10 +32,22 @@ def to_points_boxes(doc: dict[str, Any]) -> tuple[list[Point], list[Box]]:
     return points, boxes
 
 
-def resolve(doc: dict[str, Any], volume: Volume) -> list[LesionPrompt]:
-    """Validate against ``volume`` (raises :class:`~msam_core.errors.InvalidPrompt`)."""
+def resolve(doc: dict[str, Any], volume: Volume,
+            masks: dict[int, np.ndarray] | None = None) -> list[LesionPrompt]:
+    """Validate against ``volume`` (raises :class:`~msam_core.errors.InvalidPrompt`).
+
+    ``masks``: lesion number -> its mask (from :func:`msam_service.masks.load_masks`). Without them (the gateway,
+    which knows the image's geometry but not the masks' voxels) the clicks and boxes are checked
+    alone: a lesion that has a mask needs no positive click, and one prompted by its mask alone is
+    left to the worker."""
     points, boxes = to_points_boxes(doc)
-    return resolve_prompts(volume, points, boxes)
+    if masks is None:
+        masked = {n for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("mask")}
+        points = [dataclasses.replace(p, label=1) if p.lesion in masked else p for p in points]
+        if not points and not boxes:
+            return []
+        return resolve_prompts(volume, points, boxes)
+    return resolve_prompts(volume, points, boxes, lesion_priors=masks)
 
 
 def segment_labels(doc: dict[str, Any]) -> dict[int, str]:

@@ -13,6 +13,11 @@ bounded while it streams:
   declares (:func:`~msam_core.io.nrrd.decompress_nrrd`); pynrrd would expand the whole stream;
 * DICOM in Deflated Explicit VR Little Endian: rewritten as Explicit VR Little Endian within the
   limit (:func:`~msam_core.io.dicom.inflate_deflated`); pydicom would inflate it all first;
+* MetaImage with ``CompressedData``: rewritten as raw ``.mha``, expanding only the bytes its
+  header declares (:func:`~msam_core.io.metaimage.inflate_metaimage`); SimpleITK would inflate
+  the whole stream. Its ``ElementDataFile`` must be ``LOCAL`` by then (a ``.mhd`` and its data
+  file were joined into one ``.mha`` by ``arrange_upload``, a zip's are joined here), so no
+  header can make the decoder open a file outside the upload;
 * gzip'd NIfTI: nibabel reads exactly the bytes the (checked) header declares and never
   decompresses the rest, so it needs no rewrite.
 
@@ -31,6 +36,8 @@ from typing import TYPE_CHECKING
 from msam_core.errors import InvalidVolume
 from msam_core.io.dicom import inflate_deflated
 from msam_core.io.dicom_zip import ZipLimits, extract_zip
+from msam_core.io.metaimage import (SUFFIXES as METAIMAGE_SUFFIXES, check_data_file_name, declared_bytes,
+                                    inflate_metaimage, join_metaimage, read_meta_header)
 from msam_core.io.nrrd import decompress_nrrd
 
 if TYPE_CHECKING:
@@ -93,6 +100,28 @@ def _nrrd(path: Path, limits: UploadLimits) -> None:
         os.replace(raw, path)
 
 
+def _metaimage(path: Path, limits: UploadLimits) -> None:
+    header = read_meta_header(path)
+    if not header.local:
+        name = check_data_file_name(header)  # a path is refused with its own message
+        raise InvalidVolume(f"the MetaImage header names a separate data file {name!r}; upload the .mhd together "
+                            "with that file (two files in the field 'image', or one zip), or one .mha")
+    voxels, nbytes = declared_bytes(header)
+    _check(voxels, nbytes, "the MetaImage header", limits)
+    raw = path.with_name("raw-" + path.name)
+    if inflate_metaimage(path, raw, limits.max_bytes):
+        os.replace(raw, path)
+
+
+def _zip_member_names(path: Path) -> list[str]:
+    """The zip's file names, in the order :func:`extract_zip` writes them (names only compared,
+    never used as paths)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return [m.filename for m in archive.infolist() if not m.is_dir()]
+
+
 def _dicom(files: list[Path], limits: UploadLimits) -> None:
     import pydicom
 
@@ -126,13 +155,26 @@ def check_upload(arranged: Path, staging: Path, limits: UploadLimits) -> Path:
     if name.endswith((".nrrd", ".nhdr")):
         _nrrd(arranged, limits)
         return arranged
+    if name.endswith(METAIMAGE_SUFFIXES):
+        _metaimage(arranged, limits)
+        return arranged
     if name.endswith(".zip"):
         folder = staging / "unzipped"
         folder.mkdir()
         zl = ZipLimits(max_members=limits.max_files, max_total_bytes=limits.max_bytes,
                        max_member_bytes=limits.max_bytes)
-        _dicom(extract_zip(arranged, folder, zl), limits)
+        extracted = extract_zip(arranged, folder, zl)
+        names = _zip_member_names(arranged)
         arranged.unlink()
+        named = [(n, f) for n, f in zip(names, extracted) if not n.startswith("__MACOSX/")]  # Finder's forks
+        if any(n.lower().endswith(METAIMAGE_SUFFIXES) for n, _ in named):  # a MetaImage, not a DICOM series
+            joined = join_metaimage(named, staging / "image.mha")
+            for f in extracted:
+                f.unlink()
+            folder.rmdir()
+            _metaimage(joined, limits)
+            return joined
+        _dicom(extracted, limits)
         return folder
     _dicom(sorted(arranged.iterdir()) if arranged.is_dir() else [arranged], limits)
     return arranged

@@ -26,7 +26,7 @@ from msam_service.upload_guard import UploadLimits, check_upload
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".zip", ".dcm")
+SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".zip", ".dcm")
 
 
 @dataclass
@@ -66,8 +66,10 @@ def _looks_like_dicom(path: Path) -> bool:
 def arrange_upload(staging: Path, files: list[tuple[str, Path]]) -> Path:
     """Give staged files their final names; returns the path to decode (a file or a folder).
 
-    ``files`` are ``(client file name, staged path)``. One NIfTI/NRRD/zip/DICOM file is used as
-    is; several files must be the DICOM files of one series.
+    ``files`` are ``(client file name, staged path)``. One NIfTI/NRRD/MetaImage/zip/DICOM file
+    is used as is; a MetaImage header (``.mhd``) with its data file becomes one ``.mha``
+    (:func:`~msam_core.io.metaimage.join_metaimage`: the header must name the other file); any
+    other several files must be the DICOM files of one series.
     """
     if not files:
         raise InvalidVolume(f"no image file uploaded; send one of: {SUPPORTED_INPUTS}")
@@ -79,14 +81,18 @@ def arrange_upload(staging: Path, files: list[tuple[str, Path]]) -> Path:
         final = staging / f"image{suffix}"
         os.replace(path, final)
         return final
+    if any(suffix_of(name) in (".mhd", ".mha") for name, _ in files):
+        from msam_core.io.metaimage import join_metaimage
+
+        return join_metaimage(files, staging / "image.mha")
     folder = staging / "series"
     folder.mkdir()
     for n, (name, path) in enumerate(files):
         suffix = suffix_of(name)
         if suffix in (".nii.gz", ".nii", ".nrrd", ".zip"):
             raise InvalidVolume(
-                f"{len(files)} files uploaded, one of them {suffix}: send one NIfTI/NRRD/zip file, "
-                "or the DICOM files of one series")
+                f"{len(files)} files uploaded, one of them {suffix}: send one NIfTI/NRRD/MetaImage/zip file, "
+                "a MetaImage .mhd with its data file, or the DICOM files of one series")
         os.replace(path, folder / f"{n:06d}.dcm")
     return folder
 

@@ -24,15 +24,16 @@ from msam_core.checkpoints import LoadedModel
 from msam_core.errors import InvalidVolume, MsamError
 from msam_core.pipeline.segmenter import Segmenter, StageTimer
 from msam_service import jobs
+from msam_service.masks import load_masks
 from msam_service.prompts import resolve, segment_labels
-from msam_service.volumes import load_info
+from msam_service.volumes import load_info, open_volume
 from worker.runtime import Runtime, worker_name
 
 logger = logging.getLogger(__name__)
 
 #: format name -> (storage file name, writer kind)
 RESULT_FILES = {"nifti": "mask.nii.gz", "png": "preview.png", "dicom-seg": "seg.dcm",
-                "rtstruct": "rtstruct.dcm"}
+                "rtstruct": "rtstruct.dcm", "mha": "mask.mha"}
 
 Progress = Callable[[str, float], None]
 
@@ -109,7 +110,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         segmenter = Segmenter(model.network, model.options, device=rt.settings.device, cache=cache,
                               max_windows=rt.settings.max_windows, hooks=hooks)
         t0 = time.perf_counter()
-        lesions = resolve(doc, volume)
+        lesions = resolve(doc, volume, load_masks(doc, volume, lambda v: _open_mask(rt, v)))
         result = segmenter.segment_lesions(volume, lesions, iterations=int(doc.get("iterations", 1)))
         seg_s = time.perf_counter() - t0
         for stage in ("encode", "decode", "prior", "boundary"):
@@ -126,7 +127,8 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
                       results=written, result_errors=errors, warnings=warnings, lesions=summary,
                       cache_hits=cache.hits, encoder_runs=hooks.runs["encode"],
-                      volume_from_memory=from_memory, input_format=str(volume.meta.get("format", "")))
+                      volume_from_memory=from_memory, input_format=str(volume.meta.get("format", "")),
+                      intensity=result.intensity.to_dict() if result.intensity else None)
         if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), **fields) is None:
             raise JobCanceled()
         rt.metrics.incr("jobs_succeeded")
@@ -150,6 +152,12 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                      "".join(traceback.format_tb(exc.__traceback__)))
         return _fail(rt, job_id, "internal_error",
                      f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
+
+
+def _open_mask(rt: Runtime, volume_id: str):  # noqa: ANN202 - a Volume or None
+    """A lesion mask's volume (decoded from storage, not kept in the worker's volume cache)."""
+    info = load_info(rt.storage, volume_id)
+    return open_volume(rt.storage, info) if info is not None else None
 
 
 def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str | None:
@@ -184,6 +192,10 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
         "nifti": lambda p: save_mask_nifti(labels, volume, p),
         "png": lambda p: save_preview(volume, labels, p),
     }
+    if volume.meta.get("format") == "metaimage":  # the input's own format, with its geometry
+        from msam_core.io.metaimage import save_mask_metaimage
+
+        writers["mha"] = lambda p: save_mask_metaimage(labels, volume, p)
     if volume.meta.get("format") == "dicom":
         from msam_core.io.rtstruct import write_rtstruct
         from msam_core.io.seg import write_seg

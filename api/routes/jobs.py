@@ -10,7 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
 from api.uploads import forget_volume
-from api.schemas import ErrorBody, ErrorInfo, JobOut, LesionSummary, ModelOut, ResultFormat, Timings
+from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSummary, ModelOut, ResultFormat,
+                         Timings)
 from msam_service import jobs
 from msam_service.jobs import JobRecord
 
@@ -22,6 +23,7 @@ RESULTS: dict[str, tuple[str, str, str]] = {
     "rtstruct": ("rtstruct.dcm", "application/dicom", "rtstruct.dcm"),
     "nifti": ("mask.nii.gz", "application/gzip", "mask.nii.gz"),
     "png": ("preview.png", "image/png", "preview.png"),
+    "mha": ("mask.mha", "application/octet-stream", "mask.mha"),
 }
 
 
@@ -47,6 +49,7 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         error=ErrorInfo(**rec.error) if rec.error else None,
         destinations=_destinations(svc, rec),
         model=ModelOut(**rec.model) if rec.model else None,
+        intensity=IntensityOut(**rec.intensity) if rec.intensity else None,
     )
 
 
@@ -72,14 +75,17 @@ def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(t
 def get_result(job_id: str, format: ResultFormat | None = Query(
                    default=None, description="default: dicom-seg for DICOM input, else nifti"),
                svc: Services = Depends(services), who: str = Depends(tenant)) -> Response:
-    """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``nifti``, ``png``."""
+    """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``mha`` (MetaImage input
+    only), ``nifti``, ``png``."""
     rec = _job(svc, job_id, who)
     if rec.status != jobs.SUCCEEDED:
         what = {jobs.QUEUED: "is queued", jobs.RUNNING: "is running"}.get(rec.status, f"has {rec.status}")
         raise ApiError(409, "not_ready", f"job {job_id} {what}; results exist once it has succeeded")
     fmt = format or ("dicom-seg" if rec.input_format == "dicom" or "dicom-seg" in rec.results else "nifti")
     if fmt not in rec.results:
-        why = rec.result_errors.get(fmt, f"{fmt} was not produced for this job")
+        why = rec.result_errors.get(fmt) or (
+            f"mha (MetaImage) is written for MetaImage input, and this job's input was {rec.input_format or 'another format'}; "
+            "ask for nifti" if fmt == "mha" else f"{fmt} was not produced for this job")
         raise ApiError(422, "unsupported_request", why)
     name, media, download = RESULTS[fmt]
     key = f"jobs/{job_id}/{name}"
@@ -113,9 +119,12 @@ async def delete_job(job_id: str, svc: Services = Depends(services), who: str = 
 
 
 def _forget(svc: Services, job_id: str) -> None:
-    """Every file of the job: its results, and its image when it was uploaded with the job."""
+    """Every file of the job: its results, and its image and lesion masks when they were uploaded
+    with the job."""
     rec = svc.store.get(job_id)
     svc.storage.delete_prefix(f"jobs/{job_id}")
     if rec is not None and rec.request.get("own_volume") and rec.volume_id:
         forget_volume(svc, rec.volume_id)
+    for mask_id in rec.request.get("mask_volumes", []) if rec is not None else []:
+        forget_volume(svc, mask_id)  # lesion masks uploaded with the job
     svc.store.delete(job_id)

@@ -13,6 +13,7 @@ from api.errors import ApiError
 from api.uploads import forget_volume
 from api.schemas import ErrorBody, JobAccepted, Prompts, SegmentByVolume
 from msam_service import jobs
+from msam_service.masks import grid_difference, mask_grid_error, mask_refs
 from msam_service.prompts import resolve
 from msam_service.inflight import InFlight
 from msam_service.queue import enqueue
@@ -26,7 +27,11 @@ _MULTIPART_SCHEMA = {
     "required": ["image", "prompts"],
     "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                  "description": "NIfTI, NRRD, the DICOM files of one series, or a zip of them"},
+                  "description": "NIfTI, NRRD, MetaImage (.mha, or .mhd + its data file), the DICOM files of one "
+                  "series, or a zip of them"},
+        "masks": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "lesion masks on the image's grid, one volume per file, named by a lesion's "
+                  "mask.upload"},
         "prompts": {"type": "string", "description": "JSON document, schema Prompts"},
         "series_uid": {"type": "string", "description": "SeriesInstanceUID when the upload holds several"},
         "destinations": {"type": "string", "description": "configured node names for the DICOM-SEG (JSON list or comma-separated)"},
@@ -68,21 +73,73 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
         extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base)
         check_prompt_count(svc, prompts)  # before the upload is decoded
+        masks = [f for f in form.getlist("masks") if isinstance(f, UploadFile)]
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
         volume_id = info.volume_id
         extra["own_volume"] = True  # uploaded for this job alone: DELETE of the job removes it
+        extra["mask_volumes"] = await _ingest_masks(svc, prompts, masks, who)
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (image + prompts) or application/json (volume_id + prompts)")
     check_prompt_count(svc, prompts)
     request.state.volume_id = volume_id
     doc = prompts.model_dump()
-    if info is not None:  # None: a PACS series the worker retrieves (it checks the prompts then)
-        resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
+    try:
+        if info is not None:  # None: a PACS series the worker retrieves (it checks the prompts then)
+            resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
+        await run_in_threadpool(_check_masks, svc, doc, info, who)
+    except Exception:
+        for mask_id in extra.get("mask_volumes", []):
+            forget_volume(svc, mask_id)
+        raise
     job_id = jobs.new_id()
     request.state.job_id = job_id
     await run_in_threadpool(_submit, svc, job_id, who, volume_id, doc, extra)
     return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=volume_id)
+
+
+async def _ingest_masks(svc: Services, prompts: Prompts, files: list[UploadFile], who: str) -> list[str]:
+    """Store each file of the multipart field ``masks`` as a volume and point the lesions whose
+    ``mask.upload`` names it at that volume; returns the new volume ids (the job's own)."""
+    wanted = {lesion.mask.upload for lesion in prompts.lesions if lesion.mask is not None and lesion.mask.upload}
+    names = [f.filename or "" for f in files]
+    if len(set(names)) != len(names):
+        raise ApiError(422, "invalid_request", "masks: two files have the same name; name each mask file uniquely")
+    missing = sorted(wanted - set(names))
+    if missing:
+        raise ApiError(422, "invalid_prompt", f"a lesion's mask.upload names {missing[0]!r}, but no file of that name "
+                       f"came in the multipart field 'masks' (files there: {sorted(names) or 'none'})")
+    unused = sorted(set(names) - wanted)
+    if unused:
+        raise ApiError(422, "invalid_request", f"the mask file {unused[0]!r} is named by no lesion's mask.upload; "
+                       "name it in the prompts or leave it out")
+    ids: dict[str, str] = {}
+    try:
+        for f in files:
+            ids[f.filename or ""] = (await uploads.ingest_upload(svc, [f], None, who)).volume_id
+    except Exception:
+        for mask_id in ids.values():
+            forget_volume(svc, mask_id)
+        raise
+    for lesion in prompts.lesions:
+        if lesion.mask is not None and lesion.mask.upload:
+            lesion.mask.volume_id, lesion.mask.upload = ids[lesion.mask.upload], None
+    return list(ids.values())
+
+
+def _check_masks(svc: Services, doc: dict, info: uploads.VolumeInfo | None, who: str) -> None:
+    """Every lesion mask is a volume of this tenant (404 otherwise) on the image's grid (422 saying
+    what differs; ``info`` None: a PACS series, whose grid the worker checks)."""
+    for n, ref in mask_refs(doc).items():
+        if not ref.get("volume_id"):
+            raise ApiError(422, "invalid_prompt", f"lesion {n}: mask.upload names a file of the multipart field "
+                           "'masks'; a JSON request refers to a mask uploaded with POST /volumes by mask.volume_id")
+        mask = uploads.volume_for(svc, ref["volume_id"], who)
+        if info is None:
+            continue
+        difference = grid_difference(mask.shape, mask.affine_ras, info.shape, info.affine_ras)
+        if difference:
+            raise mask_grid_error(n, difference)
 
 
 async def _read_form(request: Request, svc: Services) -> FormData:
@@ -90,7 +147,8 @@ async def _read_form(request: Request, svc: Services) -> FormData:
     ``MSAM_MAX_JSON_KB`` is a 413 that names the setting."""
     kb = svc.settings.max_json_kb
     try:
-        return await request.form(max_files=svc.settings.max_files + 1, max_fields=10, max_part_size=kb * 1024)
+        return await request.form(max_files=svc.settings.max_files + 1 + svc.settings.max_lesions, max_fields=10,
+                                  max_part_size=kb * 1024)
     except StarletteHTTPException as exc:
         if exc.status_code == 400 and "maximum size" in str(exc.detail):
             raise ApiError(413, "too_large", f"a form field other than 'image' exceeds {kb} KB (MSAM_MAX_JSON_KB); "

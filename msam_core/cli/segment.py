@@ -15,8 +15,8 @@ from msam_core.io.volume import Volume
 
 #: Where the bundled default model is expected (shipped by the packaging of issue 4).
 DEFAULT_CHECKPOINT = Path(msam_core.__file__).resolve().parent / "weights" / "msam_default.safetensors"
-OUTPUTS = (".nii.gz / .nii (mask on the input grid), .png (preview), .dcm (DICOM-SEG) or .rtstruct.dcm "
-           "(RTSTRUCT), both for DICOM input only")
+OUTPUTS = (".nii.gz / .nii or .mha / .mhd (mask on the input grid), .png (preview), .dcm (DICOM-SEG) or "
+           ".rtstruct.dcm (RTSTRUCT), both for DICOM input only")
 
 EPILOG = """\
 coordinates: --space voxel (default) takes array indices i,j,k of INPUT (for NIfTI: nibabel's
@@ -37,14 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
         help="segment lesions in a CT/MR volume from clicks, boxes or a prior mask",
-        description="Segment lesions in INPUT (NIfTI, NRRD, or DICOM folder/zip) and write OUT "
+        description="Segment lesions in INPUT (NIfTI, NRRD, MetaImage, or DICOM folder/zip) and write OUT "
         f"({OUTPUTS}).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # let "--point -12.5,30,4" through as a value (argparse would read it as an option)
     p._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
-    p.add_argument("input", type=Path, help="image: .nii/.nii.gz, .nrrd/.nhdr, DICOM folder or .zip")
+    p.add_argument("input", type=Path, help="image: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, DICOM folder or .zip")
     p.add_argument("-o", "--output", type=Path, required=True, help=f"result: {OUTPUTS}")
     p.add_argument("--point", action="append", default=[], metavar="X,Y,Z[,LABEL[,LESION]]",
                    help="a click; LABEL 1 = lesion (default), 0 = not lesion; repeatable")
@@ -104,6 +104,8 @@ def output_kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith((".nii.gz", ".nii")):
         return "nifti"
+    if name.endswith((".mha", ".mhd")):
+        return "metaimage"
     if name.endswith(".png"):
         return "png"
     if name.endswith(".rtstruct.dcm"):
@@ -184,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         from msam_core.io.nifti import save_mask_nifti
 
         save_mask_nifti(result.labels, volume, args.output)
+    elif kind == "metaimage":
+        from msam_core.io.metaimage import save_mask_metaimage
+
+        save_mask_metaimage(result.labels, volume, args.output)
     elif kind == "png":
         from msam_core.io.preview import save_preview
 
@@ -196,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         from msam_core.io.seg import write_seg
 
         write_seg(result.labels, volume, args.output, algorithm_name=model.name, algorithm_version=model.version)
+    if result.intensity is not None:
+        print(f"intensities: {result.intensity.describe()}", file=sys.stderr)
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
     for lesion in result.lesions:
         note = " (window limit reached: raise --max-windows)" if lesion.stopped_at_limit else ""

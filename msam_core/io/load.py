@@ -1,7 +1,7 @@
 """One entry point that turns a path into a :class:`~msam_core.io.volume.Volume`.
 
-Formats are chosen by name: ``.nii`` / ``.nii.gz`` (NIfTI), ``.nrrd`` / ``.nhdr`` (NRRD), a
-folder, ``.zip`` or ``.dcm`` (a DICOM series, read by :mod:`msam_core.io.dicom`). Every failure a
+Formats are chosen by name: ``.nii`` / ``.nii.gz`` (NIfTI), ``.nrrd`` / ``.nhdr`` (NRRD),
+``.mha`` / ``.mhd`` (MetaImage, through SimpleITK), a folder, ``.zip`` or ``.dcm`` (a DICOM series, read by :mod:`msam_core.io.dicom`). Every failure a
 user can cause is an :class:`~msam_core.errors.InvalidVolume` or
 :class:`~msam_core.errors.UnsupportedRequest` whose message names the file, never its contents.
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 from msam_core.errors import InvalidVolume, UnsupportedRequest
 from msam_core.io.volume import Volume
 
-SUPPORTED_INPUTS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), DICOM series (folder, .zip, .dcm)"
+SUPPORTED_INPUTS = ("NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, or .mhd with its .raw/.zraw), "
+                    "DICOM series (folder, .zip, .dcm)")
 
 
 def volume_format(path: str | Path) -> str:
-    """``"nifti"``, ``"nrrd"`` or ``"dicom"`` for a path, judged by its name (and folder-ness)."""
+    """``"nifti"``, ``"nrrd"``, ``"metaimage"`` or ``"dicom"`` for a path, judged by its name (and folder-ness)."""
     path = Path(path)
     name = path.name.lower()
     if path.is_dir() or name.endswith((".zip", ".dcm")):
@@ -27,6 +28,8 @@ def volume_format(path: str | Path) -> str:
         return "nifti"
     if name.endswith((".nrrd", ".nhdr")):
         return "nrrd"
+    if name.endswith((".mha", ".mhd")):
+        return "metaimage"
     raise InvalidVolume(f"{path.name}: unknown image format; supported inputs: {SUPPORTED_INPUTS}")
 
 
@@ -57,4 +60,8 @@ def load_volume(path: str | Path) -> Volume:
         from msam_core.io.nrrd import read_nrrd
 
         return read_nrrd(path)
+    if kind == "metaimage":
+        from msam_core.io.metaimage import read_metaimage
+
+        return read_metaimage(path)
     return read_dicom_series(path)

@@ -52,46 +52,73 @@ def _check_voxel_sizes(path: Path, img: nib.Nifti1Image) -> None:
                             "or write the image with its true spacing")
 
 
-def _scaled_float32(proxy: Any) -> np.ndarray:
-    """The voxel values, scaled by ``scl_slope`` / ``scl_inter`` when the header sets them.
+def _scaled_float32(proxy: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The voxel values as an array of ``shape`` (the stored shape less its trailing singleton
+    dimensions), scaled by ``scl_slope`` / ``scl_inter`` when the header sets them.
 
     nibabel scales the whole image in float64 (a copy 4x the size of int16 data, before
     :func:`_native`'s float32 copy); this scales one slab at a time into a float32 array instead, so a scaled image costs
     its stored data plus one float32 copy."""
     raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    raw = np.asarray(raw).reshape(shape)  # dropping size-1 dimensions is a view, never a copy
     slope = float(np.asarray(getattr(proxy, "slope", 1.0)))
     inter = float(np.asarray(getattr(proxy, "inter", 0.0)))
     if slope == 1.0 and inter == 0.0:
-        return np.asarray(raw)
+        return raw
     out = np.empty(raw.shape, dtype=np.float32)
     for k in range(raw.shape[-1]):
         out[..., k] = raw[..., k] * slope + inter  # float64 for one slab, stored as float32
     return out
 
 
+#: What NIfTI's dimensions 4 to 7 hold (``dim[4]`` time, ``dim[5]`` the components of a vector or
+#: statistic; 6 and 7 have no fixed meaning).
+_EXTRA_DIMENSIONS = {4: "time points", 5: "components (channels)", 6: "entries", 7: "entries"}
+
+
+def spatial_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The 3-D shape of an image stored with ``shape``: dimensions beyond the third must all be
+    1, as many tools write one time point or one channel (a ``(128, 128, 128, 1, 1)`` image is
+    the 128^3 image it holds).
+
+    Raises:
+        InvalidVolume: fewer than three dimensions, or a dimension beyond the third with more
+            than one entry (a real series: the message names the dimension and how to pick one).
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 3:
+        raise InvalidVolume(f"{name} has shape {shape}; expected a 3D image (a single slice cannot be segmented in 3D)")
+    for axis, size in enumerate(shape[3:], start=4):
+        if size != 1:
+            what = _EXTRA_DIMENSIONS.get(axis, "entries")
+            index = ", ".join(["0"] * (axis - 3))
+            raise InvalidVolume(
+                f"{name} has shape {shape}: dimension {axis} holds {size} {what}, and msam segments one 3D "
+                f"image; pick one first, e.g. with nibabel: nib.save(img.slicer[:, :, :, {index}], 'one.nii.gz')"
+                + (" or with FSL: fslroi IN OUT 0 1" if axis == 4 else ""))
+    return shape[0], shape[1], shape[2]
+
+
 def read_nifti(path: str | Path) -> Volume:
     """Read a ``.nii`` / ``.nii.gz`` file into a :class:`Volume` (affine: voxel -> RAS mm).
 
-    A 4D image with a single time point is squeezed to 3D; any other 4D image is refused.
+    Dimensions beyond the third of size 1 (one time point, one channel: ``(X, Y, Z, 1, 1)`` as
+    SimpleITK and many pipelines write a single image) are dropped; a real series is refused
+    before its data is read (:func:`spatial_shape`).
     """
     path = Path(path)
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InvalidVolume(f"{path.name} is not a NIfTI image")
+        shape = spatial_shape(path.name, img.shape)
         _check_voxel_sizes(path, img)
-        array = _scaled_float32(img.dataobj)
+        array = _scaled_float32(img.dataobj, shape)
     except InvalidVolume:
         raise
     except Exception as exc:  # nibabel raises many types for broken files
         raise InvalidVolume(f"cannot read {path.name} as NIfTI ({type(exc).__name__}); is the file complete "
                             "and a NIfTI-1 or NIfTI-2 image?") from exc
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise InvalidVolume(
-            f"{path.name} has shape {array.shape}; expected a 3D image (one time point / channel)"
-        )
     header = img.header
     geometry: dict[str, Any] = {}
     for name in _GEOMETRY_FIELDS:

@@ -29,7 +29,7 @@ from msam_core.pipeline.resample import IndexImage, Interpolation
 CROP_SIZE = 128
 SPACING_MM = 1.5
 CT_CLAMP = (-1000.0, 1000.0)
-#: An image of unknown modality whose minimum is below this is taken to be CT in HU.
+#: Below this, a CT value in HU is air (fat, the lowest tissue, lies far above it).
 CT_MIN_HU = -500.0
 
 
@@ -87,14 +87,92 @@ class CropGrid:
         return np.all((pts >= -0.5) & (pts <= self.size - 0.5), axis=1)
 
 
-def is_ct(volume: Volume) -> bool:
-    """CT when the modality says so, or (modality unknown) when values reach below -500 (HU)."""
-    if volume.modality is not None:
-        return volume.modality.upper() == "CT"
+#: Share of voxels below :data:`CT_MIN_HU` that counts as air in an image of unknown modality.
+CT_AIR_FRACTION = 1e-3
+#: An image that is not HU, has negative values and spans at most this is taken as normalised.
+NORMALISED_MAX_RANGE = 100.0
+#: The percentile of a normalised image taken as its background level (robust to noise below it).
+BACKGROUND_PERCENTILE = 0.5
+_SAMPLE_VOXELS = 1 << 20
+
+
+@dataclass(frozen=True)
+class IntensityProfile:
+    """What the pipeline concluded about an image's intensities, and why.
+
+    Attributes:
+        hu: the values are CT Hounsfield units (crops are clamped to :data:`CT_CLAMP` before
+            the z-score); otherwise the crop is z-scored without the clamp (MR, or an image
+            already normalised: z-scored, scaled to 0-1, arbitrary units).
+        reason: one sentence a user can check (the evidence).
+        background: the value taken as the image's zero: 0, or for an image already normalised
+            around 0 (negative values, a narrow range) its minimum, the level its background was
+            moved to. Crops are sampled with it outside the image and measured from it, so the
+            z-score over "voxels above background" (SAM-Med3D's ``x > 0``) sees the voxels it
+            would have seen before the image was normalised.
+    """
+
+    hu: bool
+    reason: str
+    background: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"hu": self.hu, "reason": self.reason}
+
+    def describe(self) -> str:
+        return ("CT in Hounsfield units" if self.hu else "not Hounsfield units") + f" ({self.reason})"
+
+
+def _normalised_background(array: np.ndarray) -> tuple[float, float, float]:
+    """``(minimum, maximum, background)``: when the values look normalised around 0 (negative,
+    spanning at most :data:`NORMALISED_MAX_RANGE`) the background is their
+    :data:`BACKGROUND_PERCENTILE` th percentile (the minimum of an image whose background is
+    constant; above the noise of one whose background is not), else 0."""
+    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+    if not (lo < 0 and hi - lo <= NORMALISED_MAX_RANGE):
+        return lo, hi, 0.0
+    flat = array.reshape(-1)
+    sample = flat[:: max(1, flat.size // _SAMPLE_VOXELS)]
+    return lo, hi, float(np.nanpercentile(sample, BACKGROUND_PERCENTILE))
+
+
+def intensity_profile(volume: Volume) -> IntensityProfile:
+    """CT in HU when the header's modality says CT; with no modality, only on evidence: air, at
+    least :data:`CT_AIR_FRACTION` of the voxels below :data:`CT_MIN_HU`. Anything else (another
+    modality, unsigned data, a z-scored or 0-1 image whose values stay far above -500) is not
+    HU: its crops are z-scored without the CT clamp, measured from its background level
+    (:attr:`IntensityProfile.background`). A range that merely could be HU is not taken for it."""
     array = volume.array
-    if array.dtype.kind == "u":
-        return False
-    return float(array.min()) < CT_MIN_HU
+    if volume.modality is not None and volume.modality.upper() == "CT":
+        return IntensityProfile(True, "the image's header gives the modality CT")
+    if array.dtype.kind in "ub":
+        why = (f"the image's header gives the modality {volume.modality}" if volume.modality is not None
+               else "no modality in the header, and unsigned values cannot hold air at -1000 HU")
+        return IntensityProfile(False, why)
+    if volume.modality is None:
+        share = int(np.count_nonzero(array < CT_MIN_HU)) / max(1, array.size)
+        if share >= CT_AIR_FRACTION:
+            return IntensityProfile(True, f"no modality in the header; {100 * share:.1f} % of the voxels are below "
+                                    f"{CT_MIN_HU:.0f}, as air is in Hounsfield units")
+    lo, hi, background = _normalised_background(array)
+    if volume.modality is not None:
+        why = f"the image's header gives the modality {volume.modality}"
+    elif lo >= 0 and hi <= 1:
+        why = "no modality in the header, and the values lie within 0-1 (scaled)"
+    elif background:
+        why = f"no modality in the header, and the values span {lo:.3g} to {hi:.3g}, as normalised (e.g. z-scored) images do"
+    else:
+        why = "no modality in the header, and the values show no air"
+    if volume.modality is None:
+        why += f": fewer than {100 * CT_AIR_FRACTION:.1f} % of the voxels are below {CT_MIN_HU:.0f}"
+    if background:
+        why += f"; crops are measured from {background:.3g} (its {BACKGROUND_PERCENTILE} th percentile) as the background"
+    return IntensityProfile(False, why, background)
+
+
+def is_ct(volume: Volume) -> bool:
+    """Whether ``volume``'s values are CT Hounsfield units (:func:`intensity_profile`)."""
+    return intensity_profile(volume).hu
 
 
 def normalize_crop(crop: np.ndarray, ct: bool) -> np.ndarray:
@@ -123,12 +201,14 @@ class VolumeSampler:
 
     Attributes:
         volume: the input image.
-        ct: whether CT clamping applies.
+        intensity: what its values were taken to be (:func:`intensity_profile`).
+        ct: whether CT clamping applies (``intensity.hu``).
     """
 
     def __init__(self, volume: Volume) -> None:
         self.volume = volume
-        self.ct = is_ct(volume)
+        self.intensity = intensity_profile(volume)
+        self.ct = self.intensity.hu
         self._image = IndexImage(volume.array)
         self._ras_to_voxel = np.linalg.inv(volume.affine)
 
@@ -137,12 +217,20 @@ class VolumeSampler:
         return self._ras_to_voxel @ grid.affine
 
     def raw_crop(self, grid: CropGrid, interpolation: Interpolation = "linear") -> np.ndarray:
-        """The input's intensities on ``grid``: ``float32 [a, b, c]``, 0 outside the image."""
-        return self._image.resample(self.crop_to_voxel(grid), grid.shape, interpolation, 0.0)
+        """The input's intensities on ``grid``: ``float32 [a, b, c]``; outside the image the
+        background level (``intensity.background``, 0 for all but normalised images)."""
+        return self._image.resample(self.crop_to_voxel(grid), grid.shape, interpolation,
+                                    self.intensity.background)
 
     def crop(self, grid: CropGrid) -> torch.Tensor:
         """The network input for ``grid``: ``float32`` tensor ``[1, 1, 128, 128, 128]``."""
-        crop = normalize_crop(self.raw_crop(grid, "linear"), self.ct)
+        raw = self.raw_crop(grid, "linear")
+        background = self.intensity.background
+        if background:
+            # measured from the background; interpolating it leaves float dust of ~1e-7 x |background|
+            raw -= np.float32(background)
+            raw[raw < np.float32(1e-5 * abs(background))] = 0.0
+        crop = normalize_crop(raw, self.ct)
         return torch.from_numpy(crop)[None, None]
 
     def inside_image(self, grid: CropGrid, points_crop: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ centre, the model gets a positive click at that centre, and the result is clippe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -170,6 +170,7 @@ def resolve_prompts(
     points: Sequence[Point] = (),
     boxes: Sequence[Box] = (),
     prior: np.ndarray | None = None,
+    lesion_priors: Mapping[int, np.ndarray] | None = None,
 ) -> list[LesionPrompt]:
     """Validate prompts against ``volume`` and group them per lesion (sorted by lesion number).
 
@@ -180,6 +181,9 @@ def resolve_prompts(
         prior: optional label mask on the input grid, shape ``volume.shape``; label ``k`` is the
             prior of lesion ``k``, except that a one-label prior goes to the one lesion the
             points/boxes prompt (if they prompt one). A lesion may be given by its prior alone.
+        lesion_priors: the same per lesion: lesion number -> its own mask (``bool``, shape
+            ``volume.shape``), for masks that overlap or come as separate files; a lesion may
+            not have both kinds.
 
     Raises:
         InvalidPrompt: a point/box outside the image or not finite, a label other than 0/1, a
@@ -228,6 +232,18 @@ def resolve_prompts(
         else:
             for v in values:
                 prior_labels[_check_lesion(v)] = prior == v
+
+    for lesion, mask in (lesion_priors or {}).items():
+        lesion = _check_lesion(lesion)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != volume.shape:
+            raise InvalidPrompt(f"the mask of lesion {lesion} has shape {list(mask.shape)} but the image has shape "
+                                f"{list(volume.shape)}; give a mask on the image's own grid")
+        if lesion in prior_labels:
+            raise InvalidPrompt(f"lesion {lesion} has two prior masks (a label of the prior and its own mask); give one")
+        if not mask.any():
+            raise InvalidPrompt(f"the mask of lesion {lesion} is empty (no voxel of it is set)")
+        prior_labels[lesion] = mask
 
     lesions = sorted(set(by_lesion) | set(box_by_lesion) | set(prior_labels))
     if not lesions:

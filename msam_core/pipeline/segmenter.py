@@ -41,7 +41,8 @@ from msam_core.pipeline.boundary import refine_boundary
 from msam_core.pipeline.coarse_view import choose, coarse_grid, logits_to_fine, points_to_coarse
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
                                             logits_to_volume_grid, upsample_logits)
-from msam_core.pipeline.preprocess import (CropGrid, VolumeSampler, mask_on_grid, mask_to_logits)
+from msam_core.pipeline.preprocess import (CropGrid, IntensityProfile, VolumeSampler, mask_on_grid,
+                                            mask_to_logits)
 from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
 from msam_core.pipeline.region_prior import RegionPrior, add_prior
@@ -217,11 +218,13 @@ class SegmentationResult:
             ``k`` = lesion ``k``).
         lesions: per-lesion facts.
         model_id: the network that produced it.
+        intensity: what the input's values were taken to be (CT in HU or not, and why).
     """
 
     labels: np.ndarray
     lesions: list[LesionOutcome] = field(default_factory=list)
     model_id: str = ""
+    intensity: IntensityProfile | None = None
 
 
 def crop_key(model_id: str, image: torch.Tensor) -> str:
@@ -449,7 +452,8 @@ class Segmenter:
         counts = np.bincount(labels.ravel(), minlength=256)
         for outcome in outcomes:
             outcome.voxels = int(counts[outcome.lesion])
-        return SegmentationResult(labels=labels, lesions=outcomes, model_id=self.model.model_id)
+        return SegmentationResult(labels=labels, lesions=outcomes, model_id=self.model.model_id,
+                                  intensity=sampler.intensity)
 
     def segment_lesion(self, sampler: VolumeSampler, lesion: LesionPrompt,
                        iterations: int = 1) -> tuple[LogitCanvas, LesionOutcome]:

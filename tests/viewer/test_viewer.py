@@ -479,3 +479,44 @@ def test_oblique_nifti_click_maps_to_the_voxel_under_the_cursor(service: Stack, 
         assert shown["hasOverlay"], (shown, service.logs())
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("layout", ["five_d_nifti", "metaimage_pair"])
+def test_archive_layouts_open_and_a_click_lands_on_its_voxel(service: Stack, browser, tmp_path: Path,
+                                                             layout: str) -> None:
+    """A 5-D NIfTI with singleton dimensions (as M-SAM's demo case is written) and a MetaImage
+    .mhd + .zraw pair open as the 3-D image they hold; a click on the phantom's centre voxel is
+    sent as that voxel's RAS position and answered with an overlay."""
+    from tests.unit.io.test_metaimage_5d import write_metaimage
+
+    image = nib.load(str(_phantom(tmp_path / "phantom.nii.gz")))
+    data = np.asarray(image.dataobj)
+    if layout == "five_d_nifti":
+        files = [tmp_path / "image3D.nii.gz"]
+        nib.save(nib.Nifti1Image(data.reshape(*SHAPE, 1, 1), AFFINE), str(files[0]))
+    else:
+        write_metaimage(data, AFFINE, tmp_path / "case.mhd", compress=True)
+        files = [tmp_path / "case.mhd", tmp_path / "case.zraw"]
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    page = context.new_page()
+    console: list[str] = []
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    try:
+        page.goto(service.url + "/")
+        page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
+        page.fill("#api-key", API_KEY)
+        page.click("#key-form button")
+        page.set_input_files("#file", [str(f) for f in files])
+        page.wait_for_function("() => window.msamViewer.state.volume && window.msamViewer.nv.volumes.length === 1",
+                               timeout=60_000)
+        volume = page.evaluate("() => window.msamViewer.state.volume")
+        assert volume["shape"] == list(SHAPE), volume
+        assert np.allclose(volume["affine_ras"], AFFINE, atol=1e-4)
+        _click_voxel(page, CENTRE)
+        shown = _wait_shown(page, 0)
+        assert shown["status"] == "" and shown["hasOverlay"], (shown, service.logs())
+        assert np.allclose(shown["points"][0]["voxel"], CENTRE, atol=1e-3), shown["points"][0]
+        assert shown["overlayNonZero"] == shown["voxels"] > 0
+        assert not console, console
+    finally:
+        context.close()

@@ -58,10 +58,11 @@ async function call (path, { method = 'GET', json, signal } = {}) {
 }
 
 /** POST /volumes (multipart, field `image`), with upload progress (0..1) through `onProgress`. */
-export function uploadVolume (files, onProgress = () => {}) {
+export async function uploadVolume (files, onProgress = () => {}) {
+  const names = await uploadNames(files)
   return new Promise((resolve, reject) => {
     const form = new FormData()
-    for (const f of files) form.append('image', f, safeName(f.name))
+    files.forEach((f, n) => form.append('image', f, names[n]))
     const xhr = new XMLHttpRequest()
     xhr.open('POST', url('volumes'))
     for (const [k, v] of Object.entries(headers())) xhr.setRequestHeader(k, v)
@@ -80,10 +81,24 @@ export function uploadVolume (files, onProgress = () => {}) {
 // carry a patient's name).
 export function safeName (name) {
   const lower = (name || '').toLowerCase()
-  for (const suffix of ['.nii.gz', '.nii', '.nrrd', '.zip', '.dcm']) {
+  for (const suffix of ['.nii.gz', '.nii', '.nrrd', '.mha', '.mhd', '.zip', '.dcm']) {
     if (lower.endsWith(suffix)) return 'image' + suffix
   }
   return 'image'
+}
+
+/** The names to send for `files`: `safeName`s, except the data file of a MetaImage pair (a .mhd
+ * and one other file), sent under the plain name its header gives it (the header, uploaded too,
+ * holds that name already; the server pairs the two by it). */
+export async function uploadNames (files) {
+  const names = files.map((f) => safeName(f.name))
+  const header = files.findIndex((f) => /\.mhd$/i.test(f.name))
+  if (header >= 0 && files.length === 2) {
+    const text = await files[header].slice(0, 1 << 16).text()
+    const m = text.match(/^\s*ElementDataFile\s*=\s*(\S+)\s*$/mi)
+    if (m && !/[\\/]/.test(m[1]) && m[1].toUpperCase() !== 'LOCAL') names[1 - header] = m[1]
+  }
+  return names
 }
 
 export async function segment (volumeId, prompts) {

@@ -625,7 +625,7 @@ async function main () {
   installMouse()
   refreshReadiness().catch(() => {})
   setInterval(() => refreshReadiness().catch(() => {}), 15000)
-  say('open a volume: upload a NIfTI, NRRD or DICOM (files or a zip), or pick a recent one')
+  say('open a volume: upload a NIfTI, NRRD, MetaImage (.mha, or .mhd with its data file) or DICOM (files or a zip), or pick a recent one')
 }
 
 // for the browser tests and the curious: the viewer's state, NiiVue and helpers

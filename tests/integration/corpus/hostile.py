@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,29 @@ def nrrd_bomb(codec: str, n: int) -> bytes:
 def nifti_gz_bomb(n: int) -> bytes:
     """A valid 4x4x4 NIfTI, gzip'd together with ``n`` zero bytes after its data."""
     return zeros_compressed("gzip", n, nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4)).to_bytes())
+
+
+def metaimage_header(data_file: str, compressed: bool = False, dims: str = "4 4 4") -> bytes:
+    """A valid MetaImage header declaring ``dims`` shorts (4x4x4: 128 bytes) whose data lies in
+    ``data_file`` (``LOCAL``: after the header)."""
+    return (b"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+            + (b"CompressedData = True\n" if compressed else b"")
+            + f"TransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 0 0 0\nElementSpacing = 1 1 1\nDimSize = {dims}\n"
+              f"ElementType = MET_SHORT\nElementDataFile = {data_file}\n".encode())
+
+
+def metaimage_bomb(n: int) -> bytes:
+    """A .mha declaring 128 bytes of data, followed by ``n`` zero bytes, zlib-compressed."""
+    return metaimage_header("LOCAL", compressed=True) + zlib.compress(b"\0" * n, 9)
+
+
+def mask_on_another_grid(good_nifti: bytes) -> bytes:
+    """A mask with the image's shape whose first axis is mirrored (the image's affine, i flipped)."""
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(good_nifti))
+    flip = np.array([[-1.0, 0, 0, img.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    mask = np.zeros(img.shape, np.uint8)
+    mask[20:25, 18:23, 10:14] = 1
+    return nifti_bytes(mask, img.affine @ flip)
 
 
 def deflated_dicom_bomb(folder: Path, n: int) -> bytes:
@@ -190,6 +214,30 @@ def cases(tmp: Path, good_nifti: bytes) -> list[Case]:
         ("series of two modalities", "POST", "/volumes",
          {"files": [("image", (f"{n}.dcm", b)) for n, b in enumerate(two_modalities)]},
          "invalid_volume", "mixes modalities"),
+        ("MetaImage pair with a hostile data-file name", "POST", "/volumes", {"files": [
+            ("image", ("case.mhd", metaimage_header("../../../../etc/passwd"))), ("image", ("passwd", b"\0" * 128))]},
+         "invalid_volume", "outside the upload"),
+        ("MetaImage pointing at a server file", "POST", "/volumes",
+         {"files": {"image": ("case.mha", metaimage_header("/etc/passwd"))}}, "invalid_volume", "outside the upload"),
+        ("MetaImage header without its data file", "POST", "/volumes",
+         {"files": {"image": ("case.mhd", metaimage_header("case.raw"))}}, "invalid_volume", "separate data file"),
+        ("MetaImage pair whose data file is not the one named", "POST", "/volumes", {"files": [
+            ("image", ("case.mhd", metaimage_header("case.zraw"))), ("image", ("other.zraw", b"\0" * 128))]},
+         "invalid_volume", "not in the upload"),
+        ("MetaImage zip with a hostile data-file name", "POST", "/volumes", {"files": {"image": ("m.zip", zip_of(
+            {"case.mhd": metaimage_header("../passwd"), "passwd": b"\0" * 128}))}}, "invalid_volume", "outside the upload"),
+        ("MetaImage zlib bomb", "POST", "/volumes", {"files": {"image": ("b.mha", metaimage_bomb(256 << 20))}},
+         "invalid_volume", "holds more than the 128 bytes"),
+        ("absurd MetaImage dimensions", "POST", "/volumes", {"files": {"image": ("big.mha", metaimage_header(
+            "LOCAL", dims="100000 100000 100000") + b"\0" * 64)}}, "invalid_volume", "MSAM_MAX_VOXELS"),
+        ("mask prompt on another grid", "POST", "/segment", {"files": [
+            ("image", ("ct.nii.gz", good_nifti)), ("masks", ("m.nii.gz", mask_on_another_grid(good_nifti)))],
+            "data": {"prompts": json.dumps({"lesions": [{"mask": {"upload": "m.nii.gz"}}]})}},
+         "invalid_prompt", "axis i mirrored"),
+        ("mask prompt naming no uploaded file", "POST", "/segment", _seg(img, json.dumps(
+            {"lesions": [{"mask": {"upload": "m.nii.gz"}}]})), "invalid_prompt", "no file of that name"),
+        ("mask prompt with two sources", "POST", "/segment", _seg(img, json.dumps(
+            {"lesions": [{"mask": {"upload": "m.nii.gz", "volume_id": "a" * 32}}]})), "invalid_request", "exactly one"),
         ("zip of junk", "POST", "/volumes", {"files": {"image": ("j.zip", b"PK\x03\x04" + b"\xff" * 200)}},
          "invalid_volume", ""),
         ("NaN coordinate", "POST", "/segment", _seg(img, '{"lesions": [{"positive": [[NaN, 2, 3]]}]}'), None, ""),

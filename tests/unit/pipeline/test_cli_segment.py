@@ -141,3 +141,29 @@ def test_missing_default_model_names_the_file(files, capsys, tmp_path, monkeypat
     code, err = _run(capsys, files["image"], "-o", files["root"] / "x.nii.gz", "--point", "1,1,1")
     assert code == 2
     assert "msam_default.safetensors" in err and "--checkpoint PATH" in err
+
+
+def test_five_d_nifti_and_metaimage_in_and_out(files, capsys, tmp_path):
+    """The 5-D NIfTI of M-SAM's demo layout and the same image as MetaImage segment as the 3-D
+    NIfTI does, voxel for voxel; ``-o mask.mha`` carries the input's geometry; the intensities
+    line says what the values were taken to be."""
+    from msam_core.io.load import load_volume
+    from tests.unit.io.test_metaimage_5d import write_metaimage
+
+    source = nib.load(str(files["image"]))
+    array = np.asarray(source.dataobj)
+    nib.save(nib.Nifti1Image(array.reshape(*SHAPE, 1, 1), AFFINE), str(tmp_path / "five.nii.gz"))
+    write_metaimage(array, AFFINE, tmp_path / "image.mhd", compress=True)
+    args = ["--point", "24,20,12", "--checkpoint", files["ckpt"], "--max-windows", "1"]
+    code, err = _run(capsys, files["image"], "-o", tmp_path / "ref.nii.gz", *args)
+    assert code == 0, err
+    assert "intensities: " in err and "Hounsfield" in err
+    reference = np.asarray(nib.load(str(tmp_path / "ref.nii.gz")).dataobj)
+    code, err = _run(capsys, tmp_path / "five.nii.gz", "-o", tmp_path / "five_mask.nii.gz", *args)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "five_mask.nii.gz")).dataobj), reference)
+    code, err = _run(capsys, tmp_path / "image.mhd", "-o", tmp_path / "mask.mha", *args)
+    assert code == 0, err
+    mask = load_volume(tmp_path / "mask.mha")
+    np.testing.assert_array_equal(mask.array, reference)
+    np.testing.assert_allclose(mask.affine, AFFINE, atol=1e-5)
