@@ -64,8 +64,9 @@ class Lesion(BaseModel):
     request order) is label *n* in the mask and segment *n* in the DICOM-SEG."""
 
     model_config = ConfigDict(extra="forbid")
-    positive: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks inside the lesion")
-    negative: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks outside it")
+    positive: list[Xyz] = Field(default_factory=list, description="clicks inside the lesion (with `negative`, at "
+                                "most MSAM_MAX_POINTS per lesion: GET /info)")
+    negative: list[Xyz] = Field(default_factory=list, description="clicks outside it")
     box: tuple[Xyz, Xyz] | None = Field(default=None, description="two opposite corners")
     label: str | None = Field(default=None, json_schema_extra={"maxLength": 64},
                               description="segment / ROI name (a DICOM LO value: at most 64 characters and "
@@ -101,7 +102,7 @@ class Prompts(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     space: Literal["voxel", "LPS", "RAS"] = "voxel"
-    lesions: list[Lesion] = Field(min_length=1, max_length=32)
+    lesions: list[Lesion] = Field(min_length=1, description="at most MSAM_MAX_LESIONS (GET /info)")
     iterations: StrictCount = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
 
 
@@ -128,7 +129,7 @@ class ReceivedSource(BaseModel):
 class SegmentByVolume(BaseModel):
     """``POST /segment`` as JSON: prompts on an image uploaded before with ``POST /volumes``
     (``volume_id``) or on a series in a PACS (``source``). Optionally the DICOM-SEG is stored to
-    ``destinations`` and ``callback_url`` receives a signed POST when the job ends (issue #8)."""
+    ``destinations`` and ``callback_url`` receives a signed POST when the job ends."""
 
     model_config = ConfigDict(extra="forbid")
     volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
@@ -231,8 +232,10 @@ class PromptRules(BaseModel):
     types: list[str] = Field(description="per lesion: positive clicks (or a mask), negative clicks, a box, a mask "
                              "(the previous-mask prompt)")
     spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
-    max_lesions: int
-    max_points_per_lesion: int
+    max_lesions: int = Field(description="lesions per request (MSAM_MAX_LESIONS)")
+    max_points_per_lesion: int = Field(description="positive and negative clicks of one lesion together "
+                                       "(MSAM_MAX_POINTS)")
+    max_prompts: int = Field(description="points and boxes of all lesions together (MSAM_MAX_PROMPTS)")
     iterations: list[int] = Field(description="allowed decoder passes, [min, max]")
 
 

@@ -60,10 +60,11 @@ class Settings(BaseSettings):
     max_decompressed_mb: int = Field(default=4096, description="most bytes an upload may expand to "
                                      "(zip members, gzip'd NIfTI data, DICOM pixel data)")
     max_voxels: int = Field(default=2**29, description="most voxels in one image (512 x 512 x 2048)")
-    max_prompts: int = Field(default=256, description="most points and boxes in one request, all lesions together")
+    max_prompts: int = Field(default=256, gt=0, description="most points and boxes in one request, all lesions "
+                             "together")
     max_jobs_in_flight: int = Field(default=16, description="most queued + running jobs per tenant (429 beyond)")
-    max_lesions: int = Field(default=32, description="most lesions in one request")
-    max_points: int = Field(default=64, description="most points per lesion")
+    max_lesions: int = Field(default=32, gt=0, description="most lesions in one request")
+    max_points: int = Field(default=64, gt=0, description="most points per lesion, positive and negative together")
     max_windows: int = Field(default=8, description="most 128^3 windows per lesion")
 
     # -- jobs and queue ---------------------------------------------------------------------

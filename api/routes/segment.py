@@ -203,11 +203,18 @@ def _form_destinations(raw: object) -> list[str]:
 
 
 def check_prompt_count(svc: Services, prompts: Prompts) -> None:
-    """``MSAM_MAX_LESIONS`` and ``MSAM_MAX_PROMPTS`` (points and boxes of all lesions together)."""
+    """The request limits of the settings, the only place they are enforced (``GET /info`` reports
+    the same fields): ``MSAM_MAX_LESIONS``, ``MSAM_MAX_POINTS`` (clicks of one lesion, positive
+    and negative together) and ``MSAM_MAX_PROMPTS`` (points and boxes of all lesions together)."""
     limit = svc.settings
     if len(prompts.lesions) > limit.max_lesions:
         raise ApiError(422, "too_many_prompts", f"{len(prompts.lesions)} lesions in one request; at most "
                        f"{limit.max_lesions} (MSAM_MAX_LESIONS)")
+    for number, lesion in enumerate(prompts.lesions, start=1):
+        clicks = len(lesion.positive) + len(lesion.negative)
+        if clicks > limit.max_points:
+            raise ApiError(422, "too_many_prompts", f"lesion {number} has {clicks} clicks (positive and negative); "
+                           f"at most {limit.max_points} per lesion (MSAM_MAX_POINTS)")
     n = sum(len(x.positive) + len(x.negative) + (x.box is not None) for x in prompts.lesions)
     if n > limit.max_prompts:
         raise ApiError(422, "too_many_prompts", f"{n} points and boxes in one request; at most "
