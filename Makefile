@@ -96,9 +96,9 @@ MODEL_RUN     ?= $(HOME)/.cache/msam/runs/msam_default
 MODEL_REAL    ?= $(HOME)/.cache/msam/real-tumours
 MODEL_MINUTES ?= 65
 MODEL_THREADS ?= 2
-MODEL_TRAIN    = train --config msam_small --data $(MODEL_DATA) --out $(MODEL_RUN) --steps 100000 \
+MODEL_TRAIN    = train --config msam_small_regions --data $(MODEL_DATA) --out $(MODEL_RUN) --steps 100000 \
                  --iterations 5 --batch-size 2 --warmup 30 --max-minutes $(MODEL_MINUTES) --save-every 5 \
-                 --seed 0 --threads $(MODEL_THREADS) --crops-per-lesion 4 --input-transform signed_log --click-regions --region-logits
+                 --seed 0 --threads $(MODEL_THREADS) --crops-per-lesion 4
 model: install
 	$(VENV)/bin/msam data synth --out $(MODEL_DATA) --seed 0
 	OMP_NUM_THREADS=$(MODEL_THREADS) $(VENV)/bin/msam $(MODEL_TRAIN)

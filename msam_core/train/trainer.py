@@ -2,11 +2,11 @@
 
 Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 
-- **Trainable parts**, starting from SAM-Med3D weights (``--init``): the image encoder frozen
+- **Trainable parts**, starting from SAM-Med3D or M-SAM weights (``--init``): the image encoder frozen
   except its LoRA (rank 4 on q and v); prompt encoder, mask decoder and Mask-Enhanced Adapter
   trained (:meth:`MSAM.set_trainable`). AdamW, weight decay 0.1, LR 8e-4 for LoRA + MEA and
   8e-5 for prompt encoder + decoder.
-- **From scratch** (no ``--init``; e.g. ``msam_small``, which has no pretrained encoder): there
+- **From scratch** (no ``--init``; e.g. ``msam_small_regions``, which has no pretrained encoder): there
   is nothing to adapt, so *every* parameter trains, encoder included, in one group at ``--lr``
   (default 4e-4). Freezing a random encoder would leave it random.
 - **Click simulation** per batch: one image embedding, then ``--iterations`` decoder passes
@@ -19,12 +19,9 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
   (``no_mask_embed``) unless given a prior, which M-SAM's loop never trains; so pass 1 gets no
   mask prompt in half of the batches (else zeros, as M-SAM) and later passes in 20 %.
 - **Loss**: MONAI ``DiceCELoss`` (sigmoid, squared prediction) between the logits upsampled to
-  128^3 (trilinear, as inference) and the mask, summed over all passes (``--first-pass-weight``
-  weighs pass 1, the one-click result a user sees first); one backward per batch.
+  128^3 (trilinear, as inference) and the mask, summed over all passes; one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
-- Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set), and
-  with ``--thick-slices P`` simulated thick-slice scans (:func:`msam_core.train.data.thicken`);
-  bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
+- Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set); bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
   written every ``--save-every`` minutes, so an interrupted run is still usable; with
   ``--keep-checkpoints`` every save is also kept as ``checkpoints/step-NNNNNN.safetensors``.
@@ -41,22 +38,24 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from msam_core.cli.arguments import number, probability, whole_number
-from msam_core.errors import InvalidDataset, UnsupportedRequest
+from msam_core.cli.arguments import number, whole_number
+from msam_core.errors import InvalidDataset
 from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.click_regions import RegionCache
-from msam_core.model.configs import INPUT_TRANSFORMS, get_config
+from msam_core.model.configs import get_config
 
 SAM_LR_ADAPTER = 8e-4
 SAM_LR_DECODER = 8e-5
 SCRATCH_LR = 4e-4
+#: The configurations ``msam train`` builds (``sam_med3d`` is upstream's network, loaded, never trained here).
+TRAINABLE_CONFIGS = ("msam_small", "msam_small_regions", "msam")
 
 
 @dataclass
@@ -65,13 +64,9 @@ class TrainSettings:
     data: str = ""
     out: str = "runs/msam"
     init: str | None = None
-    #: With ``init``: train every parameter in one group (continue a from-scratch model such as
-    #: the bundled ``msam_small``) instead of M-SAM's LoRA/MEA/decoder recipe.
-    train_all: bool = False
     steps: int = 1000
     batch_size: int = 2
     iterations: int = 11
-    first_pass_weight: float = 1.0
     lr: float | None = None
     lr_decoder: float | None = None
     weight_decay: float = 0.1
@@ -85,18 +80,13 @@ class TrainSettings:
     resume: bool = False
     threads: int | None = None
     workers: int = 1
-    input_transform: str | None = None
-    click_regions: bool = False
-    region_logits: bool = False
     keep_checkpoints: bool = False
-    #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`).
-    thick_slices: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
 def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[dict]:
     """The optimiser's parameter groups (and ``requires_grad`` set accordingly)."""
-    if from_pretrained and not s.train_all:
+    if from_pretrained:
         model.set_trainable()
         adapter = [p for n, p in model.named_parameters() if p.requires_grad and is_added_parameter(n)]
         rest = [p for n, p in model.named_parameters() if p.requires_grad and not is_added_parameter(n)]
@@ -104,8 +94,7 @@ def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[d
                 {"params": rest, "lr": s.lr_decoder or SAM_LR_DECODER, "name": "prompt_encoder+decoder"}]
     for p in model.parameters():
         p.requires_grad = True
-    return [{"params": list(model.parameters()), "lr": s.lr or SCRATCH_LR,
-             "name": "all (continued)" if from_pretrained else "all (from scratch)"}]
+    return [{"params": list(model.parameters()), "lr": s.lr or SCRATCH_LR, "name": "all (from scratch)"}]
 
 
 def lr_factor(step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
@@ -131,15 +120,13 @@ def hard_dice(logits: torch.Tensor, gt: torch.Tensor) -> float:
 
 def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: torch.Tensor, iterations: int,
                      loss_fn, rng: np.random.Generator, generator: torch.Generator | None = None,
-                     first_pass_no_mask: float = 0.5, mask_dropout: float = 0.2,
-                     first_pass_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+                     first_pass_no_mask: float = 0.5, mask_dropout: float = 0.2) -> tuple[torch.Tensor, dict]:
     """One batch of M-SAM's simulated interaction; returns the summed loss and statistics.
 
     ``first_pass_no_mask``: probability that pass 1 gets no mask prompt (``None``, as
     :meth:`Segmenter.predict` without a prior) instead of all-zero logits (M-SAM);
     ``mask_dropout``: probability that a later pass gets no mask prompt instead of the previous
-    logits (as a stateless ``msam segment`` call with several clicks);
-    ``first_pass_weight``: weight of pass 1's loss in the sum (the others weigh 1).
+    logits (as a stateless ``msam segment`` call with several clicks).
     """
     from msam_core.train.clicks import random_error_clicks
 
@@ -167,7 +154,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
         low = model.decode(embedding, points, labels, None if drop else low.detach(), region_cache)
         up = upsample(low, size)
         loss = loss_fn(up, gt)
-        total = total + (first_pass_weight * loss if it == 0 else loss)
+        total = total + loss
         if it == 0:
             stats["loss_first"] = float(loss.detach())
             stats["dice_first"] = hard_dice(up.detach(), gt)
@@ -229,29 +216,20 @@ def train(s: TrainSettings, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
     # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
-    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
-                          thick_p=s.thick_slices)
+    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None)
     if len(dataset) == 0:
         raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
 
-    config = get_config(s.config)
-    if s.input_transform is not None:
-        config = replace(config, input_transform=s.input_transform)
-    if s.click_regions:
-        config = replace(config, click_regions=True)
-    if s.region_logits:
-        config = replace(config, region_logits=True)
-    model = build_model(config)
+    model = build_model(get_config(s.config))
     from_pretrained = s.init is not None
     if from_pretrained:
         fresh = init_from_checkpoint(model, s.init)
-        log(f"initialised from {Path(s.init).name}; {len(fresh)} tensors (LoRA/MEA) start fresh"
-            + ("; every parameter trains (--train-all)" if s.train_all else ""))
+        log(f"initialised from {Path(s.init).name}; {len(fresh)} tensors (LoRA/MEA) start fresh")
     model = model.to(device).train()
     groups = param_groups(model, s, from_pretrained)
     trainable, total = model.parameter_counts()
     log(f"{s.config}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({100 * trainable / total:.1f}%)"
-        + ("" if from_pretrained and not s.train_all else " - the whole encoder trains"))
+        + ("" if from_pretrained else " - the whole encoder trains"))
     for g in groups:
         log(f"  group {g['name']}: {sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters, lr {g['lr']:g}")
     optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
@@ -299,8 +277,6 @@ def train(s: TrainSettings, log=print) -> Path:
             "train_crops": len(dataset), "git_commit": _git_commit(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {device.type}", "threads": torch.get_num_threads(),
         }
-        if s.thick_slices:
-            provenance["thick_slices"] = s.thick_slices
         model.invalidate_model_id()
         path = save_checkpoint(model, out / "model.safetensors", provenance)
         if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
@@ -329,8 +305,7 @@ def train(s: TrainSettings, log=print) -> Path:
             spent = (elapsed_before + time.time() - t0) / (60 * s.max_minutes) if s.max_minutes else 0.0
             g["lr"] = base * lr_factor(step, s.steps, s.warmup, spent)
         with model.autocast():
-            loss, stats = interaction_step(model, image, gt, first, s.iterations, loss_fn, rng, generator,
-                                           first_pass_weight=s.first_pass_weight)
+            loss, stats = interaction_step(model, image, gt, first, s.iterations, loss_fn, rng, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -368,19 +343,15 @@ def _dataset_seed(data: Path) -> int | None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train M-SAM on a lesion data set (MSD layout)",
                        description=__doc__.split("\n\n")[0] + " See msam_core/train/trainer.py for the recipe.")
-    p.add_argument("--config", default="msam_small", choices=["msam_small", "msam"], help="model configuration")
+    p.add_argument("--config", default="msam_small", choices=TRAINABLE_CONFIGS,
+                   help="model configuration (msam_core/model/configs.py); the bundled model is msam_small_regions")
     p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (SAM-Med3D .pth, msam .safetensors); "
                    "then only LoRA, MEA, prompt encoder and decoder train. Without it everything trains from scratch")
-    p.add_argument("--train-all", action="store_true",
-                   help="with --init: train every parameter at --lr (continue training a from-scratch model "
-                        "such as the bundled msam_small) instead of M-SAM's LoRA/MEA/decoder recipe")
     p.add_argument("--out", type=Path, default=Path("runs/msam"), help="run folder (log.csv, last.pt, model.safetensors)")
     p.add_argument("--steps", type=whole_number(1), default=1000, help="optimiser steps")
     p.add_argument("--batch-size", type=whole_number(1), default=2)
     p.add_argument("--iterations", type=whole_number(1), default=11, help="decoder passes per batch (simulated clicks), M-SAM: 11")
-    p.add_argument("--first-pass-weight", type=number(0), default=1.0,
-                   help="weight of the first pass's loss (the one-click result; other passes weigh 1)")
     p.add_argument("--lr", type=number(0, exclusive=True), default=None, help=f"LR (LoRA+MEA with --init, default {SAM_LR_ADAPTER:g}; all parameters from scratch, default {SCRATCH_LR:g})")
     p.add_argument("--lr-decoder", type=number(0, exclusive=True), default=None, help=f"LR of prompt encoder + decoder with --init (default {SAM_LR_DECODER:g})")
     p.add_argument("--weight-decay", type=number(0), default=0.1)
@@ -395,36 +366,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also keep every save as OUT/checkpoints/step-NNNNNN.safetensors (to choose one on validation)")
     p.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads")
     p.add_argument("--workers", type=whole_number(1), default=1, help="processes building the crop cache")
-    p.add_argument("--input-transform", choices=INPUT_TRANSFORMS, default=None,
-                   help="transform of the normalised crop before the encoder (default: the config's)")
-    p.add_argument("--click-regions", action="store_true",
-                   help="msam_small: also give the decoder intensity regions grown from the clicks "
-                        "(msam_core/model/click_regions.py)")
-    p.add_argument("--region-logits", action="store_true",
-                   help="with --click-regions: also add the regions to the logits directly, weighted per "
-                        "prompt (msam_core/model/region_logits.py)")
-    p.add_argument("--thick-slices", type=probability, default=0.0, metavar="P",
-                   help="chance per crop of simulating a thick-slice scan (3-6 mm slabs along one axis, "
-                        "resampled back; default 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.train_all and args.init is None:
-        raise UnsupportedRequest("--train-all continues training from --init CHECKPOINT; give --init "
-                                 "(without --init every parameter trains anyway)")
     from msam_core.train.data import require_cases
 
     require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
         config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
-        train_all=args.train_all,
-        steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, first_pass_weight=args.first_pass_weight,
+        steps=args.steps, batch_size=args.batch_size, iterations=args.iterations,
         lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
-        workers=args.workers, input_transform=args.input_transform, click_regions=args.click_regions,
-        region_logits=args.region_logits, keep_checkpoints=args.keep_checkpoints, thick_slices=args.thick_slices,
+        workers=args.workers, keep_checkpoints=args.keep_checkpoints,
     )
     train(settings)
     return 0
