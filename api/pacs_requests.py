@@ -1,4 +1,4 @@
-"""The PACS parts of ``POST /segment`` (issue #8): where the image comes from (``source``), where
+"""The PACS parts of ``POST /segment``: where the image comes from (``source``), where
 the DICOM-SEG goes (``destinations``) and who is told (``callback_url``).
 
 Everything a request names is checked against server-side configuration before a job exists:

@@ -1,4 +1,4 @@
-"""The worker's PACS hooks around a job (issue #8), and the webhook task.
+"""The worker's PACS hooks around a job, and the webhook task.
 
 - :func:`prepare`, before :func:`worker.job.run_job`: a job whose source is a DICOMweb node
   gets its series retrieved by WADO-RS and stored as the volume the API reserved for it; a

@@ -1,4 +1,4 @@
-"""Issue #7 faults, on a private stack (its own AOF Redis, API with tenant keys, one worker, a
+"""Faults, on a private stack (its own AOF Redis, API with tenant keys, one worker, a
 webhook receiver): a worker killed mid-job finishes the job exactly once; Redis killed and
 restarted keeps queued jobs; a restarted gateway keeps clients polling; tenants stay apart
 over real HTTP; audit lines are written and no patient data reaches any log."""
