@@ -14,6 +14,7 @@ from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSumma
                          Timings)
 from msam_service import jobs
 from msam_service.jobs import JobRecord
+from msam_service.queue import needs_delivery
 
 router = APIRouter(tags=["jobs"])
 
@@ -48,17 +49,28 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         warnings=rec.warnings if rec.status == jobs.SUCCEEDED else [],
         error=ErrorInfo(**rec.error) if rec.error else None,
         destinations=_destinations(svc, rec),
+        delivery=_delivery(svc, rec),
         model=ModelOut(**rec.model) if rec.model else None,
         intensity=IntensityOut(**rec.intensity) if rec.intensity else None,
     )
 
 
 def _destinations(svc: Services, rec: JobRecord) -> dict[str, str]:
-    """Outcome per PACS destination (written by worker/pacs_tasks.py after the job)."""
+    """Outcome per PACS destination (written by the I/O worker, worker/io_tasks.py)."""
     if not rec.request.get("destinations"):
         return {}
     raw = svc.redis.hget(jobs.job_key(rec.job_id), "destinations_status")
     return json.loads(raw) if raw else {}  # type: ignore[arg-type]
+
+
+def _delivery(svc: Services, rec: JobRecord) -> str | None:
+    """pending / done / failed once the I/O worker has started the job's deliveries."""
+    if not needs_delivery(rec.request):
+        return None
+    raw = svc.redis.hget(jobs.job_key(rec.job_id), "delivery")
+    if raw:
+        return raw.decode() if isinstance(raw, bytes) else str(raw)  # type: ignore[union-attr]
+    return "pending" if rec.status in jobs.FINISHED else None
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorBody}})
