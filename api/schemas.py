@@ -35,7 +35,7 @@ Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, 
 StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
 Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha", "fhir"]
 
 
 class MaskRef(BaseModel):

@@ -4,7 +4,7 @@ import json
 import time
 
 from fastapi import APIRouter, Depends, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services, base_url, services, tenant
@@ -15,6 +15,7 @@ from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSumma
 from msam_service import jobs
 from msam_service.jobs import JobRecord
 from msam_service.queue import needs_delivery
+from msam_service.ris.results import fhir_bundle
 
 router = APIRouter(tags=["jobs"])
 
@@ -82,18 +83,23 @@ def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(t
 
 @router.get("/jobs/{job_id}/result", response_class=FileResponse,
             response_model=None,
-            responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {}}},
+            responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {},
+                                         "application/fhir+json": {}}},
                        404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 def get_result(job_id: str, format: ResultFormat | None = Query(
                    default=None, description="default: dicom-seg for DICOM input, else nifti"),
                svc: Services = Depends(services), who: str = Depends(tenant)) -> Response:
     """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``mha`` (MetaImage input
-    only), ``nifti``, ``png``."""
+    only), ``nifti``, ``png``; ``fhir``: a FHIR R4 Bundle, the DiagnosticReport with one Observation
+    per lesion."""
     rec = _job(svc, job_id, who)
     if rec.status != jobs.SUCCEEDED:
         what = {jobs.QUEUED: "is queued", jobs.RUNNING: "is running"}.get(rec.status, f"has {rec.status}")
         raise ApiError(409, "not_ready", f"job {job_id} {what}; results exist once it has succeeded")
     fmt = format or ("dicom-seg" if rec.input_format == "dicom" or "dicom-seg" in rec.results else "nifti")
+    if fmt == "fhir":  # DiagnosticReport + one Observation per lesion, as a FHIR Bundle
+        bundle = fhir_bundle(rec, svc.storage, str(rec.request.get("base_url") or svc.settings.public_url or ""))
+        return JSONResponse(bundle, media_type="application/fhir+json")
     if fmt not in rec.results:
         why = rec.result_errors.get(fmt) or (
             f"mha (MetaImage) is written for MetaImage input, and this job's input was {rec.input_format or 'another format'}; "

@@ -1,0 +1,310 @@
+"""RIS flows against a real Orthanc; run by test_pacs_orthanc.py INSIDE a private network namespace
+(like inner_orthanc.py, whose Orthanc, webhook receiver and helpers it reuses).
+
+In the namespace: Redis, the API with two tenants (API keys), a segmentation worker, the I/O
+worker, ``msam dicom-listener`` (C-MOVE destination), ``msam hl7-listener``, Orthanc (DICOMweb
+and DIMSE), a webhook receiver, an HTTP proxy in front of Orthanc's DICOMweb that can hold a
+STOW-RS answer (to kill the I/O worker mid-push) and counts what it forwards, and an MLLP
+receiver standing in for the RIS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+
+from msam_service import jobs, redis_conn, serve
+from tests.integration.conftest import service_env
+from tests.integration.harness import Service
+from tests.unit.io.dicom_synth import make_ct_series
+from tests.integration.pacs.inner_orthanc import (  # noqa: F401 - fixtures
+    DICOMWEB, HOOKS, LISTENER, ORTHANC, ORTHANC_DICOM, PROMPTS, SECRET, ct, hooks, next_hook, orthanc,
+    orthanc_store, seg_series_referencing, series_dir)
+
+PROXY = 8097
+KEYS = {"alpha": "alpha-key-0123456789", "beta": "beta-key-0123456789"}
+ALPHA = {"Authorization": f"Bearer {KEYS['alpha']}"}
+BETA = {"Authorization": f"Bearer {KEYS['beta']}"}
+NODE_OPTIONS = {
+    "orthanc": {"tenants": ["alpha"], "series": {"modality": "CT", "exclude_description": "scout",
+                                                 "prefer": ["thinnest", "most_images"]}},
+    "slow": {"tenants": ["alpha"]},
+    "dead": {"tenants": ["alpha"]},
+    "other": {"tenants": ["beta"]},
+    "orthanc_get": {"tenants": ["alpha"], "retrieve": "c-get"},
+    "orthanc_move": {"tenants": ["alpha"], "retrieve": "c-move"},
+}
+
+
+# -- a DICOMweb proxy in front of Orthanc: counts STOW-RS, can hold one answer -------------------
+class Proxy(ThreadingHTTPServer):
+    stored: Counter
+    hold_next: bool
+    forwarded: threading.Event
+    release: threading.Event
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    server: Proxy
+
+    def _forward(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
+        path = self.path.split("/", 2)[2] if self.path.count("/") >= 2 else ""
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
+        r = httpx.request(method, f"{DICOMWEB}/{path}", content=body, headers=headers, timeout=60)
+        if method == "POST":
+            self.server.stored[self.path.split("/")[1]] += 1
+            if self.server.hold_next:  # Orthanc has the instance; its answer is held back
+                self.server.hold_next = False
+                self.server.forwarded.set()
+                self.server.release.wait(120)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() in ("content-type",):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        try:
+            self.wfile.write(r.content)
+        except OSError:
+            pass  # the client was killed meanwhile
+
+    def do_GET(self) -> None:
+        self._forward("GET")
+
+    def do_POST(self) -> None:
+        self._forward("POST")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[Proxy]:
+    server = Proxy(("127.0.0.1", PROXY), _ProxyHandler)
+    server.stored, server.hold_next = Counter(), False
+    server.forwarded, server.release = threading.Event(), threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.release.set()
+    server.shutdown()
+
+
+# -- the service ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ris_service(tmp_path_factory: pytest.TempPathFactory, redis_server: str, checkpoint: Path,
+                orthanc: str, hooks: Any, proxy: Proxy) -> Iterator[Service]:  # noqa: F811
+    tmp = tmp_path_factory.mktemp("ris-service")
+    ae = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": ORTHANC_DICOM}
+    env = service_env(
+        tmp, redis_server, checkpoint,
+        MSAM_API_KEYS=",".join(f"{t}:{hashlib.sha256(k.encode()).hexdigest()}" for t, k in KEYS.items()),
+        MSAM_DICOMWEB_NODES=json.dumps({"orthanc": DICOMWEB, "slow": f"http://127.0.0.1:{PROXY}/slow",
+                                        "dead": "http://127.0.0.1:9/dicom-web", "other": DICOMWEB}),
+        MSAM_DICOM_AES=json.dumps({"orthanc_get": ae, "orthanc_move": ae}),
+        MSAM_PACS_NODE_OPTIONS=json.dumps(NODE_OPTIONS),
+        MSAM_PACS_RETRIES="1", MSAM_PACS_BACKOFF_S="0.5",
+        MSAM_DICOM_LISTENER_PORT=str(LISTENER), MSAM_DICOM_IDLE_TIMEOUT_S="1.0",
+        MSAM_DICOM_ROUTES=json.dumps([{"name": "drop", "action": "ignore"}]),
+        MSAM_WEBHOOK_ALLOWLIST=f"http://127.0.0.1:{HOOKS}/hooks/", MSAM_WEBHOOK_SECRET=SECRET,
+        MSAM_WEBHOOK_BACKOFF_S="0.5",
+    )
+    svc = Service(tmp=tmp, redis_url=redis_server, env=env)
+    log = open(tmp / "listener.log", "wb")  # noqa: SIM115
+    listener = subprocess.Popen([sys.executable, "-m", "msam_service.pacs.dimse_listener"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        svc.start_worker("w1")
+        svc.start_io_worker("io1")
+        svc.start_api()
+        serve.wait_until(lambda: b"dicom-listener: AE MSAM" in (tmp / "listener.log").read_bytes(), 30,
+                         "the DICOM listener", listener)
+        yield svc
+    finally:
+        serve.stop(listener)
+        log.close()
+        svc.stop()
+
+
+def with_accession(series: Any, accession: str) -> Any:
+    """Rewrite the synthetic series' AccessionNumber (the generator gives every study the same)."""
+    for p in series.paths:
+        ds = pydicom.dcmread(p)
+        ds.AccessionNumber = accession
+        ds.save_as(p, enforce_file_format=True)
+    return series
+
+
+def post(svc: Service, body: dict, headers: dict[str, str] = ALPHA) -> httpx.Response:
+    with svc.client() as c:
+        return c.post("/segment", json={"prompts": PROMPTS, **body}, headers=headers)
+
+
+def job(svc: Service, job_id: str, headers: dict[str, str] = ALPHA) -> dict[str, Any]:
+    with svc.client() as c:
+        return c.get(f"/jobs/{job_id}", headers=headers).json()
+
+
+def wait(svc: Service, job_id: str, check: Any, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = job(svc, job_id)
+        if check(body):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: {job(svc, job_id)}\n{svc.logs()}")
+
+
+def finished(body: dict) -> bool:
+    return body.get("status") in ("succeeded", "failed", "canceled") and body.get("delivery") in (None, "done", "failed")
+
+
+def stored_source(svc: Service, job_id: str) -> dict[str, Any]:
+    rec = jobs.JobStore(redis_conn.client(svc.redis_url), 600).get(job_id)
+    assert rec is not None
+    return rec.request["source"]
+
+
+# -- 1. orders by accession number ---------------------------------------------------------
+def test_order_by_accession_number_picks_the_series_by_the_node_rules(ris_service: Service, series_dir: Path) -> None:
+    folder = series_dir / "acc1"
+    thick = ct(folder, "body 2.5", seed=11)  # 16 slices of 2.5 mm
+    thin = make_ct_series(folder / "thin", shape=(48, 40, 24), spacing=(1.2, 1.1, 1.25), study_uid=thick.study_uid,
+                          for_uid=thick.for_uid, series_description="body thin", seed=12)
+    scout = make_ct_series(folder / "scout", shape=(48, 40, 30), spacing=(1.2, 1.1, 0.5), study_uid=thick.study_uid,
+                           series_description="scout", seed=13)  # thinnest, but excluded by its description
+    for s in (thick, thin, scout):
+        orthanc_store(with_accession(s, "ACC-RIS-1").paths)
+    r = post(ris_service, {"source": {"pacs": "orthanc", "accession_number": "ACC-RIS-1"}})
+    assert r.status_code == 202, r.text
+    body = wait(ris_service, r.json()["job_id"], finished)
+    assert body["status"] == "succeeded", (body, ris_service.logs())
+    source = stored_source(ris_service, body["job_id"])
+    assert (source["study_uid"], source["series_uid"]) == (thick.study_uid, thin.series_uid)
+
+
+def test_orders_the_rules_cannot_settle_answer_with_the_candidates(ris_service: Service, series_dir: Path) -> None:
+    folder = series_dir / "acc2"
+    a = ct(folder, "twin a", seed=21)
+    b = make_ct_series(folder / "b", shape=(48, 40, 16), spacing=(1.2, 1.1, 2.5), study_uid=a.study_uid,
+                       series_description="twin b", seed=22)
+    only_scout = make_ct_series(folder / "s", shape=(48, 40, 4), spacing=(1.2, 1.1, 2.5), series_description="scout",
+                                seed=23)
+    for s, acc in ((a, "ACC-TWINS"), (b, "ACC-TWINS"), (only_scout, "ACC-SCOUT")):
+        orthanc_store(with_accession(s, acc).paths)
+    r = post(ris_service, {"source": {"pacs": "orthanc", "accession_number": "ACC-TWINS"}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "ambiguous_series", r.text
+    candidates = r.json()["error"]["candidates"]
+    assert sorted(c["series_uid"] for c in candidates) == sorted([a.series_uid, b.series_uid])
+    assert all(c["excluded"] == "" and c["slice_thickness"] == 2.5 and c["instances"] == 16 for c in candidates)
+
+    r = post(ris_service, {"source": {"pacs": "orthanc", "accession_number": "ACC-SCOUT"}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_matching_series", r.text
+    assert [c["excluded"] for c in r.json()["error"]["candidates"]] == \
+        ["series description matches the node's exclusion pattern"]
+
+    r = post(ris_service, {"source": {"pacs": "orthanc", "accession_number": "NO-SUCH-ACC"}})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "study_not_found", r.text
+
+    r = post(ris_service, {"source": {"pacs": "orthanc", "study_uid": a.study_uid}})  # a study without series
+    assert r.status_code == 422 and r.json()["error"]["code"] == "ambiguous_series", r.text
+
+
+# -- 2. tenants ------------------------------------------------------------------------------
+def test_a_tenant_cannot_use_another_tenants_nodes(ris_service: Service, series_dir: Path) -> None:
+    series = ct(series_dir, "tenant CT", seed=31)
+    orthanc_store(series.paths)
+    src = {"study_uid": series.study_uid, "series_uid": series.series_uid}
+    theirs = post(ris_service, {"source": {"pacs": "orthanc", **src}}, headers=BETA)
+    absent = post(ris_service, {"source": {"pacs": "nowhere", **src}}, headers=BETA)
+    assert theirs.status_code == absent.status_code == 404
+    assert theirs.json()["error"]["code"] == absent.json()["error"]["code"] == "unknown_node"
+    assert theirs.json()["error"]["message"].replace("orthanc", "X") == absent.json()["error"]["message"].replace("nowhere", "X")
+    assert "configured: other" in theirs.json()["error"]["message"]  # only beta's own node is named
+    r = post(ris_service, {"source": {"pacs": "other", **src}, "destinations": ["orthanc_get"]}, headers=BETA)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_node", r.text
+    r = post(ris_service, {"source": {"pacs": "other", **src}, "fhir": "anything"}, headers=BETA)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_endpoint", r.text
+    r = post(ris_service, {"source": {"pacs": "other", **src}}, headers=BETA)  # its own node works
+    assert r.status_code == 202, r.text
+    r = post(ris_service, {"source": {"pacs": "other", **src}})  # and alpha cannot use beta's
+    assert r.status_code == 404, r.text
+
+
+# -- 3. DIMSE-only retrieval -----------------------------------------------------------------
+@pytest.mark.parametrize("node", ["orthanc_get", "orthanc_move"])
+def test_dimse_only_retrieval(ris_service: Service, series_dir: Path, node: str) -> None:
+    series = ct(series_dir, f"dimse {node}", seed=41 if node == "orthanc_get" else 42)
+    orthanc_store(series.paths)
+    r = post(ris_service, {"source": {"pacs": node, "study_uid": series.study_uid, "series_uid": series.series_uid}})
+    assert r.status_code == 202, r.text
+    body = wait(ris_service, r.json()["job_id"], finished)
+    assert body["status"] == "succeeded", (body, ris_service.logs())
+    assert "dicom-seg" in body["results"]
+    with ris_service.client() as c:  # the SEG references the retrieved series: the right images came
+        seg = pydicom.dcmread(io.BytesIO(c.get(body["results"]["dicom-seg"], headers=ALPHA).content))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(series.paths)
+
+
+# -- 4. failures retry with backoff and end in a clear status --------------------------------
+def test_a_dead_archive_fails_the_job_or_the_destination_clearly(ris_service: Service, series_dir: Path) -> None:
+    r = post(ris_service, {"source": {"pacs": "dead", "study_uid": "1.2.3", "series_uid": "1.2.3.4"}})
+    assert r.status_code == 202, r.text
+    body = wait(ris_service, r.json()["job_id"], finished)
+    assert body["status"] == "failed" and body["error"]["code"] == "pacs_error", body
+    assert "dead" in body["error"]["message"] and "after 2 attempts" in body["error"]["message"], body
+
+    series = ct(series_dir, "dead destination CT", seed=51)
+    orthanc_store(series.paths)
+    r = post(ris_service, {"source": {"pacs": "orthanc", "study_uid": series.study_uid, "series_uid": series.series_uid},
+                           "destinations": ["dead"]})
+    body = wait(ris_service, r.json()["job_id"], finished)
+    assert body["status"] == "succeeded" and body["delivery"] == "failed", body
+    assert body["destinations"]["dead"].startswith("failed: STOW-RS to dead failed"), body
+    assert body["destinations"]["dead"].endswith("(after 2 attempts)"), body
+
+
+# -- 5. the I/O worker killed mid-push: nothing lost, nothing sent twice ---------------------
+def test_killing_the_io_worker_mid_push_loses_and_duplicates_nothing(ris_service: Service, series_dir: Path,
+                                                                   proxy: Proxy, hooks: Any) -> None:  # noqa: F811
+    series = ct(series_dir, "kill CT", seed=61)
+    orthanc_store(series.paths)
+    proxy.hold_next, before = True, proxy.stored["slow"]
+    r = post(ris_service, {"source": {"pacs": "orthanc", "study_uid": series.study_uid, "series_uid": series.series_uid},
+                           "destinations": ["slow"], "callback_url": f"http://127.0.0.1:{HOOKS}/hooks/kill"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert proxy.forwarded.wait(180), ris_service.logs()  # Orthanc has the SEG; the answer is held
+    during = job(ris_service, job_id)
+    # the segmentation finished and left: the push is held by the I/O worker, not a GPU worker
+    assert during["status"] == "succeeded" and during["delivery"] == "pending", during
+    assert during["destinations"] == {"slow": "sending"}, during
+    ris_service.kill_worker("io1")
+    proxy.release.set()
+    ris_service.start_io_worker("io2")
+    body = wait(ris_service, job_id, lambda b: b.get("delivery") == "done", timeout=120)  # after the visibility timeout
+    assert body["destinations"] == {"slow": "stored"}, body
+    assert proxy.stored["slow"] - before == 1, proxy.stored  # the redelivery asked (QIDO-RS) and did not resend
+    ledger = json.loads(redis_conn.client(ris_service.redis_url).hget(f"msam:delivery:{job_id}", "dicom:slow"))
+    assert ledger == {"state": "done", "attempts": 1, "detail": "stored"}, ledger
+    assert len(seg_series_referencing(series.series_uid)) == 1
+    _, payload = next_hook(hooks, "/hooks/kill", timeout=60)
+    assert payload["destinations"] == {"slow": "stored"}
+    time.sleep(2)
+    assert all(p != "/hooks/kill" for p, _, _ in list(hooks.queue)), "the webhook came twice"
+    assert "interrupted send had arrived" in (ris_service.tmp / "worker-io2.log").read_text()
