@@ -304,7 +304,9 @@ class JobOut(BaseModel):
                                 "asked or from the source, e.g. a source attribute DICOM refuses that was "
                                 "left empty in the DICOM outputs (names attributes, never patient values)")
     destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
-                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded)")
+                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded); "
+                                         "'ris:NAME' (ORU^R01) and 'fhir:NAME' (DiagnosticReport) -> 'sent' or why "
+                                         "not; 'sending' or 'retrying: ...' while the I/O worker is at it")
     delivery: Literal["pending", "done", "failed"] | None = Field(
         default=None, description="the job's deliveries by the I/O worker (destinations, RIS, FHIR): pending, "
         "done, or failed (see destinations); absent when there is nothing to deliver")

@@ -40,6 +40,8 @@ from msam_service.pacs import dicomweb, dimse_retrieve, dimse_sender, nodes, rec
 from msam_service.pacs.ingest import ingest_series
 from msam_service.pacs.settings import PacsSettings, get_pacs_settings
 from msam_service.queue import DELIVER_TASK, RETRIEVE_TASK, WEBHOOK_TASK, enqueue, enqueue_delivery
+from msam_service.ris import fhir_send, hl7
+from msam_service.ris.results import fhir_bundle, lesions_of, seg_url
 from msam_service.settings import Settings, get_settings
 from msam_service.storage import Storage, make_storage
 from msam_service.volumes import load_info
@@ -213,7 +215,51 @@ def targets(ctx: IoContext, pacs: PacsSettings, rec: JobRecord) -> tuple[list[Ta
         why = rec.result_errors.get("dicom-seg", "no DICOM-SEG was written") if rec.status == jobs.SUCCEEDED \
             else f"the job {rec.status}"
         skipped = {n: f"not sent: {why}" for n in names}
+    fhir_name = rec.request.get("fhir")
+    if fhir_name and rec.status == jobs.SUCCEEDED:
+        out.append(_fhir_target(ctx, pacs, rec, fhir_name))
+    elif fhir_name:
+        skipped[f"fhir:{fhir_name}"] = f"not sent: the job {rec.status}"
+    ris_name = rec.request.get("ris")
+    if ris_name:  # the RIS hears of failures too (ORU^R01 with result status X)
+        out.append(_ris_target(ctx, pacs, rec, ris_name))
     return out, skipped
+
+
+def _base(ctx: IoContext, rec: JobRecord) -> str:
+    return str(rec.request.get("base_url") or ctx.settings.public_url or "").rstrip("/")
+
+
+def _fhir_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str) -> Target:
+    def send() -> str:
+        endpoint = pacs.fhir_endpoints.get(name)
+        if endpoint is None or not endpoint.allows(rec.tenant):
+            raise nodes.UnknownNode(f"FHIR endpoint {name!r} is no longer configured for this tenant")
+        body = fhir_bundle(rec, ctx.storage, _base(ctx, rec), transaction=True)
+        return fhir_send.post_bundle(endpoint, name, body)
+
+    return Target(key=f"fhir:{name}", name=f"fhir:{name}", send=send)
+
+
+def _ris_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str) -> Target:
+    def send() -> str:
+        endpoint = pacs.ris_endpoints.get(name)
+        if endpoint is None or endpoint.tenant != rec.tenant or endpoint.oru_host is None or endpoint.oru_port is None:
+            raise nodes.UnknownNode(f"RIS endpoint {name!r} is no longer configured for this tenant")
+        lesions = lesions_of(rec, ctx.storage) if rec.status == jobs.SUCCEEDED else []
+        message = hl7.oru(rec, lesions, seg_url(rec, _base(ctx, rec)), seg_uid(ctx, rec))
+        hl7.send(endpoint.oru_host, endpoint.oru_port, message, timeout=endpoint.timeout_s, what=f"RIS {name}")
+        return "sent"
+
+    return Target(key=f"ris:{name}", name=f"ris:{name}", send=send)
+
+
+def seg_uid(ctx: IoContext, rec: JobRecord) -> str:
+    """The SEG's SOP Instance UID (what a RIS or a viewer asks the archive for)."""
+    if rec.status != jobs.SUCCEEDED or "dicom-seg" not in rec.results:
+        return ""
+    with ctx.storage.local_copy(f"jobs/{rec.job_id}/seg.dcm") as seg:
+        return str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _dicom_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str) -> Target:
@@ -246,7 +292,7 @@ def _dicom_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str)
 def _shown(entry: dict[str, Any]) -> str:
     state, detail = entry["state"], entry["detail"]
     if state == DONE:
-        return detail or "stored"
+        return detail or "sent"
     if state == FAILED:
         return detail
     if state == RETRY:
@@ -310,7 +356,7 @@ def _publish(ctx: IoContext, rec: JobRecord, ledger: Ledger, plan: list[Target],
              skipped: dict[str, str]) -> tuple[dict[str, str], str]:
     """The job's ``destinations_status`` (name -> state) and ``delivery`` (pending/done/failed)."""
     entries = {t.key: ledger.get(t.key) for t in plan}
-    shown = {**skipped, **{t.name: _shown(entries[t.key]) for t in plan if t.key.startswith("dicom:")}}
+    shown = {**skipped, **{t.name: _shown(entries[t.key]) for t in plan}}
     states = {e["state"] for e in entries.values()}
     overall = "pending" if states - {DONE, FAILED} else "failed" if FAILED in states or skipped else "done"
     ctx.store.update(rec.job_id, destinations_status=json.dumps(shown), delivery=overall)

@@ -57,8 +57,9 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
 
 
 def _destinations(svc: Services, rec: JobRecord) -> dict[str, str]:
-    """Outcome per PACS destination (written by the I/O worker, worker/io_tasks.py)."""
-    if not rec.request.get("destinations"):
+    """Outcome per PACS destination, ``ris:NAME`` and ``fhir:NAME`` (written by the I/O worker,
+    worker/io_tasks.py)."""
+    if not needs_delivery(rec.request):
         return {}
     raw = svc.redis.hget(jobs.job_key(rec.job_id), "destinations_status")
     return json.loads(raw) if raw else {}  # type: ignore[arg-type]

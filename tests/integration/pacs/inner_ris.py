@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import queue
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -27,7 +30,11 @@ import httpx
 import pydicom
 import pytest
 
+from fhir.resources.R4B.bundle import Bundle
+from hl7apy.parser import parse_message
+
 from msam_service import jobs, redis_conn, serve
+from msam_service.ris import hl7
 from tests.integration.conftest import service_env
 from tests.integration.harness import Service
 from tests.unit.io.dicom_synth import make_ct_series
@@ -35,7 +42,7 @@ from tests.integration.pacs.inner_orthanc import (  # noqa: F401 - fixtures
     DICOMWEB, HOOKS, LISTENER, ORTHANC, ORTHANC_DICOM, PROMPTS, SECRET, ct, hooks, next_hook, orthanc,
     orthanc_store, seg_series_referencing, series_dir)
 
-PROXY = 8097
+PROXY, FHIR, HL7_LISTENER, RIS_RECEIVER = 8097, 8096, 2575, 2576
 KEYS = {"alpha": "alpha-key-0123456789", "beta": "beta-key-0123456789"}
 ALPHA = {"Authorization": f"Bearer {KEYS['alpha']}"}
 BETA = {"Authorization": f"Bearer {KEYS['beta']}"}
@@ -104,10 +111,64 @@ def proxy() -> Iterator[Proxy]:
     server.shutdown()
 
 
+# -- the RIS: an MLLP receiver for ORU^R01, and a FHIR server stand-in ------------------------
+class Ris(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    got: queue.Queue
+
+
+class _RisHandler(socketserver.BaseRequestHandler):
+    server: Ris
+
+    def handle(self) -> None:
+        text = hl7.read_framed(self.request)
+        self.server.got.put(text)
+        self.request.sendall(hl7.frame(hl7.ack(text, "AA")))
+
+
+@pytest.fixture(scope="module")
+def ris() -> Iterator[Ris]:
+    server = Ris(("127.0.0.1", RIS_RECEIVER), _RisHandler)
+    server.got = queue.Queue()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class FhirServer(ThreadingHTTPServer):
+    bundles: list[dict]
+
+
+class _FhirHandler(BaseHTTPRequestHandler):
+    server: FhirServer
+
+    def do_POST(self) -> None:
+        self.server.bundles.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+        body = json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fhir_server() -> Iterator[FhirServer]:
+    server = FhirServer(("127.0.0.1", FHIR), _FhirHandler)
+    server.bundles = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
 # -- the service ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ris_service(tmp_path_factory: pytest.TempPathFactory, redis_server: str, checkpoint: Path,
-                orthanc: str, hooks: Any, proxy: Proxy) -> Iterator[Service]:  # noqa: F811
+                orthanc: str, hooks: Any, proxy: Proxy, ris: Ris, fhir_server: FhirServer) -> Iterator[Service]:  # noqa: F811
     tmp = tmp_path_factory.mktemp("ris-service")
     ae = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": ORTHANC_DICOM}
     env = service_env(
@@ -122,21 +183,36 @@ def ris_service(tmp_path_factory: pytest.TempPathFactory, redis_server: str, che
         MSAM_DICOM_ROUTES=json.dumps([{"name": "drop", "action": "ignore"}]),
         MSAM_WEBHOOK_ALLOWLIST=f"http://127.0.0.1:{HOOKS}/hooks/", MSAM_WEBHOOK_SECRET=SECRET,
         MSAM_WEBHOOK_BACKOFF_S="0.5",
+        MSAM_RIS_ENDPOINTS=json.dumps({"ris": {"application": "RIS", "facility": "HOSP", "tenant": "alpha",
+                                               "pacs": "orthanc", "destinations": ["orthanc"],
+                                               "oru_host": "127.0.0.1", "oru_port": RIS_RECEIVER}}),
+        MSAM_HL7_LISTENER_PORT=str(HL7_LISTENER),
+        MSAM_FHIR_ENDPOINTS=json.dumps({"fhir": {"url": f"http://127.0.0.1:{FHIR}/fhir", "tenants": ["alpha"]}}),
     )
     svc = Service(tmp=tmp, redis_url=redis_server, env=env)
     log = open(tmp / "listener.log", "wb")  # noqa: SIM115
     listener = subprocess.Popen([sys.executable, "-m", "msam_service.pacs.dimse_listener"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    hl7_log = open(tmp / "hl7-listener.log", "wb")  # noqa: SIM115
+    hl7_listener = None
     try:
         svc.start_worker("w1")
         svc.start_io_worker("io1")
         svc.start_api()
+        hl7_listener = subprocess.Popen([sys.executable, "-m", "msam_service.ris.hl7_listener"],
+                                        env={**env, "MSAM_PUBLIC_URL": svc.api_url}, stdout=hl7_log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         serve.wait_until(lambda: b"dicom-listener: AE MSAM" in (tmp / "listener.log").read_bytes(), 30,
                          "the DICOM listener", listener)
+        serve.wait_until(lambda: b"hl7-listener: MLLP on" in (tmp / "hl7-listener.log").read_bytes(), 30,
+                         "the HL7 listener", hl7_listener)
         yield svc
     finally:
+        if hl7_listener is not None:
+            serve.stop(hl7_listener)
         serve.stop(listener)
         log.close()
+        hl7_log.close()
         svc.stop()
 
 
@@ -308,3 +384,93 @@ def test_killing_the_io_worker_mid_push_loses_and_duplicates_nothing(ris_service
     time.sleep(2)
     assert all(p != "/hooks/kill" for p, _, _ in list(hooks.queue)), "the webhook came twice"
     assert "interrupted send had arrived" in (ris_service.tmp / "worker-io2.log").read_text()
+
+
+# -- 6. HL7 v2: an order by accession number -> SEG in Orthanc + ORU^R01 at the RIS; FHIR --------
+def order(accession: str, control_id: str, application: str = "RIS", prompts: dict | None = PROMPTS) -> str:
+    """An ORM^O01 as a RIS sends it (docs/ris.md shows the same form)."""
+    segments = [f"MSH|^~\\&|{application}|HOSP|MSAM|MSAM|20261206120000||ORM^O01|{control_id}|P|2.5",
+                "PID|1||PAT-0001^^^HOSP^MR||Test^Patient",
+                "ORC|NW|PLACER-1|FILLER-1",
+                "OBR|1|PLACER-1|FILLER-1|CTABD^CT abdomen^L" + "|" * 14 + accession]
+    if prompts is not None:
+        segments.append(f"NTE|1||{hl7.PROMPTS_NOTE} {json.dumps(prompts, separators=(',', ':'))}")
+    return "\r".join(segments) + "\r"
+
+
+def mllp(text: str) -> Any:
+    with socket.create_connection(("127.0.0.1", HL7_LISTENER), timeout=60) as sock:
+        sock.sendall(hl7.frame(text))
+        return parse_message(hl7.read_framed(sock), find_groups=False)
+
+
+def test_hl7_order_to_seg_in_orthanc_and_oru_at_the_ris(ris_service: Service, series_dir: Path, ris: Ris) -> None:
+    series = with_accession(ct(series_dir, "hl7 CT", seed=71), "ACC-HL7-1")
+    orthanc_store(series.paths)
+    reply = mllp(order("ACC-HL7-1", "CTRL-0001"))
+    assert reply.msh.msh_9.to_er7() == "ACK^O01^ACK" and reply.msa.msa_1.to_er7() == "AA", reply.to_er7()
+    assert reply.msa.msa_2.to_er7() == "CTRL-0001"
+    job_id = reply.msa.msa_3.to_er7().split()[-1]
+    again = mllp(order("ACC-HL7-1", "CTRL-0001"))  # a RIS that missed the ACK sends the order again
+    assert again.msa.msa_1.to_er7() == "AA" and again.msa.msa_3.to_er7().split()[-1] == job_id
+    body = wait(ris_service, job_id, finished, timeout=180)
+    assert body["status"] == "succeeded" and body["delivery"] == "done", (body, ris_service.logs())
+    assert body["destinations"] == {"orthanc": "stored", "ris:ris": "sent"}, body
+    segs = seg_series_referencing(series.series_uid)
+    assert len(segs) == 1
+
+    oru = parse_message(ris.got.get(timeout=30), find_groups=True)  # the RIS parses it with hl7apy
+    assert oru.msh.msh_9.to_er7() == "ORU^R01^ORU_R01" and oru.msh.msh_5.to_er7() == "RIS"
+    result = oru.oru_r01_patient_result
+    assert result.oru_r01_patient.pid.pid_3.to_er7() == "PAT-0001^^^HOSP^MR"
+    obr = result.oru_r01_order_observation.obr
+    assert (obr.obr_2.to_er7(), obr.obr_3.to_er7(), obr.obr_18.to_er7(), obr.obr_25.to_er7()) == \
+        ("PLACER-1", "FILLER-1", "ACC-HL7-1", "F")
+    obx = {(o.obx.obx_3.to_er7().split("^")[0], o.obx.obx_4.to_er7()): o.obx
+           for o in result.oru_r01_order_observation.oru_r01_observation}
+    assert obx[("125007", "1")].obx_5.to_er7() == "tumour"
+    volume = obx[("118565006", "1")]
+    assert volume.obx_2.to_er7() == "NM" and volume.obx_6.to_er7() == "mL^mL^UCUM"
+    voxels = body["lesions"][0]["voxels"]
+    assert abs(float(volume.obx_5.to_er7()) - voxels * 1.2 * 1.1 * 2.5 / 1000) < 1e-3  # the series' spacing
+    assert obx[("SEG_UID", "")].obx_5.to_er7() == segs[0].SOPInstanceUID
+    assert obx[("SEG", "")].obx_5.to_er7().startswith(f"{ris_service.api_url}/jobs/{job_id}/result?format=dicom-seg")
+
+    with ris_service.client() as c:  # the same result as FHIR, validated by the FHIR model library
+        r = c.get(f"/jobs/{job_id}/result", params={"format": "fhir"}, headers=ALPHA)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/fhir+json"), r.text
+    bundle = Bundle.model_validate(r.json())
+    report, observation = (e.resource for e in bundle.entry)
+    assert report.__resource_type__ == "DiagnosticReport" and report.code.coding[0].code == "18748-4"
+    assert {i.value for i in report.identifier} == {job_id, "ACC-HL7-1"}
+    component = observation.component[0]
+    assert (component.code.coding[0].system, component.code.coding[0].code) == ("http://snomed.info/sct", "118565006")
+    assert component.valueQuantity.code == "mL" and float(component.valueQuantity.value) == float(volume.obx_5.to_er7())
+
+
+@pytest.mark.parametrize("text, code, says", [
+    (order("ACC-HL7-NONE", "CTRL-0002"), "AE", "no study with this accession number"),
+    (order("ACC-HL7-1", "CTRL-0003", prompts=None), "AE", "MSAM-PROMPTS"),
+    (order("ACC-HL7-1", "CTRL-0004", prompts={"lesions": []}), "AE", "at least one positive point"),
+    (order("ACC-HL7-1", "CTRL-0005", application="OTHER"), "AR", "not a configured RIS endpoint"),
+    (order("ACC-HL7-1", "CTRL-0006").replace("ORM^O01", "ADT^A01"), "AR", "ADT^A01"),
+])
+def test_hl7_orders_msam_cannot_take_are_refused(ris_service: Service, text: str, code: str, says: str) -> None:
+    reply = mllp(text)
+    assert reply.msa.msa_1.to_er7() == code, reply.to_er7()
+    assert says in hl7._unescape(reply.msa.msa_3.to_er7() + reply.err.err_8.to_er7()), reply.to_er7()
+
+
+def test_fhir_report_posted_to_the_tenants_fhir_endpoint(ris_service: Service, series_dir: Path,
+                                                          fhir_server: FhirServer) -> None:
+    series = ct(series_dir, "fhir CT", seed=81)
+    orthanc_store(series.paths)
+    r = post(ris_service, {"source": {"pacs": "orthanc", "study_uid": series.study_uid, "series_uid": series.series_uid},
+                           "fhir": "fhir"})
+    assert r.status_code == 202, r.text
+    body = wait(ris_service, r.json()["job_id"], finished)
+    assert body["destinations"] == {"fhir:fhir": "sent"} and body["delivery"] == "done", body
+    sent = Bundle.model_validate(fhir_server.bundles[-1])
+    assert sent.type == "transaction"
+    assert [e.request.url for e in sent.entry] == ["DiagnosticReport", "Observation"]
+    assert sent.entry[0].request.ifNoneExist == f"identifier=urn:msam:job|{body['job_id']}"

@@ -3,6 +3,8 @@ CPU in the torch-free api image, and the GPU autoscaler watches only the segment
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from msam_service.settings import Settings
@@ -36,3 +38,23 @@ def test_kubernetes_io_worker_and_autoscaling_on_the_gpu_queue_only() -> None:
     assert gpu_queue != io_queue
     trigger = docs[("ScaledObject", "msam-worker-gpu")]["spec"]["triggers"]
     assert [t["metadata"]["listName"] for t in trigger] == [gpu_queue]
+
+
+def test_hl7_listener_in_compose_and_kubernetes() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    hl7 = services["hl7-listener"]
+    assert hl7["command"] == ["msam", "hl7-listener"] and hl7["profiles"] == ["ris"]
+    assert hl7["environment"]["MSAM_HL7_LISTENER_HOST"] == "0.0.0.0"
+    assert hl7["ports"][0].endswith(":" + hl7["environment"]["MSAM_HL7_LISTENER_PORT"])
+    docs = _k8s()
+    assert "hl7-listener.yaml" in docs[("Kustomization", "")]["resources"]
+    pod = docs[("Deployment", "msam-hl7-listener")]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["msam", "hl7-listener"]
+    assert docs[("Service", "msam-hl7-listener")]["spec"]["selector"] == pod["metadata"]["labels"]
+    config = docs[("ConfigMap", "msam-config")]["data"]
+    from msam_service.pacs.settings import PacsSettings
+
+    parsed = PacsSettings.model_validate({k[5:].lower(): json.loads(v) for k, v in config.items()
+                                          if k in ("MSAM_PACS_NODE_OPTIONS", "MSAM_RIS_ENDPOINTS", "MSAM_FHIR_ENDPOINTS")})
+    assert parsed.ris_endpoints == {} and parsed.fhir_endpoints == {}
