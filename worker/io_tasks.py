@@ -177,9 +177,9 @@ class Ledger:
     target, e.g. ``dicom:orthanc``): ``sending`` is written *before* a send and ``done`` after
     it. A delivery that finds ``done`` skips the target. One that finds ``sending`` knows a
     worker died during that send and, before sending again, asks the target whether it arrived
-    (QIDO-RS for the SEG's SOP Instance UID on a DICOMweb node); where a target cannot be asked
-    (C-STORE, MLLP, FHIR) the retry carries the same identity (SOP Instance UID, HL7 message
-    control id, FHIR conditional create on the job's identifier), so the receiver keeps one."""
+    (the SEG's SOP Instance UID by QIDO-RS on a DICOMweb node, by C-FIND on an AE); where a
+    target cannot be asked (MLLP, FHIR) the retry carries the same identity (HL7 message control
+    id, FHIR conditional create on the job's identifier), so the receiver keeps one."""
 
     def __init__(self, r: redis.Redis, job_id: str, ttl_s: int) -> None:
         self.r, self.key, self.ttl_s = r, f"msam:delivery:{job_id}", ttl_s
@@ -279,12 +279,12 @@ def _dicom_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str)
 
     def confirm() -> bool:
         target = node()
-        if not isinstance(target, nodes.DicomwebNode):
-            return False  # C-STORE again: the archive keeps one instance per SOP Instance UID
         with ctx.storage.local_copy(seg_key) as seg:
             ds = pydicom.dcmread(seg, stop_before_pixels=True)
-        return dicomweb.has_instance(target, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                     str(ds.SOPInstanceUID), timeout=pacs.dicomweb_timeout_s)
+        uids = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        if isinstance(target, nodes.DicomwebNode):
+            return dicomweb.has_instance(target, *uids, timeout=pacs.dicomweb_timeout_s)
+        return dimse_sender.has_instance(target, *uids, calling_ae=pacs.dicom_ae_title)
 
     return Target(key=f"dicom:{name}", name=name, send=send, confirm=confirm)
 

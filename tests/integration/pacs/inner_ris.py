@@ -474,3 +474,17 @@ def test_fhir_report_posted_to_the_tenants_fhir_endpoint(ris_service: Service, s
     assert sent.type == "transaction"
     assert [e.request.url for e in sent.entry] == ["DiagnosticReport", "Observation"]
     assert sent.entry[0].request.ifNoneExist == f"identifier=urn:msam:job|{body['job_id']}"
+
+
+def test_an_interrupted_c_store_is_confirmed_by_c_find(ris_service: Service, series_dir: Path) -> None:
+    """What the delivery ledger asks an AE before sending a SEG again."""
+    from msam_service.pacs import dimse_sender, nodes
+    from msam_service.pacs.settings import AeNode
+
+    node = nodes.DimseNode(name="orthanc", ae=AeNode(ae_title="ORTHANC", host="127.0.0.1", port=ORTHANC_DICOM))
+    series = ct(series_dir, "c-find CT", seed=91)
+    ds = pydicom.dcmread(series.paths[0], stop_before_pixels=True)
+    uids = (series.study_uid, series.series_uid, str(ds.SOPInstanceUID))
+    assert not dimse_sender.has_instance(node, *uids)
+    dimse_sender.send(node, series.paths[:1])
+    assert dimse_sender.has_instance(node, *uids)
