@@ -313,8 +313,9 @@ def test_a_tenant_cannot_use_another_tenants_nodes(ris_service: Service, series_
     assert "configured: other" in theirs.json()["error"]["message"]  # only beta's own node is named
     r = post(ris_service, {"source": {"pacs": "other", **src}, "destinations": ["orthanc_get"]}, headers=BETA)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_node", r.text
-    r = post(ris_service, {"source": {"pacs": "other", **src}, "fhir": "anything"}, headers=BETA)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_endpoint", r.text
+    for endpoint in ({"fhir": "fhir"}, {"ris": "ris"}, {"fhir": "anything"}):  # alpha's endpoints, and none
+        r = post(ris_service, {"source": {"pacs": "other", **src}, **endpoint}, headers=BETA)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_endpoint", r.text
     r = post(ris_service, {"source": {"pacs": "other", **src}}, headers=BETA)  # its own node works
     assert r.status_code == 202, r.text
     r = post(ris_service, {"source": {"pacs": "other", **src}})  # and alpha cannot use beta's
