@@ -35,7 +35,7 @@ Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, 
 StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
 Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha", "fhir"]
 
 
 class MaskRef(BaseModel):
@@ -110,13 +110,28 @@ _UID = r"^[0-9]+(\.[0-9]+)*$"
 
 
 class DicomwebSource(BaseModel):
-    """A series on a DICOMweb node configured on the server (``MSAM_DICOMWEB_NODES``); the
-    worker retrieves it by WADO-RS."""
+    """A series on a PACS node configured on the server (``MSAM_DICOMWEB_NODES`` or
+    ``MSAM_DICOM_AES``), retrieved by the I/O worker (WADO-RS, C-GET or C-MOVE, per node). Name
+    the series by ``study_uid`` + ``series_uid``, or order by ``accession_number`` (or
+    ``study_uid`` alone): the series is then picked by the node's series rules (QIDO-RS), and a
+    422 lists the candidates when the rules leave none or several."""
 
     model_config = ConfigDict(extra="forbid")
     pacs: str = Field(max_length=64, description="the node's configured name (never a URL)")
-    study_uid: str = Field(max_length=64, pattern=_UID, description="StudyInstanceUID")
-    series_uid: str = Field(max_length=64, pattern=_UID, description="SeriesInstanceUID")
+    study_uid: str | None = Field(default=None, max_length=64, pattern=_UID, description="StudyInstanceUID")
+    series_uid: str | None = Field(default=None, max_length=64, pattern=_UID, description="SeriesInstanceUID")
+    accession_number: str | None = Field(default=None, min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]+$",
+                                         description="AccessionNumber (DICOM SH: at most 16 characters)")
+
+    @model_validator(mode="after")
+    def _a_study(self) -> DicomwebSource:
+        if self.series_uid is not None and self.study_uid is None:
+            raise ValueError("series_uid needs its study_uid")
+        if self.study_uid is None and self.accession_number is None:
+            raise ValueError("give accession_number, or study_uid (with or without series_uid)")
+        if self.accession_number is not None and self.series_uid is not None:
+            raise ValueError("give accession_number or study_uid + series_uid, not both")
+        return self
 
 
 class ReceivedSource(BaseModel):
@@ -139,6 +154,10 @@ class SegmentByVolume(BaseModel):
                                     description="configured DICOMweb node or AE names (STOW-RS / C-STORE)")
     callback_url: str | None = Field(default=None, max_length=2048,
                                      description="webhook URL; must be on the server's allowlist")
+    ris: str | None = Field(default=None, max_length=64, description="configured RIS endpoint "
+                            "(MSAM_RIS_ENDPOINTS) that receives an ORU^R01 when the job ends")
+    fhir: str | None = Field(default=None, max_length=64, description="configured FHIR endpoint "
+                             "(MSAM_FHIR_ENDPOINTS) the DiagnosticReport is POSTed to when the job ends")
 
     @model_validator(mode="after")
     def _one_image(self) -> SegmentByVolume:
@@ -167,6 +186,9 @@ class VolumeOut(BaseModel):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+    candidates: list[dict[str, Any]] | None = Field(default=None, description="an order that did not name one "
+                                                    "series: the series (or studies) considered, each with why it "
+                                                    "was not chosen")
 
 
 class ErrorBody(BaseModel):
@@ -285,7 +307,12 @@ class JobOut(BaseModel):
                                 "asked or from the source, e.g. a source attribute DICOM refuses that was "
                                 "left empty in the DICOM outputs (names attributes, never patient values)")
     destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
-                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded)")
+                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded); "
+                                         "'ris:NAME' (ORU^R01) and 'fhir:NAME' (DiagnosticReport) -> 'sent' or why "
+                                         "not; 'sending' or 'retrying: ...' while the I/O worker is at it")
+    delivery: Literal["pending", "done", "failed"] | None = Field(
+        default=None, description="the job's deliveries by the I/O worker (destinations, RIS, FHIR): pending, "
+        "done, or failed (see destinations); absent when there is nothing to deliver")
     error: ErrorInfo | None = None
     model: ModelOut | None = Field(default=None, description="the model that ran the job (once a worker has "
                                    "started it)")

@@ -1,4 +1,5 @@
-"""The Celery task: thin; the work is in :mod:`worker.job`."""
+"""The Celery task: thin; the work is in :mod:`worker.job`. Segmentation only: a job's series is
+retrieved, and its results delivered, by the I/O worker (:mod:`worker.io_tasks`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 
 from msam_service import jobs
-from msam_service.queue import TASK_NAME
-from worker import pacs_tasks  # PACS pull before a job, push + webhook after it; msam.webhook
+from msam_service.queue import TASK_NAME, enqueue_delivery, needs_delivery
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
+
+
+def _deliver(job_id: str) -> None:
+    """Hand a finished job's deliveries (DICOM pushes, RIS, FHIR, webhook) to the I/O worker."""
+    rec = get_runtime().store.get(job_id)
+    if rec is not None and rec.status in jobs.FINISHED and needs_delivery(rec.request):
+        enqueue_delivery(app, job_id)
 
 
 class SegmentTask(Task):
@@ -35,7 +42,7 @@ class SegmentTask(Task):
             return  # the record expires; nothing else to do without Redis
         if failed:
             rt.metrics.incr("jobs_failed")
-            pacs_tasks.finish(rt, task_id, push_results=False)
+            _deliver(task_id)
 
 
 @app.task(name=TASK_NAME, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
@@ -43,8 +50,7 @@ def segment(self: Task, job_id: str) -> str | None:
     def progress(stage: str, fraction: float) -> None:
         self.update_state(state="PROGRESS", meta={"stage": stage, "progress": fraction})
 
-    rt = get_runtime()
-    pacs_tasks.prepare(rt, job_id)
-    status = run_job(rt, job_id, progress)
-    pacs_tasks.finish(rt, job_id)
+    status = run_job(get_runtime(), job_id, progress)
+    if status is not None:
+        _deliver(job_id)
     return status

@@ -16,7 +16,7 @@ from msam_service import jobs
 from msam_service.masks import grid_difference, mask_grid_error, mask_refs
 from msam_service.prompts import resolve
 from msam_service.inflight import InFlight
-from msam_service.queue import enqueue
+from msam_service.queue import enqueue, enqueue_retrieval
 
 RETRY_AFTER_S = 10
 
@@ -71,7 +71,7 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         series = form.get("series_uid")
         callback = form.get("callback_url")
         destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
-        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base)
+        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, who)
         check_prompt_count(svc, prompts)  # before the upload is decoded
         masks = [f for f in form.getlist("masks") if isinstance(f, UploadFile)]
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
@@ -230,5 +230,8 @@ def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict, ext
         raise ApiError(429, "too_many_jobs", f"this tenant already has {svc.settings.max_jobs_in_flight} jobs "
                        "queued or running (MSAM_MAX_JOBS_IN_FLIGHT); wait for one to finish",
                        headers={"Retry-After": str(RETRY_AFTER_S)})
-    enqueue(svc.queue, job_id)
+    if "pacs" in (extra or {}).get("source", {}):
+        enqueue_retrieval(svc.queue, job_id)  # the I/O worker retrieves, then queues the segmentation
+    else:
+        enqueue(svc.queue, job_id)
     svc.metrics.incr("jobs_submitted")

@@ -85,6 +85,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
     svc.hooks, svc.hook_url = hooks, hook_url  # type: ignore[attr-defined]
     try:
         svc.start_worker("f1")
+        svc.start_io_worker("io1")  # the webhooks
         svc.start_api()
         yield svc
     finally:
