@@ -68,8 +68,8 @@ CMD ["redis-server"]
 """
 
 # podman run failing with these words means the kernel (or its sandbox) refuses namespaces
-_KERNEL_REFUSES = re.compile(r"(unshare|clone|mount|pivot_root|sethostname|newuidmap).*(operation not permitted|permission denied)",
-                             re.I)
+_KERNEL_REFUSES = re.compile(r"(unshare|clone|mount|pivot_root|sethostname|newuidmap)"
+                             r".*(operation not permitted|permission denied)", re.I)
 
 
 class KernelRefusesContainers(RuntimeError):
@@ -128,7 +128,8 @@ def rootfs() -> Path:
     result = subprocess.run([exe, "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
                              "bookworm", str(tmp), DEBIAN_MIRROR], capture_output=True, text=True, timeout=1200)
     if result.returncode != 0:
-        raise RuntimeError(f"debootstrap failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"debootstrap failed ({result.returncode}):\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     # as python:3.11-slim: pip may install (no EXTERNALLY-MANAGED), `python` and `pip` exist
     for marker in (tmp / "usr" / "lib").glob("python3*/EXTERNALLY-MANAGED"):
         marker.unlink()
@@ -192,7 +193,10 @@ def pip_config() -> tuple[str, list[Path]]:
     paths: list[Path] = []
     for key in ("cert", "client-cert", "constraint", "find-links", "extra-index-url", "index-url"):
         for item in settings.get(key, "").split():
-            local = Path(urlparse(item).path) if item.startswith("file:") else Path(item) if item.startswith("/") else None
+            if item.startswith("file:"):
+                local: Path | None = Path(urlparse(item).path)
+            else:
+                local = Path(item) if item.startswith("/") else None
             if local is not None and local.exists():
                 # an index's pages link to its files by relative paths (../../files/...)
                 paths.append(local.parent if key.endswith("index-url") else local)
@@ -220,9 +224,11 @@ class Build:
     cached: bool  # every step came from podman's layer cache
 
 
-def build(dockerfile: str, image: str, *build_args: str) -> Build:
-    """``podman build`` of a Dockerfile from the repository root (layer cache on, nothing pulled)."""
-    args = ["build", "--pull=never", "--layers", "-f", str(ROOT / dockerfile), "-t", image, *build_volumes()]
+def build(dockerfile: str, image: str, *build_args: str, no_cache: bool = False) -> Build:
+    """``podman build`` of a Dockerfile from the repository root (layer cache on unless
+    ``no_cache``, nothing pulled)."""
+    args = ["build", "--pull=never", "--layers", *(["--no-cache"] if no_cache else []), "-f", str(ROOT / dockerfile),
+            "-t", image, *build_volumes()]
     for a in build_args:
         args += ["--build-arg", a]
     t0 = time.monotonic()

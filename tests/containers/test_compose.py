@@ -5,7 +5,8 @@ containers talk on the network podman-compose makes for the project.
 In order (one stack for the module): the API answers /readyz; a DICOM series with a click comes
 back as a DICOM-SEG that dciodvfy accepts; a series pushed by C-STORE to the listener starts a job
 by its routing rule; the worker container's main process SIGKILLed mid-job, the container is
-restarted by its restart policy and the job, delivered again, finishes exactly once; ``down`` leaves no container, volume or network of the project.
+restarted by its restart policy and the job, delivered again, finishes exactly once; ``down``
+leaves no container, volume or network of the project.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from tests.containers import podman
 from tests.containers.conftest import REPORT
 from tests.unit.io.dicom_synth import dciodvfy_errors, make_ct_series
 
-pytestmark = pytest.mark.slow
+# the first test builds the images when the cache is cold (minutes on a shared 2-core machine)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 KEY = "compose-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -57,6 +59,7 @@ TEST_ENV = {
 
 class Stack:
     def __init__(self, tmp: Path) -> None:
+        self.started = 0.0  # time.monotonic() of `up`
         self.project = f"msamtest{os.getpid()}"
         self.tmp = tmp
         self.api_port, self.listener_port = serve.free_port(), serve.free_port()
@@ -148,7 +151,7 @@ def stack(images: dict[str, podman.Build], tmp_path_factory: pytest.TempPathFact
                 raise AssertionError(f"/readyz not 200 within 240 s after `up`\n{s.all_logs()}")
             time.sleep(1)
         REPORT["compose up -> /readyz 200 s"] = round(time.monotonic() - t0, 1)
-        s.started = t0  # type: ignore[attr-defined]
+        s.started = t0
         yield s
     finally:
         if s.leftovers()["containers"]:
@@ -174,7 +177,7 @@ def test_dicom_series_with_a_click_gives_a_valid_dicom_seg(stack: Stack, tmp_pat
         assert r.status_code == 202, r.text
         job = stack.wait_job(r.json()["job_id"], timeout=240)
         assert job["status"] == "succeeded", (job, stack.all_logs())
-        REPORT.setdefault("compose up -> first DICOM-SEG s", round(time.monotonic() - stack.started, 1))  # type: ignore[attr-defined]
+        REPORT.setdefault("compose up -> first DICOM-SEG s", round(time.monotonic() - stack.started, 1))
         got = c.get(f"/jobs/{job['job_id']}/result", params={"format": "dicom-seg"})
         assert got.status_code == 200, got.text
     seg = tmp_path / "seg.dcm"
