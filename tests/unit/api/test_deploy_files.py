@@ -69,7 +69,12 @@ def test_dockerfiles() -> None:
         ins = _instructions(ROOT / "deploy" / "docker" / name)
         # the base is a build argument whose default is the public python:3.11-slim
         assert ins[0] == ("ARG", "BASE=python:3.11-slim"), name
-        assert all(r.startswith("${BASE}") for w, r in ins if w == "FROM"), name
+        stages: set[str] = set()
+        for w, r in ins:  # every stage starts from the base or from an earlier stage
+            if w == "FROM":
+                parent, _, alias = r.partition(" AS ")
+                assert parent == "${BASE}" or parent in stages, (name, r)
+                stages.add(alias.strip())
         assert {w for w, _ in ins} <= known, name
         assert ("USER", "msam") in ins, name  # never root
         for word, rest in ins:
