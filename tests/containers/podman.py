@@ -231,9 +231,13 @@ def build(dockerfile: str, image: str, *build_args: str, no_cache: bool = False)
             "-t", image, *build_volumes()]
     for a in build_args:
         args += ["--build-arg", a]
+    before = podman("image", "inspect", "--format", "{{.Id}}", image, check=False).stdout.strip()
     t0 = time.monotonic()
     result = podman(*args, str(ROOT), timeout=3000)
     seconds = time.monotonic() - t0
+    after = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+    if before and before != after:  # the image this tag named before (an older code): its own layers go
+        podman("rmi", before, check=False)
     steps = len(re.findall(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: (?!FROM )", result.stdout, re.M))
     cached = len(re.findall(r"^--> Using cache", result.stdout, re.M)) >= steps
     return Build(image=image, seconds=round(seconds, 1), size_bytes=image_size(image), cached=cached)
