@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock notices tools viewer run test bench bench-service model clean
+.PHONY: install lock notices tools viewer run test test-images bench bench-service model clean
 
 install: $(STAMP)
 
@@ -51,6 +51,8 @@ notices: install
 # External validators the tests run for real: dciodvfy (Debian package dicom3tools) checks every
 # DICOM-SEG and RTSTRUCT the tests write.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PODMAN_COMPOSE_VENV := /opt/msam-tools/podman-compose
+PODMAN_COMPOSE      := $(PODMAN_COMPOSE_VENV)/bin/podman-compose
 # Debian's chromium runs the viewer's browser tests (tests/viewer, driven by Playwright).
 tools:
 	command -v dciodvfy >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools)
@@ -60,6 +62,17 @@ tools:
 	command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v storescu >/dev/null \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc orthanc-dicomweb dcmtk)
 	test -x /usr/bin/chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+	# Containers (tests/containers, `make test-images`): podman with runc (crun fails on this
+	# kernel's cgroup setup), its netavark/aardvark-dns networking, debootstrap for the stand-in
+	# base image; kubectl renders deploy/k8s (Debian's kubernetes-client where no kubectl is
+	# installed; this machine's Google Cloud SDK ships one, whose file Debian's would collide with).
+	command -v podman >/dev/null && command -v debootstrap >/dev/null && test -x /usr/sbin/runc && test -x /usr/lib/podman/aardvark-dns \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y podman runc netavark aardvark-dns debootstrap)
+	command -v kubectl >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y kubernetes-client)
+	# podman-compose (PyPI, GPL-2.0-only) in a virtual environment of its own, run as a program:
+	# not a dependency of msam, not in the locks (licence-policy.toml: no GPL in what msam uses).
+	test -x $(PODMAN_COMPOSE) || ($(SUDO) python3 -m venv $(PODMAN_COMPOSE_VENV) \
+	  && $(SUDO) $(PODMAN_COMPOSE_VENV)/bin/pip install --quiet podman-compose==1.6.0 python-dotenv==1.2.4 PyYAML==6.0.4)
 
 # The web viewer (viewer/ -> api/static/viewer/, committed): only needed after editing viewer/.
 # Needs Node.js; `make run` and `make test` do not.
@@ -73,6 +86,11 @@ run: install
 
 test: install tools
 	$(PY) -m pytest -q -ra
+
+# The images built with podman and the compose stack run for real (part of `make test` too):
+# a stand-in python:3.11-slim from debootstrap, cached in ~/.cache/msam-images, docs/containers.md.
+test-images: install tools
+	$(PY) -m pytest -q -ra tests/containers
 
 bench: install
 	$(PY) bench/model.py
