@@ -384,14 +384,18 @@ def test_kustomize_renders_the_images_compose_builds_and_settings_the_service_re
     pods = _pods(docs)
     image = {name: spec["containers"][0]["image"] for name, spec in pods.items()}
     assert image == {"msam-api": services["api"]["image"], "msam-dicom-listener": services["api"]["image"],
+                     "msam-hl7-listener": services["hl7-listener"]["image"],
+                     "msam-worker-io": services["worker-io"]["image"],
                      "msam-worker-gpu": services["worker"]["image"], "msam-redis": services["redis"]["image"]}
+    # the I/O worker and the HL7 listener run in the torch-free API image, as in compose
+    assert services["worker-io"]["image"] == services["hl7-listener"]["image"] == services["api"]["image"]
     assert services["api"]["build"]["dockerfile"] == "deploy/docker/api.Dockerfile"
     assert services["worker"]["build"]["args"]["TORCH_VARIANT"].startswith("cu")  # the GPU Deployment: a CUDA build
 
     # the settings: every variable a container gets is one the settings classes read, and together
     # they pass the service's start-up checks
     names = _setting_names()
-    for name in ("msam-api", "msam-dicom-listener", "msam-worker-gpu"):
+    for name in ("msam-api", "msam-dicom-listener", "msam-hl7-listener", "msam-worker-io", "msam-worker-gpu"):
         container = pods[name]["containers"][0]
         env = _container_env(docs, container)
         assert {k for k in env if k.startswith("MSAM_")} <= names, name
@@ -407,6 +411,9 @@ def test_kustomize_renders_the_images_compose_builds_and_settings_the_service_re
         redis_svc = docs[("Service", url.hostname)]
         assert url.port in [p["port"] for p in redis_svc["spec"]["ports"]], name
         assert redis_svc["spec"]["selector"] == docs[("StatefulSet", url.hostname)]["spec"]["template"]["metadata"]["labels"]
+        if name == "msam-hl7-listener":  # takes orders into Redis only: no storage, no model
+            assert "volumeMounts" not in container and "volumes" not in pods[name]
+            continue
         # storage: a mounted claim, the same for every container; the checkpoint's folder is mounted
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in pods[name]["volumes"]}
