@@ -180,9 +180,11 @@ def lesion_level(rng: np.random.Generator, shape: tuple[int, int, int], radius_v
     return level.astype(np.float32), satellites
 
 
-def _contrast(rng: np.random.Generator, scan: SourceScan, organ: str, organ_mean: float, organ_std: float) -> tuple[str, float]:
-    """``(kind, lesion mean intensity)``."""
-    if scan.modality == "CT":
+def draw_contrast(rng: np.random.Generator, modality: str, organ: str, organ_mean: float,
+                  organ_std: float) -> tuple[str, float]:
+    """``(kind, lesion mean intensity)``: hypo or hyper relative to the organ (HU offsets for CT,
+    fractions of the organ's signal for MR), solid or ground-glass in the lung."""
+    if modality == "CT":
         if organ == "lung":
             if rng.random() < 0.7:
                 return "solid", float(rng.uniform(-80.0, 60.0))
@@ -237,7 +239,7 @@ def _render(rng: np.random.Generator, scan: SourceScan, image: np.ndarray, roi: 
     local_organ = organ_mask[roi]
     ref = local[local_organ] if local_organ.sum() > 30 else image[organ_mask]
     organ_mean, organ_std = float(np.median(ref)), float(ref.std())
-    kind, mean = _contrast(rng, scan, organ, organ_mean, organ_std)
+    kind, mean = draw_contrast(rng, scan.modality, organ, organ_mean, organ_std)
     texture_amp, texture_sigma = draw_texture(rng, scan.modality, organ_mean, organ_std)
     texture = _smooth_noise(rng, local.shape, texture_sigma) * texture_amp
     fine = local - ndimage.gaussian_filter(local, 1.0)  # the scan's own noise, kept
@@ -382,9 +384,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val", type=whole_number(1), default=12, help="validation cases (training sources)")
     s.add_argument("--heldout", type=whole_number(1), default=12, help="cases from the held-out source scan")
     s.set_defaults(func=run)
-    from msam_core.train import real
+    from msam_core.train import pack, real
 
     real.add_parser(data_sub)
+    pack.add_parser(data_sub)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 - **Mask-prompt dropout** (our addition): ``msam segment`` decodes without a mask prompt
   (``no_mask_embed``) unless given a prior, which M-SAM's loop never trains; so pass 1 gets no
   mask prompt in half of the batches (else zeros, as M-SAM) and later passes in 20 %.
-- **Loss**: MONAI ``DiceCELoss`` (sigmoid, squared prediction) between the logits upsampled to
+- **Loss**: MONAI's ``DiceCELoss`` (sigmoid, squared prediction; written out in torch in
+  :mod:`msam_core.train.loss`, so training needs no MONAI) between the logits upsampled to
   128^3 (trilinear, as inference) and the mask, summed over all passes (``--first-pass-weight``
   weighs pass 1, the one-click result a user sees first); one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
@@ -28,6 +29,9 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
   written every ``--save-every`` minutes, so an interrupted run is still usable; with
   ``--keep-checkpoints`` every save is also kept as ``checkpoints/step-NNNNNN.safetensors``.
+- **Data**: the crop cache of a data set (``--data``, :mod:`msam_core.train.data`), or with
+  ``--pack`` crops with lesions synthesised afresh on the training device at every step
+  (:mod:`msam_core.train.online`); that path imports only torch, numpy and scipy.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class TrainSettings:
     keep_checkpoints: bool = False
     #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`).
     thick_slices: float = 0.0
+    #: A pack (``msam data pack``): online lesion synthesis instead of the crop cache of ``data``.
+    pack: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -214,12 +220,11 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def train(s: TrainSettings, log=print) -> Path:
-    """Run training; returns the path of the final ``model.safetensors``."""
-    from monai.losses import DiceCELoss
-
+def train(s: TrainSettings, log=print, on_save=None) -> Path:
+    """Run training; returns the path of the final ``model.safetensors``. ``on_save(path, step,
+    model)``, when given, runs after every save (``msam_core.train.lease`` validates and exports)."""
     from msam_core.checkpoints import init_from_checkpoint, save_checkpoint
-    from msam_core.train.data import CropDataset, build_cache
+    from msam_core.train.loss import dice_ce_loss
 
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -227,12 +232,23 @@ def train(s: TrainSettings, log=print) -> Path:
     torch.manual_seed(s.seed)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
-    # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
-    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
-                          thick_p=s.thick_slices)
-    if len(dataset) == 0:
-        raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
+    online = None
+    if s.pack:
+        from msam_core.train.online import OnlineCrops
+        from msam_core.train.pack import load_pack
+
+        online = OnlineCrops(load_pack(Path(s.pack)), device, s.thick_slices)
+        dataset: list | CropDataset = []
+        log(f"online lesion synthesis from {Path(s.pack).name} (sha256 {online.sha256[:12]}...) on {device.type}")
+    else:
+        from msam_core.train.data import CropDataset, build_cache
+
+        cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
+        # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
+        dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
+                              thick_p=s.thick_slices)
+        if len(dataset) == 0:
+            raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
 
     config = get_config(s.config)
     if s.input_transform is not None:
@@ -256,7 +272,7 @@ def train(s: TrainSettings, log=print) -> Path:
         log(f"  group {g['name']}: {sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters, lr {g['lr']:g}")
     optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    loss_fn = dice_ce_loss
 
     step, elapsed_before = 0, 0.0
     last_pt = out / "last.pt"
@@ -292,8 +308,8 @@ def train(s: TrainSettings, log=print) -> Path:
                     "elapsed": elapsed_before + time.time() - t0}, out / "last.pt.tmp")
         (out / "last.pt.tmp").replace(last_pt)
         provenance = {
-            "trained_by": "msam train", "config": s.config, "data": Path(s.data).name,
-            "dataset_seed": _dataset_seed(Path(s.data)), "steps": step, "batch_size": s.batch_size,
+            "trained_by": "msam train", "config": s.config, "data": Path(s.pack or s.data).name,
+            "dataset_seed": None if online else _dataset_seed(Path(s.data)), "steps": step, "batch_size": s.batch_size,
             "iterations": s.iterations, "init": Path(s.init).name if s.init else None,
             "minutes": round((elapsed_before + time.time() - t0) / 60, 1), "final": final,
             "train_crops": len(dataset), "git_commit": _git_commit(), "torch": torch.__version__,
@@ -301,11 +317,15 @@ def train(s: TrainSettings, log=print) -> Path:
         }
         if s.thick_slices:
             provenance["thick_slices"] = s.thick_slices
+        if online is not None:
+            provenance.update(online_synthesis=True, pack_sha256=online.sha256, train_crops=step * s.batch_size)
         model.invalidate_model_id()
         path = save_checkpoint(model, out / "model.safetensors", provenance)
         if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
             (out / "checkpoints").mkdir(exist_ok=True)
             shutil.copyfile(path, out / "checkpoints" / f"step-{step:06d}.safetensors")
+        if on_save is not None:
+            on_save(path, step, model)
         return path
 
     rng = np.random.default_rng([s.seed, step])
@@ -313,18 +333,21 @@ def train(s: TrainSettings, log=print) -> Path:
     progress = Progress(s.steps)
     t0 = time.time()
     last_save = t0
-    epoch = step * s.batch_size // len(dataset)
+    epoch = step * s.batch_size // max(1, len(dataset))
     order: list[int] = []
     while step < s.steps:
-        if not order:
-            dataset.epoch = epoch
-            order = np.random.default_rng([s.seed, epoch]).permutation(len(dataset)).tolist()
-            epoch += 1
-        batch_idx, order = order[: s.batch_size], order[s.batch_size :]
-        items = [dataset[i] for i in batch_idx]
-        image = torch.stack([x[0] for x in items]).to(device)
-        gt = torch.stack([x[1] for x in items]).to(device)
-        first = torch.stack([x[2] for x in items]).to(device)
+        if online is not None:  # fresh lesions, drawn from (seed, step): a resumed run draws what it would have
+            image, gt, first = online.batch(np.random.default_rng([s.seed, step, 1]), s.batch_size)
+        else:
+            if not order:
+                dataset.epoch = epoch
+                order = np.random.default_rng([s.seed, epoch]).permutation(len(dataset)).tolist()
+                epoch += 1
+            batch_idx, order = order[: s.batch_size], order[s.batch_size :]
+            items = [dataset[i] for i in batch_idx]
+            image = torch.stack([x[0] for x in items]).to(device)
+            gt = torch.stack([x[1] for x in items]).to(device)
+            first = torch.stack([x[2] for x in items]).to(device)
         for g, base in zip(optimizer.param_groups, base_lrs):
             spent = (elapsed_before + time.time() - t0) / (60 * s.max_minutes) if s.max_minutes else 0.0
             g["lr"] = base * lr_factor(step, s.steps, s.warmup, spent)
@@ -369,7 +392,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train M-SAM on a lesion data set (MSD layout)",
                        description=__doc__.split("\n\n")[0] + " See msam_core/train/trainer.py for the recipe.")
     p.add_argument("--config", default="msam_small", choices=["msam_small", "msam"], help="model configuration")
-    p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="data folder (dataset.json, or images/ + labels/): train on its crop cache")
+    source.add_argument("--pack", type=Path, help="a pack written by 'msam data pack': synthesise fresh lesions on "
+                        "the training device at every step instead (docs/gpu-training.md)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (SAM-Med3D .pth, msam .safetensors); "
                    "then only LoRA, MEA, prompt encoder and decoder train. Without it everything trains from scratch")
     p.add_argument("--train-all", action="store_true",
@@ -413,11 +439,16 @@ def run(args: argparse.Namespace) -> int:
     if args.train_all and args.init is None:
         raise UnsupportedRequest("--train-all continues training from --init CHECKPOINT; give --init "
                                  "(without --init every parameter trains anyway)")
-    from msam_core.train.data import require_cases
+    if args.pack is not None:
+        from msam_core.train.pack import read_meta
 
-    require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
+        read_meta(args.pack)  # a missing or foreign file fails at once, with what to do
+    else:
+        from msam_core.train.data import require_cases
+
+        require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
-        config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
+        config=args.config, data=str(args.data or ""), pack=str(args.pack) if args.pack else None, out=str(args.out), init=str(args.init) if args.init else None,
         train_all=args.train_all,
         steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, first_pass_weight=args.first_pass_weight,
         lr=args.lr, lr_decoder=args.lr_decoder,
