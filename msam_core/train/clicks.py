@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from msam_core.pipeline.postprocess import bbox_slices
+
 
 def random_error_clicks(pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One click per sample from the error region.
@@ -60,8 +62,6 @@ def border_depth(mask: np.ndarray, outside_is_background: bool = True) -> tuple[
     outside the mask when ``outside_is_background`` (as if the array were padded with background)
     and not otherwise (scipy's own convention).
     """
-    from msam_core.pipeline.postprocess import bbox_slices  # here: training imports this module without SimpleITK
-
     box = bbox_slices(mask, margin=1)
     sub = np.asarray(mask[box], bool)
     if outside_is_background:

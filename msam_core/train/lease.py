@@ -173,7 +173,7 @@ class Exporter:
         if (self.run / "log.csv").is_file():
             shutil.copyfile(self.run / "log.csv", self.out / "log.csv")
         summary = {**self.info, "best_val_dice_clicks_1_3": round(self.best, 4), "history": self.history}
-        (self.out / "lease.json").write_text(json.dumps(summary, indent=1))
+        (self.out / "lease.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 def run(args: argparse.Namespace) -> int:
