@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from msam_core.errors import InvalidDataset
 
@@ -94,6 +93,7 @@ class Pack:
     def validation(self, split: str = "validation", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[ValidationCrop]]:
         """The crops of ``split`` as ``(images float32 [N, 1, 128, 128, 128] normalised, masks
         float32 [N, 1, 128, 128, 128], crops)``; the first click of each is the crop centre."""
+        import torch
         chosen = [c for c in self.crops if c.split == split][:limit]
         images, masks = [], []
         built: dict[str, tuple[PackedScan, np.ndarray, np.ndarray]] = {}

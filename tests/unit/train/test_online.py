@@ -241,3 +241,13 @@ def test_gpu_model_target_is_the_lease_entry_point() -> None:
     assert dry.returncode == 0, dry.stderr
     assert ("python3 -m msam_core.train.lease run --pack .pack/msam-pack.npz --out /tmp/o --minutes 3 "
             "--init msam_core/weights/msam_default.safetensors") in " ".join(dry.stdout.replace("\\\n", " ").split())
+
+
+def test_train_takes_a_pack_or_a_data_folder_and_says_what_a_missing_pack_needs(tmp_path, capsys) -> None:
+    from msam_core.cli import main
+
+    assert main(["train", "--pack", str(tmp_path / "none.npz"), "--steps", "1"]) == 2
+    assert "write it with 'msam data pack --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--pack", "a.npz", "--data", "d"])
+    assert "not allowed with argument" in capsys.readouterr().err
