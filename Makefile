@@ -115,7 +115,7 @@ model: install
 # the anatomy and validation cases that online lesion synthesis needs, ~18 MiB, never committed.
 # `make gpu-model MINUTES=8` (there) trains msam_small with fresh lesions at every step, bf16 on
 # CUDA, from the bundled weights, and exports the best and latest checkpoints (in parts under
-# 16 MiB), log.csv and lease.json into GPU_OUT ($$OUT on the device) every minute. It needs only
+# 16 MiB), log.csv and lease.json into GPU_OUT (OUT on the device) every minute. It needs only
 # python3 with torch, numpy, scipy and safetensors (no `make install` there).
 PACK     ?= .pack/msam-pack.npz
 MINUTES  ?= 8

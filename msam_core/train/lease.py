@@ -199,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu",
             "settings": {k: v for k, v in vars(args).items() if k != "func"}}
     exporter = Exporter(out, run_dir, images, masks, {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()})
-    del pack  # the training scans now live in OnlineCrops; the arrays here are not needed
-    train(settings, on_save=exporter)
+    train(settings, on_save=exporter, pack=pack)
     print(f"[lease] done: best validation Dice (clicks 1..{VALIDATION_CLICKS}) {exporter.best:.4f}; files in {out}: "
           + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())))
     return 0

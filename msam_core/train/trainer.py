@@ -220,9 +220,10 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def train(s: TrainSettings, log=print, on_save=None) -> Path:
+def train(s: TrainSettings, log=print, on_save=None, pack=None) -> Path:
     """Run training; returns the path of the final ``model.safetensors``. ``on_save(path, step,
-    model)``, when given, runs after every save (``msam_core.train.lease`` validates and exports)."""
+    model)``, when given, runs after every save (``msam_core.train.lease`` validates and exports);
+    ``pack``: the :class:`~msam_core.train.pack.Pack` of ``s.pack`` when the caller has read it."""
     from msam_core.checkpoints import init_from_checkpoint, save_checkpoint
     from msam_core.train.loss import dice_ce_loss
 
@@ -237,7 +238,7 @@ def train(s: TrainSettings, log=print, on_save=None) -> Path:
         from msam_core.train.online import OnlineCrops
         from msam_core.train.pack import load_pack
 
-        online = OnlineCrops(load_pack(Path(s.pack)), device, s.thick_slices)
+        online = OnlineCrops(pack if pack is not None else load_pack(Path(s.pack)), device, s.thick_slices)
         dataset: list | CropDataset = []
         log(f"online lesion synthesis from {Path(s.pack).name} (sha256 {online.sha256[:12]}...) on {device.type}")
     else:
