@@ -216,7 +216,9 @@ def write_pack(out: Path, seed: int = 0, n_train: int = 90, n_val: int = 12, n_h
     tmp = out.with_name(out.name + ".tmp.npz")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_LZMA) as zf:  # np.load reads LZMA members too
         for name, array in arrays.items():
-            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+            member = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))  # no clock: same input, same bytes
+            member.compress_type = zipfile.ZIP_LZMA
+            with zf.open(member, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
     tmp.replace(out)
     return meta

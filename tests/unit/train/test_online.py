@@ -51,6 +51,12 @@ def test_pack_holds_the_anatomy_and_the_synth_validation_cases(tiny_pack) -> Non
     assert read_meta(tiny_pack)["version"] == "msam-pack-v1"
 
 
+def test_the_same_scans_and_seed_give_the_same_pack_file(tiny_pack, tmp_path) -> None:
+    again = tmp_path / "again.npz"
+    write_pack(again, seed=5, n_train=1, n_val=2, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
+    assert again.read_bytes() == tiny_pack.read_bytes()
+
+
 def test_pack_validation_crops_are_the_inference_crops_of_the_synth_cases(tiny_pack, tmp_path) -> None:
     """The crops rebuilt from the pack are the crops the crop cache holds for the cases msam data
     synth writes (same seed and counts, one crop per lesion): same lesions, centres and masks, and
