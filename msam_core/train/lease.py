@@ -155,8 +155,7 @@ class Exporter:
 
     def __call__(self, path: Path, step: int, model) -> None:
         now = time.time()
-        rate = (step - self.last[1]) / max(now - self.last[0], 1e-9)
-        self.last = (now, step)
+        rate = (step - self.last[1]) / max(now - self.last[0], 1e-9)  # training alone: exports are not counted
         dice = validate(model, self.images, self.masks) if len(self.images) else float("nan")
         memory = {}
         if torch.cuda.is_available():
@@ -167,13 +166,14 @@ class Exporter:
         self.history.append(row)
         self.log(f"\n[lease] {json.dumps(row)}")
         split_checkpoint(path, self.out, "last")
-        if dice > self.best or not np.isfinite(self.best):
+        if not np.isfinite(dice) or dice > self.best:  # without validation crops: the latest
             self.best = dice
             split_checkpoint(path, self.out, "best")
         if (self.run / "log.csv").is_file():
             shutil.copyfile(self.run / "log.csv", self.out / "log.csv")
         summary = {**self.info, "best_val_dice_clicks_1_3": round(self.best, 4), "history": self.history}
         (self.out / "lease.json").write_text(json.dumps(summary, indent=1, default=str))
+        self.last = (time.time(), step)
 
 
 def run(args: argparse.Namespace) -> int:
