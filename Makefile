@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock notices tools viewer run test test-images bench bench-service model clean
+.PHONY: install lock notices tools viewer run test test-images bench bench-service model pack gpu-model clean
 
 install: $(STAMP)
 
@@ -128,6 +128,26 @@ model: install
 	$(VENV)/bin/msam data real --out $(MODEL_REAL)
 	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control --other-image-control
 	$(PY) -m msam_core.train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors
+
+# Training on a lent accelerator (docs/gpu-training.md). `make pack` (here, once) writes the pack:
+# the anatomy and validation cases that online lesion synthesis needs, ~18 MiB, never committed.
+# `make gpu-model MINUTES=8` (there) trains msam_small with fresh lesions at every step, bf16 on
+# CUDA, from the bundled weights, and exports the best and latest checkpoints (in parts under
+# 16 MiB), log.csv and lease.json into GPU_OUT (OUT on the device) every minute. It needs only
+# python3 with torch, numpy, scipy and safetensors (no `make install` there).
+PACK     ?= .pack/msam-pack.npz
+MINUTES  ?= 8
+GPU_OUT  ?= $(or $(OUT),out/gpu-model)
+GPU_INIT ?= msam_core/weights/msam_default.safetensors
+GPU_ARGS ?=
+GPU_PY   ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+pack: install
+	$(VENV)/bin/msam data pack --out $(PACK)
+
+gpu-model:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m msam_core.train.lease run --pack $(PACK) --out $(GPU_OUT) --minutes $(MINUTES) \
+	  --init $(GPU_INIT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

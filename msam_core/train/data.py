@@ -30,8 +30,6 @@ import numpy as np
 import torch
 
 from msam_core.errors import InvalidDataset
-from msam_core.io.load import load_volume
-from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
 from msam_core.train.clicks import border_depth
 
 log = logging.getLogger(__name__)
@@ -128,6 +126,10 @@ def crop_centres(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.n
 def _case_crops(case: CaseRef, crops_per_lesion: int, seed: int, case_index: int, out: Path) -> list[dict]:
     """Write the crops of one case; its centres come from ``default_rng([seed, case_index])``, so
     the cache does not depend on how many workers build it."""
+    # imported here, not at the top: the augmentation below runs where SimpleITK and nibabel do not
+    from msam_core.io.load import load_volume
+    from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
+
     rng = np.random.default_rng([seed, case_index])
     volume = load_volume(case.image)
     labels = np.asarray(load_volume(case.label).array)
@@ -179,11 +181,43 @@ def build_cache(data_dir: Path, split: str = "training", crops_per_lesion: int =
     return out
 
 
+#: Thick-slice augmentation: slab thickness in crop voxels (3-6 mm at 1.5 mm) and the chance of each
+#: crop axis being the slice axis (R, A, S: axial scans, the most common, are thick along S).
+THICK_FACTORS = (2, 3, 4)
+THICK_AXIS_P = (0.2, 0.2, 0.6)
+
+
+def thicken(image: torch.Tensor, axis: int, factor: int, phase: int = 0) -> torch.Tensor:
+    """``image [1, S, S, S]`` as a scan acquired in slabs ``factor`` voxels thick along crop axis
+    ``axis`` (each slab the mean of its voxels, the first starting at voxel ``phase``) and resampled
+    back onto the crop linearly, as :class:`~msam_core.pipeline.preprocess.VolumeSampler` resamples
+    a thick-slice input: the through-plane blur of clinical CT and MR with 3-6 mm slices."""
+    size = image.shape[axis + 1]
+    if factor < 2 or not 0 <= phase < factor or size - phase < factor:
+        raise ValueError(f"need 2 <= factor <= size - phase and 0 <= phase < factor, got {factor}, {phase}, size {size}")
+    x = image.movedim(axis + 1, -1)
+    n = (size - phase) // factor
+    slabs = x[..., phase:phase + n * factor].reshape(*x.shape[:-1], n, factor).mean(-1)
+    # voxel i lies at slab coordinate (i - phase - (factor - 1) / 2) / factor; clamp at the ends
+    t = (torch.arange(size, device=image.device, dtype=image.dtype) - phase - (factor - 1) / 2) / factor
+    t = t.clamp(0, n - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=n - 1)
+    w = t - lo.to(t.dtype)
+    out = slabs[..., lo] * (1 - w) + slabs[..., hi] * w
+    return out.movedim(-1, axis + 1).contiguous()
+
+
 def augment(image: torch.Tensor, mask: torch.Tensor, click: torch.Tensor,
-            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            rng: np.random.Generator, thick_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training augmentation of one crop (``[1, S, S, S]`` tensors on any device, click ``[3]``):
     a flip of each axis with p = 0.5 (the click follows), intensity scale 0.9-1.1 and shift
-    +-0.1, and Gaussian noise (sd 0.02-0.1) with p = 0.3. All draws come from ``rng``."""
+    +-0.1, and Gaussian noise (sd 0.02-0.1) with p = 0.3. With ``thick_p`` > 0, first, with that
+    chance, :func:`thicken` along one axis (:data:`THICK_AXIS_P`) by a factor of
+    :data:`THICK_FACTORS` (the mask stays the true shape). All draws come from ``rng``."""
+    if thick_p > 0 and rng.random() < thick_p:
+        factor = int(rng.choice(THICK_FACTORS))
+        image = thicken(image, int(rng.choice(3, p=THICK_AXIS_P)), factor, int(rng.integers(factor)))
     axes = [a for a in range(3) if rng.random() < 0.5]
     if axes:
         image = torch.flip(image, [a + 1 for a in axes])
@@ -207,9 +241,10 @@ class CropDataset(torch.utils.data.Dataset):
     training there never waits for the disk or the CPU. Both give the same crops.
     """
 
-    def __init__(self, cache: Path, augment: bool = True, seed: int = 0,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, cache: Path, augment: bool = True, seed: int = 0, device: torch.device | str | None = None,
+                 thick_p: float = 0.0) -> None:
         self.cache = Path(cache)
+        self.thick_p = float(thick_p)
         self.items = json.loads((self.cache / "index.json").read_text())["items"]
         self.augment = augment
         self.seed = seed
@@ -242,5 +277,6 @@ class CropDataset(torch.utils.data.Dataset):
             mask = torch.from_numpy(mask_np.astype(np.float32))[None]
         click = torch.full((3,), 64.0, device=image.device)
         if self.augment:
-            image, mask, click = augment(image, mask, click, np.random.default_rng([self.seed, self.epoch, i]))
+            image, mask, click = augment(image, mask, click, np.random.default_rng([self.seed, self.epoch, i]),
+                                         self.thick_p)
         return image, mask, click

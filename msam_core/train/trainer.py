@@ -18,13 +18,17 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 - **Mask-prompt dropout** (our addition): ``msam segment`` decodes without a mask prompt
   (``no_mask_embed``) unless given a prior, which M-SAM's loop never trains; so pass 1 gets no
   mask prompt in half of the batches (else zeros, as M-SAM) and later passes in 20 %.
-- **Loss**: MONAI ``DiceCELoss`` (sigmoid, squared prediction) between the logits upsampled to
+- **Loss**: MONAI's ``DiceCELoss`` (sigmoid, squared prediction; written out in torch in
+  :mod:`msam_core.train.loss`, so training needs no MONAI) between the logits upsampled to
   128^3 (trilinear, as inference) and the mask, summed over all passes; one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
 - Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set); bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
   written every ``--save-every`` minutes, so an interrupted run is still usable; with
   ``--keep-checkpoints`` every save is also kept as ``checkpoints/step-NNNNNN.safetensors``.
+- **Data**: the crop cache of a data set (``--data``, :mod:`msam_core.train.data`), or with
+  ``--pack`` crops with lesions synthesised afresh on the training device at every step
+  (:mod:`msam_core.train.online`); that path imports only torch, numpy and scipy.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch
 from torch.nn import functional as F
 
 from msam_core.cli.arguments import number, whole_number
-from msam_core.errors import InvalidDataset
+from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.click_regions import RegionCache
 from msam_core.model.configs import get_config
@@ -81,12 +85,20 @@ class TrainSettings:
     threads: int | None = None
     workers: int = 1
     keep_checkpoints: bool = False
+    #: With ``init``: every parameter trains at ``lr`` (continuing a from-scratch network such as
+    #: the bundled one, as the GPU lease does) instead of M-SAM's LoRA/MEA/decoder recipe.
+    train_all: bool = False
+    #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`);
+    #: the GPU lease's ``--thick-slices``.
+    thick_slices: float = 0.0
+    #: A pack (``msam data pack``): online lesion synthesis instead of the crop cache of ``data``.
+    pack: str | None = None
     extra: dict = field(default_factory=dict)
 
 
 def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[dict]:
     """The optimiser's parameter groups (and ``requires_grad`` set accordingly)."""
-    if from_pretrained:
+    if from_pretrained and not s.train_all:
         model.set_trainable()
         adapter = [p for n, p in model.named_parameters() if p.requires_grad and is_added_parameter(n)]
         rest = [p for n, p in model.named_parameters() if p.requires_grad and not is_added_parameter(n)]
@@ -94,7 +106,8 @@ def param_groups(model: MSAM, s: TrainSettings, from_pretrained: bool) -> list[d
                 {"params": rest, "lr": s.lr_decoder or SAM_LR_DECODER, "name": "prompt_encoder+decoder"}]
     for p in model.parameters():
         p.requires_grad = True
-    return [{"params": list(model.parameters()), "lr": s.lr or SCRATCH_LR, "name": "all (from scratch)"}]
+    return [{"params": list(model.parameters()), "lr": s.lr or SCRATCH_LR,
+             "name": "all (continued)" if from_pretrained else "all (from scratch)"}]
 
 
 def lr_factor(step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
@@ -201,12 +214,12 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def train(s: TrainSettings, log=print) -> Path:
-    """Run training; returns the path of the final ``model.safetensors``."""
-    from monai.losses import DiceCELoss
-
+def train(s: TrainSettings, log=print, on_save=None, pack=None) -> Path:
+    """Run training; returns the path of the final ``model.safetensors``. ``on_save(path, step,
+    model)``, when given, runs after every save (``msam_core.train.lease`` validates and exports);
+    ``pack``: the :class:`~msam_core.train.pack.Pack` of ``s.pack`` when the caller has read it."""
     from msam_core.checkpoints import init_from_checkpoint, save_checkpoint
-    from msam_core.train.data import CropDataset, build_cache
+    from msam_core.train.loss import dice_ce_loss
 
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -214,27 +227,40 @@ def train(s: TrainSettings, log=print) -> Path:
     torch.manual_seed(s.seed)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
-    # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
-    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None)
-    if len(dataset) == 0:
-        raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
+    online = None
+    if s.pack:
+        from msam_core.train.online import OnlineCrops
+        from msam_core.train.pack import load_pack
+
+        online = OnlineCrops(pack if pack is not None else load_pack(Path(s.pack)), device, s.thick_slices)
+        dataset: list | CropDataset = []
+        log(f"online lesion synthesis from {Path(s.pack).name} (sha256 {online.sha256[:12]}...) on {device.type}")
+    else:
+        from msam_core.train.data import CropDataset, build_cache
+
+        cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
+        # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
+        dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
+                              thick_p=s.thick_slices)
+        if len(dataset) == 0:
+            raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
 
     model = build_model(get_config(s.config))
     from_pretrained = s.init is not None
     if from_pretrained:
         fresh = init_from_checkpoint(model, s.init)
-        log(f"initialised from {Path(s.init).name}; {len(fresh)} tensors (LoRA/MEA) start fresh")
+        log(f"initialised from {Path(s.init).name}; {len(fresh)} tensors (LoRA/MEA) start fresh"
+            + ("; every parameter trains (--train-all)" if s.train_all else ""))
     model = model.to(device).train()
     groups = param_groups(model, s, from_pretrained)
     trainable, total = model.parameter_counts()
     log(f"{s.config}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({100 * trainable / total:.1f}%)"
-        + ("" if from_pretrained else " - the whole encoder trains"))
+        + ("" if from_pretrained and not s.train_all else " - the whole encoder trains"))
     for g in groups:
         log(f"  group {g['name']}: {sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters, lr {g['lr']:g}")
     optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    loss_fn = dice_ce_loss
 
     step, elapsed_before = 0, 0.0
     last_pt = out / "last.pt"
@@ -270,18 +296,24 @@ def train(s: TrainSettings, log=print) -> Path:
                     "elapsed": elapsed_before + time.time() - t0}, out / "last.pt.tmp")
         (out / "last.pt.tmp").replace(last_pt)
         provenance = {
-            "trained_by": "msam train", "config": s.config, "data": Path(s.data).name,
-            "dataset_seed": _dataset_seed(Path(s.data)), "steps": step, "batch_size": s.batch_size,
+            "trained_by": "msam train", "config": s.config, "data": Path(s.pack or s.data).name,
+            "dataset_seed": None if online else _dataset_seed(Path(s.data)), "steps": step, "batch_size": s.batch_size,
             "iterations": s.iterations, "init": Path(s.init).name if s.init else None,
             "minutes": round((elapsed_before + time.time() - t0) / 60, 1), "final": final,
             "train_crops": len(dataset), "git_commit": _git_commit(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {device.type}", "threads": torch.get_num_threads(),
         }
+        if s.thick_slices:
+            provenance["thick_slices"] = s.thick_slices
+        if online is not None:
+            provenance.update(online_synthesis=True, pack_sha256=online.sha256, train_crops=step * s.batch_size)
         model.invalidate_model_id()
         path = save_checkpoint(model, out / "model.safetensors", provenance)
         if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
             (out / "checkpoints").mkdir(exist_ok=True)
             shutil.copyfile(path, out / "checkpoints" / f"step-{step:06d}.safetensors")
+        if on_save is not None:
+            on_save(path, step, model)
         return path
 
     rng = np.random.default_rng([s.seed, step])
@@ -289,18 +321,21 @@ def train(s: TrainSettings, log=print) -> Path:
     progress = Progress(s.steps)
     t0 = time.time()
     last_save = t0
-    epoch = step * s.batch_size // len(dataset)
+    epoch = step * s.batch_size // max(1, len(dataset))
     order: list[int] = []
     while step < s.steps:
-        if not order:
-            dataset.epoch = epoch
-            order = np.random.default_rng([s.seed, epoch]).permutation(len(dataset)).tolist()
-            epoch += 1
-        batch_idx, order = order[: s.batch_size], order[s.batch_size :]
-        items = [dataset[i] for i in batch_idx]
-        image = torch.stack([x[0] for x in items]).to(device)
-        gt = torch.stack([x[1] for x in items]).to(device)
-        first = torch.stack([x[2] for x in items]).to(device)
+        if online is not None:  # fresh lesions, drawn from (seed, step): a resumed run draws what it would have
+            image, gt, first = online.batch(np.random.default_rng([s.seed, step, 1]), s.batch_size)
+        else:
+            if not order:
+                dataset.epoch = epoch
+                order = np.random.default_rng([s.seed, epoch]).permutation(len(dataset)).tolist()
+                epoch += 1
+            batch_idx, order = order[: s.batch_size], order[s.batch_size :]
+            items = [dataset[i] for i in batch_idx]
+            image = torch.stack([x[0] for x in items]).to(device)
+            gt = torch.stack([x[1] for x in items]).to(device)
+            first = torch.stack([x[2] for x in items]).to(device)
         for g, base in zip(optimizer.param_groups, base_lrs):
             spent = (elapsed_before + time.time() - t0) / (60 * s.max_minutes) if s.max_minutes else 0.0
             g["lr"] = base * lr_factor(step, s.steps, s.warmup, spent)
@@ -345,9 +380,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0] + " See msam_core/train/trainer.py for the recipe.")
     p.add_argument("--config", default="msam_small", choices=TRAINABLE_CONFIGS,
                    help="model configuration (msam_core/model/configs.py); the bundled model is msam_small_regions")
-    p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="data folder (dataset.json, or images/ + labels/): train on its crop cache")
+    source.add_argument("--pack", type=Path, help="a pack written by 'msam data pack': synthesise fresh lesions on "
+                        "the training device at every step instead (docs/gpu-training.md)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (SAM-Med3D .pth, msam .safetensors); "
                    "then only LoRA, MEA, prompt encoder and decoder train. Without it everything trains from scratch")
+    p.add_argument("--train-all", action="store_true",
+                   help="with --init: train every parameter at --lr (continue a from-scratch network such as the "
+                        "bundled one; docs/gpu-training.md) instead of M-SAM's LoRA/MEA/decoder recipe")
     p.add_argument("--out", type=Path, default=Path("runs/msam"), help="run folder (log.csv, last.pt, model.safetensors)")
     p.add_argument("--steps", type=whole_number(1), default=1000, help="optimiser steps")
     p.add_argument("--batch-size", type=whole_number(1), default=2)
@@ -370,11 +411,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msam_core.train.data import require_cases
+    if args.train_all and args.init is None:
+        raise UnsupportedRequest("--train-all continues training from --init CHECKPOINT; give --init "
+                                 "(without --init every parameter trains anyway)")
+    if args.pack is not None:
+        from msam_core.train.pack import read_meta
 
-    require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
+        read_meta(args.pack)  # a missing or foreign file fails at once, with what to do
+    else:
+        from msam_core.train.data import require_cases
+
+        require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
-        config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
+        config=args.config, data=str(args.data or ""), pack=str(args.pack) if args.pack else None,
+        out=str(args.out), init=str(args.init) if args.init else None, train_all=args.train_all,
         steps=args.steps, batch_size=args.batch_size, iterations=args.iterations,
         lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,

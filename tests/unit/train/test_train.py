@@ -205,3 +205,69 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     assert ("set with `msam calibrate --coarse-view on`, measured on the validation split (mean Dice over clicks 1..2: "
             "off 0.460, on 0.480, on minus off +0.020 (95% interval -0.010 to +0.050))") in text
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == calibrated.read_bytes()
+
+
+def test_train_all_continues_every_parameter_from_init() -> None:
+    model = build_model("msam_small")
+    groups = param_groups(model, TrainSettings(train_all=True, lr=2e-4), from_pretrained=True)
+    assert [g["lr"] for g in groups] == [2e-4] and groups[0]["name"] == "all (continued)"
+    assert model.parameter_counts()[0] == model.parameter_counts()[1]
+
+
+def test_train_all_without_init_is_refused(capsys) -> None:
+    from msam_core.cli import main
+
+    assert main(["train", "--config", "msam_small", "--data", "d", "--train-all"]) == 2
+    assert "--train-all continues training from --init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("axis,factor,phase", [(2, 3, 1), (0, 4, 0), (1, 2, 1)])
+def test_thick_slice_augmentation_is_what_the_pipeline_makes_of_a_thick_slice_scan(axis, factor, phase) -> None:
+    """A 1.5 mm volume made a thick-slice series (``msam_core.train.thick``, as the thick evaluation
+    splits are), then cut by the pipeline's own sampler onto the 1.5 mm crop grid, equals
+    :func:`thicken` of the crop of the original (away from the two ends, where the sampler sees
+    outside the scan): training sees what inference sees."""
+    from msam_core.io.volume import Volume
+    from msam_core.train.data import thicken
+    from msam_core.train.thick import thick_copy
+
+    rng = np.random.default_rng(axis)
+    size = 32
+    array = rng.normal(size=(size,) * 3).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-20.0, 7.0, 3.0]
+    n = (size - phase) // factor
+    slabs, _, thick_affine = thick_copy(array, np.zeros(array.shape, np.uint8), affine, factor, axis, phase)
+    assert slabs.shape[axis] == n
+    grid = CropGrid(origin_ras=tuple(affine[:3, 3]), size=size, spacing=1.5)  # the original's own lattice
+    seen = VolumeSampler(Volume(slabs, thick_affine)).raw_crop(grid)
+    made = thicken(torch.from_numpy(array)[None], axis, factor, phase)[0].numpy()
+    inner = [slice(None)] * 3
+    inner[axis] = slice(phase + factor, phase + (n - 1) * factor)
+    np.testing.assert_allclose(made[tuple(inner)], seen[tuple(inner)], atol=1e-4)
+    # a thick-slice crop is smoother along its slice axis only
+    assert np.abs(np.diff(made, axis=axis)).mean() < 0.6 * np.abs(np.diff(array, axis=axis)).mean()
+    other = (axis + 1) % 3
+    assert np.abs(np.diff(made, axis=other)).mean() > 0.3 * np.abs(np.diff(array, axis=other)).mean()
+
+
+def test_thick_slice_augmentation_draws_from_the_rng_and_keeps_mask_and_click() -> None:
+    from msam_core.train.data import augment, thicken
+
+    image = torch.randn(1, 16, 16, 16)
+    mask = (torch.rand(1, 16, 16, 16) > 0.5).float()
+    click = torch.full((3,), 8.0)
+    for seed in range(20):
+        a = augment(image, mask, click, np.random.default_rng(seed), thick_p=1.0)
+        b = augment(image, mask, click, np.random.default_rng(seed), thick_p=1.0)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # deterministic from the rng
+    plain = [augment(image, mask, click, np.random.default_rng(s))[0] for s in range(5)]
+    off = [augment(image, mask, click, np.random.default_rng(s), thick_p=0.0)[0] for s in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(plain, off))  # p = 0: the augmentation as before
+    # the mask keeps the true shape (only flipped), the click follows the flips
+    _, m, c = augment(image, mask, click, np.random.default_rng(3), thick_p=1.0)
+    assert sorted(m.unique().tolist()) == [0.0, 1.0] and m.sum() == mask.sum()
+    with pytest.raises(ValueError, match="factor"):
+        thicken(image, 0, 1)
+    with pytest.raises(ValueError, match="factor"):
+        thicken(image, 0, 3, 3)
