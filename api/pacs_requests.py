@@ -39,8 +39,14 @@ class Routing:
     extra: dict[str, Any] = field(default_factory=dict)  # stored in the job's request
 
 
-def outputs(destinations: list[str], callback_url: str | None, base: str) -> dict[str, Any]:
-    """Validate destinations and callback; what the job record keeps of them."""
+#: what a destination receives unless the request says otherwise
+DEFAULT_SEND = ("dicom-seg", "sr")
+
+
+def outputs(destinations: list[str], callback_url: str | None, base: str,
+            send: list[str] | tuple[str, ...] = DEFAULT_SEND) -> dict[str, Any]:
+    """Validate destinations and callback; what the job record keeps of them (``send``: the
+    result formats the destinations receive)."""
     extra: dict[str, Any] = {}
     if not destinations and not callback_url:
         return extra  # plain requests never read the PACS configuration
@@ -50,6 +56,7 @@ def outputs(destinations: list[str], callback_url: str | None, base: str) -> dic
             extra["destinations"] = nodes.check_destinations(pacs, destinations)
         except nodes.UnknownNode as exc:
             raise ApiError(422, "unknown_node", f"destinations: {exc}") from exc
+        extra["send"] = list(send)
     if callback_url:
         try:
             extra["callback_url"] = webhooks.check_callback(callback_url, pacs.allowlist(), pacs.webhook_secret)
@@ -62,7 +69,7 @@ def outputs(destinations: list[str], callback_url: str | None, base: str) -> dic
 
 def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
     """``payload``: a validated ``SegmentByVolume`` (``volume_id`` or ``source``)."""
-    extra = outputs(list(payload.destinations or []), payload.callback_url, base)
+    extra = outputs(list(payload.destinations or []), payload.callback_url, base, list(payload.send))
     if payload.volume_id is not None:
         return Routing(volume_for(svc, payload.volume_id, who), payload.volume_id, extra)
     src = payload.source
@@ -85,6 +92,18 @@ def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
     svc.redis.set(volume_owner_key(volume_id), who, ex=svc.settings.job_ttl_s)
     extra["source"] = {"pacs": node.name, "study_uid": src.study_uid, "series_uid": src.series_uid}
     return Routing(None, volume_id, extra)
+
+
+def form_send(raw: object) -> list[str]:
+    """The multipart field ``send``: ``dicom-seg,sr`` (default) or ``dicom-seg``."""
+    if not isinstance(raw, str) or not raw.strip():
+        return list(DEFAULT_SEND)
+    parts = list(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
+    unknown = [p for p in parts if p not in DEFAULT_SEND]
+    if unknown or "dicom-seg" not in parts:
+        raise ApiError(422, "invalid_request", "send: 'dicom-seg,sr' (the SEG and the measurement SR, the default) "
+                       "or 'dicom-seg' (the SEG only); the SR references the SEG, so the SEG is always sent")
+    return parts
 
 
 def form_destinations(raw: object) -> list[str]:

@@ -35,7 +35,9 @@ Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, 
 StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
 Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha", "sr"]
+#: what a PACS destination receives
+SendFormat = Literal["dicom-seg", "sr"]
 
 
 class MaskRef(BaseModel):
@@ -138,11 +140,17 @@ class SegmentByVolume(BaseModel):
                                     description="configured DICOMweb node or AE names (STOW-RS / C-STORE)")
     callback_url: str | None = Field(default=None, max_length=2048,
                                      description="webhook URL; must be on the server's allowlist")
+    send: list[SendFormat] = Field(default_factory=lambda: ["dicom-seg", "sr"], min_length=1, max_length=2,
+                                   description="what the destinations receive: the DICOM-SEG and the measurement SR "
+                                   "(default), or [\"dicom-seg\"] for the SEG only")
 
     @model_validator(mode="after")
     def _one_image(self) -> SegmentByVolume:
         if (self.volume_id is None) == (self.source is None):
             raise ValueError("give exactly one of volume_id and source")
+        if "dicom-seg" not in self.send:
+            raise ValueError("send: the SR references the DICOM-SEG, so a destination gets the SEG with it; "
+                             'give ["dicom-seg", "sr"] or ["dicom-seg"]')
         return self
 
 
@@ -185,6 +193,7 @@ class Timings(BaseModel):
     decode: float | None = Field(default=None, description="decoder passes")
     prior: float | None = Field(default=None, description="stable-region prior (region growing)")
     boundary: float | None = Field(default=None, description="full-resolution boundary refinement")
+    measure: float | None = Field(default=None, description="lesion measurements")
     write: float | None = None
     total: float | None = None
 
@@ -245,12 +254,50 @@ class Info(BaseModel):
     result_formats: list[str]
 
 
+class AxisOut(BaseModel):
+    """A measured line; ``slice_axis``/``slice_index`` name the slice of the acquisition plane it
+    lies in (null for the 3D diameter)."""
+
+    length_mm: float
+    start_lps: list[float] = Field(description="first endpoint, LPS mm")
+    end_lps: list[float] = Field(description="second endpoint, LPS mm")
+    start_voxel: list[float] = Field(description="first endpoint, continuous voxel indices i, j, k of the image")
+    end_voxel: list[float] = Field(description="second endpoint, continuous voxel indices i, j, k of the image")
+    slice_axis: int | None = Field(description="voxel axis across the slices (0, 1, 2 = i, j, k)")
+    slice_index: int | None = Field(description="the slice along slice_axis")
+
+
+class IntensityStatsOut(BaseModel):
+    unit: str = Field(description="HU for CT, else 'image units'")
+    mean: float
+    sd: float
+    median: float
+    min: float
+    max: float
+
+
+class MeasurementsOut(BaseModel):
+    """A lesion's measurements on its mask (docs/measurements.md): lengths in mm, points in LPS mm."""
+
+    voxels: int
+    volume_ml: float = Field(description="voxel count x voxel volume")
+    long_axis: AxisOut = Field(description="RECIST long axis: longest diameter within one slice of the "
+                               "acquisition plane, on the slice where it is largest")
+    short_axis: AxisOut = Field(description="longest extent perpendicular to the long axis, same slice")
+    max_diameter_3d: AxisOut = Field(description="longest 3D diameter")
+    centroid_lps: list[float]
+    intensity: IntensityStatsOut | None
+    surface_area_mm2: float
+    sphericity: float
+
+
 class LesionSummary(BaseModel):
     lesion: int
     voxels: int
     windows: int
     cache_hits: int
     stopped_at_limit: bool
+    measurements: MeasurementsOut | None = Field(default=None, description="null when the lesion has no voxel")
 
 
 class IntensityOut(BaseModel):

@@ -356,3 +356,19 @@ def measure_labels(labels: np.ndarray, volume: Volume, *, slice_axis: int | None
         if measured is not None:
             out[label] = measured
     return out
+
+
+def table(measured: dict[int, LesionMeasurements | None]) -> str:
+    """A short text table, one row per lesion: volume, RECIST long and short axis, 3D diameter
+    and mean intensity (what ``msam segment`` prints)."""
+    rows = [f"{'lesion':>6}  {'voxels':>8}  {'volume mL':>9}  {'long mm':>7}  {'short mm':>8}  {'3D mm':>6}  "
+            f"{'slice':>5}  mean intensity"]
+    for label, m in sorted(measured.items()):
+        if m is None:
+            rows.append(f"{label:>6}  {0:>8}  (empty: nothing to measure)")
+            continue
+        mean = f"{m.intensity.mean:.1f} {m.intensity.unit}" if m.intensity else "-"
+        rows.append(f"{label:>6}  {m.voxels:>8}  {m.volume_ml:>9.2f}  {m.long_axis.length_mm:>7.1f}  "
+                    f"{m.short_axis.length_mm:>8.1f}  {m.max_diameter_3d.length_mm:>6.1f}  "
+                    f"{m.long_axis.slice_index:>5}  {mean}")
+    return "\n".join(rows)

@@ -3,8 +3,9 @@
 - :func:`prepare`, before :func:`worker.job.run_job`: a job whose source is a DICOMweb node
   gets its series retrieved by WADO-RS and stored as the volume the API reserved for it; a
   failure ends the job ``failed`` with the node's name and the reason (code ``pacs_error``).
-- :func:`finish`, after it: a succeeded job's DICOM-SEG is stored to each destination (STOW-RS
-  for a DICOMweb node, C-STORE for an AE), each destination's outcome kept in the job record
+- :func:`finish`, after it: a succeeded job's DICOM-SEG, and its measurement SR unless the
+  request's ``send`` asks for the SEG only, are stored to each destination (STOW-RS for a
+  DICOMweb node, C-STORE for an AE), each destination's outcome kept in the job record
   (``destinations_status``); then, once per job, the webhook is queued.
 - ``msam.webhook``: one signed POST per attempt, retried with exponential backoff by Celery
   (``countdown``, capped below the visibility timeout so a waiting retry is never redelivered).
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -70,8 +72,8 @@ def prepare(rt: Runtime, job_id: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def push(rt: Runtime, job_id: str, names: list[str], seg: Path) -> dict[str, str]:
-    """Store ``seg`` to each destination; returns name -> ``stored`` or why not."""
+def push(rt: Runtime, job_id: str, names: list[str], files: list[Path]) -> dict[str, str]:
+    """Store ``files`` (the SEG, then the SR) to each destination; returns name -> ``stored`` or why not."""
     pacs = get_pacs_settings()
     outcome: dict[str, str] = {}
     for name in names:
@@ -79,9 +81,9 @@ def push(rt: Runtime, job_id: str, names: list[str], seg: Path) -> dict[str, str
             try:
                 node = nodes.destination(pacs, name)
                 if isinstance(node, nodes.DicomwebNode):
-                    dicomweb.store(node, [seg], timeout=pacs.dicomweb_timeout_s)
+                    dicomweb.store(node, files, timeout=pacs.dicomweb_timeout_s)
                 else:
-                    dimse_sender.send(node, [seg], calling_ae=pacs.dicom_ae_title)
+                    dimse_sender.send(node, files, calling_ae=pacs.dicom_ae_title)
                 outcome[name] = "stored"
                 break
             except nodes.UnknownNode as exc:
@@ -109,8 +111,12 @@ def finish(rt: Runtime, job_id: str, push_results: bool = True) -> None:
         status_of: dict[str, str] = {}
         if names and rec.status == jobs.SUCCEEDED and push_results:
             if "dicom-seg" in rec.results:
-                with rt.storage.local_copy(f"jobs/{job_id}/seg.dcm") as seg:
-                    status_of = push(rt, job_id, names, seg)
+                send_sr = "sr" in rec.request.get("send", ["dicom-seg", "sr"]) and "sr" in rec.results
+                with contextlib.ExitStack() as stack:
+                    files = [stack.enter_context(rt.storage.local_copy(f"jobs/{job_id}/seg.dcm"))]
+                    if send_sr:
+                        files.append(stack.enter_context(rt.storage.local_copy(f"jobs/{job_id}/sr.dcm")))
+                    status_of = push(rt, job_id, names, files)
             else:
                 why = rec.result_errors.get("dicom-seg", "no DICOM-SEG was written")
                 status_of = {n: f"not sent: {why}" for n in names}

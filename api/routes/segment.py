@@ -36,6 +36,8 @@ _MULTIPART_SCHEMA = {
         "series_uid": {"type": "string", "description": "SeriesInstanceUID when the upload holds several"},
         "destinations": {"type": "string", "description": "configured node names for the DICOM-SEG (JSON list or comma-separated)"},
         "callback_url": {"type": "string", "description": "webhook URL on the server's allowlist"},
+        "send": {"type": "string", "description": "what the destinations receive: 'dicom-seg,sr' (default: the "
+                 "SEG and the measurement SR) or 'dicom-seg'"},
     },
 }
 
@@ -71,7 +73,8 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         series = form.get("series_uid")
         callback = form.get("callback_url")
         destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
-        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base)
+        send = pacs_requests.form_send(form.get("send"))
+        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, send)
         check_prompt_count(svc, prompts)  # before the upload is decoded
         masks = [f for f in form.getlist("masks") if isinstance(f, UploadFile)]
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)

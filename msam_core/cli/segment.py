@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ examples:
   msam segment ct.nii.gz -o mask.nii.gz --point 210,180,95
   msam segment ct.nii.gz -o a.png --space RAS --point -40.5,22,-110 --point -35,20,-110,0
   msam segment series.zip -o seg.dcm --box 180,150,80,240,210,110 --box 300,200,60,340,240,90,2
+  msam segment ct.nii.gz -o mask.nii.gz --point 210,180,95 --report measurements.json
+measurements: a table on stdout per lesion (volume, RECIST long/short axis, 3D diameter, mean
+  intensity); --report FILE.json writes all of them (docs/measurements.md).
 exit codes: 0 done, 2 a mistake in the request (the message says what to fix), 1 other errors."""
 
 
@@ -57,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
     p.add_argument("--iterations", type=int, default=1,
                    help="decoder passes, each fed the previous mask (default 1)")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.json",
+                   help="also write every lesion's measurements (volume, RECIST long/short axis with endpoints in "
+                        "LPS mm, 3D diameter, centroid, intensity statistics, surface area, sphericity) as JSON")
     p.add_argument("--max-windows", type=int, default=8,
                    help="most 128^3 windows per lesion when a lesion outgrows one crop (default 8)")
     p.set_defaults(func=run)
@@ -161,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidPrompt(f"--iterations must be between 1 and {MAX_ITERATIONS}, got {args.iterations}")
     if not 1 <= args.max_windows <= 64:
         raise InvalidPrompt(f"--max-windows must be between 1 and 64, got {args.max_windows}")
+    if args.report is not None and not args.report.parent.resolve().is_dir():
+        raise UnsupportedRequest(f"report folder {args.report.parent} does not exist")
     if not points and not boxes and args.mask is None:
         raise InvalidPrompt("nothing to segment: give --point, --box or --mask")
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -209,5 +218,15 @@ def run(args: argparse.Namespace) -> int:
         note = " (window limit reached: raise --max-windows)" if lesion.stopped_at_limit else ""
         print(f"lesion {lesion.lesion}: {lesion.voxels} voxels, {lesion.voxels * voxel_ml:.2f} ml, "
               f"{lesion.windows} window(s){note}", file=sys.stderr)
+    from msam_core.measure import measure_lesion, table
+
+    measured = {lesion.lesion: measure_lesion(result.labels == lesion.lesion, volume) for lesion in result.lesions}
+    print(table(measured))
+    if args.report is not None:
+        doc = {"input": args.input.name, "output": args.output.name, "coordinates": "LPS mm; voxel = (i, j, k) of INPUT",
+               "lesions": [{"lesion": label, "measurements": m.to_json() if m is not None else None}
+                           for label, m in sorted(measured.items())]}
+        args.report.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.report}", file=sys.stderr)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

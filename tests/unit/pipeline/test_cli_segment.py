@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -41,11 +42,24 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 def test_nifti_and_png_outputs(files, capsys):
     out = files["root"] / "mask.nii.gz"
-    code, err = _run(capsys, files["image"], "-o", out, "--point", "24,20,12", "--point", "2,2,2,0",
-                     "--checkpoint", files["ckpt"], "--iterations", "2", "--max-windows", "2")
+    report = files["root"] / "report.json"
+    code = main(["segment", str(files["image"]), "-o", str(out), "--point", "24,20,12", "--point", "2,2,2,0",
+                 "--checkpoint", str(files["ckpt"]), "--iterations", "2", "--max-windows", "2", "--report", str(report)])
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 0, err
     assert "lesion 1:" in err
     mask = nib.load(str(out))
+    # the report measures the mask written (the same voxels), endpoints in LPS
+    from msam_core.io.load import load_volume
+    from msam_core.measure import measure_lesion
+
+    doc = json.loads(report.read_text())
+    written = np.asarray(mask.dataobj) == 1
+    expected = measure_lesion(written, load_volume(files["image"]))
+    assert [x["lesion"] for x in doc["lesions"]] == [1]
+    assert doc["lesions"][0]["measurements"] == expected.to_json()
+    assert "long mm" in captured.out and f"{expected.volume_ml:.2f}" in captured.out
     assert mask.shape == SHAPE and mask.get_data_dtype() == np.uint8
     assert np.array_equal(mask.affine, nib.load(str(files["image"])).affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
