@@ -75,12 +75,16 @@ class Lesion(BaseModel):
                               "spaces are removed)")
     mask: MaskRef | None = Field(default=None, description="a mask of the lesion (e.g. from another model or a "
                                  "previous study), refined as the previous-mask prompt, with or without clicks")
+    line: tuple[Xyz, Xyz] | None = Field(default=None, description="a RECIST line: the two endpoints of the "
+                                         "lesion's long axis as a radiologist measured it (in voxel space both in "
+                                         "one slice of the acquisition plane); it becomes positive clicks on the "
+                                         "line, and the status reports its length beside the measured long axis")
 
     @model_validator(mode="after")
     def _prompted(self) -> Lesion:
-        if not self.positive and self.mask is None:
-            raise ValueError("a lesion needs at least one positive click ('positive') or a 'mask'; negative "
-                             "clicks only say where it is not")
+        if not self.positive and self.mask is None and self.line is None:
+            raise ValueError("a lesion needs at least one positive click ('positive'), a 'line' or a 'mask'; "
+                             "negative clicks only say where it is not")
         return self
 
     @field_validator("label")
@@ -291,6 +295,17 @@ class MeasurementsOut(BaseModel):
     sphericity: float
 
 
+class ReferenceLineOut(BaseModel):
+    """The line a lesion was prompted with (a radiologist's RECIST measurement), to compare with
+    the measured long axis."""
+
+    length_mm: float
+    start_lps: list[float]
+    end_lps: list[float]
+    source: str = Field(description="'request' (the lesion's line), 'SR' (a TID 1500 measurement in the PACS) or "
+                        "'GSPS' (a presentation state's polyline)")
+
+
 class LesionSummary(BaseModel):
     lesion: int
     voxels: int
@@ -298,6 +313,8 @@ class LesionSummary(BaseModel):
     cache_hits: int
     stopped_at_limit: bool
     measurements: MeasurementsOut | None = Field(default=None, description="null when the lesion has no voxel")
+    reference_line: ReferenceLineOut | None = Field(default=None, description="the line the lesion was prompted "
+                                                    "with: its length beside measurements.long_axis.length_mm")
 
 
 class IntensityOut(BaseModel):

@@ -25,7 +25,7 @@ from msam_core.errors import InvalidVolume, MsamError, UnsupportedRequest
 from msam_core.pipeline.segmenter import Segmenter, StageTimer
 from msam_service import jobs
 from msam_service.masks import load_masks
-from msam_service.prompts import resolve, segment_labels
+from msam_service.prompts import reference_lines, resolve, segment_labels
 from msam_service.volumes import load_info, open_volume
 from worker.runtime import Runtime, worker_name
 
@@ -126,9 +126,10 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                                                   measured)
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
+        lines = reference_lines(doc, volume)
         summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
                     "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit,
-                    "measurements": measurements.get(o.lesion)}
+                    "measurements": measurements.get(o.lesion), "reference_line": lines.get(o.lesion)}
                    for o in result.lesions]
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
                       results=written, result_errors=errors, warnings=warnings, lesions=summary,

@@ -20,7 +20,7 @@ def prompt_rules() -> PromptRules:
     lesion = schema["$defs"]["Lesion"]["properties"]
     iterations = schema["properties"]["iterations"]
     return PromptRules(
-        types=[name for name in ("positive", "negative", "box", "mask") if name in lesion],
+        types=[name for name in ("positive", "negative", "box", "mask", "line") if name in lesion],
         spaces=list(schema["properties"]["space"]["enum"]),
         max_lesions=schema["properties"]["lesions"]["maxItems"],
         max_points_per_lesion=lesion["positive"]["maxItems"],

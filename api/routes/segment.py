@@ -211,9 +211,9 @@ def check_prompt_count(svc: Services, prompts: Prompts) -> None:
     if len(prompts.lesions) > limit.max_lesions:
         raise ApiError(422, "too_many_prompts", f"{len(prompts.lesions)} lesions in one request; at most "
                        f"{limit.max_lesions} (MSAM_MAX_LESIONS)")
-    n = sum(len(x.positive) + len(x.negative) + (x.box is not None) for x in prompts.lesions)
+    n = sum(len(x.positive) + len(x.negative) + (x.box is not None) + (x.line is not None) for x in prompts.lesions)
     if n > limit.max_prompts:
-        raise ApiError(422, "too_many_prompts", f"{n} points and boxes in one request; at most "
+        raise ApiError(422, "too_many_prompts", f"{n} points, boxes and lines in one request; at most "
                        f"{limit.max_prompts} (MSAM_MAX_PROMPTS)")
 
 

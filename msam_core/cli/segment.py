@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a click; LABEL 1 = lesion (default), 0 = not lesion; repeatable")
     p.add_argument("--box", action="append", default=[], metavar="X0,Y0,Z0,X1,Y1,Z1[,LESION]",
                    help="two opposite corners of a box around a lesion; repeatable")
+    p.add_argument("--line", action="append", default=[], metavar="X0,Y0,Z0,X1,Y1,Z1[,LESION]",
+                   help="a RECIST line: the two endpoints of a lesion's long axis (in voxel space both in one slice); "
+                        "it becomes positive clicks on the line; repeatable")
     p.add_argument("--space", default="voxel", help="space of --point/--box: voxel (default), LPS or RAS")
     p.add_argument("--mask", type=Path, default=None, metavar="PRIOR", help="existing mask to refine")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -105,6 +108,15 @@ def parse_box(text: str, space: str):
     v = _numbers(text, "--box", (6, 7))
     lesion = _integer(v[6], "--box LESION") if len(v) > 6 else 1
     return Box(corner0=(v[0], v[1], v[2]), corner1=(v[3], v[4], v[5]), space=space, lesion=lesion)  # type: ignore[arg-type]
+
+
+def parse_line(text: str, space: str):
+    """``"X0,Y0,Z0,X1,Y1,Z1[,LESION]"`` -> :class:`~msam_core.pipeline.lines.Line`."""
+    from msam_core.pipeline.lines import Line
+
+    v = _numbers(text, "--line", (6, 7))
+    lesion = _integer(v[6], "--line LESION") if len(v) > 6 else 1
+    return Line(start=(v[0], v[1], v[2]), end=(v[3], v[4], v[5]), space=space, lesion=lesion)  # type: ignore[arg-type]
 
 
 def output_kind(path: Path) -> str:
@@ -164,14 +176,15 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidPrompt(f"--space {args.space!r}: use voxel, LPS or RAS")
     points = [parse_point(t, space) for t in args.point]
     boxes = [parse_box(t, space) for t in args.box]
+    lines = [parse_line(t, space) for t in args.line]
     if not 1 <= args.iterations <= MAX_ITERATIONS:
         raise InvalidPrompt(f"--iterations must be between 1 and {MAX_ITERATIONS}, got {args.iterations}")
     if not 1 <= args.max_windows <= 64:
         raise InvalidPrompt(f"--max-windows must be between 1 and 64, got {args.max_windows}")
     if args.report is not None and not args.report.parent.resolve().is_dir():
         raise UnsupportedRequest(f"report folder {args.report.parent} does not exist")
-    if not points and not boxes and args.mask is None:
-        raise InvalidPrompt("nothing to segment: give --point, --box or --mask")
+    if not points and not boxes and not lines and args.mask is None:
+        raise InvalidPrompt("nothing to segment: give --point, --box, --line or --mask")
     checkpoint = resolve_checkpoint(args.checkpoint)
 
     volume = load_volume(args.input)
@@ -182,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
             f"{volume.meta.get('format', 'not DICOM')}; write .nii.gz or .png instead"
         )
     prior = load_prior(args.mask, volume) if args.mask is not None else None
-    lesions = resolve_prompts(volume, points, boxes, prior)
+    from msam_core.pipeline.lines import line_as_points
+
+    line_points = [p for line in lines for p in line_as_points(line, volume)]
+    lesions = resolve_prompts(volume, line_points + points, boxes, prior)  # a line's midpoint centres its crop
 
     from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
@@ -223,8 +239,12 @@ def run(args: argparse.Namespace) -> int:
     measured = {lesion.lesion: measure_lesion(result.labels == lesion.lesion, volume) for lesion in result.lesions}
     print(table(measured))
     if args.report is not None:
+        from msam_core.pipeline.lines import resolve_line
+
+        line_mm = {line.lesion: float(np.linalg.norm(np.subtract(*resolve_line(line, volume)))) for line in lines}
         doc = {"input": args.input.name, "output": args.output.name, "coordinates": "LPS mm; voxel = (i, j, k) of INPUT",
-               "lesions": [{"lesion": label, "measurements": m.to_json() if m is not None else None}
+               "lesions": [{"lesion": label, "measurements": m.to_json() if m is not None else None,
+                            **({"line_length_mm": round(line_mm[label], 2)} if label in line_mm else {})}
                            for label, m in sorted(measured.items())]}
         args.report.write_text(json.dumps(doc, indent=1))
         print(f"wrote {args.report}", file=sys.stderr)

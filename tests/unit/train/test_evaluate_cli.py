@@ -35,10 +35,12 @@ def test_evaluate_writes_reports(tmp_path) -> None:
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     stats = summary["groups"]["all"]
-    assert set(stats) == {"msam", "region_growing", "stable_region"}
+    assert set(stats) == {"msam", "msam_line", "region_growing", "stable_region"}
     assert len(stats["msam"]["dice"]) == 2 and all(0 <= v <= 1 for v in stats["msam"]["dice"])
+    assert len(stats["msam_line"]["dice"]) == 1 and summary["line_strategy"] == "three"  # one interaction: the line
     rows = json.loads((out / "per_lesion.json").read_text())
-    assert {r["method"] for r in rows} == {"msam", "region_growing", "stable_region"}
+    assert {r["method"] for r in rows} == {"msam", "msam_line", "region_growing", "stable_region"}
+    assert {r["clicks"] for r in rows if r["method"] == "msam_line"} == {1}
     assert (out / "per_lesion.csv").read_text().startswith("split,case,lesion")
     assert (out / "dice_vs_clicks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +55,7 @@ def _evaluate_random_model(tmp_path, split: str, control: str) -> tuple:
     ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", split, "--clicks", "2",
-                 "--out", str(out), "--no-baseline", control]) == 0
+                 "--out", str(out), "--no-baseline", "--no-line", control]) == 0
     return data, ck, json.loads((out / "per_lesion.json").read_text())
 
 
