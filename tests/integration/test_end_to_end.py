@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -131,6 +132,26 @@ def test_dicom_files_upload_to_seg_rtstruct_nifti(service: Service, dicom_series
     logs = service.logs(tail=0)
     assert "job " in logs  # the worker did log
     assert "Synthetic^Patient" not in logs and "SYN0001" not in logs and "Synthetic" not in logs
+
+
+def test_line_prompt_in_world_space_segments_and_reports_the_line(service: Service, ct_nifti: Path) -> None:
+    """A RECIST line in LPS mm across the blob (its long axis in slice k = 12): the job segments
+    the lesion and reports the line's length beside the measured long axis."""
+    src = nib.load(str(ct_nifti))
+    ends_ras = nib.affines.apply_affine(src.affine, [[17, 20, 12], [27, 20, 12]])
+    ends_lps = (ends_ras * [-1, -1, 1]).tolist()
+    with service.client() as c:
+        with open(ct_nifti, "rb") as f:
+            r = c.post("/segment", files={"image": ("ct.nii.gz", f)},
+                       data={"prompts": json.dumps({"space": "LPS", "lesions": [{"line": ends_lps}]})})
+        assert r.status_code == 202, r.text
+    job = service.wait_job(r.json()["job_id"])
+    assert job["status"] == "succeeded", (job, service.logs())
+    (lesion,) = job["lesions"]
+    assert lesion["reference_line"]["source"] == "request"
+    assert lesion["reference_line"]["length_mm"] == pytest.approx(10 * 1.2, abs=0.01)
+    assert np.allclose(lesion["reference_line"]["start_lps"], ends_lps[0], atol=0.01)
+    assert lesion["voxels"] > 0 and lesion["measurements"]["long_axis"]["length_mm"] > 0
 
 
 def test_dicom_zip_volume_then_json_segment(service: Service, dicom_series, tmp_path: Path) -> None:
