@@ -7,7 +7,9 @@ image, and - in voxel space, where it can be checked exactly - lie in one slice 
 acquisition plane (:func:`msam_core.measure.acquisition_axis`), as a RECIST measurement does.
 
 The line becomes positive clicks on it (:data:`STRATEGIES`): the first is the midpoint, where the
-first crop is centred; the others are spread along the line. Which spread works best was
+first crop is centred; the others are spread along the line; a strategy may add negative clicks
+on the line's extension beyond its ends (where a RECIST line says the lesion has ended; those
+falling outside the image are left out). Which spread works best was
 measured with ``msam evaluate --line-strategy`` on the validation split (docs/measurements.md);
 :data:`DEFAULT_STRATEGY` is that one.
 """
@@ -22,11 +24,13 @@ from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
 from msam_core.pipeline.prompts import Point, Space, _check_space, _finite_xyz, _inside_image, to_ras
 
-#: strategy -> positions of the positive clicks along the line (0 = start, 1 = end); midpoint first
-STRATEGIES: dict[str, tuple[float, ...]] = {
-    "midpoint": (0.5,),
-    "three": (0.5, 0.25, 0.75),
-    "five": (0.5, 0.3, 0.7, 0.15, 0.85),
+#: strategy -> (positions of the positive clicks along the line, midpoint first; positions of
+#: negative clicks beyond its ends), 0 = start, 1 = end
+STRATEGIES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "midpoint": ((0.5,), ()),
+    "three": ((0.5, 0.25, 0.75), ()),
+    "five": ((0.5, 0.3, 0.7, 0.15, 0.85), ()),
+    "three_bounded": ((0.5, 0.25, 0.75), (-0.2, 1.2)),
 }
 DEFAULT_STRATEGY = "three"
 #: a line shorter than this (mm) has no length to measure or prompt with
@@ -75,16 +79,21 @@ def resolve_line(line: Line, volume: Volume) -> np.ndarray:
     return ras
 
 
-def line_points(line_ras: np.ndarray, strategy: str = DEFAULT_STRATEGY) -> np.ndarray:
-    """``(N, 3)`` RAS positive clicks on the line ``(2, 3)``, the midpoint first."""
+def line_points(line_ras: np.ndarray, strategy: str = DEFAULT_STRATEGY) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, 3)`` RAS clicks for the line ``(2, 3)`` and their ``(N,)`` labels (1 positive, the
+    midpoint first; 0 negative)."""
     if strategy not in STRATEGIES:
         raise InvalidPrompt(f"unknown line strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     a, b = np.asarray(line_ras, dtype=np.float64)
-    return np.array([a + t * (b - a) for t in STRATEGIES[strategy]])
+    positive, negative = STRATEGIES[strategy]
+    points = np.array([a + t * (b - a) for t in (*positive, *negative)])
+    return points, np.array([1] * len(positive) + [0] * len(negative), dtype=np.int64)
 
 
 def line_as_points(line: Line, volume: Volume, strategy: str = DEFAULT_STRATEGY) -> list[Point]:
-    """``line`` checked (:func:`resolve_line`) and turned into positive RAS clicks of its lesion."""
-    ras = resolve_line(line, volume)
-    return [Point(xyz=tuple(float(v) for v in p), label=1, space="RAS", lesion=line.lesion)  # type: ignore[arg-type]
-            for p in line_points(ras, strategy)]
+    """``line`` checked (:func:`resolve_line`) and turned into RAS clicks of its lesion (negative
+    clicks outside the image left out)."""
+    points, labels = line_points(resolve_line(line, volume), strategy)
+    inside = _inside_image(volume.ras_to_voxel(points), volume.shape)
+    return [Point(xyz=tuple(float(v) for v in p), label=int(lab), space="RAS", lesion=line.lesion)  # type: ignore[arg-type]
+            for p, lab, ok in zip(points, labels, inside) if ok or lab == 1]

@@ -230,11 +230,14 @@ def line_protocol(segmenter, sampler, volume, gt_volume: np.ndarray, strategy: s
     on the crop the Segmenter takes for a line prompt (centred on the line's midpoint)."""
     from msam_core.pipeline.lines import line_points
 
-    points_ras = line_points(expert_line(gt_volume, volume), strategy)
+    points_ras, labels = line_points(expert_line(gt_volume, volume), strategy)
+    inside = volume.ras_to_voxel(points_ras)
+    inside = np.all((inside >= -0.5) & (inside <= np.asarray(volume.shape) - 0.5), axis=1) | (labels == 1)
+    points_ras, labels = points_ras[inside], labels[inside]  # as the service: negatives off the image dropped
     grid = CropGrid.centred(points_ras[0], size=segmenter.model.img_size)
     image = sampler.crop(grid)
     state = segmenter.open_crop(image, grid, coarse_image=coarse_crop(segmenter, sampler, grid))
-    logits = segmenter.click(state, grid.ras_to_crop(points_ras), np.ones(len(points_ras), np.int64))
+    logits = segmenter.click(state, grid.ras_to_crop(points_ras), labels)
     return dice_nsd(logits > 0, mask_on_grid(gt_volume, volume, grid), grid.spacing, tolerance_mm)
 
 
@@ -488,7 +491,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the line protocol (msam_line: one pass prompted by the lesion's RECIST line, drawn "
                         "from the expert mask)")
     p.add_argument("--line-strategy", default=None,
-                   help="how a line becomes clicks: midpoint, three or five (default: the service's)")
+                   help="how a line becomes clicks: midpoint, three, five or three_bounded (default: the service's)")
     p.add_argument("--other-image-control", action="store_true",
                    help="also run the model on the next lesion's crop with this lesion's clicks (msam_other_image): "
                         "does it fit the lesion it sees? Needs two or more lesions")

@@ -35,7 +35,13 @@ def test_a_world_line_may_cross_slices_and_becomes_clicks_midpoint_first() -> No
     clicks = line_as_points(line, VOLUME, "three")
     assert [p.lesion for p in clicks] == [2, 2, 2] and all(p.label == 1 and p.space == "RAS" for p in clicks)
     assert np.allclose(clicks[0].xyz, ras.mean(axis=0))
-    assert np.allclose(line_points(ras, "five")[3], ras[0] + 0.15 * (ras[1] - ras[0]))
+    points, labels = line_points(ras, "five")
+    assert np.allclose(points[3], ras[0] + 0.15 * (ras[1] - ras[0])) and list(labels) == [1] * 5
+    points, labels = line_points(ras, "three_bounded")
+    assert list(labels) == [1, 1, 1, 0, 0] and np.allclose(points[3], ras[0] - 0.2 * (ras[1] - ras[0]))
+    # a negative click beyond an end that leaves the image is dropped, never a 422
+    edge = Line((1, 10, 5), (30, 10, 5))
+    assert [p.label for p in line_as_points(edge, VOLUME, "three_bounded")] == [1, 1, 1, 0]
     with pytest.raises(InvalidPrompt, match="unknown line strategy"):
         line_points(ras, "ten")
 
