@@ -139,7 +139,12 @@ class SegmentByVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
     volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
     source: DicomwebSource | ReceivedSource | None = Field(default=None, description="instead of volume_id")
-    prompts: Prompts
+    prompts: Prompts | None = Field(default=None, description="where the lesions are (required unless "
+                                    "lines_from_pacs)")
+    lines_from_pacs: bool = Field(default=False, description="with a DICOMweb source instead of prompts: every line "
+                                  "measurement of the study on this series (DICOM SR SCOORD/SCOORD3D polylines, GSPS "
+                                  "polylines) becomes a lesion prompted by its line; the status reports each "
+                                  "lesion's measured long axis beside the line's length")
     destinations: list[str] = Field(default_factory=list, max_length=8,
                                     description="configured DICOMweb node or AE names (STOW-RS / C-STORE)")
     callback_url: str | None = Field(default=None, max_length=2048,
@@ -152,6 +157,13 @@ class SegmentByVolume(BaseModel):
     def _one_image(self) -> SegmentByVolume:
         if (self.volume_id is None) == (self.source is None):
             raise ValueError("give exactly one of volume_id and source")
+        if self.lines_from_pacs:
+            if not isinstance(self.source, DicomwebSource) or self.prompts is not None:
+                raise ValueError("lines_from_pacs takes the lesions from the line measurements stored with a DICOMweb "
+                                 "source's study: give source {pacs, study_uid, series_uid} and no prompts")
+        elif self.prompts is None:
+            raise ValueError("prompts: missing; give the lesions' prompts, or lines_from_pacs: true with a DICOMweb "
+                             "source")
         if "dicom-seg" not in self.send:
             raise ValueError("send: the SR references the DICOM-SEG, so a destination gets the SEG with it; "
                              'give ["dicom-seg", "sr"] or ["dicom-seg"]')

@@ -24,12 +24,13 @@ from typing import Any
 
 from celery import Task
 
-from msam_core.errors import MsamError
+from msam_core.errors import InvalidPrompt, MsamError
+from msam_core.io.volume import Volume
 from msam_service import jobs
 from msam_service.pacs import dicomweb, dimse_sender, nodes, webhooks
 from msam_service.pacs.ingest import ingest_series
 from msam_service.pacs.settings import get_pacs_settings
-from msam_service.volumes import load_info
+from msam_service.volumes import load_info, open_volume
 from worker.celery_app import app
 from worker.runtime import Runtime
 
@@ -52,24 +53,55 @@ def prepare(rt: Runtime, job_id: str) -> None:
     if rec is None or rec.status in jobs.FINISHED:
         return
     src = rec.request.get("source") or {}
-    if "pacs" not in src or load_info(rt.storage, rec.volume_id) is not None:
-        return  # not a DICOMweb job, or already retrieved by an earlier delivery
+    if "pacs" not in src:
+        return  # not a DICOMweb job
+    info = load_info(rt.storage, rec.volume_id)
+    wants_lines = bool(rec.request.get("lines_from_pacs")) and not rec.request.get("prompts", {}).get("lesions")
+    if info is not None and not wants_lines:
+        return  # already retrieved by an earlier delivery
     pacs = get_pacs_settings()
     rt.store.update(job_id, stage="retrieve", progress=0.01)
     staging = rt.storage.staging_dir()
     t0 = time.perf_counter()
     try:
         node = nodes.dicomweb_node(pacs, src["pacs"])
-        files = dicomweb.retrieve_series(node, src["study_uid"], src["series_uid"], staging / "wado",
-                                         max_instances=pacs.dicom_max_instances, timeout=pacs.dicomweb_timeout_s)
-        ingest_series(rt.storage, staging, files, rec.volume_id, src["series_uid"])
-        logger.info("job %s: series retrieved from %s in %.2f s", job_id, node.name, time.perf_counter() - t0)
+        volume = None
+        if info is None:
+            files = dicomweb.retrieve_series(node, src["study_uid"], src["series_uid"], staging / "wado",
+                                             max_instances=pacs.dicom_max_instances, timeout=pacs.dicomweb_timeout_s)
+            _, volume = ingest_series(rt.storage, staging, files, rec.volume_id, src["series_uid"])
+            logger.info("job %s: series retrieved from %s in %.2f s", job_id, node.name, time.perf_counter() - t0)
+        if wants_lines:
+            if volume is None:
+                volume = open_volume(rt.storage, load_info(rt.storage, rec.volume_id))
+            _lines_to_prompts(rt, job_id, rec, node, src, volume)
     except (nodes.PacsError, nodes.UnknownNode) as exc:
         _fail(rt, job_id, "pacs_error", str(exc))
     except MsamError as exc:
         _fail(rt, job_id, exc.code, str(exc))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _lines_to_prompts(rt: Runtime, job_id: str, rec: jobs.JobRecord, node: nodes.DicomwebNode,
+                      src: dict[str, str], volume: Volume) -> None:
+    """The study's line measurements on the series (SR, GSPS) become the job's lesions, one per
+    line, prompted by it (``line_source`` says where it came from)."""
+    from msam_core.io.annotations import find_lines
+
+    pacs = get_pacs_settings()
+    found = find_lines(dicomweb.retrieve_annotations(node, src["study_uid"], timeout=pacs.dicomweb_timeout_s), volume)
+    if not found:
+        raise InvalidPrompt(f"no line measurement on this series was found in the study on {node.name} (DICOM SR "
+                            "SCOORD/SCOORD3D polylines, GSPS polylines in PIXEL units); send prompts instead")
+    if len(found) > rt.settings.max_lesions:
+        raise InvalidPrompt(f"the study holds {len(found)} line measurements on this series; at most "
+                            f"{rt.settings.max_lesions} lesions per job (MSAM_MAX_LESIONS)")
+    lesions = [{"line": [list(f.start_lps), list(f.end_lps)], "line_source": f.source,
+                "label": f"{f.source} line {n}"} for n, f in enumerate(found, start=1)]
+    request = dict(rec.request, prompts={"space": "LPS", "lesions": lesions, "iterations": 1})
+    rt.store.update(job_id, request=request)
+    logger.info("job %s: %d line measurement(s) from %s as prompts", job_id, len(found), node.name)
 
 
 def push(rt: Runtime, job_id: str, names: list[str], files: list[Path]) -> dict[str, str]:

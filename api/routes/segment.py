@@ -60,9 +60,11 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
     if ctype.startswith("application/json"):
         body = await request.body()  # at most MSAM_MAX_JSON_KB (api.timeouts.BodyLimit)
         payload = await run_in_threadpool(SegmentByVolume.model_validate_json, body)  # off the event loop
-        prompts = payload.prompts
+        prompts = payload.prompts or Prompts.model_construct(space="LPS", lesions=[], iterations=1)  # the worker finds them
         routing = await run_in_threadpool(pacs_requests.route, svc, payload, who, base)
         info, volume_id, extra = routing.info, routing.volume_id, routing.extra
+        if payload.lines_from_pacs:
+            extra["lines_from_pacs"] = True
     elif ctype.startswith("multipart/form-data"):
         form = await _read_form(request, svc)
         raw = form.get("prompts")
