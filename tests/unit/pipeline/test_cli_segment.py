@@ -72,6 +72,16 @@ def test_nifti_and_png_outputs(files, capsys):
     assert Image.open(png).format == "PNG"
 
 
+def test_line_prompt_and_its_length_in_the_report(files, capsys):
+    out, report = files["root"] / "line.nii.gz", files["root"] / "line.json"
+    code = main(["segment", str(files["image"]), "-o", str(out), "--line", "19,20,12,29,20,12",
+                 "--checkpoint", str(files["ckpt"]), "--max-windows", "1", "--report", str(report)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    (lesion,) = json.loads(report.read_text())["lesions"]
+    assert lesion["line_length_mm"] == pytest.approx(10 * np.linalg.norm(AFFINE[:3, 0]), abs=0.01)
+
+
 def test_prior_mask_only(files, capsys):
     out = files["root"] / "refined.nii.gz"
     code, err = _run(capsys, files["image"], "-o", out, "--mask", files["prior"],
@@ -118,6 +128,9 @@ def test_dicom_in_rtstruct_out(files, capsys, tmp_path):
     (["--point", "24,20,12,0"], "no positive point"),
     (["--point", "24,20"], "expected 3 or 4 or 5 numbers"),
     (["--point", "a,b,c"], "comma-separated numbers"),
+    (["--line", "20,20,12,20,20,12"], "zero length"),
+    (["--line", "20,20,12,30,20,14"], "not in one slice"),
+    (["--line", "20,20,12,30,20"], "expected 6 or 7 numbers"),
     (["--point", "24,20,12", "--space", "IJK"], "use voxel, LPS or RAS"),
     (["--point", "24,20,12", "--iterations", "0"], "--iterations"),
     (["--box", "0,0,0,10,10"], "--box"),
