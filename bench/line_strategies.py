@@ -31,10 +31,15 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", default="validation")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all)")
     args = p.parse_args()
+    chosen = [s for s in args.strategies.split(",") if s]
+    unknown = [s for s in chosen if s not in STRATEGIES]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     model = load_model(args.checkpoint)
     segmenter = Segmenter(model.network, model.options, cache=DictEmbeddingCache(max_items=4))
-    scores: dict[str, list[float]] = {"first click": [], **{s: [] for s in STRATEGIES}}
+    scores: dict[str, list[float]] = {"first click": [], **{s: [] for s in chosen}}
     t0 = time.time()
     for case in require_cases(args.data, args.split):
         volume = load_volume(case.image)
@@ -47,10 +52,10 @@ def main() -> None:
             first = _model_clicks(segmenter, image, gt_crop, centre, grid, 1, 2.0, True,
                                   coarse_image=coarse_crop(segmenter, sampler, grid))
             scores["first click"].append(first[0][0])
-            for strategy in STRATEGIES:
+            for strategy in chosen:
                 scores[strategy].append(line_protocol(segmenter, sampler, volume, gt, strategy, 2.0)[0])
         print(f"{case.name}: done ({time.time() - t0:.0f} s)", flush=True)
-    base = np.asarray(scores[DEFAULT_STRATEGY])
+    base = np.asarray(scores[DEFAULT_STRATEGY] if DEFAULT_STRATEGY in chosen else scores["first click"])
     rng = np.random.default_rng(0)
     print(f"\n{args.split}: {len(base)} lesions, checkpoint {args.checkpoint.name}")
     for name, values in scores.items():
@@ -58,7 +63,8 @@ def main() -> None:
         diff = v - base
         boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
         lo, hi = np.percentile(boot, [2.5, 97.5])
-        print(f"{name:15s} mean Dice {v.mean():.3f}   minus {DEFAULT_STRATEGY}: {diff.mean():+.3f} "
+        print(f"{name:16s} mean Dice {v.mean():.3f}   minus {DEFAULT_STRATEGY if DEFAULT_STRATEGY in chosen else 'first click'}: "
+              f"{diff.mean():+.3f} "
               f"(95% bootstrap interval {lo:+.3f} to {hi:+.3f})")
 
 

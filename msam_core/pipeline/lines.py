@@ -31,8 +31,9 @@ STRATEGIES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "three": ((0.5, 0.25, 0.75), ()),
     "five": ((0.5, 0.3, 0.7, 0.15, 0.85), ()),
     "three_bounded": ((0.5, 0.25, 0.75), (-0.2, 1.2)),
+    "midpoint_bounded": ((0.5,), (-0.2, 1.2)),
 }
-DEFAULT_STRATEGY = "three"
+DEFAULT_STRATEGY = "three_bounded"
 #: a line shorter than this (mm) has no length to measure or prompt with
 MIN_LENGTH_MM = 1e-3
 

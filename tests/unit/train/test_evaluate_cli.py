@@ -12,6 +12,7 @@ import torch
 from msam_core.checkpoints import save_checkpoint
 from msam_core.cli import build_parser, main
 from msam_core.model import build_model
+from msam_core.pipeline.lines import DEFAULT_STRATEGY
 from msam_core.train.synth import synthesize
 from tests.unit.train.phantoms import phantom_scans
 
@@ -37,7 +38,7 @@ def test_evaluate_writes_reports(tmp_path) -> None:
     stats = summary["groups"]["all"]
     assert set(stats) == {"msam", "msam_line", "region_growing", "stable_region"}
     assert len(stats["msam"]["dice"]) == 2 and all(0 <= v <= 1 for v in stats["msam"]["dice"])
-    assert len(stats["msam_line"]["dice"]) == 1 and summary["line_strategy"] == "three"  # one interaction: the line
+    assert len(stats["msam_line"]["dice"]) == 1 and summary["line_strategy"] == DEFAULT_STRATEGY  # one interaction: the line
     rows = json.loads((out / "per_lesion.json").read_text())
     assert {r["method"] for r in rows} == {"msam", "msam_line", "region_growing", "stable_region"}
     assert {r["clicks"] for r in rows if r["method"] == "msam_line"} == {1}
