@@ -8,7 +8,7 @@ import pytest
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
-from msam_core.pipeline.lines import Line, line_as_points, line_points, resolve_line
+from msam_core.pipeline.lines import DEFAULT_STRATEGY, STRATEGIES, Line, line_as_points, line_points, resolve_line
 from msam_service.prompts import reference_lines, resolve
 
 AFFINE = np.array([[-0.8, 0, 0, 30.0], [0, 0.9, 0, -20.0], [0, 0, 2.5, 10.0], [0, 0, 0, 1]])
@@ -53,7 +53,8 @@ def test_a_job_document_line_centres_its_lesion_and_is_reported() -> None:
     second = lesions[1]
     assert second.lesion == 2
     assert np.allclose(second.center_ras, VOLUME.voxel_to_ras(np.array([20, 10, 5]))[0])
-    assert list(second.labels) == [1, 1, 1, 0]
+    positive, negative = STRATEGIES[DEFAULT_STRATEGY]  # the line's clicks first, then the request's negative
+    assert list(second.labels) == [1] * len(positive) + [0] * len(negative) + [0]
     ref = reference_lines(doc, VOLUME)
     assert list(ref) == [2] and ref[2]["length_mm"] == pytest.approx(20 * 0.8) and ref[2]["source"] == "request"
     assert ref[2]["start_lps"] == pytest.approx((VOLUME.voxel_to_ras(np.array([10, 10, 5]))[0] * [-1, -1, 1]).tolist())
