@@ -253,7 +253,7 @@ class WorkerModel(BaseModel):
 class PromptRules(BaseModel):
     """What a request's ``prompts`` may hold."""
 
-    types: list[str] = Field(description="per lesion: positive clicks (or a mask), negative clicks, a box, a mask "
+    types: list[str] = Field(description="per lesion: positive clicks (or a mask or a line), negative clicks, a box, a mask, a RECIST line "
                              "(the previous-mask prompt)")
     spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
     max_lesions: int

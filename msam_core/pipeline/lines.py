@@ -9,9 +9,10 @@ acquisition plane (:func:`msam_core.measure.acquisition_axis`), as a RECIST meas
 The line becomes positive clicks on it (:data:`STRATEGIES`): the first is the midpoint, where the
 first crop is centred; the others are spread along the line; a strategy may add negative clicks
 on the line's extension beyond its ends (where a RECIST line says the lesion has ended; those
-falling outside the image are left out). Which spread works best was
-measured with ``msam evaluate --line-strategy`` on the validation split (docs/measurements.md);
-:data:`DEFAULT_STRATEGY` is that one.
+falling outside the image are left out). Which strategy works best was
+measured with ``msam evaluate``'s line protocol on the validation split
+(``bench/line_strategies.py``; figures in docs/measurements.md); :data:`DEFAULT_STRATEGY` is
+that one.
 """
 
 from __future__ import annotations
