@@ -253,8 +253,8 @@ class WorkerModel(BaseModel):
 class PromptRules(BaseModel):
     """What a request's ``prompts`` may hold."""
 
-    types: list[str] = Field(description="per lesion: positive clicks (or a mask or a line), negative clicks, a box, a mask, a RECIST line "
-                             "(the previous-mask prompt)")
+    types: list[str] = Field(description="per lesion: positive clicks (or a mask or a line), negative clicks, a box, "
+                             "a mask (the previous-mask prompt), a RECIST line")
     spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
     max_lesions: int
     max_points_per_lesion: int
