@@ -302,7 +302,8 @@ def _area_and_sphericity(box: np.ndarray, volume: Volume) -> tuple[float, float]
     return float(stats.GetPerimeter(1)), float(stats.GetRoundness(1))
 
 
-def measure_lesion(mask: np.ndarray, volume: Volume, *, slice_axis: int | None = None) -> LesionMeasurements | None:
+def measure_lesion(mask: np.ndarray, volume: Volume, *, slice_axis: int | None = None,
+                   hounsfield: bool | None = None) -> LesionMeasurements | None:
     """Measure the lesion ``mask`` (``bool``, shape ``volume.shape``) on ``volume``.
 
     Args:
@@ -310,6 +311,9 @@ def measure_lesion(mask: np.ndarray, volume: Volume, *, slice_axis: int | None =
         volume: the image (its affine gives every length; its values the intensity statistics).
         slice_axis: voxel axis across the acquisition plane's slices for the RECIST axes
             (default :func:`acquisition_axis`).
+        hounsfield: the image's values are CT Hounsfield units (the pipeline's
+            :class:`~msam_core.pipeline.preprocess.IntensityProfile` says so for a CT without a
+            modality in its header); default: the volume's modality is CT.
 
     Returns:
         The measurements, or ``None`` for an empty mask.
@@ -338,7 +342,9 @@ def measure_lesion(mask: np.ndarray, volume: Volume, *, slice_axis: int | None =
     centroid = _to_lps(volume, idx_all.mean(axis=0))[0]
 
     values = np.asarray(volume.array)[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][box].astype(np.float64)
-    unit = "HU" if (volume.modality or "").upper() == "CT" else "image units"
+    if hounsfield is None:
+        hounsfield = (volume.modality or "").upper() == "CT"
+    unit = "HU" if hounsfield else "image units"
     intensity = IntensityStats(unit=unit, mean=float(values.mean()), sd=float(values.std()),
                                median=float(np.median(values)), min=float(values.min()), max=float(values.max()))
     return LesionMeasurements(voxels=voxels, volume_ml=volume_mm3 / 1000.0, long_axis=long_axis,
@@ -347,12 +353,13 @@ def measure_lesion(mask: np.ndarray, volume: Volume, *, slice_axis: int | None =
                               intensity=intensity, surface_area_mm2=area, sphericity=sphericity)
 
 
-def measure_labels(labels: np.ndarray, volume: Volume, *, slice_axis: int | None = None) -> dict[int, LesionMeasurements]:
+def measure_labels(labels: np.ndarray, volume: Volume, *, slice_axis: int | None = None,
+                   hounsfield: bool | None = None) -> dict[int, LesionMeasurements]:
     """:func:`measure_lesion` for every label ``> 0`` of a label map on ``volume``'s grid."""
     arr = np.asarray(labels)
     out: dict[int, LesionMeasurements] = {}
     for label in (int(v) for v in np.unique(arr) if v > 0):
-        measured = measure_lesion(arr == label, volume, slice_axis=slice_axis)
+        measured = measure_lesion(arr == label, volume, slice_axis=slice_axis, hounsfield=hounsfield)
         if measured is not None:
             out[label] = measured
     return out

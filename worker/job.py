@@ -117,7 +117,8 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
             timings[stage] = round(hooks.seconds[stage], 4)
         timings["preprocess"] = round(max(0.0, seg_s - sum(hooks.seconds.values())), 4)
         t0 = time.perf_counter()
-        measured = measure_result(job_id, result.labels, volume, [o.lesion for o in result.lesions])
+        measured = measure_result(job_id, result.labels, volume, [o.lesion for o in result.lesions],
+                                  result.intensity.hu if result.intensity is not None else None)
         measurements = {n: m.to_json() if m is not None else None for n, m in measured.items()}
         timings["measure"] = round(time.perf_counter() - t0, 4)
         step("write", 0.85)
@@ -161,7 +162,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                      f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
 
 
-def measure_result(job_id: str, labels, volume, lesions: list[int]) -> dict:
+def measure_result(job_id: str, labels, volume, lesions: list[int], hounsfield: bool | None = None) -> dict:
     """Lesion -> its :class:`~msam_core.measure.LesionMeasurements` (``None`` for a lesion left
     without voxels). Measuring is a report on the mask: a fault in it is logged
     and leaves the job's masks and other results as they are."""
@@ -170,7 +171,7 @@ def measure_result(job_id: str, labels, volume, lesions: list[int]) -> dict:
     out: dict = {}
     for lesion in lesions:
         try:
-            measured = measure_lesion(labels == lesion, volume)
+            measured = measure_lesion(labels == lesion, volume, hounsfield=hounsfield)
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost the segmentation
             logger.error("job %s: measuring lesion %d failed: %s\n%s", job_id, lesion, type(exc).__name__,
                          "".join(traceback.format_tb(exc.__traceback__)))

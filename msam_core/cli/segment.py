@@ -236,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
               f"{lesion.windows} window(s){note}", file=sys.stderr)
     from msam_core.measure import measure_lesion, table
 
-    measured = {lesion.lesion: measure_lesion(result.labels == lesion.lesion, volume) for lesion in result.lesions}
+    hounsfield = result.intensity.hu if result.intensity is not None else None
+    measured = {lesion.lesion: measure_lesion(result.labels == lesion.lesion, volume, hounsfield=hounsfield)
+                for lesion in result.lesions}
     print(table(measured))
     if args.report is not None:
         from msam_core.pipeline.lines import resolve_line

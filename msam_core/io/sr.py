@@ -12,7 +12,7 @@ volume                 SCT 118565006 Volume         UCUM ``ml``
 RECIST long axis       SCT 103339001 Long axis      UCUM ``mm``
 RECIST short axis      SCT 103340004 Short axis     UCUM ``mm``
 3D diameter            SCT 81827009 Diameter        UCUM ``mm``, derivation SCT Maximum
-mean intensity (CT)    DCM 112031 Attenuation       UCUM ``[hnsf'U]``, derivation SCT Mean
+mean intensity (HU)    DCM 112031 Attenuation       UCUM ``[hnsf'U]``, derivation SCT Mean
                        Coefficient
 mean intensity (MR)    DCM 110852 MR signal         UCUM ``1``, derivation SCT Mean
                        intensity
@@ -122,7 +122,7 @@ def write_sr(
             _measurement(codes.SCT.ShortAxis, m.short_axis.length_mm, MM),
             _measurement(codes.SCT.Diameter, m.max_diameter_3d.length_mm, MM, MAXIMUM),
         ]
-        if m.intensity is not None and modality == "CT":
+        if m.intensity is not None and m.intensity.unit == "HU":
             values.append(_measurement(codes.DCM.AttenuationCoefficient, m.intensity.mean, HU, codes.SCT.Mean))
         elif m.intensity is not None and modality == "MR":
             values.append(_measurement(MR_SIGNAL, m.intensity.mean, NO_UNITS, codes.SCT.Mean))

@@ -50,7 +50,7 @@ def test_nifti_upload_to_nifti_and_png(service: Service, ct_nifti: Path, tmp_pat
         from msam_core.io.load import load_volume
         from msam_core.measure import measure_lesion
 
-        expected = measure_lesion(labels == 1, load_volume(ct_nifti))
+        expected = measure_lesion(labels == 1, load_volume(ct_nifti), hounsfield=job["intensity"]["hu"])
         assert job["lesions"][0]["measurements"] == expected.to_json()
         assert job["timings"]["measure"] >= 0
         assert "DICOM input" in job["unavailable_results"]["sr"]

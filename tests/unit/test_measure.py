@@ -175,6 +175,8 @@ def test_acquisition_plane_and_small_lesions() -> None:
     assert m.voxels == 1 and m.volume_ml == pytest.approx(0.8 ** 3 / 1000)
     assert 0 < m.long_axis.length_mm <= 0.8 * np.sqrt(2) + 1e-9  # a voxel has its size, not zero
     assert m.intensity.unit == "image units"
+    # a CT without a modality in its header, which the pipeline took for Hounsfield units
+    assert measure_lesion(one, vol, hounsfield=True).intensity.unit == "HU"
     assert measure_lesion(np.zeros((20, 20, 20), bool), vol) is None
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[2:6, 2:6, 2:4] = 1

@@ -56,7 +56,8 @@ def test_nifti_and_png_outputs(files, capsys):
 
     doc = json.loads(report.read_text())
     written = np.asarray(mask.dataobj) == 1
-    expected = measure_lesion(written, load_volume(files["image"]))
+    hounsfield = "CT in Hounsfield units" in err  # what the pipeline took the values to be (stderr)
+    expected = measure_lesion(written, load_volume(files["image"]), hounsfield=hounsfield)
     assert [x["lesion"] for x in doc["lesions"]] == [1]
     assert doc["lesions"][0]["measurements"] == expected.to_json()
     assert "long mm" in captured.out and f"{expected.volume_ml:.2f}" in captured.out
