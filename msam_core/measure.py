@@ -16,8 +16,8 @@ Conventions:
   (voxel axis ``k``); for other formats the voxel axis with the largest spacing when one is
   clearly the largest (the thick slices of an acquisition), else the voxel axis closest to the
   patient's superior direction (axial slices).
-* **RECIST long axis**: the longest distance between two lesion voxels of one slice, on the
-  slice where it is largest. **Short axis**: on that slice, the longest extent of the lesion
+* **RECIST long axis**: the longest distance between two points of the lesion's border within
+  one slice, on the slice where it is largest. **Short axis**: on that slice, the longest extent of the lesion
   perpendicular to the long axis (RECIST 1.1's short axis; for lymph nodes it is the one that
   counts).
 
@@ -28,9 +28,9 @@ Which library computes what:
   millimetres through the affine's linear part (so oblique and sheared grids are measured in
   the world).
 * surface area and sphericity: SimpleITK's label shape statistics (``Perimeter``,
-  ``Roundness``) with the image's spacing and directions; its area estimate stays within a few
-  per cent of a smooth surface's, where the marching-cubes mesh of a voxel mask overestimates it
-  by its staircase.
+  ``Roundness``) with the image's spacing and directions: its estimate follows the smooth
+  surface the voxels sample, where the marching-cubes mesh of a voxel mask overestimates the
+  area by its staircase.
 * written here, because no library gives them with their endpoints: the farthest pair of
   border points (3D diameter, RECIST long axis; scipy's convex hull gives the candidates, the
   pairs of hull vertices are compared by brute force) and the longest chord of the slice's
