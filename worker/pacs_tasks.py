@@ -24,11 +24,12 @@ from typing import Any
 
 from celery import Task
 
-from msam_core.errors import InvalidPrompt, MsamError
+from msam_core.errors import MsamError
 from msam_core.io.volume import Volume
 from msam_service import jobs
 from msam_service.pacs import dicomweb, dimse_sender, nodes, webhooks
 from msam_service.pacs.ingest import ingest_series
+from msam_service.pacs.lines import prompts_from_lines, wants_lines
 from msam_service.pacs.settings import get_pacs_settings
 from msam_service.volumes import load_info, open_volume
 from worker.celery_app import app
@@ -56,8 +57,8 @@ def prepare(rt: Runtime, job_id: str) -> None:
     if "pacs" not in src:
         return  # not a DICOMweb job
     info = load_info(rt.storage, rec.volume_id)
-    wants_lines = bool(rec.request.get("lines_from_pacs")) and not rec.request.get("prompts", {}).get("lesions")
-    if info is not None and not wants_lines:
+    lines = wants_lines(rec.request)
+    if info is not None and not lines:
         return  # already retrieved by an earlier delivery
     pacs = get_pacs_settings()
     rt.store.update(job_id, stage="retrieve", progress=0.01)
@@ -71,7 +72,7 @@ def prepare(rt: Runtime, job_id: str) -> None:
                                              max_instances=pacs.dicom_max_instances, timeout=pacs.dicomweb_timeout_s)
             _, volume = ingest_series(rt.storage, staging, files, rec.volume_id, src["series_uid"])
             logger.info("job %s: series retrieved from %s in %.2f s", job_id, node.name, time.perf_counter() - t0)
-        if wants_lines:
+        if lines:
             if volume is None:
                 volume = open_volume(rt.storage, load_info(rt.storage, rec.volume_id))
             _lines_to_prompts(rt, job_id, rec, node, src, volume)
@@ -85,23 +86,12 @@ def prepare(rt: Runtime, job_id: str) -> None:
 
 def _lines_to_prompts(rt: Runtime, job_id: str, rec: jobs.JobRecord, node: nodes.DicomwebNode,
                       src: dict[str, str], volume: Volume) -> None:
-    """The study's line measurements on the series (SR, GSPS) become the job's lesions, one per
-    line, prompted by it (``line_source`` says where it came from)."""
-    from msam_core.io.annotations import find_lines
-
+    """The study's line measurements on the series become the job's lesions (one per line)."""
     pacs = get_pacs_settings()
-    found = find_lines(dicomweb.retrieve_annotations(node, src["study_uid"], timeout=pacs.dicomweb_timeout_s), volume)
-    if not found:
-        raise InvalidPrompt(f"no line measurement on this series was found in the study on {node.name} (DICOM SR "
-                            "SCOORD/SCOORD3D polylines, GSPS polylines in PIXEL units); send prompts instead")
-    if len(found) > rt.settings.max_lesions:
-        raise InvalidPrompt(f"the study holds {len(found)} line measurements on this series; at most "
-                            f"{rt.settings.max_lesions} lesions per job (MSAM_MAX_LESIONS)")
-    lesions = [{"line": [list(f.start_lps), list(f.end_lps)], "line_source": f.source,
-                "label": f"{f.source} line {n}"} for n, f in enumerate(found, start=1)]
-    request = dict(rec.request, prompts={"space": "LPS", "lesions": lesions, "iterations": 1})
-    rt.store.update(job_id, request=request)
-    logger.info("job %s: %d line measurement(s) from %s as prompts", job_id, len(found), node.name)
+    doc = prompts_from_lines(node, src["study_uid"], volume, max_lesions=rt.settings.max_lesions,
+                             timeout=pacs.dicomweb_timeout_s)
+    rt.store.update(job_id, request=dict(rec.request, prompts=doc))
+    logger.info("job %s: %d line measurement(s) from %s as prompts", job_id, len(doc["lesions"]), node.name)
 
 
 def push(rt: Runtime, job_id: str, names: list[str], files: list[Path]) -> dict[str, str]:
