@@ -45,6 +45,10 @@ class Routing:
     extra: dict[str, Any] = field(default_factory=dict)  # stored in the job's request
 
 
+#: what a destination receives unless the request says otherwise
+DEFAULT_SEND = ("dicom-seg", "sr")
+
+
 def _node_error(field: str, exc: nodes.UnknownNode) -> ApiError:
     if isinstance(exc, nodes.InvalidNodeName):
         return ApiError(422, "unknown_node", f"{field}: {exc}")
@@ -52,9 +56,10 @@ def _node_error(field: str, exc: nodes.UnknownNode) -> ApiError:
 
 
 def outputs(destinations: list[str], callback_url: str | None, base: str, who: str | None = None,
-            ris: str | None = None, fhir: str | None = None) -> dict[str, Any]:
+            ris: str | None = None, fhir: str | None = None,
+            send: list[str] | tuple[str, ...] = DEFAULT_SEND) -> dict[str, Any]:
     """Validate destinations, callback, RIS and FHIR endpoints for tenant ``who``; what the job
-    record keeps of them."""
+    record keeps of them (``send``: the result formats the destinations receive)."""
     extra: dict[str, Any] = {}
     if not destinations and not callback_url and not ris and not fhir:
         return extra  # plain requests never read the PACS configuration
@@ -64,6 +69,7 @@ def outputs(destinations: list[str], callback_url: str | None, base: str, who: s
             extra["destinations"] = nodes.check_destinations(pacs, destinations, who)
         except nodes.UnknownNode as exc:
             raise _node_error("destinations", exc) from exc
+        extra["send"] = list(send)
     if ris:
         endpoint = pacs.ris_endpoints.get(ris)
         if endpoint is None or who is None or endpoint.tenant != who or endpoint.oru_host is None:
@@ -88,7 +94,8 @@ def outputs(destinations: list[str], callback_url: str | None, base: str, who: s
 
 def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
     """``payload``: a validated ``SegmentByVolume`` (``volume_id`` or ``source``)."""
-    extra = outputs(list(payload.destinations or []), payload.callback_url, base, who, payload.ris, payload.fhir)
+    extra = outputs(list(payload.destinations or []), payload.callback_url, base, who, payload.ris, payload.fhir,
+                    list(payload.send))
     if payload.volume_id is not None:
         return Routing(volume_for(svc, payload.volume_id, who), payload.volume_id, extra)
     src = payload.source
@@ -135,6 +142,18 @@ def order_series(pacs: PacsSettings, node: nodes.DicomwebNode | nodes.DimseNode,
         raise ApiError(exc.status, exc.code, str(exc), details=details) from exc
     except nodes.PacsError as exc:
         raise ApiError(502, "pacs_error", f"{exc}; the order could not be looked up, try again later") from exc
+
+
+def form_send(raw: object) -> list[str]:
+    """The multipart field ``send``: ``dicom-seg,sr`` (default) or ``dicom-seg``."""
+    if not isinstance(raw, str) or not raw.strip():
+        return list(DEFAULT_SEND)
+    parts = list(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
+    unknown = [p for p in parts if p not in DEFAULT_SEND]
+    if unknown or "dicom-seg" not in parts:
+        raise ApiError(422, "invalid_request", "send: 'dicom-seg,sr' (the SEG and the measurement SR, the default) "
+                       "or 'dicom-seg' (the SEG only); the SR references the SEG, so the SEG is always sent")
+    return parts
 
 
 def form_destinations(raw: object) -> list[str]:

@@ -35,7 +35,9 @@ Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, 
 StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
 Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha", "fhir"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha", "sr", "fhir"]
+#: what a PACS destination receives
+SendFormat = Literal["dicom-seg", "sr"]
 
 
 class MaskRef(BaseModel):
@@ -74,12 +76,16 @@ class Lesion(BaseModel):
                               "spaces are removed)")
     mask: MaskRef | None = Field(default=None, description="a mask of the lesion (e.g. from another model or a "
                                  "previous study), refined as the previous-mask prompt, with or without clicks")
+    line: tuple[Xyz, Xyz] | None = Field(default=None, description="a RECIST line: the two endpoints of the "
+                                         "lesion's long axis as a radiologist measured it (in voxel space both in "
+                                         "one slice of the acquisition plane); it becomes positive clicks on the "
+                                         "line, and the status reports its length beside the measured long axis")
 
     @model_validator(mode="after")
     def _prompted(self) -> Lesion:
-        if not self.positive and self.mask is None:
-            raise ValueError("a lesion needs at least one positive click ('positive') or a 'mask'; negative "
-                             "clicks only say where it is not")
+        if not self.positive and self.mask is None and self.line is None:
+            raise ValueError("a lesion needs at least one positive click ('positive'), a 'line' or a 'mask'; "
+                             "negative clicks only say where it is not")
         return self
 
     @field_validator("label")
@@ -149,7 +155,12 @@ class SegmentByVolume(BaseModel):
     model_config = ConfigDict(extra="forbid")
     volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
     source: DicomwebSource | ReceivedSource | None = Field(default=None, description="instead of volume_id")
-    prompts: Prompts
+    prompts: Prompts | None = Field(default=None, description="where the lesions are (required unless "
+                                    "lines_from_pacs)")
+    lines_from_pacs: bool = Field(default=False, description="with a DICOMweb source instead of prompts: every line "
+                                  "measurement of the study on this series (DICOM SR SCOORD/SCOORD3D polylines, GSPS "
+                                  "polylines) becomes a lesion prompted by its line; the status reports each "
+                                  "lesion's measured long axis beside the line's length")
     destinations: list[str] = Field(default_factory=list, max_length=8,
                                     description="configured DICOMweb node or AE names (STOW-RS / C-STORE)")
     callback_url: str | None = Field(default=None, max_length=2048,
@@ -158,11 +169,24 @@ class SegmentByVolume(BaseModel):
                             "(MSAM_RIS_ENDPOINTS) that receives an ORU^R01 when the job ends")
     fhir: str | None = Field(default=None, max_length=64, description="configured FHIR endpoint "
                              "(MSAM_FHIR_ENDPOINTS) the DiagnosticReport is POSTed to when the job ends")
+    send: list[SendFormat] = Field(default_factory=lambda: ["dicom-seg", "sr"], min_length=1, max_length=2,
+                                   description="what the destinations receive: the DICOM-SEG and the measurement SR "
+                                   "(default), or [\"dicom-seg\"] for the SEG only")
 
     @model_validator(mode="after")
     def _one_image(self) -> SegmentByVolume:
         if (self.volume_id is None) == (self.source is None):
             raise ValueError("give exactly one of volume_id and source")
+        if self.lines_from_pacs:
+            if not isinstance(self.source, DicomwebSource) or self.prompts is not None:
+                raise ValueError("lines_from_pacs takes the lesions from the line measurements stored with a DICOMweb "
+                                 "source's study: give source {pacs, study_uid, series_uid} and no prompts")
+        elif self.prompts is None:
+            raise ValueError("prompts: missing; give the lesions' prompts, or lines_from_pacs: true with a DICOMweb "
+                             "source")
+        if "dicom-seg" not in self.send:
+            raise ValueError("send: the SR references the DICOM-SEG, so a destination gets the SEG with it; "
+                             'give ["dicom-seg", "sr"] or ["dicom-seg"]')
         return self
 
 
@@ -208,6 +232,7 @@ class Timings(BaseModel):
     decode: float | None = Field(default=None, description="decoder passes")
     prior: float | None = Field(default=None, description="stable-region prior (region growing)")
     boundary: float | None = Field(default=None, description="full-resolution boundary refinement")
+    measure: float | None = Field(default=None, description="lesion measurements")
     write: float | None = None
     total: float | None = None
 
@@ -251,13 +276,13 @@ class WorkerModel(BaseModel):
 class PromptRules(BaseModel):
     """What a request's ``prompts`` may hold."""
 
-    types: list[str] = Field(description="per lesion: positive clicks (or a mask), negative clicks, a box, a mask "
-                             "(the previous-mask prompt)")
+    types: list[str] = Field(description="per lesion: positive clicks (or a mask or a line), negative clicks, a box, "
+                             "a mask (the previous-mask prompt), a RECIST line")
     spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
     max_lesions: int = Field(description="lesions per request (MSAM_MAX_LESIONS)")
     max_points_per_lesion: int = Field(description="positive and negative clicks of one lesion together "
                                        "(MSAM_MAX_POINTS)")
-    max_prompts: int = Field(description="points and boxes of all lesions together (MSAM_MAX_PROMPTS)")
+    max_prompts: int = Field(description="points, boxes and lines of all lesions together (MSAM_MAX_PROMPTS)")
     iterations: list[int] = Field(description="allowed decoder passes, [min, max]")
 
 
@@ -270,12 +295,63 @@ class Info(BaseModel):
     result_formats: list[str]
 
 
+class AxisOut(BaseModel):
+    """A measured line; ``slice_axis``/``slice_index`` name the slice of the acquisition plane it
+    lies in (null for the 3D diameter)."""
+
+    length_mm: float
+    start_lps: list[float] = Field(description="first endpoint, LPS mm")
+    end_lps: list[float] = Field(description="second endpoint, LPS mm")
+    start_voxel: list[float] = Field(description="first endpoint, continuous voxel indices i, j, k of the image")
+    end_voxel: list[float] = Field(description="second endpoint, continuous voxel indices i, j, k of the image")
+    slice_axis: int | None = Field(description="voxel axis across the slices (0, 1, 2 = i, j, k)")
+    slice_index: int | None = Field(description="the slice along slice_axis")
+
+
+class IntensityStatsOut(BaseModel):
+    unit: str = Field(description="HU for CT, else 'image units'")
+    mean: float
+    sd: float
+    median: float
+    min: float
+    max: float
+
+
+class MeasurementsOut(BaseModel):
+    """A lesion's measurements on its mask (docs/measurements.md): lengths in mm, points in LPS mm."""
+
+    voxels: int
+    volume_ml: float = Field(description="voxel count x voxel volume")
+    long_axis: AxisOut = Field(description="RECIST long axis: longest diameter within one slice of the "
+                               "acquisition plane, on the slice where it is largest")
+    short_axis: AxisOut = Field(description="longest extent perpendicular to the long axis, same slice")
+    max_diameter_3d: AxisOut = Field(description="longest 3D diameter")
+    centroid_lps: list[float]
+    intensity: IntensityStatsOut | None
+    surface_area_mm2: float
+    sphericity: float
+
+
+class ReferenceLineOut(BaseModel):
+    """The line a lesion was prompted with (a radiologist's RECIST measurement), to compare with
+    the measured long axis."""
+
+    length_mm: float
+    start_lps: list[float]
+    end_lps: list[float]
+    source: str = Field(description="'request' (the lesion's line), 'SR' (a TID 1500 measurement in the PACS) or "
+                        "'GSPS' (a presentation state's polyline)")
+
+
 class LesionSummary(BaseModel):
     lesion: int
     voxels: int
     windows: int
     cache_hits: int
     stopped_at_limit: bool
+    measurements: MeasurementsOut | None = Field(default=None, description="null when the lesion has no voxel")
+    reference_line: ReferenceLineOut | None = Field(default=None, description="the line the lesion was prompted "
+                                                    "with: its length beside measurements.long_axis.length_mm")
 
 
 class IntensityOut(BaseModel):

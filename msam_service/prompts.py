@@ -1,9 +1,13 @@
 """The request's prompt document (validated by api/schemas.py) -> msam_core prompts.
 
 Document: ``{"space": "voxel"|"LPS"|"RAS", "lesions": [{"positive": [[x,y,z], ...],
-"negative": [...], "box": [[x0,y0,z0],[x1,y1,z1]], "label": "name", "mask": {"volume_id": ID,
-"label": K}}], "iterations": N}``. Lesion ``n`` (1-based, in the order given) becomes label ``n``
-in the mask. A lesion's ``mask`` is its previous-mask prompt (:mod:`msam_service.masks`).
+"negative": [...], "box": [[x0,y0,z0],[x1,y1,z1]], "line": [[x0,y0,z0],[x1,y1,z1]],
+"label": "name", "mask": {"volume_id": ID, "label": K}, "line_source": "SR"}], "iterations": N}``.
+Lesion ``n`` (1-based, in the order given) becomes label ``n`` in the mask. A lesion's ``mask`` is
+its previous-mask prompt (:mod:`msam_service.masks`); its ``line`` (a RECIST measurement) becomes
+positive clicks on the line, placed before its other clicks so the first crop is centred on the
+line's midpoint (:mod:`msam_core.pipeline.lines`). ``line_source`` says where a line came from
+(set by the service for lines found in a PACS: ``SR`` or ``GSPS``; ``request`` otherwise).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from msam_core.io.volume import Volume
+from msam_core.io.volume import LPS_TO_RAS, Volume
+from msam_core.pipeline.lines import Line, line_as_points, resolve_line
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
 
 
@@ -32,6 +37,25 @@ def to_points_boxes(doc: dict[str, Any]) -> tuple[list[Point], list[Box]]:
     return points, boxes
 
 
+def lines_of(doc: dict[str, Any]) -> list[Line]:
+    space = doc.get("space", "voxel")
+    return [Line(start=tuple(lesion["line"][0]), end=tuple(lesion["line"][1]), space=space, lesion=n)  # type: ignore[arg-type]
+            for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("line")]
+
+
+def reference_lines(doc: dict[str, Any], volume: Volume) -> dict[int, dict[str, Any]]:
+    """Lesion -> its line as the job status reports it: length (mm), endpoints in LPS mm and
+    where the line came from."""
+    out = {}
+    for line in lines_of(doc):
+        lps = resolve_line(line, volume) * LPS_TO_RAS[:3, :3].diagonal()
+        source = doc["lesions"][line.lesion - 1].get("line_source") or "request"
+        out[line.lesion] = {"length_mm": round(float(np.linalg.norm(lps[1] - lps[0])), 2),
+                            "start_lps": [round(float(v), 2) for v in lps[0]],
+                            "end_lps": [round(float(v), 2) for v in lps[1]], "source": source}
+    return out
+
+
 def resolve(doc: dict[str, Any], volume: Volume,
             masks: dict[int, np.ndarray] | None = None) -> list[LesionPrompt]:
     """Validate against ``volume`` (raises :class:`~msam_core.errors.InvalidPrompt`).
@@ -41,6 +65,8 @@ def resolve(doc: dict[str, Any], volume: Volume,
     alone: a lesion that has a mask needs no positive click, and one prompted by its mask alone is
     left to the worker."""
     points, boxes = to_points_boxes(doc)
+    line_points = [p for line in lines_of(doc) for p in line_as_points(line, volume)]
+    points = line_points + points  # a lesion's first positive click (its crop centre): its line's midpoint
     if masks is None:
         masked = {n for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("mask")}
         points = [dataclasses.replace(p, label=1) if p.lesion in masked else p for p in points]

@@ -44,7 +44,8 @@ class VolumeInfo:
         """A :class:`Volume` with this geometry and no pixel data (a zero-stride view), enough to
         validate prompts against the image."""
         dummy = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(self.shape))
-        return Volume(array=dummy, affine=np.asarray(self.affine_ras), modality=self.modality)
+        return Volume(array=dummy, affine=np.asarray(self.affine_ras), modality=self.modality,
+                      meta={"format": self.format})
 
 
 def new_volume_id() -> str:

@@ -2,12 +2,15 @@
 
 - ``msam.io.retrieve`` (:func:`retrieve`): a job whose image is in an archive. The series is
   fetched (WADO-RS, C-GET, or C-MOVE to msam's listener, as the node is configured) into the
-  volume the API reserved, then the segmentation is queued for the GPU workers. A failure is
+  volume the API reserved; a job with ``lines_from_pacs`` then gets its lesions from the line
+  measurements stored with the study (:mod:`msam_service.pacs.lines`); then the segmentation is
+  queued for the GPU workers. A failure is
   retried with exponential backoff (``MSAM_PACS_RETRIES``, ``MSAM_PACS_BACKOFF_S``) unless
   retrying cannot help (the series does not exist); the last one ends the job ``failed`` with
   code ``pacs_error`` and the node's name and reason.
 - ``msam.io.deliver`` (:func:`deliver`): after a job ends, each *target* - a DICOM destination
-  (STOW-RS or C-STORE of the DICOM-SEG), the RIS (ORU^R01 over MLLP), a FHIR server - is sent
+  (STOW-RS or C-STORE of the DICOM-SEG, and of the measurement SR unless the request's ``send``
+  leaves it out), the RIS (ORU^R01 over MLLP), a FHIR server - is sent
   once, then the webhook is queued once. See :class:`Ledger` for what makes "once" survive a
   worker killed mid-send.
 - ``msam.webhook``: one signed POST per attempt, retried with backoff.
@@ -19,6 +22,7 @@ A job's ``destinations`` field shows each DICOM destination's state (``sending``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -38,13 +42,14 @@ from msam_service.jobs import JobRecord, JobStore
 from msam_service.metrics import RedisMetrics
 from msam_service.pacs import dicomweb, dimse_retrieve, dimse_sender, nodes, received, webhooks
 from msam_service.pacs.ingest import ingest_series
+from msam_service.pacs.lines import prompts_from_lines, wants_lines
 from msam_service.pacs.settings import PacsSettings, get_pacs_settings
 from msam_service.queue import DELIVER_TASK, RETRIEVE_TASK, WEBHOOK_TASK, enqueue, enqueue_delivery
 from msam_service.ris import fhir_send, hl7
 from msam_service.ris.results import fhir_bundle, lesions_of, seg_url
 from msam_service.settings import Settings, get_settings
 from msam_service.storage import Storage, make_storage
-from msam_service.volumes import load_info
+from msam_service.volumes import load_info, open_volume
 from worker.io_app import app
 
 logger = logging.getLogger(__name__)
@@ -131,6 +136,21 @@ def _move(ctx: IoContext, pacs: PacsSettings, node: nodes.DimseNode, rec: JobRec
                           "series; check that the archive knows msam's listener under that AE title")
 
 
+def lines_to_prompts(ctx: IoContext, pacs: PacsSettings, rec: JobRecord) -> None:
+    """The study's line measurements on the job's series become its lesions, one per line (the
+    job's request gets them as its prompts, so a retried delivery does not search again)."""
+    src = rec.request["source"]
+    node = nodes.source_node(pacs, src["pacs"], rec.tenant)
+    if not isinstance(node, nodes.DicomwebNode):
+        raise InvalidVolume(f"lines_from_pacs searches the study by QIDO-RS, which {node.name} (a DIMSE node) "
+                            "does not offer; send prompts instead")
+    volume = open_volume(ctx.storage, load_info(ctx.storage, rec.volume_id))
+    doc = prompts_from_lines(node, src["study_uid"], volume, max_lesions=ctx.settings.max_lesions,
+                             timeout=pacs.dicomweb_timeout_s)
+    ctx.store.update(rec.job_id, request=dict(rec.request, prompts=doc))
+    logger.info("job %s: %d line measurement(s) from %s as prompts", rec.job_id, len(doc["lesions"]), node.name)
+
+
 @app.task(name=RETRIEVE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def retrieve(self: Task, job_id: str) -> str:
     ctx = get_context()
@@ -157,6 +177,18 @@ def retrieve(self: Task, job_id: str) -> str:
         except MsamError as exc:
             return _failed(ctx, job_id, exc.code, str(exc))
         logger.info("job %s: series retrieved in %.2f s", job_id, time.perf_counter() - t0)
+    if wants_lines(rec.request):
+        try:
+            lines_to_prompts(ctx, get_pacs_settings(), rec)
+        except nodes.PacsError as exc:
+            if not exc.permanent and self.request.retries < get_pacs_settings().pacs_retries:
+                raise self.retry(countdown=backoff(ctx, get_pacs_settings(), self.request.retries + 1),
+                                 max_retries=get_pacs_settings().pacs_retries) from None
+            return _failed(ctx, job_id, "pacs_error", str(exc))
+        except nodes.UnknownNode as exc:
+            return _failed(ctx, job_id, "pacs_error", str(exc))
+        except MsamError as exc:
+            return _failed(ctx, job_id, exc.code, str(exc))
     ctx.store.update(job_id, stage="queued", progress=0.0)
     enqueue(app, job_id)
     return "retrieved"
@@ -262,29 +294,45 @@ def seg_uid(ctx: IoContext, rec: JobRecord) -> str:
         return str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
 
 
+def sent_files(rec: JobRecord) -> list[str]:
+    """The storage keys a DICOM destination receives: the SEG, then the measurement SR (which
+    references the SEG) when the job wrote one and the request's ``send`` does not leave it out."""
+    keys = [f"jobs/{rec.job_id}/seg.dcm"]
+    if "sr" in rec.results and "sr" in rec.request.get("send", ["dicom-seg", "sr"]):
+        keys.append(f"jobs/{rec.job_id}/sr.dcm")
+    return keys
+
+
 def _dicom_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str) -> Target:
-    seg_key = f"jobs/{rec.job_id}/seg.dcm"
+    keys = sent_files(rec)
 
     def node() -> nodes.DicomwebNode | nodes.DimseNode:
         return nodes.destination(pacs, name, rec.tenant)
 
     def send() -> str:
         target = node()
-        with ctx.storage.local_copy(seg_key) as seg:
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(ctx.storage.local_copy(key)) for key in keys]
             if isinstance(target, nodes.DicomwebNode):
-                dicomweb.store(target, [seg], timeout=pacs.dicomweb_timeout_s)
+                dicomweb.store(target, files, timeout=pacs.dicomweb_timeout_s)
             else:
-                dimse_sender.send(target, [seg], calling_ae=pacs.dicom_ae_title)
+                dimse_sender.send(target, files, calling_ae=pacs.dicom_ae_title)
         return "stored"
 
     def confirm() -> bool:
+        """Whether every file sent arrived (an interrupted send is repeated whole otherwise)."""
         target = node()
-        with ctx.storage.local_copy(seg_key) as seg:
-            ds = pydicom.dcmread(seg, stop_before_pixels=True)
-        uids = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-        if isinstance(target, nodes.DicomwebNode):
-            return dicomweb.has_instance(target, *uids, timeout=pacs.dicomweb_timeout_s)
-        return dimse_sender.has_instance(target, *uids, calling_ae=pacs.dicom_ae_title)
+        for key in keys:
+            with ctx.storage.local_copy(key) as path:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            uids = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+            if isinstance(target, nodes.DicomwebNode):
+                held = dicomweb.has_instance(target, *uids, timeout=pacs.dicomweb_timeout_s)
+            else:
+                held = dimse_sender.has_instance(target, *uids, calling_ae=pacs.dicom_ae_title)
+            if not held:
+                return False
+        return True
 
     return Target(key=f"dicom:{name}", name=name, send=send, confirm=confirm)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from msam_core.checkpoints import LoadedModel
-from msam_core.errors import InvalidVolume, MsamError
+from msam_core.errors import InvalidVolume, MsamError, UnsupportedRequest
 from msam_core.pipeline.segmenter import Segmenter, StageTimer
 from msam_service import jobs
 from msam_service.masks import load_masks
-from msam_service.prompts import resolve, segment_labels
+from msam_service.prompts import reference_lines, resolve, segment_labels
 from msam_service.volumes import load_info, open_volume
 from worker.runtime import Runtime, worker_name
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: format name -> (storage file name, writer kind)
 RESULT_FILES = {"nifti": "mask.nii.gz", "png": "preview.png", "dicom-seg": "seg.dcm",
-                "rtstruct": "rtstruct.dcm", "mha": "mask.mha"}
+                "rtstruct": "rtstruct.dcm", "mha": "mask.mha", "sr": "sr.dcm"}
 
 Progress = Callable[[str, float], None]
 
@@ -116,13 +116,21 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         for stage in ("encode", "decode", "prior", "boundary"):
             timings[stage] = round(hooks.seconds[stage], 4)
         timings["preprocess"] = round(max(0.0, seg_s - sum(hooks.seconds.values())), 4)
+        t0 = time.perf_counter()
+        measured = measure_result(job_id, result.labels, volume, [o.lesion for o in result.lesions],
+                                  result.intensity.hu if result.intensity is not None else None)
+        measurements = {n: m.to_json() if m is not None else None for n, m in measured.items()}
+        timings["measure"] = round(time.perf_counter() - t0, 4)
         step("write", 0.85)
         t0 = time.perf_counter()
-        written, errors, warnings = write_results(rt, job_id, result.labels, volume, segment_labels(doc), model)
+        written, errors, warnings = write_results(rt, job_id, result.labels, volume, segment_labels(doc), model,
+                                                  measured)
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
+        lines = reference_lines(doc, volume)
         summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
-                    "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit}
+                    "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit,
+                    "measurements": measurements.get(o.lesion), "reference_line": lines.get(o.lesion)}
                    for o in result.lesions]
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
                       results=written, result_errors=errors, warnings=warnings, lesions=summary,
@@ -154,6 +162,24 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                      f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
 
 
+def measure_result(job_id: str, labels, volume, lesions: list[int], hounsfield: bool | None = None) -> dict:
+    """Lesion -> its :class:`~msam_core.measure.LesionMeasurements` (``None`` for a lesion left
+    without voxels). Measuring is a report on the mask: a fault in it is logged
+    and leaves the job's masks and other results as they are."""
+    from msam_core.measure import measure_lesion
+
+    out: dict = {}
+    for lesion in lesions:
+        try:
+            measured = measure_lesion(labels == lesion, volume, hounsfield=hounsfield)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the segmentation
+            logger.error("job %s: measuring lesion %d failed: %s\n%s", job_id, lesion, type(exc).__name__,
+                         "".join(traceback.format_tb(exc.__traceback__)))
+            measured = None
+        out[lesion] = measured
+    return out
+
+
 def _open_mask(rt: Runtime, volume_id: str):  # noqa: ANN202 - a Volume or None
     """A lesion mask's volume (decoded from storage, not kept in the worker's volume cache)."""
     info = load_info(rt.storage, volume_id)
@@ -171,9 +197,11 @@ def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str | None:
 
 
 def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str],
-                  model: LoadedModel) -> tuple[list[str], dict[str, str], list[str]]:
+                  model: LoadedModel, measured: dict | None = None) -> tuple[list[str], dict[str, str], list[str]]:
     """Every output this input allows; returns (formats written, format -> why not, warnings).
-    DICOM outputs name ``model`` (its name and version) as the algorithm that made them.
+    DICOM outputs name ``model`` (its name and version) as the algorithm that made them; the
+    measurement SR (``measured``: lesion -> measurements) references the DICOM-SEG written
+    before it, so it is written only when the SEG was.
 
     Each format stands alone: a user mistake (:class:`MsamError`) or an unexpected exception in
     one writer costs that format only (its reason goes to ``unavailable_results``, the exception
@@ -203,12 +231,24 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
         writers["dicom-seg"] = lambda p: write_seg(labels, volume, p, segment_labels=names or None,
                                                    algorithm_name=model.name, algorithm_version=model.version,
                                                    warnings=warnings)
+        if measured is not None:
+            from msam_core.io.sr import write_sr
+
+            def sr(p: Path) -> object:
+                if "dicom-seg" not in written:
+                    raise UnsupportedRequest("the measurement SR references the DICOM-SEG, which could not be written: "
+                                             + errors.get("dicom-seg", "see dicom-seg"))
+                with rt.storage.local_copy(f"jobs/{job_id}/{RESULT_FILES['dicom-seg']}") as seg:
+                    return write_sr({n: m for n, m in measured.items() if m is not None}, volume, seg, p,
+                                    algorithm_name=model.name, algorithm_version=model.version, warnings=warnings)
+
+            writers["sr"] = sr
         writers["rtstruct"] = lambda p: write_rtstruct(labels, volume, p, roi_names=names or None,
                                                        algorithm_name=model.name, algorithm_version=model.version,
                                                        warnings=warnings)
     else:
         fmt = volume.meta.get("format", "not DICOM")
-        for name in ("dicom-seg", "rtstruct"):
+        for name in ("dicom-seg", "rtstruct", "sr"):
             errors[name] = f"{name} output needs a DICOM input (this image was {fmt}); ask for nifti or png"
     tmp = rt.storage.staging_dir()
     try:

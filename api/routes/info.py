@@ -23,7 +23,7 @@ def prompt_rules(settings: Settings) -> PromptRules:
     lesion = schema["$defs"]["Lesion"]["properties"]
     iterations = schema["properties"]["iterations"]
     return PromptRules(
-        types=[name for name in ("positive", "negative", "box", "mask") if name in lesion],
+        types=[name for name in ("positive", "negative", "box", "mask", "line") if name in lesion],
         spaces=list(schema["properties"]["space"]["enum"]),
         max_lesions=settings.max_lesions,
         max_points_per_lesion=settings.max_points,

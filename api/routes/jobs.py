@@ -26,6 +26,7 @@ RESULTS: dict[str, tuple[str, str, str]] = {
     "nifti": ("mask.nii.gz", "application/gzip", "mask.nii.gz"),
     "png": ("preview.png", "image/png", "preview.png"),
     "mha": ("mask.mha", "application/octet-stream", "mask.mha"),
+    "sr": ("sr.dcm", "application/dicom", "sr.dcm"),
 }
 
 
@@ -90,9 +91,10 @@ def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(t
 def get_result(job_id: str, format: ResultFormat | None = Query(
                    default=None, description="default: dicom-seg for DICOM input, else nifti"),
                svc: Services = Depends(services), who: str = Depends(tenant)) -> Response:
-    """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``mha`` (MetaImage input
-    only), ``nifti``, ``png``; ``fhir``: a FHIR R4 Bundle, the DiagnosticReport with one Observation
-    per lesion."""
+    """Download a result: ``dicom-seg``, ``rtstruct``, ``sr`` (the lesions' measurements as a
+    TID 1500 Comprehensive 3D SR referencing the DICOM-SEG; DICOM input only), ``mha``
+    (MetaImage input only), ``nifti``, ``png``; ``fhir``: a FHIR R4 Bundle, the DiagnosticReport
+    with one Observation per lesion."""
     rec = _job(svc, job_id, who)
     if rec.status != jobs.SUCCEEDED:
         what = {jobs.QUEUED: "is queued", jobs.RUNNING: "is running"}.get(rec.status, f"has {rec.status}")

@@ -36,6 +36,8 @@ _MULTIPART_SCHEMA = {
         "series_uid": {"type": "string", "description": "SeriesInstanceUID when the upload holds several"},
         "destinations": {"type": "string", "description": "configured node names for the DICOM-SEG (JSON list or comma-separated)"},
         "callback_url": {"type": "string", "description": "webhook URL on the server's allowlist"},
+        "send": {"type": "string", "description": "what the destinations receive: 'dicom-seg,sr' (default: the "
+                 "SEG and the measurement SR) or 'dicom-seg'"},
     },
 }
 
@@ -58,9 +60,11 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
     if ctype.startswith("application/json"):
         body = await request.body()  # at most MSAM_MAX_JSON_KB (api.timeouts.BodyLimit)
         payload = await run_in_threadpool(SegmentByVolume.model_validate_json, body)  # off the event loop
-        prompts = payload.prompts
+        prompts = payload.prompts or Prompts.model_construct(space="LPS", lesions=[], iterations=1)  # the worker finds them
         routing = await run_in_threadpool(pacs_requests.route, svc, payload, who, base)
         info, volume_id, extra = routing.info, routing.volume_id, routing.extra
+        if payload.lines_from_pacs:
+            extra["lines_from_pacs"] = True
     elif ctype.startswith("multipart/form-data"):
         form = await _read_form(request, svc)
         raw = form.get("prompts")
@@ -71,7 +75,9 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         series = form.get("series_uid")
         callback = form.get("callback_url")
         destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
-        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, who)
+        send = pacs_requests.form_send(form.get("send"))
+        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, who,
+                                      send=send)
         check_prompt_count(svc, prompts)  # before the upload is decoded
         masks = [f for f in form.getlist("masks") if isinstance(f, UploadFile)]
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
@@ -215,9 +221,9 @@ def check_prompt_count(svc: Services, prompts: Prompts) -> None:
         if clicks > limit.max_points:
             raise ApiError(422, "too_many_prompts", f"lesion {number} has {clicks} clicks (positive and negative); "
                            f"at most {limit.max_points} per lesion (MSAM_MAX_POINTS)")
-    n = sum(len(x.positive) + len(x.negative) + (x.box is not None) for x in prompts.lesions)
+    n = sum(len(x.positive) + len(x.negative) + (x.box is not None) + (x.line is not None) for x in prompts.lesions)
     if n > limit.max_prompts:
-        raise ApiError(422, "too_many_prompts", f"{n} points and boxes in one request; at most "
+        raise ApiError(422, "too_many_prompts", f"{n} points, boxes and lines in one request; at most "
                        f"{limit.max_prompts} (MSAM_MAX_PROMPTS)")
 
 

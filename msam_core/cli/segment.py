@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ examples:
   msam segment ct.nii.gz -o mask.nii.gz --point 210,180,95
   msam segment ct.nii.gz -o a.png --space RAS --point -40.5,22,-110 --point -35,20,-110,0
   msam segment series.zip -o seg.dcm --box 180,150,80,240,210,110 --box 300,200,60,340,240,90,2
+  msam segment ct.nii.gz -o mask.nii.gz --point 210,180,95 --report measurements.json
+measurements: a table on stdout per lesion (volume, RECIST long/short axis, 3D diameter, mean
+  intensity); --report FILE.json writes all of them (docs/measurements.md).
 exit codes: 0 done, 2 a mistake in the request (the message says what to fix), 1 other errors."""
 
 
@@ -50,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a click; LABEL 1 = lesion (default), 0 = not lesion; repeatable")
     p.add_argument("--box", action="append", default=[], metavar="X0,Y0,Z0,X1,Y1,Z1[,LESION]",
                    help="two opposite corners of a box around a lesion; repeatable")
+    p.add_argument("--line", action="append", default=[], metavar="X0,Y0,Z0,X1,Y1,Z1[,LESION]",
+                   help="a RECIST line: the two endpoints of a lesion's long axis (in voxel space both in one slice); "
+                        "it becomes positive clicks on the line; repeatable")
     p.add_argument("--space", default="voxel", help="space of --point/--box: voxel (default), LPS or RAS")
     p.add_argument("--mask", type=Path, default=None, metavar="PRIOR", help="existing mask to refine")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -57,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
     p.add_argument("--iterations", type=int, default=1,
                    help="decoder passes, each fed the previous mask (default 1)")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.json",
+                   help="also write every lesion's measurements (volume, RECIST long/short axis with endpoints in "
+                        "LPS mm, 3D diameter, centroid, intensity statistics, surface area, sphericity) as JSON")
     p.add_argument("--max-windows", type=int, default=8,
                    help="most 128^3 windows per lesion when a lesion outgrows one crop (default 8)")
     p.set_defaults(func=run)
@@ -98,6 +108,15 @@ def parse_box(text: str, space: str):
     v = _numbers(text, "--box", (6, 7))
     lesion = _integer(v[6], "--box LESION") if len(v) > 6 else 1
     return Box(corner0=(v[0], v[1], v[2]), corner1=(v[3], v[4], v[5]), space=space, lesion=lesion)  # type: ignore[arg-type]
+
+
+def parse_line(text: str, space: str):
+    """``"X0,Y0,Z0,X1,Y1,Z1[,LESION]"`` -> :class:`~msam_core.pipeline.lines.Line`."""
+    from msam_core.pipeline.lines import Line
+
+    v = _numbers(text, "--line", (6, 7))
+    lesion = _integer(v[6], "--line LESION") if len(v) > 6 else 1
+    return Line(start=(v[0], v[1], v[2]), end=(v[3], v[4], v[5]), space=space, lesion=lesion)  # type: ignore[arg-type]
 
 
 def output_kind(path: Path) -> str:
@@ -157,12 +176,15 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidPrompt(f"--space {args.space!r}: use voxel, LPS or RAS")
     points = [parse_point(t, space) for t in args.point]
     boxes = [parse_box(t, space) for t in args.box]
+    lines = [parse_line(t, space) for t in args.line]
     if not 1 <= args.iterations <= MAX_ITERATIONS:
         raise InvalidPrompt(f"--iterations must be between 1 and {MAX_ITERATIONS}, got {args.iterations}")
     if not 1 <= args.max_windows <= 64:
         raise InvalidPrompt(f"--max-windows must be between 1 and 64, got {args.max_windows}")
-    if not points and not boxes and args.mask is None:
-        raise InvalidPrompt("nothing to segment: give --point, --box or --mask")
+    if args.report is not None and not args.report.parent.resolve().is_dir():
+        raise UnsupportedRequest(f"report folder {args.report.parent} does not exist")
+    if not points and not boxes and not lines and args.mask is None:
+        raise InvalidPrompt("nothing to segment: give --point, --box, --line or --mask")
     checkpoint = resolve_checkpoint(args.checkpoint)
 
     volume = load_volume(args.input)
@@ -173,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
             f"{volume.meta.get('format', 'not DICOM')}; write .nii.gz or .png instead"
         )
     prior = load_prior(args.mask, volume) if args.mask is not None else None
-    lesions = resolve_prompts(volume, points, boxes, prior)
+    from msam_core.pipeline.lines import line_as_points
+
+    line_points = [p for line in lines for p in line_as_points(line, volume)]
+    lesions = resolve_prompts(volume, line_points + points, boxes, prior)  # a line's midpoint centres its crop
 
     from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
@@ -209,5 +234,21 @@ def run(args: argparse.Namespace) -> int:
         note = " (window limit reached: raise --max-windows)" if lesion.stopped_at_limit else ""
         print(f"lesion {lesion.lesion}: {lesion.voxels} voxels, {lesion.voxels * voxel_ml:.2f} ml, "
               f"{lesion.windows} window(s){note}", file=sys.stderr)
+    from msam_core.measure import measure_lesion, table
+
+    hounsfield = result.intensity.hu if result.intensity is not None else None
+    measured = {lesion.lesion: measure_lesion(result.labels == lesion.lesion, volume, hounsfield=hounsfield)
+                for lesion in result.lesions}
+    print(table(measured))
+    if args.report is not None:
+        from msam_core.pipeline.lines import resolve_line
+
+        line_mm = {line.lesion: float(np.linalg.norm(np.subtract(*resolve_line(line, volume)))) for line in lines}
+        doc = {"input": args.input.name, "output": args.output.name, "coordinates": "LPS mm; voxel = (i, j, k) of INPUT",
+               "lesions": [{"lesion": label, "measurements": m.to_json() if m is not None else None,
+                            **({"line_length_mm": round(line_mm[label], 2)} if label in line_mm else {})}
+                           for label, m in sorted(measured.items())]}
+        args.report.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.report}", file=sys.stderr)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

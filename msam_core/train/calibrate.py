@@ -119,7 +119,7 @@ def _scan(model, candidates: list, apply, data_dir: Path, split: str, clicks: in
         with tempfile.TemporaryDirectory(prefix="msam-calibrate-") as tmp:
             summary = evaluate(Path(data_dir), None, split, clicks, Path(tmp) if per_lesion is not None else None,
                                device=device, baseline=False, model=model, log=lambda *_: None,
-                               embedding_cache=embeddings)
+                               embedding_cache=embeddings, line=False)
             if per_lesion is not None:
                 per_lesion[key] = read_dice(Path(tmp), "msam")
         dice = [round(float(v), 4) for v in summary["groups"]["all"]["msam"]["dice"]]

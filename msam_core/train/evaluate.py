@@ -38,6 +38,14 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
      one. A model that fits the lesion it sees scores low here; one that draws a fixed shape
      around the clicks scores the same as on the right crop.
 
+6. Line protocol (``msam_line``, one interaction): the lesion's RECIST line drawn from the
+   expert mask as a radiologist draws it - its longest in-plane diameter on the slice of the
+   acquisition plane where that diameter is largest
+   (:func:`msam_core.measure.measure_lesion`'s long axis) - turned into prompts exactly as the
+   service turns a ``line`` prompt (:mod:`msam_core.pipeline.lines`, ``--line-strategy``): the
+   crop centred on the line's midpoint, one pass with the line's clicks. Scored like the click
+   protocol, on its own crop grid. ``--no-line``: skip it.
+
 Writes ``per_lesion.csv`` and ``per_lesion.json`` (one row per lesion, method and click count),
 ``summary.json`` (means by method and click count, overall and per organ/modality; also the
 mean of the best Dice so far - a user who undoes every click that made things worse) and
@@ -65,7 +73,7 @@ from msam_core.pipeline.region_prior import RegionPrior
 from msam_core.train.clicks import first_click, next_click
 from msam_core.train.data import case_name
 
-METHODS = ("msam", "msam_blank_image", "msam_other_image", "region_growing", "stable_region")
+METHODS = ("msam", "msam_line", "msam_blank_image", "msam_other_image", "region_growing", "stable_region")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
 #: 6 mm voxels, so lesions under ~10 mm are a separate regime.
 SIZE_GROUPS = (("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">=20mm", 20.0, float("inf")))
@@ -207,6 +215,32 @@ def _model_clicks(segmenter, image, gt: np.ndarray, centre: np.ndarray, grid, cl
     return _click_protocol(segment, gt, centre, grid, clicks, tolerance_mm)
 
 
+def expert_line(gt_volume: np.ndarray, volume) -> np.ndarray:
+    """``(2, 3)`` RAS mm: the RECIST line of an expert mask, its long axis as
+    :func:`msam_core.measure.measure_lesion` measures it."""
+    from msam_core.measure import measure_lesion
+
+    m = measure_lesion(gt_volume, volume)
+    return volume.voxel_to_ras(np.array([m.long_axis.start_voxel, m.long_axis.end_voxel]))
+
+
+def line_protocol(segmenter, sampler, volume, gt_volume: np.ndarray, strategy: str,
+                  tolerance_mm: float) -> tuple[float, float]:
+    """(Dice, NSD) of one pass prompted by the expert mask's RECIST line (:func:`expert_line`),
+    on the crop the Segmenter takes for a line prompt (centred on the line's midpoint)."""
+    from msam_core.pipeline.lines import line_points
+
+    points_ras, labels = line_points(expert_line(gt_volume, volume), strategy)
+    inside = volume.ras_to_voxel(points_ras)
+    inside = np.all((inside >= -0.5) & (inside <= np.asarray(volume.shape) - 0.5), axis=1) | (labels == 1)
+    points_ras, labels = points_ras[inside], labels[inside]  # as the service: negatives off the image dropped
+    grid = CropGrid.centred(points_ras[0], size=segmenter.model.img_size)
+    image = sampler.crop(grid)
+    state = segmenter.open_crop(image, grid, coarse_image=coarse_crop(segmenter, sampler, grid))
+    logits = segmenter.click(state, grid.ras_to_crop(points_ras), labels)
+    return dice_nsd(logits > 0, mask_on_grid(gt_volume, volume, grid), grid.spacing, tolerance_mm)
+
+
 def volume_mask(logits: np.ndarray, grid: CropGrid, volume) -> np.ndarray:
     """Crop logits ``float32 [S, S, S]`` on ``grid`` -> ``uint8`` mask (1 = lesion) on ``volume``'s
     grid, resampled as the Segmenter resamples a lesion for ``msam segment`` and the service."""
@@ -268,7 +302,8 @@ def evaluate_lesion(segmenter, crop: tuple[torch.Tensor, np.ndarray, np.ndarray,
 def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation", clicks: int = 5,
              out_dir: Path | None = None, tolerance_mm: float = 2.0, device: str = "cpu", feedback: bool = True,
              baseline: bool = True, model=None, log=print, blank_control: bool = False,
-             other_image_control: bool = False, embedding_cache=None, masks_dir: Path | None = None) -> dict:
+             other_image_control: bool = False, embedding_cache=None, masks_dir: Path | None = None,
+             line: bool = True, line_strategy: str | None = None) -> dict:
     """Evaluate every lesion of ``split``; writes the reports into ``out_dir`` and returns the summary.
 
     ``model``: a :class:`~msam_core.checkpoints.LoadedModel` (network and pipeline options) to
@@ -278,7 +313,14 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     mask of every lesion after every click there (:func:`volume_mask`), as
     ``<case>_lesion<k>_click<n>.nii.gz`` on the case's grid.
 
-    ``other_image_control`` needs at least two lesions (each is run on the next one's crop)."""
+    ``other_image_control`` needs at least two lesions (each is run on the next one's crop).
+    ``line``: also the line protocol (``msam_line``), its line turned into clicks by
+    ``line_strategy`` (default :data:`msam_core.pipeline.lines.DEFAULT_STRATEGY`)."""
+    from msam_core.pipeline.lines import DEFAULT_STRATEGY, STRATEGIES
+
+    line_strategy = line_strategy or DEFAULT_STRATEGY
+    if line_strategy not in STRATEGIES:
+        raise UnsupportedRequest(f"unknown line strategy {line_strategy!r}; use one of {', '.join(STRATEGIES)}")
     from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
     from msam_core.train.data import require_cases
@@ -314,6 +356,8 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
                                     Path(masks_dir) / f"{case.name}_lesion{k}_click{n}.nii.gz")
             res = evaluate_lesion(segmenter, crop, clicks, tolerance_mm, feedback, baseline, blank_control, coarse,
                                   on_logits)
+            if line:
+                res["msam_line"] = [line_protocol(segmenter, sampler, volume, gt, line_strategy, tolerance_mm)]
             info = infos.get(k, {})
             template = Row(split, case.name, k, entry.get("source", ""), entry.get("modality", ""),
                            info.get("organ", ""), float(info.get("diameter_mm", 0.0)), int(gt.sum()), "", 0, 0.0, 0.0)
@@ -335,7 +379,8 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
         log(f"evaluate {split}: other-image control done ({time.time() - t0:.0f} s)")
     summary = summarise(rows, clicks)
     summary.update({"split": split, "data": data_dir.name, "checkpoint": Path(checkpoint).name if checkpoint else None,
-                    "nsd_tolerance_mm": tolerance_mm, "feedback": feedback, "lesions": len({(r.case, r.lesion) for r in rows})})
+                    "nsd_tolerance_mm": tolerance_mm, "feedback": feedback,
+                    "line_strategy": line_strategy if line else None, "lesions": len({(r.case, r.lesion) for r in rows})})
     if out_dir is not None:
         write_reports(Path(out_dir), rows, summary)
     return summary
@@ -352,9 +397,10 @@ def summarise(rows: list[Row], clicks: int) -> dict:
             for r in sorted(m, key=lambda r: r.clicks):
                 per_lesion.setdefault((r.case, r.lesion), []).append(r.dice)
             best = np.maximum.accumulate(np.asarray(list(per_lesion.values())), axis=1).mean(0)
+            steps = sorted({r.clicks for r in m})  # 1..clicks; the line protocol has one interaction
             out[method] = {
-                "dice": [round(float(np.mean([r.dice for r in m if r.clicks == c])), 4) for c in range(1, clicks + 1)],
-                "nsd": [round(float(np.mean([r.nsd for r in m if r.clicks == c])), 4) for c in range(1, clicks + 1)],
+                "dice": [round(float(np.mean([r.dice for r in m if r.clicks == c])), 4) for c in steps],
+                "nsd": [round(float(np.mean([r.nsd for r in m if r.clicks == c])), 4) for c in steps],
                 # a user who undoes every click that made the result worse (an upper bound)
                 "dice_best_so_far": [round(float(v), 4) for v in best],
                 "lesions": len(per_lesion),
@@ -410,7 +456,7 @@ def plot_dice_vs_clicks(summary: dict, path: Path, size: tuple[int, int] = (640,
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     draw.text((w // 2 - 30, h - 22), "clicks", fill="black", font=font)
     draw.text((left, 12), f"mean Dice vs clicks ({summary.get('split', '')}, {summary.get('lesions', '?')} lesions)", fill="black", font=font)
-    colours = {"msam": (200, 30, 30), "msam_blank_image": (150, 150, 150), "msam_other_image": (230, 150, 30),
+    colours = {"msam": (200, 30, 30), "msam_line": (140, 30, 160), "msam_blank_image": (150, 150, 150), "msam_other_image": (230, 150, 30),
                "stable_region": (30, 140, 60),
                "region_growing": (30, 80, 200)}
     for i, (method, stats) in enumerate(groups.items()):
@@ -441,6 +487,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", type=Path, default=None, metavar="DIR",
                    help="also write msam's mask of every lesion after every click into DIR "
                         "(<case>_lesion<k>_click<n>.nii.gz, on the case's grid): to look at what it drew")
+    p.add_argument("--no-line", action="store_true",
+                   help="skip the line protocol (msam_line: one pass prompted by the lesion's RECIST line, drawn "
+                        "from the expert mask)")
+    p.add_argument("--line-strategy", default=None,
+                   help="how a line becomes clicks: midpoint, three, five or three_bounded (default: the service's)")
     p.add_argument("--other-image-control", action="store_true",
                    help="also run the model on the next lesion's crop with this lesion's clicks (msam_other_image): "
                         "does it fit the lesion it sees? Needs two or more lesions")
@@ -453,7 +504,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     summary = evaluate(args.data, checkpoint, args.split, args.clicks, args.out, args.nsd_tolerance, args.device,
                        not args.no_feedback, not args.no_baseline, blank_control=args.blank_image_control,
-                       other_image_control=args.other_image_control, masks_dir=args.masks)
+                       other_image_control=args.other_image_control, masks_dir=args.masks,
+                       line=not args.no_line, line_strategy=args.line_strategy)
     for method, stats in summary["groups"]["all"].items():
         print(f"{method}: Dice " + " ".join(f"@{i + 1} {v:.3f}" for i, v in enumerate(stats["dice"]))
               + f" (NSD@1 {stats['nsd'][0]:.3f}, @{len(stats['nsd'])} {stats['nsd'][-1]:.3f})")

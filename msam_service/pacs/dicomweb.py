@@ -94,3 +94,30 @@ def has_instance(node: DicomwebNode, study_uid: str, series_uid: str, sop_uid: s
     except Exception as exc:
         raise PacsError(f"QIDO-RS on {node.name} failed ({http_reason(exc)})") from exc
     return any((item.get("00080018") or {}).get("Value", [None])[0] == sop_uid for item in found or [])
+
+
+#: the objects that hold a radiologist's line measurements
+ANNOTATION_MODALITIES = ("SR", "PR")
+
+
+def retrieve_annotations(node: DicomwebNode, study_uid: str, *, max_instances: int = 200,
+                         timeout: float = 60.0) -> list[pydicom.Dataset]:
+    """The SR documents and presentation states of a study: QIDO-RS for its series of modality
+    SR and PR, then WADO-RS of each (in memory: they are small; at most ``max_instances``)."""
+    c = client(node, timeout)
+    found: list[pydicom.Dataset] = []
+    try:
+        for modality in ANNOTATION_MODALITIES:
+            for series in c.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": modality}):
+                series_uid = series["0020000E"]["Value"][0]
+                for ds in c.iter_series(study_uid, series_uid):
+                    if len(found) >= max_instances:
+                        raise PacsError(f"the study on {node.name} holds more than {max_instances} SR and "
+                                        "presentation state instances")
+                    found.append(ds)
+    except PacsError:
+        raise
+    except Exception as exc:
+        raise PacsError(f"searching the study's measurements on {node.name} failed ({http_reason(exc)})") from exc
+    logger.info("retrieved %d SR / presentation state instance(s) from %s", len(found), node.name)
+    return found

@@ -72,6 +72,25 @@ def test_bad_prompts(service: Service, nifti_bytes: bytes) -> None:
     assert "prompts" in e["message"]
 
 
+def test_bad_lines_are_a_422_that_says_why(service: Service, nifti_bytes: bytes) -> None:
+    img = {"image": ("ct.nii.gz", nifti_bytes)}  # shape (48, 40, 24), slices along k
+    for line, expected in (([[10, 10, 5], [10, 10, 5]], "zero length"),
+                           ([[10, 10, 5], [90, 10, 5]], "outside the image"),
+                           ([[10, 10, 5], [20, 12, 8]], "not in one slice"),
+                           ([[10, 10, 5]], "line"),
+                           ([[10, 10, 5], [20, 10, "5"]], "JSON number")):
+        r = _post(service, img, {"prompts": json.dumps({"space": "voxel", "lesions": [{"line": line}]})})
+        assert r.status_code == 422, (line, r.text)
+        assert expected in r.json()["error"]["message"], (line, r.json())
+    with service.client() as c:  # the same checks for JSON requests on a stored volume
+        vol = c.post("/volumes", files=img).json()["volume_id"]
+        r = c.post("/segment", json={"volume_id": vol, "prompts": {"lesions": [{"line": [[1, 1, 1], [1, 1, 1]]}]}})
+        assert r.status_code == 422 and "zero length" in r.json()["error"]["message"], r.text
+        r = c.post("/segment", json={"volume_id": vol, "destinations": [], "send": ["sr"],
+                                     "prompts": {"lesions": [{"positive": [[1, 1, 1]]}]}})
+        assert r.status_code == 422 and "SEG" in r.text, r.text
+
+
 def test_bad_requests(service: Service) -> None:
     with service.client() as c:
         e = _error(c.post("/segment", json={"volume_id": "0" * 32, "prompts": {"lesions": [{"positive": [[1, 2, 3]]}]}}))

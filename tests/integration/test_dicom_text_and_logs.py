@@ -99,7 +99,7 @@ def dicom_job(stack: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[
         job = _wait(stack, r.json()["job_id"], A)
         assert job["status"] == "succeeded", (job, stack.logs())
         outputs = {}
-        for fmt in ("dicom-seg", "rtstruct"):
+        for fmt in ("dicom-seg", "rtstruct", "sr"):
             got = c.get(f"/jobs/{job['job_id']}/result", params={"format": fmt}, headers=A)
             assert got.status_code == 200, got.text
             outputs[fmt] = tmp / f"{fmt}.dcm"
@@ -109,11 +109,13 @@ def dicom_job(stack: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 def test_a_malformed_patient_attribute_is_a_warning_and_every_format_is_kept(dicom_job: dict[str, Any]) -> None:
     job = dicom_job["job"]
-    assert set(job["results"]) == {"dicom-seg", "rtstruct", "nifti", "png"}, job
+    assert set(job["results"]) == {"dicom-seg", "rtstruct", "nifti", "png", "sr"}, job
     assert job["unavailable_results"] == {}
     assert job["warnings"] == [
         "PatientBirthDate in the source is not a valid date (DA) and was left empty in the DICOM-SEG",
         "PatientSex in the source is not one of M, F, O and was left empty in the DICOM-SEG",
+        "PatientBirthDate in the source is not a valid date (DA) and was left empty in the DICOM SR",
+        "PatientSex in the source is not one of M, F, O and was left empty in the DICOM SR",
         "PatientBirthDate in the source is not a valid date (DA) and was left empty in the RTSTRUCT",
         "PatientSex in the source is not one of M, F, O and was left empty in the RTSTRUCT",
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def test_nifti_upload_to_nifti_and_png(service: Service, ct_nifti: Path, tmp_pat
         labels = np.asarray(mask.dataobj)
         assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
         assert int((labels == 1).sum()) == job["lesions"][0]["voxels"]
+        # the measurements in the status are those of the mask delivered, on the input's geometry
+        from msam_core.io.load import load_volume
+        from msam_core.measure import measure_lesion
+
+        expected = measure_lesion(labels == 1, load_volume(ct_nifti), hounsfield=job["intensity"]["hu"])
+        assert job["lesions"][0]["measurements"] == expected.to_json()
+        assert job["timings"]["measure"] >= 0
+        assert "DICOM input" in job["unavailable_results"]["sr"]
 
         r = c.get(f"/jobs/{accepted['job_id']}/result", params={"format": "png"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -67,12 +76,15 @@ def _check_dicom_job(service: Service, job_id: str, series, tmp_path: Path) -> N
 
     job = service.wait_job(job_id)
     assert job["status"] == "succeeded", (job, service.logs())
-    assert set(job["results"]) == {"dicom-seg", "rtstruct", "nifti", "png"}, job
+    assert set(job["results"]) == {"dicom-seg", "rtstruct", "nifti", "png", "sr"}, job
     source = read_series(series.paths)
     with service.client() as c:
         seg_bytes = c.get(f"/jobs/{job_id}/result").content  # default for DICOM: dicom-seg
         nifti_bytes = c.get(f"/jobs/{job_id}/result", params={"format": "nifti"}).content
         rt = c.get(f"/jobs/{job_id}/result", params={"format": "rtstruct"})
+        sr = c.get(f"/jobs/{job_id}/result", params={"format": "sr"})
+    assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
+    (tmp_path / "sr.dcm").write_bytes(sr.content)
     (tmp_path / "seg.dcm").write_bytes(seg_bytes)
     (tmp_path / "mask.nii.gz").write_bytes(nifti_bytes)
     (tmp_path / "rt.dcm").write_bytes(rt.content)
@@ -91,6 +103,18 @@ def _check_dicom_job(service: Service, job_id: str, series, tmp_path: Path) -> N
     # the SEG, placed by its own LPS geometry, is the NIfTI mask voxel for voxel
     np.testing.assert_array_equal(read_seg(tmp_path / "seg.dcm", source), labels)
     np.testing.assert_array_equal(read_rtstruct(tmp_path / "rt.dcm", source), labels)
+    # the SR: valid, its one group referencing the SEG's segment, with the status' numbers
+    from msam_core.io.sr import read_sr
+    from tests.unit.io.dicom_synth import dciodvfy_errors
+
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    (group,) = read_sr(tmp_path / "sr.dcm")
+    measured = job["lesions"][0]["measurements"]
+    assert group.seg_instance_uid == seg.SOPInstanceUID and group.segment_number == 1
+    assert group.tracking_uid == seg.SegmentSequence[0].TrackingUID and group.source_series_uid == series.series_uid
+    assert group.values["volume_ml"] == pytest.approx(measured["volume_ml"], abs=1e-3)
+    assert group.values["long_axis_mm"] == pytest.approx(measured["long_axis"]["length_mm"], abs=0.01)
+    assert group.values["short_axis_mm"] == pytest.approx(measured["short_axis"]["length_mm"], abs=0.01)
 
 
 def test_dicom_files_upload_to_seg_rtstruct_nifti(service: Service, dicom_series, tmp_path: Path) -> None:
@@ -108,6 +132,26 @@ def test_dicom_files_upload_to_seg_rtstruct_nifti(service: Service, dicom_series
     logs = service.logs(tail=0)
     assert "job " in logs  # the worker did log
     assert "Synthetic^Patient" not in logs and "SYN0001" not in logs and "Synthetic" not in logs
+
+
+def test_line_prompt_in_world_space_segments_and_reports_the_line(service: Service, ct_nifti: Path) -> None:
+    """A RECIST line in LPS mm across the blob (its long axis in slice k = 12): the job segments
+    the lesion and reports the line's length beside the measured long axis."""
+    src = nib.load(str(ct_nifti))
+    ends_ras = nib.affines.apply_affine(src.affine, [[17, 20, 12], [27, 20, 12]])
+    ends_lps = (ends_ras * [-1, -1, 1]).tolist()
+    with service.client() as c:
+        with open(ct_nifti, "rb") as f:
+            r = c.post("/segment", files={"image": ("ct.nii.gz", f)},
+                       data={"prompts": json.dumps({"space": "LPS", "lesions": [{"line": ends_lps}]})})
+        assert r.status_code == 202, r.text
+    job = service.wait_job(r.json()["job_id"])
+    assert job["status"] == "succeeded", (job, service.logs())
+    (lesion,) = job["lesions"]
+    assert lesion["reference_line"]["source"] == "request"
+    assert lesion["reference_line"]["length_mm"] == pytest.approx(10 * 1.2, abs=0.01)
+    assert np.allclose(lesion["reference_line"]["start_lps"], ends_lps[0], atol=0.01)
+    assert lesion["voxels"] > 0 and lesion["measurements"]["long_axis"]["length_mm"] > 0
 
 
 def test_dicom_zip_volume_then_json_segment(service: Service, dicom_series, tmp_path: Path) -> None:

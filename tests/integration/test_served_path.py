@@ -218,6 +218,6 @@ def test_info_reports_the_served_model_and_what_a_request_may_hold(bundled_servi
     assert [m["sha256"] for m in info["models"]] == [sha]
     assert info["models"][0]["options"] == load_model(DEFAULT_CHECKPOINT).options.to_dict()
     assert info["workers"] and all(w["model"]["sha256"] == sha for w in info["workers"])
-    assert info["prompts"]["types"] == ["positive", "negative", "box", "mask"]
+    assert info["prompts"]["types"] == ["positive", "negative", "box", "mask", "line"]
     assert info["prompts"]["spaces"] == ["voxel", "LPS", "RAS"]
-    assert set(info["result_formats"]) == {"dicom-seg", "nifti", "png", "rtstruct", "mha"}
+    assert set(info["result_formats"]) == {"dicom-seg", "nifti", "png", "rtstruct", "mha", "sr"}

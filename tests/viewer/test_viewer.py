@@ -253,6 +253,26 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
             spacing = np.abs(np.diag(AFFINE)[:3])
             assert np.all(np.abs(fg - np.array(CENTRE)) * spacing <= 96.0 + spacing)  # 128 x 1.5 mm crop
         page.screenshot(path=str(OUT / "viewer-first-click.png"))
+        # the lesion list shows the job's RECIST axes; they are drawn on the voxels they pass through
+        measured = _job(service, first["job"])["lesions"][0]["measurements"]
+        assert page.evaluate("() => window.msamViewer.state.lesions[0].measurements") == measured
+        row = page.locator("#lesions li >> nth=0").inner_text()
+        assert f"{measured['long_axis']['length_mm']:.1f} × {measured['short_axis']['length_mm']:.1f} mm" in row
+        drawn = page.evaluate("""(pen) => {
+            const nv = window.msamViewer.nv, vol = nv.volumes[0], bm = nv.drawBitmap, d = vol.dimsRAS, m = vol.matRAS
+            const out = []
+            for (let i = 0; i < bm.length; i++) {
+                if (bm[i] !== pen) continue
+                const v = [i % d[1], Math.floor(i / d[1]) % d[2], Math.floor(i / (d[1] * d[2]))]
+                out.push([0, 1, 2].map((r) => m[r * 4] * v[0] + m[r * 4 + 1] * v[1] + m[r * 4 + 2] * v[2] + m[r * 4 + 3]))
+            }
+            return out }""", 5)
+        ends = np.array([measured["long_axis"]["start_lps"], measured["long_axis"]["end_lps"]]) * [-1, -1, 1]
+        assert len(drawn) >= 2
+        axis = ends[1] - ends[0]
+        t = np.clip((np.asarray(drawn) - ends[0]) @ axis / (axis @ axis), 0, 1)
+        off = np.linalg.norm(np.asarray(drawn) - (ends[0] + t[:, None] * axis), axis=1)
+        assert off.max() <= np.linalg.norm(np.diag(AFFINE)[:3]), off.max()  # within a voxel diagonal of the line
 
         # 2nd click on the same lesion (warm: embedding cache, decoder only)
         _click_voxel(page, (CENTRE[0] + 3, CENTRE[1] - 2, CENTRE[2]))

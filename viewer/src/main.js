@@ -24,6 +24,8 @@ const LESION_CSS = ['#ff3030', '#3a6bff', '#c060ff', '#ffc430', '#d08050', '#30d
 const OVERLAY_OPACITY = 0.5
 const PEN_POSITIVE = 2 // ITK-SNAP draw colours: 2 green
 const PEN_NEGATIVE = 4 //                         4 yellow
+const PEN_LONG_AXIS = 5 //                        5 cyan: RECIST long axis
+const PEN_SHORT_AXIS = 6 //                       6 magenta: short axis
 const RECENT_KEY = 'msam.recentVolumes'
 const CLICK_SLOP_PX = 5
 const MARKER_RADIUS_MM = 2
@@ -280,6 +282,7 @@ function renderLesions () {
       `<span class="name">${esc(lesion.label)}</span>` +
       `<span class="pts">+${pos} −${neg}</span>` +
       `<span class="ml">${lesion.overlay || lesion.voxels ? lesion.ml.toFixed(2) + ' mL' : ''}</span>` +
+      `<span class="axes" title="RECIST long x short axis (drawn on the slice where they lie)">${axesText(lesion)}</span>` +
       `<span class="st">${esc(lesion.status)}</span>` +
       '<button class="del" title="delete this lesion">×</button>'
     li.addEventListener('click', (e) => {
@@ -292,6 +295,12 @@ function renderLesions () {
     })
     ul.appendChild(li)
   })
+}
+
+function axesText (lesion) {
+  const m = lesion.measurements
+  if (!m || !lesion.overlay) return ''
+  return `${m.long_axis.length_mm.toFixed(1)} × ${m.short_axis.length_mm.toFixed(1)} mm`
 }
 
 function deleteLesion (idx) {
@@ -319,6 +328,19 @@ function updateButtons () {
   $('dl-seg').title = state.volume && state.volume.format !== 'dicom' ? 'DICOM-SEG needs a DICOM input' : ''
 }
 
+// a measured axis (endpoints in LPS mm) drawn voxel by voxel into the drawing layer: it shows on
+// the slice it was measured in
+function drawAxis (bm, vol, axis, pen) {
+  const d = vol.dimsRAS
+  const ends = [axis.start_lps, axis.end_lps].map((p) => rasToFrac(vol, [-p[0], -p[1], p[2]]).map((f, n) => f * d[n + 1] - 0.5))
+  const steps = Math.max(1, Math.ceil(2 * Math.max(...[0, 1, 2].map((n) => Math.abs(ends[1][n] - ends[0][n])))))
+  for (let s = 0; s <= steps; s++) {
+    const v = [0, 1, 2].map((n) => Math.round(ends[0][n] + (ends[1][n] - ends[0][n]) * s / steps))
+    if (v.some((x, n) => x < 0 || x >= d[n + 1])) continue
+    bm[v[0] + v[1] * d[1] + v[2] * d[1] * d[2]] = pen
+  }
+}
+
 // point markers live in NiiVue's drawing layer (same grid as the image: exact on every view)
 function redrawMarkers () {
   const vol = nv.volumes[0]
@@ -339,6 +361,10 @@ function redrawMarkers () {
           }
         }
       }
+    }
+    if (lesion.measurements && lesion.overlay) {
+      drawAxis(bm, vol, lesion.measurements.long_axis, PEN_LONG_AXIS)
+      drawAxis(bm, vol, lesion.measurements.short_axis, PEN_SHORT_AXIS)
     }
   }
   nv.refreshDrawing(true)
@@ -478,8 +504,10 @@ async function showMask (lesion, buffer, job) {
   let count = 0
   for (let i = 0; i < mask.data.length; i++) if (mask.data[i]) count++
   lesion.voxels = summary ? summary.voxels : count
-  lesion.ml = lesion.voxels * Math.abs(sp[0] * sp[1] * sp[2]) / 1000
+  lesion.ml = summary && summary.measurements ? summary.measurements.volume_ml : lesion.voxels * Math.abs(sp[0] * sp[1] * sp[2]) / 1000
+  lesion.measurements = summary ? summary.measurements || null : null
   lesion.lastJob = job.job_id
+  redrawMarkers()
 }
 
 // ---------------------------------------------------------------------------------------------

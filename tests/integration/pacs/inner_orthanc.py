@@ -100,6 +100,19 @@ def seg_series_referencing(series_uid: str) -> list[pydicom.Dataset]:
     return found
 
 
+def msam_srs_referencing(seg_uid: str) -> list[pydicom.Dataset]:
+    """QIDO-RS for SR series, then the SR instances whose evidence lists the SEG ``seg_uid``."""
+    client = DICOMwebClient(DICOMWEB)
+    found = []
+    for s in client.search_for_series(search_filters={"Modality": "SR"}):
+        for ds in client.retrieve_series(s["0020000D"]["Value"][0], s["0020000E"]["Value"][0]):
+            evidence = {str(i.ReferencedSOPInstanceUID) for st in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                        for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+            if seg_uid in evidence:
+                found.append(ds)
+    return found
+
+
 # -- webhook receiver ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hooks() -> Iterator[queue.Queue[tuple[str, dict[str, str], bytes]]]:
@@ -213,11 +226,72 @@ def test_dicomweb_pull_stow_push_and_webhook(pacs_service: Service, orthanc: str
     seg = segs[0]
     assert seg.StudyInstanceUID == series.study_uid and seg.FrameOfReferenceUID == series.for_uid
     assert seg.SegmentSequence[0].SegmentLabel == "tumour"
+    # the measurement SR went with the SEG (the default), its group referencing the SEG's segment
+    from msam_core.io.sr import read_sr
+
+    (sr,) = msam_srs_referencing(str(seg.SOPInstanceUID))
+    sr.save_as(series_dir / "msam_sr.dcm", enforce_file_format=True)
+    (group,) = read_sr(series_dir / "msam_sr.dcm")
+    assert group.seg_instance_uid == seg.SOPInstanceUID and group.source_series_uid == series.series_uid
+    assert group.values["volume_ml"] == pytest.approx(job["lesions"][0]["measurements"]["volume_ml"], abs=1e-3)
 
     with pacs_service.client() as c:  # a follow-up click on the retrieved volume: no new retrieve
         r = c.post("/segment", json={"volume_id": accepted["volume_id"], "prompts": PROMPTS})
         assert r.status_code == 202, r.text
     assert pacs_service.wait_job(r.json()["job_id"])["status"] == "succeeded"
+
+
+# -- 1b. the radiologist's lines in the PACS (SR and GSPS) as the prompts -------------------
+def test_lines_from_pacs_annotations_are_segmented_in_one_job(pacs_service: Service, orthanc: str,
+                                                                series_dir: Path) -> None:
+    import numpy as np
+
+    from msam_core.io.dicom import read_series
+    from tests.unit.io.annotation_synth import line_gsps, recist_sr
+
+    series = ct(series_dir, "lines CT", seed=4)
+    volume = read_series(series.paths)
+    by_uid = {str(d.SOPInstanceUID): d for d in series.datasets}
+    on = lambda k: by_uid[volume.meta["sop_instance_uids"][k]]  # noqa: E731 - the image of slice k
+    sr_line = volume.voxel_to_ras(np.array([[18.0, 20.0, 8], [30.0, 20.0, 8]]))
+    sr_mm = float(np.linalg.norm(sr_line[1] - sr_line[0]))
+    gsps_line = volume.voxel_to_ras(np.array([[10.0, 10.0, 4], [16.0, 18.0, 4]]))
+    gsps_mm = float(np.linalg.norm(gsps_line[1] - gsps_line[0]))
+    objects = [recist_sr(on(8), [(18.5, 20.5), (30.5, 20.5)], round(sr_mm, 1), series_dir / "reader_sr.dcm",
+                         images=series.datasets),
+               line_gsps(on(4), [(10.5, 10.5), (16.5, 18.5)], series_dir / "reader_pr.dcm", images=series.datasets)]
+    orthanc_store([*series.paths, *objects])
+    with pacs_service.client() as c:
+        r = c.post("/segment", json={
+            "source": {"pacs": "orthanc", "study_uid": series.study_uid, "series_uid": series.series_uid},
+            "lines_from_pacs": True, "destinations": ["orthanc"], "send": ["dicom-seg"]})
+        assert r.status_code == 202, r.text
+        r_bad = c.post("/segment", json={"volume_id": "0" * 32, "lines_from_pacs": True})
+        assert r_bad.status_code == 422 and "DICOMweb source" in r_bad.text, r_bad.text
+    job = pacs_service.wait_job(r.json()["job_id"], timeout=180)
+    assert job["status"] == "succeeded", (job, pacs_service.logs())
+    lines = [lesion["reference_line"] for lesion in job["lesions"]]
+    assert [x["source"] for x in lines] == ["SR", "GSPS"]
+    assert lines[0]["length_mm"] == pytest.approx(sr_mm, abs=0.01) and lines[1]["length_mm"] == pytest.approx(gsps_mm, abs=0.01)
+    assert np.allclose(sorted([lines[0]["start_lps"], lines[0]["end_lps"]]),
+                       sorted((sr_line * [-1, -1, 1]).tolist()), atol=0.01)
+    for lesion in job["lesions"]:  # each lesion's measured long axis beside the line it was prompted with
+        assert lesion["measurements"] is None or lesion["measurements"]["long_axis"]["length_mm"] > 0
+    deadline = time.monotonic() + 60
+    while not (status := pacs_service.wait_job(r.json()["job_id"])["destinations"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status == {"orthanc": "stored"}
+    (seg,) = seg_series_referencing(series.series_uid)
+    assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"SR line 1", "GSPS line 2"}
+    assert msam_srs_referencing(str(seg.SOPInstanceUID)) == []  # send: ["dicom-seg"] - the SEG only
+
+    with pacs_service.client() as c:  # a study without lines on that series: a failed job that says so
+        other = ct(series_dir, "no lines CT", seed=5)
+        orthanc_store(other.paths)
+        r = c.post("/segment", json={"source": {"pacs": "orthanc", "study_uid": other.study_uid,
+                                                "series_uid": other.series_uid}, "lines_from_pacs": True})
+    job = pacs_service.wait_job(r.json()["job_id"], timeout=120)
+    assert job["status"] == "failed" and "no line measurement" in job["error"]["message"], job
 
 
 def test_missing_series_fails_the_job(pacs_service: Service, orthanc: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -41,11 +42,25 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 def test_nifti_and_png_outputs(files, capsys):
     out = files["root"] / "mask.nii.gz"
-    code, err = _run(capsys, files["image"], "-o", out, "--point", "24,20,12", "--point", "2,2,2,0",
-                     "--checkpoint", files["ckpt"], "--iterations", "2", "--max-windows", "2")
+    report = files["root"] / "report.json"
+    code = main(["segment", str(files["image"]), "-o", str(out), "--point", "24,20,12", "--point", "2,2,2,0",
+                 "--checkpoint", str(files["ckpt"]), "--iterations", "2", "--max-windows", "2", "--report", str(report)])
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 0, err
     assert "lesion 1:" in err
     mask = nib.load(str(out))
+    # the report measures the mask written (the same voxels), endpoints in LPS
+    from msam_core.io.load import load_volume
+    from msam_core.measure import measure_lesion
+
+    doc = json.loads(report.read_text())
+    written = np.asarray(mask.dataobj) == 1
+    hounsfield = "CT in Hounsfield units" in err  # what the pipeline took the values to be (stderr)
+    expected = measure_lesion(written, load_volume(files["image"]), hounsfield=hounsfield)
+    assert [x["lesion"] for x in doc["lesions"]] == [1]
+    assert doc["lesions"][0]["measurements"] == expected.to_json()
+    assert "long mm" in captured.out and f"{expected.volume_ml:.2f}" in captured.out
     assert mask.shape == SHAPE and mask.get_data_dtype() == np.uint8
     assert np.array_equal(mask.affine, nib.load(str(files["image"])).affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
@@ -56,6 +71,16 @@ def test_nifti_and_png_outputs(files, capsys):
                      "--checkpoint", files["ckpt"], "--max-windows", "1")
     assert code == 0, err
     assert Image.open(png).format == "PNG"
+
+
+def test_line_prompt_and_its_length_in_the_report(files, capsys):
+    out, report = files["root"] / "line.nii.gz", files["root"] / "line.json"
+    code = main(["segment", str(files["image"]), "-o", str(out), "--line", "19,20,12,29,20,12",
+                 "--checkpoint", str(files["ckpt"]), "--max-windows", "1", "--report", str(report)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    (lesion,) = json.loads(report.read_text())["lesions"]
+    assert lesion["line_length_mm"] == pytest.approx(10 * np.linalg.norm(AFFINE[:3, 0]), abs=0.01)
 
 
 def test_prior_mask_only(files, capsys):
@@ -104,6 +129,9 @@ def test_dicom_in_rtstruct_out(files, capsys, tmp_path):
     (["--point", "24,20,12,0"], "no positive point"),
     (["--point", "24,20"], "expected 3 or 4 or 5 numbers"),
     (["--point", "a,b,c"], "comma-separated numbers"),
+    (["--line", "20,20,12,20,20,12"], "zero length"),
+    (["--line", "20,20,12,30,20,14"], "not in one slice"),
+    (["--line", "20,20,12,30,20"], "expected 6 or 7 numbers"),
     (["--point", "24,20,12", "--space", "IJK"], "use voxel, LPS or RAS"),
     (["--point", "24,20,12", "--iterations", "0"], "--iterations"),
     (["--box", "0,0,0,10,10"], "--box"),

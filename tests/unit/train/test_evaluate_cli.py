@@ -12,6 +12,7 @@ import torch
 from msam_core.checkpoints import save_checkpoint
 from msam_core.cli import build_parser, main
 from msam_core.model import build_model
+from msam_core.pipeline.lines import DEFAULT_STRATEGY
 from msam_core.train.synth import synthesize
 from tests.unit.train.phantoms import phantom_scans
 
@@ -35,10 +36,12 @@ def test_evaluate_writes_reports(tmp_path) -> None:
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     stats = summary["groups"]["all"]
-    assert set(stats) == {"msam", "region_growing", "stable_region"}
+    assert set(stats) == {"msam", "msam_line", "region_growing", "stable_region"}
     assert len(stats["msam"]["dice"]) == 2 and all(0 <= v <= 1 for v in stats["msam"]["dice"])
+    assert len(stats["msam_line"]["dice"]) == 1 and summary["line_strategy"] == DEFAULT_STRATEGY  # one interaction: the line
     rows = json.loads((out / "per_lesion.json").read_text())
-    assert {r["method"] for r in rows} == {"msam", "region_growing", "stable_region"}
+    assert {r["method"] for r in rows} == {"msam", "msam_line", "region_growing", "stable_region"}
+    assert {r["clicks"] for r in rows if r["method"] == "msam_line"} == {1}
     assert (out / "per_lesion.csv").read_text().startswith("split,case,lesion")
     assert (out / "dice_vs_clicks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +56,7 @@ def _evaluate_random_model(tmp_path, split: str, control: str) -> tuple:
     ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--split", split, "--clicks", "2",
-                 "--out", str(out), "--no-baseline", control]) == 0
+                 "--out", str(out), "--no-baseline", "--no-line", control]) == 0
     return data, ck, json.loads((out / "per_lesion.json").read_text())
 
 
@@ -122,7 +125,7 @@ def test_evaluate_gives_a_coarse_view_model_its_coarse_crop(tmp_path) -> None:
     coarse = coarse_crop(segmenter, sampler, grid)
     assert coarse is not None and coarse.shape == image.shape
     expected = _model_clicks(segmenter, image, gt, centre, grid, 2, 2.0, True, coarse_image=coarse)
-    got = {r["clicks"]: r["dice"] for r in rows if r["lesion"] == k and r["case"] == case.name}
+    got = {r["clicks"]: r["dice"] for r in rows if r["lesion"] == k and r["case"] == case.name and r["method"] == "msam"}
     assert [got[c] for c in (1, 2)] == [round(d, 4) for d, _ in expected]
 
 
