@@ -11,10 +11,12 @@ from celery import Task
 
 from msam_service import jobs
 from msam_service.queue import TASK_NAME
+from msam_service.sessions import COMMIT_TASK, INTERACT_TASK
 from worker import pacs_tasks  # PACS pull before a job, push + webhook after it; msam.webhook
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
+from worker.session import run_commit, run_interaction
 
 
 class SegmentTask(Task):
@@ -46,5 +48,21 @@ def segment(self: Task, job_id: str) -> str | None:
     rt = get_runtime()
     pacs_tasks.prepare(rt, job_id)
     status = run_job(rt, job_id, progress)
+    pacs_tasks.finish(rt, job_id)
+    return status
+
+
+@app.task(name=INTERACT_TASK, ignore_result=True, acks_late=False)
+def interact(interaction_id: str) -> str | None:
+    """One interaction of a session (acknowledged on receipt: when its worker is lost, the
+    gateway sends it again to the shared queue, see ``api/routes/sessions.py``)."""
+    return run_interaction(get_runtime(), interaction_id)
+
+
+@app.task(name=COMMIT_TASK, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
+def commit(self: Task, job_id: str) -> str | None:
+    """A session's outputs, written as the job ``job_id``'s, then sent like a job's."""
+    rt = get_runtime()
+    status = run_commit(rt, job_id)
     pacs_tasks.finish(rt, job_id)
     return status
