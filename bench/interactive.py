@@ -18,7 +18,7 @@ nodules in them), and drives it over HTTP:
 A click's client round trip is split into *network* (encoder + decoder, the worker's own
 timings), *pipeline* (the rest of the worker's work: preprocessing, prior, boundary, coarse view,
 mask to the volume grid, delta) and *transport* (the rest: HTTP, queue, Redis, JSON, decoding the
-delta). One worker gets all CPU cores' threads for 1 and 2; for 3 the cores are split.
+delta). Workers get ``--threads`` torch threads each (default: the CPU cores split between them).
 """
 
 from __future__ import annotations
@@ -102,11 +102,11 @@ class Stack:
         serve.wait_until(lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200, 60, "API", self.api)
         self.workers: list = []
 
-    def set_workers(self, n: int) -> int:
+    def set_workers(self, n: int, threads: int | None = None) -> int:
         for proc in self.workers:
             serve.stop(proc)
         self.workers = []
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = threads or max(1, (os.cpu_count() or 1) // n)
         env = dict(self.env, MSAM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
         for i in range(n):
             self.workers.append(serve.start_worker(env, name=f"ib{n}-{i}", log=self.tmp / f"worker{n}-{i}.log"))
@@ -196,6 +196,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="workers for the concurrent sessions (M)")
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled model")
     p.add_argument("--skip-jobs", action="store_true", help="leave out the job API (before) figures")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPU cores / "
+                   "workers; on a machine shared with other work 1 avoids OpenMP threads waiting on each other)")
     args = p.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="msam-ibench-"))
@@ -207,7 +209,7 @@ def main() -> int:
           f"{args.checkpoint or 'bundled'}, image {'x'.join(map(str, shape))} int16 NIfTI at "
           f"{'x'.join(map(str, SPACING))} mm, {args.followups} follow-up clicks")
     try:
-        threads = stack.set_workers(1)
+        threads = stack.set_workers(1, args.threads)
         with httpx.Client(base_url=stack.url, timeout=300) as c:
             with open(ct, "rb") as f:
                 vid = c.post("/volumes", files={"image": (ct.name, f)}).raise_for_status().json()["volume_id"]
@@ -221,7 +223,7 @@ def main() -> int:
             report(f"After: session API (delta in the response), 1 worker x {threads} threads", rows)
             print(f"response size per follow-up (median): {statistics.median(r['delta_kb'] for r in rows[1:]):.1f} KB; "
                   f"nodule volume after the last click: {rows[-1]['ml']:.2f} mL")
-        threads = stack.set_workers(args.workers)
+        threads = stack.set_workers(args.workers, args.threads)
         with httpx.Client(base_url=stack.url, timeout=300) as c:
             for n in range(args.workers):  # every worker loads the model before timing
                 session_clicks(c, vid, clicks(centres[n % len(centres)], 0), shape)
