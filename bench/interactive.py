@@ -221,6 +221,13 @@ def main() -> int:
                        job_clicks(c, vid, clicks(centres[1], args.followups)))
             rows = session_clicks(c, vid, clicks(centres[0], args.followups), shape)
             report(f"After: session API (delta in the response), 1 worker x {threads} threads", rows)
+            # a first click on a volume no worker has decoded yet (the model is loaded)
+            with open(ct, "rb") as f:
+                fresh = c.post("/volumes", files={"image": (ct.name, f)}).raise_for_status().json()["volume_id"]
+            (cold,) = session_clicks(c, fresh, clicks(centres[2], 0), shape)
+            print(f"first click on a freshly uploaded volume (decode + crop + encoder + pipeline): {cold['rtt']:.3f} s "
+                  f"(network {cold['network']:.3f} s, pipeline {cold['pipeline']:.3f} s, transport "
+                  f"{cold['transport']:.3f} s)")
             print(f"response size per follow-up (median): {statistics.median(r['delta_kb'] for r in rows[1:]):.1f} KB; "
                   f"nodule volume after the last click: {rows[-1]['ml']:.2f} mL")
         threads = stack.set_workers(args.workers, args.threads)

@@ -230,6 +230,10 @@ def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Pa
                             json={"kind": "point", "xyz": [22, 20, 12]})
             assert answer.status_code == 200, answer.text
             assert r.hget(S.interaction_key(answer.json()["interaction_id"]), "resent") == b"1"
+            metrics = c.get("/metrics").text
+            assert 'msam_interactions_total{outcome="resent"}' in metrics
+            resent = [ln for ln in metrics.splitlines() if ln.startswith('msam_interactions_total{outcome="resent"}')]
+            assert float(resent[0].split()[-1]) >= 1
     finally:
         for name in [n for n in service.workers if n != "w1"]:
             service.kill_worker(name)
