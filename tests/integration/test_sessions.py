@@ -144,9 +144,13 @@ def test_box_and_mask_edit(service: Service, ct_nifti: Path) -> None:
         sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
         c.post(f"/sessions/{sid}/lesions")
         mirror = Mirror(tuple(vol["shape"]))
-        r = c.post(f"/sessions/{sid}/lesions/1/interactions",
+        # no wait: 202 and a link, which answers the same once the worker has
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", params={"wait": 0},
                    json={"kind": "box", "corners": [[12, 10, 6], [32, 30, 18]]})
-        assert r.status_code == 200, r.text
+        assert r.status_code == 202 and r.headers["location"] == r.json()["status_url"], r.text
+        assert r.json()["status"] in ("queued", "running") and r.json()["delta"] is None
+        r = c.get(r.json()["status_url"], params={"wait": 60})
+        assert r.status_code == 200 and r.json()["status"] == "done" and r.json()["step"] == 1, r.text
         mirror.apply(r.json())
         mirror.apply(_click(c, sid, 1, (22, 20, 12)))
         assert mirror.mask.any()
