@@ -33,7 +33,7 @@ from msam_service import sessions as S
 from msam_service.masks import load_masks
 from msam_service.prompts import resolve
 from msam_service.volumes import load_info
-from worker.job import write_results, _open_mask
+from worker.job import open_mask, write_results
 from worker.runtime import Runtime, worker_name
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _segment(rt: Runtime, store: S.SessionStore, session: dict, lesion: dict, in
     if mask_act is not None:
         if mask_act.get("volume_id"):
             prompt["lesions"][0]["mask"] = {"volume_id": mask_act["volume_id"], "label": mask_act.get("label")}
-            masks = load_masks(prompt, volume, lambda v: _open_mask(rt, v))
+            masks = load_masks(prompt, volume, lambda v: open_mask(rt, v))
         else:
             edited = store.mask(session["session_id"], mask_act["stored"])
             if edited is None or edited.voxels == 0:
