@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 import redis
 
-#: The Celery task that runs one interaction, and the one that writes a session's outputs.
+#: The Celery tasks: open a session (a worker decodes its volume ahead of the first click), run one
+#: interaction, write a session's outputs.
+OPEN_TASK = "msam.session_open"
 INTERACT_TASK = "msam.interact"
 COMMIT_TASK = "msam.commit"
 #: How a delta's mask is encoded (the ``encoding`` field of every delta).

@@ -78,6 +78,20 @@ def held_volume(rt: Runtime, volume_id: str) -> tuple[HeldVolume, bool]:
     return held, False
 
 
+def run_open(rt: Runtime, session_id: str) -> None:
+    """Decode a new session's volume while its user looks for the lesion. This worker becomes the
+    session's holder first, so a click sent meanwhile waits here for the decoded volume instead of
+    decoding it again elsewhere."""
+    session = S.SessionStore(rt.redis, rt.settings.job_ttl_s).get(session_id)
+    if session is None:
+        return
+    rt.redis.set(S.holder_key(session_id), worker_name(), ex=rt.settings.job_ttl_s)
+    try:
+        held_volume(rt, session["volume_id"])
+    except MsamError as exc:  # the first interaction reports it
+        logger.info("session %s: volume not opened (%s)", session_id, exc.code)
+
+
 def run_interaction(rt: Runtime, interaction_id: str) -> str | None:
     """Answer one interaction; returns its final status (``None``: nothing to do)."""
     store = S.SessionStore(rt.redis, rt.settings.job_ttl_s)

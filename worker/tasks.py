@@ -11,12 +11,12 @@ from celery import Task
 
 from msam_service import jobs
 from msam_service.queue import TASK_NAME
-from msam_service.sessions import COMMIT_TASK, INTERACT_TASK
+from msam_service.sessions import COMMIT_TASK, INTERACT_TASK, OPEN_TASK
 from worker import pacs_tasks  # PACS pull before a job, push + webhook after it; msam.webhook
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
-from worker.session import run_commit, run_interaction
+from worker.session import run_commit, run_interaction, run_open
 
 
 class SegmentTask(Task):
@@ -50,6 +50,12 @@ def segment(self: Task, job_id: str) -> str | None:
     status = run_job(rt, job_id, progress)
     pacs_tasks.finish(rt, job_id)
     return status
+
+
+@app.task(name=OPEN_TASK, ignore_result=True, acks_late=False)
+def open_session(session_id: str) -> None:
+    """A new session's volume, decoded ahead of its first click."""
+    run_open(get_runtime(), session_id)
 
 
 @app.task(name=INTERACT_TASK, ignore_result=True, acks_late=False)

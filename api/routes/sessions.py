@@ -86,9 +86,11 @@ def _session_out(svc: Services, doc: dict[str, Any], info: VolumeInfo) -> Sessio
 
 @router.post("/sessions", status_code=201, response_model=SessionOut, responses=_ERRORS)
 def create_session(body: SessionCreate, svc: Services = Depends(services), who: str = Depends(tenant)) -> SessionOut:
-    """Start an interactive session on a volume uploaded with ``POST /volumes``."""
+    """Start an interactive session on a volume uploaded with ``POST /volumes`` (a worker starts
+    decoding the volume at once, ahead of the first click)."""
     info = volume_for(svc, body.volume_id, who)
     doc = _store(svc).create(who, body.volume_id, body.space)
+    svc.queue.send_task(S.OPEN_TASK, args=[doc["session_id"]], queue=svc.settings.queue, ignore_result=True)
     return _session_out(svc, doc, info)
 
 

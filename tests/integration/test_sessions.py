@@ -5,8 +5,8 @@ edits, commit to outputs; a lost holder worker costs one resent interaction, not
 from __future__ import annotations
 
 import gzip
-import io
-import os
+import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -55,6 +55,16 @@ def _job_mask(service: Service, c, volume_id: str, positive: list, negative: lis
     return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj) == 1
 
 
+def _wait_holder(service: Service, sid: str) -> str:
+    """The worker that opened the session (it decodes the volume ahead of the first click)."""
+    r = redis_conn.client(service.redis_url)
+    deadline = time.monotonic() + 60
+    while r.get(S.holder_key(sid)) is None:
+        assert time.monotonic() < deadline, service.logs()
+        time.sleep(0.05)
+    return r.get(S.holder_key(sid)).decode()
+
+
 def _click(c, sid: str, lesion: int, xyz, positive: bool = True) -> dict:
     r = c.post(f"/sessions/{sid}/lesions/{lesion}/interactions",
                json={"kind": "point", "xyz": list(xyz), "positive": positive})
@@ -73,9 +83,13 @@ def test_session_clicks_undo_reset_commit(service: Service, ct_nifti: Path) -> N
         r = c.post(f"/sessions/{sid}/lesions", json={"label": "tumour A"})
         assert r.status_code == 201 and r.json()["lesion"] == 1, r.text
         mirror = Mirror(tuple(vol["shape"]))
+        holder = _wait_holder(service, sid)
 
         first = _click(c, sid, 1, (22, 20, 12))
         assert first["status"] == "done" and first["step"] == 1 and first["base"] is None
+        # the worker that opened the session decoded the volume before the click came
+        ran = json.loads(redis_conn.client(service.redis_url).hget(S.interaction_key(first["interaction_id"]), "result"))
+        assert ran["volume_held"] is True and redis_conn.client(service.redis_url).get(S.holder_key(sid)).decode() == holder
         assert first["delta"]["encoding"] == S.DELTA_ENCODING
         assert first["timings"]["encode"] > 0  # a fresh crop: the encoder ran
         mirror.apply(first)
@@ -227,6 +241,7 @@ def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Pa
             # a click whose queued message sits with a worker that died is resent to the others
             sid2 = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
             c.post(f"/sessions/{sid2}/lesions")
+            _wait_holder(service, sid2)
             r.set(S.holder_key(sid2), "gone-host:1")
             r.hset("msam:worker:gone-host:1", "alive_at", "0")
             r.expire("msam:worker:gone-host:1", 2)
