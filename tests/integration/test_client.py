@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,10 @@ def test_client_installs_alone_without_torch(service: Service, ct_nifti: Path, t
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-c", str(ROOT / "requirements.lock"),
-                    str(ROOT / "clients" / "python")], check=True, timeout=600)
+    source = tmp_path / "client-src"  # setuptools builds in the source folder: keep the checkout clean
+    shutil.copytree(ROOT / "clients" / "python", source, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-c", str(ROOT / "requirements.lock"), str(source)],
+                   check=True, timeout=600)
     assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0
     env = {**os.environ, "MSAM_URL": service.api_url}
     cli = str(venv / "bin" / "msam-remote")
