@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock notices tools viewer run test bench bench-service model clean
+.PHONY: install lock notices tools viewer run test test-images bench bench-service model pack gpu-model clean
 
 install: $(STAMP)
 
@@ -51,6 +51,8 @@ notices: install
 # External validators the tests run for real: dciodvfy (Debian package dicom3tools) checks every
 # DICOM-SEG and RTSTRUCT the tests write.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PODMAN_COMPOSE_VENV := /opt/msam-tools/podman-compose
+PODMAN_COMPOSE      := $(PODMAN_COMPOSE_VENV)/bin/podman-compose
 # Debian's chromium runs the viewer's browser tests (tests/viewer, driven by Playwright).
 tools:
 	command -v dciodvfy >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools)
@@ -60,6 +62,17 @@ tools:
 	command -v Orthanc >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v storescu >/dev/null \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc orthanc-dicomweb dcmtk)
 	test -x /usr/bin/chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+	# Containers (tests/containers, `make test-images`): podman with runc (crun fails on this
+	# kernel's cgroup setup), its netavark/aardvark-dns networking, debootstrap for the stand-in
+	# base image; kubectl renders deploy/k8s (Debian's kubernetes-client where no kubectl is
+	# installed; this machine's Google Cloud SDK ships one, whose file Debian's would collide with).
+	command -v podman >/dev/null && command -v debootstrap >/dev/null && test -x /usr/sbin/runc && test -x /usr/lib/podman/aardvark-dns \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y podman runc netavark aardvark-dns debootstrap)
+	command -v kubectl >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y kubernetes-client)
+	# podman-compose (PyPI, GPL-2.0-only) in a virtual environment of its own, run as a program:
+	# not a dependency of msam, not in the locks (licence-policy.toml: no GPL in what msam uses).
+	test -x $(PODMAN_COMPOSE) || ($(SUDO) python3 -m venv $(PODMAN_COMPOSE_VENV) \
+	  && $(SUDO) $(PODMAN_COMPOSE_VENV)/bin/pip install --quiet podman-compose==1.6.0 python-dotenv==1.2.4 PyYAML==6.0.4)
 
 # The web viewer (viewer/ -> api/static/viewer/, committed): only needed after editing viewer/.
 # Needs Node.js; `make run` and `make test` do not.
@@ -73,6 +86,11 @@ run: install
 
 test: install tools
 	$(PY) -m pytest -q -ra
+
+# The images built with podman and the compose stack run for real (part of `make test` too):
+# a stand-in python:3.11-slim from debootstrap, cached in ~/.cache/msam-images, docs/containers.md.
+test-images: install tools
+	$(PY) -m pytest -q -ra tests/containers
 
 bench: install
 	$(PY) bench/model.py
@@ -96,9 +114,9 @@ MODEL_RUN     ?= $(HOME)/.cache/msam/runs/msam_default
 MODEL_REAL    ?= $(HOME)/.cache/msam/real-tumours
 MODEL_MINUTES ?= 65
 MODEL_THREADS ?= 2
-MODEL_TRAIN    = train --config msam_small --data $(MODEL_DATA) --out $(MODEL_RUN) --steps 100000 \
+MODEL_TRAIN    = train --config msam_small_regions --data $(MODEL_DATA) --out $(MODEL_RUN) --steps 100000 \
                  --iterations 5 --batch-size 2 --warmup 30 --max-minutes $(MODEL_MINUTES) --save-every 5 \
-                 --seed 0 --threads $(MODEL_THREADS) --crops-per-lesion 4 --input-transform signed_log --click-regions --region-logits
+                 --seed 0 --threads $(MODEL_THREADS) --crops-per-lesion 4
 model: install
 	$(VENV)/bin/msam data synth --out $(MODEL_DATA) --seed 0
 	OMP_NUM_THREADS=$(MODEL_THREADS) $(VENV)/bin/msam $(MODEL_TRAIN)
@@ -110,6 +128,26 @@ model: install
 	$(VENV)/bin/msam data real --out $(MODEL_REAL)
 	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control --other-image-control
 	$(PY) -m msam_core.train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors
+
+# Training on a lent accelerator (docs/gpu-training.md). `make pack` (here, once) writes the pack:
+# the anatomy and validation cases that online lesion synthesis needs, ~18 MiB, never committed.
+# `make gpu-model MINUTES=8` (there) trains msam_small with fresh lesions at every step, bf16 on
+# CUDA, from the bundled weights, and exports the best and latest checkpoints (in parts under
+# 16 MiB), log.csv and lease.json into GPU_OUT (OUT on the device) every minute. It needs only
+# python3 with torch, numpy, scipy and safetensors (no `make install` there).
+PACK     ?= .pack/msam-pack.npz
+MINUTES  ?= 8
+GPU_OUT  ?= $(or $(OUT),out/gpu-model)
+GPU_INIT ?= msam_core/weights/msam_default.safetensors
+GPU_ARGS ?=
+GPU_PY   ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+pack: install
+	$(VENV)/bin/msam data pack --out $(PACK)
+
+gpu-model:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m msam_core.train.lease run --pack $(PACK) --out $(GPU_OUT) --minutes $(MINUTES) \
+	  --init $(GPU_INIT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,6 +7,8 @@ the field named; a Redis outage is 503. A 500 means a bug, never bad input.
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 
 import redis
@@ -22,12 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.details = details or {}  # more fields of the error object (e.g. ``candidates``)
 
 
 def body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -57,7 +61,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+        content: dict[str, Any] = body(exc.code, exc.message)
+        content["error"].update(exc.details)
+        return JSONResponse(content, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(MsamError)
     async def _msam(_: Request, exc: MsamError) -> JSONResponse:

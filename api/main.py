@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_extra_schemas(app)
     for router in (segment.router, volumes.router, sessions.router, jobs.router, health.router, info.router, metrics.router):
         app.include_router(router)
-    viewer.install(app)  # the web viewer (issue #9): page at /, assets under /static
+    viewer.install(app)  # the web viewer: page at /, assets under /static
 
     # innermost: counts the body bytes the routes read, before a parser buffers or spools them
     app.add_middleware(BodyLimit, upload_mb=settings.max_upload_mb, json_kb=settings.max_json_kb)

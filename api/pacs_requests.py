@@ -1,9 +1,15 @@
-"""The PACS parts of ``POST /segment`` (issue #8): where the image comes from (``source``), where
+"""The PACS parts of ``POST /segment``: where the image comes from (``source``), where
 the DICOM-SEG goes (``destinations``) and who is told (``callback_url``).
 
 Everything a request names is checked against server-side configuration before a job exists:
-an unknown node name, a URL where a name belongs, or a callback URL off the allowlist is a
-422 - the service never connects to an address a client supplied.
+a URL where a name belongs or a callback URL off the allowlist is a 422; a node, RIS or FHIR
+endpoint that is not configured *for the caller's tenant* is a 404, the same answer as for a
+name configured nowhere - the service never connects to an address a client supplied, and a
+tenant cannot learn which nodes other tenants use.
+
+An order by accession number (or a study UID without a series) is resolved here, by QIDO-RS,
+before the job exists, so that a study with no fitting series, or several, is a 422 listing
+the candidates (:mod:`msam_service.pacs.orders`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 from api.deps import Services
 from api.errors import ApiError
 from api.uploads import volume_for, volume_owner_key
-from msam_service.pacs import nodes, received, webhooks
+from msam_service.pacs import nodes, orders, received, webhooks
 from msam_service.pacs.settings import PacsSettings, get_pacs_settings
 from msam_service.volumes import VolumeInfo, new_volume_id
 
@@ -39,17 +45,37 @@ class Routing:
     extra: dict[str, Any] = field(default_factory=dict)  # stored in the job's request
 
 
-def outputs(destinations: list[str], callback_url: str | None, base: str) -> dict[str, Any]:
-    """Validate destinations and callback; what the job record keeps of them."""
+def _node_error(field: str, exc: nodes.UnknownNode) -> ApiError:
+    if isinstance(exc, nodes.InvalidNodeName):
+        return ApiError(422, "unknown_node", f"{field}: {exc}")
+    return ApiError(404, "unknown_node", f"{field}: {exc}")
+
+
+def outputs(destinations: list[str], callback_url: str | None, base: str, who: str | None = None,
+            ris: str | None = None, fhir: str | None = None) -> dict[str, Any]:
+    """Validate destinations, callback, RIS and FHIR endpoints for tenant ``who``; what the job
+    record keeps of them."""
     extra: dict[str, Any] = {}
-    if not destinations and not callback_url:
+    if not destinations and not callback_url and not ris and not fhir:
         return extra  # plain requests never read the PACS configuration
     pacs = _pacs()
     if destinations:
         try:
-            extra["destinations"] = nodes.check_destinations(pacs, destinations)
+            extra["destinations"] = nodes.check_destinations(pacs, destinations, who)
         except nodes.UnknownNode as exc:
-            raise ApiError(422, "unknown_node", f"destinations: {exc}") from exc
+            raise _node_error("destinations", exc) from exc
+    if ris:
+        endpoint = pacs.ris_endpoints.get(ris)
+        if endpoint is None or who is None or endpoint.tenant != who or endpoint.oru_host is None:
+            raise ApiError(404, "unknown_endpoint", f"ris: no RIS endpoint {ris!r} that takes results is "
+                           "configured for this tenant (MSAM_RIS_ENDPOINTS)")
+        extra["ris"] = ris
+    if fhir:
+        fhir_endpoint = pacs.fhir_endpoints.get(fhir)
+        if fhir_endpoint is None or who is None or not fhir_endpoint.allows(who):
+            raise ApiError(404, "unknown_endpoint", f"fhir: no FHIR endpoint {fhir!r} is configured for this "
+                           "tenant (MSAM_FHIR_ENDPOINTS)")
+        extra["fhir"] = fhir
     if callback_url:
         try:
             extra["callback_url"] = webhooks.check_callback(callback_url, pacs.allowlist(), pacs.webhook_secret)
@@ -62,7 +88,7 @@ def outputs(destinations: list[str], callback_url: str | None, base: str) -> dic
 
 def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
     """``payload``: a validated ``SegmentByVolume`` (``volume_id`` or ``source``)."""
-    extra = outputs(list(payload.destinations or []), payload.callback_url, base)
+    extra = outputs(list(payload.destinations or []), payload.callback_url, base, who, payload.ris, payload.fhir)
     if payload.volume_id is not None:
         return Routing(volume_for(svc, payload.volume_id, who), payload.volume_id, extra)
     src = payload.source
@@ -77,14 +103,38 @@ def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
             raise ApiError(422, "invalid_volume", f"the received series cannot be used: {rec.error}")
         extra["source"] = {"received_series_uid": src.received_series_uid}
         return Routing(volume_for(svc, rec.volume_id, who), rec.volume_id, extra)
+    pacs = _pacs()
     try:
-        node = nodes.dicomweb_node(_pacs(), src.pacs)
+        node = nodes.source_node(pacs, src.pacs, who)
     except nodes.UnknownNode as exc:
-        raise ApiError(422, "unknown_node", f"source.pacs: {exc}") from exc
-    volume_id = new_volume_id()  # reserved now; the worker stores the retrieved series under it
+        raise _node_error("source.pacs", exc) from exc
+    study_uid, series_uid = src.study_uid, src.series_uid
+    source: dict[str, Any] = {"pacs": node.name}
+    if series_uid is None:
+        study_uid, series_uid = order_series(pacs, node, src.accession_number, study_uid)
+        source["selected_by"] = "series rules"
+    if src.accession_number:
+        source["accession_number"] = src.accession_number
+    volume_id = new_volume_id()  # reserved now; the I/O worker stores the retrieved series under it
     svc.redis.set(volume_owner_key(volume_id), who, ex=svc.settings.job_ttl_s)
-    extra["source"] = {"pacs": node.name, "study_uid": src.study_uid, "series_uid": src.series_uid}
+    extra["source"] = {**source, "study_uid": study_uid, "series_uid": series_uid}
     return Routing(None, volume_id, extra)
+
+
+def order_series(pacs: PacsSettings, node: nodes.DicomwebNode | nodes.DimseNode, accession_number: str | None,
+                 study_uid: str | None) -> tuple[str, str]:
+    """The series an order means, by the node's series rules (QIDO-RS); 404 / 422 / 502."""
+    if not isinstance(node, nodes.DicomwebNode):
+        raise ApiError(422, "needs_series_uid", f"source.pacs: {node.name} is a DIMSE node, which msam queries "
+                       "by QIDO-RS only on DICOMweb nodes; give study_uid and series_uid")
+    try:
+        return orders.find_series(node, pacs.node_options(node.name).series, accession_number=accession_number,
+                                  study_uid=study_uid, timeout=min(pacs.dicomweb_timeout_s, 30.0))
+    except orders.OrderProblem as exc:
+        details = {"candidates": exc.candidates} if exc.candidates else None
+        raise ApiError(exc.status, exc.code, str(exc), details=details) from exc
+    except nodes.PacsError as exc:
+        raise ApiError(502, "pacs_error", f"{exc}; the order could not be looked up, try again later") from exc
 
 
 def form_destinations(raw: object) -> list[str]:

@@ -35,7 +35,7 @@ Coordinate = Annotated[float, BeforeValidator(_json_number), Field(strict=True, 
 StrictCount = Annotated[int, BeforeValidator(_json_integer), Field(strict=True)]
 Xyz = tuple[Coordinate, Coordinate, Coordinate]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha"]
+ResultFormat = Literal["dicom-seg", "nifti", "png", "rtstruct", "mha", "fhir"]
 
 
 class MaskRef(BaseModel):
@@ -64,8 +64,9 @@ class Lesion(BaseModel):
     request order) is label *n* in the mask and segment *n* in the DICOM-SEG."""
 
     model_config = ConfigDict(extra="forbid")
-    positive: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks inside the lesion")
-    negative: list[Xyz] = Field(default_factory=list, max_length=64, description="clicks outside it")
+    positive: list[Xyz] = Field(default_factory=list, description="clicks inside the lesion (with `negative`, at "
+                                "most MSAM_MAX_POINTS per lesion: GET /info)")
+    negative: list[Xyz] = Field(default_factory=list, description="clicks outside it")
     box: tuple[Xyz, Xyz] | None = Field(default=None, description="two opposite corners")
     label: str | None = Field(default=None, json_schema_extra={"maxLength": 64},
                               description="segment / ROI name (a DICOM LO value: at most 64 characters and "
@@ -101,7 +102,7 @@ class Prompts(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     space: Literal["voxel", "LPS", "RAS"] = "voxel"
-    lesions: list[Lesion] = Field(min_length=1, max_length=32)
+    lesions: list[Lesion] = Field(min_length=1, description="at most MSAM_MAX_LESIONS (GET /info)")
     iterations: StrictCount = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
 
 
@@ -109,13 +110,28 @@ _UID = r"^[0-9]+(\.[0-9]+)*$"
 
 
 class DicomwebSource(BaseModel):
-    """A series on a DICOMweb node configured on the server (``MSAM_DICOMWEB_NODES``); the
-    worker retrieves it by WADO-RS."""
+    """A series on a PACS node configured on the server (``MSAM_DICOMWEB_NODES`` or
+    ``MSAM_DICOM_AES``), retrieved by the I/O worker (WADO-RS, C-GET or C-MOVE, per node). Name
+    the series by ``study_uid`` + ``series_uid``, or order by ``accession_number`` (or
+    ``study_uid`` alone): the series is then picked by the node's series rules (QIDO-RS), and a
+    422 lists the candidates when the rules leave none or several."""
 
     model_config = ConfigDict(extra="forbid")
     pacs: str = Field(max_length=64, description="the node's configured name (never a URL)")
-    study_uid: str = Field(max_length=64, pattern=_UID, description="StudyInstanceUID")
-    series_uid: str = Field(max_length=64, pattern=_UID, description="SeriesInstanceUID")
+    study_uid: str | None = Field(default=None, max_length=64, pattern=_UID, description="StudyInstanceUID")
+    series_uid: str | None = Field(default=None, max_length=64, pattern=_UID, description="SeriesInstanceUID")
+    accession_number: str | None = Field(default=None, min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]+$",
+                                         description="AccessionNumber (DICOM SH: at most 16 characters)")
+
+    @model_validator(mode="after")
+    def _a_study(self) -> DicomwebSource:
+        if self.series_uid is not None and self.study_uid is None:
+            raise ValueError("series_uid needs its study_uid")
+        if self.study_uid is None and self.accession_number is None:
+            raise ValueError("give accession_number, or study_uid (with or without series_uid)")
+        if self.accession_number is not None and self.series_uid is not None:
+            raise ValueError("give accession_number or study_uid + series_uid, not both")
+        return self
 
 
 class ReceivedSource(BaseModel):
@@ -128,7 +144,7 @@ class ReceivedSource(BaseModel):
 class SegmentByVolume(BaseModel):
     """``POST /segment`` as JSON: prompts on an image uploaded before with ``POST /volumes``
     (``volume_id``) or on a series in a PACS (``source``). Optionally the DICOM-SEG is stored to
-    ``destinations`` and ``callback_url`` receives a signed POST when the job ends (issue #8)."""
+    ``destinations`` and ``callback_url`` receives a signed POST when the job ends."""
 
     model_config = ConfigDict(extra="forbid")
     volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
@@ -138,6 +154,10 @@ class SegmentByVolume(BaseModel):
                                     description="configured DICOMweb node or AE names (STOW-RS / C-STORE)")
     callback_url: str | None = Field(default=None, max_length=2048,
                                      description="webhook URL; must be on the server's allowlist")
+    ris: str | None = Field(default=None, max_length=64, description="configured RIS endpoint "
+                            "(MSAM_RIS_ENDPOINTS) that receives an ORU^R01 when the job ends")
+    fhir: str | None = Field(default=None, max_length=64, description="configured FHIR endpoint "
+                             "(MSAM_FHIR_ENDPOINTS) the DiagnosticReport is POSTed to when the job ends")
 
     @model_validator(mode="after")
     def _one_image(self) -> SegmentByVolume:
@@ -166,6 +186,9 @@ class VolumeOut(BaseModel):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+    candidates: list[dict[str, Any]] | None = Field(default=None, description="an order that did not name one "
+                                                    "series: the series (or studies) considered, each with why it "
+                                                    "was not chosen")
 
 
 class ErrorBody(BaseModel):
@@ -231,8 +254,10 @@ class PromptRules(BaseModel):
     types: list[str] = Field(description="per lesion: positive clicks (or a mask), negative clicks, a box, a mask "
                              "(the previous-mask prompt)")
     spaces: list[str] = Field(description="coordinate spaces of clicks and boxes")
-    max_lesions: int
-    max_points_per_lesion: int
+    max_lesions: int = Field(description="lesions per request (MSAM_MAX_LESIONS)")
+    max_points_per_lesion: int = Field(description="positive and negative clicks of one lesion together "
+                                       "(MSAM_MAX_POINTS)")
+    max_prompts: int = Field(description="points and boxes of all lesions together (MSAM_MAX_PROMPTS)")
     iterations: list[int] = Field(description="allowed decoder passes, [min, max]")
 
 
@@ -282,7 +307,12 @@ class JobOut(BaseModel):
                                 "asked or from the source, e.g. a source attribute DICOM refuses that was "
                                 "left empty in the DICOM outputs (names attributes, never patient values)")
     destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
-                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded)")
+                                         "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded); "
+                                         "'ris:NAME' (ORU^R01) and 'fhir:NAME' (DiagnosticReport) -> 'sent' or why "
+                                         "not; 'sending' or 'retrying: ...' while the I/O worker is at it")
+    delivery: Literal["pending", "done", "failed"] | None = Field(
+        default=None, description="the job's deliveries by the I/O worker (destinations, RIS, FHIR): pending, "
+        "done, or failed (see destinations); absent when there is nothing to deliver")
     error: ErrorInfo | None = None
     model: ModelOut | None = Field(default=None, description="the model that ran the job (once a worker has "
                                    "started it)")

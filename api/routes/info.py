@@ -10,20 +10,24 @@ from fastapi import APIRouter, Depends
 from api.deps import Services, services
 from api.errors import ApiError
 from api.schemas import ErrorBody, Info, ModelOut, Prompts, PromptRules, ResultFormat, WorkerModel
+from msam_service.settings import Settings
 
 router = APIRouter(tags=["operations"])
 
 
-def prompt_rules() -> PromptRules:
-    """What :class:`~api.schemas.Prompts` accepts, read from the schema itself so it cannot drift."""
+def prompt_rules(settings: Settings) -> PromptRules:
+    """What a request's prompts may hold: types, spaces and iterations from the
+    :class:`~api.schemas.Prompts` schema itself, counts from the settings that
+    :func:`api.routes.segment.check_prompt_count` enforces, so neither can drift."""
     schema = Prompts.model_json_schema()
     lesion = schema["$defs"]["Lesion"]["properties"]
     iterations = schema["properties"]["iterations"]
     return PromptRules(
         types=[name for name in ("positive", "negative", "box", "mask") if name in lesion],
         spaces=list(schema["properties"]["space"]["enum"]),
-        max_lesions=schema["properties"]["lesions"]["maxItems"],
-        max_points_per_lesion=lesion["positive"]["maxItems"],
+        max_lesions=settings.max_lesions,
+        max_points_per_lesion=settings.max_points,
+        max_prompts=settings.max_prompts,
         iterations=[iterations["minimum"], iterations["maximum"]],
     )
 
@@ -48,5 +52,5 @@ def info(svc: Services = Depends(services)) -> Info:
     except redis.RedisError as exc:
         raise ApiError(503, "unavailable", f"redis unreachable ({type(exc).__name__}); try again shortly") from None
     models = {w.model.sha256: w.model for w in workers if w.model is not None}
-    return Info(models=list(models.values()), workers=workers, prompts=prompt_rules(),
+    return Info(models=list(models.values()), workers=workers, prompts=prompt_rules(svc.settings),
                 result_formats=list(ResultFormat.__args__))

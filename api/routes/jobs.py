@@ -4,7 +4,7 @@ import json
 import time
 
 from fastapi import APIRouter, Depends, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services, base_url, services, tenant
@@ -14,6 +14,8 @@ from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSumma
                          Timings)
 from msam_service import jobs
 from msam_service.jobs import JobRecord
+from msam_service.queue import needs_delivery
+from msam_service.ris.results import fhir_bundle
 
 router = APIRouter(tags=["jobs"])
 
@@ -48,17 +50,29 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         warnings=rec.warnings if rec.status == jobs.SUCCEEDED else [],
         error=ErrorInfo(**rec.error) if rec.error else None,
         destinations=_destinations(svc, rec),
+        delivery=_delivery(svc, rec),
         model=ModelOut(**rec.model) if rec.model else None,
         intensity=IntensityOut(**rec.intensity) if rec.intensity else None,
     )
 
 
 def _destinations(svc: Services, rec: JobRecord) -> dict[str, str]:
-    """Outcome per PACS destination (written by worker/pacs_tasks.py after the job)."""
-    if not rec.request.get("destinations"):
+    """Outcome per PACS destination, ``ris:NAME`` and ``fhir:NAME`` (written by the I/O worker,
+    worker/io_tasks.py)."""
+    if not needs_delivery(rec.request):
         return {}
     raw = svc.redis.hget(jobs.job_key(rec.job_id), "destinations_status")
     return json.loads(raw) if raw else {}  # type: ignore[arg-type]
+
+
+def _delivery(svc: Services, rec: JobRecord) -> str | None:
+    """pending / done / failed once the I/O worker has started the job's deliveries."""
+    if not needs_delivery(rec.request):
+        return None
+    raw = svc.redis.hget(jobs.job_key(rec.job_id), "delivery")
+    if raw:
+        return raw.decode() if isinstance(raw, bytes) else str(raw)  # type: ignore[union-attr]
+    return "pending" if rec.status in jobs.FINISHED else None
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorBody}})
@@ -70,18 +84,23 @@ def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(t
 
 @router.get("/jobs/{job_id}/result", response_class=FileResponse,
             response_model=None,
-            responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {}}},
+            responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {},
+                                         "application/fhir+json": {}}},
                        404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 def get_result(job_id: str, format: ResultFormat | None = Query(
                    default=None, description="default: dicom-seg for DICOM input, else nifti"),
                svc: Services = Depends(services), who: str = Depends(tenant)) -> Response:
     """Download a result: ``dicom-seg``, ``rtstruct`` (DICOM input only), ``mha`` (MetaImage input
-    only), ``nifti``, ``png``."""
+    only), ``nifti``, ``png``; ``fhir``: a FHIR R4 Bundle, the DiagnosticReport with one Observation
+    per lesion."""
     rec = _job(svc, job_id, who)
     if rec.status != jobs.SUCCEEDED:
         what = {jobs.QUEUED: "is queued", jobs.RUNNING: "is running"}.get(rec.status, f"has {rec.status}")
         raise ApiError(409, "not_ready", f"job {job_id} {what}; results exist once it has succeeded")
     fmt = format or ("dicom-seg" if rec.input_format == "dicom" or "dicom-seg" in rec.results else "nifti")
+    if fmt == "fhir":  # DiagnosticReport + one Observation per lesion, as a FHIR Bundle
+        bundle = fhir_bundle(rec, svc.storage, str(rec.request.get("base_url") or svc.settings.public_url or ""))
+        return JSONResponse(bundle, media_type="application/fhir+json")
     if fmt not in rec.results:
         why = rec.result_errors.get(fmt) or (
             f"mha (MetaImage) is written for MetaImage input, and this job's input was {rec.input_format or 'another format'}; "

@@ -16,7 +16,7 @@ from msam_service import jobs
 from msam_service.masks import grid_difference, mask_grid_error, mask_refs
 from msam_service.prompts import resolve
 from msam_service.inflight import InFlight
-from msam_service.queue import enqueue
+from msam_service.queue import enqueue, enqueue_retrieval
 
 RETRY_AFTER_S = 10
 
@@ -71,7 +71,7 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         series = form.get("series_uid")
         callback = form.get("callback_url")
         destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
-        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base)
+        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, who)
         check_prompt_count(svc, prompts)  # before the upload is decoded
         masks = [f for f in form.getlist("masks") if isinstance(f, UploadFile)]
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
@@ -203,11 +203,18 @@ def _form_destinations(raw: object) -> list[str]:
 
 
 def check_prompt_count(svc: Services, prompts: Prompts) -> None:
-    """``MSAM_MAX_LESIONS`` and ``MSAM_MAX_PROMPTS`` (points and boxes of all lesions together)."""
+    """The request limits of the settings, the only place they are enforced (``GET /info`` reports
+    the same fields): ``MSAM_MAX_LESIONS``, ``MSAM_MAX_POINTS`` (clicks of one lesion, positive
+    and negative together) and ``MSAM_MAX_PROMPTS`` (points and boxes of all lesions together)."""
     limit = svc.settings
     if len(prompts.lesions) > limit.max_lesions:
         raise ApiError(422, "too_many_prompts", f"{len(prompts.lesions)} lesions in one request; at most "
                        f"{limit.max_lesions} (MSAM_MAX_LESIONS)")
+    for number, lesion in enumerate(prompts.lesions, start=1):
+        clicks = len(lesion.positive) + len(lesion.negative)
+        if clicks > limit.max_points:
+            raise ApiError(422, "too_many_prompts", f"lesion {number} has {clicks} clicks (positive and negative); "
+                           f"at most {limit.max_points} per lesion (MSAM_MAX_POINTS)")
     n = sum(len(x.positive) + len(x.negative) + (x.box is not None) for x in prompts.lesions)
     if n > limit.max_prompts:
         raise ApiError(422, "too_many_prompts", f"{n} points and boxes in one request; at most "
@@ -223,5 +230,8 @@ def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict, ext
         raise ApiError(429, "too_many_jobs", f"this tenant already has {svc.settings.max_jobs_in_flight} jobs "
                        "queued or running (MSAM_MAX_JOBS_IN_FLIGHT); wait for one to finish",
                        headers={"Retry-After": str(RETRY_AFTER_S)})
-    enqueue(svc.queue, job_id)
+    if "pacs" in (extra or {}).get("source", {}):
+        enqueue_retrieval(svc.queue, job_id)  # the I/O worker retrieves, then queues the segmentation
+    else:
+        enqueue(svc.queue, job_id)
     svc.metrics.incr("jobs_submitted")

@@ -363,7 +363,7 @@ def commit(session_id: str, body: CommitRequest | None = None, svc: Services = D
         lesions.append({"lesion": int(number), "mask": acts[-1]["id"], "label": les.get("label")})
     if not lesions:
         raise ApiError(422, "invalid_prompt", "no lesion of the session has a mask yet; click on a lesion first")
-    extra = pacs_requests.outputs(list(body.destinations), body.callback_url, base)
+    extra = pacs_requests.outputs(list(body.destinations), body.callback_url, base, who)
     store.touch(session_id, [x["mask"] for x in lesions])
     job_id = jobs.new_id()
     svc.store.create(job_id, tenant=who, volume_id=doc["volume_id"],

@@ -13,7 +13,7 @@ import msam_core
 from msam_core.errors import InvalidCheckpoint, InvalidPrompt, UnsupportedRequest
 from msam_core.io.volume import Volume
 
-#: Where the bundled default model is expected (shipped by the packaging of issue 4).
+#: Where the bundled default model is expected (shipped as package data).
 DEFAULT_CHECKPOINT = Path(msam_core.__file__).resolve().parent / "weights" / "msam_default.safetensors"
 OUTPUTS = (".nii.gz / .nii or .mha / .mhd (mask on the input grid), .png (preview), .dcm (DICOM-SEG) or "
            ".rtstruct.dcm (RTSTRUCT), both for DICOM input only")

@@ -1,13 +1,15 @@
-"""Named model configurations.
+"""Named model configurations, each named for the network it builds.
 
 - ``sam_med3d``: SAM-Med3D ``vit_b_ori`` exactly (loads ``sam_med3d.pth`` / ``sam_med3d_turbo.pth``).
 - ``msam``: ``sam_med3d`` + LoRA (rank 4, q and v of every encoder block) + Mask-Enhanced Adapter.
 - ``msam_small``: the same code with reduced widths and depths, for CPU training and tests;
   trained from scratch, so it also takes stride-4 image features into its decoder
-  (``high_res_features``, see :mod:`msam_core.model.high_res`); optionally also intensity
-  regions grown from the clicks (``click_regions``, ``msam train --click-regions``,
-  :mod:`msam_core.model.click_regions`), and with ``region_logits`` (``--region-logits``) those
-  regions added to the logits directly (:mod:`msam_core.model.region_logits`).
+  (``high_res_features``, see :mod:`msam_core.model.high_res`).
+- ``msam_small_regions``: the bundled model's network: ``msam_small`` on a ``signed_log``
+  input, with intensity regions grown from the clicks in its decoder
+  (:mod:`msam_core.model.click_regions`) and added to its logits
+  (:mod:`msam_core.model.region_logits`). The bundled file predates this name and states these
+  fields under the name ``msam_small``; a checkpoint always loads with the config it states.
 
 A config describes the network only (it decides the weights' shapes). What the pipeline does
 around the network - decision threshold, stable-region prior, boundary refinement, coarse view - is
@@ -44,8 +46,8 @@ class ModelConfig:
     mea_num_heads: int = 6
     mea_num_blocks: int = 1
     #: Applied to the normalised crop before the patch embedding: ``"none"`` (SAM-Med3D) or
-    #: ``"signed_log"`` (``sign(x) * log1p(|x|)``: CT crops z-scored over > 0 HU reach +-17 to
-    #: +-35 where air is; this keeps every contrast but compresses that range to about +-3.6).
+    #: ``"signed_log"`` (``sign(x) * log1p(|x|)``: CT crops z-scored over voxels > 0 HU reach
+    #: large magnitudes where air is; this keeps every contrast but compresses that range).
     input_transform: str = "none"
     #: A convolutional stem whose stride-4 features enter the decoder's last upscaling stage
     #: (:mod:`msam_core.model.high_res`); not part of SAM-Med3D or M-SAM.
@@ -106,7 +108,10 @@ MSAM_SMALL = ModelConfig(
     high_res_features=True,
 )
 
-CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (SAM_MED3D, MSAM, MSAM_SMALL)}
+MSAM_SMALL_REGIONS = replace(MSAM_SMALL, name="msam_small_regions", input_transform="signed_log",
+                             click_regions=True, region_logits=True)
+
+CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (SAM_MED3D, MSAM, MSAM_SMALL, MSAM_SMALL_REGIONS)}
 
 
 def get_config(name: str) -> ModelConfig:

@@ -121,7 +121,7 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     if not np.ptp(image[box]) > 0:
         return logits  # a uniform crop has no edge to move to (the walker's weights divide by its spread)
     with warnings.catch_warnings():
-        # scikit-image warns that plain "cg" is slow without UMFPACK (0.16 s per mask here; "cg_j"
+        # scikit-image warns that plain "cg" is slow without UMFPACK (fast enough on a band; "cg_j"
         # is no faster) and that probabilities overshoot [0, 1] within the tolerance (clipped below)
         warnings.simplefilter("ignore", UserWarning)
         prob = random_walker(image[box], sub, beta=beta, mode="cg", tol=TOLERANCE, return_full_prob=True)[0]

@@ -1,12 +1,11 @@
 """A second look at twice the spacing, for lesions larger than the network's usual blob.
 
-The bundled network, trained from scratch on a CPU budget on mostly small lesions, draws a blob of
-roughly fixed size *in voxels* around a first click: on a 45 mm lung tumour its 1.5 mm view finds
-a seventh of the lesion. On a crop of the same place at 3 mm the same network sees the lesion at
-half the size and, for large lesions, draws most of it (held-out chest CT, first click, network
-plus prior and boundary: Dice 0.50 at 1.5 mm, 0.57 at 3 mm); for small lesions the 3 mm view
-draws far too much (validation, mostly lesions under 10 mm: 0.42 -> 0.26). Neither view is right
-for every lesion, and nothing tells the lesion's size before it is segmented.
+A network trained on a small budget tends to draw a blob of roughly fixed size *in voxels* around a
+first click, so on a large lesion its 1.5 mm view finds only part of it. On a crop of the same
+place at 3 mm the same network sees the lesion at half the size and, for large lesions, draws more
+of it; for small lesions the 3 mm view draws far too much. Neither view is right for every lesion,
+and nothing tells the lesion's size before it is segmented. (What each view scores:
+docs/experiments.md, "Coarse view".)
 
 So the pipeline makes two candidates and keeps the one the image supports better:
 
@@ -23,7 +22,8 @@ organ mixes organ into its inside. Both lower the ratio.
 The 3 mm view is decoded from the clicks alone (no mask prompt): the 1.5 mm view's logits are the
 ones fed back in an interactive session, whichever candidate is shown. It costs one more image
 embedding per window (cached like the first) and one more decoder pass per click. A checkpoint
-turns it on with ``PipelineOptions.coarse_view`` (chosen on validation data); off by default.
+turns it on with ``PipelineOptions.coarse_view`` (set by ``msam calibrate --coarse-view``); off by
+default.
 
 Grids: both crops are centred on the same RAS point, axes along +R, +A, +S; crop voxel indices
 ``(a, b, c)``. Fine index ``i`` lies at coarse index ``offset + i * scale`` (per axis), with

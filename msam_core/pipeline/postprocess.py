@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from msam_core.io.volume import Volume
-from msam_core.pipeline.resample import IndexImage
 
 #: Logit used for "certainly background" (outside a box, outside every window).
 BACKGROUND_LOGIT = -30.0
@@ -97,6 +96,8 @@ def logits_to_volume_grid(logits: np.ndarray, logits_affine: np.ndarray,
     sub_shape = tuple(int(n) for n in hi - lo + 1)
     shift = np.eye(4)
     shift[:3, 3] = lo
+    from msam_core.pipeline.resample import IndexImage  # here: training imports the box helpers without SimpleITK
+
     dst_to_src = np.linalg.inv(logits_affine) @ volume.affine @ shift
     sub = IndexImage(logits.astype(np.float32, copy=False)).resample(
         dst_to_src, sub_shape, "nearest", BACKGROUND_LOGIT)  # type: ignore[arg-type]

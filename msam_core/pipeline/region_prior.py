@@ -1,7 +1,7 @@
 """A full-resolution prior from the clicks: the most stable region grown from each positive click.
 
-The network decides on a 32^3 grid (6 mm cells at 1.5 mm) and, trained from scratch on a CPU
-budget, draws a blob of typical size around a first click whatever the lesion's extent. Classical
+The network decides on a 32^3 grid (6 mm cells at 1.5 mm) and, trained on a small budget, tends to
+draw a blob of typical size around a first click whatever the lesion's extent. Classical
 region growing follows the intensities at full resolution and gets a clearly bounded lesion right
 from one click, but which tolerance fits differs from lesion to lesion, and a wrong one leaks
 into the organ or stops at noise. The *stable* region picks it without ground truth, as maximally
@@ -13,15 +13,11 @@ with the highest overlap (IoU) gives the region (the larger of the two). No pair
 bounds (a uniform crop, a click on noise, a lesion larger than the bound): no prior.
 
 Growing stops at the first region above the bound: no pair may end at it, and a leak floods the
-whole 128^3 crop at every larger multiplier, seconds each (up to 10 s per click on the real-tumour
-set, against 0.7 s with the stop; ``bench/pipeline.py``). ConfidenceConnected's iterations are not
-monotone - a region that floods at one iteration can shrink back at the next, so a larger
-multiplier may give a region within the bound again; the stop gives up those. Of the 54 first
-clicks of the validation, held-out and real-tumour lesions one stable region differs (a single
-voxel, now none); over the five-click protocol 2 of the 23 validation lesions change at later
-clicks (one better, one worse: mean Dice@1..5 -0.008, 95% interval -0.027 to +0.004). Growing
-only in a box around the click would be faster still (0.2 s) but changes which floods shrink
-back, and so 15 of those 54 first regions.
+whole 128^3 crop at every larger multiplier, which costs seconds each (``bench/pipeline.py`` times
+the worst case). ConfidenceConnected's iterations are not monotone - a region that floods at one
+iteration can shrink back at the next, so a larger multiplier may give a region within the bound
+again; the stop gives up those (their effect, measured: docs/experiments.md, "Stable-region
+prior").
 
 The pipeline adds ``weight * (2 r - 1)`` to the upsampled crop logits (``r`` the union of the
 positive clicks' regions, 1 inside): where the network is unsure, the region decides; where it is
@@ -44,12 +40,9 @@ MULTIPLIERS: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 #: Smallest region (voxels) a stable pair may start from: fewer is noise around the click.
 MIN_VOXELS = 8
 #: Largest region (voxels, 67.5 ml at 1.5 mm: a 50 mm sphere) a stable pair may end at, by default
-#: (``PipelineOptions.prior_max_voxels`` holds the bound a checkpoint's weights were calibrated at). Chosen on
-#: the first 56 synthetic *training* lesions, whose sizes reach 60 mm (the validation split has none
-#: above 4,000 voxels, so it cannot tell bounds apart there): the prior alone scores one-click Dice
-#: 0.279 at 20,000 against 0.246 at 5,000 and 0.279 at 40,000 (which loses small lesions to leaks
-#: with the network), and 0.280 against 0.018 on the 7 lesions above 4,000 voxels. The prior has no
-#: trained parameter, so training lesions are fair ground for it.
+#: (``PipelineOptions.prior_max_voxels`` holds the bound a checkpoint's weights were calibrated at).
+#: Chosen on synthetic training lesions, which reach 60 mm (the prior has no trained parameter, so
+#: training lesions are fair ground for it); how: docs/experiments.md, "Stable-region prior".
 MAX_VOXELS = 20000
 #: Gaussian smoothing (voxels) before growing, as the region-growing baseline of ``msam evaluate``.
 SIGMA = 0.5

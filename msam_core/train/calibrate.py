@@ -1,8 +1,8 @@
 """``msam calibrate``: choose a trained model's decision threshold on validation lesions.
 
-A model trained with soft Dice + cross-entropy need not be best at ``sigmoid > 0.5``: the
-bundled ``msam_small``, unsure of a lesion's extent after one click, draws a blob that is too
-small for most lesions, and a lower logit threshold fits them better. This command runs
+A model trained with soft Dice + cross-entropy need not be best at ``sigmoid > 0.5``: a model
+unsure of a lesion's extent after one click may draw a blob too small for most lesions, which a
+lower logit threshold fits better. This command runs
 :mod:`msam_core.train.evaluate`'s click protocol (first click at the deepest voxel, each next
 one in the largest error, previous logits fed back) on a split - **validation**, never the
 data the model is judged on - once per candidate threshold, and keeps the threshold with the

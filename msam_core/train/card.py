@@ -293,9 +293,7 @@ def write_card(run: Path, data: Path, out: Path, command: str, weights: Path | N
         f"Batch {settings['batch_size']}, {settings['iterations']} decoder passes per batch"
         f"{' (M-SAM uses 11; fewer here to see more crops in the CPU budget)' if settings['iterations'] < 11 else ''}, "
         f"{settings.get('crops_per_lesion', '?')} cached crops per lesion, AdamW (weight decay 0.1), LR "
-        f"{settings.get('lr') or 4e-4:g} with warm-up and cosine decay, DiceCE summed over passes"
-        + (f" (the first pass, the one-click result, weighted {settings['first_pass_weight']:g})"
-           if settings.get("first_pass_weight", 1.0) != 1.0 else "") + ", "
+        f"{settings.get('lr') or 4e-4:g} with warm-up and cosine decay, DiceCE summed over passes, "
         "error-region click simulation, mask-prompt dropout, flips and intensity augmentation.",
         "",
         "Loss curve (mean per-pass DiceCE over blocks of steps; `dice_last` = training Dice of the last pass):",

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 
 from msam_core.errors import InvalidDataset
-from msam_core.io.load import load_volume
-from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
 from msam_core.train.clicks import border_depth
 
 log = logging.getLogger(__name__)
@@ -128,6 +126,10 @@ def crop_centres(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.n
 def _case_crops(case: CaseRef, crops_per_lesion: int, seed: int, case_index: int, out: Path) -> list[dict]:
     """Write the crops of one case; its centres come from ``default_rng([seed, case_index])``, so
     the cache does not depend on how many workers build it."""
+    # imported here, not at the top: the augmentation below runs where SimpleITK and nibabel do not
+    from msam_core.io.load import load_volume
+    from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, mask_on_grid
+
     rng = np.random.default_rng([seed, case_index])
     volume = load_volume(case.image)
     labels = np.asarray(load_volume(case.label).array)

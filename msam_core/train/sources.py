@@ -34,7 +34,6 @@ import numpy as np
 from scipy import ndimage
 
 from msam_core.errors import UnsupportedRequest
-from msam_core.pipeline.resample import resample_array
 
 SPACING_MM = 1.5
 
@@ -157,6 +156,8 @@ def ras_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: float = SPACIN
 
 
 def _to_grid(image: np.ndarray, affine: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    from msam_core.pipeline.resample import resample_array  # here: the lesion settings import this module without SimpleITK
+
     dst, shape = ras_grid(affine, image.shape)
     fill = float(image.min())
     out = resample_array(image.astype(np.float32), affine, dst, shape, "linear", fill)

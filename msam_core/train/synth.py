@@ -66,34 +66,125 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return noise / std if std > 0 else noise
 
 
+# -- the random parameters of a lesion ------------------------------------------------------------
+# One function per parameter (or group drawn together), each drawing from ``rng`` in the order the
+# generator needs them. The offline generator here and the online one on the training device
+# (:mod:`msam_core.train.online`) both call these, so their distributions cannot drift apart.
+def draw_diameter(rng: np.random.Generator, organ: str) -> float:
+    """Equivalent diameter in mm, log-uniform over the organ's :data:`SIZE_MM`."""
+    lo, hi = SIZE_MM[organ]
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def lesion_half_width(radius_vox: float) -> int:
+    """Half the side of the cube a lesion of ``radius_vox`` is drawn in (room for warp and satellites)."""
+    return int(np.ceil(radius_vox * 1.8)) + 4
+
+
+def draw_axes(rng: np.random.Generator, radius_vox: float) -> np.ndarray:
+    """The ellipsoid's three semi-axes (voxels), with the volume of the sphere of ``radius_vox``."""
+    axes = radius_vox * rng.uniform(0.7, 1.3, 3)
+    return axes * (radius_vox / np.prod(axes) ** (1 / 3))
+
+
+def draw_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random ``(3, 3)`` rotation matrix."""
+    return Rotation.random(random_state=int(rng.integers(2**31))).as_matrix()
+
+
+def warp_sigma(radius_vox: float) -> float:
+    """Smoothness (voxels) of the displacement field that deforms the ellipsoid."""
+    return max(radius_vox / 2, 1.0)
+
+
+def draw_warp(rng: np.random.Generator) -> float:
+    """Displacement amplitude as a fraction of the radius."""
+    return float(rng.uniform(0.0, 0.25))
+
+
+def lobulation_sigma(radius_vox: float) -> float:
+    """Smoothness (voxels) of the noise that modulates the radius (lobulation)."""
+    return max(radius_vox / 3, 0.8)
+
+
+def draw_lobulation(rng: np.random.Generator) -> float:
+    """Lobulation strength (relative radius modulation)."""
+    return float(rng.uniform(0.0, 0.3))
+
+
+def draw_satellite_count(rng: np.random.Generator, radius_vox: float) -> int:
+    """1-3 satellite nodules in a quarter of the lesions over 3 voxels in radius, else none."""
+    return int(rng.integers(1, 4)) if rng.random() < 0.25 and radius_vox > 3 else 0
+
+
+def draw_satellite(rng: np.random.Generator, radius_vox: float) -> tuple[np.ndarray, float]:
+    """``(centre offset in voxels from the lesion's centre, radius in voxels)`` of one satellite."""
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    centre = direction * radius_vox * rng.uniform(1.0, 1.5)
+    return centre, max(radius_vox * rng.uniform(0.15, 0.35), 0.7)
+
+
+def draw_texture(rng: np.random.Generator, modality: str, organ_mean: float, organ_std: float) -> tuple[float, float]:
+    """``(amplitude, smoothness in voxels)`` of the lesion's band-limited noise texture."""
+    floor = 5.0 if modality == "CT" else 0.02 * abs(organ_mean) + 1e-3
+    amplitude = rng.uniform(0.2, 0.8) * max(organ_std, floor)
+    return float(amplitude), float(rng.uniform(0.8, 2.0))
+
+
+def draw_necrosis(rng: np.random.Generator, diameter_mm: float) -> bool:
+    """A necrotic core in 30 % of the lesions over 15 mm."""
+    return bool(diameter_mm > 15 and rng.random() < 0.3)
+
+
+def draw_rim(rng: np.random.Generator, diameter_mm: float) -> bool:
+    """An enhancing rim in 30 % of the lesions over 8 mm."""
+    return bool(diameter_mm > 8 and rng.random() < 0.3)
+
+
+def draw_core(rng: np.random.Generator, modality: str, organ_mean: float, delta: float) -> tuple[float, float]:
+    """``(level below which the core lies, core intensity)`` of a necrotic core."""
+    threshold = float(rng.uniform(0.3, 0.6))
+    value = rng.uniform(0, 20) if modality == "CT" else organ_mean - 0.8 * abs(delta) - 0.3 * abs(organ_mean)
+    return threshold, float(value)
+
+
+def draw_ring(rng: np.random.Generator, delta: float, organ_std: float) -> tuple[float, float]:
+    """``(level above which the rim lies, its intensity boost)`` of an enhancing rim."""
+    threshold = float(rng.uniform(0.7, 0.85))
+    return threshold, float(rng.uniform(0.5, 1.0) * max(abs(delta), 3 * organ_std))
+
+
+def draw_blur(rng: np.random.Generator) -> float:
+    """Partial-volume blur of the lesion's edge (Gaussian sigma in voxels)."""
+    return float(rng.uniform(0.5, 1.2))
+
+
 def lesion_level(rng: np.random.Generator, shape: tuple[int, int, int], radius_vox: float) -> tuple[np.ndarray, int]:
     """A level set ``< 1`` inside the lesion, centred in ``shape``; returns ``(level, satellites)``."""
-    axes = radius_vox * rng.uniform(0.7, 1.3, 3)
-    axes *= radius_vox / np.prod(axes) ** (1 / 3)  # keep the volume of the sphere of radius_vox
-    rot = Rotation.random(random_state=int(rng.integers(2**31))).as_matrix()
+    axes = draw_axes(rng, radius_vox)
+    rot = draw_rotation(rng)
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1).T - (np.asarray(shape) - 1) / 2
-    warp_sigma = max(radius_vox / 2, 1.0)
-    warp = np.stack([_smooth_noise(rng, shape, warp_sigma).ravel() for _ in range(3)], 1)
-    grid = grid + warp * rng.uniform(0.0, 0.25) * radius_vox
+    warp = np.stack([_smooth_noise(rng, shape, warp_sigma(radius_vox)).ravel() for _ in range(3)], 1)
+    grid = grid + warp * draw_warp(rng) * radius_vox
     local = grid @ rot / axes
     level = np.linalg.norm(local, axis=1).reshape(shape)
-    lobulation = rng.uniform(0.0, 0.3)
-    level = level * (1 + lobulation * _smooth_noise(rng, shape, max(radius_vox / 3, 0.8)))
-    satellites = int(rng.integers(1, 4)) if rng.random() < 0.25 and radius_vox > 3 else 0
+    lobulation = draw_lobulation(rng)
+    level = level * (1 + lobulation * _smooth_noise(rng, shape, lobulation_sigma(radius_vox)))
+    satellites = draw_satellite_count(rng, radius_vox)
     coords = np.indices(shape, dtype=np.float32) - ((np.asarray(shape) - 1) / 2)[:, None, None, None]
     for _ in range(satellites):
-        direction = rng.standard_normal(3)
-        direction /= np.linalg.norm(direction)
-        centre = direction * radius_vox * rng.uniform(1.0, 1.5)
-        r = radius_vox * rng.uniform(0.15, 0.35)
+        centre, r = draw_satellite(rng, radius_vox)
         dist = np.sqrt(sum((coords[a] - centre[a]) ** 2 for a in range(3)))
-        level = np.minimum(level, dist / max(r, 0.7))
+        level = np.minimum(level, dist / r)
     return level.astype(np.float32), satellites
 
 
-def _contrast(rng: np.random.Generator, scan: SourceScan, organ: str, organ_mean: float, organ_std: float) -> tuple[str, float]:
-    """``(kind, lesion mean intensity)``."""
-    if scan.modality == "CT":
+def draw_contrast(rng: np.random.Generator, modality: str, organ: str, organ_mean: float,
+                  organ_std: float) -> tuple[str, float]:
+    """``(kind, lesion mean intensity)``: hypo or hyper relative to the organ (HU offsets for CT,
+    fractions of the organ's signal for MR), solid or ground-glass in the lung."""
+    if modality == "CT":
         if organ == "lung":
             if rng.random() < 0.7:
                 return "solid", float(rng.uniform(-80.0, 60.0))
@@ -112,15 +203,14 @@ def insert_lesion(rng: np.random.Generator, scan: SourceScan, image: np.ndarray,
     """Draw one lesion in ``organ`` and blend it into ``image`` / write ``label`` into ``labels``
     (both modified in place). ``None`` when no placement worked (organ too small or full)."""
     organ_mask = scan.organs[organ]
-    lo, hi = SIZE_MM[organ]
     candidates = np.argwhere(organ_mask & (labels == 0))
     if len(candidates) == 0:
         return None
     for _ in range(tries):
-        diameter = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        diameter = draw_diameter(rng, organ)
         radius = diameter / 2 / SPACING_MM
         centre = candidates[int(rng.integers(len(candidates)))]
-        half = int(np.ceil(radius * 1.8)) + 4
+        half = lesion_half_width(radius)
         box_lo = np.maximum(centre - half, 0)
         box_hi = np.minimum(centre + half + 1, image.shape)
         roi = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
@@ -149,24 +239,22 @@ def _render(rng: np.random.Generator, scan: SourceScan, image: np.ndarray, roi: 
     local_organ = organ_mask[roi]
     ref = local[local_organ] if local_organ.sum() > 30 else image[organ_mask]
     organ_mean, organ_std = float(np.median(ref)), float(ref.std())
-    kind, mean = _contrast(rng, scan, organ, organ_mean, organ_std)
-    texture_amp = rng.uniform(0.2, 0.8) * max(organ_std, 5.0 if scan.modality == "CT" else 0.02 * abs(organ_mean) + 1e-3)
-    texture = _smooth_noise(rng, local.shape, float(rng.uniform(0.8, 2.0))) * texture_amp
+    kind, mean = draw_contrast(rng, scan.modality, organ, organ_mean, organ_std)
+    texture_amp, texture_sigma = draw_texture(rng, scan.modality, organ_mean, organ_std)
+    texture = _smooth_noise(rng, local.shape, texture_sigma) * texture_amp
     fine = local - ndimage.gaussian_filter(local, 1.0)  # the scan's own noise, kept
     lesion = mean + texture + fine
     diameter_vox = 2 * (3 * shape_mask.sum() / (4 * np.pi)) ** (1 / 3)
-    necrosis = bool(diameter_vox * SPACING_MM > 15 and rng.random() < 0.3)
-    rim = bool(diameter_vox * SPACING_MM > 8 and rng.random() < 0.3)
+    necrosis = draw_necrosis(rng, diameter_vox * SPACING_MM)
+    rim = draw_rim(rng, diameter_vox * SPACING_MM)
     delta = mean - organ_mean
     if necrosis:  # a fluid-like core, darker than the lesion
-        core = level < rng.uniform(0.3, 0.6)
-        core_value = (rng.uniform(0, 20) if scan.modality == "CT" else organ_mean - 0.8 * abs(delta) - 0.3 * abs(organ_mean))
-        lesion = np.where(core, core_value + 0.5 * texture + fine, lesion)
+        core_level, core_value = draw_core(rng, scan.modality, organ_mean, delta)
+        lesion = np.where(level < core_level, core_value + 0.5 * texture + fine, lesion)
     if rim:  # an enhancing ring just inside the border
-        ring = (level > rng.uniform(0.7, 0.85)) & (level < 1)
-        boost = rng.uniform(0.5, 1.0) * max(abs(delta), 3 * organ_std)
-        lesion = np.where(ring, lesion + boost, lesion)
-    weight = ndimage.gaussian_filter(shape_mask.astype(np.float32), float(rng.uniform(0.5, 1.2)))
+        ring_level, boost = draw_ring(rng, delta, organ_std)
+        lesion = np.where((level > ring_level) & (level < 1), lesion + boost, lesion)
+    weight = ndimage.gaussian_filter(shape_mask.astype(np.float32), draw_blur(rng))
     weight = np.where(shape_mask, np.maximum(weight, 0.5), weight)
     weight *= ndimage.binary_dilation(local_organ, iterations=1)  # no blur over a different organ
     image[roi] = (1 - weight) * local + weight * lesion
@@ -296,9 +384,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val", type=whole_number(1), default=12, help="validation cases (training sources)")
     s.add_argument("--heldout", type=whole_number(1), default=12, help="cases from the held-out source scan")
     s.set_defaults(func=run)
-    from msam_core.train import real
+    from msam_core.train import pack, real
 
     real.add_parser(data_sub)
+    pack.add_parser(data_sub)
 
 
 def run(args: argparse.Namespace) -> int:

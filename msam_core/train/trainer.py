@@ -2,11 +2,11 @@
 
 Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 
-- **Trainable parts**, starting from SAM-Med3D weights (``--init``): the image encoder frozen
+- **Trainable parts**, starting from SAM-Med3D or M-SAM weights (``--init``): the image encoder frozen
   except its LoRA (rank 4 on q and v); prompt encoder, mask decoder and Mask-Enhanced Adapter
   trained (:meth:`MSAM.set_trainable`). AdamW, weight decay 0.1, LR 8e-4 for LoRA + MEA and
   8e-5 for prompt encoder + decoder.
-- **From scratch** (no ``--init``; e.g. ``msam_small``, which has no pretrained encoder): there
+- **From scratch** (no ``--init``; e.g. ``msam_small_regions``, which has no pretrained encoder): there
   is nothing to adapt, so *every* parameter trains, encoder included, in one group at ``--lr``
   (default 4e-4). Freezing a random encoder would leave it random.
 - **Click simulation** per batch: one image embedding, then ``--iterations`` decoder passes
@@ -18,16 +18,17 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 - **Mask-prompt dropout** (our addition): ``msam segment`` decodes without a mask prompt
   (``no_mask_embed``) unless given a prior, which M-SAM's loop never trains; so pass 1 gets no
   mask prompt in half of the batches (else zeros, as M-SAM) and later passes in 20 %.
-- **Loss**: MONAI ``DiceCELoss`` (sigmoid, squared prediction) between the logits upsampled to
-  128^3 (trilinear, as inference) and the mask, summed over all passes (``--first-pass-weight``
-  weighs pass 1, the one-click result a user sees first); one backward per batch.
+- **Loss**: MONAI's ``DiceCELoss`` (sigmoid, squared prediction; written out in torch in
+  :mod:`msam_core.train.loss`, so training needs no MONAI) between the logits upsampled to
+  128^3 (trilinear, as inference) and the mask, summed over all passes; one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
-- Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set), and
-  with ``--thick-slices P`` simulated thick-slice scans (:func:`msam_core.train.data.thicken`);
-  bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
+- Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set); bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
   written every ``--save-every`` minutes, so an interrupted run is still usable; with
   ``--keep-checkpoints`` every save is also kept as ``checkpoints/step-NNNNNN.safetensors``.
+- **Data**: the crop cache of a data set (``--data``, :mod:`msam_core.train.data`), or with
+  ``--pack`` crops with lesions synthesised afresh on the training device at every step
+  (:mod:`msam_core.train.online`); that path imports only torch, numpy and scipy.
 """
 
 from __future__ import annotations
@@ -41,22 +42,24 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from msam_core.cli.arguments import number, probability, whole_number
+from msam_core.cli.arguments import number, whole_number
 from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.model import MSAM, build_model, is_added_parameter
 from msam_core.model.click_regions import RegionCache
-from msam_core.model.configs import INPUT_TRANSFORMS, get_config
+from msam_core.model.configs import get_config
 
 SAM_LR_ADAPTER = 8e-4
 SAM_LR_DECODER = 8e-5
 SCRATCH_LR = 4e-4
+#: The configurations ``msam train`` builds (``sam_med3d`` is upstream's network, loaded, never trained here).
+TRAINABLE_CONFIGS = ("msam_small", "msam_small_regions", "msam")
 
 
 @dataclass
@@ -65,13 +68,9 @@ class TrainSettings:
     data: str = ""
     out: str = "runs/msam"
     init: str | None = None
-    #: With ``init``: train every parameter in one group (continue a from-scratch model such as
-    #: the bundled ``msam_small``) instead of M-SAM's LoRA/MEA/decoder recipe.
-    train_all: bool = False
     steps: int = 1000
     batch_size: int = 2
     iterations: int = 11
-    first_pass_weight: float = 1.0
     lr: float | None = None
     lr_decoder: float | None = None
     weight_decay: float = 0.1
@@ -85,12 +84,15 @@ class TrainSettings:
     resume: bool = False
     threads: int | None = None
     workers: int = 1
-    input_transform: str | None = None
-    click_regions: bool = False
-    region_logits: bool = False
     keep_checkpoints: bool = False
-    #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`).
+    #: With ``init``: every parameter trains at ``lr`` (continuing a from-scratch network such as
+    #: the bundled one, as the GPU lease does) instead of M-SAM's LoRA/MEA/decoder recipe.
+    train_all: bool = False
+    #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`);
+    #: the GPU lease's ``--thick-slices``.
     thick_slices: float = 0.0
+    #: A pack (``msam data pack``): online lesion synthesis instead of the crop cache of ``data``.
+    pack: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -131,15 +133,13 @@ def hard_dice(logits: torch.Tensor, gt: torch.Tensor) -> float:
 
 def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: torch.Tensor, iterations: int,
                      loss_fn, rng: np.random.Generator, generator: torch.Generator | None = None,
-                     first_pass_no_mask: float = 0.5, mask_dropout: float = 0.2,
-                     first_pass_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+                     first_pass_no_mask: float = 0.5, mask_dropout: float = 0.2) -> tuple[torch.Tensor, dict]:
     """One batch of M-SAM's simulated interaction; returns the summed loss and statistics.
 
     ``first_pass_no_mask``: probability that pass 1 gets no mask prompt (``None``, as
     :meth:`Segmenter.predict` without a prior) instead of all-zero logits (M-SAM);
     ``mask_dropout``: probability that a later pass gets no mask prompt instead of the previous
-    logits (as a stateless ``msam segment`` call with several clicks);
-    ``first_pass_weight``: weight of pass 1's loss in the sum (the others weigh 1).
+    logits (as a stateless ``msam segment`` call with several clicks).
     """
     from msam_core.train.clicks import random_error_clicks
 
@@ -167,7 +167,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
         low = model.decode(embedding, points, labels, None if drop else low.detach(), region_cache)
         up = upsample(low, size)
         loss = loss_fn(up, gt)
-        total = total + (first_pass_weight * loss if it == 0 else loss)
+        total = total + loss
         if it == 0:
             stats["loss_first"] = float(loss.detach())
             stats["dice_first"] = hard_dice(up.detach(), gt)
@@ -214,12 +214,12 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def train(s: TrainSettings, log=print) -> Path:
-    """Run training; returns the path of the final ``model.safetensors``."""
-    from monai.losses import DiceCELoss
-
+def train(s: TrainSettings, log=print, on_save=None, pack=None) -> Path:
+    """Run training; returns the path of the final ``model.safetensors``. ``on_save(path, step,
+    model)``, when given, runs after every save (``msam_core.train.lease`` validates and exports);
+    ``pack``: the :class:`~msam_core.train.pack.Pack` of ``s.pack`` when the caller has read it."""
     from msam_core.checkpoints import init_from_checkpoint, save_checkpoint
-    from msam_core.train.data import CropDataset, build_cache
+    from msam_core.train.loss import dice_ce_loss
 
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -227,21 +227,25 @@ def train(s: TrainSettings, log=print) -> Path:
     torch.manual_seed(s.seed)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
-    # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
-    dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
-                          thick_p=s.thick_slices)
-    if len(dataset) == 0:
-        raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
+    online = None
+    if s.pack:
+        from msam_core.train.online import OnlineCrops
+        from msam_core.train.pack import load_pack
 
-    config = get_config(s.config)
-    if s.input_transform is not None:
-        config = replace(config, input_transform=s.input_transform)
-    if s.click_regions:
-        config = replace(config, click_regions=True)
-    if s.region_logits:
-        config = replace(config, region_logits=True)
-    model = build_model(config)
+        online = OnlineCrops(pack if pack is not None else load_pack(Path(s.pack)), device, s.thick_slices)
+        dataset: list | CropDataset = []
+        log(f"online lesion synthesis from {Path(s.pack).name} (sha256 {online.sha256[:12]}...) on {device.type}")
+    else:
+        from msam_core.train.data import CropDataset, build_cache
+
+        cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
+        # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
+        dataset = CropDataset(cache, augment=True, seed=s.seed, device=device if device.type == "cuda" else None,
+                              thick_p=s.thick_slices)
+        if len(dataset) == 0:
+            raise InvalidDataset(f"no training crops in {s.data}: its training cases hold no lesion (every label is 0)")
+
+    model = build_model(get_config(s.config))
     from_pretrained = s.init is not None
     if from_pretrained:
         fresh = init_from_checkpoint(model, s.init)
@@ -256,7 +260,7 @@ def train(s: TrainSettings, log=print) -> Path:
         log(f"  group {g['name']}: {sum(p.numel() for p in g['params']) / 1e6:.2f}M parameters, lr {g['lr']:g}")
     optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    loss_fn = dice_ce_loss
 
     step, elapsed_before = 0, 0.0
     last_pt = out / "last.pt"
@@ -292,8 +296,8 @@ def train(s: TrainSettings, log=print) -> Path:
                     "elapsed": elapsed_before + time.time() - t0}, out / "last.pt.tmp")
         (out / "last.pt.tmp").replace(last_pt)
         provenance = {
-            "trained_by": "msam train", "config": s.config, "data": Path(s.data).name,
-            "dataset_seed": _dataset_seed(Path(s.data)), "steps": step, "batch_size": s.batch_size,
+            "trained_by": "msam train", "config": s.config, "data": Path(s.pack or s.data).name,
+            "dataset_seed": None if online else _dataset_seed(Path(s.data)), "steps": step, "batch_size": s.batch_size,
             "iterations": s.iterations, "init": Path(s.init).name if s.init else None,
             "minutes": round((elapsed_before + time.time() - t0) / 60, 1), "final": final,
             "train_crops": len(dataset), "git_commit": _git_commit(), "torch": torch.__version__,
@@ -301,11 +305,15 @@ def train(s: TrainSettings, log=print) -> Path:
         }
         if s.thick_slices:
             provenance["thick_slices"] = s.thick_slices
+        if online is not None:
+            provenance.update(online_synthesis=True, pack_sha256=online.sha256, train_crops=step * s.batch_size)
         model.invalidate_model_id()
         path = save_checkpoint(model, out / "model.safetensors", provenance)
         if s.keep_checkpoints:  # every save kept, for choosing a checkpoint on validation afterwards
             (out / "checkpoints").mkdir(exist_ok=True)
             shutil.copyfile(path, out / "checkpoints" / f"step-{step:06d}.safetensors")
+        if on_save is not None:
+            on_save(path, step, model)
         return path
 
     rng = np.random.default_rng([s.seed, step])
@@ -313,24 +321,26 @@ def train(s: TrainSettings, log=print) -> Path:
     progress = Progress(s.steps)
     t0 = time.time()
     last_save = t0
-    epoch = step * s.batch_size // len(dataset)
+    epoch = step * s.batch_size // max(1, len(dataset))
     order: list[int] = []
     while step < s.steps:
-        if not order:
-            dataset.epoch = epoch
-            order = np.random.default_rng([s.seed, epoch]).permutation(len(dataset)).tolist()
-            epoch += 1
-        batch_idx, order = order[: s.batch_size], order[s.batch_size :]
-        items = [dataset[i] for i in batch_idx]
-        image = torch.stack([x[0] for x in items]).to(device)
-        gt = torch.stack([x[1] for x in items]).to(device)
-        first = torch.stack([x[2] for x in items]).to(device)
+        if online is not None:  # fresh lesions, drawn from (seed, step): a resumed run draws what it would have
+            image, gt, first = online.batch(np.random.default_rng([s.seed, step, 1]), s.batch_size)
+        else:
+            if not order:
+                dataset.epoch = epoch
+                order = np.random.default_rng([s.seed, epoch]).permutation(len(dataset)).tolist()
+                epoch += 1
+            batch_idx, order = order[: s.batch_size], order[s.batch_size :]
+            items = [dataset[i] for i in batch_idx]
+            image = torch.stack([x[0] for x in items]).to(device)
+            gt = torch.stack([x[1] for x in items]).to(device)
+            first = torch.stack([x[2] for x in items]).to(device)
         for g, base in zip(optimizer.param_groups, base_lrs):
             spent = (elapsed_before + time.time() - t0) / (60 * s.max_minutes) if s.max_minutes else 0.0
             g["lr"] = base * lr_factor(step, s.steps, s.warmup, spent)
         with model.autocast():
-            loss, stats = interaction_step(model, image, gt, first, s.iterations, loss_fn, rng, generator,
-                                           first_pass_weight=s.first_pass_weight)
+            loss, stats = interaction_step(model, image, gt, first, s.iterations, loss_fn, rng, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -368,19 +378,21 @@ def _dataset_seed(data: Path) -> int | None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train M-SAM on a lesion data set (MSD layout)",
                        description=__doc__.split("\n\n")[0] + " See msam_core/train/trainer.py for the recipe.")
-    p.add_argument("--config", default="msam_small", choices=["msam_small", "msam"], help="model configuration")
-    p.add_argument("--data", type=Path, required=True, help="data folder (dataset.json, or images/ + labels/)")
+    p.add_argument("--config", default="msam_small", choices=TRAINABLE_CONFIGS,
+                   help="model configuration (msam_core/model/configs.py); the bundled model is msam_small_regions")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="data folder (dataset.json, or images/ + labels/): train on its crop cache")
+    source.add_argument("--pack", type=Path, help="a pack written by 'msam data pack': synthesise fresh lesions on "
+                        "the training device at every step instead (docs/gpu-training.md)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (SAM-Med3D .pth, msam .safetensors); "
                    "then only LoRA, MEA, prompt encoder and decoder train. Without it everything trains from scratch")
     p.add_argument("--train-all", action="store_true",
-                   help="with --init: train every parameter at --lr (continue training a from-scratch model "
-                        "such as the bundled msam_small) instead of M-SAM's LoRA/MEA/decoder recipe")
+                   help="with --init: train every parameter at --lr (continue a from-scratch network such as the "
+                        "bundled one; docs/gpu-training.md) instead of M-SAM's LoRA/MEA/decoder recipe")
     p.add_argument("--out", type=Path, default=Path("runs/msam"), help="run folder (log.csv, last.pt, model.safetensors)")
     p.add_argument("--steps", type=whole_number(1), default=1000, help="optimiser steps")
     p.add_argument("--batch-size", type=whole_number(1), default=2)
     p.add_argument("--iterations", type=whole_number(1), default=11, help="decoder passes per batch (simulated clicks), M-SAM: 11")
-    p.add_argument("--first-pass-weight", type=number(0), default=1.0,
-                   help="weight of the first pass's loss (the one-click result; other passes weigh 1)")
     p.add_argument("--lr", type=number(0, exclusive=True), default=None, help=f"LR (LoRA+MEA with --init, default {SAM_LR_ADAPTER:g}; all parameters from scratch, default {SCRATCH_LR:g})")
     p.add_argument("--lr-decoder", type=number(0, exclusive=True), default=None, help=f"LR of prompt encoder + decoder with --init (default {SAM_LR_DECODER:g})")
     p.add_argument("--weight-decay", type=number(0), default=0.1)
@@ -395,17 +407,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also keep every save as OUT/checkpoints/step-NNNNNN.safetensors (to choose one on validation)")
     p.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads")
     p.add_argument("--workers", type=whole_number(1), default=1, help="processes building the crop cache")
-    p.add_argument("--input-transform", choices=INPUT_TRANSFORMS, default=None,
-                   help="transform of the normalised crop before the encoder (default: the config's)")
-    p.add_argument("--click-regions", action="store_true",
-                   help="msam_small: also give the decoder intensity regions grown from the clicks "
-                        "(msam_core/model/click_regions.py)")
-    p.add_argument("--region-logits", action="store_true",
-                   help="with --click-regions: also add the regions to the logits directly, weighted per "
-                        "prompt (msam_core/model/region_logits.py)")
-    p.add_argument("--thick-slices", type=probability, default=0.0, metavar="P",
-                   help="chance per crop of simulating a thick-slice scan (3-6 mm slabs along one axis, "
-                        "resampled back; default 0)")
     p.set_defaults(func=run)
 
 
@@ -413,18 +414,22 @@ def run(args: argparse.Namespace) -> int:
     if args.train_all and args.init is None:
         raise UnsupportedRequest("--train-all continues training from --init CHECKPOINT; give --init "
                                  "(without --init every parameter trains anyway)")
-    from msam_core.train.data import require_cases
+    if args.pack is not None:
+        from msam_core.train.pack import read_meta
 
-    require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
+        read_meta(args.pack)  # a missing or foreign file fails at once, with what to do
+    else:
+        from msam_core.train.data import require_cases
+
+        require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(
-        config=args.config, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
-        train_all=args.train_all,
-        steps=args.steps, batch_size=args.batch_size, iterations=args.iterations, first_pass_weight=args.first_pass_weight,
+        config=args.config, data=str(args.data or ""), pack=str(args.pack) if args.pack else None,
+        out=str(args.out), init=str(args.init) if args.init else None, train_all=args.train_all,
+        steps=args.steps, batch_size=args.batch_size, iterations=args.iterations,
         lr=args.lr, lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay, warmup=args.warmup, crops_per_lesion=args.crops_per_lesion, device=args.device,
         max_minutes=args.max_minutes, save_every=args.save_every, seed=args.seed, resume=args.resume, threads=args.threads,
-        workers=args.workers, input_transform=args.input_transform, click_regions=args.click_regions,
-        region_logits=args.region_logits, keep_checkpoints=args.keep_checkpoints, thick_slices=args.thick_slices,
+        workers=args.workers, keep_checkpoints=args.keep_checkpoints,
     )
     train(settings)
     return 0

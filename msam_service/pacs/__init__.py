@@ -1,4 +1,4 @@
-"""RIS/PACS integration (issue #8): where images come from and where results go, besides HTTP.
+"""RIS/PACS integration: where images come from and where results go, besides HTTP.
 
 - :mod:`.settings`: the PACS block of the configuration (``MSAM_DICOMWEB_NODES``, AEs, listener,
   routing rules, webhooks), separate from :mod:`msam_service.settings`.

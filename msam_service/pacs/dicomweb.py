@@ -31,7 +31,8 @@ def client(node: DicomwebNode, timeout: float = 60.0) -> DICOMwebClient:
     return c
 
 
-def _http_reason(exc: BaseException) -> str:
+def http_reason(exc: BaseException) -> str:
+    """What went wrong, without the URL (which may carry UIDs): ``HTTP 503``, ``ConnectionError``..."""
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return f"HTTP {exc.response.status_code}"
     return type(exc).__name__
@@ -55,12 +56,13 @@ def retrieve_series(node: DicomwebNode, study_uid: str, series_uid: str, folder:
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 404:
-            raise PacsError(f"series not found on {node.name} (WADO-RS 404): check study_uid and series_uid") from exc
-        raise PacsError(f"retrieving the series from {node.name} failed ({_http_reason(exc)})") from exc
+            raise PacsError(f"series not found on {node.name} (WADO-RS 404): check study_uid and series_uid",
+                            permanent=True) from exc
+        raise PacsError(f"retrieving the series from {node.name} failed ({http_reason(exc)})") from exc
     except Exception as exc:  # connection errors, malformed multipart, ...
-        raise PacsError(f"retrieving the series from {node.name} failed ({_http_reason(exc)})") from exc
+        raise PacsError(f"retrieving the series from {node.name} failed ({http_reason(exc)})") from exc
     if not paths:
-        raise PacsError(f"series not found on {node.name} (WADO-RS returned no instance)")
+        raise PacsError(f"series not found on {node.name} (WADO-RS returned no instance)", permanent=True)
     logger.info("retrieved %d instance(s) from %s", len(paths), node.name)
     return paths
 
@@ -71,9 +73,24 @@ def store(node: DicomwebNode, paths: list[Path], timeout: float = 60.0) -> None:
     try:
         response = client(node, timeout).store_instances(datasets)
     except Exception as exc:
-        raise PacsError(f"STOW-RS to {node.name} failed ({_http_reason(exc)})") from exc
+        raise PacsError(f"STOW-RS to {node.name} failed ({http_reason(exc)})") from exc
     failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
     if failed:
         reasons = sorted({str(getattr(item, "FailureReason", "?")) for item in failed})
         raise PacsError(f"STOW-RS to {node.name}: {len(failed)} instance(s) refused (failure reason {', '.join(reasons)})")
     logger.info("stored %d instance(s) on %s by STOW-RS", len(paths), node.name)
+
+
+def has_instance(node: DicomwebNode, study_uid: str, series_uid: str, sop_uid: str, timeout: float = 60.0) -> bool:
+    """Whether ``node`` already holds the instance (QIDO-RS): how a delivery interrupted by a
+    crash learns whether its STOW-RS arrived before sending it again."""
+    try:
+        found = client(node, timeout).search_for_instances(study_uid, series_uid,
+                                                          search_filters={"SOPInstanceUID": sop_uid})
+    except requests.HTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 404:
+            return False
+        raise PacsError(f"QIDO-RS on {node.name} failed ({http_reason(exc)})") from exc
+    except Exception as exc:
+        raise PacsError(f"QIDO-RS on {node.name} failed ({http_reason(exc)})") from exc
+    return any((item.get("00080018") or {}).get("Value", [None])[0] == sop_uid for item in found or [])

@@ -132,8 +132,12 @@ class Listener:
         return next((r for r in self.rules if r.matches(p.modality, p.description, p.calling_ae)), None)
 
     def complete(self, p: Pending) -> None:
-        rule = self.route(p)
         n = len(p.files)
+        volume_id = received.expected_volume(self.redis, p.series_uid)
+        if volume_id:  # brought by a C-MOVE of the I/O worker: the job's volume, no routing
+            self._complete_expected(p, volume_id)
+            return
+        rule = self.route(p)
         if p.overflow:
             logger.warning("dropped a series of more than %d instances from %s (MSAM_DICOM_MAX_INSTANCES)",
                            self.pacs.dicom_max_instances, p.calling_ae)
@@ -161,6 +165,21 @@ class Listener:
         received.save(self.redis, rec, ttl)
         logger.info("series from %s complete (%d instances): volume %s by rule %r%s", p.calling_ae, n,
                     volume_id, rule.name, f", job {rec.job_id}" if rec.job_id else "")
+
+    def _complete_expected(self, p: Pending, volume_id: str) -> None:
+        ttl = self.settings.job_ttl_s
+        outcome = ""
+        if p.overflow:
+            outcome = f"the series has more than {self.pacs.dicom_max_instances} instances (MSAM_DICOM_MAX_INSTANCES)"
+        else:
+            try:
+                ingest_series(self.storage, p.folder.parent, p.files, volume_id, p.series_uid)
+            except MsamError as exc:
+                outcome = str(exc)
+        self.redis.delete(received.expect_key(p.series_uid))
+        self.redis.set(received.moved_key(volume_id), outcome, ex=ttl)
+        logger.info("series from %s complete (%d instances): moved for volume %s%s", p.calling_ae, len(p.files),
+                    volume_id, " (unusable)" if outcome else "")
 
     def _queue(self, rule: RouteRule, rec: received.ReceivedSeries, volume: Any) -> str:
         from msam_service.prompts import resolve

@@ -1,8 +1,12 @@
 """Named PACS nodes: what a request may refer to, resolved only from server-side configuration.
 
 A request carries names (``"orthanc"``), never URLs, hosts or AE addresses: a name that is not
-configured is an :class:`UnknownNode` (the API answers 4xx), so a client cannot make the
+configured is an :class:`UnknownNode` (the API answers 404), so a client cannot make the
 service connect anywhere an administrator did not list (no server-side request forgery).
+
+Nodes belong to tenants (``MSAM_PACS_NODE_OPTIONS``, ``tenants``): a node configured for other
+tenants is, to this one, exactly an unconfigured node - the same error, the same message, and it
+is missing from the list of configured names the message gives.
 """
 
 from __future__ import annotations
@@ -43,40 +47,69 @@ class DicomwebNode:
 class DimseNode:
     name: str
     ae: AeNode
+    retrieve: str = "c-get"  # or c-move
+    move_destination: str = ""  # C-MOVE: the AE title that receives the series (msam's listener)
+
+
+class InvalidNodeName(UnknownNode):
+    """Not even the form of a node name (a URL, an address...): a 422, not a 404."""
 
 
 def _check_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not re.match(NAME_RE, name):
-        raise UnknownNode(f"{kind} must be the name of a configured node (not a URL or address)")
+        raise InvalidNodeName(f"{kind} must be the name of a configured node (not a URL or address)")
     return name
 
 
-def dicomweb_node(settings: PacsSettings, name: object) -> DicomwebNode:
+def _visible(settings: PacsSettings, names: object, tenant: str | None) -> list[str]:
+    return sorted(n for n in names if tenant is None or settings.node_options(n).allows(tenant))  # type: ignore[attr-defined]
+
+
+def _dimse(settings: PacsSettings, name: str) -> DimseNode:
+    options = settings.node_options(name)
+    return DimseNode(name=name, ae=settings.dicom_aes[name], retrieve=options.retrieve or "c-get",
+                     move_destination=options.move_destination or settings.dicom_ae_title)
+
+
+def dicomweb_node(settings: PacsSettings, name: object, tenant: str | None = None) -> DicomwebNode:
+    """The DICOMweb node ``name``, if configured for ``tenant`` (``None``: any tenant)."""
     name = _check_name("pacs", name)
     url = settings.dicomweb_nodes.get(name)
-    if url is None:
-        known = ", ".join(sorted(settings.dicomweb_nodes)) or "none configured (MSAM_DICOMWEB_NODES)"
+    if url is None or name not in _visible(settings, [name], tenant):
+        known = ", ".join(_visible(settings, settings.dicomweb_nodes, tenant)) or "none configured (MSAM_DICOMWEB_NODES)"
         raise UnknownNode(f"unknown DICOMweb node {name!r}; configured: {known}")
     return DicomwebNode(name=name, url=url.rstrip("/"), credential=settings.credentials().get(name))
 
 
-def destination(settings: PacsSettings, name: object) -> DicomwebNode | DimseNode:
+def source_node(settings: PacsSettings, name: object, tenant: str | None = None) -> DicomwebNode | DimseNode:
+    """A node to retrieve from: a DICOMweb node (WADO-RS) or an AE (C-GET / C-MOVE)."""
+    name = _check_name("pacs", name)
+    if name in _visible(settings, settings.dicomweb_nodes, tenant):
+        return dicomweb_node(settings, name, tenant)
+    if name in _visible(settings, settings.dicom_aes, tenant):
+        return _dimse(settings, name)
+    known = ", ".join(_visible(settings, [*settings.dicomweb_nodes, *settings.dicom_aes], tenant)) or \
+        "none configured (MSAM_DICOMWEB_NODES, MSAM_DICOM_AES)"
+    raise UnknownNode(f"unknown PACS node {name!r}; configured: {known}")
+
+
+def destination(settings: PacsSettings, name: object, tenant: str | None = None) -> DicomwebNode | DimseNode:
     """A destination: a DICOMweb node (STOW-RS) or a DIMSE AE (C-STORE)."""
     name = _check_name("destination", name)
-    if name in settings.dicomweb_nodes:
-        return dicomweb_node(settings, name)
-    if name in settings.dicom_aes:
-        return DimseNode(name=name, ae=settings.dicom_aes[name])
-    known = ", ".join(sorted([*settings.dicomweb_nodes, *settings.dicom_aes])) or \
+    if name in _visible(settings, settings.dicomweb_nodes, tenant):
+        return dicomweb_node(settings, name, tenant)
+    if name in _visible(settings, settings.dicom_aes, tenant):
+        return _dimse(settings, name)
+    known = ", ".join(_visible(settings, [*settings.dicomweb_nodes, *settings.dicom_aes], tenant)) or \
         "none configured (MSAM_DICOMWEB_NODES, MSAM_DICOM_AES)"
     raise UnknownNode(f"unknown destination {name!r}; configured: {known}")
 
 
-def check_destinations(settings: PacsSettings, names: list[str]) -> list[str]:
+def check_destinations(settings: PacsSettings, names: list[str], tenant: str | None = None) -> list[str]:
     if len(set(names)) != len(names):
-        raise UnknownNode("destinations: a node is named twice")
+        raise InvalidNodeName("destinations: a node is named twice")
     for name in names:
-        destination(settings, name)
+        destination(settings, name, tenant)
     return names
 
 
@@ -86,3 +119,7 @@ class PacsError(Exception):
     (push) with it."""
 
     code = "pacs_error"
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent  # trying again cannot help (the series does not exist, ...)

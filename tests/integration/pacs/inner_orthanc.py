@@ -162,6 +162,7 @@ def pacs_service(tmp_path_factory: pytest.TempPathFactory, redis_server: str, ch
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         svc.start_worker("w1")
+        svc.start_io_worker("io1")
         svc.start_api()
         serve.wait_until(lambda: b"dicom-listener: AE MSAM" in (tmp / "listener.log").read_bytes(), 30,
                          "the DICOM listener", listener)
@@ -256,12 +257,12 @@ def test_session_commit_sends_to_pacs_and_webhook(pacs_service: Service, orthanc
 
 
 @pytest.mark.parametrize("body, status, code", [
-    ({"source": {"pacs": "elsewhere", "study_uid": "1.2", "series_uid": "1.2.3"}}, 422, "unknown_node"),
+    ({"source": {"pacs": "elsewhere", "study_uid": "1.2", "series_uid": "1.2.3"}}, 404, "unknown_node"),
     ({"source": {"pacs": "http://169.254.169.254/dicom-web", "study_uid": "1.2", "series_uid": "1.2.3"}}, 422, "unknown_node"),
     ({"source": {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3", "url": "http://x/"}}, 422, "invalid_request"),
     ({"source": {"pacs": "orthanc", "study_uid": "../../etc", "series_uid": "1.2.3"}}, 422, "invalid_request"),
     ({"source": {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3"}, "destinations": ["http://127.0.0.1:9/x"]}, 422, "unknown_node"),
-    ({"source": {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3"}, "destinations": ["nowhere"]}, 422, "unknown_node"),
+    ({"source": {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3"}, "destinations": ["nowhere"]}, 404, "unknown_node"),
     ({"source": {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3"}, "callback_url": "http://127.0.0.1:8042/tools"}, 422, "callback_not_allowed"),
     ({"source": {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3"}, "callback_url": "http://x@127.0.0.1:8099/hooks/a"}, 422, "callback_not_allowed"),
     ({"source": {"received_series_uid": "1.2.3.4.5"}}, 404, "not_found"),

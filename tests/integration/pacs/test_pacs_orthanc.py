@@ -33,10 +33,11 @@ def _unshare() -> list[str]:
     return cmd
 
 
-def test_pacs_flows_against_orthanc_in_a_private_network_namespace() -> None:
+@pytest.mark.parametrize("inner", ["inner_orthanc.py", "inner_ris.py"])
+def test_pacs_flows_against_orthanc_in_a_private_network_namespace(inner: str) -> None:
     if shutil.which("Orthanc") is None or not PLUGIN.exists():
         pytest.skip("Orthanc and its DICOMweb plugin are not installed (make tools)")
-    inner = "tests/integration/pacs/inner_orthanc.py"
+    inner = f"tests/integration/pacs/{inner}"
     script = f'ip link set lo up && exec "{sys.executable}" -m pytest -q -rA -p no:cacheprovider -x {inner}'
     env = dict(os.environ, MSAM_PACS_INNER="1")
     result = subprocess.run([*_unshare(), "sh", "-c", script], cwd=ROOT, env=env, capture_output=True,

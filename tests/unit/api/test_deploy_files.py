@@ -1,8 +1,10 @@
-"""Docker does not run on our machines: the compose file, Dockerfiles and Kubernetes manifests
-are checked by parsing them (structure and the settings that matter), not by running them."""
+"""The compose file, Dockerfiles and Kubernetes manifests: their structure and the settings that
+matter, parsed (fast, no container runtime), and deploy/k8s rendered by ``kubectl kustomize``.
+tests/containers builds the images and runs the compose stack with podman."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -33,8 +35,14 @@ def test_compose() -> None:
         assert int(env["MSAM_VISIBILITY_TIMEOUT_S"]) > int(env["MSAM_JOB_TIME_LIMIT_S"])
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert int(services["worker"]["stop_grace_period"].rstrip("s")) > int(services["worker"]["environment"]["MSAM_JOB_TIME_LIMIT_S"])
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-cpu"):
         assert (ROOT / services[name]["build"]["dockerfile"]).is_file()
+    # one worker Dockerfile; the GPU and CPU workers differ in build arguments and image name only
+    gpu_build, cpu_build = services["worker"]["build"], services["worker-cpu"]["build"]
+    assert gpu_build["dockerfile"] == cpu_build["dockerfile"] == "deploy/docker/worker.Dockerfile"
+    assert gpu_build["args"] == {"TORCH_VARIANT": "cu128", "DEVICE": "cuda"}
+    assert cpu_build["args"] == {"TORCH_VARIANT": "cpu", "DEVICE": "cpu"}
+    assert services["worker"]["image"] != services["worker-cpu"]["image"]
     assert set(doc["volumes"]) == {"redis-data", "storage"}
 
 
@@ -50,11 +58,24 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _build_args(ins: list[tuple[str, str]]) -> dict[str, str]:
+    """``ARG NAME=default`` of a Dockerfile (``None`` default: declared without one)."""
+    return dict(tuple(r.split("=", 1)) if "=" in r else (r, None) for w, r in ins if w == "ARG")
+
+
 def test_dockerfiles() -> None:
     known = {"FROM", "RUN", "COPY", "WORKDIR", "ENV", "ARG", "USER", "EXPOSE", "CMD", "HEALTHCHECK"}
     for name in ("api.Dockerfile", "worker.Dockerfile"):
         ins = _instructions(ROOT / "deploy" / "docker" / name)
-        assert ins[0][0] == "FROM" and {w for w, _ in ins} <= known, name
+        # the base is a build argument whose default is the public python:3.11-slim
+        assert ins[0] == ("ARG", "BASE=python:3.11-slim"), name
+        stages: set[str] = set()
+        for w, r in ins:  # every stage starts from the base or from an earlier stage
+            if w == "FROM":
+                parent, _, alias = r.partition(" AS ")
+                assert parent == "${BASE}" or parent in stages, (name, r)
+                stages.add(alias.strip())
+        assert {w for w, _ in ins} <= known, name
         assert ("USER", "msam") in ins, name  # never root
         for word, rest in ins:
             if word == "COPY" and "--from" not in rest:
@@ -65,7 +86,11 @@ def test_dockerfiles() -> None:
     # the request-head deadline runs in the image as under msam serve
     assert any(w == "CMD" and f"--http {serve.API_HTTP_PROTOCOL}" in r for w, r in api)
     worker = _instructions(ROOT / "deploy" / "docker" / "worker.Dockerfile")
-    assert worker[0][1].startswith("nvidia/cuda:")
+    args = _build_args(worker)
+    assert args["TORCH_VARIANT"] == "cpu" and args["TORCH_INDEX"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    assert ("ENV", "MSAM_STORAGE_DIR=/data/msam MSAM_DEVICE=${DEVICE}") in worker and args["DEVICE"] == "cpu"
+    install = next(r for w, r in worker if w == "RUN" and "requirements.lock" in r)
+    assert "+${TORCH_VARIANT}" in install  # the locked torch version, in the chosen build
     assert any(w == "CMD" and "worker.celery_app" in r and '"--concurrency", "1"' in r for w, r in worker)
 
 
@@ -240,7 +265,9 @@ def test_compose_dicom_listener(monkeypatch) -> None:
     published = [_interpolate(p, {}).rsplit(":", 2) for p in svc["ports"]]
     assert [int(p[-1]) for p in published] == [port] and int(published[0][-2]) == 11112
     moved = _interpolate(svc["ports"][0], {"MSAM_DICOM_LISTENER_PORT": "104"})
-    assert moved.rsplit(":", 1) == ["104", str(port)]  # the host port is configurable, the container's is not
+    assert moved.split(":") == ["0.0.0.0", "104", str(port)]  # the host port is configurable, the container's is not
+    local = _interpolate(svc["ports"][0], {"MSAM_PUBLISH_ADDRESS": "127.0.0.1"})
+    assert local.split(":") == ["127.0.0.1", "11112", str(port)]  # and the host address
     health = " ".join(svc["healthcheck"]["test"])
     assert "8000" not in health and re.search(rf"create_connection\(\('127\.0\.0\.1', {port}\)", health)
 
@@ -316,3 +343,97 @@ def test_kubernetes_dicom_listener(monkeypatch) -> None:
     # the allow-list and AE title in msam-config reach the listener's AE
     edited = dict(env, MSAM_DICOM_AE_TITLE="MSAM-TEST", MSAM_DICOM_CALLING_AES='["ORTHANC"]')
     _assert_allow_list_reaches_the_ae(edited, monkeypatch)
+
+
+# -- deploy/k8s rendered by kustomize ---------------------------------------------------------
+
+def _kustomize(path: Path) -> dict[tuple[str, str], dict]:
+    """``kubectl kustomize path``: the objects as they would be applied, by (kind, name)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("kubectl")
+    if exe is None:
+        pytest.fail("kubectl is not installed: run `make tools` (Debian package kubernetes-client)")
+    result = subprocess.run([exe, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(result.stdout) if d}
+
+
+def _pods(docs: dict) -> dict[str, dict]:
+    return {name: doc["spec"]["template"]["spec"] for (kind, name), doc in docs.items()
+            if kind in ("Deployment", "StatefulSet")}
+
+
+def test_kustomize_renders_the_images_compose_builds_and_settings_the_service_reads(monkeypatch) -> None:
+    from urllib.parse import urlparse
+
+    from msam_service.settings import Settings
+
+    docs = _kustomize(K8S)
+    assert {k for k, _ in docs} >= {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",
+                                   "PersistentVolumeClaim", "ScaledObject"}
+    for (kind, name), doc in docs.items():  # the kustomization's namespace reached every object
+        if kind != "Namespace":
+            assert doc["metadata"]["namespace"] == "msam", (kind, name)
+
+    # the images: those docker-compose.yml builds (and tests/containers builds with podman)
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    pods = _pods(docs)
+    image = {name: spec["containers"][0]["image"] for name, spec in pods.items()}
+    assert image == {"msam-api": services["api"]["image"], "msam-dicom-listener": services["api"]["image"],
+                     "msam-hl7-listener": services["hl7-listener"]["image"],
+                     "msam-worker-io": services["worker-io"]["image"],
+                     "msam-worker-gpu": services["worker"]["image"], "msam-redis": services["redis"]["image"]}
+    # the I/O worker and the HL7 listener run in the torch-free API image, as in compose
+    assert services["worker-io"]["image"] == services["hl7-listener"]["image"] == services["api"]["image"]
+    assert services["api"]["build"]["dockerfile"] == "deploy/docker/api.Dockerfile"
+    assert services["worker"]["build"]["args"]["TORCH_VARIANT"].startswith("cu")  # the GPU Deployment: a CUDA build
+
+    # the settings: every variable a container gets is one the settings classes read, and together
+    # they pass the service's start-up checks
+    names = _setting_names()
+    for name in ("msam-api", "msam-dicom-listener", "msam-hl7-listener", "msam-worker-io", "msam-worker-gpu"):
+        container = pods[name]["containers"][0]
+        env = _container_env(docs, container)
+        assert {k for k in env if k.startswith("MSAM_")} <= names, name
+        for var in list(os.environ):
+            if var.startswith("MSAM_") or var == "REDIS_URL":
+                monkeypatch.delenv(var)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        settings = Settings()
+        settings.check()
+        # Redis: a rendered Service of this namespace, on a port it exposes, backed by the StatefulSet
+        url = urlparse(settings.redis_url)
+        redis_svc = docs[("Service", url.hostname)]
+        assert url.port in [p["port"] for p in redis_svc["spec"]["ports"]], name
+        assert redis_svc["spec"]["selector"] == docs[("StatefulSet", url.hostname)]["spec"]["template"]["metadata"]["labels"]
+        if name == "msam-hl7-listener":  # takes orders into Redis only: no storage, no model
+            assert "volumeMounts" not in container and "volumes" not in pods[name]
+            continue
+        # storage: a mounted claim, the same for every container; the checkpoint's folder is mounted
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pods[name]["volumes"]}
+        assert volumes[mounts[str(settings.storage_dir)]]["persistentVolumeClaim"]["claimName"] == "msam-storage", name
+        if name == "msam-worker-gpu":
+            assert settings.device == "cuda" and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert str(settings.checkpoint_path().parent) in mounts
+            claim = volumes[mounts[str(settings.checkpoint_path().parent)]]["persistentVolumeClaim"]["claimName"]
+            assert ("PersistentVolumeClaim", claim) in docs
+
+
+def test_kustomize_can_retarget_the_images(tmp_path: Path) -> None:
+    """A site's overlay names its registry once; every Deployment using the image follows."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S, overlay)],
+        "images": [{"name": "msam-api", "newName": "registry.example/msam-api", "newTag": "1.2.3"},
+                   {"name": "msam-worker", "newName": "registry.example/msam-worker", "newTag": "1.2.3"}]}))
+    pods = _pods(_kustomize(overlay))
+    assert pods["msam-api"]["containers"][0]["image"] == "registry.example/msam-api:1.2.3"
+    assert pods["msam-dicom-listener"]["containers"][0]["image"] == "registry.example/msam-api:1.2.3"
+    assert pods["msam-worker-gpu"]["containers"][0]["image"] == "registry.example/msam-worker:1.2.3"

@@ -1,4 +1,4 @@
-"""Issue #7 in-process (TestClient, private Redis, no worker): hashed per-tenant keys, loopback
+"""Security and limits in-process (TestClient, private Redis, no worker): hashed per-tenant keys, loopback
 rule, limits (prompts, jobs in flight, voxels, decompressed size, request deadline), DELETE,
 the expiry sweep and the audit line."""
 

@@ -1,4 +1,4 @@
-"""Compressed DICOM pixel data decoded by the permissively licensed decoders msam ships (issue 33):
+"""Compressed DICOM pixel data decoded by the permissively licensed decoders msam ships:
 GDCM (python-gdcm, BSD/Apache-2.0) for the JPEG family, GDCM / CharLS (pyjpegls) for JPEG-LS,
 GDCM / OpenJPEG (pylibjpeg-openjpeg) for JPEG 2000, pydicom / pylibjpeg-rle for RLE. The GPLv3
 pylibjpeg-libjpeg is gone.

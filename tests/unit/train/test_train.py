@@ -101,27 +101,6 @@ def test_tiny_training_run_lowers_the_loss(dataset_dir) -> None:
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-def test_first_pass_weight_weighs_only_the_first_pass(dataset_dir) -> None:
-    """total = w * loss(pass 1) + loss(passes 2..n): with the same random draws, the difference
-    between two weights is (w1 - w0) * the first pass's loss that the step reports."""
-    from monai.losses import DiceCELoss
-
-    cache = build_cache(dataset_dir, "training", crops_per_lesion=1, seed=0, log_fn=lambda *_: None)
-    image, gt, click = (x[None] for x in CropDataset(cache, augment=False)[0])
-    torch.manual_seed(0)
-    model = build_model("msam_small").eval()
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
-    totals, firsts = [], []
-    for weight in (1.0, 3.0):
-        with torch.no_grad():
-            total, stats = interaction_step(model, image, gt, click, 3, loss_fn, np.random.default_rng(0),
-                                            torch.Generator().manual_seed(0), first_pass_weight=weight)
-        totals.append(float(total))
-        firsts.append(stats["loss_first"])
-    assert firsts[0] == pytest.approx(firsts[1]) and firsts[0] > 0
-    assert totals[1] - totals[0] == pytest.approx(2.0 * firsts[0], rel=1e-4)
-
-
 def test_from_scratch_trains_everything_and_init_trains_the_m_sam_parts() -> None:
     model = build_model("msam_small")
     param_groups(model, TrainSettings(), from_pretrained=False)
@@ -135,20 +114,6 @@ def test_from_scratch_trains_everything_and_init_trains_the_m_sam_parts() -> Non
     assert {id(p) for p in groups[0]["params"]} == fresh  # the new parts train at the adapter LR
 
 
-def test_train_all_continues_every_parameter_from_init() -> None:
-    model = build_model("msam_small")
-    groups = param_groups(model, TrainSettings(train_all=True, lr=2e-4), from_pretrained=True)
-    assert [g["lr"] for g in groups] == [2e-4] and groups[0]["name"] == "all (continued)"
-    assert model.parameter_counts()[0] == model.parameter_counts()[1]
-
-
-def test_train_all_without_init_is_refused(capsys) -> None:
-    from msam_core.cli import main
-
-    assert main(["train", "--config", "msam_small", "--data", "d", "--train-all"]) == 2
-    assert "--train-all continues training from --init" in capsys.readouterr().err
-
-
 def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -> None:
     s = TrainSettings(data=str(dataset_dir), out=str(tmp_path / "run"), steps=1, batch_size=1, iterations=2,
                       crops_per_lesion=1, device="cpu", warmup=1)
@@ -158,13 +123,11 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
     assert model.options == PipelineOptions()  # a freshly trained network: every pipeline option off
     prov = model.meta["provenance"]
     assert prov["steps"] == 1 and prov["trained_by"] == "msam train" and prov["final"] is True
-    assert "thick_slices" not in prov  # recorded only when the augmentation is on
-    s.steps, s.resume, s.thick_slices = 2, True, 0.5
+    s.steps, s.resume = 2, True
     train(s, log=lambda *_: None)
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert load_model(path).meta["provenance"]["steps"] == 2
-    assert load_model(path).meta["provenance"]["thick_slices"] == 0.5
     # a run stopped after logging steps past its last save resumes from the save: those rows go
     shutil.copy(tmp_path / "run" / "last.pt", tmp_path / "at2.pt")
     s.steps = 3
@@ -244,6 +207,20 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     assert (tmp_path / "weights" / "msam_default.safetensors").read_bytes() == calibrated.read_bytes()
 
 
+def test_train_all_continues_every_parameter_from_init() -> None:
+    model = build_model("msam_small")
+    groups = param_groups(model, TrainSettings(train_all=True, lr=2e-4), from_pretrained=True)
+    assert [g["lr"] for g in groups] == [2e-4] and groups[0]["name"] == "all (continued)"
+    assert model.parameter_counts()[0] == model.parameter_counts()[1]
+
+
+def test_train_all_without_init_is_refused(capsys) -> None:
+    from msam_core.cli import main
+
+    assert main(["train", "--config", "msam_small", "--data", "d", "--train-all"]) == 2
+    assert "--train-all continues training from --init" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("axis,factor,phase", [(2, 3, 1), (0, 4, 0), (1, 2, 1)])
 def test_thick_slice_augmentation_is_what_the_pipeline_makes_of_a_thick_slice_scan(axis, factor, phase) -> None:
     """A 1.5 mm volume made a thick-slice series (``msam_core.train.thick``, as the thick evaluation
@@ -294,13 +271,3 @@ def test_thick_slice_augmentation_draws_from_the_rng_and_keeps_mask_and_click() 
         thicken(image, 0, 1)
     with pytest.raises(ValueError, match="factor"):
         thicken(image, 0, 3, 3)
-
-
-def test_thick_slices_flag_is_a_probability(capsys) -> None:
-    from msam_core.cli import main
-
-    for bad in ("1.5", "-0.1", "x"):
-        with pytest.raises(SystemExit) as exc:
-            main(["train", "--data", "d", "--thick-slices", bad])
-        assert exc.value.code == 2
-        assert "probability between 0 and 1" in capsys.readouterr().err

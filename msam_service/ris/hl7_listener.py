@@ -1,0 +1,188 @@
+"""``msam hl7-listener``: HL7 v2 orders over MLLP (hl7apy's MLLP server) become msam jobs.
+
+For each ORM^O01 / OMI^O23 (:func:`msam_service.ris.hl7.parse_order`):
+
+1. the sender (MSH-3, and MSH-4 when the endpoint names a facility) must be a configured RIS
+   endpoint (``MSAM_RIS_ENDPOINTS``), else ``AR``; the endpoint gives the tenant, the PACS node,
+   the destinations and where the ORU^R01 goes;
+2. the order needs its accession number and an ``MSAM-PROMPTS`` note with at least one positive
+   point, else ``AE``;
+3. the study and series are found on the endpoint's node by QIDO-RS and the node's series
+   rules (:mod:`msam_service.pacs.orders`); none or several is ``AE`` naming the candidates;
+4. the job is created (retrieval on the I/O queue, then segmentation, then SEG to the
+   destinations and ORU^R01 to the RIS) and the order is acknowledged ``AA`` with the job id.
+
+An order sent again with the same message control id (MSH-10) by the same sender - a RIS that
+did not get the first acknowledgement - gets the same job, not a second one. Logs carry job
+ids, endpoint names and ACK codes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+import redis
+from hl7apy.mllp import AbstractErrorHandler, AbstractHandler, MLLPServer
+
+from msam_service import jobs, redis_conn
+from msam_service.pacs import nodes, orders
+from msam_service.pacs.ingest import VOLUME_OWNER_KEY
+from msam_service.pacs.settings import PacsSettings, RisEndpoint, get_pacs_settings
+from msam_service.ris import hl7
+from msam_service.settings import Settings, get_settings
+from msam_service.volumes import new_volume_id
+
+logger = logging.getLogger("msam.hl7_listener")
+
+
+class Orders:
+    """Order -> job, independent of the network (the MLLP handlers call :meth:`handle`)."""
+
+    def __init__(self, settings: Settings, pacs: PacsSettings, r: redis.Redis, submit: Callable[[str], None]) -> None:
+        self.settings, self.pacs, self.redis, self.submit = settings, pacs, r, submit
+
+    def endpoint(self, order: hl7.Order) -> tuple[str, RisEndpoint]:
+        for name, ep in self.pacs.ris_endpoints.items():
+            if ep.application == order.sending_application and ep.facility in (None, order.sending_facility):
+                return name, ep
+        raise hl7.OrderError("the sending application (MSH-3/MSH-4) is not a configured RIS endpoint", "AR")
+
+    def handle(self, text: str) -> str:
+        """The MLLP-framed acknowledgement of one message."""
+        try:
+            order = hl7.parse_order(text)
+            name, ep = self.endpoint(order)
+            job_id = self.accept(order, name, ep)
+            logger.info("order from RIS %s accepted: job %s", name, job_id)
+            reply = hl7.ack(text, "AA", f"job {job_id}")
+        except hl7.OrderError as exc:
+            logger.info("order refused (%s)", exc.code)
+            reply = hl7.ack(text, exc.code, str(exc))
+        except nodes.PacsError as exc:
+            logger.warning("order not processed: the PACS did not answer")
+            reply = hl7.ack(text, "AE", f"{exc}; send the order again later")
+        except Exception as exc:  # never leave the RIS without an answer
+            logger.error("order failed: %s", type(exc).__name__)
+            reply = hl7.ack(text, "AE", f"msam failed on this order ({type(exc).__name__})")
+        return hl7.frame(reply).decode()
+
+    def accept(self, order: hl7.Order, name: str, ep: RisEndpoint) -> str:
+        seen = f"msam:hl7:order:{name}:{order.control_id}"
+        earlier: Any = self.redis.get(seen)
+        if earlier:
+            return earlier.decode() if isinstance(earlier, bytes) else str(earlier)
+        prompts = order.prompts
+        if prompts is None:
+            raise hl7.OrderError(f"the order has no {hl7.PROMPTS_NOTE} note saying what to segment (NTE-3)")
+        from msam_service.prompts import to_points_boxes
+
+        try:
+            points, _ = to_points_boxes(prompts)
+        except Exception as exc:
+            raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note is not a valid prompt document "
+                                 f"({type(exc).__name__})") from exc
+        if not points:
+            raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note needs at least one positive point")
+        node = nodes.dicomweb_node(self.pacs, ep.pacs, ep.tenant)
+        try:
+            study_uid, series_uid = orders.find_series(node, self.pacs.node_options(node.name).series,
+                                                       accession_number=order.accession_number,
+                                                       timeout=min(self.pacs.dicomweb_timeout_s, 30.0))
+        except orders.OrderProblem as exc:
+            listed = "; ".join(f"{c.get('series_uid') or c.get('study_uid')} {c.get('description', '')}".strip()
+                               for c in exc.candidates[:5])
+            raise hl7.OrderError(f"{exc}{': ' + listed if listed else ''}") from exc
+        job_id, volume_id = jobs.new_id(), new_volume_id()
+        ttl = self.settings.job_ttl_s
+        request: dict[str, Any] = {
+            "prompts": prompts, "ris": name, "order": order.to_record(),
+            "source": {"pacs": node.name, "study_uid": study_uid, "series_uid": series_uid,
+                       "accession_number": order.accession_number, "selected_by": "series rules"}}
+        if ep.destinations:
+            request["destinations"] = list(ep.destinations)
+        if self.settings.public_url:
+            request["base_url"] = self.settings.public_url.rstrip("/")
+        if not self.redis.set(seen, job_id, nx=True, ex=ttl):  # the same order, concurrently
+            return self.accept(order, name, ep)
+        self.redis.set(VOLUME_OWNER_KEY.format(volume_id), ep.tenant, ex=ttl)
+        jobs.JobStore(self.redis, ttl).create(job_id, tenant=ep.tenant, volume_id=volume_id, request=request)
+        self.submit(job_id)
+        return job_id
+
+
+def make_server(service: Orders, host: str, port: int) -> MLLPServer:
+    class OrderHandler(AbstractHandler):
+        def reply(self) -> str:
+            return service.handle(self.incoming_message)
+
+    class ErrorHandler(AbstractErrorHandler):
+        def reply(self) -> str:  # unsupported type or unparsable: AR
+            return service.handle(self.incoming_message)
+
+    handlers: dict[str, Any] = {kind: (OrderHandler,) for base in hl7.ORDER_TYPES
+                                for kind in (base, f"{base}^{base.replace('^', '_')}")}
+    handlers["ERR"] = (ErrorHandler,)
+    return MLLPServer(host, port, handlers, timeout=30)
+
+
+def run(host: str | None = None, port: int | None = None) -> int:
+    from msam_service.queue import enqueue_retrieval, make_celery
+
+    settings = get_settings()
+    pacs = get_pacs_settings()
+    if not settings.redis_url:
+        print("msam hl7-listener: error: MSAM_REDIS_URL / REDIS_URL is not set", file=sys.stderr)
+        return 1
+    if not pacs.ris_endpoints:
+        print("msam hl7-listener: error: no RIS endpoint is configured (MSAM_RIS_ENDPOINTS)", file=sys.stderr)
+        return 1
+    queue_app = make_celery(settings, "msam-hl7-listener")
+    service = Orders(settings, pacs, redis_conn.client(settings.redis_url),
+                     submit=lambda job_id: enqueue_retrieval(queue_app, job_id))
+    host = host or pacs.hl7_listener_host
+    port = pacs.hl7_listener_port if port is None else port
+    server = make_server(service, host, port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(f"msam hl7-listener: MLLP on {host}:{server.server_address[1]}, {len(pacs.ris_endpoints)} RIS "
+          "endpoint(s)", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hl7-listener", help="take HL7 v2 orders (ORM^O01, OMI^O23) over MLLP",
+                       description="Take HL7 v2 orders (ORM^O01, OMI^O23) over MLLP and queue msam jobs; "
+                       "results go back as ORU^R01.")
+    p.add_argument("--host", default=None, help="address to listen on (default: $MSAM_HL7_LISTENER_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default: $MSAM_HL7_LISTENER_PORT)")
+    p.set_defaults(func=lambda args: _main(args.host, args.port))
+
+
+def _main(host: str | None, port: int | None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(host, port)
+    except (ValueError, OSError) as exc:
+        print(f"msam hl7-listener: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="msam-hl7-listener")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    a = parser.parse_args()
+    sys.exit(_main(a.host, a.port))
