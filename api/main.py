@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from api import audit, errors, viewer
 from api.deps import Services
 from api.timeouts import BodyLimit, RequestTimeout
-from api.routes import health, info, jobs, metrics, segment, volumes
+from api.routes import health, info, jobs, metrics, segment, sessions, volumes
 from msam_service import redis_conn
 from msam_service import lifecycle
 from msam_service.auth import is_loopback, load_keys
@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     latency = Histogram("msam_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
     errors.install(app)
     _document_extra_schemas(app)
-    for router in (segment.router, volumes.router, jobs.router, health.router, info.router, metrics.router):
+    for router in (segment.router, volumes.router, sessions.router, jobs.router, health.router, info.router, metrics.router):
         app.include_router(router)
     viewer.install(app)  # the web viewer: page at /, assets under /static
 

@@ -405,3 +405,146 @@ class Readiness(BaseModel):
     redis: bool
     workers: int
     reasons: list[str] = Field(default_factory=list)
+
+
+# -- interactive sessions -------------------------------------------------------------------------
+VoxelIndex = Annotated[int, BeforeValidator(_json_integer), Field(strict=True, ge=0)]
+VoxelXyz = tuple[VoxelIndex, VoxelIndex, VoxelIndex]
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    volume_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="a volume uploaded with POST /volumes")
+    space: Literal["voxel", "LPS", "RAS"] = Field(
+        default="voxel", description="coordinate space of every point and box of the session: voxel (i, j, k) "
+        "of the stored image, or world mm in LPS or RAS")
+
+
+class MaskDelta(BaseModel):
+    """A mask over the box ``lo <= (i, j, k) < hi`` of the volume's voxel grid: ``data`` is the box's
+    voxels in C order (i slowest, k fastest), one bit each, packed eight to a byte with the first
+    voxel in the least significant bit, zlib-compressed (RFC 1950), base64-encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+    lo: VoxelXyz
+    hi: VoxelXyz
+    encoding: Literal["zlib-packbits-le-c"] = "zlib-packbits-le-c"
+    data: str = Field(max_length=8_000_000)
+
+
+class PointInteraction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["point"]
+    xyz: Xyz = Field(description="in the session's space")
+    positive: bool = Field(default=True, description="true: inside the lesion; false: outside (a negative click)")
+
+
+class BoxInteraction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["box"]
+    corners: tuple[Xyz, Xyz] = Field(description="two opposite corners, in the session's space; replaces an "
+                                     "earlier box of the lesion")
+
+
+class MaskInteraction(BaseModel):
+    """A mask as the lesion's input, refined by the network: a mask volume uploaded with ``POST
+    /volumes`` (``volume_id``, optionally one ``label`` of it), or an edit of the lesion's current
+    mask (``edit``: the edited box, in the delta format, applied over the current mask)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["mask"]
+    volume_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    label: StrictCount | None = Field(default=None, ge=1, le=255)
+    edit: MaskDelta | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MaskInteraction:
+        if (self.volume_id is None) == (self.edit is None):
+            raise ValueError("give exactly one of volume_id (a mask uploaded with POST /volumes) and edit (the "
+                             "edited part of the lesion's current mask)")
+        return self
+
+
+Interaction = Annotated[PointInteraction | BoxInteraction | MaskInteraction, Field(discriminator="kind")]
+
+
+class LesionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = Field(default=None, min_length=1, max_length=64, description="segment label in the outputs")
+
+
+class Measurements(BaseModel):
+    """A session lesion's measurements: always its voxel count and volume; once the worker has
+    measured the mask, also what a job reports per lesion (:class:`MeasurementsOut`: RECIST long
+    and short axis, 3D diameter, centroid, intensity statistics, surface area, sphericity)."""
+
+    voxel_count: int
+    volume_ml: float
+    long_axis: AxisOut | None = None
+    short_axis: AxisOut | None = None
+    max_diameter_3d: AxisOut | None = None
+    centroid_lps: list[float] | None = None
+    intensity: IntensityStatsOut | None = None
+    surface_area_mm2: float | None = None
+    sphericity: float | None = None
+
+
+class DeltaOut(BaseModel):
+    lo: list[int]
+    hi: list[int]
+    encoding: str
+    data: str
+
+
+class LesionOut(BaseModel):
+    lesion: int
+    label: str | None = None
+    step: int = Field(description="interactions in effect")
+    interactions: list[dict[str, Any]]
+    measurements: Measurements | None = None
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    volume_id: str
+    space: str
+    created_at: float
+    updated_at: float
+    shape: list[int]
+    affine_ras: list[list[float]] = Field(description="voxel (i, j, k, 1) -> RAS mm")
+    lesions: list[LesionOut]
+
+
+class InteractionOut(BaseModel):
+    """An interaction's answer. ``delta`` applies to the lesion's mask after the interaction
+    ``base`` (``null``: to an empty mask); ``null`` delta: the mask did not change."""
+
+    interaction_id: str
+    session_id: str
+    lesion: int
+    status: Literal["queued", "running", "done", "failed"]
+    status_url: str
+    step: int | None = None
+    base: str | None = None
+    delta: DeltaOut | None = None
+    measurements: Measurements | None = None
+    timings: dict[str, float] = Field(default_factory=dict, description="worker seconds per stage, and queue")
+    error: ErrorInfo | None = None
+
+
+class CommitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    destinations: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=16, description="configured node names for the DICOM-SEG")
+    callback_url: str | None = Field(default=None, max_length=2048, description="webhook URL on the server's allowlist")
+
+
+class LesionChange(BaseModel):
+    """A lesion's mask changed by undo or reset (``delta`` applies to the mask after the
+    interaction ``base``), or its whole mask (``base`` null: ``delta`` over an empty mask)."""
+
+    lesion: int
+    step: int
+    base: str | None = None
+    delta: DeltaOut | None = None
+    measurements: Measurements

@@ -327,9 +327,34 @@ def measure_lesion(mask: np.ndarray, volume: Volume, *, slice_axis: int | None =
     idx_all = np.argwhere(m)
     if idx_all.size == 0:
         return None
-    axis = acquisition_axis(volume) if slice_axis is None else int(slice_axis)
     lo, hi = idx_all.min(axis=0), idx_all.max(axis=0) + 1
-    box = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return measure_box(m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], lo, volume, slice_axis=slice_axis,
+                       hounsfield=hounsfield)
+
+
+def measure_box(box: np.ndarray, lo: np.ndarray | tuple[int, int, int], volume: Volume, *,
+                slice_axis: int | None = None, hounsfield: bool | None = None) -> LesionMeasurements | None:
+    """:func:`measure_lesion` of a mask given as a box of ``volume``'s grid: ``box`` (``bool``)
+    covers the voxels ``lo .. lo + box.shape - 1`` and the rest of the grid is background. The
+    same numbers as the whole-grid mask, without scanning the whole grid (an interactive
+    session's masks are kept this way).
+
+    Raises:
+        ValueError: the box does not lie inside ``volume``'s grid.
+    """
+    lo = np.asarray(lo, np.int64)
+    b = np.asarray(box, dtype=bool)
+    if b.ndim != 3 or np.any(lo < 0) or np.any(lo + np.asarray(b.shape) > np.asarray(volume.shape)):
+        raise ValueError(f"a box of shape {b.shape} at {lo.tolist()} does not lie inside the image's grid "
+                         f"{volume.shape}")
+    inside = np.argwhere(b)
+    if inside.size == 0:
+        return None
+    idx_all = inside + lo  # grid indices of the lesion's voxels
+    a, z = inside.min(axis=0), inside.max(axis=0) + 1  # tighten the box to the foreground
+    box = b[a[0]:z[0], a[1]:z[1], a[2]:z[2]]
+    lo, hi = lo + a, lo + z
+    axis = acquisition_axis(volume) if slice_axis is None else int(slice_axis)
 
     voxels = int(len(idx_all))
     voxel_mm3 = float(abs(np.linalg.det(volume.affine[:3, :3])))

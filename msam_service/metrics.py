@@ -74,6 +74,12 @@ class RedisCollector:
             cache.add_metric(["hit"], counters.get("cache_hits", 0))
             cache.add_metric(["miss"], counters.get("cache_misses", 0))
             yield cache
+            interactions = CounterMetricFamily("msam_interactions", "Session interactions by outcome "
+                                               "(submitted, done, failed, resent after a lost worker)",
+                                               labels=["outcome"])
+            for outcome in ("submitted", "done", "failed", "resent"):
+                interactions.add_metric([outcome], counters.get(f"interactions_{outcome}", 0))
+            yield interactions
             redeliveries = CounterMetricFamily("msam_job_redeliveries", "Jobs delivered again after a lost worker")
             redeliveries.add_metric([], counters.get("redeliveries", 0))
             yield redeliveries

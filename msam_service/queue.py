@@ -64,6 +64,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def worker_key(name: str) -> str:
+    """The liveness record of the worker ``name`` (``host:pid`` of its main process)."""
+    return f"msam:worker:{name}"
+
+
 def make_celery(settings: Settings, name: str = "msam") -> Celery:
     app = Celery(name)
     app.conf.update(celery_config(settings))

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=600.0, gt=0, description="how often the gateway deletes expired files")
     volume_cache_items: int = Field(default=2, description="decoded volumes kept per worker process")
 
+    # -- interactive sessions ---------------------------------------------------------------
+    interaction_wait_s: float = Field(default=5.0, ge=0, le=60, description="how long an interaction's HTTP "
+                                      "request waits for its answer before it returns 202 and a link to poll")
+    max_interactions: int = Field(default=256, gt=0, description="most interactions kept per lesion of a session")
+
     # -- embedding cache --------------------------------------------------------------------
     cache_ttl_s: int = Field(default=3600, description="embedding cache entry lifetime")
     cache_max_mb: int = Field(default=512, description="embedding cache memory cap in Redis")

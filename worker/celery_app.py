@@ -45,10 +45,14 @@ def _mark_main(**_: object) -> None:
 
 
 @signals.worker_ready.connect
-def _start_heartbeat(**_: object) -> None:
+def _start_heartbeat(sender: object = None, **_: object) -> None:
     global _heartbeat
+    from msam_service.sessions import worker_queue
     from worker.heartbeat import Heartbeat
     from worker.runtime import checkpoint_problem, worker_name
+
+    if sender is not None:  # the consumer: also take the interactions routed to this worker alone
+        sender.add_task_queue(worker_queue(settings.queue, worker_name()))  # type: ignore[attr-defined]
 
     assert settings.redis_url
     _heartbeat = Heartbeat(redis_conn.client(settings.redis_url), worker_name(), settings)

@@ -110,7 +110,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         segmenter = Segmenter(model.network, model.options, device=rt.settings.device, cache=cache,
                               max_windows=rt.settings.max_windows, hooks=hooks)
         t0 = time.perf_counter()
-        lesions = resolve(doc, volume, load_masks(doc, volume, lambda v: _open_mask(rt, v)))
+        lesions = resolve(doc, volume, load_masks(doc, volume, lambda v: open_mask(rt, v)))
         result = segmenter.segment_lesions(volume, lesions, iterations=int(doc.get("iterations", 1)))
         seg_s = time.perf_counter() - t0
         for stage in ("encode", "decode", "prior", "boundary"):
@@ -180,7 +180,7 @@ def measure_result(job_id: str, labels, volume, lesions: list[int], hounsfield: 
     return out
 
 
-def _open_mask(rt: Runtime, volume_id: str):  # noqa: ANN202 - a Volume or None
+def open_mask(rt: Runtime, volume_id: str):  # noqa: ANN202 - a Volume or None
     """A lesion mask's volume (decoded from storage, not kept in the worker's volume cache)."""
     info = load_info(rt.storage, volume_id)
     return open_volume(rt.storage, info) if info is not None else None

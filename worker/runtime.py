@@ -18,6 +18,7 @@ from msam_core.errors import InvalidCheckpoint
 from msam_core.io.volume import Volume
 from msam_service import redis_conn
 from msam_service.jobs import JobStore
+from msam_service.queue import worker_key
 from msam_service.metrics import RedisMetrics
 from msam_service.settings import Settings, get_settings
 from msam_service.storage import Storage, make_storage
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
     from msam_core.checkpoints import LoadedModel
 
 logger = logging.getLogger(__name__)
-
-
-def worker_key(name: str) -> str:
-    return f"msam:worker:{name}"
 
 
 def worker_name() -> str:

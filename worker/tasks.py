@@ -1,5 +1,6 @@
-"""The Celery task: thin; the work is in :mod:`worker.job`. Segmentation only: a job's series is
-retrieved, and its results delivered, by the I/O worker (:mod:`worker.io_tasks`)."""
+"""The Celery tasks: thin; the work is in :mod:`worker.job` and :mod:`worker.session`. Segmentation
+only: a job's series is retrieved, and its results delivered, by the I/O worker
+(:mod:`worker.io_tasks`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from celery import Task
 
 from msam_service import jobs
 from msam_service.queue import TASK_NAME, enqueue_delivery, needs_delivery
+from msam_service.sessions import COMMIT_TASK, INTERACT_TASK, OPEN_TASK
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
+from worker.session import run_commit, run_interaction, run_open
 
 
 def _deliver(job_id: str) -> None:
@@ -51,6 +54,29 @@ def segment(self: Task, job_id: str) -> str | None:
         self.update_state(state="PROGRESS", meta={"stage": stage, "progress": fraction})
 
     status = run_job(get_runtime(), job_id, progress)
+    if status is not None:
+        _deliver(job_id)
+    return status
+
+
+@app.task(name=OPEN_TASK, ignore_result=True, acks_late=False)
+def open_session(session_id: str) -> None:
+    """A new session's volume, decoded ahead of its first click."""
+    run_open(get_runtime(), session_id)
+
+
+@app.task(name=INTERACT_TASK, ignore_result=True, acks_late=False)
+def interact(interaction_id: str) -> str | None:
+    """One interaction of a session (acknowledged on receipt: when its worker is lost, the
+    gateway sends it again to the shared queue, see ``api/routes/sessions.py``)."""
+    return run_interaction(get_runtime(), interaction_id)
+
+
+@app.task(name=COMMIT_TASK, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)
+def commit(self: Task, job_id: str) -> str | None:
+    """A session's outputs, written as the job ``job_id``'s, then delivered like a job's (by the
+    I/O worker: DICOM pushes, webhook)."""
+    status = run_commit(get_runtime(), job_id)
     if status is not None:
         _deliver(job_id)
     return status

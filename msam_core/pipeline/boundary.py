@@ -56,6 +56,21 @@ def _click_voxels(points: np.ndarray, labels: np.ndarray, shape: tuple[int, ...]
     return out
 
 
+def mask_depth(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.distance_transform_edt(mask)``, computed on the mask's bounding box grown by one
+    voxel (clipped to the array) instead of the whole crop: the same values, since every voxel
+    beyond that box is at least as far from the mask as the ring of background around it."""
+    depth = np.zeros(mask.shape, np.float64)
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return depth
+    lo = np.maximum(idx.min(axis=0) - 1, 0)
+    hi = np.minimum(idx.max(axis=0) + 2, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    depth[box] = ndimage.distance_transform_edt(mask[box])
+    return depth
+
+
 def seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int) -> np.ndarray:
     """``int32`` seed map for the walker: 1 inside, 2 outside, 0 undecided (see the module).
     Depths are Euclidean distances (voxels) to the nearest voxel outside the mask."""
@@ -63,7 +78,7 @@ def seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int) -
         raise ValueError(f"band must be >= 1 voxel, got {band}")
     out = np.zeros(mask.shape, np.int32)
     out[~ndimage.binary_dilation(mask, iterations=band)] = 2
-    depth = ndimage.distance_transform_edt(mask)
+    depth = mask_depth(mask)
     out[depth > min(band, depth.max() / 2)] = 1
     for voxel, label in _click_voxels(points, labels, mask.shape):
         out[voxel] = 1 if label == 1 else 2

@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -227,6 +227,14 @@ class SegmentationResult:
     intensity: IntensityProfile | None = None
 
 
+def grid_key(model_id: str, source: str, grid: CropGrid) -> str:
+    """Cache key of an embedding of a crop of a known volume: the model, the volume's immutable
+    name (``source``, e.g. a stored volume's id) and the crop's grid (origin in RAS mm, size,
+    spacing). The crop is a function of these, so no digest of its 8 MB is needed."""
+    origin = ",".join(f"{v:.4f}" for v in grid.origin_ras)
+    return f"{model_id}:grid:{source}:{origin}:{grid.size}:{grid.spacing:g}"
+
+
 def crop_key(model_id: str, image: torch.Tensor) -> str:
     """Cache key of an embedding: the model and the exact crop content (shape, dtype, bytes)."""
     data = image.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -294,10 +302,10 @@ class Segmenter:
         embedding, key, _ = self._encode(image, cache)
         return embedding, key
 
-    def _encode(self, image: torch.Tensor,
-                cache: EmbeddingCache | None = None) -> tuple[torch.Tensor, str, bool]:
+    def _encode(self, image: torch.Tensor, cache: EmbeddingCache | None = None,
+                key: str | None = None) -> tuple[torch.Tensor, str, bool]:
         cache = cache if cache is not None else self.cache
-        key = crop_key(self.model.model_id, image)
+        key = key if key is not None else crop_key(self.model.model_id, image)
         if cache is not None:
             cached = cache.get(key)
             if cached is not None:
@@ -309,15 +317,17 @@ class Segmenter:
         return embedding, key, False
 
     def coarse_view(self, sampler: VolumeSampler | None, grid: CropGrid,
-                    image: torch.Tensor | None = None) -> CoarseView | None:
+                    image: torch.Tensor | None = None, source: str | None = None) -> CoarseView | None:
         """The coarse view of the window on ``grid`` when the options turn it on
         (``PipelineOptions.coarse_view``), else ``None``. ``image``: the coarse crop when already
-        cut (default: cut from ``sampler``); its embedding goes through the cache as any other."""
+        cut (default: cut from ``sampler``); its embedding goes through the cache as any other
+        (``source``: see :func:`grid_key`)."""
         if not self.options.coarse_view:
             return None
         coarse = coarse_grid(grid)
         image = sampler.crop(coarse) if image is None else image
-        embedding, _, _ = self._encode(image)
+        key = None if source is None else grid_key(self.model.model_id, source, coarse)
+        embedding, _, _ = self._encode(image, key=key)
         return CoarseView(fine=grid, grid=coarse, image=image, embedding=embedding)
 
     def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
@@ -348,14 +358,17 @@ class Segmenter:
         return out - threshold if threshold else out
 
     def open_crop(self, image: torch.Tensor, grid: CropGrid, *, sampler: VolumeSampler | None = None,
-                  coarse_image: torch.Tensor | None = None, prior: RegionPrior | None = None) -> CropState:
+                  coarse_image: torch.Tensor | None = None, prior: RegionPrior | None = None,
+                  source: str | None = None) -> CropState:
         """Start one lesion's interaction on the crop ``image`` (``[1, 1, S, S, S]``, on ``grid``):
         its embedding (through the cache) and, when the options turn it on, its coarse view, cut
         from ``sampler`` or given as ``coarse_image``. ``prior``: a
         :class:`~msam_core.pipeline.region_prior.RegionPrior` of ``image`` to share (default: one
-        is made at the first click that needs it)."""
-        embedding, _, hit = self._encode(image)
-        coarse = self.coarse_view(sampler, grid, coarse_image) if self.options.coarse_view else None
+        is made at the first click that needs it). ``source``: an immutable name of the volume
+        the crop was cut from; the cache key is then :func:`grid_key` (no digest of the crop)."""
+        key = None if source is None else grid_key(self.model.model_id, source, grid)
+        embedding, _, hit = self._encode(image, key=key)
+        coarse = self.coarse_view(sampler, grid, coarse_image, source) if self.options.coarse_view else None
         return CropState(image=image, grid=grid, embedding=embedding, cache_hit=hit, coarse=coarse, prior=prior)
 
     def new_prior(self, image: torch.Tensor) -> RegionPrior:
@@ -455,9 +468,15 @@ class Segmenter:
         return SegmentationResult(labels=labels, lesions=outcomes, model_id=self.model.model_id,
                                   intensity=sampler.intensity)
 
-    def segment_lesion(self, sampler: VolumeSampler, lesion: LesionPrompt,
-                       iterations: int = 1) -> tuple[LogitCanvas, LesionOutcome]:
+    def segment_lesion(self, sampler: VolumeSampler, lesion: LesionPrompt, iterations: int = 1,
+                       crops: MutableMapping[CropGrid, CropState] | None = None,
+                       source: str | None = None) -> tuple[LogitCanvas, LesionOutcome]:
         """Predict one lesion, following it over further windows while it reaches their border.
+
+        ``crops``: the crop states of earlier requests on the same volume (an interactive
+        session), by grid; a window whose grid is there reuses its crop, embedding, coarse view
+        and grown regions, and new windows are added. ``source``: the volume's immutable name,
+        for :func:`grid_key`.
 
         Returns the merged logits (on the lesion's RAS-aligned 1.5 mm lattice) and a summary.
         """
@@ -475,8 +494,14 @@ class Segmenter:
             pts, labels = self._window_points(grid, lesion, canvas, offset)
             if pts is None:
                 continue  # nothing of this lesion is known to reach into that window
-            state = self.open_crop(sampler.crop(grid), grid, sampler=sampler)
-            outcome.cache_hits += int(state.cache_hit)
+            state = crops.get(grid) if crops is not None else None
+            if state is None:
+                state = self.open_crop(sampler.crop(grid), grid, sampler=sampler, source=source)
+                outcome.cache_hits += int(state.cache_hit)
+                if crops is not None:
+                    crops[grid] = state
+            else:
+                outcome.cache_hits += 1
             mask_prompt = None
             if lesion.prior is not None:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))

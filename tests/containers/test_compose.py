@@ -194,8 +194,9 @@ def test_a_series_pushed_to_the_listener_starts_its_job(stack: Stack, tmp_path: 
         pytest.fail("dcmtk's storescu is not installed: run `make tools`")
     series = make_ct_series(tmp_path / "auto", shape=(48, 40, 16), spacing=(1.2, 1.1, 2.5),
                             series_description="auto CT", seed=4)
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "MSAM", "127.0.0.1", str(stack.listener_port),
-                    *map(str, series.paths)], check=True, capture_output=True, timeout=120)
+    sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "MSAM", "127.0.0.1", str(stack.listener_port),
+                           *map(str, series.paths)], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, (sent.stdout, sent.stderr, stack.logs("dicom-listener"))
     deadline = time.monotonic() + 120
     while not (m := re.search(r"by rule 'auto', job ([0-9a-f]{32})", stack.logs("dicom-listener"))):
         assert time.monotonic() < deadline, stack.all_logs()

@@ -7,9 +7,11 @@ the sphere's centre voxel on the axial view with the real mouse and checks that
 
 * the point the page sent is that voxel (RAS mm of its centre, mapped back with the server's
   affine), and a shift-click sends a negative point;
-* the overlay appears (NiiVue holds a non-empty mask volume), the job's NIfTI result is non-empty
-  and lies around the click (with the bundled trained model: contains the click voxel);
-* a second click on the same lesion is served from the embedding cache (no encoder run);
+* each click is an interaction of the page's session, answered in its own response: the overlay
+  appears without any polling of a job, and holds the session's mask voxel for voxel (non-empty,
+  around the click; with the bundled trained model: containing the click voxel);
+* a second click on the same lesion runs no encoder (the worker holds the crop's embedding);
+  undo is the server's; saving (a download) commits the session, whose outputs hold every lesion;
 
 and saves screenshots under ``out/viewer/`` (CI artifacts). Chromium comes from Debian
 (``make tools``); Playwright only drives it (``playwright install`` is never run).
@@ -176,24 +178,27 @@ def _wait_shown(page, lesion: int, timeout_s: float = 90) -> dict:
                   return l && !l.running && l.shown === l.generation && (l.overlay || l.status) }""",
         arg=lesion, timeout=timeout_s * 1000)
     return page.evaluate("""n => { const l = window.msamViewer.state.lesions[n];
-        return { status: l.status, voxels: l.voxels, ml: l.ml, job: l.lastJob, hasOverlay: !!l.overlay,
+        return { status: l.status, voxels: l.voxels, ml: l.ml, answer: l.lastAnswer || null, lesion: l.serverN,
+                 session: window.msamViewer.state.session && window.msamViewer.state.session.session_id,
+                 hasOverlay: !!l.overlay,
                  points: l.points.map(p => ({ voxel: p.voxel, ras: p.ras, positive: p.positive })),
                  latencyMs: window.msamViewer.state.lastLatencyMs,
                  overlayNonZero: l.overlay ? l.overlay.img.reduce((a, v) => a + (v > 0 ? 1 : 0), 0) : 0 } }""", lesion)
 
 
-def _result_mask(service: Stack, job_id: str) -> np.ndarray:
+def _session_mask(service: Stack, shown: dict) -> np.ndarray:
+    """The lesion's whole mask as the server holds it (GET .../mask, decoded)."""
+    from msam_service.sessions import decode_box
+
     with httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
-        r = c.get(f"/jobs/{job_id}/result", params={"format": "nifti"})
+        r = c.get(f"/sessions/{shown['session']}/lesions/{shown['lesion']}/mask")
         assert r.status_code == 200, r.text
-        img = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
-        assert np.allclose(img.affine, AFFINE, atol=1e-4)
-        return np.asarray(img.dataobj)
-
-
-def _job(service: Stack, job_id: str) -> dict:
-    with httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
-        return c.get(f"/jobs/{job_id}").json()
+    mask = np.zeros(SHAPE, np.uint8)
+    d = r.json()["delta"]
+    if d:
+        lo, hi = d["lo"], d["hi"]
+        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = decode_box(d["data"], tuple(h - l for l, h in zip(lo, hi)))
+    return mask
 
 
 def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp_path: Path) -> None:
@@ -206,7 +211,7 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
     page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
     requests: list[dict] = []
     page.on("request", lambda r: requests.append({"url": r.url, "method": r.method, "auth": r.headers.get("authorization"),
-                                                  "body": r.post_data if r.method == "POST" and "segment" in r.url else None}))
+                                                  "body": r.post_data if r.method == "POST" and "/interactions" in r.url else None}))
     try:
         page.goto(service.url + "/")
         page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
@@ -233,12 +238,14 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         assert len(first["points"]) == 1 and first["points"][0]["positive"]
         assert np.allclose(first["points"][0]["voxel"], CENTRE, atol=1e-3), first["points"][0]
         sent = [json.loads(r["body"]) for r in requests if r["body"]]
-        assert sent[0]["prompts"]["space"] == "RAS"
-        assert np.allclose(sent[0]["prompts"]["lesions"][0]["positive"][0],
-                           AFFINE[:3, :3] @ np.array(CENTRE) + AFFINE[:3, 3], atol=1e-3)
+        assert sent[0]["kind"] == "point" and sent[0]["positive"] is True
+        assert np.allclose(sent[0]["xyz"], AFFINE[:3, :3] @ np.array(CENTRE) + AFFINE[:3, 3], atol=1e-3)
         assert first["overlayNonZero"] > 0 and first["overlayNonZero"] == first["voxels"]
+        assert first["answer"]["measurements"]["voxel_count"] == first["voxels"]
+        # click -> overlay without polling: no job was submitted or read
+        assert not any("/jobs" in r["url"] or r["url"].endswith("/segment") for r in requests), requests
 
-        mask = _result_mask(service, first["job"])
+        mask = _session_mask(service, first)
         assert mask.shape == SHAPE and int((mask > 0).sum()) == first["voxels"] > 0
         # the overlay holds exactly the job's mask, voxel for voxel (NIfTI file order: i fastest)
         shown = page.evaluate("() => Array.from(window.msamViewer.state.lesions[0].overlay.img)")
@@ -253,8 +260,15 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
             spacing = np.abs(np.diag(AFFINE)[:3])
             assert np.all(np.abs(fg - np.array(CENTRE)) * spacing <= 96.0 + spacing)  # 128 x 1.5 mm crop
         page.screenshot(path=str(OUT / "viewer-first-click.png"))
-        # the lesion list shows the job's RECIST axes; they are drawn on the voxels they pass through
-        measured = _job(service, first["job"])["lesions"][0]["measurements"]
+        # the answer carries the RECIST axes the job API would report for this mask (measured by
+        # the worker); the lesion list shows them and they are drawn on the voxels they pass through
+        from msam_core.io.load import load_volume
+        from msam_core.measure import measure_lesion
+
+        measured = first["answer"]["measurements"]
+        expected = measure_lesion(mask > 0, load_volume(phantom)).to_json()
+        assert {k: v for k, v in measured.items() if k not in ("voxel_count", "volume_ml")} == \
+            {k: v for k, v in expected.items() if k not in ("voxels", "volume_ml")}
         assert page.evaluate("() => window.msamViewer.state.lesions[0].measurements") == measured
         row = page.locator("#lesions li >> nth=0").inner_text()
         assert f"{measured['long_axis']['length_mm']:.1f} × {measured['short_axis']['length_mm']:.1f} mm" in row
@@ -278,13 +292,13 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         _click_voxel(page, (CENTRE[0] + 3, CENTRE[1] - 2, CENTRE[2]))
         page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 2")
         second = _wait_shown(page, 0)
-        assert second["status"] == "" and second["job"] != first["job"]
-        job2 = _job(service, second["job"])
-        mask2 = _result_mask(service, second["job"])  # the overlay was updated in place
+        assert second["status"] == "" and second["answer"]["step"] == 2
+        answer2 = second["answer"]
+        mask2 = _session_mask(service, second)  # the overlay was updated in place from the delta
         shown = page.evaluate("() => Array.from(window.msamViewer.state.lesions[0].overlay.img)")
         assert np.array_equal(np.flatnonzero(np.asarray(shown) > 0), np.flatnonzero(mask2.ravel(order="F") > 0))
         assert page.evaluate("() => window.msamViewer.nv.volumes.length") == 2  # image + one overlay
-        assert job2["encoder_runs"] == 0 and job2["cache_hits"] >= 1, job2
+        assert answer2["timings"]["encode"] == 0, answer2  # the held crop: no encoder run
         warm_ms = second["latencyMs"]
         warm_breakdown = page.evaluate("() => window.msamViewer.state.lastBreakdown")
         # the same on the axial view alone: headless Chromium draws WebGL in software
@@ -294,10 +308,14 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 3")
         axial = _wait_shown(page, 0)
         warm_axial_ms = axial["latencyMs"]
-        assert _job(service, axial["job"])["encoder_runs"] == 0
+        assert axial["answer"]["timings"]["encode"] == 0 and axial["answer"]["step"] == 3
         page.click("#undo")
         page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 2")
-        _wait_shown(page, 0)
+        undone = _wait_shown(page, 0)
+        assert undone["answer"]["step"] == 2  # the server's undo answered the change
+        shown = page.evaluate("() => Array.from(window.msamViewer.state.lesions[0].overlay.img)")
+        assert np.array_equal(np.flatnonzero(np.asarray(shown) > 0), np.flatnonzero(mask2.ravel(order="F") > 0))
+        assert np.array_equal(_session_mask(service, undone), mask2)
         page.select_option("#layout", "multi")
 
         # shift-click: a negative point, far from the sphere
@@ -306,7 +324,7 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         third = _wait_shown(page, 0)
         assert [p["positive"] for p in third["points"]] == [True, True, False]
         body = [json.loads(r["body"]) for r in requests if r["body"]][-1]
-        assert len(body["prompts"]["lesions"][0]["negative"]) == 1
+        assert body["positive"] is False
 
         # undo removes the negative point again; a new lesion gets its own row
         page.click("#undo")
@@ -333,13 +351,15 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         assert "mL" in page.locator("#lesions li >> nth=1").inner_text()
         page.click("#zoom-reset")
 
-        # downloads: NIfTI (one job with both lesions: labels 1 and 2) and PNG; DICOM-SEG needs
-        # a DICOM input: disabled here
+        # downloads commit the session: NIfTI (both lesions: labels 1 and 2) and PNG; DICOM-SEG
+        # needs a DICOM input: disabled here
         assert page.is_disabled("#dl-seg")
         with page.expect_download() as dl:
             page.click("#dl-nifti")
         both = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(dl.value.path().read_bytes())).dataobj)
         assert both.shape == SHAPE and set(np.unique(both).tolist()) <= {0, 1, 2} and both.max() > 0
+        assert np.array_equal(both == 1, _session_mask(service, _wait_shown(page, 0)) == 1)
+        assert any(r["url"].endswith("/commit") for r in requests)
         page.click("#lesions li >> nth=0")
         with page.expect_download() as dl:
             page.click("#dl-png")
@@ -380,10 +400,10 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
                                                       "warm_click_to_overlay_axial_only_ms": round(warm_axial_ms, 1),
                                                       "trained_model": service.trained,
                                                       "warm_browser_breakdown_ms": warm_breakdown,
-                                                      "warm_job_timings_s": job2["timings"]}, indent=2))
+                                                      "warm_answer_timings_s": answer2["timings"]}, indent=2))
         print(f"viewer: cold click->overlay {cold_s:.2f} s, warm {warm_ms:.0f} ms ({warm_breakdown}), "
               f"warm, axial view only {warm_axial_ms:.0f} ms, "
-              f"warm job {job2['timings']}")
+              f"warm answer {answer2['timings']}")
     except Exception:
         page.screenshot(path=str(OUT / "viewer-failure.png"))
         print("\n".join(console[-30:]))

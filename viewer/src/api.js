@@ -117,6 +117,63 @@ export async function getResult (jobId, format) {
   return (await call(`jobs/${jobId}/result?format=${encodeURIComponent(format)}`)).arrayBuffer()
 }
 
+// -- interactive sessions: every click is an interaction whose answer holds the lesion's mask
+// delta (no polling); undo is the server's; outputs are written on commit.
+
+export async function createSession (volumeId, space = 'RAS') {
+  return (await call('sessions', { method: 'POST', json: { volume_id: volumeId, space } })).json()
+}
+
+export async function addLesion (sessionId, label) {
+  return (await call(`sessions/${sessionId}/lesions`, { method: 'POST', json: label ? { label } : {} })).json()
+}
+
+/** POST an interaction; answers once the worker has (asking again while the answer is 202). */
+export async function interact (sessionId, lesion, interaction) {
+  let response = await call(`sessions/${sessionId}/lesions/${lesion}/interactions`, { method: 'POST', json: interaction })
+  let body = await response.json()
+  while (response.status === 202) {
+    response = await call(`sessions/${sessionId}/interactions/${body.interaction_id}?wait=5`)
+    body = await response.json()
+  }
+  return body
+}
+
+export async function undoLesion (sessionId, lesion) {
+  return (await call(`sessions/${sessionId}/lesions/${lesion}/undo`, { method: 'POST' })).json()
+}
+
+export async function resetLesion (sessionId, lesion) {
+  return (await call(`sessions/${sessionId}/lesions/${lesion}/reset`, { method: 'POST' })).json()
+}
+
+export async function commitSession (sessionId, destinations = []) {
+  return (await call(`sessions/${sessionId}/commit`, { method: 'POST', json: { destinations } })).json()
+}
+
+/** Apply an answer's mask delta to `img` (the overlay's voxels, NIfTI file order: i fastest,
+ * dims `dims` = [ni, nj, nk]). The delta's box is in C order (i slowest, k fastest), one bit a
+ * voxel, least significant bit first, zlib, base64. `base` null: the delta is over an empty mask. */
+export async function applyDelta (img, dims, answer) {
+  if (answer.base == null) img.fill(0)
+  const d = answer.delta
+  if (!d) return
+  const raw = Uint8Array.from(atob(d.data), (c) => c.charCodeAt(0))
+  const stream = new Blob([raw]).stream().pipeThrough(new DecompressionStream('deflate'))
+  const bits = new Uint8Array(await new Response(stream).arrayBuffer())
+  const [si, sj, sk] = [d.hi[0] - d.lo[0], d.hi[1] - d.lo[1], d.hi[2] - d.lo[2]]
+  const [ni, nj] = dims
+  let n = 0
+  for (let i = 0; i < si; i++) {
+    for (let j = 0; j < sj; j++) {
+      const row = (d.lo[0] + i) + (d.lo[1] + j) * ni
+      for (let k = 0; k < sk; k++, n++) {
+        img[row + (d.lo[2] + k) * ni * nj] = (bits[n >> 3] >> (n & 7)) & 1
+      }
+    }
+  }
+}
+
 export async function getVolumeImage (volumeId) {
   return (await call(`viewer/volumes/${volumeId}/image`)).arrayBuffer()
 }

@@ -1,14 +1,15 @@
 // msam viewer: open a volume, click on lesions, see their 3D masks (NiiVue).
 //
-// Each click runs one job on the uploaded volume (POST /segment with the volume_id), with the
-// points of the lesion being edited; re-clicks on a volume hit the server's embedding cache.
-// Every lesion has its own overlay. Downloads run one job with all lesions (label n = lesion n).
+// A volume opens an interactive session on the server; each click is an interaction of the
+// lesion being edited, answered in its own response with the lesion's mask as a delta (no
+// polling), applied to the lesion's overlay in place; undo is the server's. Saving (a download,
+// or sending to PACS) commits the session: the outputs are written then, with every lesion
+// (label n = lesion n).
 // The console never gets file names, headers or API keys (no patient data in the page's logs).
 
 import { Niivue, NVImage, SLICE_TYPE, SHOW_RENDER, DRAG_MODE } from '@niivue/niivue'
 import * as api from './api.js'
 import { affinesAgree, fracToRAS, headerAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
-import { readMaskNifti } from './nifti.js'
 
 // ---------------------------------------------------------------------------------------------
 // window / level presets (width, level in HU; MR and unknown: robust range of the image)
@@ -36,7 +37,8 @@ const esc = (v) => String(v).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&
 
 const state = {
   volume: null, // {volume_id, format, shape, spacing, affine_ras, modality, source}
-  lesions: [], // {n, points: [{ras, voxel, positive}], overlay (NVImage), voxels, ml, jobId, generation, status}
+  session: null, // the server's interactive session on the volume ({session_id, ...})
+  lesions: [], // {n, serverN, points: [{ras, voxel, positive, sent}], overlay (NVImage), voxels, ml, generation, shown, status}
   active: -1,
   nextLesion: 1,
   busy: 0,
@@ -199,6 +201,7 @@ async function showVolume (info, localBuffer, localName = 'image.nii.gz') {
   for (const v of [...nv.volumes]) nv.removeVolume(v)
   nv.addVolume(image)
   state.volume = { ...info, source }
+  state.session = await api.createSession(info.volume_id, 'RAS')
   nv.createEmptyDrawing()
   nv.setDrawOpacity(0.9)
   const ct = info.modality === 'CT' || (info.modality == null && image.global_min !== undefined && image.global_min < -500)
@@ -238,7 +241,7 @@ function newLesion () {
   const cur = currentLesion()
   if (cur && cur.points.length === 0) return // reuse the empty one
   const n = state.nextLesion++
-  state.lesions.push({ n, label: `lesion ${n}`, points: [], overlay: null, voxels: 0, ml: 0, jobId: null, generation: 0, shown: 0, status: '' })
+  state.lesions.push({ n, label: `lesion ${n}`, points: [], overlay: null, voxels: 0, ml: 0, serverN: null, generation: 0, shown: 0, status: '' })
   state.active = state.lesions.length - 1
   renderLesions()
   updateButtons()
@@ -306,6 +309,10 @@ function axesText (lesion) {
 function deleteLesion (idx) {
   const lesion = state.lesions[idx]
   dropOverlay(lesion)
+  if (lesion.serverN != null && lesion.points.some((p) => p.sent)) { // left out of the next commit
+    const sid = state.session.session_id
+    lesion.chain.then(() => api.resetLesion(sid, lesion.serverN)).catch(() => {})
+  }
   state.lesions.splice(idx, 1)
   state.history = state.history.filter((n) => n !== lesion.n)
   redrawMarkers()
@@ -324,6 +331,7 @@ function updateButtons () {
   $('clear').disabled = !has || state.lesions.every((l) => l.points.length === 0)
   $('dl-nifti').disabled = !anyMask
   $('dl-png').disabled = !anyMask
+  $('send-pacs').disabled = !anyMask || !(state.volume && state.volume.format === 'dicom')
   $('dl-seg').disabled = !anyMask || !(state.volume && state.volume.format === 'dicom')
   $('dl-seg').title = state.volume && state.volume.format !== 'dicom' ? 'DICOM-SEG needs a DICOM input' : ''
 }
@@ -371,164 +379,168 @@ function redrawMarkers () {
 }
 
 // ---------------------------------------------------------------------------------------------
-// clicks -> jobs -> overlays
+// clicks -> session interactions -> overlays
 
 function addPoint (ras, rasVoxel, positive, t0) {
   const lesion = currentLesion()
-  if (!lesion || !state.volume) return
+  if (!lesion || !state.volume || !state.session) return
   const voxel = rasToVoxel(state.volume.affine_ras, ras)
-  lesion.points.push({ ras, rasVoxel, voxel, positive })
+  lesion.points.push({ ras, rasVoxel, voxel, positive, sent: false })
   state.history.push(lesion.n)
-  runLesion(lesion, t0) // sends the request before anything is redrawn (drawing can be slow)
+  lesion.generation++
+  lesion.t0 = t0
+  if (!lesion.points.some((p) => p.positive)) {
+    lesion.status = 'needs a positive point' // kept here until a positive point comes
+    lesion.shown = lesion.generation
+  } else {
+    enqueue(lesion, () => flush(lesion)) // sent before anything is redrawn (drawing can be slow)
+  }
   redrawMarkers()
   renderLesions()
   updateButtons()
+}
+
+/** Run `step` after the lesion's earlier interactions (one at a time per lesion, in order, so
+ * every answer's delta applies to the mask the previous one left). */
+function enqueue (lesion, step) {
+  lesion.running = true
+  lesion.pending = (lesion.pending || 0) + 1
+  setBusy(1)
+  lesion.chain = (lesion.chain || Promise.resolve()).then(step).catch((err) => {
+    lesion.status = 'error'
+    say(err.message, 'error')
+  }).finally(() => {
+    setBusy(-1)
+    if (--lesion.pending === 0) {
+      lesion.running = false
+      lesion.shown = lesion.generation
+    }
+    renderLesions()
+    updateButtons()
+  })
+}
+
+/** Send the lesion's points the server has not seen yet (a lesion's first interaction is a
+ * positive point: negative points clicked before it follow it). */
+async function flush (lesion) {
+  if (!state.lesions.includes(lesion)) return
+  const sid = state.session.session_id
+  if (lesion.serverN == null) lesion.serverN = (await api.addLesion(sid, lesion.label)).lesion
+  for (;;) {
+    const unsent = lesion.points.filter((p) => !p.sent)
+    if (!unsent.length || !state.lesions.includes(lesion)) return
+    const p = lesion.points.some((q) => q.sent) ? unsent[0] : unsent.find((q) => q.positive)
+    if (!p) return
+    const started = lesion.t0
+    lesion.status = 'segmenting'
+    renderLesions()
+    const tSend = performance.now()
+    const answer = await api.interact(sid, lesion.serverN, { kind: 'point', xyz: round(p.ras, 3), positive: p.positive })
+    const tAnswer = performance.now()
+    p.sent = true
+    await showAnswer(lesion, answer)
+    const tShown = performance.now()
+    state.lastLatencyMs = tShown - started
+    // where the time went, as the browser saw it (server stages: the answer's timings)
+    state.lastBreakdown = {
+      click_to_send_ms: tSend - started,
+      round_trip_ms: tAnswer - tSend,
+      server_worker_ms: (answer.timings.worker || 0) * 1000,
+      overlay_ms: tShown - tAnswer
+    }
+    lesion.status = ''
+    showAnswerInfo(answer, state.lastLatencyMs)
+    say(`${lesion.label}: ${lesion.ml.toFixed(2)} mL (${lesion.voxels} voxels) in ${fmtS(state.lastLatencyMs / 1000)}`)
+  }
+}
+
+function ensureOverlay (lesion) {
+  if (lesion.overlay && nv.volumes.includes(lesion.overlay)) return false
+  const img = nv.volumes[0].clone() // the image's own grid and header: the server's voxel order
+  img.zeroImage()
+  img.hdr.scl_slope = 1
+  img.hdr.scl_inter = 0
+  img.name = `mask-${lesion.n}`
+  img.colormap = LESION_COLORMAPS[colourIndex(lesion)]
+  img.opacity = OVERLAY_OPACITY
+  img.cal_min = 0.5
+  img.cal_max = 1
+  lesion.overlay = img
+  return true
+}
+
+/** Apply an answer (interaction, undo, reset): its delta to the lesion's overlay, its
+ * measurements to the lesion's row. */
+async function showAnswer (lesion, answer) {
+  const added = ensureOverlay(lesion)
+  const dims = nv.volumes[0].hdr.dims.slice(1, 4)
+  await api.applyDelta(lesion.overlay.img, dims, answer)
+  if (added) nv.addVolume(lesion.overlay)
+  else nv.updateGLVolume() // same grid: the voxels changed in place
+  lesion.voxels = answer.measurements.voxel_count
+  lesion.ml = answer.measurements.volume_ml
+  // the RECIST axes, once the worker measured the mask (drawn on the slice where they lie)
+  lesion.measurements = answer.measurements.long_axis ? answer.measurements : null
+  lesion.lastAnswer = answer
+  redrawMarkers()
+}
+
+function showAnswerInfo (answer, latencyMs) {
+  const t = answer.timings || {}
+  $('job-status').textContent = `click answered (step ${answer.step})`
+  $('job-progress').value = 1
+  const rows = ['queue', 'load', 'encode', 'decode', 'prior', 'boundary', 'pipeline', 'worker']
+    .filter((k) => t[k] !== null && t[k] !== undefined)
+    .map((k) => `<tr><td>${esc(k)}</td><td>${esc(fmtS(Number(t[k])))}</td></tr>`)
+  rows.push(`<tr class="latency"><td>click → overlay</td><td>${fmtS(latencyMs / 1000)}</td></tr>`)
+  $('job-timings').innerHTML = rows.join('')
 }
 
 function undo () {
   const n = state.history.pop()
   const lesion = state.lesions.find((l) => l.n === n)
   if (!lesion) { updateButtons(); return }
-  lesion.points.pop()
+  const p = lesion.points.pop()
   state.active = state.lesions.indexOf(lesion)
-  runLesion(lesion, performance.now())
+  lesion.generation++
+  if (!lesion.points.some((q) => q.positive) && lesion.points.length) lesion.status = 'needs a positive point'
+  // the server takes the interaction back once it has it (the chain runs after its answer)
+  enqueue(lesion, async () => {
+    if (!p.sent) return
+    await showAnswer(lesion, await api.undoLesion(state.session.session_id, lesion.serverN))
+    if (!lesion.points.length) lesion.status = ''
+  })
   redrawMarkers()
+  renderLesions()
 }
 
-function clearAll () {
+async function clearAll () {
   resetLesions(true)
   updateButtons()
+  if (state.volume) state.session = await api.createSession(state.volume.volume_id, 'RAS')
   say('cleared')
 }
 
-function lesionPrompt (lesion) {
-  const positive = lesion.points.filter((p) => p.positive).map((p) => round(p.ras, 3))
-  const negative = lesion.points.filter((p) => !p.positive).map((p) => round(p.ras, 3))
-  const out = { positive, label: lesion.label }
-  if (negative.length) out.negative = negative
-  return out
-}
-
-/** Segment one lesion from its current points. A click that arrives while a job for the same
- * lesion runs does not queue a second job: when the running one ends, one job runs for the
- * newest points (older results are never shown over newer ones). */
-async function runLesion (lesion, t0) {
-  lesion.generation++
-  lesion.t0 = t0
-  if (!lesion.points.some((p) => p.positive)) {
-    dropOverlay(lesion)
-    lesion.voxels = 0
-    lesion.ml = 0
-    lesion.status = lesion.points.length ? 'needs a positive point' : ''
-    renderLesions()
-    updateButtons()
-    return
-  }
-  if (lesion.running) return
-  lesion.running = true
-  setBusy(1)
-  try {
-    while (lesion.shown !== lesion.generation && state.lesions.includes(lesion) && lesion.points.some((p) => p.positive)) {
-      const generation = lesion.generation
-      const started = lesion.t0
-      lesion.status = 'queued'
-      renderLesions()
-      const prompts = { space: 'RAS', lesions: [lesionPrompt(lesion)] }
-      const tSubmit = performance.now()
-      const accepted = await api.segment(state.volume.volume_id, prompts)
-      const tAccepted = performance.now()
-      lesion.jobId = accepted.job_id
-      const job = await api.waitJob(accepted.job_id, (j) => {
-        lesion.status = j.status === 'running' ? `${Math.round(j.progress * 100)} %` : j.status
-        showJob(j)
-        renderLesions()
-      })
-      if (job.status !== 'succeeded') {
-        lesion.status = job.status
-        lesion.shown = generation
-        say(job.error ? `job ${job.status}: ${job.error.message}` : `job ${job.status}`, 'error')
-        break
-      }
-      if (generation !== lesion.generation) continue // newer clicks came in: run again
-      const tDone = performance.now()
-      const buffer = await api.getResult(job.job_id, 'nifti')
-      if (generation !== lesion.generation || !state.lesions.includes(lesion)) continue
-      await showMask(lesion, buffer, job)
-      lesion.shown = generation
-      const tShown = performance.now()
-      const latency = tShown - started
-      state.lastLatencyMs = latency
-      // where the time went, as the browser saw it (server stages: the job's timings)
-      state.lastBreakdown = {
-        click_to_submit_ms: tSubmit - started,
-        post_segment_ms: tAccepted - tSubmit,
-        accepted_to_job_done_ms: tDone - tAccepted,
-        server_created_to_finished_ms: job.finished_at && job.created_at ? (job.finished_at - job.created_at) * 1000 : null,
-        result_and_overlay_ms: tShown - tDone,
-        server_total_ms: (job.timings && job.timings.total || 0) * 1000
-      }
-      lesion.status = ''
-      showJob(job, latency)
-      say(`${lesion.label}: ${lesion.ml.toFixed(2)} mL (${lesion.voxels} voxels) in ${fmtS(latency / 1000)}`)
-    }
-  } catch (err) {
-    lesion.status = 'error'
-    say(err.message, 'error')
-  } finally {
-    lesion.running = false
-    setBusy(-1)
-    renderLesions()
-    updateButtons()
-  }
-}
-
-async function showMask (lesion, buffer, job) {
-  const mask = await readMaskNifti(buffer)
-  const dims = nv.volumes[0].hdr.dims.slice(1, 4)
-  if (mask.dims.some((d, n) => d !== dims[n])) throw new Error('the mask is not on the grid of the image shown')
-  if (lesion.overlay && nv.volumes.includes(lesion.overlay)) {
-    lesion.overlay.img = new Uint8Array(mask.data) // same grid, same header: swap the voxels
-    nv.updateGLVolume() // one refresh (removing and adding a volume would cost two)
-  } else {
-    const img = await NVImage.loadFromUrl({
-      url: 'mask.nii.gz', buffer, name: `mask-${lesion.n}.nii.gz`,
-      colormap: LESION_COLORMAPS[colourIndex(lesion)], opacity: OVERLAY_OPACITY, cal_min: 0.5, cal_max: 1
-    })
-    img.cal_min = 0.5
-    img.cal_max = 1
-    lesion.overlay = img
-    nv.addVolume(img)
-  }
-  const summary = (job.lesions || [])[0]
-  const sp = state.volume.spacing
-  let count = 0
-  for (let i = 0; i < mask.data.length; i++) if (mask.data[i]) count++
-  lesion.voxels = summary ? summary.voxels : count
-  lesion.ml = summary && summary.measurements ? summary.measurements.volume_ml : lesion.voxels * Math.abs(sp[0] * sp[1] * sp[2]) / 1000
-  lesion.measurements = summary ? summary.measurements || null : null
-  lesion.lastJob = job.job_id
-  redrawMarkers()
-}
-
 // ---------------------------------------------------------------------------------------------
-// downloads: one job with every lesion that has a positive point (lesion n -> label n)
+// save: commit the session (the outputs are written now, and sent to PACS when asked), then
+// download from the commit's job
+
+async function commit (destinations = []) {
+  await Promise.all(state.lesions.map((l) => l.chain))
+  const accepted = await api.commitSession(state.session.session_id, destinations)
+  const job = await api.waitJob(accepted.job_id, (j) => showJob(j))
+  if (job.status !== 'succeeded') throw new Error(job.error ? job.error.message : `job ${job.status}`)
+  state.lastCommit = job
+  return job
+}
 
 async function download (format) {
-  const lesions = state.lesions.filter((l) => l.points.some((p) => p.positive))
-  if (!lesions.length) return
+  if (!state.lesions.some((l) => l.overlay && l.voxels)) return
   setBusy(1)
-  say(`preparing ${format}…`)
+  say(`saving ${format}…`)
   try {
-    let jobId
-    if (lesions.length === 1 && lesions[0].lastJob && lesions[0].shown === lesions[0].generation) {
-      jobId = lesions[0].lastJob
-    } else {
-      const accepted = await api.segment(state.volume.volume_id, { space: 'RAS', lesions: lesions.map(lesionPrompt) })
-      const job = await api.waitJob(accepted.job_id, (j) => showJob(j))
-      if (job.status !== 'succeeded') throw new Error(job.error ? job.error.message : `job ${job.status}`)
-      jobId = job.job_id
-    }
-    const buffer = await api.getResult(jobId, format)
+    const job = await commit()
+    const buffer = await api.getResult(job.job_id, format)
     const ext = { nifti: 'nii.gz', 'dicom-seg': 'dcm', png: 'png' }[format]
     const type = { nifti: 'application/gzip', 'dicom-seg': 'application/dicom', png: 'image/png' }[format]
     const a = document.createElement('a')
@@ -539,7 +551,24 @@ async function download (format) {
     setTimeout(() => { URL.revokeObjectURL(a.href); a.remove() }, 1000)
     say(`downloaded ${a.download}`)
   } catch (err) {
-    say(`download failed: ${err.message}`, 'error')
+    say(`save failed: ${err.message}`, 'error')
+  } finally {
+    setBusy(-1)
+  }
+}
+
+async function sendToPacs () {
+  const names = (window.prompt('Send the DICOM-SEG to which PACS destinations? (configured node names, comma-separated)') || '')
+    .split(',').map((s) => s.trim()).filter(Boolean)
+  if (!names.length) return
+  setBusy(1)
+  say('saving and sending…')
+  try {
+    const job = await commit(names)
+    const done = Object.entries(job.destinations || {}).map(([k, v]) => `${k}: ${v}`).join(', ')
+    say(`sent: ${done || 'queued'}`)
+  } catch (err) {
+    say(`send failed: ${err.message}`, 'error')
   } finally {
     setBusy(-1)
   }
@@ -620,6 +649,7 @@ function installControls () {
   $('dl-nifti').addEventListener('click', () => download('nifti'))
   $('dl-seg').addEventListener('click', () => download('dicom-seg'))
   $('dl-png').addEventListener('click', () => download('png'))
+  $('send-pacs').addEventListener('click', sendToPacs)
   const key = $('api-key')
   key.value = api.getApiKey() ? '••••••••' : ''
   $('key-form').addEventListener('submit', (e) => {

@@ -304,6 +304,32 @@ def test_missing_series_fails_the_job(pacs_service: Service, orthanc: str) -> No
     assert "orthanc" in job["error"]["message"] and "not found" in job["error"]["message"]
 
 
+# -- 2. a session: clicks write nothing; its commit stores the DICOM-SEG and calls the webhook --
+def test_session_commit_sends_to_pacs_and_webhook(pacs_service: Service, orthanc: str, hooks: Any,
+                                                  series_dir: Path) -> None:
+    series = ct(series_dir, "session CT", seed=3)
+    files = [("image", (f"IM{n}", p.read_bytes(), "application/dicom")) for n, p in enumerate(series.paths)]
+    with pacs_service.client() as c:
+        vol = c.post("/volumes", files=files).json()
+        sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+        c.post(f"/sessions/{sid}/lesions", json={"label": "session tumour"})
+        for xyz, positive in (([24, 20, 8], True), ([30, 20, 8], False)):
+            r = c.post(f"/sessions/{sid}/lesions/1/interactions", params={"wait": 60},
+                       json={"kind": "point", "xyz": xyz, "positive": positive})
+            assert r.status_code == 200, r.text
+        assert not seg_series_referencing(series.series_uid)  # clicks send nothing
+        r = c.post(f"/sessions/{sid}/commit", json={"destinations": ["orthanc"],
+                                                      "callback_url": f"http://127.0.0.1:{HOOKS}/hooks/commit"})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+    job = pacs_service.wait_job(job_id, timeout=120)
+    assert job["status"] == "succeeded" and {"dicom-seg", "rtstruct", "nifti", "png"} <= set(job["results"]), job
+    _, payload = next_hook(hooks, "/hooks/commit")
+    assert payload["job_id"] == job_id and payload["destinations"] == {"orthanc": "stored"}, payload
+    segs = seg_series_referencing(series.series_uid)
+    assert len(segs) == 1 and segs[0].SegmentSequence[0].SegmentLabel == "session tumour"
+
+
 @pytest.mark.parametrize("body, status, code", [
     ({"source": {"pacs": "elsewhere", "study_uid": "1.2", "series_uid": "1.2.3"}}, 404, "unknown_node"),
     ({"source": {"pacs": "http://169.254.169.254/dicom-web", "study_uid": "1.2", "series_uid": "1.2.3"}}, 422, "unknown_node"),

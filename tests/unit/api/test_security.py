@@ -219,3 +219,26 @@ def test_the_gateway_sweeps_expired_uploads_by_itself(r, redis_url: str, tmp_pat
         serve.wait_until(lambda: not folder.exists(), 10, "the sweep")
         gone = _job(c, vid, {})
         assert gone.status_code == 404 and "expired" in gone.json()["error"]["message"]
+
+
+def test_sessions_belong_to_their_tenant(redis_url: str, tmp_path: Path) -> None:
+    """Another tenant's session (or volume) is a 404 on every session route, as a job is."""
+    with TestClient(create_app(_settings(redis_url, tmp_path, api_keys=KEYS))) as c:
+        vid = c.post("/volumes", files={"image": ("ct.nii.gz", _nifti())}, headers=A).json()["volume_id"]
+        assert c.post("/sessions", json={"volume_id": vid}, headers=B).status_code == 404
+        sid = c.post("/sessions", json={"volume_id": vid}, headers=A).json()["session_id"]
+        assert c.post(f"/sessions/{sid}/lesions", headers=A).status_code == 201
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", params={"wait": 0}, headers=A,
+                   json={"kind": "point", "xyz": [5, 5, 4]})
+        assert r.status_code == 202, r.text  # no worker here: queued, with its link
+        iid = r.json()["interaction_id"]
+        for method, path, body in (("GET", f"/sessions/{sid}", None), ("DELETE", f"/sessions/{sid}", None),
+                                   ("POST", f"/sessions/{sid}/lesions", {}),
+                                   ("POST", f"/sessions/{sid}/lesions/1/interactions", {"kind": "point", "xyz": [5, 5, 4]}),
+                                   ("GET", f"/sessions/{sid}/interactions/{iid}", None),
+                                   ("POST", f"/sessions/{sid}/lesions/1/undo", None),
+                                   ("GET", f"/sessions/{sid}/lesions/1/mask", None),
+                                   ("POST", f"/sessions/{sid}/commit", {})):
+            r = c.request(method, path, headers=B, json=body)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (method, path, r.text)
+        assert c.get(f"/sessions/{sid}", headers=A).json()["lesions"][0]["step"] == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from msam_core.model import build_model, get_config
-from msam_core.pipeline.boundary import refine_boundary, seeds
+from msam_core.pipeline.boundary import mask_depth, refine_boundary, seeds
 from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.postprocess import upsample_logits
 from msam_core.pipeline.preprocess import CropGrid
@@ -138,3 +138,25 @@ def test_click_refines_the_boundary_at_the_calibrated_band():
     if (two_plain > 0).any():
         assert not np.array_equal(later, two_plain)
     assert torch.equal(state.low_res, seg.predict(state.embedding, two, two_labels))  # fed back: the network's own
+
+
+def test_mask_depth_on_the_bounding_box_equals_the_whole_crop():
+    """The depth map computed on the mask's box (grown by a voxel) is the whole crop's, also for
+    masks that touch the crop's faces, small, hollow or empty ones."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    shape = (40, 33, 27)
+    masks = [np.zeros(shape, bool), np.ones(shape, bool)]
+    for _ in range(12):
+        m = np.zeros(shape, bool)
+        lo = rng.integers(0, np.asarray(shape) - 2)
+        hi = np.minimum(lo + rng.integers(1, 20, 3), shape)
+        m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.random(tuple(hi - lo)) > 0.2
+        masks.append(m)
+    edge = np.zeros(shape, bool)
+    edge[:6, 10:20, -5:] = True  # touches two faces
+    edge[2, 12, -2] = False  # a hole
+    masks.append(edge)
+    for m in masks:
+        np.testing.assert_array_equal(mask_depth(m), ndimage.distance_transform_edt(m))

@@ -11,7 +11,7 @@ from msam_core.io.volume import Volume
 from msam_core.pipeline.preprocess import CropGrid
 from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.prompts import Box, Point
-from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter, StageTimer, crop_key
+from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter, StageTimer, crop_key, grid_key
 from tests.unit.pipeline.phantoms import (RegionGrowDouble, centred_affine, dice, rotation,
                                           sphere_truth, spheres_image, voxel_centres_ras)
 
@@ -116,6 +116,37 @@ def test_embedding_cache_key_is_model_and_crop_content():
     assert key == crop_key(model.model_id, image.clone())
     assert key != crop_key(model.model_id, sampler.crop(grid.shifted((1, 0, 0))))
     assert key != crop_key("another-model", image)
+
+
+def test_session_crops_are_reused_and_keyed_by_volume_and_grid(capsule_volume):
+    """An interactive session keeps its crop states: a follow-up click neither cuts the crop nor
+    asks the cache, and gives the logits a fresh Segmenter gives for the same clicks; the cache
+    key of a stored volume's crop is model + volume + grid, no digest of the crop."""
+    from msam_core.pipeline.prompts import resolve_prompts
+
+    model = RegionGrowDouble()
+    cache = DictEmbeddingCache()
+    seg = Segmenter(model, PipelineOptions(prior_weight=1.0, prior_weight_first=1.0), cache=cache, max_windows=4)
+    sampler = seg.sampler(capsule_volume)
+    cuts = []
+    original = sampler.crop
+    sampler.crop = lambda grid: (cuts.append(grid), original(grid))[1]  # count the crops cut
+    crops: dict = {}
+    clicks = [Point((5.0, -3.0, 0.0), space="RAS"), Point((5.0, 30.0, 0.0), label=0, space="RAS")]
+    (first,) = resolve_prompts(capsule_volume, clicks[:1])
+    canvas1, out1 = seg.segment_lesion(sampler, first, crops=crops, source="vol1")
+    windows, cut_first = len(crops), len(cuts)
+    assert windows == out1.windows >= 2 and model.encode_calls == windows
+    assert all(key.startswith(f"{model.model_id}:grid:vol1:") for key in cache._items)
+    assert grid_key(model.model_id, "vol1", next(iter(crops))) in cache._items
+    (both,) = resolve_prompts(capsule_volume, clicks)
+    canvas2, out2 = seg.segment_lesion(sampler, both, crops=crops, source="vol1")
+    new_windows = len(crops) - windows
+    assert len(cuts) - cut_first == new_windows and model.encode_calls == windows + new_windows
+    assert cache.hits == 0  # held crops never reach the cache
+    fresh = Segmenter(model, PipelineOptions(prior_weight=1.0, prior_weight_first=1.0), max_windows=4)
+    canvas3, _ = fresh.segment_lesion(fresh.sampler(capsule_volume), both)
+    np.testing.assert_array_equal(canvas2.merged()[0], canvas3.merged()[0])
 
 
 def test_real_network_end_to_end():

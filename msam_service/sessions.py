@@ -1,0 +1,393 @@
+"""Interactive sessions: the contract between the gateway and the workers, kept in Redis.
+
+A session belongs to one tenant and one stored volume. It holds lesions; each lesion holds the
+ordered list of its interactions (a positive or negative point, a box, a mask as input) and a
+``step``: how many of them are in effect (undo lowers it, reset sets it to 0, a new interaction
+drops the ones past ``step`` and appends). Every piece of state lives in Redis, so a worker that
+dies loses nothing: a worker keeps the decoded volume, crops, embeddings and grown regions only
+as a cache (``worker/session.py``), rebuilt from Redis and storage when missing.
+
+Keys (all expire ``ttl_s`` after the session's last change, like jobs):
+
+- ``msam:session:<id>``: the session document (JSON), changed only by :meth:`SessionStore.change`
+  (WATCH/MULTI, so two requests never lose each other's change);
+- ``msam:session:<id>:holder``: the worker (``host:pid``) that ran its last interaction, where
+  the gateway routes the next one while that worker is alive;
+- ``msam:session:<id>:mask:<interaction id>``: a lesion's mask after that interaction
+  (:func:`pack_mask`); the mask at step 0 is empty;
+- ``msam:interaction:<id>``: one interaction's status and answer (hash), and
+  ``msam:interaction:<id>:done``: a list the worker pushes to when the answer is there (the
+  gateway's bounded wait blocks on it).
+
+Masks and deltas are on the volume's voxel grid: indices ``(i, j, k)`` of the stored array, the
+same as prompts in ``"voxel"`` space (for NIfTI, ``img.dataobj[i, j, k]``); the volume's
+``affine_ras`` (``GET /volumes/{id}``) maps them to RAS millimetres. A delta is the smallest box
+``lo <= (i, j, k) < hi`` outside which the mask did not change, and the lesion's new mask inside
+it, encoded by :func:`encode_box`: the box's voxels in C order (``i`` slowest, ``k`` fastest),
+one bit each, packed eight to a byte with the first voxel in the least significant bit
+(``numpy.packbits(..., bitorder="little")``), zlib-compressed (RFC 1950, what a browser's
+``DecompressionStream("deflate")`` reads) and base64-encoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from msam_core.io.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: The Celery tasks: open a session (a worker decodes its volume ahead of the first click), run one
+#: interaction, write a session's outputs.
+OPEN_TASK = "msam.session_open"
+INTERACT_TASK = "msam.interact"
+COMMIT_TASK = "msam.commit"
+#: How a delta's mask is encoded (the ``encoding`` field of every delta).
+DELTA_ENCODING = "zlib-packbits-le-c"
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+INTERACTION_KINDS = ("point", "box", "mask")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def session_key(session_id: str) -> str:
+    return f"msam:session:{session_id}"
+
+
+def holder_key(session_id: str) -> str:
+    return f"msam:session:{session_id}:holder"
+
+
+def mask_key(session_id: str, interaction_id: str) -> str:
+    return f"msam:session:{session_id}:mask:{interaction_id}"
+
+
+def interaction_key(interaction_id: str) -> str:
+    return f"msam:interaction:{interaction_id}"
+
+
+def done_key(interaction_id: str) -> str:
+    return f"msam:interaction:{interaction_id}:done"
+
+
+def worker_queue(queue: str, worker: str) -> str:
+    """The queue only the worker ``worker`` (``host:pid``) consumes, besides the shared one."""
+    return f"{queue}.w.{worker}"
+
+
+# -- masks ------------------------------------------------------------------------------------
+@dataclass
+class BoxMask:
+    """A lesion's mask on the volume grid, kept as its bounding box: ``mask`` (bool) covers the
+    voxels ``lo .. lo + mask.shape - 1``; everything else is background. Empty: ``mask.size == 0``."""
+
+    lo: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def empty(cls) -> BoxMask:
+        return cls(lo=np.zeros(3, np.int64), mask=np.zeros((0, 0, 0), bool))
+
+    @classmethod
+    def tight(cls, lo: np.ndarray, mask: np.ndarray) -> BoxMask:
+        """The same mask cut to the bounding box of its foreground."""
+        idx = np.argwhere(mask)
+        if idx.size == 0:
+            return cls.empty()
+        a, b = idx.min(axis=0), idx.max(axis=0) + 1
+        return cls(lo=np.asarray(lo, np.int64) + a, mask=mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].copy())
+
+    @property
+    def hi(self) -> np.ndarray:
+        return self.lo + np.asarray(self.mask.shape, np.int64)
+
+    @property
+    def voxels(self) -> int:
+        return int(self.mask.sum())
+
+    def over(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The mask over the box ``lo <= index < hi`` (bool, background where it has nothing)."""
+        out = np.zeros(tuple(int(v) for v in hi - lo), bool)
+        if self.mask.size == 0:
+            return out
+        a, b = np.maximum(self.lo, lo), np.minimum(self.hi, hi)
+        if np.any(b <= a):
+            return out
+        src = tuple(slice(int(x - o), int(y - o)) for x, y, o in zip(a, b, self.lo))
+        dst = tuple(slice(int(x - o), int(y - o)) for x, y, o in zip(a, b, lo))
+        out[dst] = self.mask[src]
+        return out
+
+    def paste(self, labels: np.ndarray, value: int) -> None:
+        """Set ``value`` in ``labels`` (the volume's shape) where this mask is set and ``labels``
+        is still 0 (an earlier lesion keeps a voxel both claim)."""
+        if self.mask.size == 0:
+            return
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(self.lo, self.hi))
+        region = labels[sl]
+        region[self.mask & (region == 0)] = value
+
+
+def pack_mask(box: BoxMask) -> bytes:
+    """``BoxMask`` -> bytes for Redis: magic, ``lo`` and shape (6 int32), zlib of the packed bits."""
+    shape = box.mask.shape
+    header = b"MSK1" + struct.pack("<6i", *[int(v) for v in box.lo], *shape)
+    return header + zlib.compress(np.packbits(box.mask.ravel(), bitorder="little").tobytes(), 1)
+
+
+def unpack_mask(data: bytes) -> BoxMask:
+    if data[:4] != b"MSK1":
+        raise ValueError("not a session mask")
+    values = struct.unpack_from("<6i", data, 4)
+    lo, shape = np.asarray(values[:3], np.int64), tuple(values[3:])
+    n = int(np.prod(shape))
+    bits = np.unpackbits(np.frombuffer(zlib.decompress(data[28:]), np.uint8), count=n, bitorder="little")
+    return BoxMask(lo=lo, mask=bits.astype(bool).reshape(shape))
+
+
+def encode_box(mask: np.ndarray) -> str:
+    """A box's bool mask -> the ``data`` of a delta (see the module's docstring)."""
+    packed = np.packbits(np.ascontiguousarray(mask, bool).ravel(), bitorder="little")
+    return base64.b64encode(zlib.compress(packed.tobytes(), 6)).decode("ascii")
+
+
+def decode_box(data: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """A delta's ``data`` -> the bool mask of its box (``shape``: ``hi - lo``);
+    ``ValueError`` when it does not hold that many voxels."""
+    try:
+        raw = zlib.decompress(base64.b64decode(data, validate=True))
+    except (ValueError, zlib.error) as exc:
+        raise ValueError(f"the mask data is not base64 of zlib-compressed bits ({exc})") from exc
+    n = int(np.prod(shape))
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"the mask data holds {len(raw) * 8} bits; a box of shape {list(shape)} needs "
+                         f"{n} ({(n + 7) // 8} bytes)")
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=n, bitorder="little")
+    return bits.astype(bool).reshape(shape)
+
+
+def delta(old: BoxMask, new: BoxMask) -> dict[str, Any] | None:
+    """The change from ``old`` to ``new``: ``{"lo", "hi", "encoding", "data"}`` with ``new``'s
+    mask over the smallest box holding every changed voxel; ``None`` when nothing changed."""
+    boxes = [b for b in (old, new) if b.mask.size]
+    if not boxes:
+        return None
+    lo = np.min([b.lo for b in boxes], axis=0)
+    hi = np.max([b.hi for b in boxes], axis=0)
+    before, after = old.over(lo, hi), new.over(lo, hi)
+    changed = np.argwhere(before != after)
+    if changed.size == 0:
+        return None
+    a, b = changed.min(axis=0), changed.max(axis=0) + 1
+    box = after[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
+    return {"lo": [int(v) for v in lo + a], "hi": [int(v) for v in lo + b], "encoding": DELTA_ENCODING,
+            "data": encode_box(box)}
+
+
+def whole(box: BoxMask) -> dict[str, Any] | None:
+    """The whole mask in the delta format (its bounding box), ``None`` when empty."""
+    return delta(BoxMask.empty(), box)
+
+
+def apply_delta(box: BoxMask, change: dict[str, Any], shape: tuple[int, ...]) -> BoxMask:
+    """``box`` with ``change`` (a delta) applied; ``ValueError`` for a box outside ``shape``."""
+    lo, hi = np.asarray(change["lo"], np.int64), np.asarray(change["hi"], np.int64)
+    if lo.shape != (3,) or hi.shape != (3,) or np.any(lo < 0) or np.any(hi > np.asarray(shape)) or np.any(hi <= lo):
+        raise ValueError(f"the box lo={lo.tolist()} hi={hi.tolist()} is not inside the volume (shape "
+                         f"{list(shape)}); give 0 <= lo < hi <= shape")
+    part = decode_box(change["data"], tuple(int(v) for v in hi - lo))
+    if box.mask.size == 0:
+        return BoxMask.tight(lo, part)
+    a, b = np.minimum(box.lo, lo), np.maximum(box.hi, hi)
+    merged = box.over(a, b)
+    merged[tuple(slice(int(x - o), int(y - o)) for x, y, o in zip(lo, hi, a))] = part
+    return BoxMask.tight(a, merged)
+
+
+def measurements(box: BoxMask, affine_ras: np.ndarray, volume: Volume | None = None) -> dict[str, Any]:
+    """What a lesion measures so far: voxel count and volume in millilitres (the voxel volume is
+    the determinant of the affine's 3x3 part, so oblique and anisotropic grids count right); with
+    ``volume``, also what the job API reports per lesion (:func:`msam_core.measure.measure_box`:
+    RECIST long and short axis, 3D diameter, centroid, intensity statistics, surface area,
+    sphericity). Measuring is a report on the mask: a fault in it is logged and the answer keeps
+    the count and the volume."""
+    voxels = box.voxels
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine_ras, np.float64)[:3, :3])))
+    out: dict[str, Any] = {"voxel_count": voxels, "volume_ml": round(voxels * voxel_mm3 / 1000.0, 4)}
+    if volume is None or voxels == 0:
+        return out
+    from msam_core.measure import measure_box
+
+    try:
+        measured = measure_box(box.mask, box.lo, volume)
+    except Exception as exc:  # noqa: BLE001 - a bug in a report must not cost the click
+        logger.error("measuring a session lesion failed: %s", type(exc).__name__)
+        return out
+    if measured is not None:
+        out.update({k: v for k, v in measured.to_json().items() if k not in ("voxels", "volume_ml")})
+    return out
+
+
+# -- the session document ---------------------------------------------------------------------
+class SessionBusy(Exception):
+    """The change could not be made: another interaction of the lesion is still running."""
+
+
+class SessionGone(Exception):
+    """The session does not exist (expired or deleted)."""
+
+
+def active(lesion: dict[str, Any]) -> list[dict[str, Any]]:
+    """The interactions of a lesion that are in effect (the first ``step``)."""
+    return lesion["interactions"][: lesion["step"]]
+
+
+def lesion_prompt_doc(lesion: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+    """A lesion's interactions in effect as one lesion of the job API's prompt document
+    (:mod:`msam_service.prompts`; coordinates in the session's ``space``), plus its mask input
+    (the last mask interaction, or ``None``).
+
+    Points keep their order; the last box counts; a mask interaction makes that mask the
+    lesion's input mask, refined by the clicks after it."""
+    doc: dict[str, Any] = {"positive": [], "negative": []}
+    mask = None
+    for act in active(lesion):
+        if act["kind"] == "point":
+            (doc["positive"] if act["positive"] else doc["negative"]).append(list(act["xyz"]))
+        elif act["kind"] == "box":
+            doc["box"] = act["corners"]
+        elif act["kind"] == "mask":
+            mask = act
+    if lesion.get("label"):
+        doc["label"] = lesion["label"]
+    return doc, mask
+
+
+class SessionStore:
+    """Sessions in Redis (the gateway writes them, workers read them and write masks)."""
+
+    def __init__(self, r: redis.Redis, ttl_s: int) -> None:
+        self.r = r
+        self.ttl_s = ttl_s
+
+    def create(self, tenant: str, volume_id: str, space: str) -> dict[str, Any]:
+        now = time.time()
+        doc = {"session_id": new_id(), "tenant": tenant, "volume_id": volume_id, "space": space,
+               "created_at": now, "updated_at": now, "next_lesion": 1, "lesions": {}}
+        self.r.set(session_key(doc["session_id"]), json.dumps(doc), ex=self.ttl_s)
+        return doc
+
+    def get(self, session_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(session_key(session_id))
+        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+
+    def change(self, session_id: str, edit: Callable[[dict[str, Any]], Any]) -> tuple[dict[str, Any], Any]:
+        """Apply ``edit`` (which changes the document in place and returns anything) atomically;
+        retried when another request changed the session meanwhile. Raises :class:`SessionGone`,
+        or what ``edit`` raises (nothing is written then)."""
+        key = session_key(session_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise SessionGone(session_id)
+                    doc = json.loads(raw)  # type: ignore[arg-type]
+                    out = edit(doc)
+                    doc["updated_at"] = time.time()
+                    pipe.multi()
+                    pipe.set(key, json.dumps(doc), ex=self.ttl_s)
+                    pipe.execute()
+                    return doc, out
+                except redis.WatchError:
+                    continue
+
+    def delete(self, session_id: str) -> None:
+        keys = [session_key(session_id), holder_key(session_id)]
+        keys += list(self.r.scan_iter(match=f"{session_key(session_id)}:mask:*", count=500))
+        self.r.delete(*keys)
+
+    def touch(self, session_id: str, mask_ids: list[str]) -> None:
+        """Extend the lifetime of the session and of the masks it still refers to."""
+        pipe = self.r.pipeline()
+        pipe.expire(session_key(session_id), self.ttl_s)
+        for iid in mask_ids:
+            pipe.expire(mask_key(session_id, iid), self.ttl_s)
+        pipe.execute()
+
+    # -- masks ------------------------------------------------------------------------------
+    def mask(self, session_id: str, interaction_id: str | None) -> BoxMask | None:
+        """The lesion's mask after ``interaction_id`` (``None``: step 0, the empty mask); ``None``
+        when it is not computed (yet)."""
+        if interaction_id is None:
+            return BoxMask.empty()
+        raw = self.r.get(mask_key(session_id, interaction_id))
+        return unpack_mask(raw) if raw else None  # type: ignore[arg-type]
+
+    def put_mask(self, session_id: str, interaction_id: str, box: BoxMask) -> None:
+        self.r.set(mask_key(session_id, interaction_id), pack_mask(box), ex=self.ttl_s)
+
+    def put_measurements(self, session_id: str, interaction_id: str, measured: dict[str, Any]) -> None:
+        """Keep what the worker measured on an interaction's mask (the API, which does not decode
+        the volume, answers undo, reset and reads of the lesion with it)."""
+        self.r.set(mask_key(session_id, interaction_id) + ":measurements", json.dumps(measured), ex=self.ttl_s)
+
+    def measurements_of(self, session_id: str, interaction_id: str | None, box: BoxMask,
+                        affine_ras: np.ndarray) -> dict[str, Any]:
+        """The measurements of the mask after ``interaction_id``: the worker's, else the count and
+        the volume (:func:`measurements`)."""
+        if interaction_id is not None:
+            raw = self.r.get(mask_key(session_id, interaction_id) + ":measurements")
+            if raw:
+                return json.loads(raw)
+        return measurements(box, affine_ras)
+
+    def current_mask(self, session_id: str, lesion: dict[str, Any]) -> BoxMask | None:
+        acts = active(lesion)
+        return self.mask(session_id, acts[-1]["id"] if acts else None)
+
+    # -- interactions -----------------------------------------------------------------------
+    def new_interaction(self, interaction_id: str, session_id: str, lesion: int, queue: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(interaction_key(interaction_id), mapping={
+            "status": QUEUED, "session_id": session_id, "lesion": str(lesion), "created_at": str(time.time()),
+            "queue": queue})
+        pipe.expire(interaction_key(interaction_id), self.ttl_s)
+        pipe.execute()
+
+    def interaction(self, interaction_id: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(interaction_key(interaction_id))
+        if not raw:
+            return None
+        d = {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
+        for name in ("result", "error"):
+            if d.get(name):
+                d[name] = json.loads(d[name])
+        return d
+
+    def finish_interaction(self, interaction_id: str, status: str, **fields: Any) -> None:
+        """Record the answer (``result`` or ``error``) and wake whoever waits for it."""
+        mapping = {"status": status, "finished_at": str(time.time())}
+        mapping.update({k: json.dumps(v) for k, v in fields.items()})
+        pipe = self.r.pipeline()
+        pipe.hset(interaction_key(interaction_id), mapping=mapping)
+        pipe.expire(interaction_key(interaction_id), self.ttl_s)
+        pipe.rpush(done_key(interaction_id), "1")
+        pipe.expire(done_key(interaction_id), 60)
+        pipe.execute()

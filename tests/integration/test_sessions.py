@@ -1,0 +1,260 @@
+"""Interactive sessions through HTTP, Redis and real worker processes: the delta in the
+interaction's own response equals the job API's mask for the same prompts; undo, reset, mask
+edits, commit to outputs; a lost holder worker costs one resent interaction, not the session."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from msam_service import redis_conn
+from msam_service import sessions as S
+from tests.integration.harness import Service
+
+pytestmark = pytest.mark.slow
+
+
+class Mirror:
+    """A client's copy of one lesion's mask, kept by applying the deltas it is answered."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.mask = np.zeros(shape, bool)
+
+    def apply(self, answer: dict) -> None:
+        if answer["base"] is None:
+            self.mask[:] = False
+        change = answer["delta"]
+        if change is None:
+            return
+        lo, hi = change["lo"], change["hi"]
+        box = S.decode_box(change["data"], tuple(h - l for l, h in zip(lo, hi)))
+        self.mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = box
+
+
+def _upload(c, path: Path) -> dict:
+    with open(path, "rb") as f:
+        r = c.post("/volumes", files={"image": (path.name, f)})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _job_mask(service: Service, c, volume_id: str, positive: list, negative: list = ()) -> np.ndarray:
+    """The job API's mask for the same prompts (the reference a session must match)."""
+    lesion = {"positive": positive, **({"negative": list(negative)} if negative else {})}
+    r = c.post("/segment", json={"volume_id": volume_id, "prompts": {"space": "voxel", "lesions": [lesion]}})
+    assert r.status_code == 202, r.text
+    job = service.wait_job(r.json()["job_id"])
+    assert job["status"] == "succeeded", (job, service.logs())
+    data = c.get(f"/jobs/{job['job_id']}/result", params={"format": "nifti"}).content
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj) == 1
+
+
+def _wait_holder(service: Service, sid: str) -> str:
+    """The worker that opened the session (it decodes the volume ahead of the first click)."""
+    r = redis_conn.client(service.redis_url)
+    deadline = time.monotonic() + 60
+    while r.get(S.holder_key(sid)) is None:
+        assert time.monotonic() < deadline, service.logs()
+        time.sleep(0.05)
+    return r.get(S.holder_key(sid)).decode()
+
+
+def _click(c, sid: str, lesion: int, xyz, positive: bool = True) -> dict:
+    r = c.post(f"/sessions/{sid}/lesions/{lesion}/interactions",
+               json={"kind": "point", "xyz": list(xyz), "positive": positive})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_session_clicks_undo_reset_commit(service: Service, ct_nifti: Path) -> None:
+    with service.client() as c:
+        vol = _upload(c, ct_nifti)
+        r = c.post("/sessions", json={"volume_id": vol["volume_id"]})
+        assert r.status_code == 201, r.text
+        session = r.json()
+        sid = session["session_id"]
+        assert session["shape"] == vol["shape"] and session["lesions"] == []
+        r = c.post(f"/sessions/{sid}/lesions", json={"label": "tumour A"})
+        assert r.status_code == 201 and r.json()["lesion"] == 1, r.text
+        mirror = Mirror(tuple(vol["shape"]))
+        holder = _wait_holder(service, sid)
+
+        first = _click(c, sid, 1, (22, 20, 12))
+        assert first["status"] == "done" and first["step"] == 1 and first["base"] is None
+        # the worker that opened the session decoded the volume before the click came
+        ran = json.loads(redis_conn.client(service.redis_url).hget(S.interaction_key(first["interaction_id"]), "result"))
+        assert ran["volume_held"] is True and redis_conn.client(service.redis_url).get(S.holder_key(sid)).decode() == holder
+        assert first["delta"]["encoding"] == S.DELTA_ENCODING
+        assert first["timings"]["encode"] > 0  # a fresh crop: the encoder ran
+        mirror.apply(first)
+        expected_one = _job_mask(service, c, vol["volume_id"], [[22, 20, 12]])
+        np.testing.assert_array_equal(mirror.mask, expected_one)
+        voxel_ml = abs(np.linalg.det(np.asarray(vol["affine_ras"])[:3, :3])) / 1000
+        assert first["measurements"]["voxel_count"] == int(expected_one.sum()) > 0
+        assert first["measurements"]["volume_ml"] == pytest.approx(expected_one.sum() * voxel_ml, rel=1e-3)
+
+        second = _click(c, sid, 1, (27, 20, 12), positive=False)
+        assert second["step"] == 2 and second["base"] == first["interaction_id"]
+        assert second["timings"]["encode"] == 0  # the held crop's embedding: no encoder run, no cache read
+        mirror.apply(second)
+        np.testing.assert_array_equal(mirror.mask, _job_mask(service, c, vol["volume_id"], [[22, 20, 12]],
+                                                             [[27, 20, 12]]))
+        after_two = mirror.mask.copy()
+
+        r = c.post(f"/sessions/{sid}/lesions/1/undo")
+        assert r.status_code == 200, r.text
+        undone = r.json()
+        assert undone["step"] == 1 and undone["base"] == second["interaction_id"]
+        mirror.apply(undone)
+        np.testing.assert_array_equal(mirror.mask, expected_one)
+        assert undone["measurements"]["voxel_count"] == int(expected_one.sum())
+
+        # the whole mask, as a client reconnecting would read it
+        whole = c.get(f"/sessions/{sid}/lesions/1/mask").json()
+        fresh = Mirror(tuple(vol["shape"]))
+        fresh.apply(whole)
+        np.testing.assert_array_equal(fresh.mask, expected_one)
+
+        # a new click after the undo replaces the undone one
+        again = _click(c, sid, 1, (27, 20, 12), positive=False)
+        assert again["step"] == 2 and again["base"] == first["interaction_id"]
+        mirror.apply(again)
+        np.testing.assert_array_equal(mirror.mask, after_two)
+        state = c.get(f"/sessions/{sid}").json()
+        assert [a["kind"] for a in state["lesions"][0]["interactions"]] == ["point", "point"]
+
+        # commit: the outputs are the masks the client sees
+        r = c.post(f"/sessions/{sid}/commit", json={})
+        assert r.status_code == 202, r.text
+        job = service.wait_job(r.json()["job_id"])
+        assert job["status"] == "succeeded", (job, service.logs())
+        assert set(job["results"]) == {"nifti", "png"}
+        data = c.get(f"/jobs/{job['job_id']}/result", params={"format": "nifti"}).content
+        committed = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+        np.testing.assert_array_equal(np.asarray(committed.dataobj) == 1, mirror.mask)
+        np.testing.assert_array_equal(committed.affine, nib.load(str(ct_nifti)).affine)
+        assert job["lesions"][0]["voxels"] == int(mirror.mask.sum())
+
+        r = c.post(f"/sessions/{sid}/lesions/1/reset")
+        assert r.status_code == 200, r.text
+        mirror.apply(r.json())
+        assert not mirror.mask.any() and r.json()["measurements"]["voxel_count"] == 0
+        r = c.post(f"/sessions/{sid}/lesions/1/undo")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_undo"
+
+        assert c.delete(f"/sessions/{sid}").status_code == 204
+        assert c.get(f"/sessions/{sid}").status_code == 404
+
+
+def test_box_and_mask_edit(service: Service, ct_nifti: Path) -> None:
+    with service.client() as c:
+        vol = _upload(c, ct_nifti)
+        sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+        c.post(f"/sessions/{sid}/lesions")
+        mirror = Mirror(tuple(vol["shape"]))
+        # no wait: 202 and a link, which answers the same once the worker has
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", params={"wait": 0},
+                   json={"kind": "box", "corners": [[12, 10, 6], [32, 30, 18]]})
+        assert r.status_code == 202 and r.headers["location"] == r.json()["status_url"], r.text
+        assert r.json()["status"] in ("queued", "running") and r.json()["delta"] is None
+        r = c.get(r.json()["status_url"], params={"wait": 60})
+        assert r.status_code == 200 and r.json()["status"] == "done" and r.json()["step"] == 1, r.text
+        mirror.apply(r.json())
+        mirror.apply(_click(c, sid, 1, (22, 20, 12)))
+        assert mirror.mask.any()
+        idx = np.argwhere(mirror.mask)  # the box clips the mask
+        assert np.all(idx.min(axis=0) >= [12, 10, 6]) and np.all(idx.max(axis=0) <= [32, 30, 18]), idx
+        # erase half of the mask (the slices k >= 12) and re-run with the edited mask as input
+        lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+        box = mirror.mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy()
+        box[:, :, max(1, 12 - lo[2]):] = False
+        edit = {"lo": lo.tolist(), "hi": hi.tolist(), "data": S.encode_box(box)}
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "mask", "edit": edit},
+                   params={"wait": 60})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        print("mask edit timings", answer["timings"])
+        assert answer["step"] == 3 and answer["base"] is not None
+        mirror.apply(answer)
+        assert answer["measurements"]["voxel_count"] == int(mirror.mask.sum())
+        # a box outside the volume is refused with the reason
+        bad = {"lo": [0, 0, 0], "hi": [999, 1, 1], "data": S.encode_box(np.ones((999, 1, 1), bool))}
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "mask", "edit": bad})
+        assert r.status_code == 422 and "not inside the volume" in r.json()["error"]["message"], r.text
+
+
+def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path) -> None:
+    with service.client() as c:
+        vol = _upload(c, ct_nifti)
+        assert c.post("/sessions", json={"volume_id": "0" * 32}).status_code == 404
+        sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "point", "xyz": [1, 2, 3]})
+        assert r.status_code == 404 and "no lesion 1" in r.json()["error"]["message"]
+        c.post(f"/sessions/{sid}/lesions")
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "point", "xyz": [400, 2, 3]})
+        assert r.status_code == 422 and "outside the image" in r.json()["error"]["message"], r.text
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "point", "xyz": [4, 2, 3],
+                                                                     "positive": False})
+        assert r.status_code == 422 and "no positive point" in r.json()["error"]["message"], r.text
+        r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "scribble", "xyz": [4, 2, 3]})
+        assert r.status_code == 422
+        assert c.get(f"/sessions/{sid}").json()["lesions"][0]["step"] == 0  # nothing refused was kept
+        r = c.post(f"/sessions/{sid}/commit", json={})
+        assert r.status_code == 422 and "no lesion" in r.json()["error"]["message"]
+        r = c.post(f"/sessions/{sid}/commit", json={"destinations": ["nowhere"]})
+        assert r.status_code == 422
+
+
+def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Path) -> None:
+    service.start_worker("w2")
+    r = redis_conn.client(service.redis_url)
+    try:
+        with service.client() as c:
+            vol = _upload(c, ct_nifti)
+            sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+            c.post(f"/sessions/{sid}/lesions")
+            mirror = Mirror(tuple(vol["shape"]))
+            mirror.apply(_click(c, sid, 1, (22, 20, 12)))
+            holder = r.get(S.holder_key(sid)).decode()
+            # the next click goes to the holder's own queue, and the holder answers it
+            follow = _click(c, sid, 1, (21, 20, 12))
+            mirror.apply(follow)
+            assert r.get(S.holder_key(sid)).decode() == holder
+            assert follow["timings"]["encode"] == 0
+            name = next(n for n, p in service.workers.items() if holder.endswith(f":{p.pid}"))
+            service.kill_worker(name)
+            # the holder is gone: the interaction is routed to (or resent to) another worker,
+            # which rebuilds the session from Redis and storage
+            answer = _click(c, sid, 1, (27, 20, 12), positive=False)
+            mirror.apply(answer)
+            ran = r.hget(S.interaction_key(answer["interaction_id"]), "worker")
+            assert answer["step"] == 3 and r.get(S.holder_key(sid)).decode() != holder, (holder, ran, {
+                n: p.pid for n, p in service.workers.items()})
+            expected = _job_mask(service, c, vol["volume_id"], [[22, 20, 12], [21, 20, 12]], [[27, 20, 12]])
+            np.testing.assert_array_equal(mirror.mask, expected)
+            # a click whose queued message sits with a worker that died is resent to the others
+            sid2 = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+            c.post(f"/sessions/{sid2}/lesions")
+            _wait_holder(service, sid2)
+            r.set(S.holder_key(sid2), "gone-host:1")
+            r.hset("msam:worker:gone-host:1", "alive_at", "0")
+            r.expire("msam:worker:gone-host:1", 2)
+            answer = c.post(f"/sessions/{sid2}/lesions/1/interactions", params={"wait": 30},
+                            json={"kind": "point", "xyz": [22, 20, 12]})
+            assert answer.status_code == 200, answer.text
+            assert r.hget(S.interaction_key(answer.json()["interaction_id"]), "resent") == b"1"
+            metrics = c.get("/metrics").text
+            assert 'msam_interactions_total{outcome="resent"}' in metrics
+            resent = [ln for ln in metrics.splitlines() if ln.startswith('msam_interactions_total{outcome="resent"}')]
+            assert float(resent[0].split()[-1]) >= 1
+    finally:
+        for name in [n for n in service.workers if n != "w1"]:
+            service.kill_worker(name)
+        if "w1" not in service.workers:
+            service.start_worker("w1")
