@@ -151,6 +151,11 @@ def stack(images: dict[str, podman.Build], tmp_path_factory: pytest.TempPathFact
                 raise AssertionError(f"/readyz not 200 within 240 s after `up`\n{s.all_logs()}")
             time.sleep(1)
         REPORT["compose up -> /readyz 200 s"] = round(time.monotonic() - t0, 1)
+        # the DICOM listener starts beside the API: wait for its own "listening" line too
+        while "msam dicom-listener: AE" not in s.logs("dicom-listener"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the DICOM listener did not start within 240 s after `up`\n{s.all_logs()}")
+            time.sleep(1)
         s.started = t0
         yield s
     finally:
