@@ -279,19 +279,22 @@ def _ris_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str) -
         if endpoint is None or endpoint.tenant != rec.tenant or endpoint.oru_host is None or endpoint.oru_port is None:
             raise nodes.UnknownNode(f"RIS endpoint {name!r} is no longer configured for this tenant")
         lesions = lesions_of(rec, ctx.storage) if rec.status == jobs.SUCCEEDED else []
-        message = hl7.oru(rec, lesions, seg_url(rec, _base(ctx, rec)), seg_uid(ctx, rec))
+        message = hl7.oru(rec, lesions, seg_url(rec, _base(ctx, rec)), instance_uid(ctx, rec, "dicom-seg"),
+                          instance_uid(ctx, rec, "sr"))
         hl7.send(endpoint.oru_host, endpoint.oru_port, message, timeout=endpoint.timeout_s, what=f"RIS {name}")
         return "sent"
 
     return Target(key=f"ris:{name}", name=f"ris:{name}", send=send)
 
 
-def seg_uid(ctx: IoContext, rec: JobRecord) -> str:
-    """The SEG's SOP Instance UID (what a RIS or a viewer asks the archive for)."""
-    if rec.status != jobs.SUCCEEDED or "dicom-seg" not in rec.results:
+def instance_uid(ctx: IoContext, rec: JobRecord, result: str) -> str:
+    """The SOP Instance UID of the job's ``dicom-seg`` or ``sr`` result (what a RIS or a viewer
+    asks the archive for); empty when the job has no such result."""
+    if rec.status != jobs.SUCCEEDED or result not in rec.results:
         return ""
-    with ctx.storage.local_copy(f"jobs/{rec.job_id}/seg.dcm") as seg:
-        return str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
+    name = {"dicom-seg": "seg.dcm", "sr": "sr.dcm"}[result]
+    with ctx.storage.local_copy(f"jobs/{rec.job_id}/{name}") as path:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def sent_files(rec: JobRecord) -> list[str]:

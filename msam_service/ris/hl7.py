@@ -17,7 +17,8 @@ filler, universal service and accession echoed; OBR-25 ``F``, or ``X`` when the 
 with an NTE saying why), then per lesion (OBX-4 = lesion number): an ST OBX with its name
 (DCM 125007 "Measurement Group") and one NM OBX per measurement with a code
 (:data:`msam_service.ris.fhir.CODES`: SNOMED CT + UCUM); then an RP OBX with the DICOM-SEG's
-URL and an ST OBX with its SOP Instance UID (local codes ``99MSAM``). MSH-10 is derived from
+URL, an ST OBX with its SOP Instance UID and, when the job wrote one, an ST OBX with the
+measurement SR's SOP Instance UID (local codes ``99MSAM``). MSH-10 is derived from
 the job id, so a resent result carries the same message control id.
 
 Nothing here logs message content.
@@ -178,7 +179,8 @@ def ack(incoming: str, code: str, text: str = "") -> Message:
     return msg
 
 
-def oru(rec: JobRecord, lesions: list[dict[str, Any]], seg_url: str = "", seg_uid: str = "") -> Message:
+def oru(rec: JobRecord, lesions: list[dict[str, Any]], seg_url: str = "", seg_uid: str = "",
+        sr_uid: str = "") -> Message:
     """The ORU^R01 of a finished job (see the module's documentation for its content)."""
     order = rec.request.get("order") or {}
     msg = Message("ORU_R01", version=VERSION)
@@ -234,6 +236,8 @@ def oru(rec: JobRecord, lesions: list[dict[str, Any]], seg_url: str = "", seg_ui
         obx("RP", "SEG^DICOM Segmentation^99MSAM", f"{_text(seg_url)}^^application^dicom")
     if seg_uid:
         obx("ST", "SEG_UID^Segmentation SOP Instance UID^99MSAM", seg_uid)
+    if sr_uid:
+        obx("ST", "SR_UID^Measurement report SOP Instance UID^99MSAM", sr_uid)
     return msg
 
 

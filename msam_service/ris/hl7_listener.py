@@ -77,17 +77,16 @@ class Orders:
         if earlier:
             return earlier.decode() if isinstance(earlier, bytes) else str(earlier)
         prompts = order.prompts
-        if prompts is None:
-            raise hl7.OrderError(f"the order has no {hl7.PROMPTS_NOTE} note saying what to segment (NTE-3)")
-        from msam_service.prompts import to_points_boxes
+        if prompts is not None:
+            from msam_service.prompts import to_points_boxes
 
-        try:
-            points, _ = to_points_boxes(prompts)
-        except Exception as exc:
-            raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note is not a valid prompt document "
-                                 f"({type(exc).__name__})") from exc
-        if not points:
-            raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note needs at least one positive point")
+            try:
+                points, _ = to_points_boxes(prompts)
+            except Exception as exc:
+                raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note is not a valid prompt document "
+                                     f"({type(exc).__name__})") from exc
+            if not points:
+                raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note needs at least one positive point")
         node = nodes.dicomweb_node(self.pacs, ep.pacs, ep.tenant)
         try:
             study_uid, series_uid = orders.find_series(node, self.pacs.node_options(node.name).series,
@@ -99,8 +98,11 @@ class Orders:
             raise hl7.OrderError(f"{exc}{': ' + listed if listed else ''}") from exc
         job_id, volume_id = jobs.new_id(), new_volume_id()
         ttl = self.settings.job_ttl_s
+        # without a prompts note, the lesions are the radiologist's line measurements stored with
+        # the study (SR / GSPS), found by the I/O worker once the series is retrieved
+        what: dict[str, Any] = {"prompts": prompts} if prompts is not None else {"lines_from_pacs": True}
         request: dict[str, Any] = {
-            "prompts": prompts, "ris": name, "order": order.to_record(),
+            **what, "ris": name, "order": order.to_record(),
             "source": {"pacs": node.name, "study_uid": study_uid, "series_uid": series_uid,
                        "accession_number": order.accession_number, "selected_by": "series rules"}}
         if ep.destinations:

@@ -6,9 +6,10 @@ value in the unit the name states:
 
 - ``volume_ml``: the mask's voxel count times the voxel volume (the image's spacing, mm^3),
   in millilitres.
-- ``long_axis_mm``, ``short_axis_mm``: RECIST long and short axis, when the job record reports
-  them for the lesion (in its ``measurements``); any other measurement the job reports there is
-  passed on, and the writers map the names they know (:data:`msam_service.ris.fhir.CODES`).
+- ``long_axis_mm``, ``short_axis_mm``, ``max_diameter_3d_mm``: the lengths of the RECIST long
+  and short axis and of the 3D diameter the job reports for the lesion (its ``measurements``);
+  any other number the job reports there is passed on, and the writers map the names they know
+  (:data:`msam_service.ris.fhir.CODES`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import numpy as np
 
 from msam_service.jobs import JobRecord
 from msam_service.volumes import VolumeInfo
+
+
+#: the job's measured lines (``lesions[].measurements``, :mod:`msam_core.measure`) -> their
+#: length's name here
+AXES = {"long_axis": "long_axis_mm", "short_axis": "short_axis_mm", "max_diameter_3d": "max_diameter_3d_mm"}
 
 
 def voxel_volume_mm3(info: VolumeInfo) -> float:
@@ -41,5 +47,7 @@ def lesion_measurements(rec: JobRecord, info: VolumeInfo | None) -> list[dict[st
         for name, value in (item.get("measurements") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 measured[name] = float(value)
+            elif name in AXES and isinstance(value, dict) and isinstance(value.get("length_mm"), (int, float)):
+                measured[AXES[name]] = float(value["length_mm"])
         out.append({"lesion": n, "label": labels.get(n, f"lesion {n}"), "measurements": measured})
     return out

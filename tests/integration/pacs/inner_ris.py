@@ -449,9 +449,49 @@ def test_hl7_order_to_seg_in_orthanc_and_oru_at_the_ris(ris_service: Service, se
     assert component.valueQuantity.code == "mL" and float(component.valueQuantity.value) == float(volume.obx_5.to_er7())
 
 
+def test_an_hl7_order_without_prompts_segments_the_line_measured_in_the_study(ris_service: Service, series_dir: Path,
+                                                                             ris: Ris) -> None:
+    """No MSAM-PROMPTS note: the lesions are the radiologist's lines stored with the study (here a
+    TID 1500 SR), and the ORU^R01 reports each lesion's measured long axis."""
+    import numpy as np
+
+    from msam_core.io.dicom import read_series
+    from tests.unit.io.annotation_synth import recist_sr
+
+    series = with_accession(ct(series_dir, "hl7 lines CT", seed=72), "ACC-HL7-LINES")
+    volume = read_series(series.paths)
+    image = {str(d.SOPInstanceUID): d for d in series.datasets}[volume.meta["sop_instance_uids"][8]]
+    line = volume.voxel_to_ras(np.array([[18.0, 20.0, 8], [30.0, 20.0, 8]]))
+    line_mm = float(np.linalg.norm(line[1] - line[0]))
+    sr = recist_sr(image, [(18.5, 20.5), (30.5, 20.5)], round(line_mm, 1), series_dir / "hl7_reader_sr.dcm",
+                   images=series.datasets)
+    orthanc_store([*series.paths, sr])
+    reply = mllp(order("ACC-HL7-LINES", "CTRL-0101", prompts=None))
+    assert reply.msa.msa_1.to_er7() == "AA", reply.to_er7()
+    job_id = reply.msa.msa_3.to_er7().split()[-1]
+    body = wait(ris_service, job_id, finished, timeout=180)
+    assert body["status"] == "succeeded" and body["delivery"] == "done", (body, ris_service.logs())
+    (lesion,) = body["lesions"]
+    assert lesion["reference_line"]["source"] == "SR"
+    assert lesion["reference_line"]["length_mm"] == pytest.approx(line_mm, abs=0.01)
+    deadline = time.monotonic() + 60
+    while True:  # the ORU^R01 of this order (an earlier test's may still be queued)
+        oru = parse_message(ris.got.get(timeout=max(1.0, deadline - time.monotonic())), find_groups=True)
+        result = oru.oru_r01_patient_result.oru_r01_order_observation
+        if result.obr.obr_18.to_er7() == "ACC-HL7-LINES":
+            break
+    obx = {(o.obx.obx_3.to_er7().split("^")[0], o.obx.obx_4.to_er7()): o.obx for o in result.oru_r01_observation}
+    assert obx[("125007", "1")].obx_5.to_er7() == "SR line 1"
+    assert (("SR_UID", "") in obx) == ("sr" in body["results"])  # the measurement SR is referenced
+    measured = lesion["measurements"]
+    assert (("103339001", "1") in obx) == (measured is not None)  # a lesion with voxels reports its long axis
+    if measured is not None:
+        assert float(obx[("103339001", "1")].obx_5.to_er7()) == pytest.approx(measured["long_axis"]["length_mm"])
+        assert float(obx[("103340004", "1")].obx_5.to_er7()) == pytest.approx(measured["short_axis"]["length_mm"])
+
+
 @pytest.mark.parametrize("text, code, says", [
     (order("ACC-HL7-NONE", "CTRL-0002"), "AE", "no study with this accession number"),
-    (order("ACC-HL7-1", "CTRL-0003", prompts=None), "AE", "MSAM-PROMPTS"),
     (order("ACC-HL7-1", "CTRL-0004", prompts={"lesions": []}), "AE", "at least one positive point"),
     (order("ACC-HL7-1", "CTRL-0005", application="OTHER"), "AR", "not a configured RIS endpoint"),
     (order("ACC-HL7-1", "CTRL-0006").replace("ORM^O01", "ADT^A01"), "AR", "ADT^A01"),
