@@ -185,3 +185,25 @@ def test_acquisition_plane_and_small_lesions() -> None:
     assert sorted(both) == [1, 3] and both[1].voxels == 32 and both[3].voxels == 10
     with pytest.raises(ValueError, match="mask shape"):
         measure_lesion(np.zeros((5, 5, 5), bool), vol)
+
+
+def test_a_mask_kept_as_a_box_measures_as_the_whole_grid_mask() -> None:
+    """measure_box (how a session keeps a lesion: a box of the grid) gives measure_lesion's numbers,
+    on an oblique, flipped, anisotropic grid, with slack around the lesion in the box."""
+    from msam_core.measure import measure_box
+
+    rng = np.random.default_rng(3)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation((1.0, 0.4, 0.2), 25.0) @ np.diag([-0.9, 0.7, 2.5])
+    affine[:3, 3] = [12.0, -40.0, 7.0]
+    grid = np.indices((48, 44, 16)).astype(float)
+    mask = ((grid[0] - 25) / 10) ** 2 + ((grid[1] - 20) / 7) ** 2 + ((grid[2] - 8) / 4) ** 2 <= 1
+    volume = Volume(rng.normal(40, 10, mask.shape).astype(np.float32), affine, modality="CT")
+    whole = measure_lesion(mask, volume).to_json()
+    lo = np.argwhere(mask).min(axis=0) - [3, 1, 2]
+    hi = np.argwhere(mask).max(axis=0) + [2, 4, 1]
+    box = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    assert measure_box(box, lo, volume).to_json() == whole
+    assert measure_box(np.zeros((3, 3, 3), bool), (0, 0, 0), volume) is None
+    with pytest.raises(ValueError, match="inside the image"):
+        measure_box(box, (40, 0, 0), volume)

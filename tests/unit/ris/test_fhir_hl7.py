@@ -117,3 +117,31 @@ def test_ack_and_oru_parse_back() -> None:
     group = back.oru_r01_patient_result.oru_r01_order_observation
     assert group.obr.obr_25.to_er7() == "X" and "gone" in group.nte.nte_3.to_er7()
     assert json.loads(json.dumps(rec.request["order"]))  # what the job record keeps is plain JSON
+
+
+def test_the_measurements_a_job_reports_reach_the_oru_and_fhir() -> None:
+    """The job's lesions[].measurements as the worker writes them (msam_core.measure: nested axes)
+    become long and short axis OBX / Observation components; the ORU references the SR."""
+    from msam_core.io.volume import Volume
+    from msam_core.measure import measure_lesion
+
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    grid = np.indices((40, 40, 12)).astype(float)
+    mask = ((grid[0] - 20) / 12) ** 2 + ((grid[1] - 20) / 6) ** 2 + ((grid[2] - 6) / 3) ** 2 <= 1
+    measured = measure_lesion(mask, Volume(np.zeros(mask.shape, np.float32), affine)).to_json()
+    rec = JobRecord(job_id="d" * 32, status="succeeded", tenant="t", volume_id="b" * 32, created_at=1.0,
+                    finished_at=2.0, request={"prompts": PROMPTS},
+                    lesions=[{"lesion": 1, "voxels": int(mask.sum()), "measurements": measured}])
+    (lesion,) = lesion_measurements(rec, info(affine.tolist()))
+    m = lesion["measurements"]
+    assert m["long_axis_mm"] == measured["long_axis"]["length_mm"] and m["short_axis_mm"] == measured["short_axis"]["length_mm"]
+    assert m["max_diameter_3d_mm"] == measured["max_diameter_3d"]["length_mm"]
+    assert m["volume_ml"] == pytest.approx(mask.sum() * 0.8 * 0.7 * 2.5 / 1000, abs=1e-3)
+    back = parse_message(hl7.oru(rec, [lesion], "", "1.2.3", "1.2.4").to_er7(), find_groups=True)
+    rows = {(o.obx.obx_3.to_er7().split("^")[0], o.obx.obx_4.to_er7()): o.obx.obx_5.to_er7()
+            for o in back.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation}
+    assert float(rows[("103339001", "1")]) == pytest.approx(measured["long_axis"]["length_mm"])
+    assert float(rows[("103340004", "1")]) == pytest.approx(measured["short_axis"]["length_mm"])
+    assert rows[("SEG_UID", "")] == "1.2.3" and rows[("SR_UID", "")] == "1.2.4"
+    codes = [c["code"]["coding"][0]["code"] for c in fhir.components(m)]
+    assert codes == ["118565006", "103339001", "103340004"]
