@@ -83,26 +83,26 @@ def dicomweb_node(settings: PacsSettings, name: object, tenant: str | None = Non
 
 def source_node(settings: PacsSettings, name: object, tenant: str | None = None) -> DicomwebNode | DimseNode:
     """A node to retrieve from: a DICOMweb node (WADO-RS) or an AE (C-GET / C-MOVE)."""
-    name = _check_name("pacs", name)
-    if name in _visible(settings, settings.dicomweb_nodes, tenant):
-        return dicomweb_node(settings, name, tenant)
-    if name in _visible(settings, settings.dicom_aes, tenant):
-        return _dimse(settings, name)
-    known = ", ".join(_visible(settings, [*settings.dicomweb_nodes, *settings.dicom_aes], tenant)) or \
-        "none configured (MSAM_DICOMWEB_NODES, MSAM_DICOM_AES)"
-    raise UnknownNode(f"unknown PACS node {name!r}; configured: {known}")
+    return _any_node(settings, "pacs", "PACS node", name, tenant)
 
 
 def destination(settings: PacsSettings, name: object, tenant: str | None = None) -> DicomwebNode | DimseNode:
     """A destination: a DICOMweb node (STOW-RS) or a DIMSE AE (C-STORE)."""
-    name = _check_name("destination", name)
+    return _any_node(settings, "destination", "destination", name, tenant)
+
+
+def _any_node(settings: PacsSettings, field: str, what: str, name: object,
+              tenant: str | None) -> DicomwebNode | DimseNode:
+    """The DICOMweb node or AE called ``name`` that ``tenant`` may use (``field`` and ``what``
+    name it in the errors)."""
+    name = _check_name(field, name)
     if name in _visible(settings, settings.dicomweb_nodes, tenant):
         return dicomweb_node(settings, name, tenant)
     if name in _visible(settings, settings.dicom_aes, tenant):
         return _dimse(settings, name)
     known = ", ".join(_visible(settings, [*settings.dicomweb_nodes, *settings.dicom_aes], tenant)) or \
         "none configured (MSAM_DICOMWEB_NODES, MSAM_DICOM_AES)"
-    raise UnknownNode(f"unknown destination {name!r}; configured: {known}")
+    raise UnknownNode(f"unknown {what} {name!r}; configured: {known}")
 
 
 def check_destinations(settings: PacsSettings, names: list[str], tenant: str | None = None) -> list[str]:
