@@ -220,4 +220,4 @@ def test_info_reports_the_served_model_and_what_a_request_may_hold(bundled_servi
     assert info["workers"] and all(w["model"]["sha256"] == sha for w in info["workers"])
     assert info["prompts"]["types"] == ["positive", "negative", "box", "mask", "line"]
     assert info["prompts"]["spaces"] == ["voxel", "LPS", "RAS"]
-    assert set(info["result_formats"]) == {"dicom-seg", "nifti", "png", "rtstruct", "mha", "sr"}
+    assert set(info["result_formats"]) == {"dicom-seg", "nifti", "png", "rtstruct", "mha", "sr", "fhir"}

@@ -278,9 +278,10 @@ def test_lines_from_pacs_annotations_are_segmented_in_one_job(pacs_service: Serv
     for lesion in job["lesions"]:  # each lesion's measured long axis beside the line it was prompted with
         assert lesion["measurements"] is None or lesion["measurements"]["long_axis"]["length_mm"] > 0
     deadline = time.monotonic() + 60
-    while not (status := pacs_service.wait_job(r.json()["job_id"])["destinations"]) and time.monotonic() < deadline:
+    while (job := pacs_service.wait_job(r.json()["job_id"]))["delivery"] not in ("done", "failed") \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert status == {"orthanc": "stored"}
+    assert job["destinations"] == {"orthanc": "stored"}, job
     (seg,) = seg_series_referencing(series.series_uid)
     assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"SR line 1", "GSPS line 2"}
     assert msam_srs_referencing(str(seg.SOPInstanceUID)) == []  # send: ["dicom-seg"] - the SEG only
@@ -377,9 +378,10 @@ def test_orthanc_pushes_to_listener_then_segment_received_series(pacs_service: S
         assert r.status_code == 202, (r.text, pacs_service.logs())
     job = pacs_service.wait_job(r.json()["job_id"], timeout=120)
     assert job["status"] == "succeeded", (job, pacs_service.logs())
-    deadline = time.monotonic() + 20  # the C-STORE SCU sends the SEG after the job's status is final
+    deadline = time.monotonic() + 60  # the I/O worker sends the SEG and the SR after the job's status is final
     with pacs_service.client() as c:
-        while not (job := c.get(f"/jobs/{job['job_id']}").json())["destinations"] and time.monotonic() < deadline:
+        while (job := c.get(f"/jobs/{job['job_id']}").json())["delivery"] not in ("done", "failed") \
+                and time.monotonic() < deadline:
             time.sleep(0.2)
     assert job["destinations"] == {"orthanc_ae": "stored"}, job
     segs = seg_series_referencing(series.series_uid)
