@@ -65,8 +65,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def worker_key(name: str) -> str:
-    """The liveness record of the worker ``name`` (``host:pid`` of its main process)."""
+    """The liveness record of the worker ``name`` (``host:pid`` of its main process; a glob
+    pattern such as ``"*"`` matches several): a Redis hash its heartbeat refreshes."""
     return f"msam:worker:{name}"
+
+
+def live_workers(r: Any) -> list[dict[str, str]]:
+    """The liveness records (decoded hashes) of the workers that beat recently; a record without
+    ``alive_at`` (a worker still starting) is left out."""
+    out = []
+    for key in r.scan_iter(match=worker_key("*"), count=100):
+        record = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+        if "alive_at" in record:
+            out.append(record)
+    return out
 
 
 def make_celery(settings: Settings, name: str = "msam") -> Celery:

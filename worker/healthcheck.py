@@ -1,7 +1,8 @@
 """Container health check for a worker: exit 0 when a worker on this host beat recently.
 
 ``python -m worker.healthcheck`` (compose ``healthcheck``, Kubernetes ``livenessProbe``); the
-main process refreshes ``msam:worker:<host>:<pid>`` every few seconds (:mod:`worker.heartbeat`).
+main process refreshes its record (:func:`msam_service.queue.worker_key`) every few seconds
+(:mod:`worker.heartbeat`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import socket
 import sys
 
 from msam_service import redis_conn
+from msam_service.queue import worker_key
 from msam_service.settings import get_settings
 
 
@@ -20,7 +22,7 @@ def main() -> int:
         return 1
     try:
         r = redis_conn.client(settings.redis_url)
-        alive = any(True for _ in r.scan_iter(match=f"msam:worker:{socket.gethostname()}:*"))
+        alive = any(True for _ in r.scan_iter(match=worker_key(f"{socket.gethostname()}:*")))
     except Exception as exc:  # any failure means unhealthy
         print(f"redis unreachable: {type(exc).__name__}", file=sys.stderr)
         return 1

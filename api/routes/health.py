@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import Services, services
 from api.schemas import Health, Readiness
+from msam_service.queue import live_workers
 
 router = APIRouter(tags=["operations"])
 
@@ -30,10 +31,7 @@ def readyz(svc: Services = Depends(services)) -> JSONResponse:
         reasons.append(f"redis unreachable ({type(exc).__name__})")
     if ok_redis:
         problems = []
-        for key in svc.redis.scan_iter(match="msam:worker:*", count=100):
-            info = {k.decode(): v.decode() for k, v in svc.redis.hgetall(key).items()}  # type: ignore[union-attr]
-            if "alive_at" not in info:
-                continue
+        for info in live_workers(svc.redis):
             problem = info.get("checkpoint_error") or info.get("model_error") or ""
             if problem:
                 problems.append(problem)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from api.deps import Services, services
 from api.errors import ApiError
 from api.schemas import ErrorBody, Info, ModelOut, Prompts, PromptRules, ResultFormat, WorkerModel
+from msam_service.queue import live_workers
 from msam_service.settings import Settings
 
 router = APIRouter(tags=["operations"])
@@ -39,10 +40,7 @@ def info(svc: Services = Depends(services)) -> Info:
     and the prompts and result formats a request may use."""
     workers: list[WorkerModel] = []
     try:
-        for key in svc.redis.scan_iter(match="msam:worker:*", count=100):
-            raw = {k.decode(): v.decode() for k, v in svc.redis.hgetall(key).items()}  # type: ignore[union-attr]
-            if "alive_at" not in raw:
-                continue
+        for raw in live_workers(svc.redis):
             loaded = raw.get("model") or ""
             described = loaded or raw.get("checkpoint") or ""
             workers.append(WorkerModel(

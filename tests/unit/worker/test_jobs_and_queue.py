@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import redis
 
 from msam_service import jobs
 from msam_service.jobs import JobStore
@@ -54,3 +55,29 @@ def test_settings_refuse_a_visibility_timeout_below_the_time_limit(monkeypatch: 
     assert s.redis_url == "redis://h:1/0" and s.port == 9001
     monkeypatch.setenv("MSAM_REDIS_URL", "redis://other:2/0")
     assert Settings().redis_url == "redis://other:2/0"
+
+
+def test_liveness_records_readiness_and_the_container_healthcheck_read_the_same_keys(
+        r: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers beat under queue.worker_key; /readyz and /info (queue.live_workers) and the
+    container health check (worker.healthcheck) find them there, and only beating ones."""
+    import socket
+
+    from msam_service import queue
+    from msam_service.settings import get_settings
+    from worker import healthcheck
+
+    monkeypatch.setenv("MSAM_REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    try:
+        assert queue.live_workers(r) == [] and healthcheck.main() == 1
+        r.hset(queue.worker_key(f"{socket.gethostname()}:4242"), mapping={"starting": "1"})  # not beating yet
+        assert queue.live_workers(r) == []
+        r.hset(queue.worker_key(f"{socket.gethostname()}:4242"), mapping={"alive_at": "1.0", "device": "cpu"})
+        assert queue.live_workers(r) == [{"starting": "1", "alive_at": "1.0", "device": "cpu"}]
+        assert healthcheck.main() == 0
+        r.delete(queue.worker_key(f"{socket.gethostname()}:4242"))
+        r.hset(queue.worker_key("elsewhere:1"), mapping={"alive_at": "1.0"})  # another host's worker
+        assert len(queue.live_workers(r)) == 1 and healthcheck.main() == 1
+    finally:
+        get_settings.cache_clear()
