@@ -38,10 +38,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": url,
         "result_backend": url,
         # a consumer looks for messages past the timeout every interval x throttle seconds
-        # (kombu's default: 10 x 10); scan every vt/10 so a lost job waits ~1.1 x vt, not 2 x
+        # (kombu's default: 10 x 10); scan every vt/10 so a lost job waits ~1.1 x vt, not 2 x.
+        # The scan holds a Redis lock; a worker killed while holding it would stop every other
+        # worker's scans until the lock expires (kombu's default: 300 s), so it expires after
+        # vt/5 (5 to 60 s): far longer than a scan takes, shorter than the timeout itself.
         "broker_transport_options": {"visibility_timeout": vt,
                                      "unacked_restore_interval": max(1, min(60, vt // 10)),
-                                     "unacked_restore_throttle": 1},
+                                     "unacked_restore_throttle": 1,
+                                     "unacked_mutex_expire": max(5, min(60, vt // 5))},
         "result_backend_transport_options": {"visibility_timeout": vt},
         "visibility_timeout": vt,
         "broker_connection_retry_on_startup": True,

@@ -59,8 +59,16 @@ def test_pool_child_sigkilled_mid_job_is_redelivered(service: Service, ct_nifti:
 
 def test_whole_worker_sigkilled_mid_job_is_redelivered_to_another(service: Service, ct_nifti: Path) -> None:
     """Main process and child die together (a lost node): the message stays unacknowledged in
-    Redis and is handed to the next worker after the visibility timeout."""
+    Redis and is handed to the next worker after the visibility timeout - also when the node died
+    holding the lock of the scan that restores such messages (it expires as configured)."""
+    from msam_service.queue import celery_config
+    from msam_service.settings import Settings
+
     job = _running_job(service, ct_nifti, (23, 21, 12))
+    options = celery_config(Settings(redis_url=service.redis_url))["broker_transport_options"]
+    # the lock as the dying worker would have left it (kombu's Mutex: SET NX EX, default 300 s)
+    redis_conn.client(service.redis_url).set("unacked_mutex", "held-by-the-lost-worker", nx=True,
+                                             ex=options.get("unacked_mutex_expire", 300))
     service.kill_worker("w1")
     service.start_worker("w2")
     try:
