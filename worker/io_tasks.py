@@ -157,38 +157,28 @@ def retrieve(self: Task, job_id: str) -> str:
     rec = ctx.store.get(job_id)
     if rec is None or rec.status in jobs.FINISHED:
         return "nothing to do"
-    if load_info(ctx.storage, rec.volume_id) is None:  # else: fetched by a delivery that then died
-        pacs = get_pacs_settings()
-        attempt = self.request.retries + 1
-        ctx.store.update(job_id, stage="retrieve", progress=0.01)
-        t0 = time.perf_counter()
-        try:
+    pacs = get_pacs_settings()
+    attempt = self.request.retries + 1
+    try:
+        if load_info(ctx.storage, rec.volume_id) is None:  # else: fetched by a delivery that then died
+            ctx.store.update(job_id, stage="retrieve", progress=0.01)
+            t0 = time.perf_counter()
             fetch_series(ctx, pacs, rec)
-        except nodes.PacsError as exc:
-            if not exc.permanent and self.request.retries < pacs.pacs_retries:
-                delay = backoff(ctx, pacs, attempt)
-                ctx.store.update(job_id, stage=f"retrieve (attempt {attempt} failed; retrying)")
-                logger.info("job %s: retrieval attempt %d failed; retry in %.1f s", job_id, attempt, delay)
-                raise self.retry(countdown=delay, max_retries=pacs.pacs_retries) from None
-            tries = "" if exc.permanent else f" (after {attempt} attempt{'s' if attempt > 1 else ''})"
-            return _failed(ctx, job_id, "pacs_error", f"{exc}{tries}")
-        except nodes.UnknownNode as exc:  # the node was removed from the configuration meanwhile
-            return _failed(ctx, job_id, "pacs_error", str(exc))
-        except MsamError as exc:
-            return _failed(ctx, job_id, exc.code, str(exc))
-        logger.info("job %s: series retrieved in %.2f s", job_id, time.perf_counter() - t0)
-    if wants_lines(rec.request):
-        try:
-            lines_to_prompts(ctx, get_pacs_settings(), rec)
-        except nodes.PacsError as exc:
-            if not exc.permanent and self.request.retries < get_pacs_settings().pacs_retries:
-                raise self.retry(countdown=backoff(ctx, get_pacs_settings(), self.request.retries + 1),
-                                 max_retries=get_pacs_settings().pacs_retries) from None
-            return _failed(ctx, job_id, "pacs_error", str(exc))
-        except nodes.UnknownNode as exc:
-            return _failed(ctx, job_id, "pacs_error", str(exc))
-        except MsamError as exc:
-            return _failed(ctx, job_id, exc.code, str(exc))
+            logger.info("job %s: series retrieved in %.2f s", job_id, time.perf_counter() - t0)
+        if wants_lines(rec.request):
+            lines_to_prompts(ctx, pacs, rec)
+    except nodes.PacsError as exc:
+        if not exc.permanent and self.request.retries < pacs.pacs_retries:
+            delay = backoff(ctx, pacs, attempt)
+            ctx.store.update(job_id, stage=f"retrieve (attempt {attempt} failed; retrying)")
+            logger.info("job %s: retrieval attempt %d failed; retry in %.1f s", job_id, attempt, delay)
+            raise self.retry(countdown=delay, max_retries=pacs.pacs_retries) from None
+        tries = "" if exc.permanent else f" (after {attempt} attempt{'s' if attempt > 1 else ''})"
+        return _failed(ctx, job_id, "pacs_error", f"{exc}{tries}")
+    except nodes.UnknownNode as exc:  # the node was removed from the configuration meanwhile
+        return _failed(ctx, job_id, "pacs_error", str(exc))
+    except MsamError as exc:
+        return _failed(ctx, job_id, exc.code, str(exc))
     ctx.store.update(job_id, stage="queued", progress=0.0)
     enqueue(app, job_id)
     return "retrieved"
