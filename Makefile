@@ -63,11 +63,13 @@ tools:
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc orthanc-dicomweb dcmtk)
 	test -x /usr/bin/chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 	# Containers (tests/containers, `make test-images`): podman with runc (crun fails on this
-	# kernel's cgroup setup), its netavark/aardvark-dns networking, debootstrap for the stand-in
+	# kernel's cgroup setup), its netavark/aardvark-dns networking (netavark sets up a build's
+	# network with iptables, which Debian's packages do not pull in), debootstrap for the stand-in
 	# base image; kubectl renders deploy/k8s (Debian's kubernetes-client where no kubectl is
 	# installed; this machine's Google Cloud SDK ships one, whose file Debian's would collide with).
 	command -v podman >/dev/null && command -v debootstrap >/dev/null && test -x /usr/sbin/runc && test -x /usr/lib/podman/aardvark-dns \
-	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y podman runc netavark aardvark-dns debootstrap)
+	  && test -x /usr/sbin/iptables \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y podman runc netavark aardvark-dns iptables debootstrap)
 	command -v kubectl >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y kubernetes-client)
 	# podman-compose (PyPI, GPL-2.0-only) in a virtual environment of its own, run as a program:
 	# not a dependency of msam, not in the locks (licence-policy.toml: no GPL in what msam uses).
