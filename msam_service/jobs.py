@@ -113,7 +113,8 @@ class JobRecord:
         for name in _JSON_FIELDS:
             if d.get(name):
                 setattr(rec, name, json.loads(d[name]))
-        rec.request = JobRequest.from_json(json.loads(d["request"]) if d.get("request") else {})
+        request = json.loads(d["request"]) if d.get("request") else {}
+        rec.request = JobRequest.from_json(request if isinstance(request, dict) else {})
         return rec
 
 
