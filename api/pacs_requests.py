@@ -22,6 +22,7 @@ from typing import Any
 from api.deps import Services
 from api.errors import ApiError
 from api.uploads import volume_for, volume_owner_key
+from msam_service.contract import DEFAULT_SEND, JobRequest, JobSource
 from msam_service.pacs import nodes, orders, received, webhooks
 from msam_service.pacs.settings import PacsSettings, get_pacs_settings
 from msam_service.volumes import VolumeInfo, new_volume_id
@@ -42,11 +43,7 @@ def _pacs() -> PacsSettings:
 class Routing:
     info: VolumeInfo | None  # None: the worker retrieves the series first
     volume_id: str
-    extra: dict[str, Any] = field(default_factory=dict)  # stored in the job's request
-
-
-#: what a destination receives unless the request says otherwise
-DEFAULT_SEND = ("dicom-seg", "sr")
+    request: JobRequest = field(default_factory=JobRequest)  # the job's, less what to segment
 
 
 def _node_error(field: str, exc: nodes.UnknownNode) -> ApiError:
@@ -57,47 +54,46 @@ def _node_error(field: str, exc: nodes.UnknownNode) -> ApiError:
 
 def outputs(destinations: list[str], callback_url: str | None, base: str, who: str | None = None,
             ris: str | None = None, fhir: str | None = None,
-            send: list[str] | tuple[str, ...] = DEFAULT_SEND) -> dict[str, Any]:
-    """Validate destinations, callback, RIS and FHIR endpoints for tenant ``who``; what the job
-    record keeps of them (``send``: the result formats the destinations receive)."""
-    extra: dict[str, Any] = {}
+            send: list[str] | tuple[str, ...] = DEFAULT_SEND) -> JobRequest:
+    """Validate destinations, callback, RIS and FHIR endpoints for tenant ``who``; the job's
+    request with what it keeps of them (``send``: the result formats the destinations receive)."""
+    req = JobRequest()
     if not destinations and not callback_url and not ris and not fhir:
-        return extra  # plain requests never read the PACS configuration
+        return req  # plain requests never read the PACS configuration
     pacs = _pacs()
     if destinations:
         try:
-            extra["destinations"] = nodes.check_destinations(pacs, destinations, who)
+            req.destinations = nodes.check_destinations(pacs, destinations, who)
         except nodes.UnknownNode as exc:
             raise _node_error("destinations", exc) from exc
-        extra["send"] = list(send)
+        req.send = list(send)
     if ris:
         endpoint = pacs.ris_endpoints.get(ris)
         if endpoint is None or who is None or endpoint.tenant != who or endpoint.oru_host is None:
             raise ApiError(404, "unknown_endpoint", f"ris: no RIS endpoint {ris!r} that takes results is "
                            "configured for this tenant (MSAM_RIS_ENDPOINTS)")
-        extra["ris"] = ris
+        req.ris = ris
     if fhir:
         fhir_endpoint = pacs.fhir_endpoints.get(fhir)
         if fhir_endpoint is None or who is None or not fhir_endpoint.allows(who):
             raise ApiError(404, "unknown_endpoint", f"fhir: no FHIR endpoint {fhir!r} is configured for this "
                            "tenant (MSAM_FHIR_ENDPOINTS)")
-        extra["fhir"] = fhir
+        req.fhir = fhir
     if callback_url:
         try:
-            extra["callback_url"] = webhooks.check_callback(callback_url, pacs.allowlist(), pacs.webhook_secret)
+            req.callback_url = webhooks.check_callback(callback_url, pacs.allowlist(), pacs.webhook_secret)
         except webhooks.CallbackNotAllowed as exc:
             raise ApiError(422, "callback_not_allowed", str(exc)) from exc
-    if extra:
-        extra["base_url"] = base
-    return extra
+    req.base_url = base
+    return req
 
 
 def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
     """``payload``: a validated ``SegmentByVolume`` (``volume_id`` or ``source``)."""
-    extra = outputs(list(payload.destinations or []), payload.callback_url, base, who, payload.ris, payload.fhir,
+    req = outputs(list(payload.destinations or []), payload.callback_url, base, who, payload.ris, payload.fhir,
                     list(payload.send))
     if payload.volume_id is not None:
-        return Routing(volume_for(svc, payload.volume_id, who), payload.volume_id, extra)
+        return Routing(volume_for(svc, payload.volume_id, who), payload.volume_id, req)
     src = payload.source
     if getattr(src, "received_series_uid", None):
         rec = received.load(svc.redis, src.received_series_uid)
@@ -108,24 +104,23 @@ def route(svc: Services, payload: Any, who: str, base: str) -> Routing:
                            "dropped by the routing rules, or have expired")
         if rec.status != received.READY:
             raise ApiError(422, "invalid_volume", f"the received series cannot be used: {rec.error}")
-        extra["source"] = {"received_series_uid": src.received_series_uid}
-        return Routing(volume_for(svc, rec.volume_id, who), rec.volume_id, extra)
+        req.source = JobSource(received_series_uid=src.received_series_uid)
+        return Routing(volume_for(svc, rec.volume_id, who), rec.volume_id, req)
     pacs = _pacs()
     try:
         node = nodes.source_node(pacs, src.pacs, who)
     except nodes.UnknownNode as exc:
         raise _node_error("source.pacs", exc) from exc
     study_uid, series_uid = src.study_uid, src.series_uid
-    source: dict[str, Any] = {"pacs": node.name}
+    source = JobSource(pacs=node.name, accession_number=src.accession_number or None)
     if series_uid is None:
         study_uid, series_uid = order_series(pacs, node, src.accession_number, study_uid)
-        source["selected_by"] = "series rules"
-    if src.accession_number:
-        source["accession_number"] = src.accession_number
+        source.selected_by = "series rules"
     volume_id = new_volume_id()  # reserved now; the I/O worker stores the retrieved series under it
     svc.redis.set(volume_owner_key(volume_id), who, ex=svc.settings.job_ttl_s)
-    extra["source"] = {**source, "study_uid": study_uid, "series_uid": series_uid}
-    return Routing(None, volume_id, extra)
+    source.study_uid, source.series_uid = study_uid, series_uid
+    req.source = source
+    return Routing(None, volume_id, req)
 
 
 def order_series(pacs: PacsSettings, node: nodes.DicomwebNode | nodes.DimseNode, accession_number: str | None,

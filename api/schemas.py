@@ -8,6 +8,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic_core import PydanticCustomError
 
 from msam_core.io.dicom_text import TextRuleError, check_long_string
+from msam_service.contract import PromptDocument
 
 
 def _kind(value: Any) -> str:
@@ -110,6 +111,10 @@ class Prompts(BaseModel):
     space: Literal["voxel", "LPS", "RAS"] = "voxel"
     lesions: list[Lesion] = Field(min_length=1, description="at most MSAM_MAX_LESIONS (GET /info)")
     iterations: StrictCount = Field(default=1, ge=1, le=20, description="decoder passes (refinement)")
+
+    def document(self) -> PromptDocument:
+        """The stored form a job's request keeps (:class:`msam_service.contract.PromptDocument`)."""
+        return self.model_dump()  # type: ignore[return-value]
 
 
 _UID = r"^[0-9]+(\.[0-9]+)*$"

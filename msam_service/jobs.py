@@ -1,6 +1,8 @@
 """Job records in Redis: the one source of truth for a job's status, shared by api and worker.
 
-A job is a hash ``msam:job:<id>``; JSON-valued fields are decoded by :class:`JobRecord`. Status
+A job is a hash ``msam:job:<id>``; JSON-valued fields are decoded by :class:`JobRecord`, its
+``request`` into a :class:`~msam_service.contract.JobRequest`. Routes and tasks read a job through
+:meth:`JobStore.get`, never the hash itself. Status
 changes go through :meth:`JobStore.transition`, an atomic compare-and-set (Lua), so a cancel and
 a finishing worker cannot both win. Queued jobs are also in the sorted set ``msam:queued``
 (score = enqueue time) which gives the queue position. Records expire ``job_ttl_s`` after their
@@ -18,11 +20,15 @@ from typing import Any
 
 import redis
 
+from msam_service.contract import JobRequest
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINISHED = (SUCCEEDED, FAILED, CANCELED)
-_JSON_FIELDS = ("timings", "error", "results", "result_errors", "request", "lesions", "model", "warnings",
-                "intensity")
+_JSON_FIELDS = ("timings", "error", "results", "result_errors", "lesions", "model", "warnings",
+                "intensity", "destinations_status")
+#: the I/O worker's deliveries as a whole (:attr:`JobRecord.delivery`)
+DELIVERY_PENDING, DELIVERY_DONE, DELIVERY_FAILED = "pending", "done", "failed"
 _QUEUED_KEY = "msam:queued"
 _RUNNING_KEY = "msam:running"
 
@@ -73,12 +79,18 @@ class JobRecord:
     #: what the results differ in from the request or the source (e.g. a source attribute left
     #: empty in the DICOM outputs because DICOM refuses its value); attribute names, no values
     warnings: list[str] = field(default_factory=list)
-    request: dict[str, Any] = field(default_factory=dict)
+    request: JobRequest = field(default_factory=JobRequest)
     lesions: list[dict[str, Any]] = field(default_factory=list)
     #: the model that ran the job (``LoadedModel.describe()``), set once the worker has it
     model: dict[str, Any] | None = None
     #: what the pipeline took the image's values to be: ``{"hu": bool, "reason": str}``
     intensity: dict[str, Any] | None = None
+    #: what the I/O worker did per target: a DICOM destination's name, ``ris:NAME``, ``fhir:NAME``
+    #: -> ``stored`` / ``sent``, ``sending``, ``retrying: ...`` or why not
+    destinations_status: dict[str, str] = field(default_factory=dict)
+    #: the deliveries as a whole: ``pending``, ``done``, ``failed``; empty until the I/O worker
+    #: first published them
+    delivery: str = ""
 
     @classmethod
     def from_hash(cls, job_id: str, raw: dict[bytes, bytes]) -> JobRecord:
@@ -97,16 +109,21 @@ class JobRecord:
         rec.encoder_runs = int(d.get("encoder_runs", 0) or 0)
         rec.worker = d.get("worker", "")
         rec.input_format = d.get("input_format", "")
+        rec.delivery = d.get("delivery", "")
         for name in _JSON_FIELDS:
             if d.get(name):
                 setattr(rec, name, json.loads(d[name]))
+        request = json.loads(d["request"]) if d.get("request") else {}
+        rec.request = JobRequest.from_json(request if isinstance(request, dict) else {})
         return rec
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in fields.items():
-        if k in _JSON_FIELDS:
+        if isinstance(v, JobRequest):
+            out[k] = json.dumps(v.to_json())
+        elif k in _JSON_FIELDS:
             out[k] = json.dumps(v)
         elif isinstance(v, bool):
             out[k] = "1" if v else "0"
@@ -124,7 +141,7 @@ class JobStore:
         self._transition = r.register_script(_TRANSITION)
 
     # -- create / read ----------------------------------------------------------------------
-    def create(self, job_id: str, *, tenant: str, volume_id: str, request: dict[str, Any]) -> JobRecord:
+    def create(self, job_id: str, *, tenant: str, volume_id: str, request: JobRequest) -> JobRecord:
         now = time.time()
         fields = _encode({"status": QUEUED, "tenant": tenant, "volume_id": volume_id,
                           "created_at": now, "request": request, "stage": "queued"})
@@ -155,6 +172,10 @@ class JobStore:
         pipe.hset(job_key(job_id), mapping=_encode(fields))  # type: ignore[arg-type]
         pipe.expire(job_key(job_id), self.ttl_s)
         pipe.execute()
+
+    def set_delivery(self, job_id: str, destinations: dict[str, str], delivery: str) -> None:
+        """Publish the I/O worker's deliveries: the state per target and as a whole."""
+        self.update(job_id, destinations_status=destinations, delivery=delivery)
 
     def incr(self, job_id: str, name: str) -> int:
         return int(self.r.hincrby(job_key(job_id), name, 1))  # type: ignore[arg-type]

@@ -9,12 +9,12 @@ so it is refused with what differs (:func:`grid_difference`), never resampled si
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
+from msam_service.contract import MaskDocument, PromptDocument
 
 #: Corners of two grids further apart than this (mm) are different grids.
 GRID_TOLERANCE_MM = 1e-2
@@ -67,12 +67,12 @@ def mask_grid_error(lesion: int, difference: str) -> InvalidPrompt:
                          "nearest-neighbour interpolation, or saved by the tool that drew it on this image)")
 
 
-def mask_refs(doc: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def mask_refs(doc: PromptDocument) -> dict[int, MaskDocument]:
     """Lesion number -> its ``mask`` reference, for the lesions that have one."""
-    return {n: lesion["mask"] for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("mask")}
+    return {n: mask for n, lesion in enumerate(doc.get("lesions", []), start=1) if (mask := lesion.get("mask"))}
 
 
-def load_masks(doc: dict[str, Any], volume: Volume,
+def load_masks(doc: PromptDocument, volume: Volume,
                open_mask: Callable[[str], Volume | None]) -> dict[int, np.ndarray]:
     """Every lesion's mask as ``bool`` on ``volume``'s grid: the voxels of the mask volume
     ``open_mask(volume_id)`` that are the reference's ``label``, or not 0 when it names none.

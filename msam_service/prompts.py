@@ -1,4 +1,5 @@
-"""The request's prompt document (validated by api/schemas.py) -> msam_core prompts.
+"""The request's prompt document (validated by api/schemas.py, stored as
+:class:`~msam_service.contract.PromptDocument`) -> msam_core prompts.
 
 Document: ``{"space": "voxel"|"LPS"|"RAS", "lesions": [{"positive": [[x,y,z], ...],
 "negative": [...], "box": [[x0,y0,z0],[x1,y1,z1]], "line": [[x0,y0,z0],[x1,y1,z1]],
@@ -20,9 +21,10 @@ import numpy as np
 from msam_core.io.volume import LPS_TO_RAS, Volume
 from msam_core.pipeline.lines import Line, line_as_points, resolve_line
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
+from msam_service.contract import PromptDocument
 
 
-def to_points_boxes(doc: dict[str, Any]) -> tuple[list[Point], list[Box]]:
+def to_points_boxes(doc: PromptDocument) -> tuple[list[Point], list[Box]]:
     space = doc.get("space", "voxel")
     points: list[Point] = []
     boxes: list[Box] = []
@@ -37,13 +39,13 @@ def to_points_boxes(doc: dict[str, Any]) -> tuple[list[Point], list[Box]]:
     return points, boxes
 
 
-def lines_of(doc: dict[str, Any]) -> list[Line]:
+def lines_of(doc: PromptDocument) -> list[Line]:
     space = doc.get("space", "voxel")
     return [Line(start=tuple(lesion["line"][0]), end=tuple(lesion["line"][1]), space=space, lesion=n)  # type: ignore[arg-type]
             for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("line")]
 
 
-def reference_lines(doc: dict[str, Any], volume: Volume) -> dict[int, dict[str, Any]]:
+def reference_lines(doc: PromptDocument, volume: Volume) -> dict[int, dict[str, Any]]:
     """Lesion -> its line as the job status reports it: length (mm), endpoints in LPS mm and
     where the line came from."""
     out = {}
@@ -56,7 +58,7 @@ def reference_lines(doc: dict[str, Any], volume: Volume) -> dict[int, dict[str, 
     return out
 
 
-def resolve(doc: dict[str, Any], volume: Volume,
+def resolve(doc: PromptDocument, volume: Volume,
             masks: dict[int, np.ndarray] | None = None) -> list[LesionPrompt]:
     """Validate against ``volume`` (raises :class:`~msam_core.errors.InvalidPrompt`).
 
@@ -76,6 +78,6 @@ def resolve(doc: dict[str, Any], volume: Volume,
     return resolve_prompts(volume, points, boxes, lesion_priors=masks)
 
 
-def segment_labels(doc: dict[str, Any]) -> dict[int, str]:
+def segment_labels(doc: PromptDocument) -> dict[int, str]:
     return {n: str(lesion["label"]) for n, lesion in enumerate(doc.get("lesions", []), start=1)
             if lesion.get("label")}

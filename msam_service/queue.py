@@ -106,10 +106,3 @@ def enqueue_delivery(app: Celery, job_id: str) -> None:
     """Send a finished job to the I/O worker for its deliveries (pushes, HL7, FHIR, webhook)."""
     app.send_task(DELIVER_TASK, args=[job_id])
 
-
-#: request fields that give a finished job something to deliver
-DELIVERY_FIELDS = ("destinations", "callback_url", "ris", "fhir")
-
-
-def needs_delivery(request: dict[str, Any]) -> bool:
-    return any(request.get(name) for name in DELIVERY_FIELDS)

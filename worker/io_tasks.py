@@ -23,6 +23,7 @@ A job's ``destinations`` field shows each DICOM destination's state (``sending``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -42,7 +43,7 @@ from msam_service.jobs import JobRecord, JobStore
 from msam_service.metrics import RedisMetrics
 from msam_service.pacs import dicomweb, dimse_retrieve, dimse_sender, nodes, received, webhooks
 from msam_service.pacs.ingest import ingest_series
-from msam_service.pacs.lines import prompts_from_lines, wants_lines
+from msam_service.pacs.lines import prompts_from_lines
 from msam_service.pacs.settings import PacsSettings, get_pacs_settings
 from msam_service.queue import DELIVER_TASK, RETRIEVE_TASK, WEBHOOK_TASK, enqueue, enqueue_delivery
 from msam_service.ris import fhir_send, hl7
@@ -96,11 +97,18 @@ def fail(ctx: IoContext, job_id: str, code: str, message: str) -> bool:
 
 
 # -- retrieval ---------------------------------------------------------------------------------
+def _archived(rec: JobRecord) -> tuple[str, str, str]:
+    """The node, study and series of the job's ``source`` (only such jobs are routed here)."""
+    src = rec.request.source
+    if src is None or src.pacs is None or src.study_uid is None or src.series_uid is None:
+        raise InvalidVolume("the job names no series in an archive to retrieve")
+    return src.pacs, src.study_uid, src.series_uid
+
+
 def fetch_series(ctx: IoContext, pacs: PacsSettings, rec: JobRecord) -> None:
     """Fetch the job's series from its node and store it as the job's volume."""
-    src = rec.request["source"]
-    node = nodes.source_node(pacs, src["pacs"], rec.tenant)
-    study_uid, series_uid = src["study_uid"], src["series_uid"]
+    node_name, study_uid, series_uid = _archived(rec)
+    node = nodes.source_node(pacs, node_name, rec.tenant)
     staging = ctx.storage.staging_dir()
     try:
         if isinstance(node, nodes.DicomwebNode):
@@ -139,15 +147,15 @@ def _move(ctx: IoContext, pacs: PacsSettings, node: nodes.DimseNode, rec: JobRec
 def lines_to_prompts(ctx: IoContext, pacs: PacsSettings, rec: JobRecord) -> None:
     """The study's line measurements on the job's series become its lesions, one per line (the
     job's request gets them as its prompts, so a retried delivery does not search again)."""
-    src = rec.request["source"]
-    node = nodes.source_node(pacs, src["pacs"], rec.tenant)
+    node_name, study_uid, _ = _archived(rec)
+    node = nodes.source_node(pacs, node_name, rec.tenant)
     if not isinstance(node, nodes.DicomwebNode):
         raise InvalidVolume(f"lines_from_pacs searches the study by QIDO-RS, which {node.name} (a DIMSE node) "
                             "does not offer; send prompts instead")
     volume = open_volume(ctx.storage, load_info(ctx.storage, rec.volume_id))
-    doc = prompts_from_lines(node, src["study_uid"], volume, max_lesions=ctx.settings.max_lesions,
+    doc = prompts_from_lines(node, study_uid, volume, max_lesions=ctx.settings.max_lesions,
                              timeout=pacs.dicomweb_timeout_s)
-    ctx.store.update(rec.job_id, request=dict(rec.request, prompts=doc))
+    ctx.store.update(rec.job_id, request=dataclasses.replace(rec.request, prompts=doc))
     logger.info("job %s: %d line measurement(s) from %s as prompts", rec.job_id, len(doc["lesions"]), node.name)
 
 
@@ -165,7 +173,7 @@ def retrieve(self: Task, job_id: str) -> str:
             t0 = time.perf_counter()
             fetch_series(ctx, pacs, rec)
             logger.info("job %s: series retrieved in %.2f s", job_id, time.perf_counter() - t0)
-        if wants_lines(rec.request):
+        if rec.request.wants_lines:
             lines_to_prompts(ctx, pacs, rec)
     except nodes.PacsError as exc:
         if not exc.permanent and self.request.retries < pacs.pacs_retries:
@@ -229,7 +237,7 @@ def targets(ctx: IoContext, pacs: PacsSettings, rec: JobRecord) -> tuple[list[Ta
     """What to send for this job, and the destinations that will not be sent (name -> why)."""
     out: list[Target] = []
     skipped: dict[str, str] = {}
-    names = list(rec.request.get("destinations") or [])
+    names = list(rec.request.destinations)
     if names and rec.status == jobs.SUCCEEDED and "dicom-seg" in rec.results:
         for name in names:
             out.append(_dicom_target(ctx, pacs, rec, name))
@@ -237,19 +245,19 @@ def targets(ctx: IoContext, pacs: PacsSettings, rec: JobRecord) -> tuple[list[Ta
         why = rec.result_errors.get("dicom-seg", "no DICOM-SEG was written") if rec.status == jobs.SUCCEEDED \
             else f"the job {rec.status}"
         skipped = {n: f"not sent: {why}" for n in names}
-    fhir_name = rec.request.get("fhir")
+    fhir_name = rec.request.fhir
     if fhir_name and rec.status == jobs.SUCCEEDED:
         out.append(_fhir_target(ctx, pacs, rec, fhir_name))
     elif fhir_name:
         skipped[f"fhir:{fhir_name}"] = f"not sent: the job {rec.status}"
-    ris_name = rec.request.get("ris")
+    ris_name = rec.request.ris
     if ris_name:  # the RIS hears of failures too (ORU^R01 with result status X)
         out.append(_ris_target(ctx, pacs, rec, ris_name))
     return out, skipped
 
 
 def _base(ctx: IoContext, rec: JobRecord) -> str:
-    return str(rec.request.get("base_url") or ctx.settings.public_url or "").rstrip("/")
+    return rec.request.base(ctx.settings.public_url).rstrip("/")
 
 
 def _fhir_target(ctx: IoContext, pacs: PacsSettings, rec: JobRecord, name: str) -> Target:
@@ -291,7 +299,7 @@ def sent_files(rec: JobRecord) -> list[str]:
     """The storage keys a DICOM destination receives: the SEG, then the measurement SR (which
     references the SEG) when the job wrote one and the request's ``send`` does not leave it out."""
     keys = [f"jobs/{rec.job_id}/seg.dcm"]
-    if "sr" in rec.results and "sr" in rec.request.get("send", ["dicom-seg", "sr"]):
+    if "sr" in rec.results and rec.request.sends("sr"):
         keys.append(f"jobs/{rec.job_id}/sr.dcm")
     return keys
 
@@ -385,7 +393,7 @@ def deliver(self: Task, job_id: str) -> str:
     if waiting:
         delay = backoff(ctx, pacs, max(int(ledger.get(t.key)["attempts"]) for t in plan))
         raise self.retry(countdown=delay, max_retries=None)  # bounded by each target's attempts
-    url = rec.request.get("callback_url")
+    url = rec.request.callback_url
     if url and ctx.redis.set(f"msam:webhook:{job_id}", "queued", nx=True, ex=ctx.settings.job_ttl_s):
         rec = ctx.store.get(job_id) or rec
         payload = webhook_payload(ctx, rec, status)
@@ -399,18 +407,19 @@ def _publish(ctx: IoContext, rec: JobRecord, ledger: Ledger, plan: list[Target],
     entries = {t.key: ledger.get(t.key) for t in plan}
     shown = {**skipped, **{t.name: _shown(entries[t.key]) for t in plan}}
     states = {e["state"] for e in entries.values()}
-    overall = "pending" if states - {DONE, FAILED} else "failed" if FAILED in states or skipped else "done"
-    ctx.store.update(rec.job_id, destinations_status=json.dumps(shown), delivery=overall)
+    overall = jobs.DELIVERY_PENDING if states - {DONE, FAILED} else \
+        jobs.DELIVERY_FAILED if FAILED in states or skipped else jobs.DELIVERY_DONE
+    ctx.store.set_delivery(rec.job_id, shown, overall)
     return shown, overall
 
 
 def webhook_payload(ctx: IoContext, rec: JobRecord, destinations: dict[str, str]) -> dict[str, Any]:
-    base = str(rec.request.get("base_url") or ctx.settings.public_url or "").rstrip("/")
+    base = _base(ctx, rec)
     results = {f: f"{base}/jobs/{rec.job_id}/result?format={f}" for f in rec.results} \
         if rec.status == jobs.SUCCEEDED else {}
     return {"event": "job.finished", "job_id": rec.job_id, "status": rec.status,
             "job_url": f"{base}/jobs/{rec.job_id}", "volume_id": rec.volume_id, "results": results,
-            "destinations": destinations, "error": rec.error, "source": rec.request.get("source"),
+            "destinations": destinations, "error": rec.error, "source": rec.request.source.to_json() if rec.request.source is not None else None,
             "finished_at": rec.finished_at}
 
 

@@ -104,7 +104,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         volume, from_memory = rt.volume(info)
         timings["load"] = round(time.perf_counter() - t0, 4)
         step("segment", 0.2)
-        doc = rec.request.get("prompts", {})
+        doc = rec.request.prompts or {}
         hooks = JobHooks(check, lambda fraction: store.update(job_id, progress=round(fraction, 3)), 0.2, 0.85)
         cache = rt.cache_for(rec.tenant)
         segmenter = Segmenter(model.network, model.options, device=rt.settings.device, cache=cache,

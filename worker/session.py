@@ -227,8 +227,10 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
                         progress=0.1, worker=f"{worker_name()}/{os.getpid()}") is None:
         return None
     sessions = S.SessionStore(rt.redis, rt.settings.job_ttl_s)
-    snapshot = rec.request["session"]
+    snapshot = rec.request.session
     try:
+        if snapshot is None:
+            raise InvalidPrompt("the job's request holds no session to commit")
         model = rt.model()
         info = load_info(rt.storage, rec.volume_id)
         if info is None:
@@ -236,16 +238,16 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
         volume, _ = rt.volume(info)
         labels = np.zeros(volume.shape, np.uint8)
         summary, names = [], {}
-        for item in snapshot["lesions"]:
-            box = sessions.mask(snapshot["session_id"], item["mask"])
+        for item in snapshot.lesions:
+            box = sessions.mask(snapshot.session_id, item.mask)
             if box is None:
-                raise InvalidPrompt(f"the mask of lesion {item['lesion']} has expired; interact again and commit")
-            box.paste(labels, int(item["lesion"]))
-            if item.get("label"):
-                names[int(item["lesion"])] = str(item["label"])
+                raise InvalidPrompt(f"the mask of lesion {item.lesion} has expired; interact again and commit")
+            box.paste(labels, item.lesion)
+            if item.label:
+                names[item.lesion] = str(item.label)
         counts = np.bincount(labels.ravel(), minlength=256)
-        summary = [{"lesion": int(i["lesion"]), "voxels": int(counts[int(i["lesion"])]), "windows": 0,
-                    "cache_hits": 0, "stopped_at_limit": False} for i in snapshot["lesions"]]
+        summary = [{"lesion": i.lesion, "voxels": int(counts[i.lesion]), "windows": 0,
+                    "cache_hits": 0, "stopped_at_limit": False} for i in snapshot.lesions]
         t0 = time.perf_counter()
         written, errors, warnings = write_results(rt, job_id, labels, volume, names, model)
         timings = {"queue": round(started - rec.created_at, 4), "write": round(time.perf_counter() - t0, 4),

@@ -12,7 +12,7 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 
 from msam_service import jobs
-from msam_service.queue import TASK_NAME, enqueue_delivery, needs_delivery
+from msam_service.queue import TASK_NAME, enqueue_delivery
 from msam_service.sessions import COMMIT_TASK, INTERACT_TASK, OPEN_TASK
 from worker.celery_app import app
 from worker.job import run_job
@@ -23,7 +23,7 @@ from worker.session import run_commit, run_interaction, run_open
 def _deliver(job_id: str) -> None:
     """Hand a finished job's deliveries (DICOM pushes, RIS, FHIR, webhook) to the I/O worker."""
     rec = get_runtime().store.get(job_id)
-    if rec is not None and rec.status in jobs.FINISHED and needs_delivery(rec.request):
+    if rec is not None and rec.status in jobs.FINISHED and rec.request.needs_delivery:
         enqueue_delivery(app, job_id)
 
 

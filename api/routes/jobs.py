@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -14,7 +13,6 @@ from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSumma
                          Timings)
 from msam_service import jobs
 from msam_service.jobs import JobRecord
-from msam_service.queue import needs_delivery
 from msam_service.ris.results import fhir_bundle
 
 router = APIRouter(tags=["jobs"])
@@ -50,30 +48,26 @@ def _view(svc: Services, rec: JobRecord, base: str) -> JobOut:
         unavailable_results=rec.result_errors if rec.status == jobs.SUCCEEDED else {},
         warnings=rec.warnings if rec.status == jobs.SUCCEEDED else [],
         error=ErrorInfo(**rec.error) if rec.error else None,
-        destinations=_destinations(svc, rec),
-        delivery=_delivery(svc, rec),
+        destinations=_destinations(rec),
+        delivery=_delivery(rec),  # type: ignore[arg-type]
         model=ModelOut(**rec.model) if rec.model else None,
         intensity=IntensityOut(**rec.intensity) if rec.intensity else None,
     )
 
 
-def _destinations(svc: Services, rec: JobRecord) -> dict[str, str]:
+def _destinations(rec: JobRecord) -> dict[str, str]:
     """Outcome per PACS destination, ``ris:NAME`` and ``fhir:NAME`` (written by the I/O worker,
     worker/io_tasks.py)."""
-    if not needs_delivery(rec.request):
-        return {}
-    raw = svc.redis.hget(jobs.job_key(rec.job_id), "destinations_status")
-    return json.loads(raw) if raw else {}  # type: ignore[arg-type]
+    return rec.destinations_status if rec.request.needs_delivery else {}
 
 
-def _delivery(svc: Services, rec: JobRecord) -> str | None:
+def _delivery(rec: JobRecord) -> str | None:
     """pending / done / failed once the I/O worker has started the job's deliveries."""
-    if not needs_delivery(rec.request):
+    if not rec.request.needs_delivery:
         return None
-    raw = svc.redis.hget(jobs.job_key(rec.job_id), "delivery")
-    if raw:
-        return raw.decode() if isinstance(raw, bytes) else str(raw)  # type: ignore[union-attr]
-    return "pending" if rec.status in jobs.FINISHED else None
+    if rec.delivery:
+        return rec.delivery
+    return jobs.DELIVERY_PENDING if rec.status in jobs.FINISHED else None
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorBody}})
@@ -101,7 +95,7 @@ def get_result(job_id: str, format: ResultFormat | None = Query(
         raise ApiError(409, "not_ready", f"job {job_id} {what}; results exist once it has succeeded")
     fmt = format or ("dicom-seg" if rec.input_format == "dicom" or "dicom-seg" in rec.results else "nifti")
     if fmt == "fhir":  # DiagnosticReport + one Observation per lesion, as a FHIR Bundle
-        bundle = fhir_bundle(rec, svc.storage, str(rec.request.get("base_url") or svc.settings.public_url or ""))
+        bundle = fhir_bundle(rec, svc.storage, rec.request.base(svc.settings.public_url))
         return JSONResponse(bundle, media_type="application/fhir+json")
     if fmt not in rec.results:
         why = rec.result_errors.get(fmt) or (
@@ -144,8 +138,8 @@ def _forget(svc: Services, job_id: str) -> None:
     with the job."""
     rec = svc.store.get(job_id)
     svc.storage.delete_prefix(f"jobs/{job_id}")
-    if rec is not None and rec.request.get("own_volume") and rec.volume_id:
+    if rec is not None and rec.request.own_volume and rec.volume_id:
         forget_volume(svc, rec.volume_id)
-    for mask_id in rec.request.get("mask_volumes", []) if rec is not None else []:
+    for mask_id in rec.request.mask_volumes if rec is not None else []:
         forget_volume(svc, mask_id)  # lesion masks uploaded with the job
     svc.store.delete(job_id)

@@ -13,6 +13,7 @@ from api.errors import ApiError
 from api.uploads import forget_volume
 from api.schemas import ErrorBody, JobAccepted, Prompts, SegmentByVolume
 from msam_service import jobs
+from msam_service.contract import JobRequest, PromptDocument
 from msam_service.masks import grid_difference, mask_grid_error, mask_refs
 from msam_service.prompts import resolve
 from msam_service.inflight import InFlight
@@ -62,9 +63,8 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         payload = await run_in_threadpool(SegmentByVolume.model_validate_json, body)  # off the event loop
         prompts = payload.prompts or Prompts.model_construct(space="LPS", lesions=[], iterations=1)  # the worker finds them
         routing = await run_in_threadpool(pacs_requests.route, svc, payload, who, base)
-        info, volume_id, extra = routing.info, routing.volume_id, routing.extra
-        if payload.lines_from_pacs:
-            extra["lines_from_pacs"] = True
+        info, volume_id, job = routing.info, routing.volume_id, routing.request
+        job.lines_from_pacs = payload.lines_from_pacs
     elif ctype.startswith("multipart/form-data"):
         form = await _read_form(request, svc)
         raw = form.get("prompts")
@@ -76,31 +76,32 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         callback = form.get("callback_url")
         destinations = await run_in_threadpool(_form_destinations, form.get("destinations"))
         send = pacs_requests.form_send(form.get("send"))
-        extra = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, who,
-                                      send=send)
+        job = pacs_requests.outputs(destinations, callback if isinstance(callback, str) else None, base, who,
+                                    send=send)
         check_prompt_count(svc, prompts)  # before the upload is decoded
         masks = [f for f in form.getlist("masks") if isinstance(f, UploadFile)]
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
         volume_id = info.volume_id
-        extra["own_volume"] = True  # uploaded for this job alone: DELETE of the job removes it
-        extra["mask_volumes"] = await _ingest_masks(svc, prompts, masks, who)
+        job.own_volume = True  # uploaded for this job alone: DELETE of the job removes it
+        job.mask_volumes = await _ingest_masks(svc, prompts, masks, who)
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (image + prompts) or application/json (volume_id + prompts)")
     check_prompt_count(svc, prompts)
     request.state.volume_id = volume_id
-    doc = prompts.model_dump()
+    doc = prompts.document()
     try:
         if info is not None:  # None: a PACS series the worker retrieves (it checks the prompts then)
             resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
         await run_in_threadpool(_check_masks, svc, doc, info, who)
     except Exception:
-        for mask_id in extra.get("mask_volumes", []):
+        for mask_id in job.mask_volumes:
             forget_volume(svc, mask_id)
         raise
     job_id = jobs.new_id()
     request.state.job_id = job_id
-    await run_in_threadpool(_submit, svc, job_id, who, volume_id, doc, extra)
+    job.prompts = doc
+    await run_in_threadpool(_submit, svc, job_id, who, volume_id, job)
     return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=volume_id)
 
 
@@ -133,7 +134,7 @@ async def _ingest_masks(svc: Services, prompts: Prompts, files: list[UploadFile]
     return list(ids.values())
 
 
-def _check_masks(svc: Services, doc: dict, info: uploads.VolumeInfo | None, who: str) -> None:
+def _check_masks(svc: Services, doc: PromptDocument, info: uploads.VolumeInfo | None, who: str) -> None:
     """Every lesion mask is a volume of this tenant (404 otherwise) on the image's grid (422 saying
     what differs; ``info`` None: a PACS series, whose grid the worker checks)."""
     for n, ref in mask_refs(doc).items():
@@ -227,16 +228,16 @@ def check_prompt_count(svc: Services, prompts: Prompts) -> None:
                        f"{limit.max_prompts} (MSAM_MAX_PROMPTS)")
 
 
-def _submit(svc: Services, job_id: str, who: str, volume_id: str, doc: dict, extra: dict | None = None) -> None:
-    svc.store.create(job_id, tenant=who, volume_id=volume_id, request={"prompts": doc, **(extra or {})})
+def _submit(svc: Services, job_id: str, who: str, volume_id: str, job: JobRequest) -> None:
+    svc.store.create(job_id, tenant=who, volume_id=volume_id, request=job)
     if not InFlight(svc.redis, svc.settings.max_jobs_in_flight, svc.settings.job_ttl_s).acquire(who, job_id):
         svc.store.delete(job_id)
-        if (extra or {}).get("own_volume"):
+        if job.own_volume:
             forget_volume(svc, volume_id)
         raise ApiError(429, "too_many_jobs", f"this tenant already has {svc.settings.max_jobs_in_flight} jobs "
                        "queued or running (MSAM_MAX_JOBS_IN_FLIGHT); wait for one to finish",
                        headers={"Retry-After": str(RETRY_AFTER_S)})
-    if "pacs" in (extra or {}).get("source", {}):
+    if job.source is not None and job.source.in_archive:
         enqueue_retrieval(svc.queue, job_id)  # the I/O worker retrieves, then queues the segmentation
     else:
         enqueue(svc.queue, job_id)

@@ -29,6 +29,7 @@ from api.schemas import (CommitRequest, ErrorBody, Interaction, InteractionOut, 
 from api.uploads import volume_for
 from msam_service import jobs
 from msam_service import sessions as S
+from msam_service.contract import SessionLesion, SessionSnapshot
 from msam_service.masks import grid_difference, mask_grid_error
 from msam_service.prompts import resolve
 from msam_service.queue import worker_key
@@ -361,21 +362,21 @@ def commit(session_id: str, body: CommitRequest | None = None, svc: Services = D
     body = body or CommitRequest()
     doc = _session(svc, session_id, who)
     store = _store(svc)
-    lesions = []
+    lesions: list[SessionLesion] = []
     for number, les in sorted(doc["lesions"].items(), key=lambda kv: int(kv[0])):
         acts = S.active(les)
         if not acts:
             continue
         if store.mask(session_id, acts[-1]["id"]) is None:
             raise ApiError(409, "busy", f"lesion {number}'s last interaction is still running; commit once it answered")
-        lesions.append({"lesion": int(number), "mask": acts[-1]["id"], "label": les.get("label")})
+        lesions.append(SessionLesion(lesion=int(number), mask=acts[-1]["id"], label=les.get("label")))
     if not lesions:
         raise ApiError(422, "invalid_prompt", "no lesion of the session has a mask yet; click on a lesion first")
-    extra = pacs_requests.outputs(list(body.destinations), body.callback_url, base, who)
-    store.touch(session_id, [x["mask"] for x in lesions])
+    job = pacs_requests.outputs(list(body.destinations), body.callback_url, base, who)
+    job.session = SessionSnapshot(session_id=session_id, lesions=lesions)
+    store.touch(session_id, [x.mask for x in lesions])
     job_id = jobs.new_id()
-    svc.store.create(job_id, tenant=who, volume_id=doc["volume_id"],
-                     request={"session": {"session_id": session_id, "lesions": lesions}, **extra})
+    svc.store.create(job_id, tenant=who, volume_id=doc["volume_id"], request=job)
     svc.queue.send_task(S.COMMIT_TASK, args=[job_id], task_id=job_id, queue=svc.settings.queue)
     svc.metrics.incr("jobs_submitted")
     return JobAccepted(job_id=job_id, status_url=f"{base}/jobs/{job_id}", volume_id=doc["volume_id"])

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from msam_core.errors import MsamError
 from msam_service import jobs, redis_conn
+from msam_service.contract import JobRequest, JobSource
 from msam_service.pacs import received
 from msam_service.pacs.ingest import VOLUME_OWNER_KEY, ingest_series
 from msam_service.pacs.settings import PacsSettings, RouteRule, get_pacs_settings
@@ -191,13 +192,10 @@ class Listener:
             logger.warning("rule %r: prompts do not fit the received series (%s); nothing queued", rule.name, exc.code)
             return ""
         job_id = jobs.new_id()
-        request: dict[str, Any] = {"prompts": rule.prompts, "source": {"received_series_uid": rec.series_uid}}
-        if rule.destinations:
-            request["destinations"] = rule.destinations
-        if rule.callback_url:
-            request["callback_url"] = rule.callback_url
-        if self.settings.public_url:
-            request["base_url"] = self.settings.public_url.rstrip("/")
+        request = JobRequest(prompts=rule.prompts,  # type: ignore[arg-type]  # checked by check_rules
+                             source=JobSource(received_series_uid=rec.series_uid),
+                             destinations=list(rule.destinations), callback_url=rule.callback_url or None,
+                             base_url=self.settings.public_url.rstrip("/") or None)
         jobs.JobStore(self.redis, self.settings.job_ttl_s).create(job_id, tenant=rule.tenant,
                                                                   volume_id=rec.volume_id, request=request)
         if self.submit is not None:

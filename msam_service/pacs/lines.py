@@ -5,22 +5,16 @@ the study's SR documents and presentation states (QIDO-RS + WADO-RS,
 
 from __future__ import annotations
 
-from typing import Any
-
 from msam_core.errors import InvalidPrompt
 from msam_core.io.annotations import find_lines
 from msam_core.io.volume import Volume
+from msam_service.contract import LesionDocument, PromptDocument
 from msam_service.pacs import dicomweb
 from msam_service.pacs.nodes import DicomwebNode
 
 
-def wants_lines(request: dict[str, Any]) -> bool:
-    """The job asks for its lesions from the PACS's lines and has not got them yet."""
-    return bool(request.get("lines_from_pacs")) and not (request.get("prompts") or {}).get("lesions")
-
-
 def prompts_from_lines(node: DicomwebNode, study_uid: str, volume: Volume, *, max_lesions: int,
-                       timeout: float) -> dict[str, Any]:
+                       timeout: float) -> PromptDocument:
     """The prompt document (:mod:`msam_service.prompts`) of the study's line measurements on
     ``volume``'s series: LPS lines, ``line_source`` ``SR`` or ``GSPS``, labels ``"SR line 1"``...
 
@@ -35,6 +29,7 @@ def prompts_from_lines(node: DicomwebNode, study_uid: str, volume: Volume, *, ma
     if len(found) > max_lesions:
         raise InvalidPrompt(f"the study holds {len(found)} line measurements on this series; at most "
                             f"{max_lesions} lesions per job (MSAM_MAX_LESIONS)")
-    lesions = [{"line": [list(f.start_lps), list(f.end_lps)], "line_source": f.source, "label": f"{f.source} line {n}"}
-               for n, f in enumerate(found, start=1)]
+    lesions: list[LesionDocument] = [
+        {"line": [list(f.start_lps), list(f.end_lps)], "line_source": f.source, "label": f"{f.source} line {n}"}
+        for n, f in enumerate(found, start=1)]
     return {"space": "LPS", "lesions": lesions, "iterations": 1}

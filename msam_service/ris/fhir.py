@@ -80,8 +80,8 @@ def report(rec: JobRecord, lesions: list[dict[str, Any]], results_url: str = "")
     issued = _instant(rec.finished_at or rec.created_at)
     observations = [observation(rec, lesion, issued) for lesion in lesions]
     identifiers: list[dict[str, Any]] = [{"system": JOB_SYSTEM, "value": rec.job_id}]
-    accession = (rec.request.get("source") or {}).get("accession_number") or \
-        (rec.request.get("order") or {}).get("accession_number")
+    source, order = rec.request.source, rec.request.order or {}
+    accession = (source.accession_number if source is not None else None) or order.get("accession_number")
     if accession:
         identifiers.append({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
                                                  "code": "ACSN"}]}, "value": accession})

@@ -182,7 +182,7 @@ def ack(incoming: str, code: str, text: str = "") -> Message:
 def oru(rec: JobRecord, lesions: list[dict[str, Any]], seg_url: str = "", seg_uid: str = "",
         sr_uid: str = "") -> Message:
     """The ORU^R01 of a finished job (see the module's documentation for its content)."""
-    order = rec.request.get("order") or {}
+    order = rec.request.order or {}
     msg = Message("ORU_R01", version=VERSION)
     _header(msg, order.get("sending_application", ""), order.get("sending_facility", ""), "ORU^R01^ORU_R01",
             rec.job_id)
@@ -200,7 +200,8 @@ def oru(rec: JobRecord, lesions: list[dict[str, Any]], seg_url: str = "", seg_ui
         if order.get(key):
             setattr(seg, name, order[key])
     obr.obr_4 = order.get("universal_service") or "MSAM^msam lesion segmentation^99MSAM"
-    accession = order.get("accession_number") or (rec.request.get("source") or {}).get("accession_number")
+    source = rec.request.source
+    accession = order.get("accession_number") or (source.accession_number if source is not None else None)
     if accession:
         obr.obr_18 = _text(accession)
     obr.obr_22 = time.strftime("%Y%m%d%H%M%S", time.gmtime(rec.finished_at or time.time()))

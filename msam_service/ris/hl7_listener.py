@@ -30,6 +30,7 @@ import redis
 from hl7apy.mllp import AbstractErrorHandler, AbstractHandler, MLLPServer
 
 from msam_service import jobs, redis_conn
+from msam_service.contract import JobRequest, JobSource
 from msam_service.pacs import nodes, orders
 from msam_service.pacs.ingest import VOLUME_OWNER_KEY
 from msam_service.pacs.settings import PacsSettings, RisEndpoint, get_pacs_settings
@@ -100,15 +101,12 @@ class Orders:
         ttl = self.settings.job_ttl_s
         # without a prompts note, the lesions are the radiologist's line measurements stored with
         # the study (SR / GSPS), found by the I/O worker once the series is retrieved
-        what: dict[str, Any] = {"prompts": prompts} if prompts is not None else {"lines_from_pacs": True}
-        request: dict[str, Any] = {
-            **what, "ris": name, "order": order.to_record(),
-            "source": {"pacs": node.name, "study_uid": study_uid, "series_uid": series_uid,
-                       "accession_number": order.accession_number, "selected_by": "series rules"}}
-        if ep.destinations:
-            request["destinations"] = list(ep.destinations)
-        if self.settings.public_url:
-            request["base_url"] = self.settings.public_url.rstrip("/")
+        request = JobRequest(
+            prompts=prompts, lines_from_pacs=prompts is None, ris=name,  # type: ignore[arg-type]
+            order=order.to_record(), destinations=list(ep.destinations),
+            source=JobSource(pacs=node.name, study_uid=study_uid, series_uid=series_uid,
+                             accession_number=order.accession_number, selected_by="series rules"),
+            base_url=self.settings.public_url.rstrip("/") or None)
         if not self.redis.set(seen, job_id, nx=True, ex=ttl):  # the same order, concurrently
             return self.accept(order, name, ep)
         self.redis.set(VOLUME_OWNER_KEY.format(volume_id), ep.tenant, ex=ttl)

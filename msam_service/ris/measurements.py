@@ -36,7 +36,7 @@ def lesion_measurements(rec: JobRecord, info: VolumeInfo | None) -> list[dict[st
     """The job's lesions with their measurements (``info``: the job's volume; without it there is
     no volume in millilitres)."""
     labels = {n + 1: str(lesion.get("label") or f"lesion {n + 1}")
-              for n, lesion in enumerate((rec.request.get("prompts") or {}).get("lesions") or [])}
+              for n, lesion in enumerate((rec.request.prompts or {}).get("lesions") or [])}
     voxel = voxel_volume_mm3(info) if info is not None else None
     out = []
     for item in rec.lesions:

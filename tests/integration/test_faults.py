@@ -252,6 +252,7 @@ def test_a_job_that_keeps_killing_its_worker_stops_after_max_deliveries(stack: S
 def test_a_stuck_job_is_killed_at_the_hard_time_limit(stack: Stack, ct_nifti: Path) -> None:
     """A job that cannot react to the soft limit (its process stopped: SIGSTOP) is killed by the
     worker's main process at MSAM_JOB_TIME_LIMIT_S and fails ``timeout``; the worker lives on."""
+    from msam_service.contract import JobRequest
     from msam_service.jobs import JobStore, new_id
     from msam_service.queue import enqueue, make_celery
     from msam_service.settings import Settings
@@ -265,7 +266,7 @@ def test_a_stuck_job_is_killed_at_the_hard_time_limit(stack: Stack, ct_nifti: Pa
         volume_id = _submit(stack, ct_nifti)["volume_id"]  # an uploaded volume (its job runs on the main queue)
         job_id = new_id()
         JobStore(r, 3600).create(job_id, tenant="alpha", volume_id=volume_id,
-                                 request={"prompts": {"lesions": [{"positive": [[20, 20, 12]]}]}})
+                                 request=JobRequest(prompts={"lesions": [{"positive": [[20, 20, 12]]}]}))
         enqueue(make_celery(Settings(redis_url=stack.redis_url, queue="hardlimit")), job_id)
         deadline = time.monotonic() + 60
         while r.hget(f"msam:job:{job_id}", "status") != b"running" and time.monotonic() < deadline:

@@ -252,7 +252,8 @@ def finished(body: dict) -> bool:
 def stored_source(svc: Service, job_id: str) -> dict[str, Any]:
     rec = jobs.JobStore(redis_conn.client(svc.redis_url), 600).get(job_id)
     assert rec is not None
-    return rec.request["source"]
+    assert rec.request.source is not None
+    return rec.request.source.to_json()
 
 
 # -- 1. orders by accession number ---------------------------------------------------------

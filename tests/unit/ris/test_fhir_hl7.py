@@ -10,6 +10,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from hl7apy.parser import parse_message
 
+from msam_service.contract import JobRequest
 from msam_service.jobs import JobRecord
 from msam_service.ris import fhir, hl7
 from msam_service.ris.measurements import lesion_measurements, voxel_volume_mm3
@@ -20,7 +21,7 @@ PROMPTS = {"space": "voxel", "lesions": [{"positive": [[1, 2, 3]], "label": "liv
 
 def record(**request: object) -> JobRecord:
     return JobRecord(job_id="a" * 32, status="succeeded", tenant="t", volume_id="b" * 32, created_at=1.7e9,
-                     finished_at=1.7e9 + 5, request={"prompts": PROMPTS, **request},
+                     finished_at=1.7e9 + 5, request=JobRequest.from_json({"prompts": PROMPTS, **request}),
                      lesions=[{"lesion": 1, "voxels": 1000}, {"lesion": 2, "voxels": 10,
                                                               "measurements": {"long_axis_mm": 12.5, "short_axis_mm": 7.0}}])
 
@@ -112,11 +113,11 @@ def test_ack_and_oru_parse_back() -> None:
     assert rows[:3] == [("ST", "125007", "1", "liver met"), ("NM", "118565006", "1", "1"), ("ST", "125007", "2", "lesion 2")]
     assert ("NM", "103339001", "2", "12.5") in rows and rows[-1] == ("ST", "SEG_UID", "", "1.2.826.0.1.1")
     failed = JobRecord(job_id="c" * 32, status="failed", tenant="t", volume_id="b" * 32, created_at=1.0,
-                       request={"order": rec.request["order"]}, error={"code": "pacs_error", "message": "gone"})
+                       request=JobRequest(order=rec.request.order), error={"code": "pacs_error", "message": "gone"})
     back = parse_message(hl7.oru(failed, []).to_er7(), find_groups=True)
     group = back.oru_r01_patient_result.oru_r01_order_observation
     assert group.obr.obr_25.to_er7() == "X" and "gone" in group.nte.nte_3.to_er7()
-    assert json.loads(json.dumps(rec.request["order"]))  # what the job record keeps is plain JSON
+    assert json.loads(json.dumps(rec.request.order))  # what the job record keeps is plain JSON
 
 
 def test_the_measurements_a_job_reports_reach_the_oru_and_fhir() -> None:
@@ -130,7 +131,7 @@ def test_the_measurements_a_job_reports_reach_the_oru_and_fhir() -> None:
     mask = ((grid[0] - 20) / 12) ** 2 + ((grid[1] - 20) / 6) ** 2 + ((grid[2] - 6) / 3) ** 2 <= 1
     measured = measure_lesion(mask, Volume(np.zeros(mask.shape, np.float32), affine)).to_json()
     rec = JobRecord(job_id="d" * 32, status="succeeded", tenant="t", volume_id="b" * 32, created_at=1.0,
-                    finished_at=2.0, request={"prompts": PROMPTS},
+                    finished_at=2.0, request=JobRequest(prompts=PROMPTS),
                     lesions=[{"lesion": 1, "voxels": int(mask.sum()), "measurements": measured}])
     (lesion,) = lesion_measurements(rec, info(affine.tolist()))
     m = lesion["measurements"]

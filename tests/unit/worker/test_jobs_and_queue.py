@@ -4,6 +4,7 @@ import pytest
 import redis
 
 from msam_service import jobs
+from msam_service.contract import JobRequest
 from msam_service.jobs import JobStore
 from msam_service.queue import celery_config
 from msam_service.settings import Settings
@@ -11,8 +12,8 @@ from msam_service.settings import Settings
 
 def test_transitions_are_compare_and_set(r) -> None:
     store = JobStore(r, ttl_s=60)
-    store.create("a" * 32, tenant="t", volume_id="v", request={"prompts": {}})
-    store.create("b" * 32, tenant="t", volume_id="v", request={})
+    store.create("a" * 32, tenant="t", volume_id="v", request=JobRequest(prompts={}))
+    store.create("b" * 32, tenant="t", volume_id="v", request=JobRequest())
     assert store.queue_position("a" * 32) == 1 and store.queue_position("b" * 32) == 2
     assert store.transition("a" * 32, jobs.RUNNING, (jobs.QUEUED,)) == jobs.QUEUED
     assert store.queue_position("a" * 32) is None and store.queue_position("b" * 32) == 1
