@@ -413,6 +413,158 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         context.close()
 
 
+def _screen(page, voxel: tuple[int, int, int], view: str = "axial") -> tuple[float, float]:
+    """Page pixel of a voxel's centre on a 2D view (the view shows the voxel's slice)."""
+    ras = (AFFINE[:3, :3] @ np.array(voxel) + AFFINE[:3, 3]).tolist()
+    page.evaluate("ras => window.msamViewer.moveCrosshairTo(ras)", ras)
+    pos = page.evaluate("([ras, view]) => window.msamViewer.canvasPointOf(ras, view)", [ras, view])
+    assert pos is not None, f"voxel {voxel} is not on the {view} view"
+    box = page.locator("#gl").bounding_box()
+    return box["x"] + pos["x"], box["y"] + pos["y"]
+
+
+def _overlay(page, lesion: int = 0) -> np.ndarray:
+    """The lesion's overlay as the page shows it, on the server's grid (i, j, k)."""
+    flat = page.evaluate("n => Array.from(window.msamViewer.state.lesions[n].overlay.img)", lesion)
+    return (np.asarray(flat) > 0).reshape(SHAPE, order="F")  # NIfTI file order: i fastest
+
+
+def _disc(centre: tuple[int, int, int], radius: int) -> np.ndarray:
+    """The voxels of a brush disc on the axial slice through ``centre`` (axes i, j)."""
+    i, j, k = np.indices(SHAPE)
+    return ((i - centre[0]) ** 2 + (j - centre[1]) ** 2 <= radius ** 2) & (k == centre[2])
+
+
+def test_box_drag_and_mask_edit_are_session_interactions(service: Stack, browser, tmp_path: Path) -> None:
+    """The box tool: a rectangle dragged on the axial view is a box interaction (the dragged
+    voxels, as deep as the rectangle's longer side around the slice, in RAS mm of their outer
+    edges); the overlay is the session's mask, inside the box. The brush: paint and erase on the
+    slice change the overlay in the page only; Re-run sends the edited box of the mask (exactly the
+    strokes over the server's mask) as a mask interaction, and the overlay becomes the answer;
+    undo (server-side) brings the box's mask back; strokes not re-run are undone in the page."""
+    from msam_service.sessions import decode_box
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    phantom = _phantom(tmp_path / "phantom.nii.gz")
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.method == "POST" and r.url.endswith("/interactions") else None)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        page.goto(service.url + "/")
+        page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
+        page.fill("#api-key", API_KEY)
+        page.click("#key-form button")
+        page.set_input_files("#file", str(phantom))
+        page.wait_for_function("() => window.msamViewer.state.volume && window.msamViewer.nv.volumes.length === 1",
+                               timeout=60_000)
+        page.select_option("#layout", "axial")
+
+        # -- box: drag from one corner voxel to the opposite one on slice CENTRE[2]
+        page.click("#tool-box")
+        a = (CENTRE[0] - 8, CENTRE[1] - 8, CENTRE[2])
+        b = (CENTRE[0] + 8, CENTRE[1] + 8, CENTRE[2])
+        xa, ya = _screen(page, a)
+        xb, yb = _screen(page, b)
+        page.mouse.move(xa, ya)
+        page.mouse.down()
+        page.mouse.move(xb, yb, steps=6)
+        page.mouse.up()
+        shown = _wait_shown(page, 0)
+        assert shown["status"] == "" and shown["hasOverlay"], (shown, service.logs())
+        assert shown["points"] == [] and len(sent) == 1 and sent[0]["kind"] == "box", sent
+        # the box: voxels i 38..54, j 16..32 of the slice; deep as the longer side (17 x 1.5 mm =
+        # 25.5 mm: 6 slices of 2 mm either side); corners at the voxels' outer edges, in RAS mm
+        lo_v, hi_v = np.array([38, 16, CENTRE[2] - 6]), np.array([54, 32, CENTRE[2] + 6])
+        edges = np.array([[x, y, z] for x in (lo_v[0] - 0.5, hi_v[0] + 0.5) for y in (lo_v[1] - 0.5, hi_v[1] + 0.5)
+                          for z in (lo_v[2] - 0.5, hi_v[2] + 0.5)]) @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+        assert np.allclose(sent[0]["corners"], [edges.min(axis=0), edges.max(axis=0)], atol=1e-3), sent[0]
+        boxed = _session_mask(service, shown) > 0
+        assert boxed.sum() == shown["voxels"] > 0
+        assert np.array_equal(_overlay(page), boxed)  # the overlay is the server's mask
+        fg = np.argwhere(boxed)
+        assert np.all(fg >= lo_v) and np.all(fg <= hi_v), (fg.min(axis=0), fg.max(axis=0))  # clipped to the box
+        if service.trained:
+            assert boxed[CENTRE]
+        with httpx.Client(base_url=service.url, timeout=30, headers=auth) as c:
+            doc = c.get(f"/sessions/{shown['session']}").json()
+        assert [x["kind"] for x in doc["lesions"][0]["interactions"]] == ["box"]
+        page.screenshot(path=str(OUT / "viewer-box.png"))
+
+        # -- brush: paint a disc (radius 3) off the sphere, erase a stroke (radius 2) through the
+        # centre; the page changes the overlay and sends nothing yet
+        page.click("#tool-paint")
+        page.fill("#brush", "3")
+        page.dispatch_event("#brush", "change")
+        painted_at = (CENTRE[0] + 5, CENTRE[1] + 6, CENTRE[2])
+        page.mouse.click(*_screen(page, painted_at))
+        page.click("#tool-erase")
+        page.fill("#brush", "2")
+        page.dispatch_event("#brush", "change")
+        x0, y0 = _screen(page, CENTRE)
+        x1, y1 = _screen(page, (CENTRE[0] + 2, CENTRE[1], CENTRE[2]))
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x1, y1, steps=4)
+        page.mouse.up()
+        edited = boxed.copy()
+        edited[_disc(painted_at, 3)] = True
+        for t in range(3):
+            edited[_disc((CENTRE[0] + t, CENTRE[1], CENTRE[2]), 2)] = False
+        changed = np.argwhere(edited != boxed)
+        assert len(changed) > 0
+        assert np.array_equal(_overlay(page), edited)
+        assert len(sent) == 1 and not page.is_disabled("#rerun")
+
+        # -- re-run: the edit is the box of the changed voxels, holding the edited mask
+        page.click("#rerun")
+        page.wait_for_function("() => window.msamViewer.state.lesions[0].acts.length === 2")
+        rerun = _wait_shown(page, 0)
+        assert rerun["status"] == "" and rerun["answer"]["step"] == 2, (rerun, service.logs())
+        assert len(sent) == 2 and sent[1]["kind"] == "mask" and set(sent[1]) == {"kind", "edit"}, sent[1]
+        e = sent[1]["edit"]
+        assert e["lo"] == changed.min(axis=0).tolist() and e["hi"] == (changed.max(axis=0) + 1).tolist(), e
+        part = decode_box(e["data"], tuple(h - l for l, h in zip(e["lo"], e["hi"])))
+        assert np.array_equal(part, edited[e["lo"][0]:e["hi"][0], e["lo"][1]:e["hi"][1], e["lo"][2]:e["hi"][2]])
+        answered = _session_mask(service, rerun) > 0
+        assert answered.sum() == rerun["voxels"] > 0
+        assert np.array_equal(_overlay(page), answered)  # the overlay is the server's answer
+        with httpx.Client(base_url=service.url, timeout=30, headers=auth) as c:
+            doc = c.get(f"/sessions/{shown['session']}").json()
+        assert [x["kind"] for x in doc["lesions"][0]["interactions"]] == ["box", "mask"]
+        page.screenshot(path=str(OUT / "viewer-mask-edit.png"))
+
+        # -- undo is the server's: the box's mask again
+        page.click("#undo")
+        page.wait_for_function("() => window.msamViewer.state.lesions[0].acts.length === 1")
+        undone = _wait_shown(page, 0)
+        assert undone["answer"]["step"] == 1
+        assert np.array_equal(_session_mask(service, undone) > 0, boxed)
+        assert np.array_equal(_overlay(page), boxed)
+
+        # -- strokes not re-run: undo takes them back in the page, nothing is sent
+        page.click("#tool-paint")
+        page.mouse.click(*_screen(page, painted_at))
+        assert not np.array_equal(_overlay(page), boxed)
+        page.click("#undo")
+        assert np.array_equal(_overlay(page), boxed) and len(sent) == 2
+        assert page.evaluate("() => window.msamViewer.state.lesions[0].acts.length") == 1
+        assert page.is_disabled("#rerun")
+        assert not any(m.startswith("pageerror") for m in console), console
+    except Exception:
+        page.screenshot(path=str(OUT / "viewer-tools-failure.png"))
+        print("\n".join(console[-30:]))
+        print(service.logs())
+        raise
+    finally:
+        context.close()
+
+
 def test_dicom_zip_is_shown_from_the_server_and_clicks_map_to_its_voxels(service: Stack, browser, tmp_path: Path) -> None:
     """A DICOM zip cannot be shown from the local file: the page displays the server's decoded
     image (GET /viewer/volumes/{id}/image), so a click lands on the server's own voxel

@@ -174,6 +174,29 @@ export async function applyDelta (img, dims, answer) {
   }
 }
 
+/** The box `lo <= (i, j, k) < hi` of `img` (a mask's voxels, NIfTI file order: i fastest, dims
+ * `dims` = [ni, nj, nk]) in the delta format: C order (i slowest, k fastest), one bit a voxel
+ * (non-zero: in the mask), least significant bit first, zlib (RFC 1950), base64. */
+export async function encodeBox (img, dims, lo, hi) {
+  const [si, sj, sk] = [hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]]
+  const [ni, nj] = dims
+  const bits = new Uint8Array(Math.ceil((si * sj * sk) / 8))
+  let n = 0
+  for (let i = 0; i < si; i++) {
+    for (let j = 0; j < sj; j++) {
+      const row = (lo[0] + i) + (lo[1] + j) * ni
+      for (let k = 0; k < sk; k++, n++) {
+        if (img[row + (lo[2] + k) * ni * nj] > 0) bits[n >> 3] |= 1 << (n & 7)
+      }
+    }
+  }
+  const stream = new Blob([bits]).stream().pipeThrough(new CompressionStream('deflate'))
+  const packed = new Uint8Array(await new Response(stream).arrayBuffer())
+  let text = ''
+  for (let i = 0; i < packed.length; i += 0x8000) text += String.fromCharCode(...packed.subarray(i, i + 0x8000))
+  return { lo: lo.slice(), hi: hi.slice(), encoding: 'zlib-packbits-le-c', data: btoa(text) }
+}
+
 export async function getVolumeImage (volumeId) {
   return (await call(`viewer/volumes/${volumeId}/image`)).arrayBuffer()
 }

@@ -84,3 +84,67 @@ export function round (v, digits = 2) {
   const f = 10 ** digits
   return v.map((x) => Math.round(x * f) / f)
 }
+
+// -- 2D tools on a slice (box, brush). A 2D view shows a plane of NiiVue's RAS-ordered grid
+// (`dimsRAS`): the axial view the plane of its axes 0 and 1, the coronal view 0 and 2, the
+// sagittal view 1 and 2; the third axis is the one the view slices through.
+
+/** {plane: [a, b], through: c}: the RAS-grid axes a 2D view (NiiVue's axCorSag 0, 1, 2) shows. */
+export function viewAxes (axCorSag) {
+  return [{ plane: [0, 1], through: 2 }, { plane: [0, 2], through: 1 }, { plane: [1, 2], through: 0 }][axCorSag] || null
+}
+
+/** RAS mm of a (possibly fractional) index of the RAS-ordered grid, through the true affine. */
+export function gridToRAS (vol, v) {
+  const m = vol.matRAS
+  return [0, 1, 2].map((r) => m[r * 4] * v[0] + m[r * 4 + 1] * v[1] + m[r * 4 + 2] * v[2] + m[r * 4 + 3])
+}
+
+/** The 3D box of a rectangle dragged on a 2D view, from the RAS-grid voxels `v0` and `v1` of its
+ * corners (on one slice). In the view's plane the box holds both corner voxels and every voxel
+ * between them; through the slice it is centred on the slice and as deep, in mm, as the
+ * rectangle's longer side (a lesion about as deep as it is wide), cut at the image's edges.
+ * Answers `lo`, `hi` (inclusive RAS-grid indices) and `corners`: the two opposite corners, in RAS
+ * mm, of the smallest world-aligned box holding those voxels whole (their outer edges, half a
+ * voxel beyond the centres: the server keeps the voxels whose centre lies in the box). */
+export function dragBox (vol, v0, v1, axCorSag) {
+  const axes = viewAxes(axCorSag)
+  if (!axes) return null
+  const d = vol.dimsRAS
+  const px = vol.pixDimsRAS || [1, 1, 1, 1]
+  const lo = [0, 1, 2].map((n) => Math.min(v0[n], v1[n]))
+  const hi = [0, 1, 2].map((n) => Math.max(v0[n], v1[n]))
+  const sideMm = Math.max(...axes.plane.map((n) => (hi[n] - lo[n] + 1) * Math.abs(px[n + 1] || 1)))
+  const c = axes.through
+  const half = Math.floor(sideMm / 2 / Math.abs(px[c + 1] || 1))
+  lo[c] = Math.max(0, v0[c] - half)
+  hi[c] = Math.min(d[c + 1] - 1, v0[c] + half)
+  const ras = []
+  for (const x of [lo[0] - 0.5, hi[0] + 0.5]) {
+    for (const y of [lo[1] - 0.5, hi[1] + 0.5]) {
+      for (const z of [lo[2] - 0.5, hi[2] + 0.5]) ras.push(gridToRAS(vol, [x, y, z]))
+    }
+  }
+  const corners = [[0, 1, 2].map((n) => Math.min(...ras.map((p) => p[n]))), [0, 1, 2].map((n) => Math.max(...ras.map((p) => p[n])))]
+  return { lo, hi, corners }
+}
+
+/** The RAS-grid voxels a brush of `radius` voxels at `centre` covers on its slice (a disc in the
+ * view's plane, one voxel thick), inside the grid. */
+export function brushVoxels (vol, centre, radius, axCorSag) {
+  const axes = viewAxes(axCorSag)
+  if (!axes) return []
+  const d = vol.dimsRAS
+  const [a, b] = axes.plane
+  const out = []
+  for (let da = -radius; da <= radius; da++) {
+    for (let db = -radius; db <= radius; db++) {
+      if (da * da + db * db > radius * radius) continue
+      const v = centre.slice()
+      v[a] += da
+      v[b] += db
+      if (v.every((x, n) => x >= 0 && x < d[n + 1])) out.push(v)
+    }
+  }
+  return out
+}

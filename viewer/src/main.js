@@ -1,15 +1,15 @@
 // msam viewer: open a volume, click on lesions, see their 3D masks (NiiVue).
 //
-// A volume opens an interactive session on the server; each click is an interaction of the
-// lesion being edited, answered in its own response with the lesion's mask as a delta (no
-// polling), applied to the lesion's overlay in place; undo is the server's. Saving (a download,
-// or sending to PACS) commits the session: the outputs are written then, with every lesion
-// (label n = lesion n).
+// A volume opens an interactive session on the server; each click, box drag or re-run of an
+// edited mask (brush: paint / erase) is an interaction of the lesion being edited, answered in
+// its own response with the lesion's mask as a delta (no polling), applied to the lesion's
+// overlay in place; undo is the server's. Saving (a download, or sending to PACS) commits the
+// session: the outputs are written then, with every lesion (label n = lesion n).
 // The console never gets file names, headers or API keys (no patient data in the page's logs).
 
 import { Niivue, NVImage, SLICE_TYPE, SHOW_RENDER, DRAG_MODE } from '@niivue/niivue'
 import * as api from './api.js'
-import { affinesAgree, fracToRAS, headerAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
+import { affinesAgree, apply, brushVoxels, dragBox, fracToRAS, gridToRAS, headerAffine, invertAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
 
 // ---------------------------------------------------------------------------------------------
 // window / level presets (width, level in HU; MR and unknown: robust range of the image)
@@ -29,6 +29,7 @@ const PEN_LONG_AXIS = 5 //                        5 cyan: RECIST long axis
 const PEN_SHORT_AXIS = 6 //                       6 magenta: short axis
 const RECENT_KEY = 'msam.recentVolumes'
 const CLICK_SLOP_PX = 5
+const TOOLS = ['click', 'box', 'paint', 'erase']
 const MARKER_RADIUS_MM = 2
 
 const $ = (id) => document.getElementById(id)
@@ -38,14 +39,19 @@ const esc = (v) => String(v).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&
 const state = {
   volume: null, // {volume_id, format, shape, spacing, affine_ras, modality, source}
   session: null, // the server's interactive session on the volume ({session_id, ...})
-  lesions: [], // {n, serverN, points: [{ras, voxel, positive, sent}], overlay (NVImage), voxels, ml, generation, shown, status}
+  // {n, serverN, acts: [{kind: 'point' | 'box' | 'mask', sent, ...}] (its interactions, in order;
+  // `points`: those that are points), pendingEdit (brush strokes not re-run yet), overlay
+  // (NVImage), voxels, ml, generation, shown, status}
+  lesions: [],
   active: -1,
+  tool: 'click', // click (points), box (drag a rectangle), paint / erase (brush on the mask)
+  brush: 2, // brush radius, voxels of the slice shown
   nextLesion: 1,
   busy: 0,
   lastLatencyMs: null,
   lastBreakdown: null,
   lastJob: null,
-  history: [] // [{lesion n}] order of point additions, for undo across lesions
+  history: [] // [lesion n] order of interactions added, for undo across lesions
 }
 
 const nv = new Niivue({
@@ -201,6 +207,7 @@ async function showVolume (info, localBuffer, localName = 'image.nii.gz') {
   for (const v of [...nv.volumes]) nv.removeVolume(v)
   nv.addVolume(image)
   state.volume = { ...info, source }
+  voxelOfRAS = invertAffine(info.affine_ras)
   state.session = await api.createSession(info.volume_id, 'RAS')
   nv.createEmptyDrawing()
   nv.setDrawOpacity(0.9)
@@ -212,7 +219,7 @@ async function showVolume (info, localBuffer, localName = 'image.nii.gz') {
     `${round(info.spacing, 2).join(' × ')} mm · ${info.volume_id.slice(0, 8)}`
   document.body.classList.add('has-volume')
   updateButtons()
-  say('click on a lesion (left click: inside, shift+click or right click: outside)')
+  say('click on a lesion (left click: inside, shift+click or right click: outside), or drag a box around it (Box)')
 }
 
 function applyPreset (key) {
@@ -239,9 +246,12 @@ function currentLesion () {
 function newLesion () {
   if (!state.volume) return
   const cur = currentLesion()
-  if (cur && cur.points.length === 0) return // reuse the empty one
+  if (cur && cur.acts.length === 0 && !cur.pendingEdit) return // reuse the empty one
   const n = state.nextLesion++
-  state.lesions.push({ n, label: `lesion ${n}`, points: [], overlay: null, voxels: 0, ml: 0, serverN: null, generation: 0, shown: 0, status: '' })
+  state.lesions.push({
+    n, label: `lesion ${n}`, acts: [], pendingEdit: null, overlay: null, voxels: 0, ml: 0, serverN: null, generation: 0, shown: 0, status: '',
+    get points () { return this.acts.filter((a) => a.kind === 'point') }
+  })
   state.active = state.lesions.length - 1
   renderLesions()
   updateButtons()
@@ -281,9 +291,11 @@ function renderLesions () {
     li.dataset.lesion = String(lesion.n)
     const pos = lesion.points.filter((p) => p.positive).length
     const neg = lesion.points.length - pos
+    const extra = (lesion.acts.some((a) => a.kind === 'box') ? ' □' : '') +
+      (lesion.acts.some((a) => a.kind === 'mask') ? ' ✎' : '') + (lesion.pendingEdit ? '*' : '')
     li.innerHTML = `<span class="swatch" style="background:${LESION_CSS[colourIndex(lesion)]}"></span>` +
       `<span class="name">${esc(lesion.label)}</span>` +
-      `<span class="pts">+${pos} −${neg}</span>` +
+      `<span class="pts" title="points, box, mask edits (*: brush strokes not re-run yet)">+${pos} −${neg}${extra}</span>` +
       `<span class="ml">${lesion.overlay || lesion.voxels ? lesion.ml.toFixed(2) + ' mL' : ''}</span>` +
       `<span class="axes" title="RECIST long x short axis (drawn on the slice where they lie)">${axesText(lesion)}</span>` +
       `<span class="st">${esc(lesion.status)}</span>` +
@@ -294,6 +306,7 @@ function renderLesions () {
       } else {
         state.active = idx
         renderLesions()
+        updateButtons()
       }
     })
     ul.appendChild(li)
@@ -309,7 +322,7 @@ function axesText (lesion) {
 function deleteLesion (idx) {
   const lesion = state.lesions[idx]
   dropOverlay(lesion)
-  if (lesion.serverN != null && lesion.points.some((p) => p.sent)) { // left out of the next commit
+  if (lesion.serverN != null && lesion.acts.some((p) => p.sent)) { // left out of the next commit
     const sid = state.session.session_id
     lesion.chain.then(() => api.resetLesion(sid, lesion.serverN)).catch(() => {})
   }
@@ -327,8 +340,10 @@ function updateButtons () {
   const has = !!state.volume
   const anyMask = state.lesions.some((l) => l.overlay)
   $('new-lesion').disabled = !has
-  $('undo').disabled = !has || state.history.length === 0
-  $('clear').disabled = !has || state.lesions.every((l) => l.points.length === 0)
+  $('clear').disabled = !has || state.lesions.every((l) => l.acts.length === 0 && !l.pendingEdit)
+  const cur = currentLesion()
+  $('rerun').disabled = !has || !cur || !cur.pendingEdit
+  $('undo').disabled = !has || (state.history.length === 0 && !(cur && cur.pendingEdit))
   $('dl-nifti').disabled = !anyMask
   $('dl-png').disabled = !anyMask
   $('send-pacs').disabled = !anyMask || !(state.volume && state.volume.format === 'dicom')
@@ -381,15 +396,25 @@ function redrawMarkers () {
 // ---------------------------------------------------------------------------------------------
 // clicks -> session interactions -> overlays
 
-function addPoint (ras, rasVoxel, positive, t0) {
+/** Does the lesion have a prompt the server can start from (a positive point, a box or a mask)? */
+function prompted (lesion) {
+  return lesion.acts.some((a) => a.kind !== 'point' || a.positive)
+}
+
+/** Add an interaction (`act`: {kind, ...}) to the current lesion and send it (after the
+ * lesion's earlier ones). */
+function addAct (act, t0) {
   const lesion = currentLesion()
-  if (!lesion || !state.volume || !state.session) return
-  const voxel = rasToVoxel(state.volume.affine_ras, ras)
-  lesion.points.push({ ras, rasVoxel, voxel, positive, sent: false })
+  if (!lesion || !state.volume || !state.session) return null
+  if (lesion.pendingEdit && act.kind !== 'mask') {
+    say('re-run the brush strokes first (or undo them)', 'error')
+    return null
+  }
+  lesion.acts.push({ ...act, sent: false })
   state.history.push(lesion.n)
   lesion.generation++
   lesion.t0 = t0
-  if (!lesion.points.some((p) => p.positive)) {
+  if (!prompted(lesion)) {
     lesion.status = 'needs a positive point' // kept here until a positive point comes
     lesion.shown = lesion.generation
   } else {
@@ -398,6 +423,12 @@ function addPoint (ras, rasVoxel, positive, t0) {
   redrawMarkers()
   renderLesions()
   updateButtons()
+  return lesion
+}
+
+function addPoint (ras, rasVoxel, positive, t0) {
+  if (!state.volume) return
+  addAct({ kind: 'point', ras, rasVoxel, voxel: rasToVoxel(state.volume.affine_ras, ras), positive }, t0)
 }
 
 /** Run `step` after the lesion's earlier interactions (one at a time per lesion, in order, so
@@ -420,24 +451,32 @@ function enqueue (lesion, step) {
   })
 }
 
-/** Send the lesion's points the server has not seen yet (a lesion's first interaction is a
- * positive point: negative points clicked before it follow it). */
+/** The request body of an interaction. */
+function interactionBody (act) {
+  if (act.kind === 'point') return { kind: 'point', xyz: round(act.ras, 3), positive: act.positive }
+  if (act.kind === 'box') return { kind: 'box', corners: act.corners.map((c) => round(c, 3)) }
+  return { kind: 'mask', edit: act.edit }
+}
+
+/** Send the lesion's interactions the server has not seen yet (a lesion's first interaction is
+ * a positive point, a box or a mask: negative points clicked before it follow it). */
 async function flush (lesion) {
   if (!state.lesions.includes(lesion)) return
   const sid = state.session.session_id
   if (lesion.serverN == null) lesion.serverN = (await api.addLesion(sid, lesion.label)).lesion
   for (;;) {
-    const unsent = lesion.points.filter((p) => !p.sent)
+    const unsent = lesion.acts.filter((p) => !p.sent)
     if (!unsent.length || !state.lesions.includes(lesion)) return
-    const p = lesion.points.some((q) => q.sent) ? unsent[0] : unsent.find((q) => q.positive)
+    const p = lesion.acts.some((q) => q.sent) ? unsent[0] : unsent.find((q) => q.kind !== 'point' || q.positive)
     if (!p) return
     const started = lesion.t0
     lesion.status = 'segmenting'
     renderLesions()
     const tSend = performance.now()
-    const answer = await api.interact(sid, lesion.serverN, { kind: 'point', xyz: round(p.ras, 3), positive: p.positive })
+    const answer = await api.interact(sid, lesion.serverN, interactionBody(p))
     const tAnswer = performance.now()
     p.sent = true
+    if (p.backup) restoreEdit(lesion, p.backup) // the answer applies to the mask before the edit
     await showAnswer(lesion, answer)
     const tShown = performance.now()
     state.lastLatencyMs = tShown - started
@@ -497,21 +536,101 @@ function showAnswerInfo (answer, latencyMs) {
 }
 
 function undo () {
+  const cur = currentLesion()
+  if (cur && cur.pendingEdit) { // brush strokes not re-run yet: only the page has them
+    if (cur.overlay) restoreEdit(cur, cur.pendingEdit.backup)
+    cur.pendingEdit = null
+    nv.updateGLVolume()
+    renderLesions()
+    updateButtons()
+    say('brush strokes undone')
+    return
+  }
   const n = state.history.pop()
   const lesion = state.lesions.find((l) => l.n === n)
   if (!lesion) { updateButtons(); return }
-  const p = lesion.points.pop()
+  const p = lesion.acts.pop()
   state.active = state.lesions.indexOf(lesion)
   lesion.generation++
-  if (!lesion.points.some((q) => q.positive) && lesion.points.length) lesion.status = 'needs a positive point'
+  if (!prompted(lesion) && lesion.acts.length) lesion.status = 'needs a positive point'
   // the server takes the interaction back once it has it (the chain runs after its answer)
   enqueue(lesion, async () => {
-    if (!p.sent) return
+    if (!p.sent) {
+      if (p.backup) { restoreEdit(lesion, p.backup); nv.updateGLVolume() } // an edit never sent
+      return
+    }
     await showAnswer(lesion, await api.undoLesion(state.session.session_id, lesion.serverN))
-    if (!lesion.points.length) lesion.status = ''
+    if (!lesion.acts.length) lesion.status = ''
   })
   redrawMarkers()
   renderLesions()
+}
+
+// ---------------------------------------------------------------------------------------------
+// mask edits: the brush paints (or erases) the current lesion's overlay on the slice shown; the
+// strokes stay in the page until "Re-run" sends the edited part as a mask interaction (the
+// edited mask becomes the network's input), whose answer replaces them
+
+let voxelOfRAS = null // RAS mm -> the server's voxel (i, j, k): the inverse of affine_ras
+
+/** Paint `value` (1 paint, 0 erase) with the brush at the RAS-grid voxel `centre` of a 2D view
+ * (`axCorSag`) into the lesion's overlay, keeping what it covered before in `pendingEdit`. */
+function paintAt (lesion, centre, axCorSag, value) {
+  const vol = nv.volumes[0]
+  if (ensureOverlay(lesion)) nv.addVolume(lesion.overlay)
+  const dims = vol.hdr.dims.slice(1, 4)
+  const img = lesion.overlay.img
+  const edit = lesion.pendingEdit || (lesion.pendingEdit = { backup: new Map(), lo: null, hi: null })
+  for (const v of brushVoxels(vol, centre, state.brush, axCorSag)) {
+    const ijk = apply(voxelOfRAS, gridToRAS(vol, v)).map(Math.round) // the overlay's (the server's) voxel
+    if (ijk.some((x, n) => x < 0 || x >= dims[n])) continue
+    const idx = ijk[0] + ijk[1] * dims[0] + ijk[2] * dims[0] * dims[1]
+    if ((img[idx] > 0 ? 1 : 0) === value) continue
+    if (!edit.backup.has(idx)) edit.backup.set(idx, img[idx])
+    img[idx] = value
+    edit.lo = edit.lo ? edit.lo.map((x, n) => Math.min(x, ijk[n])) : ijk.slice()
+    edit.hi = edit.hi ? edit.hi.map((x, n) => Math.max(x, ijk[n] + 1)) : ijk.map((x) => x + 1)
+  }
+}
+
+/** Put back the overlay's voxels an edit changed (`backup`: index -> value before). */
+function restoreEdit (lesion, backup) {
+  if (!lesion.overlay) return
+  for (const [idx, value] of backup) lesion.overlay.img[idx] = value
+}
+
+let redrawQueued = false
+function redrawSoon () {
+  if (redrawQueued) return
+  redrawQueued = true
+  requestAnimationFrame(() => { redrawQueued = false; nv.updateGLVolume() })
+}
+
+/** Send the current lesion's brush strokes: the edited box of its mask as a mask interaction. */
+async function rerun () {
+  const lesion = currentLesion()
+  const edit = lesion && lesion.pendingEdit
+  if (!edit || lesion.running || lesion.encoding) return
+  if (!lesion.overlay.img.some((v) => v > 0)) {
+    say('the edited mask is empty: undo the strokes, or delete the lesion', 'error')
+    return
+  }
+  lesion.encoding = true
+  try {
+    const dims = nv.volumes[0].hdr.dims.slice(1, 4)
+    const encoded = await api.encodeBox(lesion.overlay.img, dims, edit.lo, edit.hi)
+    lesion.pendingEdit = null
+    addAct({ kind: 'mask', edit: encoded, backup: edit.backup }, performance.now())
+  } finally {
+    lesion.encoding = false
+  }
+}
+
+function setTool (tool) {
+  if (!TOOLS.includes(tool)) return
+  state.tool = tool
+  for (const t of TOOLS) $('tool-' + t).classList.toggle('active', t === tool)
+  $('viewport').dataset.tool = tool
 }
 
 async function clearAll () {
@@ -593,7 +712,7 @@ function installMouse () {
   canvas.addEventListener('pointerup', (e) => {
     const d = down
     down = null
-    if (!d || d.button !== e.button || !state.volume) return
+    if (!d || d.button !== e.button || !state.volume || state.tool !== 'click') return
     if (Math.hypot(e.clientX - d.x, e.clientY - d.y) > CLICK_SLOP_PX) return
     if (d.button !== 0 && d.button !== 2) return
     const hit = fracToRAS(nv.volumes[0], canvasFrac(e))
@@ -608,6 +727,80 @@ function installMouse () {
     e.stopPropagation()
     zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15)
   }, { capture: true, passive: false })
+}
+
+// the box and brush tools take the left button from NiiVue (its crosshair drag) while chosen:
+// their mouse events stop at the viewport (capture), before they reach the canvas
+
+function installTools () {
+  const canvas = $('gl')
+  const rubber = $('rubber')
+  let drag = null
+  const at = (e) => {
+    const rect = canvas.getBoundingClientRect()
+    const dpr = nv.uiData.dpr || window.devicePixelRatio || 1
+    const pos = [(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr]
+    const tile = nv.tileIndex(pos[0], pos[1])
+    const axCorSag = tile >= 0 && nv.screenSlices[tile] ? nv.screenSlices[tile].axCorSag : -1
+    return { tile, axCorSag, hit: axCorSag >= 0 && axCorSag <= 2 ? fracToRAS(nv.volumes[0], nv.canvasPos2frac(pos)) : null }
+  }
+  const showRubber = (e) => {
+    const vp = $('viewport').getBoundingClientRect()
+    const [x0, x1] = [Math.min(drag.x, e.clientX), Math.max(drag.x, e.clientX)]
+    const [y0, y1] = [Math.min(drag.y, e.clientY), Math.max(drag.y, e.clientY)]
+    Object.assign(rubber.style, { display: 'block', left: `${x0 - vp.left}px`, top: `${y0 - vp.top}px`, width: `${x1 - x0}px`, height: `${y1 - y0}px` })
+  }
+  const stroke = (to) => { // brush from the last voxel to `to`, every voxel between (fast drags)
+    const from = drag.last || to
+    const steps = Math.max(1, ...[0, 1, 2].map((n) => Math.abs(to[n] - from[n])))
+    for (let s = drag.last ? 1 : 0; s <= steps; s++) {
+      paintAt(drag.lesion, [0, 1, 2].map((n) => Math.round(from[n] + (to[n] - from[n]) * s / steps)), drag.axCorSag, drag.value)
+    }
+    drag.last = to
+    redrawSoon()
+  }
+  $('viewport').addEventListener('mousedown', (e) => {
+    if (state.tool === 'click' || e.button !== 0 || e.target !== canvas || !state.volume) return
+    e.stopPropagation()
+    e.preventDefault()
+    const a = at(e)
+    if (!a.hit) return // the 3D view or outside the image
+    const lesion = currentLesion()
+    if (!lesion) return
+    if (state.tool !== 'box' && (lesion.running || lesion.encoding)) {
+      say(`${lesion.label} is being segmented: edit its mask once it is shown`, 'error')
+      return
+    }
+    drag = { ...a, lesion, x: e.clientX, y: e.clientY, value: state.tool === 'paint' ? 1 : 0, last: null }
+    if (state.tool === 'box') showRubber(e)
+    else stroke(a.hit.rasVoxel)
+  }, { capture: true })
+  $('viewport').addEventListener('mousemove', (e) => {
+    if (!drag) return
+    e.stopPropagation()
+    if (state.tool === 'box') { showRubber(e); return }
+    const a = at(e)
+    if (a.tile === drag.tile && a.hit) stroke(a.hit.rasVoxel)
+  }, { capture: true })
+  window.addEventListener('mouseup', (e) => {
+    if (!drag || e.button !== 0) return
+    e.stopPropagation()
+    const d = drag
+    drag = null
+    rubber.style.display = 'none'
+    if (state.tool !== 'box') {
+      if (d.lesion.pendingEdit && d.lesion.pendingEdit.backup.size === 0) d.lesion.pendingEdit = null
+      renderLesions()
+      updateButtons()
+      if (d.lesion.pendingEdit) say('brush strokes on ' + d.lesion.label + ': Re-run sends them (Undo takes them back)')
+      return
+    }
+    const a = at(e)
+    if (Math.hypot(e.clientX - d.x, e.clientY - d.y) <= CLICK_SLOP_PX) { say('drag a rectangle around the lesion'); return }
+    if (a.tile !== d.tile || !a.hit) { say('drag the box within one view of the image', 'error'); return }
+    const box = dragBox(nv.volumes[0], d.hit.rasVoxel, a.hit.rasVoxel, d.axCorSag)
+    addAct({ kind: 'box', corners: box.corners, gridLo: box.lo, gridHi: box.hi }, performance.now())
+  }, { capture: true })
 }
 
 function zoom (factor) {
@@ -646,6 +839,9 @@ function installControls () {
   $('new-lesion').addEventListener('click', newLesion)
   $('undo').addEventListener('click', undo)
   $('clear').addEventListener('click', clearAll)
+  $('rerun').addEventListener('click', rerun)
+  for (const t of TOOLS) $('tool-' + t).addEventListener('click', () => setTool(t))
+  $('brush').addEventListener('change', (e) => { state.brush = Math.max(0, Math.min(20, Math.round(Number(e.target.value) || 0))); e.target.value = state.brush })
   $('dl-nifti').addEventListener('click', () => download('nifti'))
   $('dl-seg').addEventListener('click', () => download('dicom-seg'))
   $('dl-png').addEventListener('click', () => download('png'))
@@ -681,6 +877,7 @@ async function main () {
   await nv.attachToCanvas($('gl'))
   nv.setSliceType(SLICE_TYPE.MULTIPLANAR)
   installMouse()
+  installTools()
   refreshReadiness().catch(() => {})
   setInterval(() => refreshReadiness().catch(() => {}), 15000)
   say('open a volume: upload a NIfTI, NRRD, MetaImage (.mha, or .mhd with its data file) or DICOM (files or a zip), or pick a recent one')
@@ -692,6 +889,7 @@ window.msamViewer = {
   state,
   openRecent,
   showVolume,
+  setTool,
   /** CSS pixel of a RAS point's voxel centre on the 2D view `sliceType` ('axial'...), or null. */
   canvasPointOf (ras, sliceType = 'axial') {
     const vol = nv.volumes[0]
