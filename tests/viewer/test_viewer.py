@@ -494,6 +494,14 @@ def test_box_drag_and_mask_edit_are_session_interactions(service: Stack, browser
         with httpx.Client(base_url=service.url, timeout=30, headers=auth) as c:
             doc = c.get(f"/sessions/{shown['session']}").json()
         assert [x["kind"] for x in doc["lesions"][0]["interactions"]] == ["box"]
+        # its outline is drawn on the slice: the border of the dragged voxels (drawing pen 3; the
+        # RECIST axes, pens 5 and 6, are drawn over it where they cross it)
+        pens = np.asarray(page.evaluate("() => Array.from(window.msamViewer.nv.drawBitmap)"))
+        pens = pens.reshape(SHAPE[::-1]).transpose(2, 1, 0)[::-1]  # RAS-ordered grid (x = 71 - i) -> (i, j, k)
+        ring = np.zeros(SHAPE, bool)
+        ring[lo_v[0]:hi_v[0] + 1, lo_v[1]:hi_v[1] + 1, CENTRE[2]] = True
+        ring[lo_v[0] + 1:hi_v[0], lo_v[1] + 1:hi_v[1], CENTRE[2]] = False
+        assert np.array_equal(pens == 3, ring & (pens != 5) & (pens != 6)) and (pens == 3).sum() > 50
         page.screenshot(path=str(OUT / "viewer-box.png"))
 
         # -- brush: paint a disc (radius 3) off the sphere, erase a stroke (radius 2) through the

@@ -9,7 +9,7 @@
 
 import { Niivue, NVImage, SLICE_TYPE, SHOW_RENDER, DRAG_MODE } from '@niivue/niivue'
 import * as api from './api.js'
-import { affinesAgree, apply, brushVoxels, dragBox, fracToRAS, gridToRAS, headerAffine, invertAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
+import { affinesAgree, apply, brushVoxels, dragBox, viewAxes, fracToRAS, gridToRAS, headerAffine, invertAffine, rasToFrac, rasToVoxel, round } from './geometry.js'
 
 // ---------------------------------------------------------------------------------------------
 // window / level presets (width, level in HU; MR and unknown: robust range of the image)
@@ -25,6 +25,7 @@ const LESION_CSS = ['#ff3030', '#3a6bff', '#c060ff', '#ffc430', '#d08050', '#30d
 const OVERLAY_OPACITY = 0.5
 const PEN_POSITIVE = 2 // ITK-SNAP draw colours: 2 green
 const PEN_NEGATIVE = 4 //                         4 yellow
+const PEN_BOX = 3 //                              3 blue: a lesion's box, on the slice it was dragged on
 const PEN_LONG_AXIS = 5 //                        5 cyan: RECIST long axis
 const PEN_SHORT_AXIS = 6 //                       6 magenta: short axis
 const RECENT_KEY = 'msam.recentVolumes'
@@ -364,6 +365,21 @@ function drawAxis (bm, vol, axis, pen) {
   }
 }
 
+// the box in effect: its outline on the slice it was dragged on
+function drawBoxOutline (bm, d, box) {
+  const { plane: [a, b], through: c } = viewAxes(box.view)
+  const v = [0, 0, 0]
+  v[c] = box.slice
+  for (let x = box.gridLo[a]; x <= box.gridHi[a]; x++) {
+    for (let y = box.gridLo[b]; y <= box.gridHi[b]; y++) {
+      if (x !== box.gridLo[a] && x !== box.gridHi[a] && y !== box.gridLo[b] && y !== box.gridHi[b]) continue
+      v[a] = x
+      v[b] = y
+      bm[v[0] + v[1] * d[1] + v[2] * d[1] * d[2]] = PEN_BOX
+    }
+  }
+}
+
 // point markers live in NiiVue's drawing layer (same grid as the image: exact on every view)
 function redrawMarkers () {
   const vol = nv.volumes[0]
@@ -385,6 +401,8 @@ function redrawMarkers () {
         }
       }
     }
+    const box = lesion.acts.findLast((a) => a.kind === 'box')
+    if (box) drawBoxOutline(bm, d, box)
     if (lesion.measurements && lesion.overlay) {
       drawAxis(bm, vol, lesion.measurements.long_axis, PEN_LONG_AXIS)
       drawAxis(bm, vol, lesion.measurements.short_axis, PEN_SHORT_AXIS)
@@ -799,7 +817,7 @@ function installTools () {
     if (Math.hypot(e.clientX - d.x, e.clientY - d.y) <= CLICK_SLOP_PX) { say('drag a rectangle around the lesion'); return }
     if (a.tile !== d.tile || !a.hit) { say('drag the box within one view of the image', 'error'); return }
     const box = dragBox(nv.volumes[0], d.hit.rasVoxel, a.hit.rasVoxel, d.axCorSag)
-    addAct({ kind: 'box', corners: box.corners, gridLo: box.lo, gridHi: box.hi }, performance.now())
+    addAct({ kind: 'box', corners: box.corners, gridLo: box.lo, gridHi: box.hi, view: d.axCorSag, slice: d.hit.rasVoxel[viewAxes(d.axCorSag).through] }, performance.now())
   }, { capture: true })
 }
 
