@@ -595,6 +595,7 @@ let voxelOfRAS = null // RAS mm -> the server's voxel (i, j, k): the inverse of 
  * (`axCorSag`) into the lesion's overlay, keeping what it covered before in `pendingEdit`. */
 function paintAt (lesion, centre, axCorSag, value) {
   const vol = nv.volumes[0]
+  if (!value && !lesion.overlay) return // nothing to erase
   if (ensureOverlay(lesion)) nv.addVolume(lesion.overlay)
   const dims = vol.hdr.dims.slice(1, 4)
   const img = lesion.overlay.img
@@ -747,8 +748,8 @@ function installMouse () {
   }, { capture: true, passive: false })
 }
 
-// the box and brush tools take the left button from NiiVue (its crosshair drag) while chosen:
-// their mouse events stop at the viewport (capture), before they reach the canvas
+// the box and brush tools take the left button on the 2D views from NiiVue (its crosshair drag)
+// while chosen: their mouse events stop at the viewport (capture), before they reach the canvas
 
 function installTools () {
   const canvas = $('gl')
@@ -779,10 +780,10 @@ function installTools () {
   }
   $('viewport').addEventListener('mousedown', (e) => {
     if (state.tool === 'click' || e.button !== 0 || e.target !== canvas || !state.volume) return
+    const a = at(e)
+    if (!a.hit) return // the 3D view (NiiVue rotates it) or outside the image
     e.stopPropagation()
     e.preventDefault()
-    const a = at(e)
-    if (!a.hit) return // the 3D view or outside the image
     const lesion = currentLesion()
     if (!lesion) return
     if (state.tool !== 'box' && (lesion.running || lesion.encoding)) {
