@@ -441,7 +441,8 @@ def test_box_drag_and_mask_edit_are_session_interactions(service: Stack, browser
     edges); the overlay is the session's mask, inside the box. The brush: paint and erase on the
     slice change the overlay in the page only; Re-run sends the edited box of the mask (exactly the
     strokes over the server's mask) as a mask interaction, and the overlay becomes the answer;
-    undo (server-side) brings the box's mask back; strokes not re-run are undone in the page."""
+    undo (server-side) brings the box's mask back; strokes not re-run are undone in the page. A box
+    on the coronal view maps to its own plane and depth axis."""
     from msam_service.sessions import decode_box
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -563,6 +564,28 @@ def test_box_drag_and_mask_edit_are_session_interactions(service: Stack, browser
         assert np.array_equal(_overlay(page), boxed) and len(sent) == 2
         assert page.evaluate("() => window.msamViewer.state.lesions[0].acts.length") == 1
         assert page.is_disabled("#rerun")
+
+        # -- a box on the coronal view (four-view layout) for a second lesion: plane (i, k), as
+        # deep along j as its longer side (11 x 2 mm = 22 mm: 8 slices of 1.25 mm either side)
+        page.select_option("#layout", "multi")
+        page.click("#new-lesion")
+        page.click("#tool-box")
+        xa, ya = _screen(page, (CENTRE[0] - 6, CENTRE[1], CENTRE[2] - 5), "coronal")
+        xb, yb = _screen(page, (CENTRE[0] + 6, CENTRE[1], CENTRE[2] + 5), "coronal")
+        page.mouse.move(xa, ya)
+        page.mouse.down()
+        page.mouse.move(xb, yb, steps=6)
+        page.mouse.up()
+        coronal = _wait_shown(page, 1)
+        assert coronal["status"] == "" and sent[-1]["kind"] == "box", (coronal, sent[-1])
+        lo_v, hi_v = np.array([40, CENTRE[1] - 8, 12]), np.array([52, CENTRE[1] + 8, 22])
+        edges = np.array([[x, y, z] for x in (lo_v[0] - 0.5, hi_v[0] + 0.5) for y in (lo_v[1] - 0.5, hi_v[1] + 0.5)
+                          for z in (lo_v[2] - 0.5, hi_v[2] + 0.5)]) @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+        assert np.allclose(sent[-1]["corners"], [edges.min(axis=0), edges.max(axis=0)], atol=1e-3), sent[-1]
+        second = _session_mask(service, coronal) > 0
+        assert second.sum() == coronal["voxels"] > 0 and np.array_equal(_overlay(page, 1), second)
+        fg = np.argwhere(second)
+        assert np.all(fg >= lo_v) and np.all(fg <= hi_v), (fg.min(axis=0), fg.max(axis=0))
         assert not any(m.startswith("pageerror") for m in console), console
     except Exception:
         page.screenshot(path=str(OUT / "viewer-tools-failure.png"))
