@@ -7,11 +7,14 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import redis
 
 from msam_service import redis_conn
 from msam_service import sessions as S
@@ -211,14 +214,32 @@ def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path) -> None:
         assert r.status_code == 422
 
 
-def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Path) -> None:
+@contextmanager
+def _two_workers(service: Service) -> Iterator[redis.Redis]:
+    """A second worker for the test (a holder can die, another answers); afterwards the service
+    has its one worker "w1" again, as later tests expect."""
     service.start_worker("w2")
-    r = redis_conn.client(service.redis_url)
     try:
+        yield redis_conn.client(service.redis_url)
+    finally:
+        for name in [n for n in service.workers if n != "w1"]:
+            service.kill_worker(name)
+        if "w1" not in service.workers:
+            service.start_worker("w1")
+
+
+def _new_session(c, ct_nifti: Path, lesions: int = 1) -> tuple[dict, str]:
+    vol = _upload(c, ct_nifti)
+    sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+    for _ in range(lesions):
+        c.post(f"/sessions/{sid}/lesions")
+    return vol, sid
+
+
+def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Path) -> None:
+    with _two_workers(service) as r:
         with service.client() as c:
-            vol = _upload(c, ct_nifti)
-            sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
-            c.post(f"/sessions/{sid}/lesions")
+            vol, sid = _new_session(c, ct_nifti)
             mirror = Mirror(tuple(vol["shape"]))
             mirror.apply(_click(c, sid, 1, (22, 20, 12)))
             holder = r.get(S.holder_key(sid)).decode()
@@ -253,11 +274,6 @@ def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Pa
             assert 'msam_interactions_total{outcome="resent"}' in metrics
             resent = [ln for ln in metrics.splitlines() if ln.startswith('msam_interactions_total{outcome="resent"}')]
             assert float(resent[0].split()[-1]) >= 1
-    finally:
-        for name in [n for n in service.workers if n != "w1"]:
-            service.kill_worker(name)
-        if "w1" not in service.workers:
-            service.start_worker("w1")
 
 
 def _metric(c, outcome: str) -> float:
@@ -272,14 +288,9 @@ def test_a_lost_holders_own_queue_is_swept_each_interaction_run_once(service: Se
     import os
     import signal
 
-    service.start_worker("w2")
-    r = redis_conn.client(service.redis_url)
-    try:
+    with _two_workers(service) as r:
         with service.client() as c:
-            vol = _upload(c, ct_nifti)
-            sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
-            for _ in range(3):
-                c.post(f"/sessions/{sid}/lesions")
+            _, sid = _new_session(c, ct_nifti, lesions=3)
             _click(c, sid, 1, (22, 20, 12))
             holder = r.get(S.holder_key(sid)).decode()
             own = S.worker_queue("msam", holder)
@@ -318,8 +329,3 @@ def test_a_lost_holders_own_queue_is_swept_each_interaction_run_once(service: Se
             assert _metric(c, "done") - done_before == 3, service.logs()
             assert _metric(c, "resent") - resent_before == 3
             assert not [k for k in r.scan_iter(match="*" + S.worker_queue("msam", holder) + "*")]
-    finally:
-        for name in [n for n in service.workers if n != "w1"]:
-            service.kill_worker(name)
-        if "w1" not in service.workers:
-            service.start_worker("w1")
