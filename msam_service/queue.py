@@ -95,9 +95,11 @@ def live_workers(r: Any) -> list[dict[str, str]]:
 
 
 def worker_alive(r: Any, name: str) -> bool:
-    """Whether the worker ``name`` has a liveness record (a worker still starting counts: its
-    record exists before it takes any message of its own queue)."""
-    return bool(r.exists(worker_key(name)))
+    """Whether the worker ``name`` beat recently: its liveness record exists and holds
+    ``alive_at`` (as in :func:`live_workers`; a worker's first beat comes before it takes any
+    message of its own queue). A record without it is what a pool child wrote after its main
+    process had gone."""
+    return bool(r.hexists(worker_key(name), "alive_at"))
 
 
 # -- the queues of lost workers ---------------------------------------------------------------

@@ -134,3 +134,12 @@ def test_one_worker_at_a_time_sweeps(r: redis.Redis, redis_url: str) -> None:
     assert runs == ["a"] and 0 < r.pttl(SWEEP_LOCK) <= 30_000
     r.delete(SWEEP_LOCK)  # the interval is over
     assert second.sweep_if_due() and runs == ["a", "b"]
+
+
+def test_only_a_record_with_a_beat_keeps_a_workers_queue(r: redis.Redis, redis_url: str) -> None:
+    app = _app(redis_url)
+    for name in ("beating-host:5", "orphan-host:6"):
+        _declare(app, S.worker_queue(SHARED, name))
+    _alive(r, "beating-host:5")
+    r.hset(worker_key("orphan-host:6"), "model_loaded", "1")  # a pool child's report, its main process gone
+    assert set(lost_worker_queues(r, SHARED)) == {"orphan-host:6"}
