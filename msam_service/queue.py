@@ -107,7 +107,7 @@ def worker_alive(r: Any, name: str) -> bool:
 #: for the sweep interval: it also spaces the sweeps out).
 SWEEP_LOCK = "msam:lock:worker-queue-sweep"
 #: How kombu's Redis transport names a queue's list per message priority (``name`` + separator +
-#: priority; priority 0 is the list ``name`` itself) and the routing table of a queue's exchange.
+#: priority; priority 0 is the list ``name`` itself).
 _PRIORITY_SEP = "\x06\x16"
 #: The routing tables kombu keeps per exchange (a worker's queue has an exchange of its name).
 _BINDINGS = ("_kombu.binding.", "_kombu.binding_permanent.")
@@ -123,7 +123,8 @@ class SweepReport:
 
 def lost_worker_queues(r: redis.Redis, queue: str) -> dict[str, list[str]]:
     """The Redis keys of the per-worker queues (:func:`msam_service.sessions.worker_queue`) whose
-    worker has no liveness record, by worker name: their lists and their exchange's bindings."""
+    worker does not beat (:func:`worker_alive`), by worker name: their lists and their exchange's
+    bindings."""
     prefix = worker_queue(queue, "")
     found: dict[str, list[str]] = {}
     for strip in ("", *_BINDINGS):
@@ -157,7 +158,9 @@ def sweep_lost_worker_queues(r: redis.Redis, queue: str, store: SessionStore,
     the same one the gateway takes when it resends an interaction whose worker is lost, so an
     interaction runs at most once more, whoever notices first. A copy is dropped when the
     interaction was answered (done or failed), resent already, has expired, or is running on a
-    live worker. Any other message is put on the shared queue unchanged."""
+    live worker. Any other message is put on the shared queue unchanged. A sweep that dies
+    between taking a message and sending it loses that copy; the gateway still resends the
+    interaction to a client that waits on it."""
     report = SweepReport()
     for name, keys in lost_worker_queues(r, queue).items():
         bindings = [k for k in keys if k.startswith(_BINDINGS)]
