@@ -23,6 +23,35 @@ from typing import Any, Literal, TypedDict
 DEFAULT_SEND = ("dicom-seg", "sr")
 
 
+
+# -- the result files ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResultFile:
+    """One result format of a job, as the GPU worker stores it and the gateway and the I/O worker
+    read it: ``name`` in the job's storage folder, the ``media_type`` and ``download`` name a
+    download of it gets."""
+
+    name: str
+    media_type: str
+    download: str
+
+
+#: result format (``GET /jobs/{id}/result?format=``) -> its file (FHIR is built on request, not stored)
+RESULT_FILES: dict[str, ResultFile] = {
+    "dicom-seg": ResultFile("seg.dcm", "application/dicom", "seg.dcm"),
+    "rtstruct": ResultFile("rtstruct.dcm", "application/dicom", "rtstruct.dcm"),
+    "nifti": ResultFile("mask.nii.gz", "application/gzip", "mask.nii.gz"),
+    "png": ResultFile("preview.png", "image/png", "preview.png"),
+    "mha": ResultFile("mask.mha", "application/octet-stream", "mask.mha"),
+    "sr": ResultFile("sr.dcm", "application/dicom", "sr.dcm"),
+}
+
+
+def result_key(job_id: str, fmt: str) -> str:
+    """The storage key of the job's result in format ``fmt`` (a key of :data:`RESULT_FILES`)."""
+    return f"jobs/{job_id}/{RESULT_FILES[fmt].name}"
+
+
 # -- the prompt document -------------------------------------------------------------------------
 class MaskDocument(TypedDict, total=False):
     volume_id: str | None  # a stored volume (the gateway turns an upload into one)

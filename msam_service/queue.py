@@ -13,12 +13,21 @@ The message carries only the job id; the request lives in the job record
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 
 from msam_service.redis_conn import celery_url
+from msam_service.sessions import DONE, FAILED, INTERACT_TASK, RUNNING, SessionStore, worker_queue
 from msam_service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "msam.segment"
 #: Network I/O tasks (the I/O worker, ``worker.io_app``): retrieve a job's series from its archive,
@@ -83,6 +92,107 @@ def live_workers(r: Any) -> list[dict[str, str]]:
         if "alive_at" in record:
             out.append(record)
     return out
+
+
+def worker_alive(r: Any, name: str) -> bool:
+    """Whether the worker ``name`` beat recently: its liveness record exists and holds
+    ``alive_at`` (as in :func:`live_workers`; a worker's first beat comes before it takes any
+    message of its own queue). A record without it is what a pool child wrote after its main
+    process had gone."""
+    return bool(r.hexists(worker_key(name), "alive_at"))
+
+
+# -- the queues of lost workers ---------------------------------------------------------------
+#: The lock that lets one process at a time sweep the queues of lost workers (held, not released,
+#: for the sweep interval: it also spaces the sweeps out).
+SWEEP_LOCK = "msam:lock:worker-queue-sweep"
+#: How kombu's Redis transport names a queue's list per message priority (``name`` + separator +
+#: priority; priority 0 is the list ``name`` itself).
+_PRIORITY_SEP = "\x06\x16"
+#: The routing tables kombu keeps per exchange (a worker's queue has an exchange of its name).
+_BINDINGS = ("_kombu.binding.", "_kombu.binding_permanent.")
+
+
+@dataclass
+class SweepReport:
+    queues: int = 0    # lost workers' queues removed
+    resent: int = 0    # interactions handed to the shared queue (each one's only resend)
+    dropped: int = 0   # copies not run: answered already, resent already, expired, or running elsewhere
+    moved: int = 0     # other messages put on the shared queue as they were
+
+
+def lost_worker_queues(r: redis.Redis, queue: str) -> dict[str, list[str]]:
+    """The Redis keys of the per-worker queues (:func:`msam_service.sessions.worker_queue`) whose
+    worker does not beat (:func:`worker_alive`), by worker name: their lists and their exchange's
+    bindings."""
+    prefix = worker_queue(queue, "")
+    found: dict[str, list[str]] = {}
+    for strip in ("", *_BINDINGS):
+        for raw in r.scan_iter(match=strip + prefix + "*", count=1000):
+            key = raw.decode()
+            name = key[len(strip) + len(prefix):].split(_PRIORITY_SEP, 1)[0]
+            found.setdefault(name, []).append(key)
+    return {name: sorted(keys) for name, keys in found.items() if not worker_alive(r, name)}
+
+
+def _task_of(raw: bytes) -> tuple[str, list[Any]] | None:
+    """A Celery message (protocol 2, as kombu stores it in Redis) -> its task name and args."""
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(message["headers"]["task"]), list(args)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def sweep_lost_worker_queues(r: redis.Redis, queue: str, store: SessionStore,
+                             send_interaction: Callable[[str], None]) -> SweepReport:
+    """Empty and remove the queues of workers that are gone.
+
+    Each message is taken off its list atomically (so two sweeps never handle the same one). An
+    interaction is sent again to the shared ``queue`` (``send_interaction``) when nobody did it
+    before: the claim is the interaction's ``resent`` mark (:meth:`SessionStore.claim_resend`),
+    the same one the gateway takes when it resends an interaction whose worker is lost, so an
+    interaction runs at most once more, whoever notices first. A copy is dropped when the
+    interaction was answered (done or failed), resent already, has expired, or is running on a
+    live worker. Any other message is put on the shared queue unchanged. A sweep that dies
+    between taking a message and sending it loses that copy; the gateway still resends the
+    interaction to a client that waits on it."""
+    report = SweepReport()
+    for name, keys in lost_worker_queues(r, queue).items():
+        bindings = [k for k in keys if k.startswith(_BINDINGS)]
+        for key in keys:
+            if key in bindings:
+                continue
+            while (raw := r.rpop(key)) is not None:  # the oldest first
+                task = _task_of(raw)  # type: ignore[arg-type]
+                if task is None or task[0] != INTERACT_TASK or len(task[1]) != 1:
+                    r.lpush(queue, raw)  # type: ignore[arg-type]
+                    report.moved += 1
+                    continue
+                interaction_id = str(task[1][0])
+                rec = store.interaction(interaction_id)
+                running_elsewhere = (rec is not None and rec["status"] == RUNNING and bool(rec.get("worker"))
+                                     and worker_alive(r, rec["worker"].split("/", 1)[0]))
+                if (rec is None or rec["status"] in (DONE, FAILED) or rec.get("resent") or running_elsewhere
+                        or not store.claim_resend(interaction_id, queue)):
+                    report.dropped += 1
+                    continue
+                send_interaction(interaction_id)
+                report.resent += 1
+        if bindings:
+            r.delete(*bindings)
+        report.queues += 1
+        logger.info("removed the queue of lost worker %s", name)
+    return report
+
+
+def send_interaction(app: Celery, interaction_id: str, queue: str) -> None:
+    """Send an interaction (its record says where: :class:`msam_service.sessions.SessionStore`)."""
+    app.send_task(INTERACT_TASK, args=[interaction_id], queue=queue, ignore_result=True)
 
 
 def make_celery(settings: Settings, name: str = "msam") -> Celery:

@@ -15,7 +15,8 @@ Keys (all expire ``ttl_s`` after the session's last change, like jobs):
   the gateway routes the next one while that worker is alive;
 - ``msam:session:<id>:mask:<interaction id>``: a lesion's mask after that interaction
   (:func:`pack_mask`); the mask at step 0 is empty;
-- ``msam:interaction:<id>``: one interaction's status and answer (hash), and
+- ``msam:interaction:<id>``: one interaction's status and answer (hash; ``queue``: where its
+  live message was sent, ``resent``: set once it was sent again after a lost worker), and
   ``msam:interaction:<id>:done``: a list the worker pushes to when the answer is there (the
   gateway's bounded wait blocks on it).
 
@@ -380,6 +381,20 @@ class SessionStore:
             if d.get(name):
                 d[name] = json.loads(d[name])
         return d
+
+    def claim_resend(self, interaction_id: str, queue: str) -> bool:
+        """Record that the interaction is sent again, to ``queue`` (the shared one), after the
+        worker it waited on was lost; ``True`` for the one caller that may send it (the gateway
+        waiting for it, or the sweep of a lost worker's queue), ``False`` once it has been resent.
+        Whoever gets ``True`` sends it: an interaction is resent at most once."""
+        key = interaction_key(interaction_id)
+        if not self.r.exists(key) or not self.r.hsetnx(key, "resent", "1"):
+            return False
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"status": QUEUED, "queue": queue})
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+        return True
 
     def finish_interaction(self, interaction_id: str, status: str, **fields: Any) -> None:
         """Record the answer (``result`` or ``error``) and wake whoever waits for it."""

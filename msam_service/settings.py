@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     interaction_wait_s: float = Field(default=5.0, ge=0, le=60, description="how long an interaction's HTTP "
                                       "request waits for its answer before it returns 202 and a link to poll")
     max_interactions: int = Field(default=256, gt=0, description="most interactions kept per lesion of a session")
+    worker_queue_sweep_s: float = Field(default=30.0, gt=0, description="how often (at most, across all workers) "
+                                        "a live worker empties and removes the own queues of lost workers, "
+                                        "resending their interactions to the shared queue once")
 
     # -- embedding cache --------------------------------------------------------------------
     cache_ttl_s: int = Field(default=3600, description="embedding cache entry lifetime")

@@ -17,6 +17,7 @@ import os
 from celery import signals
 
 from msam_service import log_privacy, redis_conn
+from msam_service.metrics import RedisMetrics
 from msam_service.queue import make_celery
 from msam_service.settings import get_settings
 
@@ -47,16 +48,29 @@ def _mark_main(**_: object) -> None:
 @signals.worker_ready.connect
 def _start_heartbeat(sender: object = None, **_: object) -> None:
     global _heartbeat
-    from msam_service.sessions import worker_queue
+    from msam_service.queue import send_interaction, sweep_lost_worker_queues
+    from msam_service.sessions import SessionStore, worker_queue
     from worker.heartbeat import Heartbeat
     from worker.runtime import checkpoint_problem, worker_name
 
+    assert settings.redis_url
+    r = redis_conn.client(settings.redis_url)
+    store = SessionStore(r, settings.job_ttl_s)
+
+    def sweep() -> None:
+        report = sweep_lost_worker_queues(r, settings.queue, store,
+                                          lambda iid: send_interaction(app, iid, settings.queue))
+        if report.resent:
+            RedisMetrics(r).incr("interactions_resent", report.resent)
+        if report.queues:
+            logger.info("lost workers' queues removed: %d (interactions resent: %d, copies dropped: %d, "
+                        "other messages moved: %d)", report.queues, report.resent, report.dropped, report.moved)
+
+    # alive before it consumes a queue of its own, so no sweep takes that queue for a lost worker's
+    _heartbeat = Heartbeat(r, worker_name(), settings, sweep=sweep)
+    _heartbeat.start()
     if sender is not None:  # the consumer: also take the interactions routed to this worker alone
         sender.add_task_queue(worker_queue(settings.queue, worker_name()))  # type: ignore[attr-defined]
-
-    assert settings.redis_url
-    _heartbeat = Heartbeat(redis_conn.client(settings.redis_url), worker_name(), settings)
-    _heartbeat.start()
     problem = checkpoint_problem(settings)
     if problem:
         logger.error("%s; jobs will fail with this message until it is fixed", problem)

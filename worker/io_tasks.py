@@ -39,6 +39,7 @@ from celery import Task
 
 from msam_core.errors import InvalidVolume, MsamError
 from msam_service import jobs, redis_conn
+from msam_service.contract import result_key
 from msam_service.jobs import JobRecord, JobStore
 from msam_service.metrics import RedisMetrics
 from msam_service.pacs import dicomweb, dimse_retrieve, dimse_sender, nodes, received, webhooks
@@ -290,17 +291,16 @@ def instance_uid(ctx: IoContext, rec: JobRecord, result: str) -> str:
     asks the archive for); empty when the job has no such result."""
     if rec.status != jobs.SUCCEEDED or result not in rec.results:
         return ""
-    name = {"dicom-seg": "seg.dcm", "sr": "sr.dcm"}[result]
-    with ctx.storage.local_copy(f"jobs/{rec.job_id}/{name}") as path:
+    with ctx.storage.local_copy(result_key(rec.job_id, result)) as path:
         return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def sent_files(rec: JobRecord) -> list[str]:
     """The storage keys a DICOM destination receives: the SEG, then the measurement SR (which
     references the SEG) when the job wrote one and the request's ``send`` does not leave it out."""
-    keys = [f"jobs/{rec.job_id}/seg.dcm"]
+    keys = [result_key(rec.job_id, "dicom-seg")]
     if "sr" in rec.results and rec.request.sends("sr"):
-        keys.append(f"jobs/{rec.job_id}/sr.dcm")
+        keys.append(result_key(rec.job_id, "sr"))
     return keys
 
 

@@ -24,6 +24,7 @@ from msam_core.checkpoints import LoadedModel
 from msam_core.errors import InvalidVolume, MsamError, UnsupportedRequest
 from msam_core.pipeline.segmenter import Segmenter, StageTimer
 from msam_service import jobs
+from msam_service.contract import RESULT_FILES, result_key
 from msam_service.masks import load_masks
 from msam_service.prompts import reference_lines, resolve, segment_labels
 from msam_service.volumes import load_info, open_volume
@@ -31,9 +32,6 @@ from worker.runtime import Runtime, worker_name
 
 logger = logging.getLogger(__name__)
 
-#: format name -> (storage file name, writer kind)
-RESULT_FILES = {"nifti": "mask.nii.gz", "png": "preview.png", "dicom-seg": "seg.dcm",
-                "rtstruct": "rtstruct.dcm", "mha": "mask.mha", "sr": "sr.dcm"}
 
 Progress = Callable[[str, float], None]
 
@@ -238,7 +236,7 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
                 if "dicom-seg" not in written:
                     raise UnsupportedRequest("the measurement SR references the DICOM-SEG, which could not be written: "
                                              + errors.get("dicom-seg", "see dicom-seg"))
-                with rt.storage.local_copy(f"jobs/{job_id}/{RESULT_FILES['dicom-seg']}") as seg:
+                with rt.storage.local_copy(result_key(job_id, "dicom-seg")) as seg:
                     return write_sr({n: m for n, m in measured.items() if m is not None}, volume, seg, p,
                                     algorithm_name=model.name, algorithm_version=model.version, warnings=warnings)
 
@@ -253,7 +251,7 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
     tmp = rt.storage.staging_dir()
     try:
         for name, write in writers.items():
-            path = Path(tmp) / RESULT_FILES[name]
+            path = Path(tmp) / RESULT_FILES[name].name
             try:
                 write(path)
             except (JobCanceled, SoftTimeLimitExceeded):
@@ -268,7 +266,7 @@ def write_results(rt: Runtime, job_id: str, labels, volume, names: dict[int, str
                                 "not in the request); the other formats are complete. Report it with the job id")
                 unexpected.append(exc)
                 continue
-            rt.storage.put_file(f"jobs/{job_id}/{RESULT_FILES[name]}", path)
+            rt.storage.put_file(result_key(job_id, name), path)
             written.append(name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

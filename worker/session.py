@@ -92,12 +92,19 @@ def run_open(rt: Runtime, session_id: str) -> None:
         logger.info("session %s: volume not opened (%s)", session_id, exc.code)
 
 
-def run_interaction(rt: Runtime, interaction_id: str) -> str | None:
-    """Answer one interaction; returns its final status (``None``: nothing to do)."""
+def run_interaction(rt: Runtime, interaction_id: str, delivered_from: str | None = None) -> str | None:
+    """Answer one interaction; returns its final status (``None``: nothing to do).
+
+    ``delivered_from``: the queue the message came from. A message from another queue than the
+    one the record names is a stale copy (the interaction was sent again elsewhere after its
+    worker was lost, and that worker came back under the same name): it is not run."""
     store = S.SessionStore(rt.redis, rt.settings.job_ttl_s)
     rec = store.interaction(interaction_id)
     if rec is None or rec["status"] in (S.DONE, S.FAILED):
         return None  # expired, or answered already (a second delivery after a fallback)
+    if delivered_from and rec.get("queue") and delivered_from != rec["queue"]:
+        logger.info("interaction %s: stale copy from another queue, not run", interaction_id)
+        return None
     session_id, number = rec["session_id"], int(rec["lesion"])
     started = time.time()
     rt.redis.hset(S.interaction_key(interaction_id), mapping={"status": S.RUNNING, "started_at": str(started),

@@ -65,11 +65,12 @@ def open_session(session_id: str) -> None:
     run_open(get_runtime(), session_id)
 
 
-@app.task(name=INTERACT_TASK, ignore_result=True, acks_late=False)
-def interact(interaction_id: str) -> str | None:
+@app.task(name=INTERACT_TASK, bind=True, ignore_result=True, acks_late=False)
+def interact(self: Task, interaction_id: str) -> str | None:
     """One interaction of a session (acknowledged on receipt: when its worker is lost, the
     gateway sends it again to the shared queue, see ``api/routes/sessions.py``)."""
-    return run_interaction(get_runtime(), interaction_id)
+    delivered_from = (self.request.delivery_info or {}).get("routing_key")
+    return run_interaction(get_runtime(), interaction_id, delivered_from=delivered_from)
 
 
 @app.task(name=COMMIT_TASK, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)

@@ -12,20 +12,12 @@ from api.uploads import forget_volume
 from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSummary, ModelOut, ResultFormat,
                          Timings)
 from msam_service import jobs
+from msam_service.contract import RESULT_FILES, result_key
 from msam_service.jobs import JobRecord
 from msam_service.ris.results import fhir_bundle
 
 router = APIRouter(tags=["jobs"])
 
-#: format -> (file name in storage, media type, download name)
-RESULTS: dict[str, tuple[str, str, str]] = {
-    "dicom-seg": ("seg.dcm", "application/dicom", "seg.dcm"),
-    "rtstruct": ("rtstruct.dcm", "application/dicom", "rtstruct.dcm"),
-    "nifti": ("mask.nii.gz", "application/gzip", "mask.nii.gz"),
-    "png": ("preview.png", "image/png", "preview.png"),
-    "mha": ("mask.mha", "application/octet-stream", "mask.mha"),
-    "sr": ("sr.dcm", "application/dicom", "sr.dcm"),
-}
 
 
 def _job(svc: Services, job_id: str, who: str) -> JobRecord:
@@ -102,8 +94,8 @@ def get_result(job_id: str, format: ResultFormat | None = Query(
             f"mha (MetaImage) is written for MetaImage input, and this job's input was {rec.input_format or 'another format'}; "
             "ask for nifti" if fmt == "mha" else f"{fmt} was not produced for this job")
         raise ApiError(422, "unsupported_request", why)
-    name, media, download = RESULTS[fmt]
-    key = f"jobs/{job_id}/{name}"
+    media, download = RESULT_FILES[fmt].media_type, RESULT_FILES[fmt].download
+    key = result_key(job_id, fmt)
     if not svc.storage.exists(key):
         raise ApiError(404, "not_found", f"the {fmt} result of job {job_id} has expired")
     local = getattr(svc.storage, "path", None)  # LocalStorage: send the file itself

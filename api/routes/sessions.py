@@ -10,7 +10,8 @@ Routing: an interaction goes to the queue of the worker that answered the sessio
 (that worker holds the decoded volume, crops and embeddings) while its heartbeat is alive, else
 to the shared queue. Interactions are acknowledged on receipt, so a worker lost mid-interaction
 does not hold it: whoever waits for an interaction whose worker (or the worker it was routed to)
-is gone sends it again to the shared queue, once.
+is gone sends it again to the shared queue, once; a lost worker's own queue is emptied by the
+live workers (:func:`msam_service.queue.sweep_lost_worker_queues`), under the same once-only mark.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from msam_service import sessions as S
 from msam_service.contract import SessionLesion, SessionSnapshot
 from msam_service.masks import grid_difference, mask_grid_error
 from msam_service.prompts import resolve
-from msam_service.queue import worker_key
+from msam_service.queue import send_interaction, worker_alive
 from msam_service.volumes import VolumeInfo
 
 router = APIRouter(tags=["sessions"])
@@ -161,13 +162,13 @@ def _validate(svc: Services, doc: dict[str, Any], lesion: dict[str, Any], act: d
 def _route(svc: Services, session_id: str) -> str:
     """The queue of the worker holding the session while it is alive, else the shared queue."""
     holder = svc.redis.get(S.holder_key(session_id))
-    if holder and svc.redis.exists(worker_key(holder.decode())):  # type: ignore[union-attr]
+    if holder and worker_alive(svc.redis, holder.decode()):  # type: ignore[union-attr]
         return S.worker_queue(svc.settings.queue, holder.decode())  # type: ignore[union-attr]
     return svc.settings.queue
 
 
 def _send(svc: Services, interaction_id: str, queue: str) -> None:
-    svc.queue.send_task(S.INTERACT_TASK, args=[interaction_id], queue=queue, ignore_result=True)
+    send_interaction(svc.queue, interaction_id, queue)
 
 
 def _rescue(svc: Services, interaction_id: str, rec: dict[str, Any]) -> None:
@@ -181,10 +182,9 @@ def _rescue(svc: Services, interaction_id: str, rec: dict[str, Any]) -> None:
         owner = rec["worker"].split("/", 1)[0]
     else:
         return
-    if svc.redis.exists(worker_key(owner)):
+    if worker_alive(svc.redis, owner):
         return
-    if svc.redis.hsetnx(S.interaction_key(interaction_id), "resent", "1"):
-        svc.redis.hset(S.interaction_key(interaction_id), mapping={"status": S.QUEUED, "queue": svc.settings.queue})
+    if _store(svc).claim_resend(interaction_id, svc.settings.queue):
         _send(svc, interaction_id, svc.settings.queue)
         svc.metrics.incr("interactions_resent")
 

@@ -39,6 +39,7 @@ def service_env(tmp: Path, redis_url: str, checkpoint: Path, **extra: str) -> di
         "MSAM_VISIBILITY_TIMEOUT_S": "25",
         "MSAM_CACHE_TTL_S": "600",
         "MSAM_TORCH_THREADS": "1",  # the API and the test process share the 2 cores
+        "MSAM_WORKER_QUEUE_SWEEP_S": "1",  # lost workers' queues are swept at every beat
     })
     env.update(extra)
     return env

@@ -7,11 +7,14 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import redis
 
 from msam_service import redis_conn
 from msam_service import sessions as S
@@ -211,14 +214,32 @@ def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path) -> None:
         assert r.status_code == 422
 
 
-def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Path) -> None:
+@contextmanager
+def _two_workers(service: Service) -> Iterator[redis.Redis]:
+    """A second worker for the test (a holder can die, another answers); afterwards the service
+    has its one worker "w1" again, as later tests expect."""
     service.start_worker("w2")
-    r = redis_conn.client(service.redis_url)
     try:
+        yield redis_conn.client(service.redis_url)
+    finally:
+        for name in [n for n in service.workers if n != "w1"]:
+            service.kill_worker(name)
+        if "w1" not in service.workers:
+            service.start_worker("w1")
+
+
+def _new_session(c, ct_nifti: Path, lesions: int = 1) -> tuple[dict, str]:
+    vol = _upload(c, ct_nifti)
+    sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
+    for _ in range(lesions):
+        c.post(f"/sessions/{sid}/lesions")
+    return vol, sid
+
+
+def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Path) -> None:
+    with _two_workers(service) as r:
         with service.client() as c:
-            vol = _upload(c, ct_nifti)
-            sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
-            c.post(f"/sessions/{sid}/lesions")
+            vol, sid = _new_session(c, ct_nifti)
             mirror = Mirror(tuple(vol["shape"]))
             mirror.apply(_click(c, sid, 1, (22, 20, 12)))
             holder = r.get(S.holder_key(sid)).decode()
@@ -253,8 +274,58 @@ def test_lost_holder_costs_one_resent_interaction(service: Service, ct_nifti: Pa
             assert 'msam_interactions_total{outcome="resent"}' in metrics
             resent = [ln for ln in metrics.splitlines() if ln.startswith('msam_interactions_total{outcome="resent"}')]
             assert float(resent[0].split()[-1]) >= 1
-    finally:
-        for name in [n for n in service.workers if n != "w1"]:
+
+
+def _metric(c, outcome: str) -> float:
+    line = next(ln for ln in c.get("/metrics").text.splitlines()
+                if ln.startswith(f'msam_interactions_total{{outcome="{outcome}"}}'))
+    return float(line.split()[-1])
+
+
+def test_a_lost_holders_own_queue_is_swept_each_interaction_run_once(service: Service, ct_nifti: Path) -> None:
+    """Clicks wait in the holder's own queue when it dies: the live worker's sweep (or the gateway,
+    for a click someone waits on) hands each to the shared queue once, and the queue is removed."""
+    import os
+    import signal
+
+    with _two_workers(service) as r:
+        with service.client() as c:
+            _, sid = _new_session(c, ct_nifti, lesions=3)
+            _click(c, sid, 1, (22, 20, 12))
+            holder = r.get(S.holder_key(sid)).decode()
+            own = S.worker_queue("msam", holder)
+            name = next(n for n, p in service.workers.items() if holder.endswith(f":{p.pid}"))
+            # the holder hangs (it takes no message), then dies with three clicks in its queue
+            os.killpg(service.workers[name].pid, signal.SIGSTOP)
+            time.sleep(2)  # a pop it had waiting at Redis times out (kombu waits 1 s per pop)
+            done_before, resent_before = _metric(c, "done"), _metric(c, "resent")
+            urls = {}
+            for lesion, xyz in ((1, (21, 20, 12)), (2, (22, 20, 12)), (3, (24, 21, 12))):
+                answer = c.post(f"/sessions/{sid}/lesions/{lesion}/interactions", params={"wait": 0},
+                                json={"kind": "point", "xyz": list(xyz)})
+                assert answer.status_code == 202, answer.text
+                urls[lesion] = answer.json()["status_url"]
+                rec = r.hgetall(S.interaction_key(answer.json()["interaction_id"]))
+                assert rec[b"queue"].decode() == own and rec[b"status"] == b"queued"
+            assert r.llen(own) == 3
             service.kill_worker(name)
-        if "w1" not in service.workers:
-            service.start_worker("w1")
+            # someone waits on lesion 1's click: the gateway or the sweep resends it, whichever is first
+            first = c.get(urls[1], params={"wait": 60})
+            assert first.status_code == 200 and first.json()["step"] == 2, first.text
+            # nobody waits on the others: the live worker's sweep hands them to the shared queue
+            deadline = time.monotonic() + 60
+            while r.exists(own, "_kombu.binding." + own, "_kombu.binding_permanent." + own):
+                assert time.monotonic() < deadline, service.logs()
+                time.sleep(0.2)
+            for lesion in (2, 3):
+                answer = c.get(urls[lesion], params={"wait": 60})
+                assert answer.status_code == 200 and answer.json()["step"] == 1, answer.text
+                assert answer.json()["delta"] is not None
+            time.sleep(6)  # a second run, if there were one, would land meanwhile
+            for url in urls.values():
+                rec = r.hgetall(S.interaction_key(url.rsplit("/", 1)[1]))
+                assert rec[b"resent"] == b"1" and rec[b"queue"] == b"msam" and rec[b"status"] == b"done"
+                assert not rec[b"worker"].decode().startswith(holder + "/")
+            assert _metric(c, "done") - done_before == 3, service.logs()
+            assert _metric(c, "resent") - resent_before == 3
+            assert not [k for k in r.scan_iter(match="*" + S.worker_queue("msam", holder) + "*")]

@@ -79,3 +79,15 @@ def test_arrange_upload_uses_generated_names(tmp_path: Path) -> None:
         files.append((f"../slice{n}", p))
     folder = arrange_upload(tmp_path, files)
     assert sorted(x.name for x in folder.iterdir()) == ["000000.dcm", "000001.dcm", "000002.dcm"]
+
+
+def test_the_result_formats_are_the_stored_files_and_fhir() -> None:
+    """``GET /jobs/{id}/result?format=`` accepts what the workers store, plus FHIR (built on request)."""
+    from typing import get_args
+
+    from api.schemas import ResultFormat
+    from msam_service.contract import RESULT_FILES, result_key
+
+    assert set(get_args(ResultFormat)) == set(RESULT_FILES) | {"fhir"}
+    assert len({f.name for f in RESULT_FILES.values()}) == len(RESULT_FILES)
+    assert result_key("j1", "dicom-seg") == "jobs/j1/seg.dcm"

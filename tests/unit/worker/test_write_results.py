@@ -12,9 +12,10 @@ import pytest
 
 from msam_core.io.dicom import read_series
 from msam_core.io.volume import Volume
+from msam_service.contract import result_key
 from msam_service.storage import make_storage
 from tests.unit.io.dicom_synth import asymmetric_mask, make_ct_series
-from worker.job import RESULT_FILES, JobCanceled, write_results
+from worker.job import JobCanceled, write_results
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 
@@ -65,7 +66,7 @@ def test_a_fault_in_one_writer_keeps_the_other_formats(tmp_path: Path, monkeypat
     assert set(errors) == {"rtstruct"} and "RuntimeError" in errors["rtstruct"]
     assert "a fault in the RTSTRUCT writer" not in errors["rtstruct"]  # the message may hold anything
     for name in written:
-        assert rt.storage.exists(f"jobs/job2/{RESULT_FILES[name]}")
+        assert rt.storage.exists(result_key("job2", name))
     assert not rt.storage.exists("jobs/job2/rtstruct.dcm")
 
 
