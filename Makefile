@@ -127,7 +127,7 @@ model: install
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split heldout_thick --out $(MODEL_RUN)/eval_heldout_thick
 	$(VENV)/bin/msam data real --out $(MODEL_REAL)
 	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control --other-image-control
-	$(PY) -m msam_core.train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors
+	$(PY) -m msam_train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors
 
 # Training on a lent accelerator (docs/gpu-training.md). `make pack` (here, once) writes the pack:
 # the anatomy and validation cases that online lesion synthesis needs, ~18 MiB, never committed.
@@ -146,7 +146,7 @@ pack: install
 	$(VENV)/bin/msam data pack --out $(PACK)
 
 gpu-model:
-	PYTHONUNBUFFERED=1 $(GPU_PY) -m msam_core.train.lease run --pack $(PACK) --out $(GPU_OUT) --minutes $(MINUTES) \
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m msam_train.lease run --pack $(PACK) --out $(GPU_OUT) --minutes $(MINUTES) \
 	  --init $(GPU_INIT) $(GPU_ARGS)
 
 clean:

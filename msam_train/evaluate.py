@@ -70,8 +70,8 @@ from msam_core.io.load import load_volume
 from msam_core.pipeline.coarse_view import coarse_grid
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.pipeline.region_prior import RegionPrior
-from msam_core.train.clicks import first_click, next_click
-from msam_core.train.data import case_name
+from msam_train.clicks import first_click, next_click
+from msam_train.data import case_name
 
 METHODS = ("msam", "msam_line", "msam_blank_image", "msam_other_image", "region_growing", "stable_region")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
@@ -323,7 +323,7 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
         raise UnsupportedRequest(f"unknown line strategy {line_strategy!r}; use one of {', '.join(STRATEGIES)}")
     from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.data import require_cases
+    from msam_train.data import require_cases
 
     data_dir = Path(data_dir)
     cases = require_cases(data_dir, split)  # before the model loads: a wrong folder or split fails at once
