@@ -219,6 +219,24 @@ def test_without_msam_train_the_training_commands_say_so_and_the_others_work() -
     assert run("segment", "--help").returncode == 0 and run("serve", "--help").returncode == 0
 
 
+def test_evaluation_without_monai_says_which_extra_installs_it(tmp_path) -> None:
+    """MONAI (the evaluation's Dice and surface Dice) comes with the train extra, not with the
+    runtime set: ``msam evaluate`` without it fails at once with what to install."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['monai'] = None\n"
+              "from msam_core.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-c", script, "evaluate", "--data", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("msam evaluate: error: the evaluation's metrics need the Python package 'monai'")
+    assert "pip install 'msam[train]'" in done.stderr
+    assert not out.exists()
+
+
 def test_a_missing_module_of_our_own_is_a_bug_not_an_unavailable_command(monkeypatch) -> None:
     import msam_core.cli as cli
 
