@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# The exact set of requirements-dev.lock (the runtime set of requirements.lock + the test tools),
+# The exact set of requirements-dev.lock (the runtime set of requirements.lock + the train extra + the test tools),
 # synced by pip-tools' pip-sync: what is not in the lock is uninstalled, so the venv is the lock.
 # Re-installs only when pyproject.toml or the lock changes (idempotent). torch is the lock's CPU
 # build (2.13.0+cpu, found by pip on this machine's disk): no CUDA package is in the lock.
@@ -27,17 +27,17 @@ $(STAMP): pyproject.toml requirements-dev.lock
 # after editing a dependency run `make lock`; `make lock UPGRADE=1` re-resolves everything to the
 # newest releases the ranges allow. torch stays at LOCK_TORCH, the CPU build on this machine's
 # disk (a newer torch resolves to a CUDA build of several GB). Three locks, one set of versions:
-#   requirements.lock      runtime (make install, CI, the worker image, the install tests)
-#   requirements-dev.lock  runtime + the test extra (make install)
+#   requirements.lock      runtime: inference and the service (CI, the worker image, the install tests)
+#   requirements-dev.lock  runtime + the train extra (training, evaluation) + the test extra (make install)
 #   requirements-api.lock  runtime minus API_IMAGE_EXCLUDES, torch-free (the API image)
 LOCK_TORCH         ?= 2.13.0
-API_IMAGE_EXCLUDES := torch monai safetensors
+API_IMAGE_EXCLUDES := torch safetensors
 LOCK_ARGS          := --quiet -P torch==$(LOCK_TORCH) $(if $(UPGRADE),--upgrade)
 lock:
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(VENV)/bin/pip-compile || $(PIP) install --quiet "$$(grep -E '^pip-tools==' requirements-dev.lock)"
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) -o requirements.lock pyproject.toml
-	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) --extra test -c requirements.lock -o requirements-dev.lock pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_ARGS) --extra train --extra test -c requirements.lock -o requirements-dev.lock pyproject.toml
 	$(PY) -c 'import re, sys, tomllib; skip = set(sys.argv[1:]); \
 	  deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
 	  print("\n".join(d for d in deps if re.split(r"[\s\[<>=!~;]", d, maxsplit=1)[0].lower() not in skip))' $(API_IMAGE_EXCLUDES) \
@@ -129,7 +129,7 @@ model: install
 	$(VENV)/bin/msam evaluate --data $(MODEL_DATA) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split heldout_thick --out $(MODEL_RUN)/eval_heldout_thick
 	$(VENV)/bin/msam data real --out $(MODEL_REAL)
 	$(VENV)/bin/msam evaluate --data $(MODEL_REAL) --checkpoint $(MODEL_RUN)/calibrated.safetensors --split real --out $(MODEL_RUN)/eval_real --blank-image-control --other-image-control
-	$(PY) -m msam_core.train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors
+	$(PY) -m msam_train.card --run $(MODEL_RUN) --data $(MODEL_DATA) --out msam_core/weights --command "msam $(MODEL_TRAIN)" --weights $(MODEL_RUN)/calibrated.safetensors
 
 # Training on a lent accelerator (docs/gpu-training.md). `make pack` (here, once) writes the pack:
 # the anatomy and validation cases that online lesion synthesis needs, ~18 MiB, never committed.
@@ -148,7 +148,7 @@ pack: install
 	$(VENV)/bin/msam data pack --out $(PACK)
 
 gpu-model:
-	PYTHONUNBUFFERED=1 $(GPU_PY) -m msam_core.train.lease run --pack $(PACK) --out $(GPU_OUT) --minutes $(MINUTES) \
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m msam_train.lease run --pack $(PACK) --out $(GPU_OUT) --minutes $(MINUTES) \
 	  --init $(GPU_INIT) $(GPU_ARGS)
 
 clean:

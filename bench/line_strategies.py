@@ -1,5 +1,5 @@
 """Which prompts a RECIST line should become: ``msam evaluate``'s line protocol
-(:func:`msam_core.train.evaluate.line_protocol`, the expert mask's long axis as the line) for
+(:func:`msam_train.evaluate.line_protocol`, the expert mask's long axis as the line) for
 every strategy of :data:`msam_core.pipeline.lines.STRATEGIES`, beside the click protocol's first
 click, on one split. The strategies share the line's crop, so each crop is encoded once
 (an in-memory embedding cache).
@@ -24,8 +24,8 @@ def main() -> None:
     from msam_core.io.load import load_volume
     from msam_core.pipeline.lines import DEFAULT_STRATEGY, STRATEGIES
     from msam_core.pipeline.segmenter import DictEmbeddingCache, Segmenter
-    from msam_core.train.data import require_cases
-    from msam_core.train.evaluate import _model_clicks, coarse_crop, lesion_crop, line_protocol
+    from msam_train.data import require_cases
+    from msam_train.evaluate import _model_clicks, coarse_crop, lesion_crop, line_protocol
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True)

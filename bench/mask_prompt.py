@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from msam_core.io.load import load_volume
     from msam_core.pipeline.prompts import Point, deepest_point_voxel, resolve_prompts
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.data import require_cases
+    from msam_train.data import require_cases
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)

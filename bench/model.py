@@ -6,7 +6,7 @@ Prints, for the encoder (one 128^3 crop) and the decoder (one click with the pre
 the MEA when the config has one): median latency over ``--repeats`` runs after one warm-up, and
 peak memory (RSS on CPU, CUDA max allocated on GPU). Each variant runs in its own process so
 its peak is its own. "reference" is the upstream-equivalent computation from
-``msam_core.model.reference`` (zero-padded 14^3 window, 2,744 tokens); "ours" is the closed form.
+``tests.fixtures.reference`` (zero-padded 14^3 window, 2,744 tokens); "ours" is the closed form.
 Weights are random: speed does not depend on their values. Output agreement is reported too.
 """
 
@@ -29,7 +29,7 @@ def measure(variant: str, config: str, device: str, repeats: int, threads: int |
     import torch
 
     from msam_core.model import build_model
-    from msam_core.model.reference import reference_encode
+    from tests.fixtures.reference import reference_encode
 
     if threads:
         torch.set_num_threads(threads)

@@ -5,8 +5,8 @@
 
 Prints the median seconds to produce one training batch ``[B, 1, 128, 128, 128]`` (image, mask,
 first click) on the device: ``online`` draws fresh lesions from the pack
-(:class:`msam_core.train.online.OnlineCrops`), ``cache`` reads the crop cache of ``DIR``'s training
-split as ``msam train --data`` does (:class:`msam_core.train.data.CropDataset`, built first if
+(:class:`msam_train.online.OnlineCrops`), ``cache`` reads the crop cache of ``DIR``'s training
+split as ``msam train --data`` does (:class:`msam_train.data.CropDataset`, built first if
 missing; held on the device when it is CUDA). The model's step is the same for both, so this is
 the whole difference in speed between the two ways of training. Runs on a machine without
 SimpleITK for ``online`` alone (no ``--data``).
@@ -52,8 +52,8 @@ def main() -> int:
             times.append(time.perf_counter() - t0)
         return times
 
-    from msam_core.train.online import OnlineCrops
-    from msam_core.train.pack import load_pack
+    from msam_train.online import OnlineCrops
+    from msam_train.pack import load_pack
 
     t0 = time.perf_counter()
     pack = load_pack(args.pack)
@@ -64,7 +64,7 @@ def main() -> int:
     online = timed(lambda i: crops.batch(np.random.default_rng([0, i, 1]), args.batch_size))
     result["online_s_per_batch"] = round(statistics.median(online), 3)
     if args.data is not None:
-        from msam_core.train.data import CropDataset, build_cache
+        from msam_train.data import CropDataset, build_cache
 
         cache = CropDataset(build_cache(args.data, "training", 4, seed=0, log_fn=lambda *_: None), augment=True,
                             device=device if device.type == "cuda" else None)

@@ -104,8 +104,8 @@ def main() -> int:
     from msam_core.io.load import load_volume
     from msam_core.pipeline.prompts import Point, resolve_prompts
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.clicks import first_click, next_click
-    from msam_core.train.data import require_cases
+    from msam_train.clicks import first_click, next_click
+    from msam_train.data import require_cases
 
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT

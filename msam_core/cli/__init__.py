@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from msam_core.cli.arguments import require_device
 from msam_core.errors import MsamError, UnsupportedRequest
 
 # Sub-command -> its module, which has ``register(subparsers)`` that adds the parser and sets ``func``.
-_COMMANDS = {"convert": "msam_core.cli.convert", "segment": "msam_core.cli.segment", "data": "msam_core.train.synth",
-             "train": "msam_core.train.trainer", "evaluate": "msam_core.train.evaluate",
-             "calibrate": "msam_core.train.calibrate", "compare": "msam_core.train.compare"}
+# The other sub-commands (training and evaluation, the service) are plugins: see _register_plugins.
+_COMMANDS = {"convert": "msam_core.cli.convert", "segment": "msam_core.cli.segment"}
 #: A missing module of these is a bug, never "unavailable here".
 _OWN_PACKAGES = {"msam_core", "msam_service", "api", "worker"}
 
@@ -25,16 +25,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msam", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command, name in _COMMANDS.items():
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # e.g. the API image, which installs no torch
-            if (exc.name or "").split(".")[0] in _OWN_PACKAGES:
-                raise  # our own code is broken: a traceback, not "unavailable"
-            _register_unavailable(sub, command, exc.name or str(exc))
-            continue
-        module.register(sub)
+        _register(sub, command, name, lambda name=name: importlib.import_module(name).register)
     _register_plugins(sub)
     return parser
+
+
+def _register(sub: argparse._SubParsersAction, command: str, module: str, load: Callable[[], Callable]) -> None:
+    """Add ``command`` with the ``register`` function ``load()`` returns; where ``module`` needs a
+    package this installation lacks (e.g. the API image, which installs no torch; the worker
+    image, which installs no training), the command stays listed as unavailable."""
+    try:
+        register = load()
+    except ModuleNotFoundError as exc:
+        missing = exc.name or str(exc)
+        package = module.split(".")[0]
+        if missing != package and missing.split(".")[0] in _OWN_PACKAGES | {package}:
+            raise  # our own code is broken: a traceback, not "unavailable"
+        _register_unavailable(sub, command, missing)
+        return
+    register(sub)
 
 
 def _register_unavailable(sub: argparse._SubParsersAction, command: str, missing: str) -> None:
@@ -44,23 +53,20 @@ def _register_unavailable(sub: argparse._SubParsersAction, command: str, missing
 
     def unavailable(args: argparse.Namespace) -> int:
         raise UnsupportedRequest(f"this command needs the Python package {missing!r}, which this installation "
-                                 "lacks (the API image installs no torch); run it where msam is fully installed "
-                                 "(make install)")
+                                 "lacks (the API image installs no torch, the worker image no training); run it "
+                                 "where msam is fully installed (make install)")
 
     p.set_defaults(func=unavailable, unavailable=True)  # main() then ignores the command's own arguments
 
 
 def _register_plugins(sub: argparse._SubParsersAction) -> None:
-    """Sub-commands other installed packages add (entry point group ``msam.commands``, e.g.
-    ``msam serve`` from the service), so msam_core never imports them."""
+    """Sub-commands other packages add (entry point group ``msam.commands``: ``msam serve`` from
+    the service, ``msam train`` and the other training and evaluation commands from msam_train),
+    so msam_core never imports them."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="msam.commands"):
-        try:
-            register = ep.load()
-        except ImportError:  # an optional part that is not installed here
-            continue
-        register(sub)
+        _register(sub, ep.name, ep.module, ep.load)
 
 
 def main(argv: list[str] | None = None) -> int:

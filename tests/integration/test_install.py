@@ -6,7 +6,7 @@ dependency missing from ``[project] dependencies``. These tests build fresh virt
 
 * ``pip install -c requirements.lock .`` (no extras): pip resolves ``[project] dependencies`` itself,
   held to the locked versions (torch's CPU build), and ``msam serve`` with the bundled model runs
-  one job to success;
+  one job to success - without what only training needs (the train extra: MONAI);
 * the API image's dependency set (``deploy/docker/api.Dockerfile``: the lock file it installs,
   requirements-api.lock, then ``pip install --no-deps .``): no torch, ``api.main`` answers
   ``/healthz`` and ``msam hash-key`` works. The lock's name is read from the Dockerfile itself, so
@@ -150,6 +150,9 @@ def test_plain_pip_install_serves_a_job(workdir: Path) -> None:
     # no extras, no -e: pip resolves the declared ranges, the lock holds them to the tested versions
     seconds = _pip_install(bin_dir, ["-c", "requirements.lock", "."], log, cwd=src)
     print(f"\nfresh venv + pip install -c requirements.lock .: {time.monotonic() - t0:.0f} s (pip {seconds:.0f} s)")
+    missing = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('monai'))"],
+                             env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert missing.stdout.strip() == "None", f"the train extra's MONAI came with the runtime set\n{missing.stderr}"
 
     port = serve.free_port()
     env = _clean_env()

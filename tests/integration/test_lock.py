@@ -1,8 +1,9 @@
 """pyproject.toml declares ranges, the lock files pin the exact set.
 
-* requirements.lock: the runtime set (torch's CPU build included); the worker image and the install
-  tests use it;
-* requirements-dev.lock: the same versions plus the test extra; ``make install`` syncs .venv to it;
+* requirements.lock: the runtime set, inference and the service (torch's CPU build included); the
+  worker image and the install tests use it; what only training needs (the train extra) is not in it;
+* requirements-dev.lock: the same versions plus the train and test extras; ``make install`` syncs
+  .venv to it;
 * requirements-api.lock: the same versions, torch-free (the runtime dependencies minus the model
   stack); the API image installs it.
 
@@ -24,7 +25,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCKS = ("requirements.lock", "requirements-dev.lock", "requirements-api.lock")
-MODEL_STACK = {"torch", "monai", "safetensors"}
+MODEL_STACK = {"torch", "safetensors"}
 
 
 def canonical(name: str) -> str:
@@ -47,6 +48,7 @@ def project() -> dict:
 def test_pyproject_declares_ranges_that_the_lock_satisfies() -> None:
     runtime, dev = pins("requirements.lock"), pins("requirements-dev.lock")
     for group, reqs, locked in (("dependencies", project()["dependencies"], runtime),
+                                ("train", project()["optional-dependencies"]["train"], dev),
                                 ("test", project()["optional-dependencies"]["test"], dev)):
         for text in reqs:
             req = Requirement(text)
@@ -67,6 +69,18 @@ def test_the_three_locks_agree() -> None:
     assert direct - MODEL_STACK <= set(api), f"missing from the API lock: {sorted(direct - MODEL_STACK - set(api))}"
     assert not MODEL_STACK & set(api), "the API lock must stay torch-free"
     assert {"sympy", "filelock"} & set(api) == set(), "torch's own dependencies leaked into the API lock"
+
+
+def test_what_only_training_needs_is_in_the_dev_lock_only() -> None:
+    """The train extra (msam_train's own dependencies) is installed by ``make install``, never by
+    the images: requirements.lock and requirements-api.lock lack it."""
+    runtime, dev, api = pins("requirements.lock"), pins("requirements-dev.lock"), pins("requirements-api.lock")
+    direct = {canonical(Requirement(r).name) for r in project()["dependencies"]}
+    train_only = {canonical(Requirement(r).name) for r in project()["optional-dependencies"]["train"]} - direct
+    assert train_only, "the train extra declares nothing beyond the runtime set"
+    assert train_only <= set(dev), f"missing from requirements-dev.lock: {sorted(train_only - set(dev))}"
+    assert not train_only & set(runtime), f"training's packages in requirements.lock: {sorted(train_only & set(runtime))}"
+    assert not train_only & set(api), f"training's packages in requirements-api.lock: {sorted(train_only & set(api))}"
 
 
 def test_the_lock_holds_torchs_cpu_build_and_nothing_of_cuda() -> None:

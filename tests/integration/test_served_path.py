@@ -28,7 +28,7 @@ from msam_core.io.load import load_volume
 from msam_core.pipeline.options import PipelineOptions
 from msam_core.pipeline.prompts import Point
 from msam_core.pipeline.segmenter import Segmenter
-from msam_core.train.clicks import first_click
+from msam_train.clicks import first_click
 from tests.integration.conftest import service_env
 from tests.integration.harness import Service
 from tests.unit.io.dicom_synth import make_ct_series, rotation

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msam_core.model.image_encoder import Attention, ImageEncoderViT3D
-from msam_core.model.reference import reference_attention, reference_encode
+from tests.fixtures.reference import reference_attention, reference_encode
 from msam_core.model.rel_pos import padded_keys_logsumexp, rel_pos_terms
 
 

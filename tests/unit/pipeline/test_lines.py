@@ -64,7 +64,7 @@ def test_a_job_document_line_centres_its_lesion_and_is_reported() -> None:
 
 def test_the_expert_line_is_the_masks_long_axis_in_one_slice() -> None:
     from msam_core.measure import measure_lesion
-    from msam_core.train.evaluate import expert_line
+    from msam_train.evaluate import expert_line
 
     ii, jj, kk = np.indices(VOLUME.shape)
     mask = ((ii - 30) / 14.0) ** 2 + ((jj - 25) / 8.0) ** 2 + ((kk - 10) / 4.0) ** 2 <= 1

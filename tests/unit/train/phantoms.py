@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from msam_core.train.sources import SPACING_MM, SourceScan
+from msam_train.sources import SPACING_MM, SourceScan
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:

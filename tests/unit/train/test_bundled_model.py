@@ -88,8 +88,8 @@ def test_bundled_model_segments_lesions_better_than_region_growing(tmp_path) -> 
     bundled model measured, so only a broken or much worse model fails - or one that stops using
     the image (the controls of MODEL_CARD.md: the same clicks on an all-zero crop and on another
     lesion's crop)."""
-    from msam_core.train.evaluate import evaluate
-    from msam_core.train.synth import synthesize
+    from msam_train.evaluate import evaluate
+    from msam_train.synth import synthesize
     from tests.unit.train.phantoms import phantom_scans
 
     synthesize(tmp_path, seed=11, n_train=0, n_val=4, n_heldout=0, scans=phantom_scans(), log=lambda *_: None)

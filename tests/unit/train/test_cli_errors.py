@@ -4,6 +4,7 @@ message that says what is wrong - before any crop cache is built, model loaded o
 from __future__ import annotations
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from msam_core.cli import main
 from msam_core.errors import InvalidDataset
-from msam_core.train.data import require_cases
+from msam_train.data import require_cases
 
 
 def _plain_folder(root, names=("a",)):
@@ -118,7 +119,7 @@ def test_a_folder_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, c
 
 
 def test_resume_without_a_saved_step_says_it_starts_at_step_zero(tmp_path) -> None:
-    from msam_core.train.trainer import TrainSettings, train
+    from msam_train.trainer import TrainSettings, train
 
     plain = _plain_folder(tmp_path / "plain")
     lines: list[str] = []
@@ -184,9 +185,56 @@ def test_without_torch_the_other_commands_work_and_the_torch_ones_say_what_is_mi
     train = run("train", "--data", "d", "--steps", "3")
     assert train.returncode == 2, train.stderr
     assert train.stderr.strip() == ("msam train: error: this command needs the Python package 'torch', which this "
-                                    "installation lacks (the API image installs no torch); run it where msam is "
-                                    "fully installed (make install)")
+                                    "installation lacks (the API image installs no torch, the worker image no "
+                                    "training); run it where msam is fully installed (make install)")
     assert run("segment", "--help").returncode == 0  # imports torch only when it runs
+
+
+def test_without_msam_train_the_training_commands_say_so_and_the_others_work() -> None:
+    """The worker image installs msam_core and the service, not msam_train: its entry points are
+    there, its package is not. ``msam train`` and the other training commands stay listed and say
+    what is missing; ``msam segment`` and the service's commands work."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "class NotInstalled:  # as where the package is absent: 'No module named msam_train'\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'msam_train':\n"
+              "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+              "sys.meta_path.insert(0, NotInstalled())\n"
+              "from msam_core.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))")
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+
+    listed = run("--help")
+    assert listed.returncode == 0, listed.stderr
+    for command in ("data", "train", "evaluate", "calibrate", "compare"):
+        assert re.search(rf"^ +{command} +\(unavailable here: needs the package 'msam_train'\)", listed.stdout,
+                         re.M), listed.stdout
+    evaluate = run("evaluate", "--data", "d", "--checkpoint", "m.safetensors")
+    assert evaluate.returncode == 2 and "needs the Python package 'msam_train'" in evaluate.stderr, evaluate.stderr
+    assert run("segment", "--help").returncode == 0 and run("serve", "--help").returncode == 0
+
+
+def test_evaluation_without_monai_says_which_extra_installs_it(tmp_path) -> None:
+    """MONAI (the evaluation's Dice and surface Dice) comes with the train extra, not with the
+    runtime set: ``msam evaluate`` without it fails at once with what to install."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['monai'] = None\n"
+              "from msam_core.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-c", script, "evaluate", "--data", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("msam evaluate: error: the evaluation's metrics need the Python package 'monai'")
+    assert "pip install 'msam[train]'" in done.stderr
+    assert not out.exists()
 
 
 def test_a_missing_module_of_our_own_is_a_bug_not_an_unavailable_command(monkeypatch) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from msam_core.cli import main
 from msam_core.errors import MsamError
-from msam_core.train.compare import compare, read_dice, verdict
-from msam_core.train.evaluate import Row
+from msam_train.compare import compare, read_dice, verdict
+from msam_train.evaluate import Row
 
 
 def write_report(folder: Path, dice: dict[tuple[str, str], list[float]]) -> Path:

@@ -13,7 +13,7 @@ from msam_core.checkpoints import save_checkpoint
 from msam_core.cli import build_parser, main
 from msam_core.model import build_model
 from msam_core.pipeline.lines import DEFAULT_STRATEGY
-from msam_core.train.synth import synthesize
+from msam_train.synth import synthesize
 from tests.unit.train.phantoms import phantom_scans
 
 
@@ -72,8 +72,8 @@ def test_other_image_control_runs_each_lesion_on_the_next_lesions_crop(tmp_path)
     from msam_core.checkpoints import load_model
     from msam_core.io.load import load_volume
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.data import list_cases
-    from msam_core.train.evaluate import _model_clicks, lesion_crop
+    from msam_train.data import list_cases
+    from msam_train.evaluate import _model_clicks, lesion_crop
 
     data, ck, rows = _evaluate_random_model(tmp_path, "validation", "--other-image-control")
     assert {r["method"] for r in rows} == {"msam", "msam_other_image"}
@@ -102,8 +102,8 @@ def test_evaluate_gives_a_coarse_view_model_its_coarse_crop(tmp_path) -> None:
     from msam_core.io.load import load_volume
     from msam_core.pipeline.options import PipelineOptions
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.data import list_cases
-    from msam_core.train.evaluate import _model_clicks, coarse_crop, lesion_crop
+    from msam_train.data import list_cases
+    from msam_train.evaluate import _model_clicks, coarse_crop, lesion_crop
 
     data = tmp_path / "data"
     synthesize(data, seed=5, n_train=0, n_val=0, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
@@ -216,7 +216,7 @@ def test_calibrate_chooses_the_boundary_bands_on_validation(tmp_path) -> None:
 
 
 def test_a_new_prior_pair_must_be_clearly_better_than_the_checkpoints_own() -> None:
-    from msam_core.train.calibrate import choose_over_incumbent
+    from msam_train.calibrate import choose_over_incumbent
 
     lesions = [("validation", f"case{i}", "1") for i in range(12)]
     rng = np.random.default_rng(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from msam_core.train.clicks import first_click, next_click, random_error_clicks
-from msam_core.train.evaluate import Row, dice_nsd, region_growing, stable_region_growing, summarise
+from msam_train.clicks import first_click, next_click, random_error_clicks
+from msam_train.evaluate import Row, dice_nsd, region_growing, stable_region_growing, summarise
 
 
 def _box(shape, lo, hi) -> np.ndarray:
@@ -136,7 +136,7 @@ def _blobs(rng: np.random.Generator, shape=(40, 33, 27)) -> list[np.ndarray]:
 def test_border_depth_on_the_bounding_box_equals_the_whole_array_transform() -> None:
     from scipy import ndimage
 
-    from msam_core.train.clicks import border_depth, deepest_voxel
+    from msam_train.clicks import border_depth, deepest_voxel
 
     for mask in _blobs(np.random.default_rng(3)):
         assert mask.any()
@@ -156,7 +156,7 @@ def test_border_depth_on_the_bounding_box_equals_the_whole_array_transform() -> 
 def test_crop_centres_draw_what_the_whole_array_transform_draws() -> None:
     from scipy import ndimage
 
-    from msam_core.train.data import crop_centres
+    from msam_train.data import crop_centres
 
     for k, mask in enumerate(_blobs(np.random.default_rng(4))):
         depth = ndimage.distance_transform_edt(mask)  # the former whole-volume computation

@@ -12,9 +12,9 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from msam_core.train import online, synth
-from msam_core.train.pack import PackedScan, load_pack, normalise_crop, read_meta, write_pack
 from msam_core.errors import InvalidDataset
+from msam_train import online, synth
+from msam_train.pack import PackedScan, load_pack, normalise_crop, read_meta, write_pack
 from tests.unit.train.phantoms import phantom_scan, phantom_scans
 
 REPO = Path(__file__).resolve().parents[3]
@@ -63,7 +63,7 @@ def test_pack_validation_crops_are_the_inference_crops_of_the_synth_cases(tiny_p
     the pipeline's own crop of the written NIfTI (VolumeSampler), normalised as inference does."""
     from msam_core.io.load import load_volume
     from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, normalize_crop
-    from msam_core.train.data import CropDataset, build_cache, list_cases
+    from msam_train.data import CropDataset, build_cache, list_cases
 
     synth.synthesize(tmp_path / "d", seed=5, n_train=1, n_val=2, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
     pack = load_pack(tiny_pack)
@@ -104,7 +104,7 @@ def test_normalisation_is_the_pipelines() -> None:
 def test_dice_ce_loss_is_monais() -> None:
     from monai.losses import DiceCELoss
 
-    from msam_core.train.loss import dice_ce_loss
+    from msam_train.loss import dice_ce_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 1, 12, 10, 8, generator=g) * 3
@@ -218,10 +218,10 @@ def test_the_lease_trains_where_simpleitk_nibabel_and_monai_cannot_be_imported(t
     nibabel, MONAI and the other dependencies the accelerator's image lacks cannot be imported: it trains, exports
     the best and latest checkpoints in parts and lease.json, and the joined checkpoint loads here."""
     from msam_core.checkpoints import load_model
-    from msam_core.train.lease import join_checkpoint
+    from msam_train.lease import join_checkpoint
 
     out = tmp_path / "out"
-    script = BLOCK + ("from msam_core.train.lease import main\n"
+    script = BLOCK + ("from msam_train.lease import main\n"
                       "code = main(sys.argv[1:])\n"
                       f"assert not any(sys.modules.get(m) for m in {BLOCKED!r})\n"
                       "sys.exit(code)")
@@ -249,7 +249,7 @@ def test_gpu_model_target_is_the_lease_entry_point() -> None:
     dry = subprocess.run(["make", "-n", "gpu-model", "MINUTES=3", "OUT=/tmp/o", "GPU_PY=python3"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    assert ("python3 -m msam_core.train.lease run --pack .pack/msam-pack.npz --out /tmp/o --minutes 3 "
+    assert ("python3 -m msam_train.lease run --pack .pack/msam-pack.npz --out /tmp/o --minutes 3 "
             "--init msam_core/weights/msam_default.safetensors") in " ".join(dry.stdout.replace("\\\n", " ").split())
 
 

@@ -16,9 +16,9 @@ import SimpleITK as sitk
 
 from msam_core.errors import UnsupportedRequest
 from msam_core.io.load import load_volume
-from msam_core.train.data import list_cases
-from msam_core.train.real import MEMBER_DIR, extract_cases, write_dataset
-from msam_core.train.sources import download
+from msam_train.data import list_cases
+from msam_train.real import MEMBER_DIR, extract_cases, write_dataset
+from msam_train.sources import download
 
 CASES = {"tumour_ct": ("CT", "lung"), "tumour_mr": ("MR", "brain")}
 SPACING = (0.7, 0.8, 5.0)  # x, y, z mm: thick slices as in the real cases
@@ -95,7 +95,7 @@ def test_download_refuses_a_file_with_the_wrong_checksum(tmp_path) -> None:
 def test_evaluate_reports_real_tumours_by_organ(archive, tmp_path) -> None:
     from msam_core.checkpoints import save_checkpoint
     from msam_core.model import build_model
-    from msam_core.train.evaluate import evaluate
+    from msam_train.evaluate import evaluate
 
     write_dataset(extract_cases(archive, tmp_path / "files", CASES), tmp_path / "real", CASES)
     ck = save_checkpoint(build_model("msam_small"), tmp_path / "random.safetensors")

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msam_core.train.synth import insert_lesion, make_case, synthesize
+from msam_train.synth import insert_lesion, make_case, synthesize
 from tests.unit.train.phantoms import phantom_scan, phantom_scans
 
 
@@ -75,7 +75,7 @@ def test_synthesize_writes_msd_layout_deterministically(tmp_path) -> None:
 def test_thick_copies_are_axial_slabs_of_the_validation_and_heldout_cases(tmp_path) -> None:
     """``validation_thick`` / ``heldout_thick``: each case as 4.5 mm slabs along its S-most axis,
     the image the slab means, the labels the middle slices, in the same place in the world."""
-    from msam_core.train.thick import FACTOR, slice_axis
+    from msam_train.thick import FACTOR, slice_axis
 
     d = synthesize(tmp_path, seed=11, n_train=1, n_val=2, n_heldout=1, scans=phantom_scans(), log=lambda *_: None)
     for split in ("validation", "heldout"):
@@ -100,7 +100,7 @@ def test_thick_copies_are_axial_slabs_of_the_validation_and_heldout_cases(tmp_pa
 
 
 def test_thick_copy_refuses_what_it_cannot_slab() -> None:
-    from msam_core.train.thick import slice_axis, thick_copy
+    from msam_train.thick import slice_axis, thick_copy
 
     image, labels, affine = np.zeros((4, 5, 6)), np.zeros((4, 5, 6), np.uint8), np.eye(4)
     assert slice_axis(np.array([[0, 0, 2, 0], [1.5, 0, 0, 0], [0, -3, 0, 0], [0, 0, 0, 1]])) == 1  # a coronal stack

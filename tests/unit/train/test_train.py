@@ -15,9 +15,9 @@ from msam_core.pipeline.options import PipelineOptions
 from msam_core.io.load import load_volume
 from msam_core.model import build_model
 from msam_core.pipeline.preprocess import CropGrid, VolumeSampler
-from msam_core.train.data import CropDataset, build_cache, list_cases
-from msam_core.train.synth import synthesize
-from msam_core.train.trainer import TrainSettings, interaction_step, param_groups, train
+from msam_train.data import CropDataset, build_cache, list_cases
+from msam_train.synth import synthesize
+from msam_train.trainer import TrainSettings, interaction_step, param_groups, train
 from tests.unit.train.phantoms import phantom_scans
 
 
@@ -147,8 +147,8 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(dataset_dir, tmp_path) -
 
 
 def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_path) -> None:
-    from msam_core.train.card import write_card
-    from msam_core.train.evaluate import Row, evaluate, summarise, write_reports
+    from msam_train.card import write_card
+    from msam_train.evaluate import Row, evaluate, summarise, write_reports
 
     run = tmp_path / "run"
     s = TrainSettings(data=str(dataset_dir), out=str(run), steps=1, batch_size=1, iterations=2,
@@ -165,7 +165,7 @@ def test_model_card_is_written_from_the_run_and_its_evaluation(dataset_dir, tmp_
     # ship a calibrated copy: prior weights and their table in the provenance
     from msam_core.checkpoints import save_checkpoint
     from msam_core.pipeline.region_prior import MAX_VOXELS
-    from msam_core.train.calibrate import set_coarse_view, set_prior_weights
+    from msam_train.calibrate import set_coarse_view, set_prior_weights
 
     model = load_model(path)
     set_prior_weights(model, 8.0, 2.0)
@@ -223,13 +223,13 @@ def test_train_all_without_init_is_refused(capsys) -> None:
 
 @pytest.mark.parametrize("axis,factor,phase", [(2, 3, 1), (0, 4, 0), (1, 2, 1)])
 def test_thick_slice_augmentation_is_what_the_pipeline_makes_of_a_thick_slice_scan(axis, factor, phase) -> None:
-    """A 1.5 mm volume made a thick-slice series (``msam_core.train.thick``, as the thick evaluation
+    """A 1.5 mm volume made a thick-slice series (``msam_train.thick``, as the thick evaluation
     splits are), then cut by the pipeline's own sampler onto the 1.5 mm crop grid, equals
     :func:`thicken` of the crop of the original (away from the two ends, where the sampler sees
     outside the scan): training sees what inference sees."""
     from msam_core.io.volume import Volume
-    from msam_core.train.data import thicken
-    from msam_core.train.thick import thick_copy
+    from msam_train.data import thicken
+    from msam_train.thick import thick_copy
 
     rng = np.random.default_rng(axis)
     size = 32
@@ -252,7 +252,7 @@ def test_thick_slice_augmentation_is_what_the_pipeline_makes_of_a_thick_slice_sc
 
 
 def test_thick_slice_augmentation_draws_from_the_rng_and_keeps_mask_and_click() -> None:
-    from msam_core.train.data import augment, thicken
+    from msam_train.data import augment, thicken
 
     image = torch.randn(1, 16, 16, 16)
     mask = (torch.rand(1, 16, 16, 16) > 0.5).float()

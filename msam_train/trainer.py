@@ -12,23 +12,23 @@ Recipe (M-SAM, ``train_msam.py``, on SAM-Med3D's interactive training):
 - **Click simulation** per batch: one image embedding, then ``--iterations`` decoder passes
   (11 by default). Pass 1 uses the first click (in the lesion: the crop centre, exactly as
   inference centres the crop on the first click); every later pass adds one click drawn from
-  the error region of the previous prediction (see :mod:`msam_core.train.clicks`) and feeds the
+  the error region of the previous prediction (see :mod:`msam_train.clicks`) and feeds the
   previous low-resolution logits back as the mask prompt. As in M-SAM, one random pass (from the
   third on) and the last pass add no click - they refine with the clicks so far.
 - **Mask-prompt dropout** (our addition): ``msam segment`` decodes without a mask prompt
   (``no_mask_embed``) unless given a prior, which M-SAM's loop never trains; so pass 1 gets no
   mask prompt in half of the batches (else zeros, as M-SAM) and later passes in 20 %.
 - **Loss**: MONAI's ``DiceCELoss`` (sigmoid, squared prediction; written out in torch in
-  :mod:`msam_core.train.loss`, so training needs no MONAI) between the logits upsampled to
+  :mod:`msam_train.loss`, so training needs no MONAI) between the logits upsampled to
   128^3 (trilinear, as inference) and the mask, summed over all passes; one backward per batch.
   The fed-back logits are detached (gradients do not flow from pass to pass).
 - Warm-up (linear) then cosine decay; flips and intensity augmentation (in the data set); bf16 autocast on CUDA; CSV log (and TensorBoard when the ``tensorboard`` package is present);
   ``last.pt`` for ``--resume`` and ``model.safetensors`` (msam format, provenance metadata)
   written every ``--save-every`` minutes, so an interrupted run is still usable; with
   ``--keep-checkpoints`` every save is also kept as ``checkpoints/step-NNNNNN.safetensors``.
-- **Data**: the crop cache of a data set (``--data``, :mod:`msam_core.train.data`), or with
+- **Data**: the crop cache of a data set (``--data``, :mod:`msam_train.data`), or with
   ``--pack`` crops with lesions synthesised afresh on the training device at every step
-  (:mod:`msam_core.train.online`); that path imports only torch, numpy and scipy.
+  (:mod:`msam_train.online`); that path imports only torch, numpy and scipy.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class TrainSettings:
     #: With ``init``: every parameter trains at ``lr`` (continuing a from-scratch network such as
     #: the bundled one, as the GPU lease does) instead of M-SAM's LoRA/MEA/decoder recipe.
     train_all: bool = False
-    #: Chance of the thick-slice augmentation per crop (:func:`msam_core.train.data.thicken`);
+    #: Chance of the thick-slice augmentation per crop (:func:`msam_train.data.thicken`);
     #: the GPU lease's ``--thick-slices``.
     thick_slices: float = 0.0
     #: A pack (``msam data pack``): online lesion synthesis instead of the crop cache of ``data``.
@@ -141,7 +141,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
     ``mask_dropout``: probability that a later pass gets no mask prompt instead of the previous
     logits (as a stateless ``msam segment`` call with several clicks).
     """
-    from msam_core.train.clicks import random_error_clicks
+    from msam_train.clicks import random_error_clicks
 
     size = image.shape[-1]
     embedding = model.encode(image)
@@ -216,10 +216,10 @@ class Progress:
 
 def train(s: TrainSettings, log=print, on_save=None, pack=None) -> Path:
     """Run training; returns the path of the final ``model.safetensors``. ``on_save(path, step,
-    model)``, when given, runs after every save (``msam_core.train.lease`` validates and exports);
-    ``pack``: the :class:`~msam_core.train.pack.Pack` of ``s.pack`` when the caller has read it."""
+    model)``, when given, runs after every save (``msam_train.lease`` validates and exports);
+    ``pack``: the :class:`~msam_train.pack.Pack` of ``s.pack`` when the caller has read it."""
     from msam_core.checkpoints import init_from_checkpoint, save_checkpoint
-    from msam_core.train.loss import dice_ce_loss
+    from msam_train.loss import dice_ce_loss
 
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -229,14 +229,14 @@ def train(s: TrainSettings, log=print, on_save=None, pack=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     online = None
     if s.pack:
-        from msam_core.train.online import OnlineCrops
-        from msam_core.train.pack import load_pack
+        from msam_train.online import OnlineCrops
+        from msam_train.pack import load_pack
 
         online = OnlineCrops(pack if pack is not None else load_pack(Path(s.pack)), device, s.thick_slices)
         dataset: list | CropDataset = []
         log(f"online lesion synthesis from {Path(s.pack).name} (sha256 {online.sha256[:12]}...) on {device.type}")
     else:
-        from msam_core.train.data import CropDataset, build_cache
+        from msam_train.data import CropDataset, build_cache
 
         cache = build_cache(Path(s.data), "training", s.crops_per_lesion, seed=s.seed, log_fn=log, workers=s.workers)
         # on a GPU every crop is held there (6 MB each), so steps never wait for the disk or the CPU
@@ -377,7 +377,7 @@ def _dataset_seed(data: Path) -> int | None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train M-SAM on a lesion data set (MSD layout)",
-                       description=__doc__.split("\n\n")[0] + " See msam_core/train/trainer.py for the recipe.")
+                       description=__doc__.split("\n\n")[0] + " See msam_train/trainer.py for the recipe.")
     p.add_argument("--config", default="msam_small", choices=TRAINABLE_CONFIGS,
                    help="model configuration (msam_core/model/configs.py); the bundled model is msam_small_regions")
     source = p.add_mutually_exclusive_group(required=True)
@@ -415,11 +415,11 @@ def run(args: argparse.Namespace) -> int:
         raise UnsupportedRequest("--train-all continues training from --init CHECKPOINT; give --init "
                                  "(without --init every parameter trains anyway)")
     if args.pack is not None:
-        from msam_core.train.pack import read_meta
+        from msam_train.pack import read_meta
 
         read_meta(args.pack)  # a missing or foreign file fails at once, with what to do
     else:
-        from msam_core.train.data import require_cases
+        from msam_train.data import require_cases
 
         require_cases(args.data, "training")  # before the crop cache is built: a wrong folder fails at once
     settings = TrainSettings(

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from msam_core.io.load import load_volume
-from msam_core.train.sources import cache_dir, download
+from msam_train.sources import cache_dir, download
 
 PYRADIOMICS = ("pyradiomics @ https://files.pythonhosted.org/packages/03/c1/"
                "20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/pyradiomics-3.1.0.tar.gz",
@@ -104,7 +104,7 @@ def write_dataset(files: Path, out: Path, cases: dict[str, tuple[str, str]] = CA
     dataset = {
         "name": "msam-real-tumours",
         "description": "Real tumours (PyRadiomics test cases) for evaluation only (msam data real)",
-        "reference": "msam_core.train.real",
+        "reference": "msam_train.real",
         "licence": LICENCE,
         "tensorImageSize": "3D",
         "modality": {"0": "CT or MR (see each case)"},

@@ -1,6 +1,6 @@
 """Package a training run as the bundled default model: copy the weights, write the model card.
 
-``python -m msam_core.train.card --run RUN --data DATA --out msam_core/weights`` reads
+``python -m msam_train.card --run RUN --data DATA --out msam_core/weights`` reads
 ``RUN/settings.json``, ``RUN/log.csv``, ``RUN/model.safetensors`` and the evaluation summaries
 ``RUN/eval_<split>/summary.json``, and writes ``OUT/msam_default.safetensors`` (``--weights``: another
 checkpoint of the run, such as ``make model``'s calibrated copy) and ``OUT/MODEL_CARD.md``. Every
@@ -15,8 +15,9 @@ import json
 import shutil
 from pathlib import Path
 
+import msam_core
 from msam_core.pipeline.region_prior import MIN_VOXELS
-from msam_core.train.sources import LICENCES
+from msam_train.sources import LICENCES
 
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -52,7 +53,7 @@ def _metrics_table(summary: dict) -> str:
 SPLIT_TITLES = {
     "validation": "Synthetic validation set (training sources, unseen lesions)",
     "heldout": "Lesions inserted into the held-out scan (chest CTA never seen in training)",
-    "validation_thick": "Synthetic validation set as 4.5 mm axial slabs (thick-slice copies, `msam_core/train/thick.py`)",
+    "validation_thick": "Synthetic validation set as 4.5 mm axial slabs (thick-slice copies, `msam_train/thick.py`)",
     "heldout_thick": "Held-out scan's lesions as 4.5 mm axial slabs (thick-slice copies)",
     "real": "Real tumours (PyRadiomics test cases, never seen in training)",
 }
@@ -70,7 +71,7 @@ def _machine(prov: dict) -> str:
 def _paired(report: Path, baseline: str = "region_growing") -> tuple[str, str]:
     """Verdicts at the first and last click from ``msam compare`` (msam minus ``baseline``,
     paired bootstrap 95% interval over the report's lesions), worded for the card."""
-    from msam_core.train.compare import compare, direction, read_dice
+    from msam_train.compare import compare, direction, read_dice
 
     rows = compare(read_dice(report, baseline), read_dice(report, "msam"))
     words = {1: "msam better", -1: f"{baseline.replace('_', ' ')} better", 0: "no clear difference"}
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "weights")
+    p.add_argument("--out", type=Path, default=Path(msam_core.__file__).resolve().parent / "weights")
     p.add_argument("--command", default="make model")
     p.add_argument("--weights", type=Path, default=None, help="checkpoint to ship (default RUN/model.safetensors)")
     args = p.parse_args(argv)

@@ -2,8 +2,8 @@
 
 A lent accelerator (docs/gpu-training.md) runs one command of at most 10 minutes, from the
 repository plus carried files, and returns at most 8 files of at most 16 MiB each from ``$OUT``.
-``python -m msam_core.train.lease run --pack FILE --out $OUT --minutes M`` trains with online
-lesion synthesis (:mod:`msam_core.train.online`, bf16 autocast on CUDA) for ``M`` minutes and,
+``python -m msam_train.lease run --pack FILE --out $OUT --minutes M`` trains with online
+lesion synthesis (:mod:`msam_train.online`, bf16 autocast on CUDA) for ``M`` minutes and,
 every minute:
 
 - validates the network on the pack's validation crops (mean Dice over clicks 1..3, first click
@@ -14,7 +14,7 @@ every minute:
   and ``lease.json`` (settings, the pack's SHA-256, the validation history, speed, memory).
 
 A run cut off at any point has therefore returned its best checkpoint of the last minute.
-``python -m msam_core.train.lease join DIR --which best --out model.safetensors`` puts a
+``python -m msam_train.lease join DIR --which best --out model.safetensors`` puts a
 checkpoint's parts back together here (the weights and metadata unchanged). It imports torch,
 numpy, scipy and safetensors only.
 """
@@ -101,8 +101,8 @@ def validate(model, images: torch.Tensor, masks: torch.Tensor, clicks: int = VAL
     centre: each next click at the deepest voxel of the largest error (:func:`next_click`),
     the previous logits fed back, as ``msam evaluate`` does on the network's crop."""
     from msam_core.model.click_regions import RegionCache
-    from msam_core.train.clicks import next_click
-    from msam_core.train.trainer import upsample
+    from msam_train.clicks import next_click
+    from msam_train.trainer import upsample
 
     was_training = model.training
     model.eval()
@@ -143,7 +143,7 @@ def validate(model, images: torch.Tensor, masks: torch.Tensor, clicks: int = VAL
 
 
 class Exporter:
-    """The ``on_save`` hook of :func:`~msam_core.train.trainer.train`: validate, print speed and
+    """The ``on_save`` hook of :func:`~msam_train.trainer.train`: validate, print speed and
     memory, and write the latest and best checkpoints (in parts), the log and ``lease.json``."""
 
     def __init__(self, out: Path, run: Path, images: torch.Tensor, masks: torch.Tensor, info: dict, log=print) -> None:
@@ -177,8 +177,8 @@ class Exporter:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msam_core.train.pack import load_pack
-    from msam_core.train.trainer import TrainSettings, train
+    from msam_train.pack import load_pack
+    from msam_train.trainer import TrainSettings, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msam_core.train.lease", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m msam_train.lease", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train with online synthesis, exporting every --save-every minutes")
     r.add_argument("--pack", type=Path, required=True)

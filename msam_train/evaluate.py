@@ -70,8 +70,8 @@ from msam_core.io.load import load_volume
 from msam_core.pipeline.coarse_view import coarse_grid
 from msam_core.pipeline.preprocess import CropGrid, mask_on_grid
 from msam_core.pipeline.region_prior import RegionPrior
-from msam_core.train.clicks import first_click, next_click
-from msam_core.train.data import case_name
+from msam_train.clicks import first_click, next_click
+from msam_train.data import case_name
 
 METHODS = ("msam", "msam_line", "msam_blank_image", "msam_other_image", "region_growing", "stable_region")
 #: Lesion-size groups of the summary (equivalent diameter, mm): the decoder's 32^3 logits have
@@ -106,14 +106,26 @@ def _bbox_crop(pred: np.ndarray, gt: np.ndarray, margin: int = 4) -> tuple[np.nd
     return pred[sl], gt[sl]
 
 
+def _metrics():
+    """MONAI's ``compute_dice`` and ``compute_surface_dice``; MONAI comes with the ``train`` extra."""
+    try:
+        from monai.metrics import compute_dice, compute_surface_dice
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "monai":
+            raise
+        raise UnsupportedRequest("the evaluation's metrics need the Python package 'monai', which this installation "
+                                 "lacks: install msam with its training extra (pip install 'msam[train]'; "
+                                 "make install does)") from None
+    return compute_dice, compute_surface_dice
+
+
 def dice_nsd(pred: np.ndarray, gt: np.ndarray, spacing: float = 1.5, tolerance_mm: float = 2.0) -> tuple[float, float]:
     """Dice and normalised surface Dice of two ``bool`` 3D masks, with MONAI's metrics.
 
     Both are computed on the union's bounding box (plus a margin), which changes neither.
     An empty prediction of a non-empty lesion scores 0 for both.
     """
-    from monai.metrics import compute_dice, compute_surface_dice
-
+    compute_dice, compute_surface_dice = _metrics()
     p, g = _bbox_crop(np.asarray(pred, bool), np.asarray(gt, bool))
     if not p.any():
         return 0.0, 0.0
@@ -321,9 +333,10 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     line_strategy = line_strategy or DEFAULT_STRATEGY
     if line_strategy not in STRATEGIES:
         raise UnsupportedRequest(f"unknown line strategy {line_strategy!r}; use one of {', '.join(STRATEGIES)}")
+    _metrics()  # a missing MONAI fails before any work
     from msam_core.checkpoints import load_model
     from msam_core.pipeline.segmenter import Segmenter
-    from msam_core.train.data import require_cases
+    from msam_train.data import require_cases
 
     data_dir = Path(data_dir)
     cases = require_cases(data_dir, split)  # before the model loads: a wrong folder or split fails at once

@@ -15,7 +15,7 @@ flat, and an intensity and edge consistent with the organ's. Each lesion here is
 - **edge**: partial-volume blur (Gaussian, 0.5-1.2 voxels) when blending into the scan.
 
 Cases are written at 1.5 mm in every direction; each validation and held-out case also gets a
-thick-slice copy (:mod:`msam_core.train.thick`: 4.5 mm axial slabs, as most clinical series are),
+thick-slice copy (:mod:`msam_train.thick`: 4.5 mm axial slabs, as most clinical series are),
 in the splits ``validation_thick`` and ``heldout_thick``.
 
 Everything is drawn from ``numpy.random.default_rng([seed, case])``: the same seed gives the
@@ -34,8 +34,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from msam_core.cli.arguments import whole_number
-from msam_core.train.sources import SPACING_MM, LICENCES, SourceScan
-from msam_core.train.thick import FACTOR, slice_axis, thick_copy
+from msam_train.sources import SPACING_MM, LICENCES, SourceScan
+from msam_train.thick import FACTOR, slice_axis, thick_copy
 
 #: Organ -> (smallest, largest) equivalent diameter in mm.
 SIZE_MM: dict[str, tuple[float, float]] = {
@@ -69,7 +69,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
 # -- the random parameters of a lesion ------------------------------------------------------------
 # One function per parameter (or group drawn together), each drawing from ``rng`` in the order the
 # generator needs them. The offline generator here and the online one on the training device
-# (:mod:`msam_core.train.online`) both call these, so their distributions cannot drift apart.
+# (:mod:`msam_train.online`) both call these, so their distributions cannot drift apart.
 def draw_diameter(rng: np.random.Generator, organ: str) -> float:
     """Equivalent diameter in mm, log-uniform over the organ's :data:`SIZE_MM`."""
     lo, hi = SIZE_MM[organ]
@@ -305,7 +305,7 @@ def write_case(case: Case, out: Path) -> dict:
 
 
 def thick_case(case: Case, factor: int = FACTOR) -> Case:
-    """``case`` as a thick-slice series (:mod:`msam_core.train.thick`), named ``<name>_thick``; its
+    """``case`` as a thick-slice series (:mod:`msam_train.thick`), named ``<name>_thick``; its
     lesions are those still labelled on some slab, with their voxel counts and centres there."""
     axis = slice_axis(case.affine)
     image, labels, affine = thick_copy(case.image, case.labels, case.affine, factor, axis)
@@ -328,7 +328,7 @@ def synthesize(out: Path, seed: int, n_train: int = 90, n_val: int = 12, n_heldo
     their thick-slice copies (:func:`thick_case`, 4.5 mm slabs along the axial axis).
     """
     if scans is None:
-        from msam_core.train.sources import fetch_sources, load_sources
+        from msam_train.sources import fetch_sources, load_sources
 
         scans = load_sources(fetch_sources())
     train_scans = [s for s in scans if not s.heldout]
@@ -353,7 +353,7 @@ def synthesize(out: Path, seed: int, n_train: int = 90, n_val: int = 12, n_heldo
     dataset = {
         "name": "msam-synthetic-lesions",
         "description": "Synthetic tumours inserted into real CT/MR anatomy (msam data synth)",
-        "reference": "msam_core.train.synth",
+        "reference": "msam_train.synth",
         "licence": "derived from: " + "; ".join(LICENCES[s.licence] for s in {s.licence: s for s in scans}.values()),
         "tensorImageSize": "3D",
         "modality": {"0": "CT or MR (see each case)"},
@@ -384,7 +384,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val", type=whole_number(1), default=12, help="validation cases (training sources)")
     s.add_argument("--heldout", type=whole_number(1), default=12, help="cases from the held-out source scan")
     s.set_defaults(func=run)
-    from msam_core.train import pack, real
+    from msam_train import pack, real
 
     real.add_parser(data_sub)
     pack.add_parser(data_sub)

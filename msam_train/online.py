@@ -1,23 +1,23 @@
 """Online lesion synthesis in torch: a fresh lesion in real anatomy for every training crop.
 
-The offline generator (:mod:`msam_core.train.synth`) writes a fixed set of cases and the crop
+The offline generator (:mod:`msam_train.synth`) writes a fixed set of cases and the crop
 cache cuts a fixed set of crops from them; here the same lesions are drawn on the training device
-at every step from a pack (:mod:`msam_core.train.pack`), so the network never sees one lesion
+at every step from a pack (:mod:`msam_train.pack`), so the network never sees one lesion
 twice and no crop cache exists. Every random parameter comes from the offline generator's own
 draw functions (``synth.draw_*``, on a numpy generator), so the two cannot drift apart; only the
 arrays are made differently (torch on the device instead of scipy):
 
-- **shape**: the ellipsoid of :func:`~msam_core.train.synth.draw_axes` turned by
-  :func:`~msam_core.train.synth.draw_rotation`, deformed by a smooth displacement field, its
+- **shape**: the ellipsoid of :func:`~msam_train.synth.draw_axes` turned by
+  :func:`~msam_train.synth.draw_rotation`, deformed by a smooth displacement field, its
   radius modulated by smooth noise (lobulation), with 0-3 satellites; clipped to its organ, at
-  least :data:`~msam_core.train.synth.MIN_VOXELS` voxels, 3-60 mm by the organ's range;
+  least :data:`~msam_train.synth.MIN_VOXELS` voxels, 3-60 mm by the organ's range;
 - **intensity**: hypo/hyper (solid/ground-glass in the lung) relative to the organ's median,
   a band-limited texture, the scan's own fine noise kept, an optional enhancing rim and an
   optional necrotic core;
 - **edge**: partial-volume blur of the blend weight, kept inside the (dilated) organ;
 - **crop**: 128^3 voxels around a lesion voxel drawn with probability proportional to its depth
   in the lesion (as the crop cache draws centres), zero outside the scan, normalised as inference
-  normalises; then :func:`~msam_core.train.data.augment` (flips, intensity, noise, and with
+  normalises; then :func:`~msam_train.data.augment` (flips, intensity, noise, and with
   ``thick_p`` the thick-slice simulation), as the cached crops get.
 
 Smooth noise is white noise filtered by a periodic Gaussian in the Fourier domain, as scipy's
@@ -38,9 +38,9 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from msam_core.train import synth
-from msam_core.train.data import augment
-from msam_core.train.pack import CROP, Pack, PackedScan, normalise_crop
+from msam_train import synth
+from msam_train.data import augment
+from msam_train.pack import CROP, Pack, PackedScan, normalise_crop
 
 #: Voxels of the organ near the lesion needed to take the organ's intensity from there.
 LOCAL_ORGAN_VOXELS = 30
@@ -120,7 +120,7 @@ def dilate(mask: torch.Tensor) -> torch.Tensor:
 def lesion_level(rng: np.random.Generator, generator: torch.Generator, size: int, radius_vox: float,
                  device: torch.device) -> tuple[torch.Tensor, int]:
     """A level set ``< 1`` inside the lesion on a cube of ``size`` voxels centred on the lesion:
-    ``(level [size]^3 float32, satellites)`` (the offline :func:`~msam_core.train.synth.lesion_level`)."""
+    ``(level [size]^3 float32, satellites)`` (the offline :func:`~msam_train.synth.lesion_level`)."""
     shape = (size, size, size)
     axes = torch.as_tensor(synth.draw_axes(rng, radius_vox), dtype=torch.float32, device=device)
     rot = torch.as_tensor(synth.draw_rotation(rng), dtype=torch.float32, device=device)
@@ -161,7 +161,7 @@ class DeviceScan:
 def insert_lesion(rng: np.random.Generator, generator: torch.Generator, scan: DeviceScan, organ: str,
                   tries: int = 20) -> tuple[torch.Tensor, torch.Tensor, Lesion] | None:
     """Draw one lesion in ``organ`` of ``scan`` (the offline
-    :func:`~msam_core.train.synth.insert_lesion`): ``(image box with the lesion, lesion mask box,
+    :func:`~msam_train.synth.insert_lesion`): ``(image box with the lesion, lesion mask box,
     what was drawn)``, the boxes at ``Lesion.box`` of the scan; ``None`` when no placement worked."""
     organ_mask, candidates = scan.organs[organ], scan.voxels[organ]
     if len(candidates) == 0:
@@ -223,7 +223,7 @@ def render(rng: np.random.Generator, generator: torch.Generator, scan: DeviceSca
 
 def crop_centre(rng: np.random.Generator, mask: torch.Tensor) -> tuple[int, int, int]:
     """A voxel of ``mask`` (a lesion's box) drawn with probability proportional to its depth in the
-    lesion, as the crop cache draws its centres (:func:`~msam_core.train.data.crop_centres`)."""
+    lesion, as the crop cache draws its centres (:func:`~msam_train.data.crop_centres`)."""
     sub = mask.cpu().numpy()
     depth = ndimage.distance_transform_edt(sub)
     inside = np.flatnonzero(depth > 0)
@@ -244,11 +244,11 @@ def cut(volume: torch.Tensor, corner: list[int], fill: float = 0.0, size: int = 
 class OnlineCrops:
     """Training crops with a freshly synthesised lesion each, drawn on ``device`` from a pack's
     training scans: ``sample(rng)`` gives ``(image [1,128,128,128] float32 normalised, mask
-    [1,128,128,128] float32, first click [3] float32)`` like :class:`~msam_core.train.data.CropDataset`.
+    [1,128,128,128] float32, first click [3] float32)`` like :class:`~msam_train.data.CropDataset`.
 
     A crop: a training scan and one of its organs, uniformly (as ``msam data synth`` picks a
     case's scan round robin and each lesion's organ uniformly), one lesion there, a crop centred
-    on one of its voxels (drawn by depth), normalised, then :func:`~msam_core.train.data.augment`.
+    on one of its voxels (drawn by depth), normalised, then :func:`~msam_train.data.augment`.
     Every draw comes from ``rng`` (numpy, for the parameters) and one torch generator on the
     device seeded from it (for the noise fields): the same seed gives the same crops on one device.
     """

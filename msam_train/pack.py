@@ -3,19 +3,19 @@
 Training on a lent accelerator (``make gpu-model``, docs/gpu-training.md) cannot fetch anything
 and carries at most 64 MiB with the repository, while the synthetic data set of ``msam data synth``
 and its crop cache are gigabytes. What they are made of is small: a few real scans and organ masks
-(:mod:`msam_core.train.sources`) and the lesion settings of :mod:`msam_core.train.synth`. A pack
-holds exactly that, so :mod:`msam_core.train.online` can draw fresh lesions on the device at
+(:mod:`msam_train.sources`) and the lesion settings of :mod:`msam_train.synth`. A pack
+holds exactly that, so :mod:`msam_train.online` can draw fresh lesions on the device at
 every step, plus held-apart validation cases to choose and check checkpoints on:
 
 - **anatomy**: every source scan on its 1.5 mm RAS grid (CT as int16 HU, rounded as ``msam data
   synth`` writes CT and clamped to the crops' window of -1000..1000 HU; MR as float32), its ``(4, 4)`` voxel -> RAS affine, its organ masks
   (bool), modality and whether it is held out (never drawn from in training);
-- **lesion settings**: the per-organ diameter ranges (:data:`~msam_core.train.synth.SIZE_MM`);
+- **lesion settings**: the per-organ diameter ranges (:data:`~msam_train.synth.SIZE_MM`);
 - **validation**: the validation and held-out cases of ``msam data synth`` with the same seed and
-  counts (the same cases, made by :func:`~msam_core.train.synth.make_case`), each stored as the
+  counts (the same cases, made by :func:`~msam_train.synth.make_case`), each stored as the
   box of the scan it changed (the change of intensity and the instance labels) and one crop centre per lesion,
   drawn as the crop cache of that split draws them (``build_cache(split, crops_per_lesion=1, seed=seed)``,
-  :func:`~msam_core.train.data.crop_centres`): the crops are the ones that cache holds. A case is its
+  :func:`~msam_train.data.crop_centres`): the crops are the ones that cache holds. A case is its
   scan with the box pasted in; a crop is 128^3 voxels of it centred on the centre voxel, zero
   outside the scan, normalised as inference normalises (:func:`normalise_crop`).
 
@@ -160,14 +160,14 @@ def _stored(image: np.ndarray, modality: str) -> np.ndarray:
 def write_pack(out: Path, seed: int = 0, n_train: int = 90, n_val: int = 12, n_heldout: int = 12,
                scans: list | None = None, log=print) -> dict:
     """Write the pack (see the module's docstring) and return its metadata. ``scans`` are
-    :class:`~msam_core.train.sources.SourceScan` (default: the fetched sources); the validation
+    :class:`~msam_train.sources.SourceScan` (default: the fetched sources); the validation
     cases are those ``msam data synth --seed seed --train n_train --val n_val --heldout n_heldout``
     writes (case indices ``n_train..``)."""
-    from msam_core.train.data import crop_centres
-    from msam_core.train.synth import SIZE_MM, make_case
+    from msam_train.data import crop_centres
+    from msam_train.synth import SIZE_MM, make_case
 
     if scans is None:
-        from msam_core.train.sources import fetch_sources, load_sources
+        from msam_train.sources import fetch_sources, load_sources
 
         scans = load_sources(fetch_sources())
     arrays: dict[str, np.ndarray] = {}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from msam_core.errors import InvalidDataset
-from msam_core.train.clicks import border_depth
+from msam_train.clicks import border_depth
 
 log = logging.getLogger(__name__)
 

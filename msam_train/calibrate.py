@@ -3,7 +3,7 @@
 A model trained with soft Dice + cross-entropy need not be best at ``sigmoid > 0.5``: a model
 unsure of a lesion's extent after one click may draw a blob too small for most lesions, which a
 lower logit threshold fits better. This command runs
-:mod:`msam_core.train.evaluate`'s click protocol (first click at the deepest voxel, each next
+:mod:`msam_train.evaluate`'s click protocol (first click at the deepest voxel, each next
 one in the largest error, previous logits fed back) on a split - **validation**, never the
 data the model is judged on - once per candidate threshold, and keeps the threshold with the
 highest mean Dice over clicks 1..N (the area under the Dice-versus-clicks curve, so one-click
@@ -20,7 +20,7 @@ weights of the stable-region prior (:mod:`msam_core.pipeline.region_prior`: one 
 prompted by one positive click, one after further clicks). The checkpoint's own pair is always
 among them, and the pair with the highest mean Dice (ties: the smaller total weight) replaces it
 only when it is clearly better: its paired bootstrap 95% interval of the mean Dice difference over
-the lesions (:func:`~msam_core.train.compare.compare`) lies above 0; a few thousandths on two
+the lesions (:func:`~msam_train.compare.compare`) lies above 0; a few thousandths on two
 dozen lesions is which lesions suit which pair, not a better pair. Written as
 ``PipelineOptions.prior_weight_first`` and ``prior_weight``, used by
 :meth:`~msam_core.pipeline.segmenter.Segmenter.click`. The weights are chosen at one
@@ -91,7 +91,7 @@ def measure_coarse_view(model, data_dir: Path, on: bool, split: str = "validatio
     record for the provenance: ``{"coarse_view", "table": {"off"|"on": {"mean_dice", "dice"}},
     "difference", "interval"}`` (on minus off, paired bootstrap 95% over the lesions)."""
     from msam_core.pipeline.segmenter import DictEmbeddingCache
-    from msam_core.train.compare import compare
+    from msam_train.compare import compare
 
     per_lesion: dict = {}
     table = _scan(model, [False, True], set_coarse_view, data_dir, split, clicks, device,
@@ -109,9 +109,9 @@ def _scan(model, candidates: list, apply, data_dir: Path, split: str, clicks: in
           log, label, per_lesion: dict | None = None) -> dict:
     """Run the click protocol once per candidate (``apply(model, candidate)`` first) -> ``{candidate:
     {"mean_dice": m, "dice": [Dice@1..N]}}``; ``per_lesion``, when given, gets each candidate's
-    per-lesion Dice (:func:`~msam_core.train.compare.read_dice`)."""
-    from msam_core.train.compare import read_dice
-    from msam_core.train.evaluate import evaluate
+    per-lesion Dice (:func:`~msam_train.compare.read_dice`)."""
+    from msam_train.compare import read_dice
+    from msam_train.evaluate import evaluate
 
     table: dict = {}
     for key in candidates:
@@ -156,7 +156,7 @@ def choose_over_incumbent(table: dict, per_lesion: dict,
     mean Dice over the ``incumbent`` (``per_lesion``: each pair's per-lesion Dice) lies above 0,
     else the incumbent. ``-> (pair, decision)``, the decision for the provenance: ``{"incumbent",
     "best", "chosen"[, "difference", "interval"]}`` (pairs as labels)."""
-    from msam_core.train.compare import compare, direction
+    from msam_train.compare import compare, direction
 
     best = chosen = max(table, key=lambda w: (table[w]["mean_dice"], -sum(w)))
     choice: dict = {"incumbent": pair_label(incumbent), "best": pair_label(best)}
@@ -288,7 +288,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from msam_core.checkpoints import load_model, save_checkpoint
-    from msam_core.train.data import require_cases
+    from msam_train.data import require_cases
 
     require_cases(args.data, args.split)  # a wrong folder or split fails before any evaluation
     model = load_model(args.checkpoint, device=args.device)
