@@ -24,8 +24,10 @@ centred on the *first* positive click, so it hits the cache and costs only a dec
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
@@ -51,6 +53,24 @@ from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_fro
                                         touched_faces, window_grid)
 
 MAX_ITERATIONS = 20
+
+_RESAMPLER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _resampler() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread of this process that resamples a coarse view's logits beside the main thread."""
+    global _RESAMPLER
+    if _RESAMPLER is None:
+        _RESAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="msam-coarse")
+    return _RESAMPLER
+
+
+def _forget_resampler() -> None:
+    global _RESAMPLER
+    _RESAMPLER = None  # a forked child (a prefork worker) has no thread of its parent's pool
+
+
+os.register_at_fork(after_in_child=_forget_resampler)
 
 
 class PromptableModel(Protocol):
@@ -435,8 +455,15 @@ class Segmenter:
         coarse = state.coarse
         coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
                                   labels, None, iterations, coarse.regions)
-        seen = logits_to_fine(upsample_logits(coarse_low, size=size), coarse.fine, coarse.grid)
-        candidates = {"fine": finish(logits), "both": finish((logits + seen) / 2)}
+        # the coarse logits are resampled onto the crop (SciPy, without the GIL) while the fine
+        # candidate is finished: the same arrays as one after the other
+        pending = _resampler().submit(logits_to_fine, upsample_logits(coarse_low, size=size), coarse.fine,
+                                      coarse.grid)
+        try:
+            fine = finish(logits)
+        finally:
+            seen = pending.result()
+        candidates = {"fine": fine, "both": finish((logits + seen) / 2)}
         return candidates[choose(crop, candidates)]
 
     # -- whole requests -----------------------------------------------------------------------
