@@ -65,6 +65,10 @@ def _resampler() -> concurrent.futures.ThreadPoolExecutor:
     return _RESAMPLER
 
 
+def _coarse_on_fine(coarse_low: torch.Tensor, size: int, fine: CropGrid, coarse: CropGrid) -> np.ndarray:
+    return logits_to_fine(upsample_logits(coarse_low, size=size), fine, coarse)
+
+
 def _forget_resampler() -> None:
     global _RESAMPLER
     _RESAMPLER = None  # a forked child (a prefork worker) has no thread of its parent's pool
@@ -455,10 +459,9 @@ class Segmenter:
         coarse = state.coarse
         coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
                                   labels, None, iterations, coarse.regions)
-        # the coarse logits are resampled onto the crop (SciPy, without the GIL) while the fine
-        # candidate is finished: the same arrays as one after the other
-        pending = _resampler().submit(logits_to_fine, upsample_logits(coarse_low, size=size), coarse.fine,
-                                      coarse.grid)
+        # the coarse logits are upsampled and resampled onto the crop (torch and SciPy, without
+        # the GIL) while the fine candidate is finished: the same arrays as one after the other
+        pending = _resampler().submit(_coarse_on_fine, coarse_low, size, coarse.fine, coarse.grid)
         try:
             fine = finish(logits)
         finally:
