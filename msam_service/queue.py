@@ -85,6 +85,17 @@ def live_workers(r: Any) -> list[dict[str, str]]:
     return out
 
 
+def live_worker_names(r: Any) -> list[str]:
+    """The names (``host:pid``) of the workers :func:`live_workers` lists, sorted."""
+    prefix = worker_key("")
+    names = []
+    for key in r.scan_iter(match=worker_key("*"), count=100):
+        name = key.decode() if isinstance(key, bytes) else key
+        if r.hexists(name, "alive_at"):
+            names.append(name[len(prefix):])
+    return sorted(names)
+
+
 def make_celery(settings: Settings, name: str = "msam") -> Celery:
     app = Celery(name)
     app.conf.update(celery_config(settings))

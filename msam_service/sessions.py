@@ -11,8 +11,9 @@ Keys (all expire ``ttl_s`` after the session's last change, like jobs):
 
 - ``msam:session:<id>``: the session document (JSON), changed only by :meth:`SessionStore.change`
   (WATCH/MULTI, so two requests never lose each other's change);
-- ``msam:session:<id>:holder``: the worker (``host:pid``) that ran its last interaction, where
-  the gateway routes the next one while that worker is alive;
+- ``msam:session:<id>:holder``: the worker (``host:pid``) that ran its last interaction (at
+  first: the live worker holding the fewest sessions when it was opened, :func:`least_loaded`),
+  where the gateway routes the next one while that worker is alive;
 - ``msam:session:<id>:mask:<interaction id>``: a lesion's mask after that interaction
   (:func:`pack_mask`); the mask at step 0 is empty;
 - ``msam:interaction:<id>``: one interaction's status and answer (hash), and
@@ -83,6 +84,20 @@ def interaction_key(interaction_id: str) -> str:
 
 def done_key(interaction_id: str) -> str:
     return f"msam:interaction:{interaction_id}:done"
+
+
+def least_loaded(r: Any, workers: list[str]) -> str | None:
+    """Of ``workers`` (``host:pid``), the one holding the fewest sessions (ties: the first), or
+    ``None`` when there is none. Reads every session's holder key: a scan over the sessions."""
+    if not workers:
+        return None
+    held = {w: 0 for w in workers}
+    keys = list(r.scan_iter(match=holder_key("*"), count=500))
+    for value in (r.mget(keys) if keys else []):
+        name = value.decode() if isinstance(value, bytes) else value
+        if name in held:
+            held[name] += 1
+    return min(workers, key=lambda w: held[w])
 
 
 def worker_queue(queue: str, worker: str) -> str:

@@ -31,7 +31,7 @@ from msam_service import jobs
 from msam_service import sessions as S
 from msam_service.masks import grid_difference, mask_grid_error
 from msam_service.prompts import resolve
-from msam_service.queue import worker_key
+from msam_service.queue import live_worker_names, worker_key
 from msam_service.volumes import VolumeInfo
 
 router = APIRouter(tags=["sessions"])
@@ -98,7 +98,14 @@ def create_session(body: SessionCreate, svc: Services = Depends(services), who: 
     decoding the volume at once, ahead of the first click)."""
     info = volume_for(svc, body.volume_id, who)
     doc = _store(svc).create(who, body.volume_id, body.space)
-    svc.queue.send_task(S.OPEN_TASK, args=[doc["session_id"]], queue=svc.settings.queue, ignore_result=True)
+    # the live worker holding the fewest sessions decodes the volume and holds the session (a
+    # worker answers one click at a time: sessions piled on one worker wait for each other's)
+    holder = S.least_loaded(svc.redis, live_worker_names(svc.redis))
+    queue = svc.settings.queue
+    if holder is not None:
+        svc.redis.set(S.holder_key(doc["session_id"]), holder, ex=svc.settings.job_ttl_s)
+        queue = S.worker_queue(svc.settings.queue, holder)
+    svc.queue.send_task(S.OPEN_TASK, args=[doc["session_id"]], queue=queue, ignore_result=True)
     return _session_out(svc, doc, info)
 
 

@@ -107,3 +107,20 @@ def test_concurrent_changes_are_not_lost(r: redis.Redis) -> None:
     store.put_mask(doc["session_id"], "i1", S.BoxMask.tight(np.zeros(3, int), np.ones((2, 2, 2), bool)))
     store.delete(doc["session_id"])
     assert store.get(doc["session_id"]) is None and not r.exists(S.mask_key(doc["session_id"], "i1"))
+
+
+def test_a_new_session_goes_to_the_live_worker_holding_the_fewest(r: redis.Redis) -> None:
+    from msam_service.queue import live_worker_names, worker_key
+
+    assert S.least_loaded(r, []) is None
+    for name in ("h:1", "h:2", "h:3"):
+        r.hset(worker_key(name), mapping={"alive_at": "1"})
+    r.hset(worker_key("h:4"), mapping={"model_loaded": "1"})  # still starting: no beat yet
+    workers = live_worker_names(r)
+    assert workers == ["h:1", "h:2", "h:3"]
+    assert S.least_loaded(r, workers) == "h:1"  # none holds a session: the first
+    for sid, holder in (("a", "h:1"), ("b", "h:1"), ("c", "h:2"), ("d", "h:9")):
+        r.set(S.holder_key(sid), holder)
+    assert S.least_loaded(r, workers) == "h:3"
+    r.set(S.holder_key("e"), "h:3")
+    assert S.least_loaded(r, workers) == "h:2"
