@@ -70,6 +70,10 @@ def session_key(session_id: str) -> str:
     return f"msam:session:{session_id}"
 
 
+#: The lock :func:`claim_holder` holds while it chooses a new session's holder.
+HOLDER_LOCK = "msam:session-holder-lock"
+
+
 def holder_key(session_id: str) -> str:
     return f"msam:session:{session_id}:holder"
 
@@ -98,6 +102,29 @@ def least_loaded(r: Any, workers: list[str]) -> str | None:
         if name in held:
             held[name] += 1
     return min(workers, key=lambda w: held[w])
+
+
+def claim_holder(r: Any, session_id: str, workers: list[str], ttl_s: int) -> str | None:
+    """Make the :func:`least_loaded` of ``workers`` the holder of the new session ``session_id``
+    and return it; choosing and claiming hold a Redis lock, so sessions opened at the same moment
+    (through any gateway process) see each other's claims. ``None`` (no live worker, or the lock
+    not had within a second): the session has no holder yet and its opening goes to the shared
+    queue."""
+    if not workers:
+        return None
+    lock = r.lock(HOLDER_LOCK, timeout=5, blocking_timeout=1)
+    if not lock.acquire():
+        return None
+    try:
+        holder = least_loaded(r, workers)
+        if holder is not None:
+            r.set(holder_key(session_id), holder, ex=ttl_s)
+        return holder
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:  # expired meanwhile: nothing to release
+            pass
 
 
 def worker_queue(queue: str, worker: str) -> str:

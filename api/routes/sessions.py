@@ -100,11 +100,8 @@ def create_session(body: SessionCreate, svc: Services = Depends(services), who: 
     doc = _store(svc).create(who, body.volume_id, body.space)
     # the live worker holding the fewest sessions decodes the volume and holds the session (a
     # worker answers one click at a time: sessions piled on one worker wait for each other's)
-    holder = S.least_loaded(svc.redis, live_worker_names(svc.redis))
-    queue = svc.settings.queue
-    if holder is not None:
-        svc.redis.set(S.holder_key(doc["session_id"]), holder, ex=svc.settings.job_ttl_s)
-        queue = S.worker_queue(svc.settings.queue, holder)
+    holder = S.claim_holder(svc.redis, doc["session_id"], live_worker_names(svc.redis), svc.settings.job_ttl_s)
+    queue = svc.settings.queue if holder is None else S.worker_queue(svc.settings.queue, holder)
     svc.queue.send_task(S.OPEN_TASK, args=[doc["session_id"]], queue=queue, ignore_result=True)
     return _session_out(svc, doc, info)
 

@@ -124,3 +124,29 @@ def test_a_new_session_goes_to_the_live_worker_holding_the_fewest(r: redis.Redis
     assert S.least_loaded(r, workers) == "h:3"
     r.set(S.holder_key("e"), "h:3")
     assert S.least_loaded(r, workers) == "h:2"
+
+
+def test_sessions_opened_at_once_are_spread_over_the_workers(r: redis.Redis, redis_url: str) -> None:
+    """Eight sessions claimed from eight threads (each its own client, as gateway processes)
+    end up four on each of two workers: choosing and claiming are one step under a lock."""
+    from msam_service import redis_conn
+    from msam_service.queue import worker_key
+
+    for name in ("h:1", "h:2"):
+        r.hset(worker_key(name), mapping={"alive_at": "1"})
+    start = threading.Barrier(8)
+    got: list[str | None] = []
+
+    def claim(n: int) -> None:
+        client = redis_conn.client(redis_url)
+        start.wait()
+        got.append(S.claim_holder(client, f"s{n}", ["h:1", "h:2"], 60))
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == ["h:1"] * 4 + ["h:2"] * 4
+    assert sorted(r.get(S.holder_key(f"s{n}")).decode() for n in range(8)) == sorted(got)
+    assert S.claim_holder(r, "x", [], 60) is None and r.get(S.holder_key("x")) is None
