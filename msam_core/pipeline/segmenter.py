@@ -436,36 +436,39 @@ class Segmenter:
         low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations, state.regions)
         state.low_res = low_res
         size = state.image.shape[-1]
-        logits = upsample_logits(low_res, size=size)
-        weight = self.options.prior_weight_for(labels)
-        band = self.options.boundary_band_for(labels)
-        crop = state.image.detach().cpu().numpy() if band or state.coarse is not None else None
-        region = None
-        if weight:
-            if state.prior is None:
-                state.prior = self.new_prior(state.image)
-            with self._stage("prior"):
-                region = state.prior.mask(points_crop, labels)
-
-        def finish(raw: np.ndarray) -> np.ndarray:
-            out = add_prior(raw, region, weight) if weight else raw
-            if not band:
-                return out
-            with self._stage("boundary"):
-                return refine_boundary(crop, out, points_crop, labels, band)
-
-        if state.coarse is None:
-            return finish(logits)
         coarse = state.coarse
-        coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
-                                  labels, None, iterations, coarse.regions)
-        # the coarse logits are upsampled and resampled onto the crop (torch and SciPy, without
-        # the GIL) while the fine candidate is finished: the same arrays as one after the other
-        pending = _resampler().submit(_coarse_on_fine, coarse_low, size, coarse.fine, coarse.grid)
+        pending = None
+        if coarse is not None:
+            coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
+                                      labels, None, iterations, coarse.regions)
+            # the coarse logits are upsampled and resampled onto the crop (torch and SciPy,
+            # without the GIL) while the fine logits are upsampled, the prior grown and the fine
+            # candidate finished: the same arrays as one after the other
+            pending = _resampler().submit(_coarse_on_fine, coarse_low, size, coarse.fine, coarse.grid)
         try:
+            logits = upsample_logits(low_res, size=size)
+            weight = self.options.prior_weight_for(labels)
+            band = self.options.boundary_band_for(labels)
+            crop = state.image.detach().cpu().numpy() if band or coarse is not None else None
+            region = None
+            if weight:
+                if state.prior is None:
+                    state.prior = self.new_prior(state.image)
+                with self._stage("prior"):
+                    region = state.prior.mask(points_crop, labels)
+
+            def finish(raw: np.ndarray) -> np.ndarray:
+                out = add_prior(raw, region, weight) if weight else raw
+                if not band:
+                    return out
+                with self._stage("boundary"):
+                    return refine_boundary(crop, out, points_crop, labels, band)
+
             fine = finish(logits)
         finally:
-            seen = pending.result()
+            seen = pending.result() if pending is not None else None
+        if seen is None:
+            return fine
         candidates = {"fine": fine, "both": finish((logits + seen) / 2)}
         return candidates[choose(crop, candidates)]
 
