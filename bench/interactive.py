@@ -147,9 +147,10 @@ def job_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], boo
 
 
 def session_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], bool]],
-                   shape: tuple[int, ...], look_s: float = 0.0) -> list[dict]:
+                   shape: tuple[int, ...], look_s: float = 0.0, keep: list[str] | None = None) -> list[dict]:
     """One session, one lesion, one interaction per click; the client keeps the mask from the deltas.
-    ``look_s``: seconds between opening the session and the first click (a reader finding the lesion)."""
+    ``look_s``: seconds between opening the session and the first click (a reader finding the lesion).
+    ``keep``: leave the session open and add its id to this list (default: delete it at the end)."""
     sid = c.post("/sessions", json={"volume_id": volume_id}).raise_for_status().json()["session_id"]
     c.post(f"/sessions/{sid}/lesions").raise_for_status()
     time.sleep(look_s)
@@ -173,7 +174,10 @@ def session_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float],
         rows.append({"rtt": rtt, "network": network, "pipeline": t["worker"] - network,
                      "transport": rtt - t["worker"], "ml": answer["measurements"]["volume_ml"],
                      "delta_kb": len(r.content) / 1024})
-    c.delete(f"/sessions/{sid}")
+    if keep is None:
+        c.delete(f"/sessions/{sid}")
+    else:
+        keep.append(sid)
     return rows
 
 
@@ -238,8 +242,13 @@ def main() -> int:
                   f"nodule volume after the last click: {rows[-1]['ml']:.2f} mL")
         threads = stack.set_workers(args.workers, args.threads)
         with httpx.Client(base_url=stack.url, timeout=300) as c:
-            for n in range(args.workers):  # every worker loads the model before timing
-                session_clicks(c, vid, clicks(centres[n % len(centres)], 0), shape)
+            # every worker loads the model before timing: sessions open at the same time go to
+            # different workers (the least loaded holds a new session)
+            warming: list[str] = []
+            for n in range(args.workers):
+                session_clicks(c, vid, clicks(centres[n % len(centres)], 0), shape, keep=warming)
+            for sid in warming:
+                c.delete(f"/sessions/{sid}")
 
         def one(n: int) -> list[dict]:
             with httpx.Client(base_url=stack.url, timeout=300) as cc:

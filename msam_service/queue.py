@@ -195,6 +195,13 @@ def send_interaction(app: Celery, interaction_id: str, queue: str) -> None:
     app.send_task(INTERACT_TASK, args=[interaction_id], queue=queue, ignore_result=True)
 
 
+def live_worker_names(r: Any) -> list[str]:
+    """The names (``host:pid``) of the workers that beat (:func:`worker_alive`), sorted."""
+    prefix = worker_key("")
+    names = [key.decode() if isinstance(key, bytes) else key for key in r.scan_iter(match=worker_key("*"), count=100)]
+    return sorted(name[len(prefix):] for name in names if worker_alive(r, name[len(prefix):]))
+
+
 def make_celery(settings: Settings, name: str = "msam") -> Celery:
     app = Celery(name)
     app.conf.update(celery_config(settings))

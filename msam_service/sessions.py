@@ -11,8 +11,9 @@ Keys (all expire ``ttl_s`` after the session's last change, like jobs):
 
 - ``msam:session:<id>``: the session document (JSON), changed only by :meth:`SessionStore.change`
   (WATCH/MULTI, so two requests never lose each other's change);
-- ``msam:session:<id>:holder``: the worker (``host:pid``) that ran its last interaction, where
-  the gateway routes the next one while that worker is alive;
+- ``msam:session:<id>:holder``: the worker (``host:pid``) that ran its last interaction (at
+  first: the live worker holding the fewest sessions when it was opened, :func:`least_loaded`),
+  where the gateway routes the next one while that worker is alive;
 - ``msam:session:<id>:mask:<interaction id>``: a lesion's mask after that interaction
   (:func:`pack_mask`); the mask at step 0 is empty;
 - ``msam:interaction:<id>``: one interaction's status and answer (hash; ``queue``: where its
@@ -70,6 +71,10 @@ def session_key(session_id: str) -> str:
     return f"msam:session:{session_id}"
 
 
+#: The lock :func:`claim_holder` holds while it chooses a new session's holder.
+HOLDER_LOCK = "msam:session-holder-lock"
+
+
 def holder_key(session_id: str) -> str:
     return f"msam:session:{session_id}:holder"
 
@@ -84,6 +89,43 @@ def interaction_key(interaction_id: str) -> str:
 
 def done_key(interaction_id: str) -> str:
     return f"msam:interaction:{interaction_id}:done"
+
+
+def least_loaded(r: Any, workers: list[str]) -> str | None:
+    """Of ``workers`` (``host:pid``), the one holding the fewest sessions (ties: the first), or
+    ``None`` when there is none. Reads every session's holder key: a scan over the sessions."""
+    if not workers:
+        return None
+    held = {w: 0 for w in workers}
+    keys = list(r.scan_iter(match=holder_key("*"), count=500))
+    for value in (r.mget(keys) if keys else []):
+        name = value.decode() if isinstance(value, bytes) else value
+        if name in held:
+            held[name] += 1
+    return min(workers, key=lambda w: held[w])
+
+
+def claim_holder(r: Any, session_id: str, workers: list[str], ttl_s: int) -> str | None:
+    """Make the :func:`least_loaded` of ``workers`` the holder of the new session ``session_id``
+    and return it; choosing and claiming hold a Redis lock, so sessions opened at the same moment
+    (through any gateway process) see each other's claims. ``None`` (no live worker, or the lock
+    not had within a second): the session has no holder yet and its opening goes to the shared
+    queue."""
+    if not workers:
+        return None
+    lock = r.lock(HOLDER_LOCK, timeout=5, blocking_timeout=1)
+    if not lock.acquire():
+        return None
+    try:
+        holder = least_loaded(r, workers)
+        if holder is not None:
+            r.set(holder_key(session_id), holder, ex=ttl_s)
+        return holder
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:  # expired meanwhile: nothing to release
+            pass
 
 
 def worker_queue(queue: str, worker: str) -> str:

@@ -3,8 +3,8 @@ a commit in, the session's outputs written (and sent) as a job's.
 
 The session's state is in Redis (:mod:`msam_service.sessions`); what this process keeps is a
 cache, per volume (:class:`HeldVolume`): the decoded volume, its sampler (intensity profile) and
-the crop states of the lesions clicked on it (crop, embedding, coarse view, the stable-region
-prior's grown regions), by crop grid. A follow-up click on a lesion whose crop is held costs the
+the crop states of the lesions clicked on it (crop, embedding, coarse view, the regions grown
+from its clicks by the decoder and by the stable-region prior), by crop grid. A follow-up click on a lesion whose crop is held costs the
 decoder and the pipeline steps after it, nothing more. A process that never saw the session (the
 holder died, or the gateway sent the interaction elsewhere) rebuilds the same state from
 storage and Redis: the embedding cache key is the volume's id and the crop's grid
@@ -39,7 +39,8 @@ from worker.runtime import Runtime, worker_name
 logger = logging.getLogger(__name__)
 
 #: Crop states kept per held volume (each holds a 128^3 crop, its embedding, coarse view and
-#: grown regions: tens of MB).
+#: grown regions: the prior's, 2 MB per positive click, and the decoder's, 0.5 MB per click and
+#: view; tens of MB).
 MAX_CROPS = 16
 
 

@@ -33,7 +33,7 @@ from msam_service import sessions as S
 from msam_service.contract import SessionLesion, SessionSnapshot
 from msam_service.masks import grid_difference, mask_grid_error
 from msam_service.prompts import resolve
-from msam_service.queue import send_interaction, worker_alive
+from msam_service.queue import live_worker_names, send_interaction, worker_alive
 from msam_service.volumes import VolumeInfo
 
 router = APIRouter(tags=["sessions"])
@@ -100,7 +100,11 @@ def create_session(body: SessionCreate, svc: Services = Depends(services), who: 
     decoding the volume at once, ahead of the first click)."""
     info = volume_for(svc, body.volume_id, who)
     doc = _store(svc).create(who, body.volume_id, body.space)
-    svc.queue.send_task(S.OPEN_TASK, args=[doc["session_id"]], queue=svc.settings.queue, ignore_result=True)
+    # the live worker holding the fewest sessions decodes the volume and holds the session (a
+    # worker answers one click at a time: sessions piled on one worker wait for each other's)
+    holder = S.claim_holder(svc.redis, doc["session_id"], live_worker_names(svc.redis), svc.settings.job_ttl_s)
+    queue = svc.settings.queue if holder is None else S.worker_queue(svc.settings.queue, holder)
+    svc.queue.send_task(S.OPEN_TASK, args=[doc["session_id"]], queue=queue, ignore_result=True)
     return _session_out(svc, doc, info)
 
 

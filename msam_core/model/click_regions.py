@@ -138,27 +138,30 @@ def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tens
         raise ValueError(f"pooled must be [B, 1, P, P, P] with P even, got {tuple(pooled.shape)}")
     b, p, n_s = pooled.shape[0], pooled.shape[2], len(scales)
     h = window // 2
-    padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))  # affinity 0 outside the crop
     idx = click_index(points, p, img_size)
     inside = click_inside(points, img_size)
     jobs = [(i, j, int(labels[i, j])) for i in range(b) for j in range(points.shape[1])
             if bool(inside[i, j]) and int(labels[i, j]) in (0, 1)]
-    out = padded.new_zeros(b, 2 * n_s, p + window, p + window, p + window)
+    out = torch.zeros(b, 2 * n_s, p, p, p, dtype=torch.float32, device=pooled.device)
     if jobs:
-        # in padded coordinates the window of a click at cell c starts at c (its centre is c + h)
+        # in padded coordinates (the crop with ``h`` cells of +inf before it) the window of a
+        # click at cell c starts at c (its centre is c + h); on the crop, at c - h
         corners = [tuple(int(v) for v in idx[i, j]) for i, j, _ in jobs]
         keys = [(i, x, y, z, scales, steps, window) for (i, _, _), (x, y, z) in zip(jobs, corners)]
         cache = RegionCache() if cache is None else cache  # a throwaway one: each click grown once
         cache.bind(pooled)
         missing = list(dict.fromkeys(k for k in keys if cache.get(k) is None))
         if missing:
+            padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))  # affinity 0 outside the crop
             windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window] for i, x, y, z, *_ in missing])
             for k, r in zip(missing, grow(windows, scales, steps)):
                 cache.put(k, r)
         regions = [cache.get(k) for k in keys]
-        for (i, _, label), (x, y, z), r in zip(jobs, corners, regions):
+        for (i, _, label), corner, r in zip(jobs, corners, regions):
             c0 = 0 if label == 1 else n_s
-            view = out[i, c0:c0 + n_s, x:x + window, y:y + window, z:z + window]
-            view.copy_(torch.maximum(view, r))
-    out = out[:, :, h:h + p, h:h + p, h:h + p]
+            # the part of the window on the crop (what lies beyond it is dropped below anyway)
+            on = tuple(slice(max(c - h, 0), min(c - h + window, p)) for c in corner)
+            part = r[(slice(None),) + tuple(slice(s.start - (c - h), s.stop - (c - h)) for s, c in zip(on, corner))]
+            view = out[(i, slice(c0, c0 + n_s)) + on]
+            view.copy_(torch.maximum(view, part))
     return F.avg_pool3d(out, 2)

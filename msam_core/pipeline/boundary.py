@@ -35,6 +35,7 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
+from msam_core.pipeline.postprocess import bbox_slices
 
 #: The walker's edge sensitivity (scikit-image's default; it scales it by the crop's spread).
 BETA = 130.0
@@ -56,33 +57,65 @@ def _click_voxels(points: np.ndarray, labels: np.ndarray, shape: tuple[int, ...]
     return out
 
 
+def _box_depth(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """``(box, depth)``: the mask's bounding box grown by one voxel (clipped to the array) and
+    ``ndimage.distance_transform_edt`` of the mask on it; ``None`` for an empty mask."""
+    box = bbox_slices(mask, margin=1)
+    if box is None:
+        return None
+    return box, ndimage.distance_transform_edt(mask[box])
+
+
 def mask_depth(mask: np.ndarray) -> np.ndarray:
     """``ndimage.distance_transform_edt(mask)``, computed on the mask's bounding box grown by one
     voxel (clipped to the array) instead of the whole crop: the same values, since every voxel
     beyond that box is at least as far from the mask as the ring of background around it."""
     depth = np.zeros(mask.shape, np.float64)
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return depth
-    lo = np.maximum(idx.min(axis=0) - 1, 0)
-    hi = np.minimum(idx.max(axis=0) + 2, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    depth[box] = ndimage.distance_transform_edt(mask[box])
+    found = _box_depth(mask)
+    if found is not None:
+        depth[found[0]] = found[1]
     return depth
+
+
+def _seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray,
+           band: int) -> tuple[np.ndarray, tuple[slice, ...] | None]:
+    """:func:`seeds` and the bounding box of its voxels other than 2 (``None``: there are none).
+
+    Only the mask's bounding box grown by ``band`` is computed: ``band`` dilations by the
+    6-neighbourhood reach no farther from the mask than ``band`` voxels along each axis, and a
+    voxel's path to the mask stays inside the box around both (the array's own edges clip the
+    box as they clip the dilation), so the dilation on that box equals the whole crop's there and
+    every voxel beyond it is outside (2). Depths are 0 beyond the one-voxel ring (see
+    :func:`mask_depth`), so no inside seed lies beyond it either; only clicks do."""
+    if band < 1:
+        raise ValueError(f"band must be >= 1 voxel, got {band}")
+    out = np.full(mask.shape, 2, np.int32)
+    near = bbox_slices(mask, margin=band)
+    if near is not None:
+        out[near] = np.where(ndimage.binary_dilation(mask[near], iterations=band), 0, 2)
+        box, depth = _box_depth(mask)  # type: ignore[misc]
+        out[box][depth > min(band, depth.max() / 2)] = 1
+    clicks = _click_voxels(points, labels, mask.shape)
+    for voxel, label in clicks:
+        out[voxel] = 1 if label == 1 else 2
+    reach = [np.asarray(voxel) for voxel, _ in clicks if out[voxel] != 2]
+    if near is not None:
+        sub = np.argwhere(out[near] != 2)
+        if sub.size:
+            start = np.asarray([s.start for s in near])
+            reach += [sub.min(0) + start, sub.max(0) + start]
+    if not reach:
+        return out, None
+    points_in = np.asarray(reach)
+    lo = np.maximum(points_in.min(0) - 1, 0)
+    hi = np.minimum(points_in.max(0) + 2, mask.shape)
+    return out, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int) -> np.ndarray:
     """``int32`` seed map for the walker: 1 inside, 2 outside, 0 undecided (see the module).
     Depths are Euclidean distances (voxels) to the nearest voxel outside the mask."""
-    if band < 1:
-        raise ValueError(f"band must be >= 1 voxel, got {band}")
-    out = np.zeros(mask.shape, np.int32)
-    out[~ndimage.binary_dilation(mask, iterations=band)] = 2
-    depth = mask_depth(mask)
-    out[depth > min(band, depth.max() / 2)] = 1
-    for voxel, label in _click_voxels(points, labels, mask.shape):
-        out[voxel] = 1 if label == 1 else 2
-    return out
+    return _seeds(mask, points, labels, band)[0]
 
 
 def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, labels: np.ndarray,
@@ -102,22 +135,25 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
 
     if band == 0:
         return logits
-    image = np.asarray(crop, np.float64)
-    image = image.reshape(image.shape[-3:])
-    if image.shape != logits.shape:
-        raise ValueError(f"crop {image.shape} and logits {logits.shape} must share the crop grid")
+    crop = np.asarray(crop)
+    crop = crop.reshape(crop.shape[-3:])
+    if crop.shape != logits.shape:
+        raise ValueError(f"crop {crop.shape} and logits {logits.shape} must share the crop grid")
     mask = logits > 0
     if not mask.any():
         return logits
-    seed = seeds(mask, points, labels, band)
-    reach = np.argwhere(seed != 2)
-    lo = np.maximum(reach.min(0) - 1, 0)
-    hi = np.minimum(reach.max(0) + 2, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    seed, box = _seeds(mask, points, labels, band)
+    if box is None:
+        return logits
     sub = seed[box]
     undecided = sub == 0
     if not undecided.any() or not (sub == 1).any() or not (sub == 2).any():
         return logits  # nothing to decide, or one side has no seed in reach (a mask filling the crop)
+    # the walker sees the box as a view of a float64 crop (the same values and memory layout as
+    # converting the whole crop, whose reductions, e.g. its spread, sum in the same order), but
+    # only the box is converted
+    image = np.empty_like(crop, dtype=np.float64)
+    image[box] = crop[box]
     if not np.ptp(image[box]) > 0:
         return logits  # a uniform crop has no edge to move to (the walker's weights divide by its spread)
     with warnings.catch_warnings():

@@ -24,8 +24,10 @@ centred on the *first* positive click, so it hits the cache and costs only a dec
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
@@ -37,6 +39,7 @@ import torch
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
+from msam_core.model.click_regions import RegionCache
 from msam_core.pipeline.boundary import refine_boundary
 from msam_core.pipeline.coarse_view import choose, coarse_grid, logits_to_fine, points_to_coarse
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
@@ -51,6 +54,28 @@ from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_fro
 
 MAX_ITERATIONS = 20
 
+_RESAMPLER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _resampler() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread of this process that resamples a coarse view's logits beside the main thread."""
+    global _RESAMPLER
+    if _RESAMPLER is None:
+        _RESAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="msam-coarse")
+    return _RESAMPLER
+
+
+def _coarse_on_fine(coarse_low: torch.Tensor, size: int, fine: CropGrid, coarse: CropGrid) -> np.ndarray:
+    return logits_to_fine(upsample_logits(coarse_low, size=size), fine, coarse)
+
+
+def _forget_resampler() -> None:
+    global _RESAMPLER
+    _RESAMPLER = None  # a forked child (a prefork worker) has no thread of its parent's pool
+
+
+os.register_at_fork(after_in_child=_forget_resampler)
+
 
 class PromptableModel(Protocol):
     """What the pipeline needs from a network (``msam_core.model.MSAM`` satisfies it)."""
@@ -61,7 +86,7 @@ class PromptableModel(Protocol):
     def encode(self, image: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
-               mask_logits: torch.Tensor | None = None) -> torch.Tensor: ...
+               mask_logits: torch.Tensor | None = None, region_cache: RegionCache | None = None) -> torch.Tensor: ...
 
     def refine(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
                mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor: ...
@@ -165,12 +190,15 @@ class CoarseView:
         grid: the coarse grid: same size and centre, twice the spacing.
         image: the coarse crop, ``float32 [1, 1, S, S, S]``.
         embedding: its image embedding.
+        regions: the regions the decoder grew from its clicks, each kept for the next click
+            (:class:`~msam_core.model.click_regions.RegionCache`).
     """
 
     fine: CropGrid
     grid: CropGrid
     image: torch.Tensor
     embedding: torch.Tensor
+    regions: RegionCache = field(default_factory=RegionCache)
 
 
 @dataclass
@@ -187,6 +215,9 @@ class CropState:
             needs it).
         low_res: the network's logits at the last click ``[1, 1, 32, 32, 32]`` (calibrated units),
             the next click's mask prompt when it asks for feedback.
+        regions: the regions the decoder grew from its clicks on this crop, each grown once
+            (:class:`~msam_core.model.click_regions.RegionCache`; a follow-up click grows only
+            its own).
     """
 
     image: torch.Tensor
@@ -196,6 +227,7 @@ class CropState:
     coarse: CoarseView | None = None
     prior: RegionPrior | None = None
     low_res: torch.Tensor | None = None
+    regions: RegionCache = field(default_factory=RegionCache)
 
 
 @dataclass
@@ -331,7 +363,8 @@ class Segmenter:
         return CoarseView(fine=grid, grid=coarse, image=image, embedding=embedding)
 
     def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
-                mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor:
+                mask_logits: torch.Tensor | None = None, iterations: int = 1,
+                region_cache: RegionCache | None = None) -> torch.Tensor:
         """Decoder pass(es), in calibrated units: the network's logits minus the options'
         ``mask_threshold`` (a mask prompt is shifted back before the network sees it).
 
@@ -341,6 +374,8 @@ class Segmenter:
             labels: ``(N,)`` 1 positive / 0 negative.
             mask_logits: optional mask prompt ``[1, 1, 32, 32, 32]`` (calibrated units).
             iterations: 1 = one decoder pass; more feeds each prediction back as the mask prompt.
+            region_cache: the regions already grown from clicks on this embedding (one pass:
+                reused, and the new ones kept; the regions are the same as grown afresh).
 
         Returns:
             logits ``float32 [1, 1, 32, 32, 32]`` on the CPU, ``> 0`` = lesion.
@@ -351,7 +386,7 @@ class Segmenter:
         mask = None if mask_logits is None else mask_logits.to(self.device) + threshold
         with self._stage("decode"), torch.inference_mode(), self.model.autocast():
             if iterations == 1:
-                out = self.model.decode(embedding, points, lab, mask)
+                out = self.model.decode(embedding, points, lab, mask, region_cache=region_cache)
             else:
                 out = self.model.refine(embedding, points, lab, mask, iterations=iterations)
             out = out.float().cpu()
@@ -398,34 +433,43 @@ class Segmenter:
         """
         if mask_prompt is None and feedback:
             mask_prompt = state.low_res
-        low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations)
+        low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations, state.regions)
         state.low_res = low_res
         size = state.image.shape[-1]
-        logits = upsample_logits(low_res, size=size)
-        weight = self.options.prior_weight_for(labels)
-        band = self.options.boundary_band_for(labels)
-        crop = state.image.detach().cpu().numpy() if band or state.coarse is not None else None
-        region = None
-        if weight:
-            if state.prior is None:
-                state.prior = self.new_prior(state.image)
-            with self._stage("prior"):
-                region = state.prior.mask(points_crop, labels)
-
-        def finish(raw: np.ndarray) -> np.ndarray:
-            out = add_prior(raw, region, weight) if weight else raw
-            if not band:
-                return out
-            with self._stage("boundary"):
-                return refine_boundary(crop, out, points_crop, labels, band)
-
-        if state.coarse is None:
-            return finish(logits)
         coarse = state.coarse
-        coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
-                                  labels, None, iterations)
-        seen = logits_to_fine(upsample_logits(coarse_low, size=size), coarse.fine, coarse.grid)
-        candidates = {"fine": finish(logits), "both": finish((logits + seen) / 2)}
+        pending = None
+        if coarse is not None:
+            coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
+                                      labels, None, iterations, coarse.regions)
+            # the coarse logits are upsampled and resampled onto the crop (torch and SciPy,
+            # without the GIL) while the fine logits are upsampled, the prior grown and the fine
+            # candidate finished: the same arrays as one after the other
+            pending = _resampler().submit(_coarse_on_fine, coarse_low, size, coarse.fine, coarse.grid)
+        try:
+            logits = upsample_logits(low_res, size=size)
+            weight = self.options.prior_weight_for(labels)
+            band = self.options.boundary_band_for(labels)
+            crop = state.image.detach().cpu().numpy() if band or coarse is not None else None
+            region = None
+            if weight:
+                if state.prior is None:
+                    state.prior = self.new_prior(state.image)
+                with self._stage("prior"):
+                    region = state.prior.mask(points_crop, labels)
+
+            def finish(raw: np.ndarray) -> np.ndarray:
+                out = add_prior(raw, region, weight) if weight else raw
+                if not band:
+                    return out
+                with self._stage("boundary"):
+                    return refine_boundary(crop, out, points_crop, labels, band)
+
+            fine = finish(logits)
+        finally:
+            seen = pending.result() if pending is not None else None
+        if seen is None:
+            return fine
+        candidates = {"fine": fine, "both": finish((logits + seen) / 2)}
         return candidates[choose(crop, candidates)]
 
     # -- whole requests -----------------------------------------------------------------------

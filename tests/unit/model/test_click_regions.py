@@ -137,3 +137,45 @@ def test_refine_grows_each_region_once_and_matches_fresh_decodes(monkeypatch):
     assert grown == [2]
     first = model.decode(embedding, points, labels, None)
     assert torch.allclose(refined, by_hand, atol=1e-5) and not torch.allclose(refined, first, atol=1e-3)
+
+
+def _padded_canvas_regions(pooled, points, labels, img_size, scales=SCALES, steps=20, window=36):
+    """The regions as computed on a canvas padded by the window on every side, then cropped (the
+    definition the crop-sized canvas must reproduce bit for bit)."""
+    from msam_core.model.click_regions import click_index, click_inside
+
+    b, p, n_s = pooled.shape[0], pooled.shape[2], len(scales)
+    h = window // 2
+    padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))
+    idx, inside = click_index(points, p, img_size), click_inside(points, img_size)
+    out = padded.new_zeros(b, 2 * n_s, p + window, p + window, p + window)
+    for i in range(b):
+        for j in range(points.shape[1]):
+            label = int(labels[i, j])
+            if not bool(inside[i, j]) or label not in (0, 1):
+                continue
+            x, y, z = (int(v) for v in idx[i, j])
+            r = grow(padded[i, :, x:x + window, y:y + window, z:z + window][None], scales, steps)[0]
+            view = out[i, (0 if label == 1 else n_s):(n_s if label == 1 else 2 * n_s), x:x + window, y:y + window, z:z + window]
+            view.copy_(torch.maximum(view, r))
+    return F.avg_pool3d(out[:, :, h:h + p, h:h + p, h:h + p], 2)
+
+
+def test_regions_on_a_crop_sized_canvas_equal_the_padded_canvas_bit_for_bit():
+    """Clicks at the centre, near and on the crop's faces and corners, outside it, both labels,
+    two crops in a batch; with and without a cache kept across calls."""
+    g = torch.Generator().manual_seed(2)
+    image = torch.cat([_spheres(), torch.randn(1, 1, 128, 128, 128, generator=g)])
+    pooled = pooled_intensity(image)
+    points = torch.tensor([[[64.0, 64.0, 64.0], [0.0, 3.0, 127.0], [127.9, 127.9, 127.9], [70.0, 10.0, 120.0],
+                            [64.0, 64.0, 94.0], [-5.0, 64.0, 64.0], [30.0, 100.0, 2.0]],
+                           [[5.0, 5.0, 5.0], [120.0, 64.0, 1.0], [64.0, 64.0, 64.0], [64.0, 66.0, 64.0],
+                            [200.0, 0.0, 0.0], [90.0, 90.0, 30.0], [126.0, 2.0, 64.0]]])
+    labels = torch.tensor([[1, 0, 1, 0, 1, 1, 0], [0, 1, 1, 0, 1, 0, 2]])
+    expected = _padded_canvas_regions(pooled, points, labels, 128)
+    assert torch.equal(click_regions(pooled, points, labels, img_size=128), expected)
+    cache = RegionCache()
+    for n in range(1, points.shape[1] + 1):  # one click more at a time, as an interaction
+        kept = click_regions(pooled, points[:, :n], labels[:, :n], img_size=128, cache=cache)
+    assert torch.equal(kept, expected)
+    assert expected[:, :3].abs().sum() > 0 and expected[:, 3:].abs().sum() > 0

@@ -160,3 +160,112 @@ def test_mask_depth_on_the_bounding_box_equals_the_whole_crop():
     masks.append(edge)
     for m in masks:
         np.testing.assert_array_equal(mask_depth(m), ndimage.distance_transform_edt(m))
+
+
+def _whole_crop_seeds(mask, points, labels, band):
+    """The seed map as computed on the whole crop (the definition the box-restricted one keeps)."""
+    from scipy import ndimage
+
+    from msam_core.pipeline.boundary import _click_voxels
+
+    out = np.zeros(mask.shape, np.int32)
+    out[~ndimage.binary_dilation(mask, iterations=band)] = 2
+    depth = ndimage.distance_transform_edt(mask)
+    out[depth > min(band, depth.max() / 2)] = 1
+    for voxel, label in _click_voxels(points, labels, mask.shape):
+        out[voxel] = 1 if label == 1 else 2
+    return out
+
+
+def _whole_crop_refine(crop, logits, points, labels, band):
+    """The walker as run with the whole crop converted to float64 and the seeds' box found on the
+    whole seed map (the computation the restricted one must reproduce bit for bit)."""
+    import warnings
+
+    from skimage.segmentation import random_walker
+
+    from msam_core.pipeline.boundary import BETA, CLICK_LOGIT, MAX_LOGIT, TOLERANCE, _click_voxels
+
+    image = np.asarray(crop, np.float64)
+    image = image.reshape(image.shape[-3:])
+    mask = logits > 0
+    if not mask.any():
+        return logits
+    seed = _whole_crop_seeds(mask, points, labels, band)
+    reach = np.argwhere(seed != 2)
+    lo = np.maximum(reach.min(0) - 1, 0)
+    hi = np.minimum(reach.max(0) + 2, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = seed[box]
+    undecided = sub == 0
+    if not undecided.any() or not (sub == 1).any() or not (sub == 2).any() or not np.ptp(image[box]) > 0:
+        return logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prob = random_walker(image[box], sub, beta=BETA, mode="cg", tol=TOLERANCE, return_full_prob=True)[0]
+    p = np.clip(prob[undecided], 1e-4, 1 - 1e-4)
+    out = logits.astype(np.float32, copy=True)
+    out[box][undecided] = np.clip(np.log(p / (1 - p)), -MAX_LOGIT, MAX_LOGIT)
+    for voxel, label in _click_voxels(points, labels, mask.shape):
+        out[voxel] = max(out[voxel], CLICK_LOGIT) if label == 1 else min(out[voxel], -CLICK_LOGIT)
+    return out
+
+
+def _seed_cases():
+    """Masks small and large, touching the crop's faces, with clicks inside, outside (also far
+    from the mask, beyond its box) and off the crop, for bands 1 to 3."""
+    rng = np.random.default_rng(11)
+    shape = (48, 44, 40)
+    cases = []
+    for n in range(10):
+        centre = rng.uniform(0, np.asarray(shape)) if n % 3 else np.asarray(shape) / 2
+        radii = rng.uniform(1.5, 14, 3)
+        mask = _ball(shape, centre, radii) & (rng.random(shape) > 0.03)
+        if n == 4:
+            mask[:, :3, :] = True  # a slab along a face
+        clicks = np.vstack([centre, rng.uniform(-3, np.asarray(shape) + 2, (4, 3))])
+        labels = rng.integers(0, 2, len(clicks))
+        labels[0] = 1
+        if n == 5:
+            clicks = np.vstack([clicks, clicks[1]])  # the same voxel clicked again, the other way
+            labels = np.append(labels, 1 - labels[1])
+        cases.append((mask, clicks, labels, 1 + n % 3))
+    return cases
+
+
+def test_seeds_on_the_masks_box_equal_the_whole_crops():
+    from msam_core.pipeline.boundary import _seeds
+
+    for mask, clicks, labels, band in _seed_cases():
+        expected = _whole_crop_seeds(mask, clicks, labels, band)
+        got, box = _seeds(mask, clicks, labels, band)
+        np.testing.assert_array_equal(got, expected)
+        reach = np.argwhere(expected != 2)
+        lo, hi = np.maximum(reach.min(0) - 1, 0), np.minimum(reach.max(0) + 2, mask.shape)
+        assert box == tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    empty = np.zeros((10, 10, 10), bool)
+    got, box = _seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([0]), 2)
+    assert box is None and (got == 2).all()
+    got, box = _seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([1]), 2)
+    assert box == (slice(0, 3), slice(1, 4), slice(2, 5)) and got[1, 2, 3] == 1 and (got == 2).sum() == 999
+
+
+def test_refine_boundary_equals_the_whole_crop_computation_bit_for_bit():
+    rng = np.random.default_rng(5)
+    walked = 0
+    for n, (mask, clicks, labels, band) in enumerate(_seed_cases()):
+        crop = (rng.normal(0.0, 0.2, mask.shape) + _ball(mask.shape, np.asarray(mask.shape) / 2, (9, 7, 8))).astype(np.float32)
+        distance = ndimage_edt(~mask) - ndimage_edt(mask)
+        logits = (0.5 - distance + rng.normal(0, 0.3, mask.shape)).astype(np.float32)
+        crop_in = crop[None, None] if n % 2 else crop
+        got = refine_boundary(crop_in, logits, clicks, labels, band)
+        expected = _whole_crop_refine(crop_in, logits, clicks, labels, band)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), f"case {n}"
+        walked += not np.array_equal(got, logits)
+    assert walked >= 8  # the walker ran (not only the early returns)
+
+
+def ndimage_edt(mask):
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(mask)

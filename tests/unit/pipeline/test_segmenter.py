@@ -224,3 +224,57 @@ def test_hooks_hear_every_stage_and_can_stop_before_one():
 def test_options_must_be_given_as_pipeline_options():
     with pytest.raises(TypeError, match="PipelineOptions"):
         Segmenter(RegionGrowDouble(), {"coarse_view": True})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from msam_core.checkpoints import load_model
+    from msam_core.cli.segment import DEFAULT_CHECKPOINT
+
+    return load_model(DEFAULT_CHECKPOINT)
+
+
+def _nodule_ct() -> tuple[Volume, np.ndarray]:
+    """A lung-like CT in HU (noisy) with a 12 mm nodule and a vessel-like rod next to it; returns
+    the volume and the nodule's centre (RAS mm)."""
+    rng = np.random.default_rng(3)
+    shape = (96, 96, 40)
+    affine = centred_affine(shape, (0.8, 0.8, 2.5), rotation((0, 0, 1), 0.0), (0.0, 0.0, 0.0))
+    world = voxel_centres_ras(shape, affine)
+    image = np.full(shape, -850.0) + rng.normal(0, 25, shape)
+    centre = np.array([4.0, -3.0, 2.0])
+    image[np.linalg.norm(world - centre, axis=-1) < 12.0] = 40.0
+    image[np.linalg.norm(world[..., :2] - np.array([22.0, 10.0]), axis=-1) < 3.0] = 30.0
+    return Volume((image + rng.normal(0, 20, shape)).astype(np.float32), affine), centre
+
+
+def test_follow_up_clicks_on_a_kept_crop_give_a_fresh_crops_logits(bundled, monkeypatch):
+    """An interactive session keeps the crop state (decoder regions, stable regions) across
+    clicks: each click's logits equal those of the same clicks on a freshly opened crop, with
+    the bundled model's full pipeline (prior, boundary walker, coarse view); the decoder grows
+    only the new click's region on each view (none where it falls in an earlier click's cell)."""
+    import msam_core.model.click_regions as module
+
+    volume, centre = _nodule_ct()
+    seg = Segmenter(bundled.network, bundled.options, cache=DictEmbeddingCache())
+    assert bundled.options.coarse_view and bundled.options.boundary_band and bundled.options.prior_weight
+    sampler = seg.sampler(volume)
+    from types import SimpleNamespace
+
+    window = seg.prepare(sampler, SimpleNamespace(center_ras=centre))
+    kept = seg.open_crop(window.image, window.grid, sampler=sampler)
+    offsets = [(0, 0, 0), (5.0, 0, 0), (28.0, 0, 0), (0, -5.0, 2.5), (0, 26.0, 0), (-4.0, 3.0, 0)]
+    clicks = window.grid.ras_to_crop(centre + np.asarray(offsets))
+    labels = np.array([1, 1, 0, 1, 0, 1])
+    grow = module.grow
+    grown: list[int] = []
+    for n in range(1, len(labels) + 1):
+        monkeypatch.setattr(module, "grow", lambda windows, *a: (grown.append(len(windows)), grow(windows, *a))[1])
+        followed = seg.click(kept, clicks[:n], labels[:n])
+        monkeypatch.setattr(module, "grow", grow)
+        fresh = seg.click(seg.open_crop(window.image, window.grid, sampler=sampler), clicks[:n], labels[:n])
+        assert followed.dtype == fresh.dtype and np.array_equal(followed, fresh), f"click {n}"
+        assert (followed > 0).any()
+    # at most the new click's region per view and click, each region grown once
+    assert set(grown) == {1} and len(grown) <= 2 * len(labels)
+    assert len(grown) == len(kept.regions) + len(kept.coarse.regions)

@@ -107,3 +107,46 @@ def test_concurrent_changes_are_not_lost(r: redis.Redis) -> None:
     store.put_mask(doc["session_id"], "i1", S.BoxMask.tight(np.zeros(3, int), np.ones((2, 2, 2), bool)))
     store.delete(doc["session_id"])
     assert store.get(doc["session_id"]) is None and not r.exists(S.mask_key(doc["session_id"], "i1"))
+
+
+def test_a_new_session_goes_to_the_live_worker_holding_the_fewest(r: redis.Redis) -> None:
+    from msam_service.queue import live_worker_names, worker_key
+
+    assert S.least_loaded(r, []) is None
+    for name in ("h:1", "h:2", "h:3"):
+        r.hset(worker_key(name), mapping={"alive_at": "1"})
+    r.hset(worker_key("h:4"), mapping={"model_loaded": "1"})  # still starting: no beat yet
+    workers = live_worker_names(r)
+    assert workers == ["h:1", "h:2", "h:3"]
+    assert S.least_loaded(r, workers) == "h:1"  # none holds a session: the first
+    for sid, holder in (("a", "h:1"), ("b", "h:1"), ("c", "h:2"), ("d", "h:9")):
+        r.set(S.holder_key(sid), holder)
+    assert S.least_loaded(r, workers) == "h:3"
+    r.set(S.holder_key("e"), "h:3")
+    assert S.least_loaded(r, workers) == "h:2"
+
+
+def test_sessions_opened_at_once_are_spread_over_the_workers(r: redis.Redis, redis_url: str) -> None:
+    """Eight sessions claimed from eight threads (each its own client, as gateway processes)
+    end up four on each of two workers: choosing and claiming are one step under a lock."""
+    from msam_service import redis_conn
+    from msam_service.queue import worker_key
+
+    for name in ("h:1", "h:2"):
+        r.hset(worker_key(name), mapping={"alive_at": "1"})
+    start = threading.Barrier(8)
+    got: list[str | None] = []
+
+    def claim(n: int) -> None:
+        client = redis_conn.client(redis_url)
+        start.wait()
+        got.append(S.claim_holder(client, f"s{n}", ["h:1", "h:2"], 60))
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == ["h:1"] * 4 + ["h:2"] * 4
+    assert sorted(r.get(S.holder_key(f"s{n}")).decode() for n in range(8)) == sorted(got)
+    assert S.claim_holder(r, "x", [], 60) is None and r.get(S.holder_key("x")) is None
