@@ -100,7 +100,7 @@ def validate(model, images: torch.Tensor, masks: torch.Tensor, clicks: int = VAL
     """Mean Dice over clicks 1..``clicks`` on crops ``[N, 1, S, S, S]`` whose first click is the
     centre: each next click at the deepest voxel of the largest error (:func:`next_click`),
     the previous logits fed back, as ``msam evaluate`` does on the network's crop."""
-    from msam_core.model.click_regions import RegionCache
+    from msam_core.model.decode_cache import DecodeCache
     from msam_train.clicks import next_click
     from msam_train.trainer import upsample
 
@@ -118,11 +118,11 @@ def validate(model, images: torch.Tensor, masks: torch.Tensor, clicks: int = VAL
         points = torch.full((n, 1, 3), float(size // 2), device=device)
         labels = torch.ones(n, 1, dtype=torch.long, device=device)
         low = None
-        regions = RegionCache()
+        decoded = DecodeCache()
         per_click = []
         for k in range(clicks):
             with model.autocast():
-                low = model.decode(embedding, points, labels, low, regions)
+                low = model.decode(embedding, points, labels, low, decoded)
             pred = upsample(low, size) > 0
             inter = (pred & gt).sum(dim=(1, 2, 3, 4)).float()
             denom = (pred.sum(dim=(1, 2, 3, 4)) + gt.sum(dim=(1, 2, 3, 4))).float()

@@ -52,7 +52,7 @@ from torch.nn import functional as F
 from msam_core.cli.arguments import number, whole_number
 from msam_core.errors import InvalidDataset, UnsupportedRequest
 from msam_core.model import MSAM, build_model, is_added_parameter
-from msam_core.model.click_regions import RegionCache
+from msam_core.model.decode_cache import DecodeCache
 from msam_core.model.configs import get_config
 
 SAM_LR_ADAPTER = 8e-4
@@ -153,7 +153,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
     total = image.new_zeros(())
     stats: dict = {}
     gt_bool = gt > 0.5
-    region_cache = RegionCache()  # each simulated click's region is grown once, not on every pass
+    decode_cache = DecodeCache()  # each simulated click's region is grown once, not on every pass
     for it in range(iterations):
         if 0 < it < iterations - 1 and it != no_click:
             with torch.no_grad():
@@ -164,7 +164,7 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
         # Inference decodes the first click without a mask prompt (no_mask_embed) and an
         # interactive session feeds the previous logits back; train both (mask-prompt dropout).
         drop = rng.random() < (first_pass_no_mask if it == 0 else mask_dropout)
-        low = model.decode(embedding, points, labels, None if drop else low.detach(), region_cache)
+        low = model.decode(embedding, points, labels, None if drop else low.detach(), decode_cache)
         up = upsample(low, size)
         loss = loss_fn(up, gt)
         total = total + loss

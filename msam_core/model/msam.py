@@ -26,8 +26,8 @@ import hashlib
 import torch
 from torch import nn
 
-from msam_core.model.click_regions import RegionCache
 from msam_core.model.configs import ModelConfig, get_config
+from msam_core.model.decode_cache import DecodeCache
 from msam_core.model.high_res import FACTOR, HighResStem, fold, unfold
 from msam_core.model.image_encoder import ImageEncoderViT3D
 from msam_core.model.mask_decoder import MaskDecoder3D
@@ -135,13 +135,14 @@ class MSAM(nn.Module):
         points: torch.Tensor,
         labels: torch.Tensor,
         mask_logits: torch.Tensor | None = None,
-        region_cache: RegionCache | None = None,
+        cache: DecodeCache | None = None,
     ) -> torch.Tensor:
         """One decoder pass: ``-> logits [B, 1, 32, 32, 32]`` (single-mask output), in the
         network's own units (the pipeline's decision threshold is applied by the
         :class:`~msam_core.pipeline.segmenter.Segmenter`, not here).
-        ``region_cache`` (models with ``click_regions``; one per embedding): keeps each click's
-        grown region for later passes on the same embedding (:class:`RegionCache`)."""
+        ``cache`` (one per embedding): keeps what later passes on the same embedding would compute
+        again, each click's grown region and the adapter's output without a mask prompt
+        (:class:`~msam_core.model.decode_cache.DecodeCache`); the logits are the same."""
         if points.ndim != 3 or points.shape[-1] != 3 or labels.shape != points.shape[:2]:
             raise ValueError(f"points must be [B, N, 3] and labels [B, N]; got {tuple(points.shape)}, {tuple(labels.shape)}")
         if embedding.shape[0] != points.shape[0]:
@@ -149,14 +150,21 @@ class MSAM(nn.Module):
         if embedding.ndim != 5 or embedding.shape[1] != self.embedding_channels:
             raise ValueError(f"this {self.config.name} model decodes [B, {self.embedding_channels}, G, G, G] embeddings "
                              f"(from its own encode), got {tuple(embedding.shape)}")
+        full = embedding
         high_res = regions = None
         if self.high_res is not None:
             e = self.config.prompt_embed_dim
             embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
-            high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size, region_cache)
+            high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size,
+                                                       None if cache is None else cache.regions)
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
-        src = self.mea(embedding, dense) if self.mea is not None else embedding + dense
+        if self.mea is None:
+            src = embedding + dense
+        elif mask_logits is None and cache is not None:  # the adapter sees no click: the same every pass
+            src = cache.adapted(full, lambda: self.mea(embedding, dense))
+        else:
+            src = self.mea(embedding, dense)
         masks, _, tokens = self.mask_decoder.predict(src, self.prompt_encoder.dense_pe().to(src.dtype), sparse.to(src.dtype), high_res)
         logits = masks[:, :1]
         if self.region_logits is not None:
@@ -181,7 +189,7 @@ class MSAM(nn.Module):
         if mask_logits is None:
             r = self.config.low_res
             mask_logits = embedding.new_zeros((embedding.shape[0], 1, r, r, r))
-        cache = RegionCache()  # the clicks stay: each region is grown once
+        cache = DecodeCache()  # the clicks stay: each region is grown once
         for _ in range(iterations):
             mask_logits = self.decode(embedding, points, labels, mask_logits, cache)
         return mask_logits

@@ -39,9 +39,9 @@ import torch
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
-from msam_core.model.click_regions import RegionCache
+from msam_core.model.decode_cache import DecodeCache
 from msam_core.pipeline.boundary import refine_boundary
-from msam_core.pipeline.coarse_view import choose, coarse_grid, logits_to_fine, points_to_coarse
+from msam_core.pipeline.coarse_view import choose, coarse_grid, low_res_to_fine, points_to_coarse
 from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
                                             logits_to_volume_grid, upsample_logits)
 from msam_core.pipeline.preprocess import (CropGrid, IntensityProfile, VolumeSampler, mask_on_grid,
@@ -54,27 +54,26 @@ from msam_core.pipeline.windows import (LogitCanvas, Offset, neighbour, seed_fro
 
 MAX_ITERATIONS = 20
 
-_RESAMPLER: concurrent.futures.ThreadPoolExecutor | None = None
+_BACKGROUND: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _resampler() -> concurrent.futures.ThreadPoolExecutor:
-    """One thread of this process that resamples a coarse view's logits beside the main thread."""
-    global _RESAMPLER
-    if _RESAMPLER is None:
-        _RESAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="msam-coarse")
-    return _RESAMPLER
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+    """Two threads of this process that work beside the main thread during a click: one grows the
+    stable regions of the clicks (SimpleITK) while the decoder runs, one resamples the coarse
+    view's logits onto the crop (torch, SciPy) while the fine ones are finished. All three
+    release the GIL in their heavy parts."""
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        _BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="msam-click")
+    return _BACKGROUND
 
 
-def _coarse_on_fine(coarse_low: torch.Tensor, size: int, fine: CropGrid, coarse: CropGrid) -> np.ndarray:
-    return logits_to_fine(upsample_logits(coarse_low, size=size), fine, coarse)
+def _forget_background() -> None:
+    global _BACKGROUND
+    _BACKGROUND = None  # a forked child (a prefork worker) has no thread of its parent's pool
 
 
-def _forget_resampler() -> None:
-    global _RESAMPLER
-    _RESAMPLER = None  # a forked child (a prefork worker) has no thread of its parent's pool
-
-
-os.register_at_fork(after_in_child=_forget_resampler)
+os.register_at_fork(after_in_child=_forget_background)
 
 
 class PromptableModel(Protocol):
@@ -86,7 +85,7 @@ class PromptableModel(Protocol):
     def encode(self, image: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
-               mask_logits: torch.Tensor | None = None, region_cache: RegionCache | None = None) -> torch.Tensor: ...
+               mask_logits: torch.Tensor | None = None, cache: DecodeCache | None = None) -> torch.Tensor: ...
 
     def refine(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
                mask_logits: torch.Tensor | None = None, iterations: int = 1) -> torch.Tensor: ...
@@ -104,7 +103,8 @@ class SegmenterHooks:
 
     Subclass and override: the worker checks for cancellation in :meth:`before` (an exception
     raised there stops the request before the stage starts), times the stages in :meth:`after`
-    and reports progress in :meth:`lesion_done`.
+    and reports progress in :meth:`lesion_done`. The ``prior`` stage runs in a thread of the
+    Segmenter's beside the caller's (its calls come from there).
     """
 
     def before(self, stage: str) -> None:
@@ -190,15 +190,15 @@ class CoarseView:
         grid: the coarse grid: same size and centre, twice the spacing.
         image: the coarse crop, ``float32 [1, 1, S, S, S]``.
         embedding: its image embedding.
-        regions: the regions the decoder grew from its clicks, each kept for the next click
-            (:class:`~msam_core.model.click_regions.RegionCache`).
+        decoded: what its decoder passes keep for the next click: the regions grown from its
+            clicks, the adapter's output (:class:`~msam_core.model.decode_cache.DecodeCache`).
     """
 
     fine: CropGrid
     grid: CropGrid
     image: torch.Tensor
     embedding: torch.Tensor
-    regions: RegionCache = field(default_factory=RegionCache)
+    decoded: DecodeCache = field(default_factory=DecodeCache)
 
 
 @dataclass
@@ -215,9 +215,9 @@ class CropState:
             needs it).
         low_res: the network's logits at the last click ``[1, 1, 32, 32, 32]`` (calibrated units),
             the next click's mask prompt when it asks for feedback.
-        regions: the regions the decoder grew from its clicks on this crop, each grown once
-            (:class:`~msam_core.model.click_regions.RegionCache`; a follow-up click grows only
-            its own).
+        decoded: what the decoder passes on this crop keep for the next click
+            (:class:`~msam_core.model.decode_cache.DecodeCache`: a follow-up click grows only its
+            own click's region, and without a mask prompt does not run the adapter again).
     """
 
     image: torch.Tensor
@@ -227,7 +227,7 @@ class CropState:
     coarse: CoarseView | None = None
     prior: RegionPrior | None = None
     low_res: torch.Tensor | None = None
-    regions: RegionCache = field(default_factory=RegionCache)
+    decoded: DecodeCache = field(default_factory=DecodeCache)
 
 
 @dataclass
@@ -364,7 +364,7 @@ class Segmenter:
 
     def predict(self, embedding: torch.Tensor, points_crop: np.ndarray, labels: np.ndarray,
                 mask_logits: torch.Tensor | None = None, iterations: int = 1,
-                region_cache: RegionCache | None = None) -> torch.Tensor:
+                decode_cache: DecodeCache | None = None) -> torch.Tensor:
         """Decoder pass(es), in calibrated units: the network's logits minus the options'
         ``mask_threshold`` (a mask prompt is shifted back before the network sees it).
 
@@ -374,8 +374,8 @@ class Segmenter:
             labels: ``(N,)`` 1 positive / 0 negative.
             mask_logits: optional mask prompt ``[1, 1, 32, 32, 32]`` (calibrated units).
             iterations: 1 = one decoder pass; more feeds each prediction back as the mask prompt.
-            region_cache: the regions already grown from clicks on this embedding (one pass:
-                reused, and the new ones kept; the regions are the same as grown afresh).
+            decode_cache: what earlier passes on this embedding kept (one pass: reused, and what
+                this one computes kept; the logits are the same as computed afresh).
 
         Returns:
             logits ``float32 [1, 1, 32, 32, 32]`` on the CPU, ``> 0`` = lesion.
@@ -386,7 +386,7 @@ class Segmenter:
         mask = None if mask_logits is None else mask_logits.to(self.device) + threshold
         with self._stage("decode"), torch.inference_mode(), self.model.autocast():
             if iterations == 1:
-                out = self.model.decode(embedding, points, lab, mask, region_cache=region_cache)
+                out = self.model.decode(embedding, points, lab, mask, cache=decode_cache)
             else:
                 out = self.model.refine(embedding, points, lab, mask, iterations=iterations)
             out = out.float().cpu()
@@ -405,6 +405,14 @@ class Segmenter:
         embedding, _, hit = self._encode(image, key=key)
         coarse = self.coarse_view(sampler, grid, coarse_image, source) if self.options.coarse_view else None
         return CropState(image=image, grid=grid, embedding=embedding, cache_hit=hit, coarse=coarse, prior=prior)
+
+    def _prior_region(self, state: CropState, points_crop: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """The union of the stable regions of the positive clicks (the crop's prior made at the
+        first click that needs it)."""
+        with self._stage("prior"):
+            if state.prior is None:
+                state.prior = self.new_prior(state.image)
+            return state.prior.mask(points_crop, labels)
 
     def new_prior(self, image: torch.Tensor) -> RegionPrior:
         """A :class:`~msam_core.pipeline.region_prior.RegionPrior` of the crop ``image`` at the
@@ -431,31 +439,26 @@ class Segmenter:
         Returns:
             ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion.
         """
-        if mask_prompt is None and feedback:
-            mask_prompt = state.low_res
-        low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations, state.regions)
-        state.low_res = low_res
-        size = state.image.shape[-1]
+        weight = self.options.prior_weight_for(labels)
+        band = self.options.boundary_band_for(labels)
         coarse = state.coarse
+        # the stable regions grow while the decoder runs, and the coarse view's logits are
+        # upsampled and resampled onto the crop while the fine ones are finished: the same
+        # arrays as one after the other
+        growing = _background().submit(self._prior_region, state, points_crop, labels) if weight else None
         pending = None
-        if coarse is not None:
-            coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
-                                      labels, None, iterations, coarse.regions)
-            # the coarse logits are upsampled and resampled onto the crop (torch and SciPy,
-            # without the GIL) while the fine logits are upsampled, the prior grown and the fine
-            # candidate finished: the same arrays as one after the other
-            pending = _resampler().submit(_coarse_on_fine, coarse_low, size, coarse.fine, coarse.grid)
         try:
-            logits = upsample_logits(low_res, size=size)
-            weight = self.options.prior_weight_for(labels)
-            band = self.options.boundary_band_for(labels)
+            if mask_prompt is None and feedback:
+                mask_prompt = state.low_res
+            low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations, state.decoded)
+            state.low_res = low_res
+            if coarse is not None:
+                coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
+                                          labels, None, iterations, coarse.decoded)
+                pending = _background().submit(low_res_to_fine, coarse_low, coarse.fine, coarse.grid)
+            logits = upsample_logits(low_res, size=state.image.shape[-1])
             crop = state.image.detach().cpu().numpy() if band or coarse is not None else None
-            region = None
-            if weight:
-                if state.prior is None:
-                    state.prior = self.new_prior(state.image)
-                with self._stage("prior"):
-                    region = state.prior.mask(points_crop, labels)
+            region = growing.result() if growing is not None else None
 
             def finish(raw: np.ndarray) -> np.ndarray:
                 out = add_prior(raw, region, weight) if weight else raw
@@ -466,7 +469,9 @@ class Segmenter:
 
             fine = finish(logits)
         finally:
-            seen = pending.result() if pending is not None else None
+            # a failed or cancelled click leaves no thread working on the crop's state
+            concurrent.futures.wait([job for job in (growing, pending) if job is not None])
+        seen = pending.result() if pending is not None else None
         if seen is None:
             return fine
         candidates = {"fine": fine, "both": finish((logits + seen) / 2)}

@@ -114,6 +114,38 @@ def test_mea_replaces_the_sum(small):
         assert not torch.allclose(fused[:, :1], by_hand[:, :1])
 
 
+def test_a_decode_cache_keeps_the_adapter_output_without_a_mask_prompt(small):
+    """With a DecodeCache the adapter runs once over passes without a mask prompt on one
+    embedding and the logits are those of passes without the cache; a mask prompt, autograd or
+    another embedding are not served from it."""
+    from msam_core.model.decode_cache import DecodeCache
+
+    torch.manual_seed(1)
+    embedding = torch.randn(1, small.embedding_channels, 8, 8, 8)
+    points, labels = prompts(1)
+    more_points = torch.cat([points, torch.tensor([[[70.0, 60.0, 64.0]]])], 1)
+    more_labels = torch.tensor([[1, 0, 1]])
+    runs: list[int] = []
+    hook = small.mea.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        cache = DecodeCache()
+        with torch.inference_mode():
+            for pts, lab in ((points, labels), (more_points, more_labels)):
+                assert torch.equal(small.decode(embedding, pts, lab, cache=cache), small.decode(embedding, pts, lab))
+            assert len(runs) == 1 + 2  # the cache's one run and the two passes without it
+            prompted = small.decode(embedding, points, labels, torch.ones(1, 1, 32, 32, 32), cache=cache)
+            assert torch.equal(prompted, small.decode(embedding, points, labels, torch.ones(1, 1, 32, 32, 32)))
+            assert len(runs) == 5  # a mask prompt runs the adapter
+            with pytest.raises(ValueError, match="another embedding"):
+                small.decode(embedding + 1, points, labels, cache=cache)
+        with torch.enable_grad():
+            small.decode(embedding, points, labels, cache=cache)
+            small.decode(embedding, points, labels, cache=cache)
+        assert len(runs) == 7  # training keeps nothing: each pass has its own graph
+    finally:
+        hook.remove()
+
+
 def test_refine_feeds_each_prediction_back(small):
     embedding = torch.randn(1, small.embedding_channels, 8, 8, 8)
     points, labels = prompts(1)

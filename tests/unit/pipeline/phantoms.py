@@ -118,7 +118,7 @@ class RegionGrowDouble:
         x = embedding.reshape(1, 16, 16, 16, 8, 8, 8).permute(0, 4, 1, 5, 2, 6, 3)
         return x.reshape(128, 128, 128).cpu().numpy()
 
-    def decode(self, embedding, points, labels, mask_logits=None, region_cache=None) -> torch.Tensor:
+    def decode(self, embedding, points, labels, mask_logits=None, cache=None) -> torch.Tensor:
         self.decode_calls += 1
         img = self._image(embedding)
         pts = points[0].cpu().numpy()

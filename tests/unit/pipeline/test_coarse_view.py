@@ -49,6 +49,54 @@ def test_logits_to_fine_puts_each_value_where_it_lies_in_ras():
     assert np.allclose(logits_to_fine(field, fine, coarse), expected, atol=1e-3)
 
 
+def test_logits_to_fine_is_scipys_trilinear_resampling():
+    """The separable computation is SciPy's ``affine_transform`` (order 1), bit for bit, where the
+    fine crop sits at a whole coarse offset; where rounding of the grids' origins puts it 1e-14
+    off one, the two differ by at most one float32 rounding step; a grid that is not a coarse
+    view of the other (a half-voxel shift) goes through SciPy itself."""
+    from scipy import ndimage
+
+    from msam_core.pipeline.coarse_view import _mapping
+
+    rng = np.random.default_rng(3)
+    kinds: set[str] = set()
+    for _ in range(60):  # about one grid in four is "near"
+        fine = CropGrid.centred(rng.uniform(-300, 300, 3), size=32, spacing=1.5)
+        shifted = rng.random() < 0.25
+        coarse = coarse_grid(fine)
+        if shifted:
+            coarse = CropGrid(origin_ras=tuple(np.asarray(coarse.origin_ras) + 1.5), size=32, spacing=3.0)
+        logits = rng.normal(0, 8, coarse.shape).astype(np.float32)
+        scale, offset = _mapping(fine, coarse)
+        ref = ndimage.affine_transform(logits, np.full(3, scale), offset=offset, output_shape=fine.shape,
+                                       order=1, mode="nearest")
+        got = logits_to_fine(logits, fine, coarse)
+        assert got.dtype == np.float32 and got.shape == fine.shape
+        whole = bool(np.all(offset == np.round(offset)))
+        kinds.add("shifted" if shifted else "whole" if whole else "near")
+        if shifted or whole:
+            assert np.array_equal(got, ref)
+        else:
+            assert np.all(np.abs(got - ref) <= np.spacing(np.abs(ref)))
+    assert {"whole", "near", "shifted"} <= kinds
+
+
+@pytest.mark.parametrize("size", [128, 32])
+def test_low_res_to_fine_upsamples_only_the_covered_part_with_the_same_values(size):
+    """The coarse view's network logits on the fine crop are those of upsampling all of them to
+    the coarse crop and resampling, bit for bit, on whole-offset and on shifted grids."""
+    from msam_core.pipeline.coarse_view import low_res_to_fine
+
+    rng = np.random.default_rng(4)
+    for shift in (0.0, 0.0, 0.0, 1.5):
+        fine = CropGrid.centred(rng.uniform(-300, 300, 3), size=size, spacing=1.5)
+        coarse = coarse_grid(fine)
+        coarse = CropGrid(origin_ras=tuple(np.asarray(coarse.origin_ras) + shift), size=size, spacing=3.0)
+        low = torch.from_numpy(rng.normal(0, 8, (1, 1, size // 4, size // 4, size // 4)).astype(np.float32))
+        expected = logits_to_fine(upsample_logits(low, size=size), fine, coarse)
+        assert np.array_equal(low_res_to_fine(low, fine, coarse), expected)
+
+
 def test_contrast_to_noise_prefers_the_mask_on_the_lesions_edge():
     rng = np.random.default_rng(0)
     truth = _ball((40, 40, 40), (20, 20, 20), 6)

@@ -252,7 +252,8 @@ def test_follow_up_clicks_on_a_kept_crop_give_a_fresh_crops_logits(bundled, monk
     """An interactive session keeps the crop state (decoder regions, stable regions) across
     clicks: each click's logits equal those of the same clicks on a freshly opened crop, with
     the bundled model's full pipeline (prior, boundary walker, coarse view); the decoder grows
-    only the new click's region on each view (none where it falls in an earlier click's cell)."""
+    only the new click's region on each view (none where it falls in an earlier click's cell),
+    and runs the Mask-Enhanced Adapter once per view of the kept crop, at its first click."""
     import msam_core.model.click_regions as module
 
     volume, centre = _nodule_ct()
@@ -268,13 +269,17 @@ def test_follow_up_clicks_on_a_kept_crop_give_a_fresh_crops_logits(bundled, monk
     labels = np.array([1, 1, 0, 1, 0, 1])
     grow = module.grow
     grown: list[int] = []
+    adapter_runs: list[int] = []
     for n in range(1, len(labels) + 1):
         monkeypatch.setattr(module, "grow", lambda windows, *a: (grown.append(len(windows)), grow(windows, *a))[1])
+        hook = bundled.network.mea.register_forward_hook(lambda *_: adapter_runs.append(n))
         followed = seg.click(kept, clicks[:n], labels[:n])
+        hook.remove()
         monkeypatch.setattr(module, "grow", grow)
         fresh = seg.click(seg.open_crop(window.image, window.grid, sampler=sampler), clicks[:n], labels[:n])
         assert followed.dtype == fresh.dtype and np.array_equal(followed, fresh), f"click {n}"
         assert (followed > 0).any()
     # at most the new click's region per view and click, each region grown once
     assert set(grown) == {1} and len(grown) <= 2 * len(labels)
-    assert len(grown) == len(kept.regions) + len(kept.coarse.regions)
+    assert len(grown) == len(kept.decoded.regions) + len(kept.coarse.decoded.regions)
+    assert adapter_runs == [1, 1]  # fine and coarse view, first click only

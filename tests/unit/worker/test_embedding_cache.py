@@ -102,7 +102,7 @@ class _CountingModel:
         self.encodes += 1
         return image.mean() * torch.ones(1, 8, 8, 8, 8)
 
-    def decode(self, embedding, points, labels, mask_logits=None, region_cache=None):  # pragma: no cover - unused
+    def decode(self, embedding, points, labels, mask_logits=None, cache=None):  # pragma: no cover - unused
         raise NotImplementedError
 
     refine = decode
