@@ -72,8 +72,8 @@ def grown_regions(image, click: Sequence[float], multipliers: Sequence[float] = 
     for m in multipliers:
         region = sitk.GetArrayFromImage(sitk.ConfidenceConnected(
             image, seedList=[seed], numberOfIterations=ITERATIONS, multiplier=float(m),
-            initialNeighborhoodRadius=RADIUS, replaceValue=1)).astype(bool)
-        if max_voxels is not None and int(region.sum()) > max_voxels:
+            initialNeighborhoodRadius=RADIUS, replaceValue=1)).view(bool)  # 0/1 bytes: no copy
+        if max_voxels is not None and np.count_nonzero(region) > max_voxels:
             break
         regions.append(region)
     return regions
@@ -85,12 +85,12 @@ def most_stable(regions: Sequence[np.ndarray], min_voxels: int = MIN_VOXELS,
     among pairs from at least ``min_voxels`` to at most ``max_voxels``; ``None`` if no pair fits.
     Ties go to the smaller tolerance."""
     best: tuple[float, np.ndarray] | None = None
-    sizes = [int(r.sum()) for r in regions]
+    sizes = [np.count_nonzero(r) for r in regions]
     for (a, na), (b, nb) in zip(zip(regions, sizes), zip(regions[1:], sizes[1:])):
         if na < min_voxels or nb > max_voxels:
             continue
-        union = int((a | b).sum())
-        iou = int((a & b).sum()) / union
+        union = np.count_nonzero(a | b)
+        iou = np.count_nonzero(a & b) / union
         if best is None or iou > best[0]:
             best = (iou, b)
     return None if best is None else best[1]
@@ -146,7 +146,11 @@ def add_prior(logits: np.ndarray, prior: np.ndarray | None, weight: float) -> np
         return logits
     if prior.shape != logits.shape:
         raise ValueError(f"prior {prior.shape} and logits {logits.shape} must share the crop grid")
-    return logits + np.float32(weight) * (2 * prior.astype(np.float32) - 1)
+    # weight * (2 prior - 1) is +weight or -weight exactly, so adding it is one addition per voxel
+    w = np.float32(weight)
+    out = np.subtract(logits, w, dtype=np.float32)
+    np.add(logits, w, out=out, where=np.asarray(prior, bool))
+    return out
 
 
 def one_positive_click(labels: np.ndarray) -> bool:

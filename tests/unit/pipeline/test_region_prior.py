@@ -120,6 +120,12 @@ def test_add_prior_and_the_weight_for_first_and_later_clicks():
     region[1:3, 1:3, 1:3] = True
     out = add_prior(logits, region, 3.0)
     assert out[1, 1, 1] == 2.0 and out[0, 0, 0] == -4.0
+    rng = np.random.default_rng(0)  # bit for bit logits + weight * (2 prior - 1), at any weight
+    noisy, inside = rng.normal(0, 10, (16, 16, 16)).astype(np.float32), rng.random((16, 16, 16)) < 0.3
+    for weight in (0.37, 1.7, 8.0):
+        expected = noisy + np.float32(weight) * (2 * inside.astype(np.float32) - 1)
+        assert add_prior(noisy, inside, weight).dtype == np.float32
+        assert np.array_equal(add_prior(noisy, inside, weight), expected)
     assert add_prior(logits, None, 3.0) is logits and add_prior(logits, region, 0.0) is logits
     with pytest.raises(ValueError, match="crop grid"):
         add_prior(logits, region[:2], 1.0)
