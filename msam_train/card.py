@@ -156,8 +156,10 @@ def read_evals(run: Path) -> dict:
 SERVED_PATH = ("These masks come from the calls `msam segment` and the service make - `Segmenter(network, options)` "
                "with the pipeline options this file states, `open_crop` then `click` - so the service returns "
                "them voxel for voxel (`tests/integration/test_served_path.py`). The protocol differs: here each "
-               "click's logits are fed back (an interactive session), while a `POST /segment` job decodes from its "
-               "clicks alone; `bench/served_accuracy.py` measures that protocol through the running service.")
+               "click's logits are fed back as the next click's mask prompt, while the service decodes every request "
+               "from its clicks alone, a `POST /segment` job and each interaction of a session alike (a session's "
+               "answer is the job's for the same clicks, whichever worker computes it); `bench/served_accuracy.py` "
+               "measures that protocol through the running service.")
 
 
 def metrics_section(run: Path, evals: dict, config) -> list[str]:

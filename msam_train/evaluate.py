@@ -7,9 +7,9 @@ Protocol, per lesion (every ``k > 0`` of a case's label map):
    service.
 2. The model's first pass has no mask prompt (as ``msam segment``); every next click is placed
    at the deepest voxel of the largest error region of the current result (positive on a miss,
-   negative on a false positive) and the previous logits are fed back as the mask prompt (an
-   interactive session; ``--no-feedback``: decode from the clicks alone, as repeated
-   ``msam segment`` calls). The masks come from the same calls as the service's:
+   negative on a false positive) and the previous logits are fed back as the mask prompt
+   (``--no-feedback``: decode from the clicks alone, as the service does for a job and for each
+   interaction of a session). The masks come from the same calls as the service's:
    :meth:`Segmenter.open_crop` once per lesion, then :meth:`Segmenter.click` per click, with the
    checkpoint's pipeline options (decision threshold, stable-region prior, boundary refinement,
    coarse view; :class:`~msam_core.pipeline.options.PipelineOptions`). ``--masks DIR`` writes each

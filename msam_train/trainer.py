@@ -161,8 +161,8 @@ def interaction_step(model: MSAM, image: torch.Tensor, gt: torch.Tensor, first: 
             new_pts, new_lab = random_error_clicks(pred, gt_bool, generator)
             points = torch.cat([points, new_pts.to(points.device)], 1)
             labels = torch.cat([labels, new_lab.to(labels.device)], 1)
-        # Inference decodes the first click without a mask prompt (no_mask_embed) and an
-        # interactive session feeds the previous logits back; train both (mask-prompt dropout).
+        # The service decodes from the clicks alone (no_mask_embed) and msam evaluate feeds the
+        # previous logits back; train both (mask-prompt dropout).
         drop = rng.random() < (first_pass_no_mask if it == 0 else mask_dropout)
         low = model.decode(embedding, points, labels, None if drop else low.detach(), decode_cache)
         up = upsample(low, size)

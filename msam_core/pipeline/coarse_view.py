@@ -19,8 +19,9 @@ shell of :data:`SHELL_VOXELS` voxels around it, on the crop the network sees (ti
 mask that stops inside a lesion has lesion on both sides of its border; one that spills into the
 organ mixes organ into its inside. Both lower the ratio.
 
-The 3 mm view is decoded from the clicks alone (no mask prompt): the 1.5 mm view's logits are the
-ones fed back in an interactive session, whichever candidate is shown. It costs one more image
+The 3 mm view is decoded from the clicks alone (no mask prompt): where the previous click's logits
+prompt the next (``msam evaluate``'s default protocol), the 1.5 mm view's are the ones fed back,
+whichever candidate is shown. It costs one more image
 embedding per window (cached like the first) and one more decoder pass per click. A checkpoint
 turns it on with ``PipelineOptions.coarse_view`` (set by ``msam calibrate --coarse-view``); off by
 default.

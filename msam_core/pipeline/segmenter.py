@@ -434,7 +434,8 @@ class Segmenter:
             mask_prompt: the network's mask prompt ``[1, 1, 32, 32, 32]`` (calibrated units).
             iterations: decoder passes, each fed the previous one's logits.
             feedback: without ``mask_prompt``, prompt with the logits of the previous click on
-                this crop (an interactive session); else decode from the clicks alone.
+                this crop (``msam evaluate``'s default protocol); else decode from the clicks
+                alone (the service: a job, and each interaction of a session).
 
         Returns:
             ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion.
