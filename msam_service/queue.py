@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,15 +83,21 @@ def worker_key(name: str) -> str:
     return f"msam:worker:{name}"
 
 
-def live_workers(r: Any) -> list[dict[str, str]]:
-    """The liveness records (decoded hashes) of the workers that beat recently; a record without
-    ``alive_at`` (a worker still starting) is left out."""
-    out = []
+def _live(r: Any) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(name, liveness record)`` of each worker that beat recently (one scan of the records); a
+    record without ``alive_at`` (a worker still starting) is left out."""
+    prefix = worker_key("")
     for key in r.scan_iter(match=worker_key("*"), count=100):
         record = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
         if "alive_at" in record:
-            out.append(record)
-    return out
+            name = key.decode() if isinstance(key, bytes) else key
+            yield name[len(prefix):], record
+
+
+def live_workers(r: Any) -> list[dict[str, str]]:
+    """The liveness records (decoded hashes) of the workers that beat recently; a record without
+    ``alive_at`` (a worker still starting) is left out."""
+    return [record for _, record in _live(r)]
 
 
 def worker_alive(r: Any, name: str) -> bool:
@@ -197,9 +203,7 @@ def send_interaction(app: Celery, interaction_id: str, queue: str) -> None:
 
 def live_worker_names(r: Any) -> list[str]:
     """The names (``host:pid``) of the workers that beat (:func:`worker_alive`), sorted."""
-    prefix = worker_key("")
-    names = [key.decode() if isinstance(key, bytes) else key for key in r.scan_iter(match=worker_key("*"), count=100)]
-    return sorted(name[len(prefix):] for name in names if worker_alive(r, name[len(prefix):]))
+    return sorted(name for name, _ in _live(r))
 
 
 def make_celery(settings: Settings, name: str = "msam") -> Celery:
