@@ -77,9 +77,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+#: Seconds a worker's liveness record lives after its last write (its heartbeat beats every 5 s).
+WORKER_TTL_S = 20
+
+
 def worker_key(name: str) -> str:
     """The liveness record of the worker ``name`` (``host:pid`` of its main process; a glob
-    pattern such as ``"*"`` matches several): a Redis hash its heartbeat refreshes."""
+    pattern such as ``"*"`` matches several): a Redis hash its heartbeat refreshes, which expires
+    :data:`WORKER_TTL_S` after the last beat."""
     return f"msam:worker:{name}"
 
 

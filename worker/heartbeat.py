@@ -18,14 +18,13 @@ from collections.abc import Callable
 
 import redis
 
-from msam_service.queue import SWEEP_LOCK
+from msam_service.queue import SWEEP_LOCK, WORKER_TTL_S
 from msam_service.settings import Settings
 from worker.runtime import checkpoint_problem, worker_key
 
 logger = logging.getLogger(__name__)
 
 BEAT_S = 5.0
-TTL_S = 20
 
 
 class Heartbeat:
@@ -69,7 +68,7 @@ class Heartbeat:
         pipe = self.r.pipeline()
         pipe.hset(self.key, mapping={"alive_at": time.time(), "checkpoint_error": problem,
                                      "device": self.settings.device, "checkpoint": self.checkpoint})
-        pipe.expire(self.key, TTL_S)
+        pipe.expire(self.key, WORKER_TTL_S)
         pipe.execute()
 
     def sweep_if_due(self) -> bool:

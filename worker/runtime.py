@@ -18,7 +18,7 @@ from msam_core.errors import InvalidCheckpoint
 from msam_core.io.volume import Volume
 from msam_service import redis_conn
 from msam_service.jobs import JobStore
-from msam_service.queue import worker_key
+from msam_service.queue import WORKER_TTL_S, worker_key
 from msam_service.metrics import RedisMetrics
 from msam_service.settings import Settings, get_settings
 from msam_service.storage import Storage, make_storage
@@ -112,8 +112,16 @@ class Runtime:
         fields = {"model_error": problem, "model_loaded": "0" if problem else "1"}
         if description is not None:
             fields["model"] = json.dumps(description)
+        key = worker_key(worker_name())
         try:
-            self.redis.hset(worker_key(worker_name()), mapping=fields)
+            pipe = self.redis.pipeline()
+            pipe.hset(key, mapping=fields)
+            pipe.ttl(key)
+            _, ttl = pipe.execute()
+            if ttl == -1:
+                # written by a pool child after its main process had gone (the record had
+                # expired): it gets the heartbeat's expiry instead of living for ever
+                self.redis.expire(key, WORKER_TTL_S)
         except redis.RedisError:
             pass
 

@@ -82,3 +82,30 @@ def test_liveness_records_readiness_and_the_container_healthcheck_read_the_same_
         assert len(queue.live_workers(r)) == 1 and healthcheck.main() == 1
     finally:
         get_settings.cache_clear()
+
+
+def test_a_model_report_leaves_no_liveness_record_that_never_expires(r: redis.Redis, tmp_path) -> None:
+    """The worker reports whether its model loaded on its liveness record. Written by a pool child
+    whose main process has gone (the record expired), it gets the heartbeat's expiry instead of
+    living for ever; a beating record keeps the expiry its heartbeat gave it."""
+    from msam_core.errors import InvalidCheckpoint
+    from msam_service.jobs import JobStore
+    from msam_service.metrics import RedisMetrics
+    from msam_service.queue import WORKER_TTL_S, worker_key
+    from msam_service.settings import Settings
+    from msam_service.storage import make_storage
+    from worker.embedding_cache import RedisEmbeddingCache
+    from worker.runtime import Runtime, worker_name
+
+    rt = Runtime(settings=Settings(storage_dir=tmp_path, checkpoint=tmp_path / "gone.safetensors"), redis=r,
+                 store=JobStore(r, 60), metrics=RedisMetrics(r), storage=make_storage(tmp_path),
+                 cache=RedisEmbeddingCache(r, 60, 2**20))
+    key = worker_key(worker_name())
+    r.delete(key)
+    with pytest.raises(InvalidCheckpoint):
+        rt.model()
+    assert r.hget(key, "model_loaded") == b"0" and 0 < r.ttl(key) <= WORKER_TTL_S
+    r.expire(key, 7)  # as a beat left it, a little later
+    with pytest.raises(InvalidCheckpoint):
+        rt.model()
+    assert 0 < r.ttl(key) <= 7
