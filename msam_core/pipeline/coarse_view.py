@@ -88,8 +88,7 @@ def logits_to_fine(logits: np.ndarray, fine: CropGrid, coarse: CropGrid) -> np.n
         scale, offset = _mapping(fine, coarse)
         return ndimage.affine_transform(logits, np.full(3, scale), offset=offset,
                                         output_shape=fine.shape, order=1, mode="nearest")
-    n = fine.size // 2
-    return _on_fine(logits[lo[0]:lo[0] + n + 1, lo[1]:lo[1] + n + 1, lo[2]:lo[2] + n + 1])
+    return _on_fine(logits, lo, fine.size // 2)
 
 
 def low_res_to_fine(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid) -> np.ndarray:
@@ -110,8 +109,7 @@ def low_res_to_fine(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid) -> 
     block = low_res.detach().float()[..., first[0]:last[0] + 1, first[1]:last[1] + 1, first[2]:last[2] + 1]
     up = F.interpolate(block, size=tuple(int(v) for v in factor * (last - first + 1)), mode="trilinear",
                        align_corners=False)[0, 0].cpu().numpy()
-    s = lo - factor * first
-    return _on_fine(up[s[0]:s[0] + n + 1, s[1]:s[1] + n + 1, s[2]:s[2] + n + 1])
+    return _on_fine(up, lo - factor * first, n)
 
 
 def _whole_offset(fine: CropGrid, coarse: CropGrid, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -127,10 +125,10 @@ def _whole_offset(fine: CropGrid, coarse: CropGrid, shape: tuple[int, ...]) -> n
     return whole.astype(int)
 
 
-def _on_fine(part: np.ndarray) -> np.ndarray:
-    """Coarse logits over the ``n + 1`` coarse voxels per axis the fine crop spans -> the fine
-    crop's ``2 n`` per axis (float64 throughout, one rounding to float32)."""
-    part = part.astype(np.float64)
+def _on_fine(values: np.ndarray, start: np.ndarray, n: int) -> np.ndarray:
+    """Coarse logits ``values`` -> the fine crop's ``2 n`` voxels per axis, from the ``n + 1`` coarse
+    voxels per axis it spans from index ``start`` (float64 throughout, one rounding to float32)."""
+    part = values[tuple(slice(int(a), int(a) + n + 1) for a in start)].astype(np.float64)
     for axis in range(3):
         part = _halves(part, axis)
     return part.astype(np.float32)
