@@ -78,48 +78,71 @@ def mask_depth(mask: np.ndarray) -> np.ndarray:
 
 
 def _seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray,
-           band: int) -> tuple[np.ndarray, tuple[slice, ...] | None]:
-    """:func:`seeds` and the bounding box of its voxels other than 2 (``None``: there are none).
+           band: int) -> tuple[np.ndarray | None, tuple[slice, ...] | None]:
+    """``(sub, box)``: the :func:`seeds` map on ``box``, the bounding box of its voxels other
+    than 2 grown by one voxel (clipped to the array); ``(None, None)`` when every voxel is 2.
+    Beyond ``box`` every voxel is 2.
 
     Only the mask's bounding box grown by ``band`` is computed: ``band`` dilations by the
     6-neighbourhood reach no farther from the mask than ``band`` voxels along each axis, and a
     voxel's path to the mask stays inside the box around both (the array's own edges clip the
     box as they clip the dilation), so the dilation on that box equals the whole crop's there and
     every voxel beyond it is outside (2). Depths are 0 beyond the one-voxel ring (see
-    :func:`mask_depth`), so no inside seed lies beyond it either; only clicks do."""
+    :func:`mask_depth`), so no inside seed lies beyond it either; only positive clicks are."""
     if band < 1:
         raise ValueError(f"band must be >= 1 voxel, got {band}")
-    out = np.full(mask.shape, 2, np.int32)
+    final: dict[tuple[int, ...], int] = {}
+    for voxel, label in _click_voxels(points, labels, mask.shape):
+        final[voxel] = 1 if label == 1 else 2  # a voxel clicked twice takes its last click's label
     near = bbox_slices(mask, margin=band)
+    core = None
+    reach: list[np.ndarray] = []
     if near is not None:
-        out[near] = np.where(ndimage.binary_dilation(mask[near], iterations=band), 0, 2)
+        core = np.full(tuple(sl.stop - sl.start for sl in near), 2, np.int32)
+        core[ndimage.binary_dilation(mask[near], iterations=band)] = 0
         box, depth = _box_depth(mask)  # type: ignore[misc]
-        out[box][depth > min(band, depth.max() / 2)] = 1
-    clicks = _click_voxels(points, labels, mask.shape)
-    for voxel, label in clicks:
-        out[voxel] = 1 if label == 1 else 2
-    reach = [np.asarray(voxel) for voxel, _ in clicks if out[voxel] != 2]
-    if near is not None:
-        sub = np.argwhere(out[near] != 2)
+        core[tuple(slice(b.start - n.start, b.stop - n.start) for b, n in zip(box, near))][
+            depth > min(band, depth.max() / 2)] = 1
+        start = np.asarray([sl.start for sl in near])
+        for voxel, value in list(final.items()):
+            if all(sl.start <= v < sl.stop for v, sl in zip(voxel, near)):
+                core[tuple(np.asarray(voxel) - start)] = value
+                del final[voxel]
+        sub = np.argwhere(core != 2)
         if sub.size:
-            start = np.asarray([s.start for s in near])
             reach += [sub.min(0) + start, sub.max(0) + start]
+    extra = [voxel for voxel, value in final.items() if value == 1]  # positive clicks beyond ``near``
+    reach += [np.asarray(voxel) for voxel in extra]
     if not reach:
-        return out, None
+        return None, None
     points_in = np.asarray(reach)
     lo = np.maximum(points_in.min(0) - 1, 0)
     hi = np.minimum(points_in.max(0) + 2, mask.shape)
+    out = np.full(tuple(int(b - a) for a, b in zip(lo, hi)), 2, np.int32)
+    if core is not None:
+        # the part of ``near`` inside the box (its voxels other than 2 all are)
+        a = np.maximum(lo, [sl.start for sl in near])
+        b = np.minimum(hi, [sl.stop for sl in near])
+        if np.all(b > a):
+            out[tuple(slice(int(x - l), int(y - l)) for x, y, l in zip(a, b, lo))] = \
+                core[tuple(slice(int(x - sl.start), int(y - sl.start)) for x, y, sl in zip(a, b, near))]
+    for voxel in extra:
+        out[tuple(np.asarray(voxel) - lo)] = 1
     return out, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int) -> np.ndarray:
     """``int32`` seed map for the walker: 1 inside, 2 outside, 0 undecided (see the module).
     Depths are Euclidean distances (voxels) to the nearest voxel outside the mask."""
-    return _seeds(mask, points, labels, band)[0]
+    sub, box = _seeds(mask, points, labels, band)
+    out = np.full(mask.shape, 2, np.int32)
+    if box is not None:
+        out[box] = sub
+    return out
 
 
 def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, labels: np.ndarray,
-                    band: int, beta: float = BETA) -> np.ndarray:
+                    band: int, beta: float = BETA, overwrite: bool = False) -> np.ndarray:
     """Crop logits with the mask's boundary moved onto the image's edges (see the module).
 
     Args:
@@ -127,9 +150,11 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
         logits: ``float32 [a, b, c]`` crop logits (``> 0`` = lesion).
         points: ``(N, 3)`` clicks in crop voxels; labels ``(N,)`` 1 positive / 0 negative.
         band: half-width (voxels) of the undecided band; 0 returns ``logits`` unchanged.
+        overwrite: write the refined logits into ``logits`` (a float32 array the caller owns and
+            does not need as it was) instead of a copy of it.
 
     Returns:
-        ``float32 [a, b, c]`` logits (a new array unless unchanged).
+        ``float32 [a, b, c]`` logits (a new array unless unchanged or ``overwrite``).
     """
     from skimage.segmentation import random_walker
 
@@ -142,10 +167,9 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     mask = logits > 0
     if not mask.any():
         return logits
-    seed, box = _seeds(mask, points, labels, band)
+    sub, box = _seeds(mask, points, labels, band)
     if box is None:
         return logits
-    sub = seed[box]
     undecided = sub == 0
     if not undecided.any() or not (sub == 1).any() or not (sub == 2).any():
         return logits  # nothing to decide, or one side has no seed in reach (a mask filling the crop)
@@ -162,7 +186,7 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
         warnings.simplefilter("ignore", UserWarning)
         prob = random_walker(image[box], sub, beta=beta, mode="cg", tol=TOLERANCE, return_full_prob=True)[0]
     p = np.clip(prob[undecided], 1e-4, 1 - 1e-4)
-    out = logits.astype(np.float32, copy=True)
+    out = logits if overwrite and logits.dtype == np.float32 else logits.astype(np.float32, copy=True)
     region = out[box]
     region[undecided] = np.clip(np.log(p / (1 - p)), -MAX_LOGIT, MAX_LOGIT)
     for voxel, label in _click_voxels(points, labels, mask.shape):

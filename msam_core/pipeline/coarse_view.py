@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import bbox_slices, upsample_logits
+from msam_core.pipeline.postprocess import bbox_slices, upsample_block, upsample_logits
 from msam_core.pipeline.preprocess import CropGrid
 
 #: Spacing of the coarse view relative to the crop's own.
@@ -99,17 +98,15 @@ def low_res_to_fine(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid) -> 
     the values of upsampling them all: the same source positions and weights)."""
     r, size = low_res.shape[-1], coarse.size
     lo = _whole_offset(fine, coarse, coarse.shape)
-    if lo is None or size % r or low_res.shape[-3:] != (r, r, r):
-        return logits_to_fine(upsample_logits(low_res, size=size), fine, coarse)
     factor, n = size // r, fine.size // 2
+    if lo is None or size % r or factor & (factor - 1) or low_res.shape[-3:] != (r, r, r):
+        return logits_to_fine(upsample_logits(low_res, size=size), fine, coarse)
     # the cells whose upsampled values reach coarse voxels lo .. lo + n (each voxel i is
     # interpolated between cells floor((i + 0.5) / factor - 0.5) and the next)
     first = np.maximum(np.floor((lo + 0.5) / factor - 0.5).astype(int), 0)
     last = np.minimum(np.floor((lo + n + 0.5) / factor - 0.5).astype(int) + 1, r - 1)
-    block = low_res.detach().float()[..., first[0]:last[0] + 1, first[1]:last[1] + 1, first[2]:last[2] + 1]
-    up = F.interpolate(block, size=tuple(int(v) for v in factor * (last - first + 1)), mode="trilinear",
-                       align_corners=False)[0, 0].cpu().numpy()
-    return _on_fine(up, lo - factor * first, n)
+    block = low_res.detach().float()[0, 0, first[0]:last[0] + 1, first[1]:last[1] + 1, first[2]:last[2] + 1]
+    return _on_fine(upsample_block(block.cpu().numpy(), factor), lo - factor * first, n)
 
 
 def _whole_offset(fine: CropGrid, coarse: CropGrid, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -129,19 +126,26 @@ def _on_fine(values: np.ndarray, start: np.ndarray, n: int) -> np.ndarray:
     """Coarse logits ``values`` -> the fine crop's ``2 n`` voxels per axis, from the ``n + 1`` coarse
     voxels per axis it spans from index ``start`` (float64 throughout, one rounding to float32)."""
     part = values[tuple(slice(int(a), int(a) + n + 1) for a in start)].astype(np.float64)
-    for axis in range(3):
-        part = _halves(part, axis)
-    return part.astype(np.float32)
+    part = _halves(part, 0)
+    part = _halves(part, 1)
+    return _halves(part, 2, np.empty((2 * n,) * 3, np.float32))
 
 
-def _halves(values: np.ndarray, axis: int) -> np.ndarray:
-    """``n + 1`` samples along ``axis`` -> ``2 n``: each sample, then the mean of it and the next."""
-    src = np.moveaxis(values, axis, 0)
-    out = np.empty((2 * (src.shape[0] - 1),) + src.shape[1:], np.float64)
-    out[0::2] = src[:-1]
-    np.add(src[:-1], src[1:], out=out[1::2])
-    out[1::2] *= 0.5
-    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+def _halves(values: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``n + 1`` samples along ``axis`` -> ``2 n``: each sample, then the mean of it and the next
+    (computed in float64, written into ``out``, default a new float64 array)."""
+    def along(part: slice) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (part,)
+
+    n = values.shape[axis] - 1
+    if out is None:
+        shape = list(values.shape)
+        shape[axis] = 2 * n
+        out = np.empty(shape, np.float64)
+    first, second = values[along(slice(0, n))], values[along(slice(1, n + 1))]
+    out[along(slice(0, None, 2))] = first
+    out[along(slice(1, None, 2))] = (first + second) * 0.5
+    return out
 
 
 def contrast_to_noise(crop: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOXELS) -> float:

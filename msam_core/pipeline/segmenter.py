@@ -461,21 +461,23 @@ class Segmenter:
             crop = state.image.detach().cpu().numpy() if band or coarse is not None else None
             region = growing.result() if growing is not None else None
 
-            def finish(raw: np.ndarray) -> np.ndarray:
+            def finish(raw: np.ndarray, owned: bool) -> np.ndarray:
+                """``raw`` with the prior and the boundary walk; ``owned``: ``raw`` is not needed
+                afterwards, so the walk may write into it (as into the prior's new array)."""
                 out = add_prior(raw, region, weight) if weight else raw
                 if not band:
                     return out
                 with self._stage("boundary"):
-                    return refine_boundary(crop, out, points_crop, labels, band)
+                    return refine_boundary(crop, out, points_crop, labels, band, overwrite=owned or out is not raw)
 
-            fine = finish(logits)
+            fine = finish(logits, owned=pending is None)
         finally:
             # a failed or cancelled click leaves no thread working on the crop's state
             concurrent.futures.wait([job for job in (growing, pending) if job is not None])
         seen = pending.result() if pending is not None else None
         if seen is None:
             return fine
-        candidates = {"fine": fine, "both": finish((logits + seen) / 2)}
+        candidates = {"fine": fine, "both": finish((logits + seen) / 2, owned=True)}
         return candidates[choose(crop, candidates)]
 
     # -- whole requests -----------------------------------------------------------------------

@@ -236,18 +236,30 @@ def _seed_cases():
 def test_seeds_on_the_masks_box_equal_the_whole_crops():
     from msam_core.pipeline.boundary import _seeds
 
+    def whole(sub, box, shape):
+        out = np.full(shape, 2, np.int32)
+        if box is not None:
+            out[box] = sub
+        return out
+
     for mask, clicks, labels, band in _seed_cases():
         expected = _whole_crop_seeds(mask, clicks, labels, band)
-        got, box = _seeds(mask, clicks, labels, band)
-        np.testing.assert_array_equal(got, expected)
+        sub, box = _seeds(mask, clicks, labels, band)
         reach = np.argwhere(expected != 2)
         lo, hi = np.maximum(reach.min(0) - 1, 0), np.minimum(reach.max(0) + 2, mask.shape)
         assert box == tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        assert sub.shape == tuple(int(b - a) for a, b in zip(lo, hi)) and sub.dtype == np.int32
+        np.testing.assert_array_equal(whole(sub, box, mask.shape), expected)
+        np.testing.assert_array_equal(seeds(mask, clicks, labels, band), expected)
     empty = np.zeros((10, 10, 10), bool)
-    got, box = _seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([0]), 2)
-    assert box is None and (got == 2).all()
-    got, box = _seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([1]), 2)
+    sub, box = _seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([0]), 2)
+    assert box is None and sub is None and (seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([0]), 2) == 2).all()
+    sub, box = _seeds(empty, np.array([[1.0, 2.0, 3.0]]), np.array([1]), 2)
+    got = whole(sub, box, empty.shape)
     assert box == (slice(0, 3), slice(1, 4), slice(2, 5)) and got[1, 2, 3] == 1 and (got == 2).sum() == 999
+    # a positive click beyond the mask's reach clicked again negative is outside, and no reach
+    sub, box = _seeds(empty, np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]), np.array([1, 0]), 2)
+    assert box is None
 
 
 def test_refine_boundary_equals_the_whole_crop_computation_bit_for_bit():
@@ -262,6 +274,9 @@ def test_refine_boundary_equals_the_whole_crop_computation_bit_for_bit():
         expected = _whole_crop_refine(crop_in, logits, clicks, labels, band)
         assert got.dtype == expected.dtype and np.array_equal(got, expected), f"case {n}"
         walked += not np.array_equal(got, logits)
+        owned = logits.copy()
+        in_place = refine_boundary(crop_in, owned, clicks, labels, band, overwrite=True)
+        assert in_place is owned and np.array_equal(owned, expected)
     assert walked >= 8  # the walker ran (not only the early returns)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from msam_core.io.volume import Volume
-from msam_core.pipeline.postprocess import upsample_logits
+from msam_core.pipeline.postprocess import upsample_block, upsample_logits
 from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, is_ct, normalize_crop
 from tests.unit.pipeline.phantoms import centred_affine, rotation, voxel_centres_ras
 
@@ -65,3 +66,29 @@ def test_upsample_is_trilinear_align_corners_false():
     assert up.shape == (128, 128, 128)
     ref = torch.nn.functional.interpolate(low, size=(128,) * 3, mode="trilinear", align_corners=False)
     np.testing.assert_allclose(up, ref[0, 0].numpy())
+
+
+def test_upsample_is_the_exact_trilinear_value_rounded_once():
+    """The separable float64 upsampling is ``F.interpolate`` on the float64 logits, rounded to
+    float32, bit for bit (whole arrays, odd blocks, factors 2 and 4); other sizes are
+    ``F.interpolate``'s float32 pass itself."""
+    rng = np.random.default_rng(3)
+    low = torch.from_numpy(rng.normal(0, 6, (1, 1, 32, 32, 32)).astype(np.float32))
+    low[0, 0, :4] = 0.0  # flat and exactly-zero stretches as well
+    exact = torch.nn.functional.interpolate(low.double(), size=(128,) * 3, mode="trilinear",
+                                            align_corners=False)[0, 0].numpy().astype(np.float32)
+    up = upsample_logits(low)
+    assert up.dtype == np.float32 and up.flags.c_contiguous
+    assert np.array_equal(up, exact)
+    single = torch.nn.functional.interpolate(low, size=(128,) * 3, mode="trilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(up, single.numpy(), rtol=0, atol=1e-5)
+    for shape, factor in (((5, 7, 3), 4), ((2, 9, 6), 2), ((1, 4, 4), 4)):
+        block = rng.normal(0, 6, shape).astype(np.float32)
+        ref = torch.nn.functional.interpolate(torch.from_numpy(block).double()[None, None],
+                                              size=tuple(factor * n for n in shape), mode="trilinear",
+                                              align_corners=False)[0, 0].numpy().astype(np.float32)
+        assert np.array_equal(upsample_block(block, factor), ref)
+    with pytest.raises(ValueError, match="power of two"):
+        upsample_block(np.zeros((2, 2, 2), np.float32), 3)
+    other = torch.nn.functional.interpolate(low, size=(96,) * 3, mode="trilinear", align_corners=False)[0, 0]
+    assert np.array_equal(upsample_logits(low, size=96), other.numpy())
