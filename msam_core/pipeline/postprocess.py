@@ -78,13 +78,17 @@ def _upsample_axis(values: np.ndarray, axis: int, factor: int, out: np.ndarray |
 
 
 def foreground_bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Inclusive ``(lo, hi)`` voxel indices of the ``True`` voxels of a 3D mask, or ``None``."""
-    spans = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=other))
-        if hits.size == 0:
-            return None
+    """Inclusive ``(lo, hi)`` voxel indices of the ``True`` voxels of a 3D mask, or ``None``.
+
+    Two passes over the mask: its rows along the first axis, and its projection onto the other
+    two, from which their spans are read."""
+    mask = np.asarray(mask, bool)
+    rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if rows.size == 0:
+        return None
+    plane = mask.any(axis=0)
+    spans = [(rows[0], rows[-1])]
+    for hits in (np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))):
         spans.append((hits[0], hits[-1]))
     lo, hi = zip(*spans)
     return np.asarray(lo), np.asarray(hi)

@@ -59,9 +59,10 @@ _BACKGROUND: concurrent.futures.ThreadPoolExecutor | None = None
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:
     """Two threads of this process that work beside the main thread during a click: one grows the
-    stable regions of the clicks (SimpleITK) while the decoder runs, one resamples the coarse
-    view's logits onto the crop (torch, SciPy) while the fine ones are finished. All three
-    release the GIL in their heavy parts."""
+    stable regions of the clicks (SimpleITK) while the decoder runs; the other upsamples the fine
+    logits while the coarse view is decoded, then resamples the coarse view's logits onto the
+    crop while the fine ones are finished (NumPy). All of them release the GIL in their heavy
+    parts."""
     global _BACKGROUND
     if _BACKGROUND is None:
         _BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="msam-click")
@@ -443,21 +444,23 @@ class Segmenter:
         weight = self.options.prior_weight_for(labels)
         band = self.options.boundary_band_for(labels)
         coarse = state.coarse
-        # the stable regions grow while the decoder runs, and the coarse view's logits are
-        # upsampled and resampled onto the crop while the fine ones are finished: the same
-        # arrays as one after the other
+        # the stable regions grow while the decoder runs, the fine logits are upsampled while
+        # the coarse view is decoded, and the coarse view's logits are upsampled and resampled
+        # onto the crop while the fine ones are finished: the same arrays as one after the other
         growing = _background().submit(self._prior_region, state, points_crop, labels) if weight else None
-        pending = None
+        upsampled = pending = None
         try:
             if mask_prompt is None and feedback:
                 mask_prompt = state.low_res
             low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations, state.decoded)
             state.low_res = low_res
+            size = state.image.shape[-1]
             if coarse is not None:
+                upsampled = _background().submit(upsample_logits, low_res, size)
                 coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
                                           labels, None, iterations, coarse.decoded)
                 pending = _background().submit(low_res_to_fine, coarse_low, coarse.fine, coarse.grid)
-            logits = upsample_logits(low_res, size=state.image.shape[-1])
+            logits = upsampled.result() if upsampled is not None else upsample_logits(low_res, size=size)
             crop = state.image.detach().cpu().numpy() if band or coarse is not None else None
             region = growing.result() if growing is not None else None
 
@@ -473,7 +476,7 @@ class Segmenter:
             fine = finish(logits, owned=pending is None)
         finally:
             # a failed or cancelled click leaves no thread working on the crop's state
-            concurrent.futures.wait([job for job in (growing, pending) if job is not None])
+            concurrent.futures.wait([job for job in (growing, upsampled, pending) if job is not None])
         seen = pending.result() if pending is not None else None
         if seen is None:
             return fine

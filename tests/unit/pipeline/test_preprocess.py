@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from msam_core.io.volume import Volume
-from msam_core.pipeline.postprocess import upsample_block, upsample_logits
+from msam_core.pipeline.postprocess import bbox_slices, foreground_bbox, upsample_block, upsample_logits
 from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, is_ct, normalize_crop
 from tests.unit.pipeline.phantoms import centred_affine, rotation, voxel_centres_ras
 
@@ -92,3 +92,21 @@ def test_upsample_is_the_exact_trilinear_value_rounded_once():
         upsample_block(np.zeros((2, 2, 2), np.float32), 3)
     other = torch.nn.functional.interpolate(low, size=(96,) * 3, mode="trilinear", align_corners=False)[0, 0]
     assert np.array_equal(upsample_logits(low, size=96), other.numpy())
+
+
+def test_foreground_bbox_is_the_span_of_the_true_voxels():
+    rng = np.random.default_rng(8)
+    for shape in ((7, 5, 9), (1, 1, 1), (12, 3, 4)):
+        for density in (0.0, 0.002, 0.05, 1.0):
+            mask = rng.random(shape) < density
+            if density == 0.002:
+                mask[tuple(rng.integers(0, n) for n in shape)] = True  # a single voxel at least
+            box = foreground_bbox(mask)
+            if not mask.any():
+                assert box is None and bbox_slices(mask) is None
+                continue
+            hits = np.argwhere(mask)
+            assert np.array_equal(box[0], hits.min(0)) and np.array_equal(box[1], hits.max(0))
+            grown = bbox_slices(mask, margin=2)
+            assert grown == tuple(slice(int(max(a - 2, 0)), int(min(b + 3, n)))
+                                  for a, b, n in zip(hits.min(0), hits.max(0), shape))
