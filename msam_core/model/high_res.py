@@ -32,6 +32,8 @@ The SAM-Med3D and M-SAM configurations do not use this, so their checkpoints are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -81,35 +83,76 @@ class HighResStem(nn.Module):
         pooled = fold(pooled_intensity(image), self._POOLED_FOLD)
         return torch.cat([features, pooled.to(features.dtype)], dim=1)
 
-    def prompted(
-        self, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int,
-        region_cache: RegionCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``features [B, C (+8), G, G, G]`` (:meth:`forward`), ``points [B, N, 3]`` (crop voxels),
-        ``labels [B, N]`` -> ``([B, C, G, G, G], regions)``: the features mixed with their
-        similarity to the clicked ones (and, with ``click_regions``, the regions grown from the
-        clicks, which are also returned, ``[B, 2 len(SCALES), G, G, G]``; else ``None``;
-        ``region_cache``: see :class:`~msam_core.model.click_regions.RegionCache`)."""
-        regions = None
+    def prepare(self, features: torch.Tensor) -> StemFeatures:
+        """The prompt-independent part of :meth:`prompted` for ``features [B, C (+8), G, G, G]``
+        (:meth:`forward`): the same for every pass on one embedding, so a decode cache keeps it
+        (:class:`~msam_core.model.decode_cache.DecodeCache`)."""
+        pooled = None
         if self.click_regions:
             features, pooled = features[:, : self.out_chans], unfold(features[:, self.out_chans :], self._POOLED_FOLD)
-            regions = click_regions(pooled, points, labels, img_size, cache=region_cache).to(features.dtype)
-        sim = click_similarity(features, points, labels, img_size)
-        cues = [features, sim.to(features.dtype)] + ([regions] if regions is not None else [])
+        standardised, unit = standardise(features)
+        return StemFeatures(features=features, pooled=pooled, standardised=standardised, unit=unit)
+
+    def prompted(
+        self, features: torch.Tensor | StemFeatures, points: torch.Tensor, labels: torch.Tensor, img_size: int,
+        region_cache: RegionCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``features [B, C (+8), G, G, G]`` (:meth:`forward`, or :meth:`prepare`'s of it),
+        ``points [B, N, 3]`` (crop voxels), ``labels [B, N]`` -> ``([B, C, G, G, G], regions)``:
+        the features mixed with their similarity to the clicked ones (and, with ``click_regions``,
+        the regions grown from the clicks, which are also returned, ``[B, 2 len(SCALES), G, G, G]``;
+        else ``None``; ``region_cache``: see :class:`~msam_core.model.click_regions.RegionCache`)."""
+        stem = features if isinstance(features, StemFeatures) else self.prepare(features)
+        regions = None
+        if stem.pooled is not None:
+            regions = click_regions(stem.pooled, points, labels, img_size, cache=region_cache).to(stem.features.dtype)
+        sim = click_similarity(stem.standardised, points, labels, img_size, unit=stem.unit)
+        cues = [stem.features, sim.to(stem.features.dtype)] + ([regions] if regions is not None else [])
         return self.fuse(torch.cat(cues, dim=1)), regions
 
 
-def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class StemFeatures:
+    """:meth:`HighResStem.prepare`'s output: what :meth:`HighResStem.prompted` computes from the
+    features alone.
+
+    Attributes:
+        features: ``[B, C, G, G, G]``, the stem's features.
+        pooled: ``[B, 1, 2G, 2G, 2G]``, the crop pooled for the click regions (``None`` without
+            ``click_regions``).
+        standardised: ``float32 [B, C, G, G, G]``, the features standardised per channel over the
+            crop (:func:`standardise`).
+        unit: ``float32 [B, C, G, G, G]``, ``standardised`` scaled to unit length along the
+            channels at every position.
+    """
+
+    features: torch.Tensor
+    pooled: torch.Tensor | None
+    standardised: torch.Tensor
+    unit: torch.Tensor
+
+
+def standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, C, G, G, G] -> (standardised, unit)``, both ``float32 [B, C, G, G, G]``: each channel
+    standardised over the crop (mean 0, standard deviation 1), and that scaled to unit length
+    along the channels at every position (for cosine similarities)."""
+    f = features.float()
+    f = (f - f.mean(dim=(2, 3, 4), keepdim=True)) / (f.std(dim=(2, 3, 4), keepdim=True) + 1e-5)
+    return f, nn.functional.normalize(f, dim=1)
+
+
+def click_similarity(features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, img_size: int,
+                     unit: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine similarity of every position to the mean feature at the positive (label 1) and at
     the negative (label 0) clicks inside the crop: ``-> [B, 2, G, G, G]`` in ``[-1, 1]``; a
     channel is 0 where there is no such click. Features are standardised per channel over the
-    crop first, so the similarity compares what differs across the crop, not a common offset."""
+    crop first (:func:`standardise`), so the similarity compares what differs across the crop,
+    not a common offset. With ``unit`` (:func:`standardise`'s second output), ``features`` are
+    taken as standardised already (its first)."""
     b, c, g = features.shape[0], features.shape[1], features.shape[2]
-    f = features.float()
-    f = (f - f.mean(dim=(2, 3, 4), keepdim=True)) / (f.std(dim=(2, 3, 4), keepdim=True) + 1e-5)
+    f, unit = standardise(features) if unit is None else (features, unit)
     flat, inside = click_cells(points, g, img_size)  # clicks outside this crop are not its prototypes
     at = torch.gather(f.reshape(b, c, -1), 2, flat[:, None, :].expand(b, c, -1))  # [B, C, N]
-    unit = nn.functional.normalize(f, dim=1)
     out = []
     for value in (1, 0):
         weight = ((labels == value) & inside).float()[:, None, :]  # [B, 1, N]

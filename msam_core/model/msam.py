@@ -141,7 +141,8 @@ class MSAM(nn.Module):
         network's own units (the pipeline's decision threshold is applied by the
         :class:`~msam_core.pipeline.segmenter.Segmenter`, not here).
         ``cache`` (one per embedding): keeps what later passes on the same embedding would compute
-        again, each click's grown region and the adapter's output without a mask prompt
+        again, each click's grown region, the adapter's output without a mask prompt and the
+        high-resolution stem's prompt-independent part
         (:class:`~msam_core.model.decode_cache.DecodeCache`); the logits are the same."""
         if points.ndim != 3 or points.shape[-1] != 3 or labels.shape != points.shape[:2]:
             raise ValueError(f"points must be [B, N, 3] and labels [B, N]; got {tuple(points.shape)}, {tuple(labels.shape)}")
@@ -154,15 +155,17 @@ class MSAM(nn.Module):
         high_res = regions = None
         if self.high_res is not None:
             e = self.config.prompt_embed_dim
-            embedding, high_res = embedding[:, :e], unfold(embedding[:, e:])
-            high_res, regions = self.high_res.prompted(high_res, points, labels, self.config.img_size,
+            embedding, folded = embedding[:, :e], embedding[:, e:]
+            stem = self.high_res.prepare(unfold(folded)) if cache is None else \
+                cache.kept("stem", full, lambda: self.high_res.prepare(unfold(folded)))
+            high_res, regions = self.high_res.prompted(stem, points, labels, self.config.img_size,
                                                        None if cache is None else cache.regions)
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
         dense = dense.to(embedding.dtype)
         if self.mea is None:
             src = embedding + dense
         elif mask_logits is None and cache is not None:  # the adapter sees no click: the same every pass
-            src = cache.adapted(full, lambda: self.mea(embedding, dense))
+            src = cache.kept("adapter", full, lambda: self.mea(embedding, dense))
         else:
             src = self.mea(embedding, dense)
         masks, _, tokens = self.mask_decoder.predict(src, self.prompt_encoder.dense_pe().to(src.dtype), sparse.to(src.dtype), high_res)

@@ -101,3 +101,27 @@ def test_config_and_init_from_a_model_without_them(tmp_path):
     assert sorted(fresh) == ["region_logits.hyper.weight", "region_logits.prior"]
     assert torch.equal(model.mask_decoder.mask_tokens.weight, before.mask_decoder.mask_tokens.weight)
     assert torch.equal(model.region_logits.prior, RegionLogits(CONFIG.prompt_embed_dim).prior)
+
+
+def test_a_decode_cache_prepares_the_stem_once_per_embedding(monkeypatch):
+    """The high-res stem's prompt-independent part (features, the pooled crop, the standardised
+    features of the click similarity) is prepared once for passes on one embedding with a
+    DecodeCache; every pass's logits are those of a pass without the cache, bit for bit."""
+    from msam_core.model.decode_cache import DecodeCache
+
+    torch.manual_seed(2)
+    model = build_model(CONFIG)
+    image = torch.zeros(1, 1, 128, 128, 128)
+    image[:, :, 40:90, 50:80, 55:75] = 1.5
+    prepared: list[int] = []
+    real = model.high_res.prepare
+    monkeypatch.setattr(model.high_res, "prepare", lambda f: prepared.append(1) or real(f))
+    clicks = [(torch.tensor([[[64.0, 64.0, 64.0]]]), torch.tensor([[1]])),
+              (torch.tensor([[[64.0, 64.0, 64.0], [20.0, 64.0, 64.0]]]), torch.tensor([[1, 0]])),
+              (torch.tensor([[[64.0, 64.0, 64.0], [20.0, 64.0, 64.0], [70.0, 60.0, 66.0]]]), torch.tensor([[1, 0, 1]]))]
+    with torch.inference_mode():
+        embedding = model.encode(image)
+        cache = DecodeCache()
+        for points, labels in clicks:
+            assert torch.equal(model.decode(embedding, points, labels, cache=cache), model.decode(embedding, points, labels))
+    assert len(prepared) == 1 + len(clicks)  # the cache's one, and one per pass without it
