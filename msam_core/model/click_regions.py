@@ -68,21 +68,27 @@ def pooled_intensity(image: torch.Tensor) -> torch.Tensor:
 
 def _dilate(r: torch.Tensor) -> torch.Tensor:
     """3x3x3 maximum filter of ``[B, C, X, Y, Z]`` (edges: the values inside), as three separable
-    1D maxima of shifted views (several times faster than ``max_pool3d`` on a CPU)."""
+    1D maxima of shifted views, each written into its output in place (several times faster
+    than ``max_pool3d`` on a CPU)."""
     out = r
     for dim in (2, 3, 4):
         n = out.shape[dim]
         m = out.clone()
-        lo, hi = out.narrow(dim, 0, n - 1), out.narrow(dim, 1, n - 1)
-        m.narrow(dim, 1, n - 1).copy_(torch.maximum(m.narrow(dim, 1, n - 1), lo))
-        m.narrow(dim, 0, n - 1).copy_(torch.maximum(m.narrow(dim, 0, n - 1), hi))
+        for dst, src in ((m.narrow(dim, 1, n - 1), out.narrow(dim, 0, n - 1)),
+                         (m.narrow(dim, 0, n - 1), out.narrow(dim, 1, n - 1))):
+            torch.maximum(dst, src, out=dst)
         out = m
     return out
 
 
 def grow(windows: torch.Tensor, scales: tuple[float, ...] = SCALES, steps: int = STEPS) -> torch.Tensor:
     """``windows [K, 1, W, W, W]`` (intensity, the click at the centre cell ``W // 2``; cells
-    outside the crop ``+inf``) ``-> [K, len(scales), W, W, W]`` regions in ``[0, 1]``."""
+    outside the crop ``+inf``) ``-> [K, len(scales), W, W, W]`` regions in ``[0, 1]``.
+
+    After ``s`` steps a region is 0 farther than ``s`` cells (Chebyshev) from the click, so step
+    ``s`` is computed on the cube of cells within ``s`` of it: the cells beyond it stay 0, as
+    they would on the whole window (the cube's neighbours outside it are 0 and the regions are
+    not negative, so the maximum filter gives the same values on the cube)."""
     k, w = windows.shape[0], windows.shape[-1]
     h = w // 2
     at = windows[:, :, h, h, h].reshape(k, 1, 1, 1, 1)
@@ -90,8 +96,11 @@ def grow(windows: torch.Tensor, scales: tuple[float, ...] = SCALES, steps: int =
     aff = torch.exp(-0.5 * ((windows - at) / sigma).square())  # [K, S, W, W, W]; 0 outside the crop
     r = torch.zeros_like(aff)
     r[:, :, h, h, h] = 1.0
-    for _ in range(steps):
-        r = torch.maximum(r, _dilate(r) * aff)
+    for step in range(1, steps + 1):
+        lo, hi = max(h - step, 0), min(h + step + 1, w)
+        cube = (slice(None), slice(None)) + (slice(lo, hi),) * 3
+        near = r[cube]
+        torch.maximum(near, _dilate(near).mul_(aff[cube]), out=near)
     return r
 
 
@@ -142,26 +151,32 @@ def click_regions(pooled: torch.Tensor, points: torch.Tensor, labels: torch.Tens
     inside = click_inside(points, img_size)
     jobs = [(i, j, int(labels[i, j])) for i in range(b) for j in range(points.shape[1])
             if bool(inside[i, j]) and int(labels[i, j]) in (0, 1)]
-    out = torch.zeros(b, 2 * n_s, p, p, p, dtype=torch.float32, device=pooled.device)
-    if jobs:
-        # in padded coordinates (the crop with ``h`` cells of +inf before it) the window of a
-        # click at cell c starts at c (its centre is c + h); on the crop, at c - h
-        corners = [tuple(int(v) for v in idx[i, j]) for i, j, _ in jobs]
-        keys = [(i, x, y, z, scales, steps, window) for (i, _, _), (x, y, z) in zip(jobs, corners)]
-        cache = RegionCache() if cache is None else cache  # a throwaway one: each click grown once
-        cache.bind(pooled)
-        missing = list(dict.fromkeys(k for k in keys if cache.get(k) is None))
-        if missing:
-            padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))  # affinity 0 outside the crop
-            windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window] for i, x, y, z, *_ in missing])
-            for k, r in zip(missing, grow(windows, scales, steps)):
-                cache.put(k, r)
-        regions = [cache.get(k) for k in keys]
-        for (i, _, label), corner, r in zip(jobs, corners, regions):
-            c0 = 0 if label == 1 else n_s
-            # the part of the window on the crop (what lies beyond it is dropped below anyway)
-            on = tuple(slice(max(c - h, 0), min(c - h + window, p)) for c in corner)
-            part = r[(slice(None),) + tuple(slice(s.start - (c - h), s.stop - (c - h)) for s, c in zip(on, corner))]
-            view = out[(i, slice(c0, c0 + n_s)) + on]
-            view.copy_(torch.maximum(view, part))
-    return F.avg_pool3d(out, 2)
+    out = torch.zeros(b, 2 * n_s, p // 2, p // 2, p // 2, dtype=torch.float32, device=pooled.device)
+    if not jobs:
+        return out
+    # in padded coordinates (the crop with ``h`` cells of +inf before it) the window of a
+    # click at cell c starts at c (its centre is c + h); on the crop, at c - h
+    corners = [tuple(int(v) for v in idx[i, j]) for i, j, _ in jobs]
+    keys = [(i, x, y, z, scales, steps, window) for (i, _, _), (x, y, z) in zip(jobs, corners)]
+    cache = RegionCache() if cache is None else cache  # a throwaway one: each click grown once
+    cache.bind(pooled)
+    missing = list(dict.fromkeys(k for k in keys if cache.get(k) is None))
+    if missing:
+        padded = F.pad(pooled.float(), (h, window - h) * 3, value=float("inf"))  # affinity 0 outside the crop
+        windows = torch.stack([padded[i, :, x:x + window, y:y + window, z:z + window] for i, x, y, z, *_ in missing])
+        for k, r in zip(missing, grow(windows, scales, steps)):
+            cache.put(k, r)
+    # the part of each window on the crop (what lies beyond it is dropped), united per label on
+    # the box of cells (even-aligned) that the windows cover: the rest stays 0 and pools to 0
+    ons = [tuple(slice(max(c - h, 0), min(c - h + window, p)) for c in corner) for corner in corners]
+    lo = [min(on[d].start for on in ons) // 2 * 2 for d in range(3)]
+    hi = [-(-max(on[d].stop for on in ons) // 2) * 2 for d in range(3)]
+    united = torch.zeros(b, 2 * n_s, *(y - x for x, y in zip(lo, hi)), dtype=torch.float32, device=pooled.device)
+    for (i, _, label), corner, on, key in zip(jobs, corners, ons, keys):
+        c0 = 0 if label == 1 else n_s
+        r = cache.get(key)
+        part = r[(slice(None),) + tuple(slice(s.start - (c - h), s.stop - (c - h)) for s, c in zip(on, corner))]
+        view = united[(i, slice(c0, c0 + n_s)) + tuple(slice(s.start - x, s.stop - x) for s, x in zip(on, lo))]
+        view.copy_(torch.maximum(view, part))
+    out[(slice(None), slice(None)) + tuple(slice(x // 2, y // 2) for x, y in zip(lo, hi))] = F.avg_pool3d(united, 2)
+    return out

@@ -179,3 +179,46 @@ def test_regions_on_a_crop_sized_canvas_equal_the_padded_canvas_bit_for_bit():
         kept = click_regions(pooled, points[:, :n], labels[:, :n], img_size=128, cache=cache)
     assert torch.equal(kept, expected)
     assert expected[:, :3].abs().sum() > 0 and expected[:, 3:].abs().sum() > 0
+
+
+def test_regions_of_clicks_in_one_part_of_the_crop_equal_the_padded_canvas_bit_for_bit():
+    """Clicks close together (only the cells their windows cover are pooled), at odd cells, near
+    one corner, a lone negative, and no click in the crop at all."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.cat([_spheres(), torch.randn(1, 1, 128, 128, 128, generator=g)])
+    pooled = pooled_intensity(image)
+    for points, labels in (
+        (torch.tensor([[[61.0, 66.0, 71.0], [66.0, 58.0, 74.0]], [[3.0, 9.0, 5.0], [11.0, 2.0, 7.0]]]),
+         torch.tensor([[1, 0], [1, 1]])),
+        (torch.tensor([[[99.0, 101.0, 97.0]], [[120.0, 121.0, 3.0]]]), torch.tensor([[0], [0]])),
+        (torch.tensor([[[-3.0, 64.0, 64.0]], [[64.0, 64.0, 64.0]]]), torch.tensor([[1], [2]])),
+    ):
+        expected = _padded_canvas_regions(pooled, points, labels, 128)
+        assert torch.equal(click_regions(pooled, points, labels, img_size=128), expected)
+
+
+def test_growing_on_the_cube_a_step_reaches_equals_growing_on_the_whole_window_bit_for_bit():
+    """Each step on the cells it can reach gives the regions of every step on the whole window
+    (max_pool3d as the 3x3x3 maximum), with cells outside the crop (+inf), fewer steps than the
+    window's half and more."""
+    g = torch.Generator().manual_seed(4)
+    windows = torch.randn(3, 1, 36, 36, 36, generator=g) * 0.3
+    windows[0, :, 25:] = float("inf")
+    windows[1, :, :, :4] = float("inf")
+    windows[2] = windows[2].abs() * 0.1  # near the click's intensity everywhere: regions fill the window
+
+    def whole_window(steps: int) -> torch.Tensor:
+        h = windows.shape[-1] // 2
+        at = windows[:, :, h, h, h].reshape(-1, 1, 1, 1, 1)
+        sigma = torch.tensor(SCALES).reshape(1, -1, 1, 1, 1)
+        aff = torch.exp(-0.5 * ((windows - at) / sigma).square())
+        r = torch.zeros_like(aff)
+        r[:, :, h, h, h] = 1.0
+        for _ in range(steps):
+            r = torch.maximum(r, F.max_pool3d(r, 3, stride=1, padding=1) * aff)
+        return r
+
+    for steps in (1, 5, 20, 25):
+        expected = whole_window(steps)
+        assert torch.equal(grow(windows, steps=steps), expected)
+    assert expected[2].min() > 0, "the last case fills the whole window"
