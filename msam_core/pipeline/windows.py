@@ -52,14 +52,15 @@ class LogitCanvas:
     _weight: dict[Offset, np.ndarray] = field(default_factory=dict)
 
     def add(self, offset: Offset, logits: np.ndarray) -> None:
-        """Add the ``float32 [128, 128, 128]`` logits of window ``offset``."""
-        weighted = logits * WINDOW_WEIGHT
+        """Add the ``float32 [128, 128, 128]`` logits of window ``offset`` (a block no window
+        covered yet starts as this window's weighted logits and weights)."""
         for d, block, sl in _blocks(offset):
+            weighted = np.multiply(logits[sl], WINDOW_WEIGHT[sl], dtype=np.float32)
             if block not in self._sum:
-                self._sum[block] = np.zeros((STEP,) * 3, np.float32)
-                self._weight[block] = np.zeros((STEP,) * 3, np.float32)
-            self._sum[block] += weighted[sl]
-            self._weight[block] += WINDOW_WEIGHT[sl]
+                self._sum[block], self._weight[block] = weighted, WINDOW_WEIGHT[sl].copy()
+            else:
+                self._sum[block] += weighted
+                self._weight[block] += WINDOW_WEIGHT[sl]
 
     def window(self, offset: Offset) -> tuple[np.ndarray, np.ndarray]:
         """Merged logits over window ``offset`` and a ``bool`` map of where any are known."""
@@ -77,11 +78,14 @@ class LogitCanvas:
         blocks = np.array(list(self._sum), dtype=int).reshape(-1, 3)
         lo, hi = blocks.min(axis=0), blocks.max(axis=0)
         shape = tuple(int(n) for n in (hi - lo + 1) * STEP)
-        out = np.full(shape, BACKGROUND_LOGIT, np.float32)
+        if len(self._sum) == int(np.prod(hi - lo + 1)):  # the blocks fill the box: no background to set
+            out = np.empty(shape, np.float32)
+        else:
+            out = np.full(shape, BACKGROUND_LOGIT, np.float32)
         for block in self._sum:
             start = (np.asarray(block) - lo) * STEP
             sl = tuple(slice(int(s), int(s) + STEP) for s in start)
-            out[sl] = self._sum[block] / self._weight[block]
+            np.divide(self._sum[block], self._weight[block], out=out[sl])
         return out, window_grid(self.base, tuple(int(v) for v in lo)).affine  # type: ignore[arg-type]
 
 
