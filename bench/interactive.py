@@ -23,6 +23,13 @@ A click's client round trip is split into *network* (encoder + decoder, the work
 timings), *pipeline* (the rest of the worker's work: preprocessing, prior, boundary, coarse view,
 mask to the volume grid, delta) and *transport* (the rest: HTTP, queue, Redis, JSON, decoding the
 delta). Workers get ``--threads`` torch threads each (default: the CPU cores split between them).
+
+The CPU time every process of the stack spends per follow-up click is also read (from the
+kernel's per-process and per-thread counters, 10 ms ticks, so over many clicks): the client, the
+gateway, Redis, the worker's Celery parent, the task's main thread and the pipeline's background
+threads. With clients that click again at once the machine's cores are the limit: N sessions
+need N x (CPU per click) / cores of wall time per round of clicks, which bounds the concurrent
+follow-up p50 from below; the bench prints that bound beside the measured figure.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -125,6 +133,73 @@ class Stack:
         serve.stop(self.api)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) the stack's processes spend between :meth:`start` and
+    :meth:`stop`, by part: ``client`` (this process), ``gateway`` (the API and its children),
+    ``redis``, ``worker parent`` (the Celery main processes), ``task main thread`` and ``task other
+    threads`` (the pool processes that run the tasks: the thread that runs them, the pipeline's
+    background threads)."""
+
+    def __init__(self, stack: Stack, redis_pid: int) -> None:
+        self.groups = {"client": [psutil.Process()], "gateway": self._tree(stack.api.pid),
+                       "redis": self._tree(redis_pid)}
+        self.parents = [psutil.Process(w.pid) for w in stack.workers]
+        self.pools = [c for w in self.parents for c in w.children(recursive=True)]
+        self.begin: dict[str, float] = {}
+
+    @staticmethod
+    def _tree(pid: int) -> list[psutil.Process]:
+        p = psutil.Process(pid)
+        return [p] + p.children(recursive=True)
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
+
+    def read(self) -> dict[str, float]:
+        out = {name: self._cpu(procs) for name, procs in self.groups.items()}
+        out["worker parent"] = self._cpu(self.parents)
+        main = other = 0.0
+        for pool in self.pools:
+            try:
+                for t in pool.threads():
+                    if t.id == pool.pid:
+                        main += t.user_time + t.system_time
+                    else:
+                        other += t.user_time + t.system_time
+            except psutil.Error:
+                continue
+        out["task main thread"], out["task other threads"] = main, other
+        return out
+
+    def start(self) -> None:
+        self.begin = self.read()
+
+    def stop(self) -> dict[str, float]:
+        end = self.read()
+        return {k: end[k] - self.begin[k] for k in end}
+
+
+def cpu_report(spent: dict[str, float], clicks: int, wall_per_click: float) -> float:
+    """Print the CPU time per click by part; returns the total per click (seconds)."""
+    total = sum(spent.values()) / clicks
+    print("\n| CPU per follow-up click | ms |")
+    print("|---|---|")
+    for name, seconds in spent.items():
+        print(f"| {name} | {seconds / clicks * 1000:.1f} |")
+    print(f"| **total** | **{total * 1000:.1f}** |")
+    print(f"\nwall time per click {wall_per_click * 1000:.1f} ms: the clicks keep {total / wall_per_click:.2f} "
+          "cores busy on average")
+    return total
+
+
 def job_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], bool]]) -> list[dict]:
     """The job API, one job per click with every click so far, polled every 10 ms."""
     rows = []
@@ -153,12 +228,14 @@ def job_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], boo
 
 def session_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float], bool]],
                    shape: tuple[int, ...], look_s: float = 0.0, keep: list[str] | None = None,
-                   reading: tuple[random.Random, float] | None = None) -> list[dict]:
+                   reading: tuple[random.Random, float] | None = None, meter: CpuMeter | None = None) -> list[dict]:
     """One session, one lesion, one interaction per click; the client keeps the mask from the deltas.
     ``look_s``: seconds between opening the session and the first click (a reader finding the lesion).
     ``keep``: leave the session open and add its id to this list (default: delete it at the end).
     ``reading``: (generator, S): after each answer but the last, wait uniform(0.5 S, 1.5 S) seconds
-    (a reader looking at the overlay) before the next click; the wait is not part of a round trip."""
+    (a reader looking at the overlay) before the next click; the wait is not part of a round trip.
+    ``meter``: started after the first click's answer and stopped after the last; its figures and
+    the follow-ups' wall time go to the last row (``cpu``, ``wall``)."""
     sid = c.post("/sessions", json={"volume_id": volume_id}).raise_for_status().json()["session_id"]
     c.post(f"/sessions/{sid}/lesions").raise_for_status()
     time.sleep(look_s)
@@ -182,9 +259,14 @@ def session_clicks(c: httpx.Client, volume_id: str, seq: list[tuple[list[float],
         rows.append({"rtt": rtt, "network": network, "pipeline": t["worker"] - network,
                      "transport": rtt - t["worker"], "ml": answer["measurements"]["volume_ml"],
                      "delta_kb": len(r.content) / 1024})
+        if meter is not None and len(rows) == 1:
+            meter.start()
+            since = time.perf_counter()
         if reading is not None and len(rows) < len(seq):
             rng, mean_s = reading
             time.sleep(rng.uniform(0.5 * mean_s, 1.5 * mean_s))
+    if meter is not None and len(rows) > 1:
+        rows[-1].update(cpu=meter.stop(), wall=time.perf_counter() - since)
     if keep is None:
         c.delete(f"/sessions/{sid}")
     else:
@@ -241,8 +323,10 @@ def main() -> int:
             if not args.skip_jobs:
                 report(f"Before: job API (POST /segment + polling every 10 ms), 1 worker x {threads} threads",
                        job_clicks(c, vid, clicks(centres[1], args.followups)))
-            rows = session_clicks(c, vid, clicks(centres[0], args.followups), shape)
+            rows = session_clicks(c, vid, clicks(centres[0], args.followups), shape,
+                                  meter=CpuMeter(stack, redis_proc.pid))
             report(f"After: session API (delta in the response), 1 worker x {threads} threads", rows)
+            cpu_report(rows[-1]["cpu"], len(rows) - 1, rows[-1]["wall"] / (len(rows) - 1))
             # a first click on a volume no worker has decoded yet (the model is loaded): at once after
             # opening the session, and after a few seconds of looking (the worker decodes meanwhile)
             for look in (0.0, args.look):
@@ -264,18 +348,23 @@ def main() -> int:
             for sid in warming:
                 c.delete(f"/sessions/{sid}")
 
-        def one(n: int, mean_s: float) -> list[dict]:
+        meter = CpuMeter(stack, redis_proc.pid)
+        cores = os.cpu_count() or 1
+
+        def one(n: int, mean_s: float, measure: bool = False) -> list[dict]:
             reading = (random.Random(n), mean_s) if mean_s > 0 else None
             with httpx.Client(base_url=stack.url, timeout=300) as cc:
                 return session_clicks(cc, vid, clicks(centres[n % len(centres)], args.followups), shape,
-                                      reading=reading)
+                                      reading=reading, meter=meter if measure else None)
 
         for mean_s in (0.0, args.reading) if args.reading > 0 else (0.0,):
-            single = one(0, mean_s)
+            single = one(0, mean_s, measure=mean_s == 0)
             start = time.perf_counter()
+            meter.start()
             with concurrent.futures.ThreadPoolExecutor(args.sessions) as pool:
                 results = list(pool.map(one, range(args.sessions), [mean_s] * args.sessions))
             wall = time.perf_counter() - start
+            busy = sum(meter.stop().values()) / wall
             follow = [r["rtt"] for rows in results for r in rows[1:]]
             firsts = [rows[0]["rtt"] for rows in results]
             one_p50 = statistics.median(r["rtt"] for r in single[1:])
@@ -288,6 +377,15 @@ def main() -> int:
             print(f"| {args.sessions} | {statistics.median(follow):.3f} | {pct(follow, 0.95):.3f} | "
                   f"{statistics.median(firsts):.3f} | {wall:.1f} |")
             print(f"\n{args.sessions} sessions / 1 session, follow-up p50: {statistics.median(follow) / one_p50:.2f}x")
+            print(f"cores busy during the {args.sessions} sessions (first clicks included): {busy:.2f} of {cores}")
+            if mean_s == 0:
+                print(f"\nOne session alone on this stack, its follow-ups' CPU time:")
+                per_click = cpu_report(single[-1]["cpu"], len(single) - 1, single[-1]["wall"] / (len(single) - 1))
+                bound = args.sessions * per_click / cores
+                print(f"{args.sessions} sessions clicking at once need at least {args.sessions} x "
+                      f"{per_click * 1000:.0f} ms / {cores} cores = {bound:.3f} s per round of follow-ups "
+                      f"({bound / one_p50:.2f}x one session's p50) while the cores are the limit; measured p50 "
+                      f"{statistics.median(follow):.3f} s")
     finally:
         stack.stop()
         serve.stop(redis_proc)
