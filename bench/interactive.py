@@ -28,8 +28,8 @@ The CPU time every process of the stack spends per follow-up click is also read 
 kernel's per-process and per-thread counters, 10 ms ticks, so over many clicks): the client, the
 gateway, Redis, the worker's Celery parent, the task's main thread and the pipeline's background
 threads. With clients that click again at once the machine's cores are the limit: N sessions
-need N x (CPU per click) / cores of wall time per round of clicks, which bounds the concurrent
-follow-up p50 from below; the bench prints that bound beside the measured figure.
+need about N x (CPU per click) / cores of wall time per round of clicks; the bench prints that
+figure beside the measured concurrent follow-up p50.
 """
 
 from __future__ import annotations
@@ -382,10 +382,10 @@ def main() -> int:
                 print(f"\nOne session alone on this stack, its follow-ups' CPU time:")
                 per_click = cpu_report(single[-1]["cpu"], len(single) - 1, single[-1]["wall"] / (len(single) - 1))
                 bound = args.sessions * per_click / cores
-                print(f"{args.sessions} sessions clicking at once need at least {args.sessions} x "
+                print(f"{args.sessions} sessions clicking at once need about {args.sessions} x "
                       f"{per_click * 1000:.0f} ms / {cores} cores = {bound:.3f} s per round of follow-ups "
-                      f"({bound / one_p50:.2f}x one session's p50) while the cores are the limit; measured p50 "
-                      f"{statistics.median(follow):.3f} s")
+                      f"({bound / one_p50:.2f}x one session's p50) while the cores are the limit (from the lone "
+                      f"session's CPU time); measured p50 {statistics.median(follow):.3f} s")
     finally:
         stack.stop()
         serve.stop(redis_proc)
