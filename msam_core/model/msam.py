@@ -156,8 +156,8 @@ class MSAM(nn.Module):
         if self.high_res is not None:
             e = self.config.prompt_embed_dim
             embedding, folded = embedding[:, :e], embedding[:, e:]
-            stem = self.high_res.prepare(unfold(folded)) if cache is None else \
-                cache.kept("stem", full, lambda: self.high_res.prepare(unfold(folded)))
+            prepare = lambda: self.high_res.prepare(unfold(folded))  # noqa: E731
+            stem = prepare() if cache is None else cache.kept("stem", full, prepare)
             high_res, regions = self.high_res.prompted(stem, points, labels, self.config.img_size,
                                                        None if cache is None else cache.regions)
         sparse, dense = self.prompt_encoder(points, labels, mask_logits)
