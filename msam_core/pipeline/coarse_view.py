@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import bbox_slices, upsample_block, upsample_logits
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, upsample_logits,
+                                            upsample_part, upsample_reach)
 from msam_core.pipeline.preprocess import CropGrid
 
 #: Spacing of the coarse view relative to the crop's own.
@@ -87,26 +88,63 @@ def logits_to_fine(logits: np.ndarray, fine: CropGrid, coarse: CropGrid) -> np.n
         scale, offset = _mapping(fine, coarse)
         return ndimage.affine_transform(logits, np.full(3, scale), offset=offset,
                                         output_shape=fine.shape, order=1, mode="nearest")
-    return _on_fine(logits, lo, fine.size // 2)
+    return _on_fine(logits, lo, np.full(3, fine.size // 2))
 
 
-def low_res_to_fine(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid) -> np.ndarray:
+def low_res_to_fine(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid, box: Box3 | None = None,
+                    fill: float = BACKGROUND_LOGIT) -> np.ndarray:
     """The coarse view's network logits ``[1, 1, r, r, r]`` -> logits on the fine crop: the same
     array as :func:`~msam_core.pipeline.postprocess.upsample_logits` to the coarse crop's size
     followed by :func:`logits_to_fine`, with only the part of the coarse crop the fine one covers
     upsampled (trilinear upsampling of a block of cells gives, away from the block's own edges,
-    the values of upsampling them all: the same source positions and weights)."""
+    the values of upsampling them all: the same source positions and weights).
+
+    ``box``: only the fine voxels in it are computed (the same values), the rest set to ``fill``;
+    with :func:`fine_reach`'s box the voxels left out are those whose value is ``<= 0`` anyway."""
     r, size = low_res.shape[-1], coarse.size
     lo = _whole_offset(fine, coarse, coarse.shape)
     factor, n = size // r, fine.size // 2
     if lo is None or size % r or factor & (factor - 1) or low_res.shape[-3:] != (r, r, r):
-        return logits_to_fine(upsample_logits(low_res, size=size), fine, coarse)
-    # the cells whose upsampled values reach coarse voxels lo .. lo + n (each voxel i is
-    # interpolated between cells floor((i + 0.5) / factor - 0.5) and the next)
-    first = np.maximum(np.floor((lo + 0.5) / factor - 0.5).astype(int), 0)
-    last = np.minimum(np.floor((lo + n + 0.5) / factor - 0.5).astype(int) + 1, r - 1)
-    block = low_res.detach().float()[0, 0, first[0]:last[0] + 1, first[1]:last[1] + 1, first[2]:last[2] + 1]
-    return _on_fine(upsample_block(block.cpu().numpy(), factor), lo - factor * first, n)
+        out = logits_to_fine(upsample_logits(low_res, size=size), fine, coarse)
+        if box is not None:
+            kept = out[box].copy()
+            out.fill(fill)
+            out[box] = kept
+        return out
+    values = low_res.detach().float()[0, 0].cpu().numpy()
+    if box is None:
+        return _on_fine(upsample_part(values, factor, lo, lo + n + 1), np.zeros(3, int), np.full(3, n))
+    out = np.full(fine.shape, fill, np.float32)
+    a, b = box_bounds(box)
+    if np.any(b <= a):
+        return out
+    # whole pairs of fine voxels: fine voxels 2j and 2j + 1 come from coarse voxels lo + j and the next
+    pairs = a // 2, (b + 1) // 2
+    part = _on_fine(upsample_part(values, factor, lo + pairs[0], lo + pairs[1] + 1), np.zeros(3, int),
+                    pairs[1] - pairs[0])
+    out[box] = part[tuple(slice(int(x - 2 * p), int(y - 2 * p)) for x, y, p in zip(a, b, pairs[0]))]
+    return out
+
+
+def fine_reach(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid) -> Box3 | None:
+    """The box of :func:`low_res_to_fine`'s fine voxels outside which every value is ``<= 0``;
+    ``None`` when every value is.
+
+    Coarse voxels beyond :func:`~msam_core.pipeline.postprocess.upsample_reach`'s box are ``<= 0``
+    and a fine voxel ``x`` is coarse voxel ``lo + x / 2`` or the mean of the two around it (a
+    :func:`coarse_grid` view), so it reaches fine voxels ``2 (j - lo) - 1 .. 2 (j - lo) + 1`` of a
+    coarse voxel ``j``. On other grids (trilinear resampling, means of coarse voxels again) the
+    whole crop."""
+    reach = upsample_reach(low_res, coarse.size)
+    if reach is None:
+        return None
+    lo = _whole_offset(fine, coarse, coarse.shape)
+    if lo is None:
+        return tuple(slice(0, n) for n in fine.shape)  # type: ignore[return-value]
+    first, stop = box_bounds(reach)
+    a = np.maximum(2 * (first - lo) - 1, 0)
+    b = np.minimum(2 * (stop - 1 - lo) + 2, fine.shape)
+    return tuple(slice(int(x), int(max(x, y))) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
 def _whole_offset(fine: CropGrid, coarse: CropGrid, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -122,13 +160,14 @@ def _whole_offset(fine: CropGrid, coarse: CropGrid, shape: tuple[int, ...]) -> n
     return whole.astype(int)
 
 
-def _on_fine(values: np.ndarray, start: np.ndarray, n: int) -> np.ndarray:
-    """Coarse logits ``values`` -> the fine crop's ``2 n`` voxels per axis, from the ``n + 1`` coarse
-    voxels per axis it spans from index ``start`` (float64 throughout, one rounding to float32)."""
-    part = values[tuple(slice(int(a), int(a) + n + 1) for a in start)].astype(np.float64)
+def _on_fine(values: np.ndarray, start: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Coarse logits ``values`` -> ``2 m`` fine voxels per axis (``m`` = ``pairs``, per axis), from
+    the ``m + 1`` coarse voxels per axis from index ``start`` (float64 throughout, one rounding to
+    float32)."""
+    part = values[tuple(slice(int(a), int(a) + int(m) + 1) for a, m in zip(start, pairs))].astype(np.float64)
     part = _halves(part, 0)
     part = _halves(part, 1)
-    return _halves(part, 2, np.empty((2 * n,) * 3, np.float32))
+    return _halves(part, 2, np.empty(tuple(2 * int(m) for m in pairs), np.float32))
 
 
 def _halves(values: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.ndarray:

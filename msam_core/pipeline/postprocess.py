@@ -21,7 +21,12 @@ from msam_core.io.volume import Volume
 BACKGROUND_LOGIT = -30.0
 
 
-def upsample_logits(low_res: torch.Tensor, size: int = 128) -> np.ndarray:
+#: A box of crop voxels, ``(a, b, c)`` slices (empty slices: no voxel).
+Box3 = tuple[slice, slice, slice]
+
+
+def upsample_logits(low_res: torch.Tensor, size: int = 128, box: Box3 | None = None,
+                    fill: float = BACKGROUND_LOGIT) -> np.ndarray:
     """``[1, 1, r, r, r]`` logits -> ``float32 [size, size, size]`` logits: trilinear,
     ``align_corners=False`` (``F.interpolate``'s sampling positions and edge clamping).
 
@@ -30,14 +35,83 @@ def upsample_logits(low_res: torch.Tensor, size: int = 128) -> np.ndarray:
     float64, where every product is exact, and rounded to float32 once: the exact trilinear value
     (``F.interpolate`` on the float64 logits, rounded, bit for bit), at a third of the cost of
     ``F.interpolate``'s float32 pass, whose own roundings leave it up to a few float32 steps off.
-    Other sizes go through ``F.interpolate``."""
+    Other sizes go through ``F.interpolate``.
+
+    ``box``: only the voxels in it are computed (from the cells they use: the same values), the
+    rest set to ``fill``; with :func:`upsample_reach`'s box the voxels left out are those whose
+    value is ``<= 0`` anyway."""
     low = low_res.detach().float()
     r = low.shape[-1]
     factor = size // r if size % r == 0 else 0
     if low.shape[-3:] != (r, r, r) or factor < 1 or factor & (factor - 1):
-        up = F.interpolate(low, size=(size, size, size), mode="trilinear", align_corners=False)
-        return up[0, 0].cpu().numpy()
-    return upsample_block(low[0, 0].cpu().numpy(), factor)
+        up = F.interpolate(low, size=(size, size, size), mode="trilinear", align_corners=False)[0, 0].cpu().numpy()
+        if box is not None:
+            kept = up[box].copy()
+            up.fill(fill)
+            up[box] = kept
+        return up
+    if box is None:
+        return upsample_block(low[0, 0].cpu().numpy(), factor)
+    out = np.full((size,) * 3, fill, np.float32)
+    lo, hi = box_bounds(box)
+    if np.all(hi > lo):
+        out[box] = upsample_part(low[0, 0].cpu().numpy(), factor, lo, hi)
+    return out
+
+
+def upsample_reach(low_res: torch.Tensor, size: int = 128) -> Box3 | None:
+    """The box of :func:`upsample_logits`'s ``size^3`` voxels outside which every value is ``<= 0``;
+    ``None`` when every value is.
+
+    Each voxel ``i`` (per axis) is a weighted mean, with weights ``>= 0``, of the cells ``floor(s)``
+    and ``floor(s) + 1`` at ``s = (i + 0.5) r / size - 0.5`` (clamped to the cells), so a cell
+    ``k`` enters only the voxels with ``k - 1 <= s < k + 1``: beyond the box of the cells ``> 0``
+    grown that way (and by one more voxel against rounding), every voxel is a mean of cells
+    ``<= 0``."""
+    low = low_res.detach()[0, 0].float().cpu().numpy()
+    span = foreground_bbox(low > 0)
+    if span is None:
+        return None
+    r = np.asarray(low.shape)
+    scale = size / r
+    lo = np.maximum(np.floor((span[0] - 0.5) * scale - 0.5).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil((span[1] + 1.5) * scale - 0.5).astype(int) + 1, size)
+    return _box(lo, hi)
+
+
+def box_bounds(box: Box3) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)``: a box's first and one-past-last voxel per axis (``hi <= lo``: empty)."""
+    return np.asarray([sl.start for sl in box]), np.asarray([sl.stop for sl in box])
+
+
+def _box(lo, hi) -> Box3:
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def union_box(boxes, shape: tuple[int, ...]) -> Box3:
+    """The smallest box holding every box of ``boxes`` that is not ``None`` or empty, clipped to
+    ``shape`` (an empty box when there is none)."""
+    bounds = [box_bounds(b) for b in boxes if b is not None]
+    bounds = [(lo, hi) for lo, hi in bounds if np.all(hi > lo)]
+    if not bounds:
+        return _box((0, 0, 0), (0, 0, 0))
+    lo = np.maximum(np.min([b[0] for b in bounds], axis=0), 0)
+    hi = np.minimum(np.max([b[1] for b in bounds], axis=0), shape)
+    return _box(lo, hi)
+
+
+def upsample_part(values: np.ndarray, factor: int, lo, hi) -> np.ndarray:
+    """``upsample_block(values, factor)[lo:hi]`` (per axis), computed from the cells those voxels
+    use only: voxel ``i`` lies between cells ``floor((i + 0.5) / factor - 0.5)`` and the next
+    (clamped), so upsampling the cells from the first voxel's to the last one's next gives them
+    with the same positions and weights: the same values (see :func:`upsample_block`)."""
+    lo, hi = np.asarray(lo, int), np.asarray(hi, int)
+    cells = np.asarray(values.shape)
+    first = np.maximum(np.floor((lo + 0.5) / factor - 0.5).astype(int), 0)
+    last = np.minimum(np.floor((hi - 1 + 0.5) / factor - 0.5).astype(int) + 1, cells - 1)
+    block = values[tuple(slice(int(a), int(b) + 1) for a, b in zip(first, last))]
+    start = lo - factor * first
+    return upsample_block(block, factor)[tuple(slice(int(s), int(s + n)) for s, n in zip(start, hi - lo))]
 
 
 def upsample_block(values: np.ndarray, factor: int) -> np.ndarray:

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from msam_core.pipeline.postprocess import Box3
+
 #: ConfidenceConnected multipliers tried, in increasing order (the interval is mean +- m std).
 MULTIPLIERS: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 #: Smallest region (voxels) a stable pair may start from: fewer is noise around the click.
@@ -139,17 +141,32 @@ class RegionPrior:
         return union
 
 
-def add_prior(logits: np.ndarray, prior: np.ndarray | None, weight: float) -> np.ndarray:
+def add_prior(logits: np.ndarray, prior: np.ndarray | None, weight: float, box: Box3 | None = None,
+              overwrite: bool = False) -> np.ndarray:
     """``logits + weight * (2 prior - 1)`` (``float32 [a, b, c]``); ``logits`` unchanged when there
-    is no prior or the weight is 0."""
+    is no prior or the weight is 0.
+
+    ``box``: only its voxels are changed (the prior within it; the rest left as they are);
+    ``overwrite``: written into ``logits`` (float32, the caller's to change) instead of a new
+    array."""
     if prior is None or weight == 0:
         return logits
     if prior.shape != logits.shape:
         raise ValueError(f"prior {prior.shape} and logits {logits.shape} must share the crop grid")
     # weight * (2 prior - 1) is +weight or -weight exactly, so adding it is one addition per voxel
     w = np.float32(weight)
-    out = np.subtract(logits, w, dtype=np.float32)
-    np.add(logits, w, out=out, where=np.asarray(prior, bool))
+    inside = np.asarray(prior, bool)
+    if overwrite and logits.dtype == np.float32:
+        out = logits
+    elif box is None:
+        out = np.empty(logits.shape, np.float32)
+    else:
+        out = np.array(logits, np.float32)
+    box = box if box is not None else (slice(None),) * 3
+    source, target, where = logits[box], out[box], inside[box]
+    # each voxel read and written by one of the two (so ``out`` may be ``logits``)
+    np.subtract(source, w, dtype=np.float32, out=target, where=~where)
+    np.add(source, w, dtype=np.float32, out=target, where=where)
     return out
 
 

@@ -41,9 +41,10 @@ from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
 from msam_core.model.decode_cache import DecodeCache
 from msam_core.pipeline.boundary import refine_boundary
-from msam_core.pipeline.coarse_view import choose, coarse_grid, low_res_to_fine, points_to_coarse
-from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, clip_to_box, combine_lesions,
-                                            logits_to_volume_grid, upsample_logits)
+from msam_core.pipeline.coarse_view import choose, coarse_grid, fine_reach, low_res_to_fine, points_to_coarse
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, bbox_slices, clip_to_box, combine_lesions,
+                                            logits_to_volume_grid, union_box, upsample_logits,
+                                            upsample_reach)
 from msam_core.pipeline.preprocess import (CropGrid, IntensityProfile, VolumeSampler, mask_on_grid,
                                             mask_to_logits)
 from msam_core.pipeline.options import PipelineOptions
@@ -229,6 +230,23 @@ class CropState:
     prior: RegionPrior | None = None
     low_res: torch.Tensor | None = None
     decoded: DecodeCache = field(default_factory=DecodeCache)
+
+
+@dataclass
+class ClickAnswer:
+    """The network's answer to one click on one crop (:meth:`Segmenter.answer`), before the steps
+    at full resolution.
+
+    Attributes:
+        fine: the crop's network logits ``[1, 1, r, r, r]`` (calibrated units).
+        coarse: the coarse view's, when the options turn it on.
+        region: the union of the positive clicks' stable regions ``bool [S, S, S]``, when the
+            prior is on and a click has one.
+    """
+
+    fine: torch.Tensor
+    coarse: torch.Tensor | None = None
+    region: np.ndarray | None = None
 
 
 @dataclass
@@ -421,8 +439,9 @@ class Segmenter:
         return RegionPrior(image.detach().cpu().numpy(), self.options.prior_max_voxels)
 
     def click(self, state: CropState, points_crop: np.ndarray, labels: np.ndarray,
-              mask_prompt: torch.Tensor | None = None, iterations: int = 1, feedback: bool = False) -> np.ndarray:
-        """The lesion's crop logits for its clicks so far: the network's (:meth:`predict`),
+              mask_prompt: torch.Tensor | None = None, iterations: int = 1, feedback: bool = False,
+              whole: bool = False) -> np.ndarray:
+        """The lesion's crop logits for its clicks so far: the network's (:meth:`answer`),
         upsampled to the crop, plus the stable-region prior, with the boundary then refined at full
         resolution (:mod:`~msam_core.pipeline.boundary`), each as the options set them; with a
         coarse view, the same for the mean of these logits and the coarse view's, and the
@@ -437,50 +456,88 @@ class Segmenter:
             feedback: without ``mask_prompt``, prompt with the logits of the previous click on
                 this crop (``msam evaluate``'s default protocol); else decode from the clicks
                 alone (the service: a job, and each interaction of a session).
+            whole: every voxel's logit as computed (see :meth:`finish`); by default only the
+                signs are kept beyond the voxels that can be lesion.
 
         Returns:
             ``float32 [S, S, S]`` crop logits, ``> 0`` = lesion.
         """
+        answer = self.answer(state, points_crop, labels, mask_prompt, iterations, feedback)
+        return self.finish(state, answer, points_crop, labels, whole)
+
+    def answer(self, state: CropState, points_crop: np.ndarray, labels: np.ndarray,
+               mask_prompt: torch.Tensor | None = None, iterations: int = 1, feedback: bool = False) -> ClickAnswer:
+        """The network's answer to the clicks so far on the crop (arguments as :meth:`click`): its
+        logits, the coarse view's, and the union of the positive clicks' stable regions (grown on a
+        background thread while the decoder runs)."""
         weight = self.options.prior_weight_for(labels)
-        band = self.options.boundary_band_for(labels)
         coarse = state.coarse
-        # the stable regions grow while the decoder runs, the fine logits are upsampled while
-        # the coarse view is decoded, and the coarse view's logits are upsampled and resampled
-        # onto the crop while the fine ones are finished: the same arrays as one after the other
         growing = _background().submit(self._prior_region, state, points_crop, labels) if weight else None
-        upsampled = pending = None
         try:
             if mask_prompt is None and feedback:
                 mask_prompt = state.low_res
             low_res = self.predict(state.embedding, points_crop, labels, mask_prompt, iterations, state.decoded)
             state.low_res = low_res
-            size = state.image.shape[-1]
+            coarse_low = None
             if coarse is not None:
-                upsampled = _background().submit(upsample_logits, low_res, size)
                 coarse_low = self.predict(coarse.embedding, points_to_coarse(points_crop, coarse.fine, coarse.grid),
                                           labels, None, iterations, coarse.decoded)
-                pending = _background().submit(low_res_to_fine, coarse_low, coarse.fine, coarse.grid)
-            logits = upsampled.result() if upsampled is not None else upsample_logits(low_res, size=size)
-            crop = state.image.detach().cpu().numpy() if band or coarse is not None else None
-            region = growing.result() if growing is not None else None
-
-            def finish(raw: np.ndarray, owned: bool) -> np.ndarray:
-                """``raw`` with the prior and the boundary walk; ``owned``: ``raw`` is not needed
-                afterwards, so the walk may write into it (as into the prior's new array)."""
-                out = add_prior(raw, region, weight) if weight else raw
-                if not band:
-                    return out
-                with self._stage("boundary"):
-                    return refine_boundary(crop, out, points_crop, labels, band, overwrite=owned or out is not raw)
-
-            fine = finish(logits, owned=pending is None)
         finally:
             # a failed or cancelled click leaves no thread working on the crop's state
-            concurrent.futures.wait([job for job in (growing, upsampled, pending) if job is not None])
-        seen = pending.result() if pending is not None else None
-        if seen is None:
-            return fine
-        candidates = {"fine": fine, "both": finish((logits + seen) / 2, owned=True)}
+            if growing is not None:
+                concurrent.futures.wait([growing])
+        return ClickAnswer(fine=low_res, coarse=coarse_low, region=growing.result() if growing is not None else None)
+
+    def finish(self, state: CropState, answer: ClickAnswer, points_crop: np.ndarray, labels: np.ndarray,
+               whole: bool = False) -> np.ndarray:
+        """The crop logits of :meth:`click` from the network's ``answer``.
+
+        Each candidate's voxels are means of the network's cells (weights ``>= 0``) plus the
+        prior's ``+weight`` inside its region and ``-weight`` elsewhere, so a voxel can be lesion
+        only near a cell ``> 0`` of either view or inside the region
+        (:func:`~msam_core.pipeline.postprocess.upsample_reach`,
+        :func:`~msam_core.pipeline.coarse_view.fine_reach`). Only the box around those voxels is
+        upsampled and resampled (for a nodule a few percent of the crop); beyond it every voxel
+        starts at :data:`~msam_core.pipeline.postprocess.BACKGROUND_LOGIT`. The boundary walk
+        reads the logits' signs, writes its band from the image and the seeds alone and keeps the
+        rest; the choice between candidates reads their masks. So the mask, and every logit
+        ``> 0``, is what the whole crop's computation gives; only logits that are ``<= 0`` either
+        way may differ. ``whole``: compute every voxel (the logits of windows that overlap are
+        merged by value, so where a lesion spans windows their values count).
+        """
+        weight = self.options.prior_weight_for(labels)
+        band = self.options.boundary_band_for(labels)
+        coarse = state.coarse
+        size = state.image.shape[-1]
+        region = answer.region
+        box = None
+        if not whole:
+            reach = [upsample_reach(answer.fine, size), bbox_slices(region) if region is not None else None]
+            if answer.coarse is not None and coarse is not None:
+                reach.append(fine_reach(answer.coarse, coarse.fine, coarse.grid))
+            box = union_box(reach, state.image.shape[-3:])
+        logits = upsample_logits(answer.fine, size=size, box=box)
+        both = None
+        if answer.coarse is not None and coarse is not None:
+            seen = low_res_to_fine(answer.coarse, coarse.fine, coarse.grid, box)
+            if box is None:
+                both = (logits + seen) / 2
+            else:  # beyond the box both are the same background, their mean too
+                both = logits.copy()
+                both[box] = (logits[box] + seen[box]) / 2
+        crop = state.image.detach().cpu().numpy() if band or both is not None else None
+
+        def finish(raw: np.ndarray) -> np.ndarray:
+            """``raw`` (an array of this click's, written into) with the prior and the boundary walk."""
+            out = add_prior(raw, region, weight, box, overwrite=True) if weight else raw
+            if not band:
+                return out
+            with self._stage("boundary"):
+                return refine_boundary(crop, out, points_crop, labels, band, overwrite=True)
+
+        if both is None:
+            return finish(logits)
+        candidates = {"fine": finish(logits), "both": finish(both)}
         return candidates[choose(crop, candidates)]
 
     # -- whole requests -----------------------------------------------------------------------
@@ -560,14 +617,17 @@ class Segmenter:
             mask_prompt = None
             if lesion.prior is not None:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
-            logits = self.click(state, pts, labels, mask_prompt, iterations)
-            if lesion.box is not None:
-                centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
-                inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)
-                logits[~inside] = BACKGROUND_LOGIT
-            canvas.add(offset, logits)
+            answer = self.answer(state, pts, labels, mask_prompt, iterations)
+            whole = outcome.windows > 0
+            logits = self._window_logits(state, answer, pts, labels, lesion, sampler, whole)
+            faces = touched_faces(logits > 0, lambda p, g=grid: sampler.inside_image(g, p))
+            if faces and not whole:
+                # more windows follow, and overlapping windows are merged by value
+                whole = True
+                logits = self._window_logits(state, answer, pts, labels, lesion, sampler, whole)
+            canvas.add(offset, logits, alone=not whole)
             outcome.windows += 1
-            for axis, side in touched_faces(logits > 0, lambda p, g=grid: sampler.inside_image(g, p)):
+            for axis, side in faces:
                 nxt = neighbour(offset, axis, side)
                 if nxt not in seen:
                     seen.add(nxt)
@@ -575,6 +635,17 @@ class Segmenter:
         return canvas, outcome
 
     # -- helpers ------------------------------------------------------------------------------
+    def _window_logits(self, state: CropState, answer: ClickAnswer, points_crop: np.ndarray, labels: np.ndarray,
+                       lesion: LesionPrompt, sampler: VolumeSampler, whole: bool) -> np.ndarray:
+        """One window's crop logits (:meth:`finish`), background outside the lesion's box prompt."""
+        logits = self.finish(state, answer, points_crop, labels, whole)
+        if lesion.box is not None:
+            grid = state.grid
+            centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
+            inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)
+            logits[~inside] = BACKGROUND_LOGIT
+        return logits
+
     def _window_points(self, grid: CropGrid, lesion: LesionPrompt, canvas: LogitCanvas,
                        offset: Offset) -> tuple[np.ndarray | None, np.ndarray]:
         """Clicks for one window, in crop voxel indices: the user's clicks that fall inside it,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import BACKGROUND_LOGIT
+from msam_core.pipeline.postprocess import BACKGROUND_LOGIT, foreground_bbox
 from msam_core.pipeline.preprocess import CROP_SIZE, CropGrid
 
 STEP = CROP_SIZE // 2
@@ -50,10 +50,21 @@ class LogitCanvas:
     base: CropGrid
     _sum: dict[Offset, np.ndarray] = field(default_factory=dict)
     _weight: dict[Offset, np.ndarray] = field(default_factory=dict)
+    _alone: tuple[Offset, np.ndarray] | None = None
 
-    def add(self, offset: Offset, logits: np.ndarray) -> None:
+    def add(self, offset: Offset, logits: np.ndarray, alone: bool = False) -> None:
         """Add the ``float32 [128, 128, 128]`` logits of window ``offset`` (a block no window
-        covered yet starts as this window's weighted logits and weights)."""
+        covered yet starts as this window's weighted logits and weights).
+
+        ``alone``: the lesion's only window, of which only the mask and the logits ``> 0`` count
+        (:meth:`Segmenter.finish <msam_core.pipeline.segmenter.Segmenter.finish>` computes no
+        more): it is kept as it is and weighted by :meth:`merged` over its positive voxels only.
+        No window may be added beside it."""
+        if self._alone is not None or (alone and self._sum):
+            raise ValueError("a window added alone cannot be merged with another")
+        if alone:
+            self._alone = (offset, logits)
+            return
         for d, block, sl in _blocks(offset):
             weighted = np.multiply(logits[sl], WINDOW_WEIGHT[sl], dtype=np.float32)
             if block not in self._sum:
@@ -64,6 +75,8 @@ class LogitCanvas:
 
     def window(self, offset: Offset) -> tuple[np.ndarray, np.ndarray]:
         """Merged logits over window ``offset`` and a ``bool`` map of where any are known."""
+        if self._alone is not None:
+            raise ValueError("a window added alone has no neighbours to seed")
         logits = np.full((CROP_SIZE,) * 3, BACKGROUND_LOGIT, np.float32)
         known = np.zeros((CROP_SIZE,) * 3, bool)
         for d, block, sl in _blocks(offset):
@@ -74,7 +87,11 @@ class LogitCanvas:
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
         """All merged logits ``float32 [A, B, C]`` and their affine (canvas voxel -> RAS mm);
-        voxels no window covered are :data:`BACKGROUND_LOGIT`."""
+        voxels no window covered are :data:`BACKGROUND_LOGIT`. For a window added alone, the
+        box of its voxels ``> 0`` grown by one voxel (the values the weighted mean gives there;
+        ``[1, 1, 1]`` of background when none is)."""
+        if self._alone is not None:
+            return self._merged_alone(*self._alone)
         blocks = np.array(list(self._sum), dtype=int).reshape(-1, 3)
         lo, hi = blocks.min(axis=0), blocks.max(axis=0)
         shape = tuple(int(n) for n in (hi - lo + 1) * STEP)
@@ -87,6 +104,21 @@ class LogitCanvas:
             sl = tuple(slice(int(s), int(s) + STEP) for s in start)
             np.divide(self._sum[block], self._weight[block], out=out[sl])
         return out, window_grid(self.base, tuple(int(v) for v in lo)).affine  # type: ignore[arg-type]
+
+    def _merged_alone(self, offset: Offset, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`merged` of the window added alone: the weighted mean over its positive voxels'
+        box, the same operations as over the blocks."""
+        span = foreground_bbox(logits > 0)
+        if span is None:
+            out, lo = np.full((1, 1, 1), BACKGROUND_LOGIT, np.float32), np.zeros(3, int)
+        else:
+            lo, hi = np.maximum(span[0] - 1, 0), np.minimum(span[1] + 2, logits.shape)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            weight = WINDOW_WEIGHT[box]
+            out = np.divide(np.multiply(logits[box], weight, dtype=np.float32), weight)
+        affine = window_grid(self.base, offset).affine.copy()
+        affine[:3, 3] += affine[:3, :3] @ lo
+        return out, affine
 
 
 def _blocks(offset: Offset):

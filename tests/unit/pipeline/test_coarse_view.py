@@ -162,7 +162,8 @@ def test_click_keeps_one_candidate_and_feeds_back_the_fine_logits():
     view = state.coarse
     assert double.encode_calls == 2 and view is not None
     click, labels = window.grid.ras_to_crop(centre), np.array([1])
-    logits = seg.click(state, click, labels)
+    logits = seg.click(state, click, labels, whole=True)  # every voxel computed, to compare values
+    assert np.array_equal(seg.click(state, click, labels) > 0, logits > 0)
     embedding = state.embedding
     fine = upsample_logits(seg.predict(embedding, click, labels), size=128)
     assert torch.equal(state.low_res, seg.predict(embedding, click, labels))

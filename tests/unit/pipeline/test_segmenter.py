@@ -283,3 +283,28 @@ def test_follow_up_clicks_on_a_kept_crop_give_a_fresh_crops_logits(bundled, monk
     assert set(grown) == {1} and len(grown) <= 2 * len(labels)
     assert len(grown) == len(kept.decoded.regions) + len(kept.coarse.decoded.regions)
     assert adapter_runs == [1, 1]  # fine and coarse view, first click only
+
+
+def test_the_bundled_pipeline_computes_only_what_can_be_lesion_and_gives_the_whole_crops_mask(bundled):
+    """The bundled model with its full pipeline (prior, boundary walker, coarse view): the mask and
+    every logit > 0 of each click equal those of computing every voxel of the crop, and most of
+    the crop is not computed."""
+    from types import SimpleNamespace
+
+    from msam_core.pipeline.postprocess import BACKGROUND_LOGIT
+
+    volume, centre = _nodule_ct()
+    seg = Segmenter(bundled.network, bundled.options, cache=DictEmbeddingCache())
+    sampler = seg.sampler(volume)
+    window = seg.prepare(sampler, SimpleNamespace(center_ras=centre))
+    state = seg.open_crop(window.image, window.grid, sampler=sampler)
+    offsets = [(0, 0, 0), (5.0, 0, 0), (28.0, 0, 0), (0, -5.0, 2.5), (0, 26.0, 0)]
+    clicks = window.grid.ras_to_crop(centre + np.asarray(offsets))
+    labels = np.array([1, 1, 0, 1, 0])
+    for n in range(1, len(labels) + 1):
+        answer = seg.answer(state, clicks[:n], labels[:n])
+        whole = seg.finish(state, answer, clicks[:n], labels[:n], whole=True)
+        part = seg.finish(state, answer, clicks[:n], labels[:n])
+        assert (whole > 0).any() and np.array_equal(whole > 0, part > 0), f"click {n}"
+        assert np.array_equal(whole[whole > 0], part[whole > 0]), f"click {n}"
+        assert np.mean(part > BACKGROUND_LOGIT) < 0.25, f"click {n}"
