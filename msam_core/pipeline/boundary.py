@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import bbox_slices
+from msam_core.pipeline.postprocess import Box3, bbox_slices, positive_mask
 
 #: The walker's edge sensitivity (scikit-image's default; it scales it by the crop's spread).
 BETA = 130.0
@@ -57,10 +57,11 @@ def _click_voxels(points: np.ndarray, labels: np.ndarray, shape: tuple[int, ...]
     return out
 
 
-def _box_depth(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
+def _box_depth(mask: np.ndarray, within: Box3 | None = None) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """``(box, depth)``: the mask's bounding box grown by one voxel (clipped to the array) and
-    ``ndimage.distance_transform_edt`` of the mask on it; ``None`` for an empty mask."""
-    box = bbox_slices(mask, margin=1)
+    ``ndimage.distance_transform_edt`` of the mask on it; ``None`` for an empty mask (``within``:
+    a box that holds the whole mask)."""
+    box = bbox_slices(mask, margin=1, within=within)
     if box is None:
         return None
     return box, ndimage.distance_transform_edt(mask[box])
@@ -77,8 +78,8 @@ def mask_depth(mask: np.ndarray) -> np.ndarray:
     return depth
 
 
-def _seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray,
-           band: int) -> tuple[np.ndarray | None, tuple[slice, ...] | None]:
+def _seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int,
+           within: Box3 | None = None) -> tuple[np.ndarray | None, tuple[slice, ...] | None]:
     """``(sub, box)``: the :func:`seeds` map on ``box``, the bounding box of its voxels other
     than 2 grown by one voxel (clipped to the array); ``(None, None)`` when every voxel is 2.
     Beyond ``box`` every voxel is 2.
@@ -88,19 +89,20 @@ def _seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray,
     voxel's path to the mask stays inside the box around both (the array's own edges clip the
     box as they clip the dilation), so the dilation on that box equals the whole crop's there and
     every voxel beyond it is outside (2). Depths are 0 beyond the one-voxel ring (see
-    :func:`mask_depth`), so no inside seed lies beyond it either; only positive clicks are."""
+    :func:`mask_depth`), so no inside seed lies beyond it either; only positive clicks are.
+    ``within``: a box that holds the whole mask (only it is searched for the mask's box)."""
     if band < 1:
         raise ValueError(f"band must be >= 1 voxel, got {band}")
     final: dict[tuple[int, ...], int] = {}
     for voxel, label in _click_voxels(points, labels, mask.shape):
         final[voxel] = 1 if label == 1 else 2  # a voxel clicked twice takes its last click's label
-    near = bbox_slices(mask, margin=band)
+    near = bbox_slices(mask, margin=band, within=within)
     core = None
     reach: list[np.ndarray] = []
     if near is not None:
         core = np.full(tuple(sl.stop - sl.start for sl in near), 2, np.int32)
         core[ndimage.binary_dilation(mask[near], iterations=band)] = 0
-        box, depth = _box_depth(mask)  # type: ignore[misc]
+        box, depth = _box_depth(mask, within)  # type: ignore[misc]
         core[tuple(slice(b.start - n.start, b.stop - n.start) for b, n in zip(box, near))][
             depth > min(band, depth.max() / 2)] = 1
         start = np.asarray([sl.start for sl in near])
@@ -142,7 +144,7 @@ def seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int) -
 
 
 def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, labels: np.ndarray,
-                    band: int, beta: float = BETA, overwrite: bool = False) -> np.ndarray:
+                    band: int, beta: float = BETA, overwrite: bool = False, within: Box3 | None = None) -> np.ndarray:
     """Crop logits with the mask's boundary moved onto the image's edges (see the module).
 
     Args:
@@ -152,6 +154,8 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
         band: half-width (voxels) of the undecided band; 0 returns ``logits`` unchanged.
         overwrite: write the refined logits into ``logits`` (a float32 array the caller owns and
             does not need as it was) instead of a copy of it.
+        within: a box of the crop that holds every logit ``> 0``; only it is read for the mask
+            (the same result as reading the whole crop).
 
     Returns:
         ``float32 [a, b, c]`` logits (a new array unless unchanged or ``overwrite``).
@@ -164,10 +168,10 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     crop = crop.reshape(crop.shape[-3:])
     if crop.shape != logits.shape:
         raise ValueError(f"crop {crop.shape} and logits {logits.shape} must share the crop grid")
-    mask = logits > 0
-    if not mask.any():
+    mask = positive_mask(logits, within)
+    if not mask[within if within is not None else ...].any():
         return logits
-    sub, box = _seeds(mask, points, labels, band)
+    sub, box = _seeds(mask, points, labels, band, within)
     if box is None:
         return logits
     undecided = sub == 0

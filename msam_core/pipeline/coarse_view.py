@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, upsample_logits,
-                                            upsample_part, upsample_reach)
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, positive_mask,
+                                            upsample_logits, upsample_part, upsample_reach)
 from msam_core.pipeline.preprocess import CropGrid
 
 #: Spacing of the coarse view relative to the crop's own.
@@ -187,13 +187,15 @@ def _halves(values: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.
     return out
 
 
-def contrast_to_noise(crop: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOXELS) -> float:
+def contrast_to_noise(crop: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOXELS,
+                      within: Box3 | None = None) -> float:
     """How clearly ``mask`` stands out from the ``shell`` voxels around it in ``crop`` (``[a, b, c]``,
     or ``[1, 1, a, b, c]``): ``|mean in - mean shell| / sqrt((var in + var shell) / 2)``; ``-inf``
-    for an empty mask or one without a shell (it fills the crop)."""
+    for an empty mask or one without a shell (it fills the crop). ``within``: a box that holds the
+    whole mask (only it is searched for the mask's box)."""
     crop = np.asarray(crop, np.float32).reshape(np.shape(mask))
     mask = np.asarray(mask, bool)
-    box = bbox_slices(mask, margin=shell)
+    box = bbox_slices(mask, margin=shell, within=within)
     if box is None:
         return float("-inf")
     inner = mask[box]
@@ -205,8 +207,10 @@ def contrast_to_noise(crop: np.ndarray, mask: np.ndarray, shell: int = SHELL_VOX
     return abs(float(inside.mean()) - float(around.mean())) / spread
 
 
-def choose(crop: np.ndarray, candidates: dict[str, np.ndarray]) -> str:
+def choose(crop: np.ndarray, candidates: dict[str, np.ndarray], within: Box3 | None = None) -> str:
     """The name of the candidate logits (``float32 [a, b, c]``, ``> 0`` = lesion) whose mask has the
-    highest :func:`contrast_to_noise`; ties go to the first."""
-    scores = {name: contrast_to_noise(crop, logits > 0) for name, logits in candidates.items()}
+    highest :func:`contrast_to_noise`; ties go to the first. ``within``: a box that holds every
+    candidate's logits ``> 0`` (only it is read)."""
+    scores = {name: contrast_to_noise(crop, positive_mask(logits, within), within=within)
+              for name, logits in candidates.items()}
     return max(scores, key=lambda name: (scores[name], -list(candidates).index(name)))

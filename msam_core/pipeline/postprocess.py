@@ -151,11 +151,19 @@ def _upsample_axis(values: np.ndarray, axis: int, factor: int, out: np.ndarray |
     return out
 
 
-def foreground_bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def foreground_bbox(mask: np.ndarray, within: Box3 | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Inclusive ``(lo, hi)`` voxel indices of the ``True`` voxels of a 3D mask, or ``None``.
 
     Two passes over the mask: its rows along the first axis, and its projection onto the other
-    two, from which their spans are read."""
+    two, from which their spans are read. ``within``: a box that holds every ``True`` voxel; only
+    it is read."""
+    if within is not None:
+        part = mask[within]
+        found = foreground_bbox(part) if part.size else None
+        if found is None:
+            return None
+        start = box_bounds(within)[0]
+        return found[0] + start, found[1] + start
     mask = np.asarray(mask, bool)
     rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
     if rows.size == 0:
@@ -168,15 +176,26 @@ def foreground_bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return np.asarray(lo), np.asarray(hi)
 
 
-def bbox_slices(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+def bbox_slices(mask: np.ndarray, margin: int = 0, within: Box3 | None = None) -> tuple[slice, ...] | None:
     """Slices of the :func:`foreground_bbox` of ``mask`` grown by ``margin`` voxels on every side
-    and clipped to the array, or ``None`` for an empty mask."""
-    box = foreground_bbox(mask)
+    and clipped to the array, or ``None`` for an empty mask (``within``: see
+    :func:`foreground_bbox`)."""
+    box = foreground_bbox(mask, within)
     if box is None:
         return None
     lo = np.maximum(box[0] - margin, 0)
     hi = np.minimum(box[1] + margin + 1, mask.shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def positive_mask(logits: np.ndarray, within: Box3 | None = None) -> np.ndarray:
+    """``logits > 0``; with ``within``, a box that holds every logit ``> 0``, computed there only
+    (the rest of the array is ``False`` without being read)."""
+    if within is None:
+        return logits > 0
+    mask = np.zeros(logits.shape, bool)
+    np.greater(logits[within], 0, out=mask[within])
+    return mask
 
 
 @dataclass

@@ -42,9 +42,9 @@ from msam_core.io.volume import Volume
 from msam_core.model.decode_cache import DecodeCache
 from msam_core.pipeline.boundary import refine_boundary
 from msam_core.pipeline.coarse_view import choose, coarse_grid, fine_reach, low_res_to_fine, points_to_coarse
-from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, bbox_slices, clip_to_box, combine_lesions,
-                                            logits_to_volume_grid, union_box, upsample_logits,
-                                            upsample_reach)
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, clip_to_box,
+                                            combine_lesions, logits_to_volume_grid, positive_mask, union_box,
+                                            upsample_logits, upsample_reach)
 from msam_core.pipeline.preprocess import (CropGrid, IntensityProfile, VolumeSampler, mask_on_grid,
                                             mask_to_logits)
 from msam_core.pipeline.options import PipelineOptions
@@ -505,17 +505,32 @@ class Segmenter:
         way may differ. ``whole``: compute every voxel (the logits of windows that overlap are
         merged by value, so where a lesion spans windows their values count).
         """
+        return self._finish(state, answer, points_crop, labels, whole)[0]
+
+    def _finish(self, state: CropState, answer: ClickAnswer, points_crop: np.ndarray, labels: np.ndarray,
+                whole: bool = False) -> tuple[np.ndarray, Box3 | None]:
+        """:meth:`finish`, and a box of the crop that holds every logit ``> 0`` (``None``: the
+        crop): the computed box grown by the walker's band (the band lies that close to the mask,
+        and the mask inside the box) and the positive clicks, which the walker makes positive."""
         weight = self.options.prior_weight_for(labels)
         band = self.options.boundary_band_for(labels)
         coarse = state.coarse
         size = state.image.shape[-1]
         region = answer.region
-        box = None
+        box = support = None
         if not whole:
             reach = [upsample_reach(answer.fine, size), bbox_slices(region) if region is not None else None]
             if answer.coarse is not None and coarse is not None:
                 reach.append(fine_reach(answer.coarse, coarse.fine, coarse.grid))
-            box = union_box(reach, state.image.shape[-3:])
+            shape = state.image.shape[-3:]
+            box = union_box(reach, shape)
+            support = box
+            if band:
+                lo, hi = box_bounds(box)
+                clicks = np.round(np.asarray(points_crop, float).reshape(-1, 3)).astype(int)
+                clicks = clicks[(np.asarray(labels).reshape(-1) == 1) & np.all((clicks >= 0) & (clicks < shape), axis=1)]
+                grown = None if np.any(hi <= lo) else tuple(slice(int(a) - band, int(b) + band) for a, b in zip(lo, hi))
+                support = union_box([grown] + [tuple(slice(int(v), int(v) + 1) for v in c) for c in clicks], shape)
         logits = upsample_logits(answer.fine, size=size, box=box)
         both = None
         if answer.coarse is not None and coarse is not None:
@@ -533,12 +548,12 @@ class Segmenter:
             if not band:
                 return out
             with self._stage("boundary"):
-                return refine_boundary(crop, out, points_crop, labels, band, overwrite=True)
+                return refine_boundary(crop, out, points_crop, labels, band, overwrite=True, within=support)
 
         if both is None:
-            return finish(logits)
+            return finish(logits), support
         candidates = {"fine": finish(logits), "both": finish(both)}
-        return candidates[choose(crop, candidates)]
+        return candidates[choose(crop, candidates, within=support)], support
 
     # -- whole requests -----------------------------------------------------------------------
     def segment(self, volume: Volume, points: Sequence[Point] = (), boxes: Sequence[Box] = (),
@@ -619,13 +634,13 @@ class Segmenter:
                 mask_prompt = mask_to_logits(mask_on_grid(lesion.prior, sampler.volume, grid))
             answer = self.answer(state, pts, labels, mask_prompt, iterations)
             whole = outcome.windows > 0
-            logits = self._window_logits(state, answer, pts, labels, lesion, sampler, whole)
-            faces = touched_faces(logits > 0, lambda p, g=grid: sampler.inside_image(g, p))
+            logits, support = self._window_logits(state, answer, pts, labels, lesion, sampler, whole)
+            faces = touched_faces(positive_mask(logits, support), lambda p, g=grid: sampler.inside_image(g, p))
             if faces and not whole:
                 # more windows follow, and overlapping windows are merged by value
                 whole = True
-                logits = self._window_logits(state, answer, pts, labels, lesion, sampler, whole)
-            canvas.add(offset, logits, alone=not whole)
+                logits, support = self._window_logits(state, answer, pts, labels, lesion, sampler, whole)
+            canvas.add(offset, logits, alone=not whole, within=support)
             outcome.windows += 1
             for axis, side in faces:
                 nxt = neighbour(offset, axis, side)
@@ -636,15 +651,16 @@ class Segmenter:
 
     # -- helpers ------------------------------------------------------------------------------
     def _window_logits(self, state: CropState, answer: ClickAnswer, points_crop: np.ndarray, labels: np.ndarray,
-                       lesion: LesionPrompt, sampler: VolumeSampler, whole: bool) -> np.ndarray:
-        """One window's crop logits (:meth:`finish`), background outside the lesion's box prompt."""
-        logits = self.finish(state, answer, points_crop, labels, whole)
+                       lesion: LesionPrompt, sampler: VolumeSampler, whole: bool) -> tuple[np.ndarray, Box3 | None]:
+        """One window's crop logits and the box that holds its logits ``> 0`` (:meth:`_finish`),
+        background outside the lesion's box prompt."""
+        logits, support = self._finish(state, answer, points_crop, labels, whole)
         if lesion.box is not None:
             grid = state.grid
             centres = grid.crop_to_ras(np.indices(grid.shape).reshape(3, -1).T)
             inside = lesion.box.contains_ras(centres, sampler.volume).reshape(grid.shape)
             logits[~inside] = BACKGROUND_LOGIT
-        return logits
+        return logits, support
 
     def _window_points(self, grid: CropGrid, lesion: LesionPrompt, canvas: LogitCanvas,
                        offset: Offset) -> tuple[np.ndarray | None, np.ndarray]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import BACKGROUND_LOGIT, foreground_bbox
+from msam_core.pipeline.postprocess import BACKGROUND_LOGIT, Box3, foreground_bbox, positive_mask
 from msam_core.pipeline.preprocess import CROP_SIZE, CropGrid
 
 STEP = CROP_SIZE // 2
@@ -50,20 +50,21 @@ class LogitCanvas:
     base: CropGrid
     _sum: dict[Offset, np.ndarray] = field(default_factory=dict)
     _weight: dict[Offset, np.ndarray] = field(default_factory=dict)
-    _alone: tuple[Offset, np.ndarray] | None = None
+    _alone: tuple[Offset, np.ndarray, Box3 | None] | None = None
 
-    def add(self, offset: Offset, logits: np.ndarray, alone: bool = False) -> None:
+    def add(self, offset: Offset, logits: np.ndarray, alone: bool = False, within: Box3 | None = None) -> None:
         """Add the ``float32 [128, 128, 128]`` logits of window ``offset`` (a block no window
         covered yet starts as this window's weighted logits and weights).
 
         ``alone``: the lesion's only window, of which only the mask and the logits ``> 0`` count
         (:meth:`Segmenter.finish <msam_core.pipeline.segmenter.Segmenter.finish>` computes no
         more): it is kept as it is and weighted by :meth:`merged` over its positive voxels only.
-        No window may be added beside it."""
+        No window may be added beside it. ``within``: a box that holds its logits ``> 0`` (only it
+        is searched for them)."""
         if self._alone is not None or (alone and self._sum):
             raise ValueError("a window added alone cannot be merged with another")
         if alone:
-            self._alone = (offset, logits)
+            self._alone = (offset, logits, within)
             return
         for d, block, sl in _blocks(offset):
             weighted = np.multiply(logits[sl], WINDOW_WEIGHT[sl], dtype=np.float32)
@@ -105,10 +106,10 @@ class LogitCanvas:
             np.divide(self._sum[block], self._weight[block], out=out[sl])
         return out, window_grid(self.base, tuple(int(v) for v in lo)).affine  # type: ignore[arg-type]
 
-    def _merged_alone(self, offset: Offset, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _merged_alone(self, offset: Offset, logits: np.ndarray, within: Box3 | None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`merged` of the window added alone: the weighted mean over its positive voxels'
         box, the same operations as over the blocks."""
-        span = foreground_bbox(logits > 0)
+        span = foreground_bbox(positive_mask(logits, within), within)
         if span is None:
             out, lo = np.full((1, 1, 1), BACKGROUND_LOGIT, np.float32), np.zeros(3, int)
         else:

@@ -99,6 +99,19 @@ def test_coarse_logits_on_the_fine_crop_beyond_their_reach_are_not_positive(shif
         assert np.all(hi - lo <= 40)
 
 
+def test_masks_and_boxes_read_only_the_box_said_to_hold_every_voxel():
+    from msam_core.pipeline.postprocess import bbox_slices, foreground_bbox, positive_mask
+
+    logits = np.full((20, 30, 40), -1.0, np.float32)
+    logits[3:7, 10:12, 5] = 2.0
+    within = (slice(2, 9), slice(8, 30), slice(0, 6))
+    assert np.array_equal(positive_mask(logits, within), logits > 0)
+    for got, expected in zip(foreground_bbox(logits > 0, within), foreground_bbox(logits > 0)):
+        assert np.array_equal(got, expected)
+    assert bbox_slices(logits > 0, 2, within) == bbox_slices(logits > 0, 2)
+    assert foreground_bbox(logits > 0, (slice(0, 0),) * 3) is None
+
+
 def test_union_of_boxes():
     a = (slice(2, 5), slice(0, 3), slice(10, 12))
     b = (slice(4, 9), slice(1, 2), slice(0, 1))
@@ -149,7 +162,8 @@ def test_the_segmenter_s_masks_and_positive_logits_are_the_whole_crops(model):
         p, lab = np.asarray(points), np.asarray(labels)
         answer = seg.answer(state, p, lab)
         whole = seg.finish(state, answer, p, lab, whole=True)
-        part = seg.finish(state, answer, p, lab)
+        part, support = seg._finish(state, answer, p, lab)
+        assert not (part > 0)[_outside(support, part.shape)].any()  # the box said to hold them does
         assert np.array_equal(whole > 0, part > 0)
         assert np.array_equal(whole[whole > 0], part[whole > 0])
         assert (whole > 0).any()
