@@ -59,14 +59,11 @@ _BACKGROUND: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:
-    """Two threads of this process that work beside the main thread during a click: one grows the
-    stable regions of the clicks (SimpleITK) while the decoder runs; the other upsamples the fine
-    logits while the coarse view is decoded, then resamples the coarse view's logits onto the
-    crop while the fine ones are finished (NumPy). All of them release the GIL in their heavy
-    parts."""
+    """A thread of this process that grows the stable regions of a click's positive clicks
+    (SimpleITK, which releases the GIL) while the decoder runs on the main thread."""
     global _BACKGROUND
     if _BACKGROUND is None:
-        _BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="msam-click")
+        _BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="msam-click")
     return _BACKGROUND
 
 
