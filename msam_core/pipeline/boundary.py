@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import Box3, bbox_slices, positive_mask
+from msam_core.pipeline.postprocess import Box3, bbox_slices, box_bounds, positive_mask, union_box
 
 #: The walker's edge sensitivity (scikit-image's default; it scales it by the crop's spread).
 BETA = 130.0
@@ -141,6 +141,19 @@ def seeds(mask: np.ndarray, points: np.ndarray, labels: np.ndarray, band: int) -
     if box is not None:
         out[box] = sub
     return out
+
+
+def walk_reach(box: Box3, points: np.ndarray, labels: np.ndarray, band: int, shape: tuple[int, ...]) -> Box3:
+    """A box that holds every logit ``> 0`` of :func:`refine_boundary`'s result when ``box`` holds
+    every one of its input's: the walk decides only voxels within ``band`` of the mask and makes
+    the positive clicks' voxels positive."""
+    if band < 1:
+        return box
+    lo, hi = box_bounds(box)
+    grown = None if np.any(hi <= lo) else tuple(slice(int(a) - band, int(b) + band) for a, b in zip(lo, hi))
+    clicks = [tuple(slice(v, v + 1) for v in voxel) for voxel, label in _click_voxels(points, labels, shape)
+              if label == 1]
+    return union_box([grown, *clicks], shape)
 
 
 def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, labels: np.ndarray,

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, positive_mask,
-                                            upsample_logits, upsample_part, upsample_reach)
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, fill_outside,
+                                            positive_mask, upsample_logits, upsample_part, upsample_reach)
 from msam_core.pipeline.preprocess import CropGrid
 
 #: Spacing of the coarse view relative to the crop's own.
@@ -106,11 +106,7 @@ def low_res_to_fine(low_res: torch.Tensor, fine: CropGrid, coarse: CropGrid, box
     factor, n = size // r, fine.size // 2
     if lo is None or size % r or factor & (factor - 1) or low_res.shape[-3:] != (r, r, r):
         out = logits_to_fine(upsample_logits(low_res, size=size), fine, coarse)
-        if box is not None:
-            kept = out[box].copy()
-            out.fill(fill)
-            out[box] = kept
-        return out
+        return out if box is None else fill_outside(out, box, fill)
     values = low_res.detach().float()[0, 0].cpu().numpy()
     if box is None:
         return _on_fine(upsample_part(values, factor, lo, lo + n + 1), np.zeros(3, int), np.full(3, n))

@@ -45,11 +45,7 @@ def upsample_logits(low_res: torch.Tensor, size: int = 128, box: Box3 | None = N
     factor = size // r if size % r == 0 else 0
     if low.shape[-3:] != (r, r, r) or factor < 1 or factor & (factor - 1):
         up = F.interpolate(low, size=(size, size, size), mode="trilinear", align_corners=False)[0, 0].cpu().numpy()
-        if box is not None:
-            kept = up[box].copy()
-            up.fill(fill)
-            up[box] = kept
-        return up
+        return up if box is None else fill_outside(up, box, fill)
     if box is None:
         return upsample_block(low[0, 0].cpu().numpy(), factor)
     out = np.full((size,) * 3, fill, np.float32)
@@ -77,6 +73,14 @@ def upsample_reach(low_res: torch.Tensor, size: int = 128) -> Box3 | None:
     lo = np.maximum(np.floor((span[0] - 0.5) * scale - 0.5).astype(int) - 1, 0)
     hi = np.minimum(np.ceil((span[1] + 1.5) * scale - 0.5).astype(int) + 1, size)
     return _box(lo, hi)
+
+
+def fill_outside(values: np.ndarray, box: Box3, fill: float) -> np.ndarray:
+    """``values`` with every voxel outside ``box`` set to ``fill`` (in place; returned)."""
+    kept = values[box].copy()
+    values.fill(fill)
+    values[box] = kept
+    return values
 
 
 def box_bounds(box: Box3) -> tuple[np.ndarray, np.ndarray]:

@@ -40,9 +40,9 @@ import torch
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
 from msam_core.model.decode_cache import DecodeCache
-from msam_core.pipeline.boundary import refine_boundary
+from msam_core.pipeline.boundary import refine_boundary, walk_reach
 from msam_core.pipeline.coarse_view import choose, coarse_grid, fine_reach, low_res_to_fine, points_to_coarse
-from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, clip_to_box,
+from msam_core.pipeline.postprocess import (BACKGROUND_LOGIT, Box3, bbox_slices, clip_to_box,
                                             combine_lesions, logits_to_volume_grid, positive_mask, union_box,
                                             upsample_logits, upsample_reach)
 from msam_core.pipeline.preprocess import (CropGrid, IntensityProfile, VolumeSampler, mask_on_grid,
@@ -521,13 +521,7 @@ class Segmenter:
                 reach.append(fine_reach(answer.coarse, coarse.fine, coarse.grid))
             shape = state.image.shape[-3:]
             box = union_box(reach, shape)
-            support = box
-            if band:
-                lo, hi = box_bounds(box)
-                clicks = np.round(np.asarray(points_crop, float).reshape(-1, 3)).astype(int)
-                clicks = clicks[(np.asarray(labels).reshape(-1) == 1) & np.all((clicks >= 0) & (clicks < shape), axis=1)]
-                grown = None if np.any(hi <= lo) else tuple(slice(int(a) - band, int(b) + band) for a, b in zip(lo, hi))
-                support = union_box([grown] + [tuple(slice(int(v), int(v) + 1) for v in c) for c in clicks], shape)
+            support = walk_reach(box, points_crop, labels, band, shape)
         logits = upsample_logits(answer.fine, size=size, box=box)
         both = None
         if answer.coarse is not None and coarse is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from msam_core.pipeline.postprocess import BACKGROUND_LOGIT, Box3, foreground_bbox, positive_mask
+from msam_core.pipeline.postprocess import BACKGROUND_LOGIT, Box3, bbox_slices, box_bounds, positive_mask
 from msam_core.pipeline.preprocess import CROP_SIZE, CropGrid
 
 STEP = CROP_SIZE // 2
@@ -109,12 +109,11 @@ class LogitCanvas:
     def _merged_alone(self, offset: Offset, logits: np.ndarray, within: Box3 | None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`merged` of the window added alone: the weighted mean over its positive voxels'
         box, the same operations as over the blocks."""
-        span = foreground_bbox(positive_mask(logits, within), within)
-        if span is None:
+        box = bbox_slices(positive_mask(logits, within), margin=1, within=within)
+        if box is None:
             out, lo = np.full((1, 1, 1), BACKGROUND_LOGIT, np.float32), np.zeros(3, int)
         else:
-            lo, hi = np.maximum(span[0] - 1, 0), np.minimum(span[1] + 2, logits.shape)
-            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            lo = box_bounds(box)[0]
             weight = WINDOW_WEIGHT[box]
             out = np.divide(np.multiply(logits[box], weight, dtype=np.float32), weight)
         affine = window_grid(self.base, offset).affine.copy()
