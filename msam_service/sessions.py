@@ -211,15 +211,23 @@ def encode_box(mask: np.ndarray) -> str:
 
 def decode_box(data: str, shape: tuple[int, int, int]) -> np.ndarray:
     """A delta's ``data`` -> the bool mask of its box (``shape``: ``hi - lo``);
-    ``ValueError`` when it does not hold that many voxels."""
+    ``ValueError`` when it does not hold that many voxels.
+
+    The data comes from clients (a mask edit): it is inflated only as far as the box's bytes and
+    one more, so a small body that inflates to gigabytes is refused after that many."""
+    n = int(np.prod(shape))
+    need = (n + 7) // 8
     try:
-        raw = zlib.decompress(base64.b64decode(data, validate=True))
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(base64.b64decode(data, validate=True), need + 1)
     except (ValueError, zlib.error) as exc:
         raise ValueError(f"the mask data is not base64 of zlib-compressed bits ({exc})") from exc
-    n = int(np.prod(shape))
-    if len(raw) != (n + 7) // 8:
-        raise ValueError(f"the mask data holds {len(raw) * 8} bits; a box of shape {list(shape)} needs "
-                         f"{n} ({(n + 7) // 8} bytes)")
+    if len(raw) > need:
+        raise ValueError(f"the mask data holds more than {need * 8} bits; a box of shape {list(shape)} needs "
+                         f"{n} ({need} bytes): send the mask of the box lo..hi alone")
+    if len(raw) < need or not inflate.eof:
+        raise ValueError(f"the mask data holds {len(raw) * 8} bits{'' if inflate.eof else ' and its zlib stream is cut short'}; "
+                         f"a box of shape {list(shape)} needs {n} ({need} bytes)")
     bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=n, bitorder="little")
     return bits.astype(bool).reshape(shape)
 
@@ -250,7 +258,12 @@ def whole(box: BoxMask) -> dict[str, Any] | None:
 def apply_delta(box: BoxMask, change: dict[str, Any], shape: tuple[int, ...]) -> BoxMask:
     """``box`` with ``change`` (a delta) applied; ``ValueError`` for a box outside ``shape``."""
     lo, hi = np.asarray(change["lo"], np.int64), np.asarray(change["hi"], np.int64)
-    if lo.shape != (3,) or hi.shape != (3,) or np.any(lo < 0) or np.any(hi > np.asarray(shape)) or np.any(hi <= lo):
+    if lo.shape != (3,) or hi.shape != (3,):
+        raise ValueError(f"the box needs three lo and three hi voxel indices, got lo={lo.tolist()} hi={hi.tolist()}")
+    if np.any(hi <= lo):
+        raise ValueError(f"the box lo={lo.tolist()} hi={hi.tolist()} is empty: hi is one past the last voxel, so "
+                         "give lo < hi on every axis")
+    if np.any(lo < 0) or np.any(hi > np.asarray(shape)):
         raise ValueError(f"the box lo={lo.tolist()} hi={hi.tolist()} is not inside the volume (shape "
                          f"{list(shape)}); give 0 <= lo < hi <= shape")
     part = decode_box(change["data"], tuple(int(v) for v in hi - lo))

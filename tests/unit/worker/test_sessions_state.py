@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import threading
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -61,6 +64,26 @@ def test_apply_delta_edits_and_refuses_boxes_outside_the_volume() -> None:
         S.apply_delta(box, {"lo": [0, 0, 0], "hi": [2, 2, 2], "data": S.encode_box(np.ones(100, bool))}, shape)
     with pytest.raises(ValueError, match="base64"):
         S.apply_delta(box, {"lo": [0, 0, 0], "hi": [2, 2, 2], "data": "not base64!"}, shape)
+    with pytest.raises(ValueError, match="is empty: hi is one past the last voxel"):
+        S.apply_delta(box, {"lo": [5, 5, 5], "hi": [4, 6, 6], "data": S.encode_box(np.ones(1, bool))}, shape)
+    cut = base64.b64encode(zlib.compress(np.packbits(np.ones(8, np.uint8)).tobytes() * 8)[:-3]).decode()
+    with pytest.raises(ValueError, match="cut short"):
+        S.apply_delta(box, {"lo": [0, 0, 0], "hi": [4, 4, 4], "data": cut}, shape)
+
+
+def test_a_mask_edit_that_inflates_to_gigabytes_is_refused_after_the_box_s_bytes() -> None:
+    """A client's edit is inflated only as far as its box needs: 200 KB of zlib that would
+    inflate to 200 MB costs a few bytes of memory before the 422's message."""
+    bomb = base64.b64encode(zlib.compress(b"\xff" * (200 << 20), 9)).decode()
+    assert len(bomb) < 400_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="more than 64 bits; a box of shape \\[4, 4, 4\\] needs 64"):
+            S.decode_box(bomb, (4, 4, 4))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # the base64-decoded body (about 200 KB), not the 200 MB
 
 
 def test_measurements_use_the_voxel_volume_of_oblique_grids() -> None:
