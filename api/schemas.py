@@ -62,6 +62,18 @@ class MaskRef(BaseModel):
         return self
 
 
+def dicom_label(v: str | None) -> str | None:
+    """A lesion's label checked by the DICOM writers' own rule
+    (:func:`~msam_core.io.dicom_text.check_long_string`), so a label that reaches a worker is one
+    DICOM-SEG and RTSTRUCT can hold exactly; a 422 naming the character otherwise."""
+    if v is None:
+        return None
+    try:
+        return check_long_string(v)
+    except TextRuleError as exc:
+        raise PydanticCustomError("dicom_text", "{reason}", {"reason": str(exc)}) from None
+
+
 class Lesion(BaseModel):
     """One lesion: at least one ``positive`` click, or a ``mask``. Lesion *n* (1-based, in
     request order) is label *n* in the mask and segment *n* in the DICOM-SEG."""
@@ -92,14 +104,7 @@ class Lesion(BaseModel):
     @field_validator("label")
     @classmethod
     def _dicom_long_string(cls, v: str | None) -> str | None:
-        """The DICOM writers' own rule (:func:`~msam_core.io.dicom_text.check_long_string`), so a
-        label that reaches a worker is one DICOM-SEG and RTSTRUCT can hold exactly."""
-        if v is None:
-            return None
-        try:
-            return check_long_string(v)
-        except TextRuleError as exc:
-            raise PydanticCustomError("dicom_text", "{reason}", {"reason": str(exc)}) from None
+        return dicom_label(v)
 
 
 class Prompts(BaseModel):
@@ -475,7 +480,17 @@ Interaction = Annotated[PointInteraction | BoxInteraction | MaskInteraction, Fie
 
 class LesionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    label: str | None = Field(default=None, min_length=1, max_length=64, description="segment label in the outputs")
+    label: str | None = Field(default=None, json_schema_extra={"maxLength": 64},
+                              description="segment / ROI name in the outputs (the rule of a job's lesion label: a "
+                              "DICOM LO value, at most 64 characters and 64 UTF-8 bytes, no backslash or control "
+                              "character; leading and trailing spaces are removed)")
+
+    @field_validator("label")
+    @classmethod
+    def _dicom_long_string(cls, v: str | None) -> str | None:
+        # checked when the lesion is made, as a job's label is when it is submitted: a commit then
+        # writes the DICOM-SEG and RTSTRUCT (and sends them) instead of failing on the label later
+        return dicom_label(v)
 
 
 class Measurements(BaseModel):

@@ -275,13 +275,16 @@ def apply_delta(box: BoxMask, change: dict[str, Any], shape: tuple[int, ...]) ->
     return BoxMask.tight(a, merged)
 
 
-def measurements(box: BoxMask, affine_ras: np.ndarray, volume: Volume | None = None) -> dict[str, Any]:
+def measurements(box: BoxMask, affine_ras: np.ndarray, volume: Volume | None = None,
+                 hounsfield: bool | None = None) -> dict[str, Any]:
     """What a lesion measures so far: voxel count and volume in millilitres (the voxel volume is
     the determinant of the affine's 3x3 part, so oblique and anisotropic grids count right); with
     ``volume``, also what the job API reports per lesion (:func:`msam_core.measure.measure_box`:
     RECIST long and short axis, 3D diameter, centroid, intensity statistics, surface area,
-    sphericity). Measuring is a report on the mask: a fault in it is logged and the answer keeps
-    the count and the volume."""
+    sphericity). ``hounsfield``: the pipeline's conclusion that the values are HU (its
+    :class:`~msam_core.pipeline.preprocess.IntensityProfile`, as the job API passes it; default:
+    the header's modality). Measuring is a report on the mask: a fault in it is logged and the
+    answer keeps the count and the volume."""
     voxels = box.voxels
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine_ras, np.float64)[:3, :3])))
     out: dict[str, Any] = {"voxel_count": voxels, "volume_ml": round(voxels * voxel_mm3 / 1000.0, 4)}
@@ -290,7 +293,7 @@ def measurements(box: BoxMask, affine_ras: np.ndarray, volume: Volume | None = N
     from msam_core.measure import measure_box
 
     try:
-        measured = measure_box(box.mask, box.lo, volume)
+        measured = measure_box(box.mask, box.lo, volume, hounsfield=hounsfield)
     except Exception as exc:  # noqa: BLE001 - a bug in a report must not cost the click
         logger.error("measuring a session lesion failed: %s", type(exc).__name__)
         return out

@@ -63,14 +63,9 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
     rec = store.get(job_id)
     if rec is None or rec.status in jobs.FINISHED:
         return None  # expired, deleted, canceled while queued, or a duplicate delivery
-    deliveries = store.incr(job_id, "deliveries")
-    if deliveries > 1:
-        rt.metrics.incr("redeliveries")
-        logger.warning("job %s delivered again (delivery %d)", job_id, deliveries)
-    if deliveries > rt.settings.max_deliveries:
-        return _fail(rt, job_id, "worker_lost",
-                     f"the job stopped its worker {deliveries - 1} times (crash or out of memory) "
-                     "and was not tried again; try a smaller image or fewer lesions")
+    lost = count_delivery(rt, job_id)
+    if lost is not None:
+        return lost
     started = time.time()
     if store.transition(job_id, jobs.RUNNING, (jobs.QUEUED, jobs.RUNNING), started_at=started,
                         stage="load", progress=0.05, worker=f"{worker_name()}/{os.getpid()}") is None:
@@ -158,6 +153,21 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                      "".join(traceback.format_tb(exc.__traceback__)))
         return _fail(rt, job_id, "internal_error",
                      f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
+
+
+def count_delivery(rt: Runtime, job_id: str) -> str | None:
+    """Count this delivery of ``job_id`` (its ``attempts``); a job delivered more often than
+    ``MSAM_MAX_DELIVERIES`` has stopped its worker each time (a crash, an out-of-memory kill) and
+    is failed instead of run again: returns the status it was given, else ``None``."""
+    deliveries = rt.store.incr(job_id, "deliveries")
+    if deliveries > 1:
+        rt.metrics.incr("redeliveries")
+        logger.warning("job %s delivered again (delivery %d)", job_id, deliveries)
+    if deliveries > rt.settings.max_deliveries:
+        return _fail(rt, job_id, "worker_lost",
+                     f"the job stopped its worker {deliveries - 1} times (crash or out of memory) "
+                     "and was not tried again; try a smaller image or fewer lesions")
+    return None
 
 
 def measure_result(job_id: str, labels, volume, lesions: list[int], hounsfield: bool | None = None) -> dict:

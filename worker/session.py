@@ -26,14 +26,14 @@ import numpy as np
 from msam_core.errors import InvalidPrompt, InvalidVolume, MsamError
 from msam_core.io.volume import Volume
 from msam_core.pipeline.postprocess import clip_to_box, logits_to_volume_grid
-from msam_core.pipeline.preprocess import CropGrid, VolumeSampler
+from msam_core.pipeline.preprocess import CropGrid, VolumeSampler, intensity_profile
 from msam_core.pipeline.segmenter import CropState, Segmenter, StageTimer
 from msam_service import jobs
 from msam_service import sessions as S
 from msam_service.masks import load_masks
 from msam_service.prompts import resolve
 from msam_service.volumes import load_info
-from worker.job import open_mask, write_results
+from worker.job import count_delivery, measure_result, open_mask, write_results
 from worker.runtime import Runtime, worker_name
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def _segment(rt: Runtime, store: S.SessionStore, session: dict, lesion: dict, in
     new = S.BoxMask.tight(on_grid.lo, on_grid.logits > 0) if on_grid is not None else S.BoxMask.empty()
     pipeline_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    measured = S.measurements(new, volume.affine, volume)
+    measured = S.measurements(new, volume.affine, volume, hounsfield=held.sampler.intensity.hu)
     store.put_measurements(session["session_id"], interaction_id, measured)
     measure_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -230,6 +230,9 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
     rec = store.get(job_id)
     if rec is None or rec.status in jobs.FINISHED:
         return None
+    lost = count_delivery(rt, job_id)
+    if lost is not None:
+        return lost
     started = time.time()
     if store.transition(job_id, jobs.RUNNING, (jobs.QUEUED, jobs.RUNNING), started_at=started, stage="write",
                         progress=0.1, worker=f"{worker_name()}/{os.getpid()}") is None:
@@ -240,6 +243,7 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
         if snapshot is None:
             raise InvalidPrompt("the job's request holds no session to commit")
         model = rt.model()
+        store.update(job_id, model=model.describe())
         info = load_info(rt.storage, rec.volume_id)
         if info is None:
             raise InvalidVolume(f"volume {rec.volume_id} no longer exists (uploads expire)")
@@ -254,15 +258,23 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
             if item.label:
                 names[item.lesion] = str(item.label)
         counts = np.bincount(labels.ravel(), minlength=256)
-        summary = [{"lesion": i.lesion, "voxels": int(counts[i.lesion]), "windows": 0,
-                    "cache_hits": 0, "stopped_at_limit": False} for i in snapshot.lesions]
+        # measured and written as a job's results are: the measurement SR with the DICOM outputs
+        intensity = intensity_profile(volume)
         t0 = time.perf_counter()
-        written, errors, warnings = write_results(rt, job_id, labels, volume, names, model)
-        timings = {"queue": round(started - rec.created_at, 4), "write": round(time.perf_counter() - t0, 4),
-                   "total": round(time.time() - rec.created_at, 4)}
+        numbers = [i.lesion for i in snapshot.lesions]
+        measured = measure_result(job_id, labels, volume, numbers, intensity.hu)
+        measure_s = time.perf_counter() - t0
+        summary = [{"lesion": n, "voxels": int(counts[n]), "windows": 0, "cache_hits": 0, "stopped_at_limit": False,
+                    "measurements": measured[n].to_json() if measured.get(n) is not None else None}
+                   for n in numbers]
+        t0 = time.perf_counter()
+        written, errors, warnings = write_results(rt, job_id, labels, volume, names, model, measured)
+        timings = {"queue": round(started - rec.created_at, 4), "measure": round(measure_s, 4),
+                   "write": round(time.perf_counter() - t0, 4), "total": round(time.time() - rec.created_at, 4)}
         if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), finished_at=time.time(), stage="done",
                             progress=1.0, timings=timings, results=written, result_errors=errors, warnings=warnings,
-                            lesions=summary, input_format=str(volume.meta.get("format", ""))) is None:
+                            lesions=summary, input_format=str(volume.meta.get("format", "")),
+                            intensity=intensity.to_dict()) is None:
             return None
         rt.metrics.incr("jobs_succeeded")
         return jobs.SUCCEEDED

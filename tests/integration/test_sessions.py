@@ -143,6 +143,13 @@ def test_session_clicks_undo_reset_commit(service: Service, ct_nifti: Path) -> N
         np.testing.assert_array_equal(np.asarray(committed.dataobj) == 1, mirror.mask)
         np.testing.assert_array_equal(committed.affine, nib.load(str(ct_nifti)).affine)
         assert job["lesions"][0]["voxels"] == int(mirror.mask.sum())
+        # measured as a job's lesions are, with the numbers the session's last answer gave
+        measured, answered = job["lesions"][0]["measurements"], again["measurements"]
+        assert measured["voxels"] == answered["voxel_count"] == int(mirror.mask.sum())
+        for key in ("long_axis", "short_axis", "max_diameter_3d", "centroid_lps", "intensity", "surface_area_mm2",
+                    "sphericity"):
+            assert measured[key] == answered[key], key
+        assert job["attempts"] == 1 and job["model"]["name"] and job["intensity"]["hu"] is False
 
         r = c.post(f"/sessions/{sid}/lesions/1/reset")
         assert r.status_code == 200, r.text
@@ -199,6 +206,10 @@ def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path) -> None:
         sid = c.post("/sessions", json={"volume_id": vol["volume_id"]}).json()["session_id"]
         r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "point", "xyz": [1, 2, 3]})
         assert r.status_code == 404 and "no lesion 1" in r.json()["error"]["message"]
+        # a label the DICOM outputs cannot hold is refused when the lesion is made, not at commit
+        r = c.post(f"/sessions/{sid}/lesions", json={"label": "liver\\lesion"})
+        assert r.status_code == 422 and "character 6 of the label is a backslash" in r.json()["error"]["message"], r.text
+        assert c.get(f"/sessions/{sid}").json()["lesions"] == []
         c.post(f"/sessions/{sid}/lesions")
         r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "point", "xyz": [400, 2, 3]})
         assert r.status_code == 422 and "outside the image" in r.json()["error"]["message"], r.text

@@ -324,7 +324,8 @@ def test_session_commit_sends_to_pacs_and_webhook(pacs_service: Service, orthanc
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
     job = pacs_service.wait_job(job_id, timeout=120)
-    assert job["status"] == "succeeded" and {"dicom-seg", "rtstruct", "nifti", "png"} <= set(job["results"]), job
+    assert job["status"] == "succeeded" and {"dicom-seg", "rtstruct", "sr", "nifti", "png"} <= set(job["results"]), job
+    assert job["lesions"][0]["measurements"]["long_axis"]["length_mm"] > 0 and job["attempts"] == 1, job
     _, payload = next_hook(hooks, "/hooks/commit")
     assert payload["job_id"] == job_id and payload["destinations"] == {"orthanc": "stored"}, payload
     segs = seg_series_referencing(series.series_uid)

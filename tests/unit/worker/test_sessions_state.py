@@ -173,3 +173,17 @@ def test_sessions_opened_at_once_are_spread_over_the_workers(r: redis.Redis, red
     assert sorted(got) == ["h:1"] * 4 + ["h:2"] * 4
     assert sorted(r.get(S.holder_key(f"s{n}")).decode() for n in range(8)) == sorted(got)
     assert S.claim_holder(r, "x", [], 60) is None and r.get(S.holder_key("x")) is None
+
+
+def test_measurements_take_the_pipeline_s_word_on_hounsfield_units() -> None:
+    """A NIfTI has no modality: the pipeline takes it for CT on evidence (air), and the session's
+    measurements then report HU as the job's do (the worker passes the sampler's conclusion)."""
+    from msam_core.io.volume import Volume
+
+    array = np.full((12, 12, 6), -1000.0, np.float32)
+    array[3:8, 3:8, 1:4] = 40.0
+    volume = Volume(array, np.diag([0.8, 0.8, 2.5, 1.0]))
+    box = S.BoxMask.tight(np.array([3, 3, 1]), np.ones((5, 5, 3), bool))
+    assert S.measurements(box, volume.affine, volume)["intensity"]["unit"] == "image units"
+    measured = S.measurements(box, volume.affine, volume, hounsfield=True)
+    assert measured["intensity"]["unit"] == "HU" and measured["intensity"]["mean"] == 40.0
