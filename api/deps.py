@@ -52,3 +52,31 @@ def tenant(request: Request, svc: Services = Depends(services)) -> str:
 
 def base_url(request: Request, svc: Services = Depends(services)) -> str:
     return (svc.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _has_body(request: Request) -> bool:
+    return request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+
+
+def json_body(request: Request) -> None:
+    """A route whose body is JSON: a body sent as anything else is a 415 that says what to send
+    (FastAPI would read it as text and answer a 422 about a missing object). No body: nothing to
+    check (the route's own defaults apply)."""
+    media = _media_type(request)
+    if _has_body(request) and media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as JSON with the header 'Content-Type: application/json' (got "
+                       f"{repr(media) if media else 'no Content-Type'}; curl: -H 'Content-Type: application/json')")
+
+
+def multipart_body(request: Request) -> None:
+    """A route that takes files: anything but multipart/form-data is a 415 that says how to send them."""
+    if _media_type(request) != "multipart/form-data":
+        media = _media_type(request)
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data with the image file in the field 'image' (got "
+                       f"{repr(media) if media else 'no Content-Type'}; curl: -F image=@ct.nii.gz)")

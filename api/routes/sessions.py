@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Response
 
 from api import pacs_requests
-from api.deps import Services, base_url, services, tenant
+from api.deps import Services, base_url, json_body, services, tenant
 from api.errors import ApiError
 from api.schemas import (CommitRequest, ErrorBody, Interaction, InteractionOut, JobAccepted, LesionChange,
                          LesionCreate, LesionOut, MaskInteraction, PointInteraction, SessionCreate, SessionOut)
@@ -39,7 +39,10 @@ from msam_service.volumes import VolumeInfo
 router = APIRouter(tags=["sessions"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+                                             413: {"model": ErrorBody}, 415: {"model": ErrorBody},
                                              422: {"model": ErrorBody}}
+#: The routes whose body is JSON check its media type first (415 instead of a confusing 422).
+_JSON = [Depends(json_body)]
 #: Error codes of a failed interaction that are the caller's to fix (422); others are 409/503.
 _CONFLICT = ("undone", "session_gone")
 
@@ -94,7 +97,7 @@ def _session_out(svc: Services, doc: dict[str, Any], info: VolumeInfo) -> Sessio
                                                                                    key=lambda kv: int(kv[0]))])
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOut, responses=_ERRORS)
+@router.post("/sessions", status_code=201, response_model=SessionOut, responses=_ERRORS, dependencies=_JSON)
 def create_session(body: SessionCreate, svc: Services = Depends(services), who: str = Depends(tenant)) -> SessionOut:
     """Start an interactive session on a volume uploaded with ``POST /volumes`` (a worker starts
     decoding the volume at once, ahead of the first click)."""
@@ -123,7 +126,8 @@ def delete_session(session_id: str, svc: Services = Depends(services), who: str 
     return Response(status_code=204)
 
 
-@router.post("/sessions/{session_id}/lesions", status_code=201, response_model=LesionOut, responses=_ERRORS)
+@router.post("/sessions/{session_id}/lesions", status_code=201, response_model=LesionOut, responses=_ERRORS,
+             dependencies=_JSON)
 def add_lesion(session_id: str, body: LesionCreate | None = None, svc: Services = Depends(services),
                who: str = Depends(tenant)) -> LesionOut:
     """A new lesion (numbered 1, 2, ... in the order added: its label value in the outputs)."""
@@ -232,6 +236,7 @@ def _answer(rec: dict[str, Any], interaction_id: str, session_id: str, base: str
 
 
 @router.post("/sessions/{session_id}/lesions/{lesion}/interactions", response_model=InteractionOut,
+             dependencies=_JSON,
              responses={202: {"model": InteractionOut, "description": "not answered within the wait: poll status_url"},
                         **_ERRORS})
 def interact(session_id: str, lesion: int, body: Interaction, response: Response,
@@ -357,7 +362,8 @@ def lesion_mask(session_id: str, lesion: int, svc: Services = Depends(services),
             "measurements": _measured(svc, session_id, les, box, info)}
 
 
-@router.post("/sessions/{session_id}/commit", status_code=202, response_model=JobAccepted, responses=_ERRORS)
+@router.post("/sessions/{session_id}/commit", status_code=202, response_model=JobAccepted, responses=_ERRORS,
+             dependencies=_JSON)
 def commit(session_id: str, body: CommitRequest | None = None, svc: Services = Depends(services),
            who: str = Depends(tenant), base: str = Depends(base_url)) -> JobAccepted:
     """Write the session's outputs (DICOM-SEG and RTSTRUCT for a DICOM volume, NIfTI, PNG) from the

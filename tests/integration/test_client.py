@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from msam_service import serve
 from tests.integration.harness import Service
 
 pytestmark = pytest.mark.slow
@@ -100,3 +101,8 @@ def test_client_installs_alone_without_torch(service: Service, ct_nifti: Path, t
     out = subprocess.run([cli, "click", volume_id, "--positive", "400,0,0"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 1 and "outside the image" in out.stderr
+    # nothing listening: one line that says so, no traceback
+    out = subprocess.run([cli, "job", "0" * 32], env={**env, "MSAM_URL": f"http://127.0.0.1:{serve.free_port()}"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.startswith("msam-remote: cannot reach the service at"), out.stderr
+    assert "Traceback" not in out.stderr

@@ -20,7 +20,7 @@ import os
 import sys
 
 from msam_client.client import Client
-from msam_client.errors import JobFailed, MsamError
+from msam_client.errors import JobFailed, MsamError, Unreachable
 
 
 def _xyz(text: str) -> list[float]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except (MsamError, JobFailed, TimeoutError) as exc:
+    except (MsamError, JobFailed, Unreachable, TimeoutError) as exc:
         print(f"msam-remote: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 from msam_client import protocol
-from msam_client.errors import JobFailed, from_response
+from msam_client.errors import JobFailed, Unreachable, from_response
 
 FINISHED = ("succeeded", "failed", "canceled")
 
@@ -84,7 +84,10 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = self.http.request(method, path, **kw)
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise Unreachable(str(self.http.base_url), f"{type(exc).__name__}: {exc}") from exc
         if r.status_code >= 400:
             try:
                 body: object = r.json()

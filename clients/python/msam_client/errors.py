@@ -32,6 +32,15 @@ class Busy(MsamError):
     """429 / 503: the service is loaded or degraded; try again later."""
 
 
+class Unreachable(Exception):
+    """No answer at all: nothing listens at the URL, the connection broke or timed out."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the service at {url} ({reason}); is it running? (--url or MSAM_URL "
+                         "gives another address)")
+        self.url, self.reason = url, reason
+
+
 class JobFailed(Exception):
     """A job (or commit) ended ``failed`` or ``canceled``."""
 

@@ -77,6 +77,29 @@ def test_http_errors_keep_the_error_shape_and_oversized_uploads_are_refused_earl
         assert big.status_code == 413 and "MSAM_MAX_UPLOAD_MB" in big.json()["error"]["message"]
 
 
+def test_bodies_in_the_wrong_media_type_are_415s_that_say_what_to_send(r, redis_url: str, tmp_path: Path,
+                                                                       nifti: bytes) -> None:
+    """JSON routes sent a body without ``Content-Type: application/json`` (curl -d's default is a
+    form), and /volumes sent anything but multipart: 415 naming what to send, not a 422 about a
+    missing object; an empty body and a proper one pass."""
+    with _client(redis_url, tmp_path) as c:
+        vol = c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}).json()
+        body = '{"volume_id": "%s"}' % vol["volume_id"]
+        for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}, {}):
+            bad = c.post("/sessions", content=body, headers=headers)
+            assert bad.status_code == 415, (headers, bad.text)
+            assert bad.json()["error"]["code"] == "unsupported_media_type"
+            assert "Content-Type: application/json" in bad.json()["error"]["message"]
+        sid = c.post("/sessions", content=body, headers={"Content-Type": "application/json; charset=utf-8"}).json()["session_id"]
+        assert c.post(f"/sessions/{sid}/lesions").status_code == 201  # no body: the defaults
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for path in (f"/sessions/{sid}/lesions", f"/sessions/{sid}/lesions/1/interactions", f"/sessions/{sid}/commit"):
+            assert c.post(path, content='{"label": "a"}', headers=form).status_code == 415, path
+        raw = c.post("/volumes", content=nifti, headers={"Content-Type": "application/octet-stream"})
+        assert raw.status_code == 415 and "-F image=@" in raw.json()["error"]["message"], raw.text
+        assert c.post("/volumes", json={"image": "ct.nii.gz"}).status_code == 415
+
+
 def test_openapi_references_resolve(redis_url: str, tmp_path: Path) -> None:
     import json
     import re
