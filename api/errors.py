@@ -38,12 +38,28 @@ def body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+def _message(e: dict) -> str:
+    """One pydantic error's message, reworded where pydantic's says what failed inside the
+    parser rather than what to send."""
+    kind, ctx, loc = e.get("type"), e.get("ctx") or {}, e.get("loc", ())
+    if kind == "json_invalid":
+        at = next((x for x in loc if isinstance(x, int)), None)
+        where = f" at character {at + 1}" if at is not None else ""
+        return f"the body is not valid JSON ({ctx.get('error', 'decode error')}{where})"
+    if kind == "missing" and tuple(loc) == ("body",):
+        return "the request needs a JSON body (Content-Type: application/json); see /docs for its fields"
+    if kind == "union_tag_not_found":
+        return f"the field {ctx.get('discriminator', 'kind')} is missing: it names the kind of object (see /docs)"
+    return str(e.get("msg", "invalid"))
+
+
 def describe(errors: list) -> str:
     """Pydantic errors as one readable line: ``prompts.lesions.0.positive: Field required``."""
     parts = []
     for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",))
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",) and not (
+            e.get("type") == "json_invalid" and isinstance(x, int)))
+        parts.append(f"{loc}: {_message(e)}" if loc else _message(e))
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
 

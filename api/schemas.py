@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from msam_core.io.dicom_text import TextRuleError, check_long_string
@@ -446,7 +446,7 @@ class PointInteraction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["point"]
     xyz: Xyz = Field(description="in the session's space")
-    positive: bool = Field(default=True, description="true: inside the lesion; false: outside (a negative click)")
+    positive: StrictBool = Field(default=True, description="true: inside the lesion; false: outside (a negative click)")
 
 
 class BoxInteraction(BaseModel):

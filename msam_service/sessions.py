@@ -226,8 +226,9 @@ def decode_box(data: str, shape: tuple[int, int, int]) -> np.ndarray:
         raise ValueError(f"the mask data holds more than {need * 8} bits; a box of shape {list(shape)} needs "
                          f"{n} ({need} bytes): send the mask of the box lo..hi alone")
     if len(raw) < need or not inflate.eof:
-        raise ValueError(f"the mask data holds {len(raw) * 8} bits{'' if inflate.eof else ' and its zlib stream is cut short'}; "
-                         f"a box of shape {list(shape)} needs {n} ({need} bytes)")
+        cut = "" if inflate.eof else " and its zlib stream is cut short"
+        raise ValueError(f"the mask data holds {len(raw) * 8} bits{cut}; a box of shape {list(shape)} needs {n} "
+                         f"({need} bytes)")
     bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=n, bitorder="little")
     return bits.astype(bool).reshape(shape)
 

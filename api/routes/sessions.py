@@ -240,7 +240,8 @@ def _answer(rec: dict[str, Any], interaction_id: str, session_id: str, base: str
              responses={202: {"model": InteractionOut, "description": "not answered within the wait: poll status_url"},
                         **_ERRORS})
 def interact(session_id: str, lesion: int, body: Interaction, response: Response,
-             wait: float | None = Query(default=None, ge=0, le=60, description="seconds to wait for the answer "
+             wait: float | None = Query(default=None, ge=0, le=60, allow_inf_nan=False,
+                                        description="seconds to wait for the answer "
                                         "(default MSAM_INTERACTION_WAIT_S); 0: answer 202 at once"),
              svc: Services = Depends(services), who: str = Depends(tenant), base: str = Depends(base_url)) -> InteractionOut:
     """Add a point, a box or a mask to a lesion; answers its new mask as a delta (200), or 202 and
@@ -296,7 +297,8 @@ def _store_edit(svc: Services, doc: dict[str, Any], lesion: dict[str, Any], body
 @router.get("/sessions/{session_id}/interactions/{interaction_id}", response_model=InteractionOut,
             responses={202: {"model": InteractionOut}, **_ERRORS})
 def get_interaction(session_id: str, interaction_id: str, response: Response,
-                    wait: float = Query(default=0, ge=0, le=60, description="seconds to wait for the answer"),
+                    wait: float = Query(default=0, ge=0, le=60, allow_inf_nan=False,
+                                       description="seconds to wait for the answer"),
                     svc: Services = Depends(services), who: str = Depends(tenant),
                     base: str = Depends(base_url)) -> InteractionOut:
     """An interaction's answer (200), or 202 while it is queued or running."""

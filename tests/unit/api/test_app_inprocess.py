@@ -90,11 +90,23 @@ def test_bodies_in_the_wrong_media_type_are_415s_that_say_what_to_send(r, redis_
             assert bad.status_code == 415, (headers, bad.text)
             assert bad.json()["error"]["code"] == "unsupported_media_type"
             assert "Content-Type: application/json" in bad.json()["error"]["message"]
-        sid = c.post("/sessions", content=body, headers={"Content-Type": "application/json; charset=utf-8"}).json()["session_id"]
+        made = c.post("/sessions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+        sid = made.json()["session_id"]
         assert c.post(f"/sessions/{sid}/lesions").status_code == 201  # no body: the defaults
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         for path in (f"/sessions/{sid}/lesions", f"/sessions/{sid}/lesions/1/interactions", f"/sessions/{sid}/commit"):
             assert c.post(path, content='{"label": "a"}', headers=form).status_code == 415, path
+        # JSON that is wrong says what to send, not what failed inside the parser
+        J, url = {"Content-Type": "application/json"}, f"/sessions/{sid}/lesions/1/interactions"
+        for sent, says in (('{"xyz": [1, 2, 3]}', "the field 'kind' is missing"),
+                           ('{"kind": ', "the body is not valid JSON (Expecting value at character 10)"),
+                           ("", "the request needs a JSON body"),
+                           ('{"kind": "point", "xyz": [1, 2, 3], "positive": "no"}', "point.positive: Input should "
+                            "be a valid boolean")):
+            answer = c.post(url, content=sent, headers=J)
+            assert answer.status_code == 422 and says in answer.json()["error"]["message"], (sent, answer.text)
+        nan = c.post(url, params={"wait": "nan"}, json={"kind": "point", "xyz": [1, 2, 3]})
+        assert nan.status_code == 422 and "query.wait: Input should be a finite number" in nan.text, nan.text
         raw = c.post("/volumes", content=nifti, headers={"Content-Type": "application/octet-stream"})
         assert raw.status_code == 415 and "-F image=@" in raw.json()["error"]["message"], raw.text
         assert c.post("/volumes", json={"image": "ct.nii.gz"}).status_code == 415
