@@ -58,6 +58,11 @@ def suffix_of(client_name: str) -> str:
     return next((s for s in SINGLE_FILE_SUFFIXES if name.endswith(s)), "")
 
 
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def _looks_like_dicom(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(132)
@@ -77,6 +82,8 @@ def arrange_upload(staging: Path, files: list[tuple[str, Path]]) -> Path:
     if len(files) == 1:
         name, path = files[0]
         suffix = suffix_of(name) or (".dcm" if _looks_like_dicom(path) else "")
+        if suffix in (".nii", ".nii.gz"):  # readers go by the suffix: let it say what the bytes are
+            suffix = ".nii.gz" if _is_gzip(path) else ".nii"
         if not suffix:
             raise InvalidVolume(f"uploaded file has an unknown format (by name and content); send one of: {SUPPORTED_INPUTS}")
         final = staging / f"image{suffix}"

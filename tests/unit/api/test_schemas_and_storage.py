@@ -81,6 +81,30 @@ def test_arrange_upload_uses_generated_names(tmp_path: Path) -> None:
     assert sorted(x.name for x in folder.iterdir()) == ["000000.dcm", "000001.dcm", "000002.dcm"]
 
 
+def test_a_nifti_named_for_the_other_compression_is_read_as_its_bytes_are(tmp_path: Path) -> None:
+    """nibabel goes by the suffix: a gzipped NIfTI named .nii, or a plain one named .nii.gz, is
+    stored under the suffix of what it holds and reads as the same image."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    from msam_service.volumes import decode
+
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.9, 2.5, 1.0])), str(tmp_path / "plain.nii"))
+    plain = (tmp_path / "plain.nii").read_bytes()
+    for n, (name, data, suffix) in enumerate((("ct.nii.gz", plain, ".nii"), ("ct.nii", gzip.compress(plain), ".nii.gz"),
+                                              ("ct.nii.gz", gzip.compress(plain), ".nii.gz"))):
+        staging = tmp_path / f"staging{n}"
+        staging.mkdir()
+        (staging / "u").write_bytes(data)
+        arranged = arrange_upload(staging, [(name, staging / "u")])
+        assert arranged.name == f"image{suffix}", name
+        volume = decode(arranged)
+        assert np.array_equal(volume.array, array) and np.allclose(volume.spacing, (0.8, 0.9, 2.5))
+
+
 def test_the_result_formats_are_the_stored_files_and_fhir() -> None:
     """``GET /jobs/{id}/result?format=`` accepts what the workers store, plus FHIR (built on request)."""
     from typing import get_args
