@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import numpy as np
+
 from msam_core.errors import InvalidVolume, UnsupportedRequest
 from msam_core.io.volume import Volume
 
@@ -47,7 +49,8 @@ def read_dicom_series(path: str | Path) -> Volume:
 
 
 def load_volume(path: str | Path) -> Volume:
-    """Read any supported image into a :class:`Volume` whose affine maps voxels to RAS mm."""
+    """Read any supported image into a :class:`Volume` whose affine maps voxels to RAS mm
+    (non-finite voxels as :func:`finite_volume` sets them)."""
     path = Path(path)
     if not path.exists():
         raise InvalidVolume(f"{path}: no such file or folder")
@@ -55,13 +58,31 @@ def load_volume(path: str | Path) -> Volume:
     if kind == "nifti":
         from msam_core.io.nifti import read_nifti
 
-        return read_nifti(path)
+        return finite_volume(read_nifti(path), path.name)
     if kind == "nrrd":
         from msam_core.io.nrrd import read_nrrd
 
-        return read_nrrd(path)
+        return finite_volume(read_nrrd(path), path.name)
     if kind == "metaimage":
         from msam_core.io.metaimage import read_metaimage
 
-        return read_metaimage(path)
-    return read_dicom_series(path)
+        return finite_volume(read_metaimage(path), path.name)
+    return read_dicom_series(path)  # integer pixel data: always finite
+
+
+def finite_volume(volume: Volume, name: str) -> Volume:
+    """``volume`` with its non-finite voxels (NaN, +-inf: some tools write NaN outside the field
+    of view or a brain mask) set to its lowest finite value, the background, so that one NaN does
+    not turn every crop's normalisation into NaN; how many is kept in ``meta["non_finite_voxels"]``.
+    An image without a finite voxel is refused."""
+    array = volume.array
+    if array.dtype.kind != "f":
+        return volume
+    finite = np.isfinite(array)
+    if finite.all():
+        return volume
+    if not finite.any():
+        raise InvalidVolume(f"{name}: every voxel is NaN or infinite; the image holds no values to segment")
+    filled = np.where(finite, array, array[finite].min()).astype(array.dtype, copy=False)
+    return Volume(filled, volume.affine, volume.modality,
+                  {**volume.meta, "non_finite_voxels": int(finite.size - np.count_nonzero(finite))})

@@ -12,6 +12,7 @@ import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from msam_core.errors import InvalidVolume
 from msam_core.io.load import load_volume
@@ -157,3 +158,24 @@ def test_mask_for_a_sheared_grid_keeps_the_sform_only(tmp_path):
     out = nib.load(str(save_mask_nifti(np.ones(volume.shape, np.uint8), volume, tmp_path / "m.nii.gz")))
     assert out.header["qform_code"] == 0 and out.header["sform_code"] == 2
     np.testing.assert_allclose(out.affine, sheared, atol=1e-6)
+
+
+def test_non_finite_voxels_become_the_background_and_an_image_of_none_is_refused(tmp_path: Path) -> None:
+    """NaN outside the field of view (as some tools write it) is the image's lowest value, so a
+    crop's normalisation stays finite; an image with no finite voxel is a clear refusal."""
+    from msam_core.io.load import load_volume
+    from msam_core.pipeline.preprocess import CropGrid, VolumeSampler
+
+    array = np.full((20, 20, 10), -1000.0, np.float32)
+    array[5:15, 5:15, 2:8] = 40.0
+    array[:3] = np.nan
+    array[-1, -1, -1] = np.inf
+    nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 2.0, 1.0])), str(tmp_path / "nan.nii.gz"))
+    volume = load_volume(tmp_path / "nan.nii.gz")
+    assert np.isfinite(volume.array).all() and volume.meta["non_finite_voxels"] == 3 * 20 * 10 + 1
+    assert volume.array[0, 0, 0] == -1000.0 and volume.array[10, 10, 5] == 40.0
+    crop = VolumeSampler(volume).crop(CropGrid.centred(volume.voxel_to_ras(np.array([[10.0, 10.0, 5.0]]))[0]))
+    assert torch.isfinite(crop).all()
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), str(tmp_path / "all.nii.gz"))
+    with pytest.raises(InvalidVolume, match="every voxel is NaN or infinite"):
+        load_volume(tmp_path / "all.nii.gz")
