@@ -156,7 +156,10 @@ def acquisition_axis(volume: Volume) -> int:
 
 def _farthest_pair(points: np.ndarray) -> tuple[int, int, float]:
     """Indices of the two rows of ``points`` ``(N, D)`` farthest apart, and their distance: the
-    farthest pair lies on the convex hull, so only hull vertices are compared pairwise."""
+    farthest pair lies on the convex hull, so only hull vertices are compared pairwise (SciPy's
+    ``pdist``, squared distances: of pairs equally far, the first in row order)."""
+    from scipy.spatial.distance import pdist
+
     n = len(points)
     if n == 1:
         return 0, 0, 0.0
@@ -168,16 +171,17 @@ def _farthest_pair(points: np.ndarray) -> tuple[int, int, float]:
             candidates = ConvexHull(points).vertices
         except QhullError:  # flat or collinear: a joggled hull still returns input vertices
             candidates = ConvexHull(points, qhull_options="QJ").vertices
-    sub = points[candidates]
-    best, bi, bj = -1.0, 0, 0
-    for start in range(0, len(sub), 512):  # bounded memory for very large hulls
-        block = sub[start:start + 512]
-        d2 = np.sum((block[:, None, :] - sub[None, :, :]) ** 2, axis=-1)
-        flat = int(np.argmax(d2))
-        i, j = divmod(flat, len(sub))
-        if d2[i, j] > best:
-            best, bi, bj = float(d2[i, j]), start + i, j
-    return int(candidates[bi]), int(candidates[bj]), float(np.sqrt(best))
+    sub = np.ascontiguousarray(points[candidates], dtype=np.float64)
+    d2 = pdist(sub, "sqeuclidean")  # (m choose 2), row-major over i < j
+    k = int(np.argmax(d2))
+    best = float(d2[k])
+    if best == 0.0:  # every candidate at one place
+        return int(candidates[0]), int(candidates[0]), 0.0
+    m = len(sub)
+    # row i of the condensed matrix starts at i * m - i * (i + 1) / 2
+    i = int(np.searchsorted(np.arange(m) * m - np.arange(m) * (np.arange(m) + 1) // 2, k, side="right")) - 1
+    j = int(k - (i * m - i * (i + 1) // 2) + i + 1)
+    return int(candidates[i]), int(candidates[j]), float(np.sqrt(best))
 
 
 def _to_lps(volume: Volume, voxels: np.ndarray) -> np.ndarray:

@@ -207,3 +207,21 @@ def test_a_mask_kept_as_a_box_measures_as_the_whole_grid_mask() -> None:
     assert measure_box(np.zeros((3, 3, 3), bool), (0, 0, 0), volume) is None
     with pytest.raises(ValueError, match="inside the image"):
         measure_box(box, (40, 0, 0), volume)
+
+
+def test_the_farthest_pair_is_a_pair_at_the_largest_distance() -> None:
+    """Against every pair compared (no hull), on point sets full of ties (half-voxel grids, as
+    contours and marching-cubes vertices lie) and duplicates, in 2D and 3D."""
+    from msam_core.measure import _farthest_pair
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        dim = 2 + trial % 2
+        m = int(rng.integers(2, 160))
+        points = rng.integers(0, 7, (m, dim)).astype(float) * 0.5 * np.array([0.7, 0.7, 2.5][:dim])
+        if trial % 5 == 0:
+            points = np.repeat(points[: max(1, m // 4)], 4, axis=0)
+        d2 = np.sum((points[:, None, :] - points[None, :, :]) ** 2, axis=-1)
+        i, j, d = _farthest_pair(points)
+        assert d == pytest.approx(np.sqrt(d2.max()), abs=1e-12), trial
+        assert np.sum((points[i] - points[j]) ** 2) == pytest.approx(d2.max(), abs=1e-12), trial
