@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
-
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 AUDIT = logging.getLogger("msam.audit")
 _SKIP = ("/healthz", "/readyz", "/metrics", "/static", "/favicon.ico")
@@ -34,26 +33,41 @@ def line(tenant: str, action: str, job: str, volume: str, outcome: int, ms: floa
             f"outcome={outcome} ms={ms:.0f}")
 
 
-def install(app: FastAPI) -> None:
-    _ensure_handler()
+class AuditLog:
+    """ASGI middleware writing :func:`line` for each request once it is answered (or failed: 500)."""
 
-    @app.middleware("http")
-    async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path == "/" or request.url.path.startswith(_SKIP):
-            return await call_next(request)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path == "/" or path.startswith(_SKIP):
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
         status = 500
+
+        async def answered(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, answered)
         finally:
-            route = getattr(request.scope.get("route"), "path", None) or (
-                request.url.path if request.url.path in ("/openapi.json", "/docs", "/redoc") else "unmatched")
-            params = request.scope.get("path_params") or {}
-            state = request.scope.get("state") or {}
+            # the router writes the matched route and its parameters into this same scope
+            route = getattr(scope.get("route"), "path", None) or (
+                path if path in ("/openapi.json", "/docs", "/redoc") else "unmatched")
+            params = scope.get("path_params") or {}
+            state = scope.get("state") or {}
             job = str(params.get("job_id") or state.get("job_id") or "")
             volume = str(params.get("volume_id") or state.get("volume_id") or "")
             job = job if not job or (job.isalnum() and len(job) <= 64) else "invalid"  # never echo a path
-            AUDIT.info(line(str(state.get("tenant", "-")), f"{request.method} {route}", job, volume, status,
+            AUDIT.info(line(str(state.get("tenant", "-")), f"{scope['method']} {route}", job, volume, status,
                             (time.perf_counter() - start) * 1000))
+
+
+def install(app: FastAPI) -> None:
+    _ensure_handler()
+    app.add_middleware(AuditLog)

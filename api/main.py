@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import audit, errors, viewer
 from api.deps import Services
@@ -110,28 +111,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # innermost: counts the body bytes the routes read, before a parser buffers or spools them
     app.add_middleware(BodyLimit, upload_mb=settings.max_upload_mb, json_kb=settings.max_json_kb)
 
-    @app.middleware("http")
-    async def _loopback_only(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # without keys: even if the process was bound elsewhere by hand (uvicorn --host), only
-        # this machine gets answers
-        client = request.client.host if request.client else ""
-        if open_access and _is_ip(client) and not is_loopback(client):
-            return JSONResponse(errors.body("forbidden", "this server has no API keys configured and only "
-                                            "answers on loopback"), status_code=403)
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "other")
-        requests.labels(route, request.method, str(response.status_code)).inc()
-        latency.labels(route).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(LoopbackOnly, open_access=open_access)
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
     app.add_middleware(RequestTimeout, timeout_s=settings.request_timeout_s)
     audit.install(app)  # outermost: every answer is audited, a 408 too
     return app
+
+
+class LoopbackOnly:
+    """Without API keys, only this machine gets answers (403 to others), even if the process was
+    bound elsewhere by hand (``uvicorn --host``)."""
+
+    def __init__(self, app: ASGIApp, open_access: bool) -> None:
+        self.app = app
+        self.open_access = open_access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.open_access:
+            client = (scope.get("client") or ("",))[0] or ""
+            if _is_ip(client) and not is_loopback(client):
+                answer = JSONResponse(errors.body("forbidden", "this server has no API keys configured and only "
+                                                  "answers on loopback"), status_code=403)
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts answered requests by route template, method and status, and their latency."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+
+        async def answered(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, answered)
+        route = getattr(scope.get("route"), "path", "other")
+        self.requests.labels(route, scope["method"], str(status)).inc()
+        self.latency.labels(route).observe(time.perf_counter() - start)
 
 
 def _is_ip(host: str) -> bool:
