@@ -390,8 +390,9 @@ class JobOut(BaseModel):
     results: dict[str, str] = Field(default_factory=dict, description="format -> download URL")
     unavailable_results: dict[str, str] = Field(default_factory=dict, description="format -> why not")
     warnings: list[str] = Field(default_factory=list, description="what the results differ in from what was "
-                                "asked or from the source, e.g. a source attribute DICOM refuses that was "
-                                "left empty in the DICOM outputs (names attributes, never patient values)")
+                                "asked or from the source: a lesion that came back empty, a source attribute "
+                                "DICOM refuses that was left empty in the DICOM outputs (names attributes, never "
+                                "patient values)")
     destinations: dict[str, str] = Field(default_factory=dict, description="PACS destination -> 'stored' or "
                                          "why not (DICOM-SEG by STOW-RS / C-STORE, once the job has succeeded); "
                                          "'ris:NAME' (ORU^R01) and 'fhir:NAME' (DiagnosticReport) -> 'sent' or why "

@@ -118,6 +118,8 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         t0 = time.perf_counter()
         written, errors, warnings = write_results(rt, job_id, result.labels, volume, segment_labels(doc), model,
                                                   measured)
+        warnings = [f"lesion {o.lesion} is empty: nothing was segmented at its prompts; put a positive click on "
+                    "the lesion itself or add clicks" for o in result.lesions if o.voxels == 0] + warnings
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
         lines = reference_lines(doc, volume)

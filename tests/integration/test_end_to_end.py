@@ -117,6 +117,22 @@ def _check_dicom_job(service: Service, job_id: str, series, tmp_path: Path) -> N
     assert group.values["short_axis_mm"] == pytest.approx(measured["short_axis"]["length_mm"], abs=0.01)
 
 
+def test_a_lesion_that_comes_back_empty_is_a_warning(service: Service, ct_nifti: Path) -> None:
+    """Two lesions prompted alike: a voxel goes to the lesion whose logit is larger, so the second
+    gets none; the job succeeds and says which lesion is empty instead of leaving it to be found."""
+    lesion = {"positive": [[22, 20, 12]]}
+    with service.client() as c, open(ct_nifti, "rb") as f:
+        r = c.post("/segment", files={"image": ("ct.nii.gz", f)},
+                   data={"prompts": json.dumps({"lesions": [lesion, lesion]})})
+        assert r.status_code == 202, r.text
+        job = service.wait_job(r.json()["job_id"])
+    assert job["status"] == "succeeded", (job, service.logs())
+    assert job["lesions"][0]["voxels"] > 0 and job["lesions"][1]["voxels"] == 0
+    assert [w for w in job["warnings"] if "is empty" in w] == [
+        "lesion 2 is empty: nothing was segmented at its prompts; put a positive click on the lesion itself or "
+        "add clicks"]
+
+
 def test_dicom_files_upload_to_seg_rtstruct_nifti(service: Service, dicom_series, tmp_path: Path) -> None:
     files = [("image", (f"IM{n}", open(p, "rb"), "application/dicom")) for n, p in enumerate(dicom_series.paths)]
     try:
