@@ -91,9 +91,10 @@ def get_result(job_id: str, format: ResultFormat | None = Query(
         return JSONResponse(bundle, media_type="application/fhir+json")
     if fmt not in rec.results:
         why = rec.result_errors.get(fmt) or (
-            f"mha (MetaImage) is written for MetaImage input, and this job's input was {rec.input_format or 'another format'}; "
-            "ask for nifti" if fmt == "mha" else f"{fmt} was not produced for this job")
-        raise ApiError(422, "unsupported_request", why)
+            f"mha (MetaImage) is written for MetaImage input, and this job's input was "
+            f"{rec.input_format or 'another format'}" if fmt == "mha" else f"{fmt} was not produced for this job")
+        available = ", ".join(sorted(rec.results)) or "none"
+        raise ApiError(422, "unsupported_request", f"{why}; this job has: {available}")
     media, download = RESULT_FILES[fmt].media_type, RESULT_FILES[fmt].download
     key = result_key(job_id, fmt)
     if not svc.storage.exists(key):
