@@ -301,6 +301,21 @@ def _read_header(path: Path) -> Dataset | None:
     return ds if "SOPClassUID" in ds and "SeriesInstanceUID" in ds else None
 
 
+def _same_image(first: Path, other: Path) -> bool:
+    """Whether two files that carry one SOPInstanceUID hold the same image: the same bytes (a
+    file sent twice), or the same decoded pixels (the same image written twice, e.g. in another
+    transfer syntax). Only duplicates are compared, so a series sent once costs nothing."""
+    import filecmp
+
+    if filecmp.cmp(first, other, shallow=False):
+        return True
+    try:
+        a, b = (pydicom.dcmread(p, force=True).pixel_array for p in (first, other))
+    except Exception:  # noqa: BLE001 - a copy that cannot be decoded is not the same image
+        return False
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
 def _is_image(ds: Dataset) -> bool:
     return (
         all(k in ds for k in ("Rows", "Columns", "BitsAllocated"))
@@ -313,7 +328,7 @@ def _scan(files: Sequence[Path]) -> tuple[dict[str, _Series], dict[str, int]]:
     """Group image headers by SeriesInstanceUID; count what was skipped and why."""
     series: dict[str, _Series] = {}
     skipped: dict[str, int] = {}
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}  # SOPInstanceUID -> the first file that carried it
     for f in files:
         ds = _read_header(f)
         if ds is None:
@@ -333,9 +348,12 @@ def _scan(files: Sequence[Path]) -> tuple[dict[str, _Series], dict[str, int]]:
         uid = str(ds.SeriesInstanceUID)
         sop_uid = str(ds.get("SOPInstanceUID", ""))
         if sop_uid and sop_uid in seen:
+            if not _same_image(seen[sop_uid], f):
+                raise InvalidVolume("two files of the series carry the same SOPInstanceUID with different pixel "
+                                    "data, so which image belongs there is unknown; send one copy of each image")
             skipped["duplicate file"] = skipped.get("duplicate file", 0) + 1
             continue
-        seen.add(sop_uid)
+        seen[sop_uid] = f
         s = series.setdefault(
             uid, _Series(uid, str(ds.get("SeriesDescription", "")), str(ds.get("Modality", "")))
         )

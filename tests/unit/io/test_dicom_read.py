@@ -11,6 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -174,6 +175,27 @@ def test_localizer_in_the_series_is_skipped(tmp_path: Path) -> None:
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(tmp_path / "ct" / "localizer.dcm")
     _check(read_series(tmp_path / "ct"), series)
+
+
+def test_a_file_sent_twice_is_read_once_and_a_conflicting_copy_is_refused(tmp_path: Path) -> None:
+    """The same image twice (the same bytes, or re-encoded with the same pixels) counts once, in
+    either order; a copy with the same SOPInstanceUID and other pixels would decide an image by
+    file order, so the series is refused."""
+    series = make_ct_series(tmp_path / "ct")
+    ds = pydicom.dcmread(series.paths[4])
+    shutil.copy(series.paths[4], tmp_path / "ct" / "copy.dcm")
+    rewritten = pydicom.dcmread(series.paths[4])
+    rewritten.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian  # other bytes, the same pixels
+    rewritten.save_as(tmp_path / "ct" / "aaa-rewritten.dcm", implicit_vr=True, little_endian=True)
+    _check(read_series(tmp_path / "ct"), series)
+    _check(read_series([tmp_path / "ct" / "aaa-rewritten.dcm", *series.paths]), series)
+    changed = ds.pixel_array.copy()
+    changed[:] = 3000
+    ds.PixelData = changed.tobytes()
+    ds.save_as(tmp_path / "conflict.dcm")
+    for order in ([tmp_path / "conflict.dcm", *series.paths], [*series.paths, tmp_path / "conflict.dcm"]):
+        with pytest.raises(InvalidVolume, match="same SOPInstanceUID with different pixel data"):
+            read_series(order)
 
 
 # ---------------------------------------------------------------------------------------------
