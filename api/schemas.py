@@ -76,7 +76,8 @@ def dicom_label(v: str | None) -> str | None:
 
 class Lesion(BaseModel):
     """One lesion: at least one ``positive`` click, or a ``mask``. Lesion *n* (1-based, in
-    request order) is label *n* in the mask and segment *n* in the DICOM-SEG."""
+    request order) is label *n* in the mask and, when no lesion before it came back empty, segment
+    *n* in the DICOM-SEG (the job's ``lesions[].segment_number`` says)."""
 
     model_config = ConfigDict(extra="forbid")
     positive: list[Xyz] = Field(default_factory=list, description="clicks inside the lesion (with `negative`, at "
@@ -354,11 +355,14 @@ class ReferenceLineOut(BaseModel):
 
 
 class LesionSummary(BaseModel):
-    lesion: int
+    lesion: int = Field(description="the lesion's number (request order): its label in the mask")
     voxels: int
     windows: int
     cache_hits: int
     stopped_at_limit: bool
+    segment_number: int | None = Field(default=None, description="its segment in the DICOM-SEG (and ROI in the "
+                                       "RTSTRUCT): DICOM numbers the segments 1..n without gaps, so an empty "
+                                       "lesion has none and the lesions after it move down; null without a SEG")
     measurements: MeasurementsOut | None = Field(default=None, description="null when the lesion has no voxel")
     reference_line: ReferenceLineOut | None = Field(default=None, description="the line the lesion was prompted "
                                                     "with: its length beside measurements.long_axis.length_mm")

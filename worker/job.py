@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
 from msam_core.checkpoints import LoadedModel
@@ -123,8 +124,10 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
         lines = reference_lines(doc, volume)
+        numbers = segment_numbers(result.labels, written)
         summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
                     "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit,
+                    "segment_number": numbers.get(o.lesion),
                     "measurements": measurements.get(o.lesion), "reference_line": lines.get(o.lesion)}
                    for o in result.lesions]
         fields = dict(finished_at=time.time(), stage="done", progress=1.0, timings=timings,
@@ -155,6 +158,15 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                      "".join(traceback.format_tb(exc.__traceback__)))
         return _fail(rt, job_id, "internal_error",
                      f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
+
+
+def segment_numbers(labels: np.ndarray, written: list[str]) -> dict[int, int]:
+    """Label -> its segment number in the DICOM-SEG written (``{}`` without one): the SEG holds
+    the labels present, numbered 1..n in ascending order (:func:`~msam_core.io.seg.write_seg`)."""
+    if "dicom-seg" not in written:
+        return {}
+    present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=2)[1:]) + 1]
+    return {label: number for number, label in enumerate(present, start=1)}
 
 
 def count_delivery(rt: Runtime, job_id: str) -> str | None:

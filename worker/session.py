@@ -33,7 +33,7 @@ from msam_service import sessions as S
 from msam_service.masks import load_masks
 from msam_service.prompts import resolve
 from msam_service.volumes import load_info
-from worker.job import count_delivery, measure_result, open_mask, write_results
+from worker.job import count_delivery, measure_result, open_mask, segment_numbers, write_results
 from worker.runtime import Runtime, worker_name
 
 logger = logging.getLogger(__name__)
@@ -264,11 +264,13 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
         numbers = [i.lesion for i in snapshot.lesions]
         measured = measure_result(job_id, labels, volume, numbers, intensity.hu)
         measure_s = time.perf_counter() - t0
-        summary = [{"lesion": n, "voxels": int(counts[n]), "windows": 0, "cache_hits": 0, "stopped_at_limit": False,
-                    "measurements": measured[n].to_json() if measured.get(n) is not None else None}
-                   for n in numbers]
         t0 = time.perf_counter()
         written, errors, warnings = write_results(rt, job_id, labels, volume, names, model, measured)
+        segments = segment_numbers(labels, written)
+        summary = [{"lesion": n, "voxels": int(counts[n]), "windows": 0, "cache_hits": 0, "stopped_at_limit": False,
+                    "segment_number": segments.get(n),
+                    "measurements": measured[n].to_json() if measured.get(n) is not None else None}
+                   for n in numbers]
         timings = {"queue": round(started - rec.created_at, 4), "measure": round(measure_s, 4),
                    "write": round(time.perf_counter() - t0, 4), "total": round(time.time() - rec.created_at, 4)}
         if store.transition(job_id, jobs.SUCCEEDED, (jobs.RUNNING,), finished_at=time.time(), stage="done",

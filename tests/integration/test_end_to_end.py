@@ -80,6 +80,7 @@ def _check_dicom_job(service: Service, job_id: str, series, tmp_path: Path) -> N
     job = service.wait_job(job_id)
     assert job["status"] == "succeeded", (job, service.logs())
     assert set(job["results"]) == {"dicom-seg", "rtstruct", "nifti", "png", "sr"}, job
+    assert job["lesions"][0]["segment_number"] == 1
     source = read_series(series.paths)
     with service.client() as c:
         seg_bytes = c.get(f"/jobs/{job_id}/result").content  # default for DICOM: dicom-seg
@@ -131,6 +132,7 @@ def test_a_lesion_that_comes_back_empty_is_a_warning(service: Service, ct_nifti:
         job = service.wait_job(r.json()["job_id"])
     assert job["status"] == "succeeded", (job, service.logs())
     assert job["lesions"][0]["voxels"] > 0 and job["lesions"][1]["voxels"] == 0
+    assert [les["segment_number"] for les in job["lesions"]] == [None, None]  # no SEG for a NIfTI
     assert [w for w in job["warnings"] if "is empty" in w] == [
         "lesion 2 is empty: nothing was segmented at its prompts; put a positive click on the lesion itself or "
         "add clicks"]

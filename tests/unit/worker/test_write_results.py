@@ -92,3 +92,22 @@ def test_when_no_format_can_be_written_the_fault_propagates(tmp_path: Path, monk
     monkeypatch.setattr("msam_core.io.preview.save_preview", broken)
     with pytest.raises(OSError, match="disk full"):  # the job fails internal_error, as before
         write_results(_rt(tmp_path), "job4", asymmetric_mask(volume.shape), volume, {}, MODEL)
+
+
+def test_the_job_says_which_segment_each_lesion_is_when_an_earlier_lesion_is_empty(tmp_path: Path) -> None:
+    """DICOM numbers a SEG's segments 1..n without gaps: with lesion 1 empty, lesion 2 is segment 1
+    and lesion 3 segment 2, as the SEG's own tracking IDs say; without a SEG there are none."""
+    from worker.job import segment_numbers
+
+    volume = _dicom(tmp_path)
+    labels = asymmetric_mask(volume.shape).astype("uint8")
+    labels[labels > 0] = 2
+    labels[0, 0, :] = 3
+    rt = _rt(tmp_path)
+    written, _, _ = write_results(rt, "job5", labels, volume, {2: "second", 3: "third"}, MODEL)
+    numbers = segment_numbers(labels, written)
+    assert numbers == {2: 1, 3: 2}
+    seg = pydicom.dcmread(rt.storage.path("jobs/job5/seg.dcm"))
+    assert {int(s.SegmentNumber): (s.TrackingID, s.SegmentLabel) for s in seg.SegmentSequence} == {
+        1: ("msam lesion 2", "second"), 2: ("msam lesion 3", "third")}
+    assert segment_numbers(labels, ["nifti", "png"]) == {}
