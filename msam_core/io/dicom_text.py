@@ -269,6 +269,10 @@ def _value_problem(keyword: str, vr: str, value: Any) -> str | None:
         allowed = _TEXT_CONTROLS if vr in ("ST", "LT", "UT") else frozenset()
         if any(_refused(c, allowed) and c != "\\" for c in text):
             return kind
+        if vr == "PN":  # pydicom checks lengths and characters, not the structure
+            groups = text.split("=")
+            if len(groups) > 3 or any(g.count("^") > 4 for g in groups):
+                return "a valid person name (PN: at most five components, in at most three groups)"
         try:
             validate_value(vr, text, config.RAISE)
             if vr in ("DA", "TM", "DT") and text.strip():

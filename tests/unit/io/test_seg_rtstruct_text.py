@@ -162,6 +162,20 @@ def test_a_source_attribute_dicom_refuses_is_left_empty_with_a_warning(tmp_path:
 
 
 @pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_person_name_of_more_than_five_components_is_left_empty_with_a_warning(tmp_path: Path,
+                                                                                 writer: str) -> None:
+    """pydicom checks a PN's length and characters, not its structure; validators refuse a sixth
+    component, so it is treated as any value that breaks its VR."""
+    write, _, _, what = WRITERS[writer]
+    volume = _series(tmp_path, PatientName="ZEBRA^QUUX^A^B^C^D")
+    warnings: list[str] = []
+    path = write(asymmetric_mask(volume.shape), volume, tmp_path / "out.dcm", warnings=warnings)
+    assert warnings == ["PatientName in the source is not a valid person name (PN: at most five components, in "
+                        f"at most three groups) and was left empty in the {what}"]
+    assert pydicom.dcmread(path).PatientName == ""
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
 def test_missing_type2_attributes_and_unconvertible_values_cost_nothing(tmp_path: Path, writer: str) -> None:
     write, _, _, what = WRITERS[writer]
     volume = _series(tmp_path, PatientID=None, StudyID=None, StudyDate=None, PatientWeight=b"7x")
