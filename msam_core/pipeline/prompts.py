@@ -191,6 +191,7 @@ def resolve_prompts(
             the wrong shape or empty.
     """
     by_lesion: dict[int, list[tuple[np.ndarray, int]]] = {}
+    labels_at: dict[int, dict[tuple[float, ...], int]] = {}  # lesion -> position (RAS) -> its label
     for point in points:
         xyz = np.asarray(_finite_xyz(point.xyz, "point"))
         if point.label not in (0, 1):
@@ -205,6 +206,10 @@ def resolve_prompts(
                 f"{np.round(vox[0], 1).tolist()} but the image has shape {list(volume.shape)} "
                 "(voxel indices run from 0 to shape-1)"
             )
+        said = labels_at.setdefault(lesion, {})
+        if said.setdefault(tuple(ras.tolist()), int(point.label)) != int(point.label):
+            raise InvalidPrompt(f"point {xyz.tolist()} ({space}) is both a positive and a negative click of lesion "
+                                f"{lesion}; keep one of them (in a session: undo the earlier click)")
         by_lesion.setdefault(lesion, []).append((ras, int(point.label)))
 
     box_by_lesion: dict[int, ResolvedBox] = {}

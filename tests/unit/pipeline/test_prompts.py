@@ -32,6 +32,10 @@ def test_points_group_per_lesion_and_centre_on_first_positive():
     assert [l.lesion for l in lesions] == [1, 3]
     np.testing.assert_allclose(lesions[0].center_ras, VOLUME.voxel_to_ras([10, 10, 10])[0])
     assert lesions[0].labels.tolist() == [0, 1, 1]
+    # one place clicked twice alike, or with both labels for two lesions, is no contradiction
+    twice = resolve_prompts(VOLUME, [Point((10, 10, 10)), Point((10, 10, 10)), Point((10, 10, 10), label=0, lesion=2),
+                                     Point((20, 10, 10), lesion=2)])
+    assert [les.labels.tolist() for les in twice] == [[1, 1], [0, 1]]
 
 
 @pytest.mark.parametrize("points, boxes, message", [
@@ -47,6 +51,8 @@ def test_points_group_per_lesion_and_centre_on_first_positive():
     ([], [Box((0, 0, 0), (100, 100, 100), space="voxel")], "outside the image"),
     ([], [Box((0, 0, 0), (0, 5, 5), space="RAS")], "flat"),
     ([], [Box((1, 1, 1), (5, 5, 5)), Box((2, 2, 2), (6, 6, 6))], "several boxes"),
+    ([Point((4, 5, 6)), Point((4, 5, 6), label=0)], [], r"point \[4.0, 5.0, 6.0\] \(voxel\) is both a positive and a "
+                                                         "negative click of lesion 1"),
 ])
 def test_invalid_prompts_are_refused_with_a_reason(points, boxes, message):
     with pytest.raises(InvalidPrompt, match=message):
