@@ -284,9 +284,12 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         # the worker); the lesion list shows them and they are drawn on the voxels they pass through
         from msam_core.io.load import load_volume
         from msam_core.measure import measure_lesion
+        from msam_core.pipeline.preprocess import is_ct
 
         measured = first["answer"]["measurements"]
-        expected = measure_lesion(mask > 0, load_volume(phantom)).to_json()
+        image = load_volume(phantom)  # a NIfTI: CT by its air, so HU as the job API says
+        expected = measure_lesion(mask > 0, image, hounsfield=is_ct(image)).to_json()
+        assert expected["intensity"]["unit"] == "HU"
         assert {k: v for k, v in measured.items() if k not in ("voxel_count", "volume_ml")} == \
             {k: v for k, v in expected.items() if k not in ("voxels", "volume_ml")}
         assert page.evaluate("() => window.msamViewer.state.lesions[0].measurements") == measured
@@ -655,6 +658,50 @@ def test_dicom_zip_is_shown_from_the_server_and_clicks_map_to_its_voxels(service
         print("\n".join(console[-30:]))
         print(service.logs())
         raise
+    finally:
+        context.close()
+
+
+def test_a_clear_or_delete_the_server_does_not_take_keeps_the_lesion_and_says_so(service: Stack, browser,
+                                                                                 tmp_path: Path) -> None:
+    """Clear makes a new session and delete resets the lesion on the server: when that request
+    fails, the page keeps the lesion (which the server still holds, and a save would write) and
+    shows an error, instead of showing it gone; the readiness badge says when the service does
+    not answer."""
+    context, page, console = _new_page(browser, 1200, 800)
+    try:
+        _open_files(page, service, [_phantom(tmp_path / "phantom.nii.gz")])
+        _click_voxel(page, CENTRE)
+        shown = _wait_shown(page, 0)
+        assert shown["hasOverlay"] and shown["voxels"] > 0, (shown, console, service.logs())
+
+        page.route("**/sessions", lambda route: route.abort() if route.request.method == "POST" else route.continue_())
+        page.click("#clear")
+        page.wait_for_function("() => document.querySelector('#message').textContent.startsWith('could not clear')")
+        page.unroute("**/sessions")
+        after = page.evaluate("() => ({ n: window.msamViewer.state.lesions.length, "
+                              "overlay: !!window.msamViewer.state.lesions[0].overlay, "
+                              "session: window.msamViewer.state.session.session_id })")
+        assert after == {"n": 1, "overlay": True, "session": shown["session"]}, after
+
+        page.route("**/reset", lambda route: route.abort())
+        page.click("#lesions li .del")
+        page.wait_for_function("() => document.querySelector('#message').textContent.startsWith('could not delete')")
+        page.unroute("**/reset")
+        assert page.evaluate("() => window.msamViewer.state.lesions.length") == 1
+        assert _session_mask(service, shown).any()  # still on the server: kept on the page too
+
+        page.click("#lesions li .del")  # the service answers now: gone on both sides
+        page.wait_for_function("() => !window.msamViewer.state.lesions.some(l => l.serverN === 1 && l.overlay)")
+        assert not _session_mask(service, shown).any()
+
+        page.route("**/readyz", lambda route: route.abort())
+        page.evaluate("() => window.msamViewer.refreshReadiness()")
+        badge = page.locator("#ready")
+        assert badge.get_attribute("class") == "warn" and "does not answer" in badge.text_content()
+        page.unroute("**/readyz")
+        page.evaluate("() => window.msamViewer.refreshReadiness()")
+        assert page.locator("#ready").get_attribute("class") == "ok"
     finally:
         context.close()
 

@@ -320,13 +320,26 @@ function axesText (lesion) {
   return `${m.long_axis.length_mm.toFixed(1)} × ${m.short_axis.length_mm.toFixed(1)} mm`
 }
 
-function deleteLesion (idx) {
+async function deleteLesion (idx) {
   const lesion = state.lesions[idx]
-  dropOverlay(lesion)
-  if (lesion.serverN != null && lesion.acts.some((p) => p.sent)) { // left out of the next commit
+  if (lesion.serverN != null && lesion.acts.some((p) => p.sent)) {
+    // reset on the server first: a lesion still holding a mask there would be in the next save
     const sid = state.session.session_id
-    lesion.chain.then(() => api.resetLesion(sid, lesion.serverN)).catch(() => {})
+    lesion.status = 'deleting'
+    renderLesions()
+    try {
+      await lesion.chain.catch(() => {})
+      await api.resetLesion(sid, lesion.serverN)
+    } catch (err) {
+      lesion.status = 'error'
+      renderLesions()
+      say(`could not delete ${lesion.label}: ${err.message}; it is kept (and would be saved)`, 'error')
+      return
+    }
+    idx = state.lesions.indexOf(lesion)
+    if (idx < 0) return
   }
+  dropOverlay(lesion)
   state.lesions.splice(idx, 1)
   state.history = state.history.filter((n) => n !== lesion.n)
   redrawMarkers()
@@ -653,9 +666,18 @@ function setTool (tool) {
 }
 
 async function clearAll () {
+  if (state.volume) {
+    // the new session first: if it cannot be made, the lesions stay as they are (and saved as
+    // they are) instead of vanishing from the page while the old session still holds them
+    try {
+      state.session = await api.createSession(state.volume.volume_id, 'RAS')
+    } catch (err) {
+      say(`could not clear: ${err.message}; the lesions are kept`, 'error')
+      return
+    }
+  }
   resetLesions(true)
   updateButtons()
-  if (state.volume) state.session = await api.createSession(state.volume.volume_id, 'RAS')
   say('cleared')
 }
 
@@ -840,7 +862,12 @@ function setLayout (value) {
 }
 
 async function refreshReadiness () {
-  const r = await api.readiness()
+  let r
+  try {
+    r = await api.readiness()
+  } catch (err) {
+    r = { ready: false, reasons: [`the service does not answer (${err.message})`] }
+  }
   const el = $('ready')
   el.textContent = r.ready ? `ready · ${r.workers} worker${r.workers === 1 ? '' : 's'}` : `not ready: ${(r.reasons || []).join('; ') || r.error?.message || ''}`
   el.className = r.ready ? 'ok' : 'warn'
@@ -909,6 +936,7 @@ window.msamViewer = {
   openRecent,
   showVolume,
   setTool,
+  refreshReadiness,
   /** CSS pixel of a RAS point's voxel centre on the 2D view `sliceType` ('axial'...), or null. */
   canvasPointOf (ras, sliceType = 'axial') {
     const vol = nv.volumes[0]
