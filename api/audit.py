@@ -13,7 +13,9 @@ import logging
 import sys
 import time
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.asgi import StatusRecorder
 
 AUDIT = logging.getLogger("msam.audit")
 _SKIP = ("/healthz", "/readyz", "/metrics", "/static", "/favicon.ico")
@@ -45,14 +47,7 @@ class AuditLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-
-        async def answered(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        answered = StatusRecorder(send, 500)
         try:
             await self.app(scope, receive, answered)
         finally:
@@ -64,8 +59,8 @@ class AuditLog:
             job = str(params.get("job_id") or state.get("job_id") or "")
             volume = str(params.get("volume_id") or state.get("volume_id") or "")
             job = job if not job or (job.isalnum() and len(job) <= 64) else "invalid"  # never echo a path
-            AUDIT.info(line(str(state.get("tenant", "-")), f"{scope['method']} {route}", job, volume, status,
-                            (time.perf_counter() - start) * 1000))
+            AUDIT.info(line(str(state.get("tenant", "-")), f"{scope['method']} {route}", job, volume,
+                            answered.status, (time.perf_counter() - start) * 1000))
 
 
 def install(app: FastAPI) -> None:

@@ -13,9 +13,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import audit, errors, viewer
+from api.asgi import StatusRecorder
 from api.deps import Services
 from api.timeouts import BodyLimit, RequestTimeout
 from api.routes import health, info, jobs, metrics, segment, sessions, volumes
@@ -150,17 +151,10 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 0
-
-        async def answered(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        answered = StatusRecorder(send, 0)
         await self.app(scope, receive, answered)
         route = getattr(scope.get("route"), "path", "other")
-        self.requests.labels(route, scope["method"], str(status)).inc()
+        self.requests.labels(route, scope["method"], str(answered.status)).inc()
         self.latency.labels(route).observe(time.perf_counter() - start)
 
 
