@@ -675,6 +675,19 @@ def test_a_clear_or_delete_the_server_does_not_take_keeps_the_lesion_and_says_so
         shown = _wait_shown(page, 0)
         assert shown["hasOverlay"] and shown["voxels"] > 0, (shown, console, service.logs())
 
+        # a click beside the image (NiiVue's views are the image's own rectangles; around them the
+        # canvas is empty): said so, nothing sent
+        beside = page.evaluate("""() => {
+            const nv = window.msamViewer.nv, dpr = nv.uiData.dpr || window.devicePixelRatio || 1
+            const axial = nv.screenSlices.find(s => s.axCorSag === 0).leftTopWidthHeight
+            const at = [axial[0] / 2, axial[1] + axial[3] / 2]  // left of the axial view, halfway down
+            return nv.tileIndex(at[0], at[1]) < 0 && axial[0] > 4 ? { x: at[0] / dpr, y: at[1] / dpr } : null }""")
+        assert beside is not None, "no place beside the image left of the axial view"
+        box = page.locator("#gl").bounding_box()
+        page.mouse.click(box["x"] + beside["x"], box["y"] + beside["y"])
+        page.wait_for_function("() => document.querySelector('#message').textContent.includes('beside the image')")
+        assert page.evaluate("() => window.msamViewer.state.lesions[0].points.length") == 1
+
         page.route("**/sessions", lambda route: route.abort() if route.request.method == "POST" else route.continue_())
         page.click("#clear")
         page.wait_for_function("() => document.querySelector('#message').textContent.startsWith('could not clear')")

@@ -744,6 +744,14 @@ function canvasFrac (e) {
   return nv.canvasPos2frac([(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr])
 }
 
+/** Whether a mouse event is over the 3D rendering (not a slice view, not beside the image). */
+function onRenderView (e) {
+  const rect = $('gl').getBoundingClientRect()
+  const dpr = nv.uiData.dpr || window.devicePixelRatio || 1
+  const tile = nv.tileIndex((e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr)
+  return tile >= 0 && !!nv.screenSlices[tile] && nv.screenSlices[tile].axCorSag > 2
+}
+
 function installMouse () {
   const canvas = $('gl')
   let down = null
@@ -757,7 +765,10 @@ function installMouse () {
     if (Math.hypot(e.clientX - d.x, e.clientY - d.y) > CLICK_SLOP_PX) return
     if (d.button !== 0 && d.button !== 2) return
     const hit = fracToRAS(nv.volumes[0], canvasFrac(e))
-    if (!hit) return // the 3D view or outside the image
+    if (!hit) { // the 3D view (NiiVue rotates it), or beside the image: say so there
+      if (!onRenderView(e)) say('that click is beside the image: click inside it (on the lesion)', 'error')
+      return
+    }
     addPoint(hit.ras, hit.rasVoxel, d.button === 0 && !d.shift, performance.now())
   })
   canvas.addEventListener('contextmenu', (e) => e.preventDefault())
