@@ -75,8 +75,8 @@ def json_body(request: Request) -> None:
 
 def multipart_body(request: Request) -> None:
     """A route that takes files: anything but multipart/form-data is a 415 that says how to send them."""
-    if _media_type(request) != "multipart/form-data":
-        media = _media_type(request)
+    media = _media_type(request)
+    if media != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data with the image file in the field 'image' (got "
                        f"{repr(media) if media else 'no Content-Type'}; curl: -F image=@ct.nii.gz)")

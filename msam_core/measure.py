@@ -177,10 +177,10 @@ def _farthest_pair(points: np.ndarray) -> tuple[int, int, float]:
     best = float(d2[k])
     if best == 0.0:  # every candidate at one place
         return int(candidates[0]), int(candidates[0]), 0.0
-    m = len(sub)
-    # row i of the condensed matrix starts at i * m - i * (i + 1) / 2
-    i = int(np.searchsorted(np.arange(m) * m - np.arange(m) * (np.arange(m) + 1) // 2, k, side="right")) - 1
-    j = int(k - (i * m - i * (i + 1) // 2) + i + 1)
+    rows = np.arange(len(sub))
+    starts = rows * len(sub) - rows * (rows + 1) // 2  # condensed index of the pair (i, i + 1)
+    i = int(np.searchsorted(starts, k, side="right")) - 1
+    j = int(k - starts[i] + i + 1)
     return int(candidates[i]), int(candidates[j]), float(np.sqrt(best))
 
 

@@ -15,10 +15,9 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
 from msam_core.checkpoints import LoadedModel
@@ -124,7 +123,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         timings["write"] = round(time.perf_counter() - t0, 4)
         timings["total"] = round(time.time() - rec.created_at, 4)
         lines = reference_lines(doc, volume)
-        numbers = segment_numbers(result.labels, written)
+        numbers = segment_numbers({o.lesion: o.voxels for o in result.lesions}, written)
         summary = [{"lesion": o.lesion, "voxels": o.voxels, "windows": o.windows,
                     "cache_hits": o.cache_hits, "stopped_at_limit": o.stopped_at_limit,
                     "segment_number": numbers.get(o.lesion),
@@ -160,12 +159,13 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
                      f"the worker failed unexpectedly ({type(exc).__name__}); the job can be submitted again")
 
 
-def segment_numbers(labels: np.ndarray, written: list[str]) -> dict[int, int]:
-    """Label -> its segment number in the DICOM-SEG written (``{}`` without one): the SEG holds
-    the labels present, numbered 1..n in ascending order (:func:`~msam_core.io.seg.write_seg`)."""
+def segment_numbers(voxels: Mapping[int, int], written: list[str]) -> dict[int, int]:
+    """Label -> its segment number in the DICOM-SEG written (``{}`` without one), from each
+    label's voxel count: the SEG holds the labels present, numbered 1..n in ascending order
+    (:func:`~msam_core.io.seg.write_seg`)."""
     if "dicom-seg" not in written:
         return {}
-    present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=2)[1:]) + 1]
+    present = sorted(label for label, n in voxels.items() if n > 0)
     return {label: number for number, label in enumerate(present, start=1)}
 
 

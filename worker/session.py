@@ -266,7 +266,7 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
         measure_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         written, errors, warnings = write_results(rt, job_id, labels, volume, names, model, measured)
-        segments = segment_numbers(labels, written)
+        segments = segment_numbers({n: int(counts[n]) for n in numbers}, written)
         summary = [{"lesion": n, "voxels": int(counts[n]), "windows": 0, "cache_hits": 0, "stopped_at_limit": False,
                     "segment_number": segments.get(n),
                     "measurements": measured[n].to_json() if measured.get(n) is not None else None}
