@@ -244,23 +244,45 @@ def _perpendicular_chord(xy: np.ndarray, segments: np.ndarray, u: np.ndarray) ->
     return length, t * u + bottom * v, t * u + top * v
 
 
+#: Chords within this many millimetres count as equally long (the first slice's is taken).
+_TIE_MM = 1e-9
+
+
+def _slice_bounds(box: np.ndarray, slice_axis: int, to_plane: np.ndarray) -> dict[int, float]:
+    """``{slice: bound}`` for the slices of ``box`` that hold the lesion: the diameter (plane mm,
+    ``to_plane`` from :func:`_in_plane_basis`) of the slice's pixel bounding box grown by half a
+    pixel, which holds every point of its half-way contours, so no chord is longer."""
+    stack = np.moveaxis(box, slice_axis, 0)
+    rows, cols = stack.any(axis=2), stack.any(axis=1)
+    out = {}
+    for s in np.flatnonzero(rows.any(axis=1)):
+        r, c = np.flatnonzero(rows[s]), np.flatnonzero(cols[s])
+        lo, hi = np.array([r[0], c[0]]) - 0.5, np.array([r[-1], c[-1]]) + 0.5
+        corners = np.array([[lo[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]], [hi[0], lo[1]]]) @ to_plane.T
+        # a parallelogram's farthest vertices are the ends of one of its diagonals
+        out[int(s)] = float(max(np.linalg.norm(corners[1] - corners[0]), np.linalg.norm(corners[3] - corners[2])))
+    return out
+
+
 def _slice_axes(volume: Volume, box: np.ndarray, lo: np.ndarray, slice_axis: int) -> tuple[Axis, Axis]:
     """RECIST long and short axis of the lesion ``box`` (its bounding box, origin ``lo``)."""
     to_plane, plane = _in_plane_basis(volume, slice_axis)
-    best: tuple[float, int, np.ndarray, np.ndarray, np.ndarray] | None = None
-    for s in range(box.shape[slice_axis]):
-        section = np.take(box, s, axis=slice_axis)
-        if not section.any():
-            continue
-        contours = _slice_contours(section)
+    measured: dict[int, tuple[float, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+    longest = -1.0
+    # slices by the diameter of their in-plane bounding box, which no chord of theirs exceeds:
+    # once that bound falls short of the longest chord found, no later slice can hold the long axis
+    for bound, s in sorted(((-b, s) for s, b in _slice_bounds(box, slice_axis, to_plane).items())):
+        if -bound < longest - _TIE_MM:
+            break
+        contours = _slice_contours(np.take(box, s, axis=slice_axis))
         pix = np.concatenate(contours)
         xy = pix @ to_plane.T
         i, j, d = _farthest_pair(xy)
-        if best is None or d > best[0] + 1e-9:
-            segments = np.concatenate([np.stack([c[:-1], c[1:]], axis=1) for c in contours]) @ to_plane.T
-            best = (d, s, pix[[i, j]], xy[[i, j]], segments)
-    assert best is not None
-    length, s, ends_pix, ends_xy, segments = best
+        measured[s] = (d, pix[[i, j]], xy[[i, j]], contours)
+        longest = max(longest, d)
+    s = min(k for k, v in measured.items() if v[0] >= longest - _TIE_MM)  # of equal slices, the first
+    length, ends_pix, ends_xy, contours = measured[s]
+    segments = np.concatenate([np.stack([c[:-1], c[1:]], axis=1) for c in contours]) @ to_plane.T
     index = int(s + lo[slice_axis])
 
     def voxel(pixel: np.ndarray) -> np.ndarray:

@@ -6,10 +6,9 @@ false positive a few millimetres wide, or a positive click on a thin missed rim,
 only through a whole cell. The stable-region prior (:mod:`~msam_core.pipeline.region_prior`)
 follows intensities, but only where a positive click grows a region.
 
-The random walker (Grady, PAMI 2006; scikit-image's ``random_walker``) labels each undecided
-voxel by the probability that a random walk from it, stepping preferably between voxels of
-similar intensity (``beta``), reaches an inside seed before an outside one. Here the mask
-(logits ``> 0``) decides the seeds:
+The random walker (Grady, PAMI 2006) labels each undecided voxel by the probability that a
+random walk from it, stepping preferably between voxels of similar intensity (``beta``), reaches
+an inside seed before an outside one. Here the mask (logits ``> 0``) decides the seeds:
 
 - inside: the mask's voxels deeper than ``band`` (or than half the mask's greatest depth, when
   that is less: a walker from one seed voxel, all a small mask eroded by the band would leave,
@@ -17,6 +16,14 @@ similar intensity (``beta``), reaches an inside seed before an outside one. Here
 - outside: everything farther than ``band`` voxels from the mask, and the negative clicks;
 - undecided: the band of ``band`` voxels on both sides of the mask's surface, where the walker
   puts the boundary on the nearest intensity edge, at full resolution.
+
+The walk (:func:`walk_probability`) is scikit-image's ``random_walker`` in ``"cg"`` mode for
+two labels: the same edge weights and linear system (:func:`walk_system`), solved by conjugate
+gradients from zero to the same tolerance. It is cheaper in two ways: the graph holds only the
+edges that touch an undecided voxel (the only ones in the system solved), and one system is
+solved instead of one per label (the probability of "outside" is one minus that of "inside").
+Its sums run in another order, so the iterative solve's result differs from scikit-image's by
+rounding carried through the iterations, well within what the tolerance allows.
 
 The logits of the band become the logit of the walker's probability of "inside"; seeds keep the
 network's logits, and each click's own voxel is forced to its label. ``band = 0`` leaves the
@@ -30,17 +37,18 @@ model sees before its input transform); clicks are continuous crop voxel indices
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import cg
 
 from msam_core.pipeline.postprocess import Box3, bbox_slices, box_bounds, positive_mask, union_box
 
-#: The walker's edge sensitivity (scikit-image's default; it scales it by the crop's spread).
+#: The walker's edge sensitivity (scikit-image's default; it is scaled by the walked box's spread).
 BETA = 130.0
-#: Convergence tolerance of the walker's conjugate-gradient solve.
+#: Convergence tolerance of the walker's conjugate-gradient solve (relative residual).
 TOLERANCE = 1e-3
+#: Added to every edge weight (scikit-image's), so that no edge is cut entirely.
+WEIGHT_EPS = 1e-10
 #: Largest magnitude of a band logit (probabilities 1e-4 .. 1 - 1e-4).
 MAX_LOGIT = float(np.log((1 - 1e-4) / 1e-4))
 #: Logit a click's own voxel is at least pushed to (towards its label).
@@ -49,12 +57,9 @@ CLICK_LOGIT = 1.0
 
 def _click_voxels(points: np.ndarray, labels: np.ndarray, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], int]]:
     """``[(voxel index, label)]`` of the clicks whose rounded voxel lies inside ``shape``."""
-    points = np.asarray(points, float).reshape(-1, 3)
-    out = []
-    for p, lab in zip(np.round(points).astype(int), np.asarray(labels).reshape(-1)):
-        if np.all(p >= 0) and np.all(p < np.asarray(shape)):
-            out.append((tuple(int(v) for v in p), int(lab)))
-    return out
+    voxels = np.round(np.asarray(points, float).reshape(-1, 3)).astype(int)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(shape)), axis=1)
+    return [(tuple(v), lab) for v, lab in zip(voxels[inside].tolist(), np.asarray(labels).reshape(-1)[inside].tolist())]
 
 
 def _box_depth(mask: np.ndarray, within: Box3 | None = None) -> tuple[tuple[slice, ...], np.ndarray] | None:
@@ -156,6 +161,67 @@ def walk_reach(box: Box3, points: np.ndarray, labels: np.ndarray, band: int, sha
     return union_box([grown, *clicks], shape)
 
 
+def walk_system(image: np.ndarray, seeds: np.ndarray, beta: float = BETA) -> tuple[sparse.csr_array, np.ndarray]:
+    """Grady's linear system for the probability of reaching an inside seed first:
+    ``L x = r``, with ``L`` the graph Laplacian's rows and columns of the undecided voxels (in C
+    order) and ``r`` each one's summed edge weight to inside seeds.
+
+    Args:
+        image: ``float64 [a, b, c]`` intensities.
+        seeds: ``int [a, b, c]``: 1 inside, 2 outside, 0 undecided.
+        beta: edge sensitivity; the edge between 6-neighbours of intensities ``u`` and ``v``
+            weighs ``exp(-beta (u - v)^2 / (10 std(image))) + WEIGHT_EPS``.
+
+    Returns:
+        ``(L, r)``: ``L`` ``(n, n)`` and ``r`` ``(n,)`` for the ``n`` undecided voxels.
+    """
+    undecided = seeds == 0
+    n = int(np.count_nonzero(undecided))
+    index = np.full(seeds.shape, -1, np.int64)
+    index[undecided] = np.arange(n)
+    scale = -beta / (10 * image.std())
+    diagonal = np.zeros(n)
+    rhs = np.zeros(n)
+    rows, cols, weights = [], [], []
+    for axis in range(3):
+        head = tuple(slice(None, -1) if k == axis else slice(None) for k in range(3))
+        tail = tuple(slice(1, None) if k == axis else slice(None) for k in range(3))
+        i, j = index[head], index[tail]
+        edge = (i >= 0) | (j >= 0)  # an edge between two seeds is not in the system
+        i, j = i[edge], j[edge]
+        w = np.exp(scale * (image[tail][edge] - image[head][edge]) ** 2) + WEIGHT_EPS
+        si, sj = seeds[head][edge], seeds[tail][edge]
+        for a, b, sb in ((i, j, sj), (j, i, si)):  # each end of the edge in turn
+            mine = a >= 0
+            diagonal += np.bincount(a[mine], w[mine], minlength=n)
+            to_inside = mine & (sb == 1)
+            rhs += np.bincount(a[to_inside], w[to_inside], minlength=n)
+        both = (i >= 0) & (j >= 0)
+        rows += [i[both], j[both]]
+        cols += [j[both], i[both]]
+        weights += [-w[both], -w[both]]
+    every = np.arange(n)
+    laplacian = sparse.csr_array((np.concatenate(weights + [diagonal]),
+                                  (np.concatenate(rows + [every]), np.concatenate(cols + [every]))), shape=(n, n))
+    return laplacian, rhs
+
+
+def walk_probability(image: np.ndarray, seeds: np.ndarray, beta: float = BETA, tol: float = TOLERANCE) -> np.ndarray:
+    """The probability that a random walk from each undecided voxel reaches an inside seed first:
+    :func:`walk_system` solved by conjugate gradients from zero, without preconditioner, to the
+    relative residual ``tol``.
+
+    Returns:
+        ``float64`` like ``seeds``: the probabilities on the undecided voxels, 0 on the seeds.
+    """
+    undecided = seeds == 0
+    out = np.zeros(seeds.shape, np.float64)
+    if undecided.any():
+        laplacian, rhs = walk_system(image, seeds, beta)
+        out[undecided], _ = cg(laplacian, rhs, rtol=tol, atol=0)
+    return out
+
+
 def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, labels: np.ndarray,
                     band: int, beta: float = BETA, overwrite: bool = False, within: Box3 | None = None) -> np.ndarray:
     """Crop logits with the mask's boundary moved onto the image's edges (see the module).
@@ -173,8 +239,6 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     Returns:
         ``float32 [a, b, c]`` logits (a new array unless unchanged or ``overwrite``).
     """
-    from skimage.segmentation import random_walker
-
     if band == 0:
         return logits
     crop = np.asarray(crop)
@@ -190,19 +254,11 @@ def refine_boundary(crop: np.ndarray, logits: np.ndarray, points: np.ndarray, la
     undecided = sub == 0
     if not undecided.any() or not (sub == 1).any() or not (sub == 2).any():
         return logits  # nothing to decide, or one side has no seed in reach (a mask filling the crop)
-    # the walker sees the box as a view of a float64 crop (the same values and memory layout as
-    # converting the whole crop, whose reductions, e.g. its spread, sum in the same order), but
-    # only the box is converted
-    image = np.empty_like(crop, dtype=np.float64)
-    image[box] = crop[box]
-    if not np.ptp(image[box]) > 0:
-        return logits  # a uniform crop has no edge to move to (the walker's weights divide by its spread)
-    with warnings.catch_warnings():
-        # scikit-image warns that plain "cg" is slow without UMFPACK (fast enough on a band; "cg_j"
-        # is no faster) and that probabilities overshoot [0, 1] within the tolerance (clipped below)
-        warnings.simplefilter("ignore", UserWarning)
-        prob = random_walker(image[box], sub, beta=beta, mode="cg", tol=TOLERANCE, return_full_prob=True)[0]
-    p = np.clip(prob[undecided], 1e-4, 1 - 1e-4)
+    image = crop[box].astype(np.float64)
+    if not np.ptp(image) > 0:
+        return logits  # a uniform box has no edge to move to (the weights divide by its spread)
+    # probabilities overshoot [0, 1] within the solve's tolerance: clipped
+    p = np.clip(walk_probability(image, sub, beta, TOLERANCE)[undecided], 1e-4, 1 - 1e-4)
     out = logits if overwrite and logits.dtype == np.float32 else logits.astype(np.float32, copy=True)
     region = out[box]
     region[undecided] = np.clip(np.log(p / (1 - p)), -MAX_LOGIT, MAX_LOGIT)

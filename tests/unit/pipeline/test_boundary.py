@@ -177,14 +177,11 @@ def _whole_crop_seeds(mask, points, labels, band):
     return out
 
 
-def _whole_crop_refine(crop, logits, points, labels, band):
-    """The walker as run with the whole crop converted to float64 and the seeds' box found on the
-    whole seed map (the computation the restricted one must reproduce bit for bit)."""
-    import warnings
-
-    from skimage.segmentation import random_walker
-
-    from msam_core.pipeline.boundary import BETA, CLICK_LOGIT, MAX_LOGIT, TOLERANCE, _click_voxels
+def _whole_crop_refine(crop, logits, points, labels, band, walk):
+    """The walker as defined on the whole crop: the seeds' box found on the whole seed map, the
+    probabilities from ``walk(image_box, seeds_box)`` (the computation the restricted one must
+    reproduce)."""
+    from msam_core.pipeline.boundary import CLICK_LOGIT, MAX_LOGIT, _click_voxels
 
     image = np.asarray(crop, np.float64)
     image = image.reshape(image.shape[-3:])
@@ -200,15 +197,42 @@ def _whole_crop_refine(crop, logits, points, labels, band):
     undecided = sub == 0
     if not undecided.any() or not (sub == 1).any() or not (sub == 2).any() or not np.ptp(image[box]) > 0:
         return logits
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        prob = random_walker(image[box], sub, beta=BETA, mode="cg", tol=TOLERANCE, return_full_prob=True)[0]
-    p = np.clip(prob[undecided], 1e-4, 1 - 1e-4)
+    p = np.clip(walk(image[box], sub)[undecided], 1e-4, 1 - 1e-4)
     out = logits.astype(np.float32, copy=True)
     out[box][undecided] = np.clip(np.log(p / (1 - p)), -MAX_LOGIT, MAX_LOGIT)
     for voxel, label in _click_voxels(points, labels, mask.shape):
         out[voxel] = max(out[voxel], CLICK_LOGIT) if label == 1 else min(out[voxel], -CLICK_LOGIT)
     return out
+
+
+def _skimage_walk(mode, tol=None):
+    """scikit-image's ``random_walker``: the probability of label 1."""
+    import warnings
+
+    from skimage.segmentation import random_walker
+
+    from msam_core.pipeline.boundary import BETA
+
+    def walk(image, sub):
+        with warnings.catch_warnings():
+            # plain "cg" is slow without UMFPACK; probabilities overshoot [0, 1] within tolerance
+            warnings.simplefilter("ignore", UserWarning)
+            kwargs = {} if tol is None else {"tol": tol}
+            return random_walker(image, sub, beta=BETA, mode=mode, return_full_prob=True, **kwargs)[0]
+
+    return walk
+
+
+def _walk_cases():
+    """``(crop, logits, clicks, labels, band)`` of :func:`_seed_cases` on a noisy ball."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for n, (mask, clicks, labels, band) in enumerate(_seed_cases()):
+        crop = (rng.normal(0.0, 0.2, mask.shape) + _ball(mask.shape, np.asarray(mask.shape) / 2, (9, 7, 8))).astype(np.float32)
+        distance = ndimage_edt(~mask) - ndimage_edt(mask)
+        logits = (0.5 - distance + rng.normal(0, 0.3, mask.shape)).astype(np.float32)
+        cases.append((crop[None, None] if n % 2 else crop, logits, clicks, labels, band))
+    return cases
 
 
 def _seed_cases():
@@ -262,22 +286,50 @@ def test_seeds_on_the_masks_box_equal_the_whole_crops():
     assert box is None
 
 
-def test_refine_boundary_equals_the_whole_crop_computation_bit_for_bit():
-    rng = np.random.default_rng(5)
-    walked = 0
-    for n, (mask, clicks, labels, band) in enumerate(_seed_cases()):
-        crop = (rng.normal(0.0, 0.2, mask.shape) + _ball(mask.shape, np.asarray(mask.shape) / 2, (9, 7, 8))).astype(np.float32)
-        distance = ndimage_edt(~mask) - ndimage_edt(mask)
-        logits = (0.5 - distance + rng.normal(0, 0.3, mask.shape)).astype(np.float32)
-        crop_in = crop[None, None] if n % 2 else crop
+def test_the_walk_solves_scikit_images_system_and_follows_its_solver():
+    """The band's system is scikit-image's random walker's (exact solves agree to rounding), and
+    the shipped conjugate-gradient solve stays within rounding of scikit-image's."""
+    from scipy.sparse.linalg import spsolve
+
+    from msam_core.pipeline.boundary import TOLERANCE, _seeds, walk_probability, walk_system
+
+    exact, iterative = _skimage_walk("bf"), _skimage_walk("cg", TOLERANCE)
+    compared = flips = 0
+    for crop, logits, clicks, labels, band in _walk_cases():
+        sub, box = _seeds(logits > 0, clicks, labels, band)
+        if box is None or not ((sub == 0).any() and (sub == 1).any() and (sub == 2).any()):
+            continue
+        image = np.asarray(crop).reshape(logits.shape)[box].astype(np.float64)
+        undecided = sub == 0
+        laplacian, rhs = walk_system(image, sub)
+        assert laplacian.shape == (undecided.sum(),) * 2 and rhs.shape == (undecided.sum(),)
+        np.testing.assert_allclose(spsolve(laplacian.tocsc(), rhs), exact(image, sub)[undecided], rtol=0, atol=1e-9)
+        ours, theirs = walk_probability(image, sub)[undecided], iterative(image, sub)[undecided]
+        assert np.all(walk_probability(image, sub)[~undecided] == 0)
+        assert np.abs(ours - theirs).max() < 0.05
+        flips += int(((ours > 0.5) != (theirs > 0.5)).sum())
+        compared += int(undecided.sum())
+    assert compared > 10_000 and flips <= compared // 5_000
+
+
+def test_refine_boundary_equals_the_whole_crop_computation():
+    """The box-restricted walk is the whole crop's, bit for bit, given the same walk; and within
+    the solver's rounding of scikit-image's walker."""
+    from msam_core.pipeline.boundary import walk_probability
+
+    walked = differ = 0
+    for n, (crop_in, logits, clicks, labels, band) in enumerate(_walk_cases()):
         got = refine_boundary(crop_in, logits, clicks, labels, band)
-        expected = _whole_crop_refine(crop_in, logits, clicks, labels, band)
+        expected = _whole_crop_refine(crop_in, logits, clicks, labels, band, walk_probability)
         assert got.dtype == expected.dtype and np.array_equal(got, expected), f"case {n}"
         walked += not np.array_equal(got, logits)
         owned = logits.copy()
         in_place = refine_boundary(crop_in, owned, clicks, labels, band, overwrite=True)
         assert in_place is owned and np.array_equal(owned, expected)
+        theirs = _whole_crop_refine(crop_in, logits, clicks, labels, band, _skimage_walk("cg", 1e-3))
+        differ += int(((got > 0) != (theirs > 0)).sum())
     assert walked >= 8  # the walker ran (not only the early returns)
+    assert differ <= 2
 
 
 def ndimage_edt(mask):
