@@ -248,20 +248,37 @@ def _perpendicular_chord(xy: np.ndarray, segments: np.ndarray, u: np.ndarray) ->
 _TIE_MM = 1e-9
 
 
+#: The half-planes ``n . (p, q) <= c`` that bound a slice's contours: its pixels' extent along
+#: the two in-plane axes and the two diagonals (an octagon).
+_OCTAGON_NORMALS = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0],
+                             [1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+#: The pairs of those boundary lines that are not parallel, and the inverses that intersect them.
+_OCTAGON_PAIRS = np.array([(i, j) for i in range(8) for j in range(i + 1, 8)
+                           if abs(_OCTAGON_NORMALS[i] @ [_OCTAGON_NORMALS[j][1], -_OCTAGON_NORMALS[j][0]]) > 0])
+_OCTAGON_INVERSES = np.linalg.inv(_OCTAGON_NORMALS[_OCTAGON_PAIRS])
+
+
 def _slice_bounds(box: np.ndarray, slice_axis: int, to_plane: np.ndarray) -> dict[int, float]:
-    """``{slice: bound}`` for the slices of ``box`` that hold the lesion: the diameter (plane mm,
-    ``to_plane`` from :func:`_in_plane_basis`) of the slice's pixel bounding box grown by half a
-    pixel, which holds every point of its half-way contours, so no chord is longer."""
-    stack = np.moveaxis(box, slice_axis, 0)
-    rows, cols = stack.any(axis=2), stack.any(axis=1)
-    out = {}
-    for s in np.flatnonzero(rows.any(axis=1)):
-        r, c = np.flatnonzero(rows[s]), np.flatnonzero(cols[s])
-        lo, hi = np.array([r[0], c[0]]) - 0.5, np.array([r[-1], c[-1]]) + 0.5
-        corners = np.array([[lo[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]], [hi[0], lo[1]]]) @ to_plane.T
-        # a parallelogram's farthest vertices are the ends of one of its diagonals
-        out[int(s)] = float(max(np.linalg.norm(corners[1] - corners[0]), np.linalg.norm(corners[3] - corners[2])))
-    return out
+    """``{slice: bound}`` for the slices of ``box`` that hold the lesion: no chord of the slice's
+    half-way contours is longer than its bound (plane mm, ``to_plane`` from :func:`_in_plane_basis`).
+
+    Every contour point lies half a pixel from a lesion pixel ``(p, q)`` along ``p`` or ``q``, so
+    within the octagon of the pixels' extent along ``p``, ``q``, ``p + q`` and ``p - q``, each
+    grown by half a pixel; the bound is that octagon's diameter (the farthest pair of its
+    corners), a little more than the lesion's (an eighth more for a disc)."""
+    pixels = np.argwhere(np.moveaxis(box, slice_axis, 0))  # (slice, p, q), ordered by slice
+    if len(pixels) == 0:
+        return {}
+    slices, starts = np.unique(pixels[:, 0], return_index=True)
+    reach = np.maximum.reduceat(pixels[:, 1:].astype(np.float64) @ _OCTAGON_NORMALS.T, starts, axis=0)
+    limits = reach + 0.5 * np.abs(_OCTAGON_NORMALS).max(axis=1)  # (slices, 8)
+    # the corners: where two boundary lines that are not parallel meet, inside every other one
+    corners = np.einsum("kab,skb->ska", _OCTAGON_INVERSES, limits[:, _OCTAGON_PAIRS])  # (slices, pairs, 2)
+    inside = np.all(corners @ _OCTAGON_NORMALS.T <= limits[:, None, :] + 1e-9, axis=2)
+    mm = corners @ to_plane.T
+    far = ((mm[:, :, None, :] - mm[:, None, :, :]) ** 2).sum(-1)
+    far[~(inside[:, :, None] & inside[:, None, :])] = 0.0
+    return {int(s): float(np.sqrt(d)) + 1e-9 for s, d in zip(slices, far.reshape(len(slices), -1).max(axis=1))}
 
 
 def _slice_axes(volume: Volume, box: np.ndarray, lo: np.ndarray, slice_axis: int) -> tuple[Axis, Axis]:
@@ -269,8 +286,8 @@ def _slice_axes(volume: Volume, box: np.ndarray, lo: np.ndarray, slice_axis: int
     to_plane, plane = _in_plane_basis(volume, slice_axis)
     measured: dict[int, tuple[float, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
     longest = -1.0
-    # slices by the diameter of their in-plane bounding box, which no chord of theirs exceeds:
-    # once that bound falls short of the longest chord found, no later slice can hold the long axis
+    # slices by a bound no chord of theirs exceeds (:func:`_slice_bounds`), largest first: once
+    # the bound falls short of the longest chord found, no later slice can hold the long axis
     for bound, s in sorted(((-b, s) for s, b in _slice_bounds(box, slice_axis, to_plane).items())):
         if -bound < longest - _TIE_MM:
             break
