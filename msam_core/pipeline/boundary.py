@@ -191,11 +191,11 @@ def walk_system(image: np.ndarray, seeds: np.ndarray, beta: float = BETA) -> tup
         i, j = i[edge], j[edge]
         w = np.exp(scale * (image[tail][edge] - image[head][edge]) ** 2) + WEIGHT_EPS
         si, sj = seeds[head][edge], seeds[tail][edge]
-        for a, b, sb in ((i, j, sj), (j, i, si)):  # each end of the edge in turn
-            mine = a >= 0
-            diagonal += np.bincount(a[mine], w[mine], minlength=n)
-            to_inside = mine & (sb == 1)
-            rhs += np.bincount(a[to_inside], w[to_inside], minlength=n)
+        for end, other in ((i, sj), (j, si)):  # each end of the edge, and the seed at the other end
+            mine = end >= 0
+            diagonal += np.bincount(end[mine], w[mine], minlength=n)
+            to_inside = mine & (other == 1)
+            rhs += np.bincount(end[to_inside], w[to_inside], minlength=n)
         both = (i >= 0) & (j >= 0)
         rows += [i[both], j[both]]
         cols += [j[both], i[both]]
