@@ -19,6 +19,7 @@ import os
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,6 +140,29 @@ def run_interaction(rt: Runtime, interaction_id: str, delivered_from: str | None
     store.finish_interaction(interaction_id, S.FAILED, error=error)
     rt.metrics.incr("interactions_failed")
     return S.FAILED
+
+
+def lost_interaction(rt: Runtime, interaction_id: str, resend: Callable[[str, str], None]) -> str | None:
+    """An interaction whose pool process died while answering it (this runs in the worker's main
+    process, which goes on beating, so neither the gateway nor the lost-worker sweep would see
+    it lost): sent once more to the shared queue (``resend(interaction_id, queue)``), as for a
+    lost worker; when it was sent again already (it killed a second process), failed, and taken
+    out of its lesion. Returns what was done (``"resent"``, ``"failed"``), or ``None`` when it
+    had been answered or expired."""
+    store = S.SessionStore(rt.redis, rt.settings.job_ttl_s)
+    rec = store.interaction(interaction_id)
+    if rec is None or rec["status"] in (S.DONE, S.FAILED):
+        return None
+    if store.claim_resend(interaction_id, rt.settings.queue):
+        resend(interaction_id, rt.settings.queue)
+        rt.metrics.incr("interactions_resent")
+        return "resent"
+    _drop(store, rec["session_id"], int(rec["lesion"]), interaction_id)
+    store.finish_interaction(interaction_id, S.FAILED, error={
+        "code": "internal_error", "message": "the worker process answering this interaction stopped twice; "
+        "send it again, or undo the clicks before it if it keeps failing"})
+    rt.metrics.incr("interactions_failed")
+    return "failed"
 
 
 class _Stop(Exception):

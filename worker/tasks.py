@@ -8,16 +8,16 @@ import time
 from typing import Any
 
 import redis
-from billiard.exceptions import TimeLimitExceeded
-from celery import Task
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import Task, signals
 
 from msam_service import jobs
-from msam_service.queue import TASK_NAME, enqueue_delivery
+from msam_service.queue import TASK_NAME, enqueue_delivery, send_interaction
 from msam_service.sessions import COMMIT_TASK, INTERACT_TASK, OPEN_TASK
 from worker.celery_app import app
 from worker.job import run_job
 from worker.runtime import get_runtime
-from worker.session import run_commit, run_interaction, run_open
+from worker.session import lost_interaction, run_commit, run_interaction, run_open
 
 
 def _deliver(job_id: str) -> None:
@@ -71,6 +71,18 @@ def interact(self: Task, interaction_id: str) -> str | None:
     gateway sends it again to the shared queue, see ``api/routes/sessions.py``)."""
     delivered_from = (self.request.delivery_info or {}).get("routing_key")
     return run_interaction(get_runtime(), interaction_id, delivered_from=delivered_from)
+
+
+@signals.task_failure.connect(sender=interact)
+def _interaction_lost(task_id: str | None = None, exception: BaseException | None = None,
+                      args: Any = None, **_: Any) -> None:
+    """The pool process answering an interaction died (the main process reports it here)."""
+    if isinstance(exception, WorkerLostError) and args:
+        try:
+            lost_interaction(get_runtime(), str(args[0]),
+                             lambda interaction_id, queue: send_interaction(app, interaction_id, queue))
+        except redis.RedisError:
+            pass  # the gateway's wait fails it as a lost interaction once its record expires
 
 
 @app.task(name=COMMIT_TASK, bind=True, base=SegmentTask, acks_late=True, reject_on_worker_lost=True)

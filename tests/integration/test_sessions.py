@@ -341,3 +341,59 @@ def test_a_lost_holders_own_queue_is_swept_each_interaction_run_once(service: Se
             assert _metric(c, "done") - done_before == 3, service.logs()
             assert _metric(c, "resent") - resent_before == 3
             assert not [k for k in r.scan_iter(match="*" + S.worker_queue("msam", holder) + "*")]
+
+
+def _kill_when_running(r: redis.Redis, interaction_id: str, not_pid: int | None = None) -> int:
+    """SIGKILL the pool process that runs the interaction (an OOM kill looks like this) once its
+    record says it runs (on a process other than ``not_pid``); returns that process's pid."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rec = {k.decode(): v.decode() for k, v in r.hgetall(S.interaction_key(interaction_id)).items()}
+        if rec.get("status") == S.RUNNING and rec.get("worker"):
+            pid = int(rec["worker"].rsplit("/", 1)[1])
+            if pid != not_pid:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.005)
+    raise AssertionError(f"interaction {interaction_id} never ran")
+
+
+def test_a_pool_process_killed_mid_click_costs_one_resend_then_a_clear_failure(service: Service,
+                                                                                 ct_nifti: Path) -> None:
+    """The worker's main process goes on beating when its pool process dies, so the interaction
+    is resent from there (once); one that kills a second process fails and leaves its lesion as
+    it was, and the session goes on."""
+    r = redis_conn.client(service.redis_url)
+    with service.client() as c:
+        vol, sid = _new_session(c, ct_nifti, lesions=2)
+        _click(c, sid, 1, (22, 20, 12))
+        # lesion 2 far from lesion 1: a crop of its own, so the click encodes (time to kill it)
+        sent = c.post(f"/sessions/{sid}/lesions/2/interactions", params={"wait": 0},
+                      json={"kind": "point", "xyz": [8, 8, 4], "positive": True})
+        assert sent.status_code == 202, sent.text
+        iid = sent.json()["interaction_id"]
+        _kill_when_running(r, iid)
+        answer = c.get(f"/sessions/{sid}/interactions/{iid}", params={"wait": 60})
+        assert answer.status_code == 200 and answer.json()["step"] == 1, (answer.text, service.logs())
+        assert r.hget(S.interaction_key(iid), "resent") == b"1"
+        # a click that kills the process it runs on again fails with a message, not a hang
+        sent = c.post(f"/sessions/{sid}/lesions/2/interactions", params={"wait": 0},
+                      json={"kind": "point", "xyz": [40, 32, 20], "positive": True})
+        iid = sent.json()["interaction_id"]
+        first = _kill_when_running(r, iid)
+        _kill_when_running(r, iid, not_pid=first)
+        failed = c.get(f"/sessions/{sid}/interactions/{iid}", params={"wait": 60})
+        assert failed.status_code == 503 and "stopped twice" in failed.json()["error"]["message"], failed.text
+        lesion = c.get(f"/sessions/{sid}").json()["lesions"][1]
+        assert lesion["step"] == 1 and iid not in _ids(lesion), lesion
+        again = _click(c, sid, 2, (9, 8, 4))  # the session goes on
+        assert again["step"] == 2
+        committed = c.post(f"/sessions/{sid}/commit", json={})
+        assert committed.status_code in (200, 202), committed.text
+
+
+def _ids(lesion: dict) -> list[str]:
+    return [a["id"] for a in lesion["interactions"]]
