@@ -83,7 +83,11 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         info = await uploads.ingest_upload(svc, files, series if isinstance(series, str) else None, who)
         volume_id = info.volume_id
         job.own_volume = True  # uploaded for this job alone: DELETE of the job removes it
-        job.mask_volumes = await _ingest_masks(svc, prompts, masks, who)
+        try:
+            job.mask_volumes = await _ingest_masks(svc, prompts, masks, who)
+        except Exception:
+            forget_volume(svc, volume_id)  # a refused request keeps no image
+            raise
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (image + prompts) or application/json (volume_id + prompts)")
@@ -94,9 +98,11 @@ async def segment(request: Request, svc: Services = Depends(services), who: str 
         if info is not None:  # None: a PACS series the worker retrieves (it checks the prompts then)
             resolve(doc, info.geometry_volume())  # InvalidPrompt -> 422, before anything is queued
         await run_in_threadpool(_check_masks, svc, doc, info, who)
-    except Exception:
+    except Exception:  # a refused request keeps no image: neither its masks nor its own upload
         for mask_id in job.mask_volumes:
             forget_volume(svc, mask_id)
+        if job.own_volume:
+            forget_volume(svc, volume_id)
         raise
     job_id = jobs.new_id()
     request.state.job_id = job_id

@@ -53,8 +53,14 @@ def test_bad_uploads(service: Service, nifti_bytes: bytes, tmp_path: Path) -> No
     assert "one NIfTI" in e["message"]
 
 
+def _stored_volumes(service: Service) -> set[str]:
+    root = Path(service.env["MSAM_STORAGE_DIR"]) / "volumes"
+    return {p.name for p in root.iterdir()} if root.exists() else set()
+
+
 def test_bad_prompts(service: Service, nifti_bytes: bytes) -> None:
     img = {"image": ("ct.nii.gz", nifti_bytes)}
+    before = _stored_volumes(service)
     e = _error(_post(service, img, {"prompts": "{not json"}))
     assert e["code"] == "invalid_request" and "JSON" in e["message"]
     e = _error(_post(service, img, {"prompts": prompts((500, 5, 5))}))
@@ -70,6 +76,9 @@ def test_bad_prompts(service: Service, nifti_bytes: bytes) -> None:
     assert "lesions" in e["message"]
     e = _error(_post(service, img))  # no prompts field
     assert "prompts" in e["message"]
+    e = _error(_post(service, {**img, "masks": ("m.nii.gz", b"junk")}, {"prompts": prompts((5, 5, 5))}))
+    assert "mask" in e["message"]
+    assert _stored_volumes(service) == before  # a refused request keeps no image
 
 
 def test_bad_lines_are_a_422_that_says_why(service: Service, nifti_bytes: bytes) -> None:
