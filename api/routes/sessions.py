@@ -269,12 +269,34 @@ def interact(session_id: str, lesion: int, body: Interaction, response: Response
         les["step"] = len(les["interactions"])
 
     _change(svc, session_id, edit)
-    queue = _route(svc, session_id)
-    _store(svc).new_interaction(interaction_id, session_id, lesion, queue)
-    _send(svc, interaction_id, queue)
+    try:
+        queue = _route(svc, session_id)
+        _store(svc).new_interaction(interaction_id, session_id, lesion, queue)
+        _send(svc, interaction_id, queue)
+    except Exception:
+        _withdraw(svc, session_id, lesion, interaction_id)
+        raise
     svc.metrics.incr("interactions_submitted")
     rec = _wait(svc, interaction_id, svc.settings.interaction_wait_s if wait is None else wait)
     return _answer(rec, interaction_id, session_id, base, response)
+
+
+def _withdraw(svc: Services, session_id: str, lesion: int, interaction_id: str) -> None:
+    """Take an interaction that could not be queued back out of its lesion, so that the error the
+    client gets means "not applied: send it again". When Redis does not answer for this either,
+    the error says that the click may be recorded and how to tell."""
+    def edit(d: dict[str, Any]) -> None:
+        les = d["lesions"].get(str(lesion))
+        if les is not None and interaction_id in [a["id"] for a in S.active(les)]:
+            les["interactions"] = [a for a in S.active(les) if a["id"] != interaction_id]
+            les["step"] = len(les["interactions"])
+
+    try:
+        _store(svc).change(session_id, edit)
+    except Exception as exc:
+        raise ApiError(503, "unavailable", f"the interaction could not be queued and may still be recorded in the "
+                       f"lesion (as {interaction_id}): GET /sessions/{session_id} once the service answers, and "
+                       "undo it there before sending it again") from exc
 
 
 def _store_edit(svc: Services, doc: dict[str, Any], lesion: dict[str, Any], body: MaskInteraction, key: str,

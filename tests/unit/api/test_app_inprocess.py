@@ -123,3 +123,45 @@ def test_openapi_references_resolve(redis_url: str, tmp_path: Path) -> None:
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
     assert "prompts" in components["SegmentByVolume"]["properties"]
+
+
+def test_a_click_that_cannot_be_queued_is_withdrawn_or_said_to_be_recorded(r, redis_url: str, tmp_path: Path,
+                                                                          nifti: bytes, monkeypatch) -> None:
+    """A 503 for a click means it was not applied (it is taken back out of the lesion), so the
+    client may send it again; when Redis does not answer for that either, the 503 names the
+    interaction and says to check the session first. (Redis failing at exactly that moment is
+    injected: the queue's send raises as a stalled Redis makes it.)"""
+    import redis as redis_lib
+
+    from api.routes import sessions as routes
+    from msam_service import sessions as S
+
+    def unreachable(*_a, **_k) -> None:
+        raise redis_lib.ConnectionError("Timeout reading from socket")
+
+    with _client(redis_url, tmp_path) as c:
+        vol = c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}).json()["volume_id"]
+        sid = c.post("/sessions", json={"volume_id": vol}).json()["session_id"]
+        c.post(f"/sessions/{sid}/lesions")
+        click = {"kind": "point", "xyz": [5, 5, 4], "positive": True}
+        monkeypatch.setattr(routes, "_send", unreachable)
+        failed = c.post(f"/sessions/{sid}/lesions/1/interactions", json=click, params={"wait": 0})
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "unavailable", failed.text
+        lesion = c.get(f"/sessions/{sid}").json()["lesions"][0]
+        assert lesion["step"] == 0 and lesion["interactions"] == []  # not applied: sending it again is right
+        change = S.SessionStore.change
+        calls = []
+
+        def change_once(self, *a, **k):  # the click's own edit lands, the withdrawal does not
+            calls.append(1)
+            if len(calls) > 1:
+                unreachable()
+            return change(self, *a, **k)
+
+        monkeypatch.setattr(S.SessionStore, "change", change_once)
+        failed = c.post(f"/sessions/{sid}/lesions/1/interactions", json=click, params={"wait": 0})
+        assert failed.status_code == 503, failed.text
+        message = failed.json()["error"]["message"]
+        assert "may still be recorded" in message and f"GET /sessions/{sid}" in message and "undo" in message
+        recorded = c.get(f"/sessions/{sid}").json()["lesions"][0]["interactions"]
+        assert [a["id"] for a in recorded] == [message.split("(as ")[1].split(")")[0]]
