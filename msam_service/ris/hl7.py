@@ -10,7 +10,13 @@ NTE-3 is ``MSAM-PROMPTS`` followed by the ``POST /segment`` prompt document as J
 **Acknowledgements** (:func:`ack`, original mode, v2.5): ``AA`` accepted (MSA-3 names the job),
 ``AE`` application error (the study is not found, no series or several fit the node's rules,
 the prompts are missing or malformed: ERR-8 says which), ``AR`` rejected (unparsable message,
-unsupported type, unknown sending application).
+unsupported type or character set, no message control id, more than one order in the message,
+unknown sending application). MSA-2 echoes the order's MSH-10 whole.
+
+**Character sets** (:func:`decode`): an incoming message is read in the character set its MSH-18
+names (ASCII, ISO 8859 parts, UTF-8); without MSH-18, as UTF-8 when it is valid UTF-8, else as
+ISO 8859-1 (what most senders that leave MSH-18 empty mean). Everything msam sends is UTF-8 and
+says so (MSH-18 ``UNICODE UTF-8``).
 
 **Results** (:func:`oru`): ORU^R01 v2.5 with the order's PID, ORC (``RE``) and OBR (placer,
 filler, universal service and accession echoed; OBR-25 ``F``, or ``X`` when the job failed,
@@ -46,6 +52,11 @@ VERSION = "2.5"
 PROMPTS_NOTE = "MSAM-PROMPTS"
 START, END = b"\x0b", b"\x1c\x0d"
 ORDER_TYPES = ("ORM^O01", "OMI^O23")
+#: MSH-18 of every message msam sends.
+CHARSET = "UNICODE UTF-8"
+#: MSH-18 values (HL7 table 0211) -> Python codecs.
+CHARSETS = {"ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8",
+            **{f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)}}
 
 
 class OrderError(ValueError):
@@ -110,7 +121,13 @@ def parse_order(text: str) -> Order:
     kind = "^".join(_field(msh, "msh_9").split("^")[:2])
     if kind not in ORDER_TYPES:
         raise OrderError(f"message type {kind or '?'} is not an order msam takes (ORM^O01, OMI^O23)", "AR")
+    if not _field(msh, "msh_10"):
+        raise OrderError("the message has no control id (MSH-10); give every message its own, so that its "
+                         "acknowledgement can be matched and a resent order recognised", "AR")
     obr, ipc, orc, pid = (_segments(msg, n) for n in ("OBR", "IPC", "ORC", "PID"))
+    if max(len(obr), len(orc)) > 1:
+        raise OrderError(f"the message holds {max(len(obr), len(orc))} orders (ORC/OBR groups); msam takes one "
+                         "order per message: send each in its own", "AR")
     accession = _field(ipc[0], "ipc_1").split("^")[0] if ipc else ""
     if not accession and obr:
         accession = _field(obr[0], "obr_18").split("^")[0]
@@ -148,6 +165,7 @@ def _header(msg: Message, receiving_application: str, receiving_facility: str, k
     msg.msh.msh_10 = control_id[:20]
     msg.msh.msh_11 = "P"
     msg.msh.msh_12 = VERSION
+    msg.msh.msh_18 = CHARSET
 
 
 def _incoming_header(text: str) -> tuple[str, str, str, str]:
@@ -168,7 +186,7 @@ def ack(incoming: str, code: str, text: str = "") -> Message:
     msg = Message("ACK", version=VERSION)
     _header(msg, application, facility, f"ACK^{trigger or 'O01'}^ACK", uuid.uuid4().hex)
     msg.msa.msa_1 = code
-    msg.msa.msa_2 = _text(control_id[:20]) if control_id else "UNKNOWN"
+    msg.msa.msa_2 = control_id or "UNKNOWN"  # whole: the sender matches its message by it
     if text:
         msg.msa.msa_3 = _text(text[:80])
     if code != "AA":
@@ -247,20 +265,83 @@ def frame(msg: Message | str) -> bytes:
     return START + text.encode() + END
 
 
-def read_framed(sock: socket.socket, limit: int = 1 << 20) -> str:
-    """One MLLP-framed message from ``sock`` (without the framing)."""
-    data = b""
+class FrameError(ValueError):
+    """Bytes that are not one MLLP-framed message; ``data``: what was read (for its header)."""
+
+    def __init__(self, message: str, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.data = data
+
+
+def read_frame(sock: socket.socket, limit: int = 1 << 20, deadline_s: float | None = None) -> bytes:
+    """One MLLP-framed message from ``sock``, without the framing, as bytes.
+
+    Raises:
+        FrameError: the peer closed before the end block, the bytes are not framed, the message
+            is longer than ``limit`` bytes, or it did not arrive whole within ``deadline_s``
+            seconds (each read waits at most what is left of it).
+    """
+    data = bytearray()
+    end_by = None if deadline_s is None else time.monotonic() + deadline_s
     while not data.endswith(END):
-        chunk = sock.recv(65536)
+        if end_by is not None:
+            left = end_by - time.monotonic()
+            if left <= 0:
+                raise FrameError(f"the message did not arrive whole within {deadline_s:g} s", bytes(data))
+            sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError as exc:
+            raise FrameError(f"the message did not arrive whole within {deadline_s:g} s", bytes(data)) from exc
         if not chunk:
             break
         data += chunk
         if len(data) > limit:
-            raise ValueError("MLLP message too long")
+            raise FrameError(f"the message is longer than {limit} bytes", bytes(data))
     start = data.find(START)
     if start < 0 or not data.endswith(END):
-        raise ValueError("not an MLLP-framed message")
-    return data[start + 1:-2].decode("utf-8", errors="replace")
+        raise FrameError("not an MLLP-framed message", bytes(data))
+    return bytes(data[start + 1:-2])
+
+
+def read_framed(sock: socket.socket, limit: int = 1 << 20) -> str:
+    """One MLLP-framed message from ``sock`` (without the framing), read as msam sends: UTF-8."""
+    return read_frame(sock, limit).decode("utf-8", errors="replace")
+
+
+def charset_of(data: bytes) -> str:
+    """MSH-18 of a message (upper case, the first repetition), or ``""``; read from its bytes,
+    whose header is ASCII whatever the character set."""
+    head = bytes(data[:4096]).split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+    if not head.startswith("MSH") or len(head) < 4:
+        return ""
+    fields = head.split(head[3])
+    value = fields[17] if len(fields) > 17 else ""
+    repetition = head[5] if len(head) > 5 else "~"
+    return value.split(repetition)[0].strip().upper()
+
+
+def decode(data: bytes) -> str:
+    """A message's text in the character set its MSH-18 names (see the module).
+
+    Raises:
+        OrderError: ``AR``, MSH-18 names a character set msam does not read, or the bytes are
+            not valid in it.
+    """
+    charset = charset_of(data)
+    if not charset:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("iso8859-1")
+    codec = CHARSETS.get(charset)
+    if codec is None:
+        raise OrderError(f"character set {charset} (MSH-18) is not one msam reads; send UNICODE UTF-8, ASCII or "
+                         "8859/1", "AR")
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise OrderError(f"the message is not valid {charset} (MSH-18) at byte {exc.start}", "AR") from exc
 
 
 def send(host: str, port: int, msg: Message, timeout: float = 10.0, what: str = "the RIS") -> str:
@@ -270,7 +351,7 @@ def send(host: str, port: int, msg: Message, timeout: float = 10.0, what: str = 
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(frame(msg))
             answer = read_framed(sock)
-    except (OSError, ValueError) as exc:
+    except (OSError, FrameError) as exc:
         raise PacsError(f"MLLP to {what}: {type(exc).__name__}") from exc
     try:
         reply = parse_message(answer.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.TOLERANT,

@@ -1,4 +1,10 @@
-"""``msam hl7-listener``: HL7 v2 orders over MLLP (hl7apy's MLLP server) become msam jobs.
+"""``msam hl7-listener``: HL7 v2 orders over MLLP become msam jobs.
+
+Each connection is read in chunks until the MLLP end block, at most :data:`MAX_MESSAGE_BYTES`
+within :data:`READ_DEADLINE_S` (a longer message gets ``AR``; one that does not arrive whole in
+time, or is not framed, gets its connection closed), decoded in its MSH-18 character set
+(:func:`msam_service.ris.hl7.decode`) and answered on the same connection; connections are
+served on threads of their own.
 
 For each ORM^O01 / OMI^O23 (:func:`msam_service.ris.hl7.parse_order`):
 
@@ -22,12 +28,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socketserver
 import sys
 import threading
 from typing import Any, Callable
 
 import redis
-from hl7apy.mllp import AbstractErrorHandler, AbstractHandler, MLLPServer
 
 from msam_service import jobs, redis_conn
 from msam_service.contract import JobRequest, JobSource
@@ -39,6 +45,11 @@ from msam_service.settings import Settings, get_settings
 from msam_service.volumes import new_volume_id
 
 logger = logging.getLogger("msam.hl7_listener")
+
+#: Largest order taken (an order is a few kB; ``AR`` beyond).
+MAX_MESSAGE_BYTES = 1 << 20
+#: Seconds a connection has to deliver its whole message.
+READ_DEADLINE_S = 30.0
 
 
 class Orders:
@@ -53,7 +64,7 @@ class Orders:
                 return name, ep
         raise hl7.OrderError("the sending application (MSH-3/MSH-4) is not a configured RIS endpoint", "AR")
 
-    def handle(self, text: str) -> str:
+    def handle(self, text: str) -> bytes:
         """The MLLP-framed acknowledgement of one message."""
         try:
             order = hl7.parse_order(text)
@@ -70,7 +81,16 @@ class Orders:
         except Exception as exc:  # never leave the RIS without an answer
             logger.error("order failed: %s", type(exc).__name__)
             reply = hl7.ack(text, "AE", f"msam failed on this order ({type(exc).__name__})")
-        return hl7.frame(reply).decode()
+        return hl7.frame(reply)
+
+    def handle_bytes(self, data: bytes) -> bytes:
+        """:meth:`handle` of a message's bytes, in the character set its MSH-18 names."""
+        try:
+            text = hl7.decode(data)
+        except hl7.OrderError as exc:
+            logger.info("order refused (%s: character set)", exc.code)
+            return hl7.frame(hl7.ack(data.decode("iso8859-1"), exc.code, str(exc)))
+        return self.handle(text)
 
     def accept(self, order: hl7.Order, name: str, ep: RisEndpoint) -> str:
         seen = f"msam:hl7:order:{name}:{order.control_id}"
@@ -115,19 +135,38 @@ class Orders:
         return job_id
 
 
-def make_server(service: Orders, host: str, port: int) -> MLLPServer:
-    class OrderHandler(AbstractHandler):
-        def reply(self) -> str:
-            return service.handle(self.incoming_message)
+class _Connection(socketserver.BaseRequestHandler):
+    """One MLLP connection: a message in, its acknowledgement out, then the next message."""
 
-    class ErrorHandler(AbstractErrorHandler):
-        def reply(self) -> str:  # unsupported type or unparsable: AR
-            return service.handle(self.incoming_message)
+    server: "MllpServer"
 
-    handlers: dict[str, Any] = {kind: (OrderHandler,) for base in hl7.ORDER_TYPES
-                                for kind in (base, f"{base}^{base.replace('^', '_')}")}
-    handlers["ERR"] = (ErrorHandler,)
-    return MLLPServer(host, port, handlers, timeout=30)
+    def handle(self) -> None:
+        while True:
+            try:
+                data = hl7.read_frame(self.request, MAX_MESSAGE_BYTES, READ_DEADLINE_S)
+            except hl7.FrameError as exc:
+                if exc.data.startswith(hl7.START) and len(exc.data) > MAX_MESSAGE_BYTES:
+                    header = exc.data[1:4096].decode("iso8859-1")
+                    self.request.sendall(hl7.frame(hl7.ack(header, "AR", str(exc))))
+                return  # closed, not framed, or too slow: the connection ends
+            except OSError:
+                return
+            self.request.sendall(self.server.orders.handle_bytes(data))
+
+
+class MllpServer(socketserver.ThreadingTCPServer):
+    """MLLP over TCP for :class:`Orders`."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, orders: Orders, host: str, port: int) -> None:
+        self.orders = orders
+        super().__init__((host, port), _Connection)
+
+
+def make_server(service: Orders, host: str, port: int) -> MllpServer:
+    return MllpServer(service, host, port)
 
 
 def run(host: str | None = None, port: int | None = None) -> int:

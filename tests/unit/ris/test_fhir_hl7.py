@@ -85,8 +85,14 @@ def test_omi_order_parsed_with_accession_from_ipc_and_prompts_from_the_note() ->
     assert "prompts" not in o.to_record() and o.to_record()["patient_id"] == "P1^^^H^MR"
 
 
+TWO_ORDERS = ORDER.replace("IPC|ACC-OMI|REQ1|1.2.3|SPS1|CT\r", "IPC|ACC-OMI|REQ1|1.2.3|SPS1|CT\rORC|NW|PO2|FO2\r"
+                                                                "OBR|2|PO2|FO2|CTABD^CT abdomen\r")
+
+
 @pytest.mark.parametrize("text, code", [
     ("garbage", "AR"),
+    (ORDER.replace("|C1|P|", "||P|"), "AR"),  # no control id: its ACK could not be matched, a resend not recognised
+    (TWO_ORDERS, "AR"),
     (ORDER.replace("OMI^O23^OMI_O23", "ADT^A01"), "AR"),
     (ORDER.replace("IPC|ACC-OMI", "IPC|"), "AE"),
     (ORDER.replace('{"lesions"', '{lesions'), "AE"),
@@ -100,11 +106,15 @@ def test_orders_msam_cannot_take(text: str, code: str) -> None:
 def test_ack_and_oru_parse_back() -> None:
     a = parse_message(hl7.ack(ORDER, "AE", "2 series | fit").to_er7(), find_groups=False)
     assert a.msa.msa_1.to_er7() == "AE" and a.msa.msa_2.to_er7() == "C1" and a.msh.msh_9.to_er7() == "ACK^O23^ACK"
+    assert a.msh.msh_18.to_er7() == "UNICODE UTF-8"
+    uuid_id = "6f1c2e0a-8b7d-4c3e-9a1f-2d5e7b9c0a11"  # control ids longer than v2.5's 20 characters are whole
+    assert parse_message(hl7.ack(ORDER.replace("|C1|", f"|{uuid_id}|"), "AA").to_er7(),
+                         find_groups=False).msa.msa_2.to_er7() == uuid_id
     assert hl7._unescape(a.err.err_8.to_er7()) == "2 series | fit"
     rec = record(order=hl7.parse_order(ORDER).to_record())
     lesions = lesion_measurements(rec, info(np.eye(4).tolist()))
     message = hl7.oru(rec, lesions, "http://msam/jobs/x/result?format=dicom-seg", "1.2.826.0.1.1")
-    assert message.validate()
+    assert message.validate() and message.msh.msh_18.to_er7() == "UNICODE UTF-8"
     back = parse_message(message.to_er7(), find_groups=True)
     group = back.oru_r01_patient_result.oru_r01_order_observation
     assert group.obr.obr_18.to_er7() == "ACC-OMI" and group.obr.obr_25.to_er7() == "F"
@@ -146,3 +156,27 @@ def test_the_measurements_a_job_reports_reach_the_oru_and_fhir() -> None:
     assert rows[("SEG_UID", "")] == "1.2.3" and rows[("SR_UID", "")] == "1.2.4"
     codes = [c["code"]["coding"][0]["code"] for c in fhir.components(m)]
     assert codes == ["118565006", "103339001", "103340004"]
+
+
+LATIN = ORDER.replace("Doe^Jane", "M\u00fcller^J\u00fcrgen")
+
+
+@pytest.mark.parametrize("data, name", [
+    (LATIN.replace("|P|2.5", "|P|2.5||||||8859/1").encode("iso8859-1"), "Müller^Jürgen"),  # as MSH-18 says
+    (LATIN.encode("iso8859-1"), "Müller^Jürgen"),  # no MSH-18 and not UTF-8: ISO 8859-1
+    (LATIN.encode("utf-8"), "Müller^Jürgen"),  # no MSH-18: UTF-8 when it is
+    (LATIN.replace("|P|2.5", "|P|2.5||||||UNICODE UTF-8").encode("utf-8"), "Müller^Jürgen"),
+    (ORDER.replace("|P|2.5", "|P|2.5||||||ASCII").encode("ascii"), "Doe^Jane"),
+])
+def test_orders_are_read_in_their_character_set(data: bytes, name: str) -> None:
+    assert hl7.parse_order(hl7.decode(data)).patient_name == name
+
+
+@pytest.mark.parametrize("data, says", [
+    (LATIN.replace("|P|2.5", "|P|2.5||||||ISO IR87").encode("iso8859-1"), "ISO IR87"),
+    (LATIN.replace("|P|2.5", "|P|2.5||||||UNICODE UTF-8").encode("iso8859-1"), "not valid UNICODE UTF-8"),
+])
+def test_a_character_set_msam_cannot_read_is_rejected(data: bytes, says: str) -> None:
+    with pytest.raises(hl7.OrderError, match=says) as exc:
+        hl7.decode(data)
+    assert exc.value.code == "AR"
