@@ -165,3 +165,24 @@ def test_a_click_that_cannot_be_queued_is_withdrawn_or_said_to_be_recorded(r, re
         assert "may still be recorded" in message and f"GET /sessions/{sid}" in message and "undo" in message
         recorded = c.get(f"/sessions/{sid}").json()["lesions"][0]["interactions"]
         assert [a["id"] for a in recorded] == [message.split("(as ")[1].split(")")[0]]
+
+
+def test_a_volume_is_read_back_and_deleted_by_its_tenant_alone(r, redis_url: str, tmp_path: Path,
+                                                                nifti: bytes) -> None:
+    from msam_service.auth import hash_key
+
+    with _client(redis_url, tmp_path, keys=f"a:{hash_key('key-a')},b:{hash_key('key-b')}") as c:
+        a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+        made = c.post("/volumes", files={"image": ("ct.nii.gz", nifti)}, headers=a).json()
+        vid = made["volume_id"]
+        got = c.get(f"/volumes/{vid}", headers=a)
+        assert got.status_code == 200 and got.json() == made  # the geometry its upload answered
+        assert got.json()["affine_ras"][2][2] == 3.0
+        assert c.get(f"/volumes/{vid}", headers=b).status_code == 404
+        assert c.delete(f"/volumes/{vid}", headers=b).status_code == 404
+        assert (tmp_path / "storage" / "volumes" / vid).exists()
+        assert c.delete(f"/volumes/{vid}", headers=a).status_code == 204
+        assert not (tmp_path / "storage" / "volumes" / vid).exists()
+        gone = c.get(f"/volumes/{vid}", headers=a)
+        assert gone.status_code == 404 and "upload it again" in gone.json()["error"]["message"]
+        assert c.post("/sessions", json={"volume_id": vid}, headers=a).status_code == 404
