@@ -14,7 +14,9 @@ For each ORM^O01 / OMI^O23 (:func:`msam_service.ris.hl7.parse_order`):
 2. the order needs its accession number and an ``MSAM-PROMPTS`` note with at least one positive
    point, else ``AE``;
 3. the study and series are found on the endpoint's node by QIDO-RS and the node's series
-   rules (:mod:`msam_service.pacs.orders`); none or several is ``AE`` naming the candidates;
+   rules (:mod:`msam_service.pacs.orders`); none or several is ``AE`` naming the candidates, and
+   so is a node that has not answered within :data:`LOOKUP_DEADLINE_S` (a RIS waits 30 to 60 s
+   for an acknowledgement before it sends the order again);
 4. the job is created (retrieval on the I/O queue, then segmentation, then SEG to the
    destinations and ORU^R01 to the RIS) and the order is acknowledged ``AA`` with the job id.
 
@@ -50,6 +52,8 @@ logger = logging.getLogger("msam.hl7_listener")
 MAX_MESSAGE_BYTES = 1 << 20
 #: Seconds a connection has to deliver its whole message.
 READ_DEADLINE_S = 30.0
+#: Seconds the PACS has to answer an order's lookups before the order is acknowledged ``AE``.
+LOOKUP_DEADLINE_S = 20.0
 
 
 class Orders:
@@ -110,9 +114,9 @@ class Orders:
                 raise hl7.OrderError(f"the {hl7.PROMPTS_NOTE} note needs at least one positive point")
         node = nodes.dicomweb_node(self.pacs, ep.pacs, ep.tenant)
         try:
-            study_uid, series_uid = orders.find_series(node, self.pacs.node_options(node.name).series,
-                                                       accession_number=order.accession_number,
-                                                       timeout=min(self.pacs.dicomweb_timeout_s, 30.0))
+            study_uid, series_uid = _within(LOOKUP_DEADLINE_S, f"the PACS {node.name}", lambda: orders.find_series(
+                node, self.pacs.node_options(node.name).series, accession_number=order.accession_number,
+                timeout=min(self.pacs.dicomweb_timeout_s, 30.0)))
         except orders.OrderProblem as exc:
             listed = "; ".join(f"{c.get('series_uid') or c.get('study_uid')} {c.get('description', '')}".strip()
                                for c in exc.candidates[:5])
@@ -133,6 +137,28 @@ class Orders:
         jobs.JobStore(self.redis, ttl).create(job_id, tenant=ep.tenant, volume_id=volume_id, request=request)
         self.submit(job_id)
         return job_id
+
+
+def _within(seconds: float, who: str, call: Callable[[], Any]) -> Any:
+    """``call()``, run on a thread of its own so that the order is answered after ``seconds``
+    even when ``who`` has not answered (the call then ends by its own timeouts, in the
+    background); :class:`~msam_service.pacs.nodes.PacsError` then."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="msam-hl7-lookup", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise nodes.PacsError(f"{who} did not answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class _Connection(socketserver.BaseRequestHandler):

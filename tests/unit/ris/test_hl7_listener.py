@@ -16,6 +16,7 @@ from hl7apy.parser import parse_message
 from msam_service.pacs.settings import PacsSettings
 from msam_service.ris import hl7, hl7_listener
 from msam_service.settings import Settings
+from tests.unit.worker.conftest import r, redis_url  # noqa: F401 - a private Redis
 
 ORDER = "\r".join([
     "MSH|^~\\&|RIS|HOSP|MSAM|MSAM|20261206120000||ORM^O01|{control}|P|2.5||||||{charset}",
@@ -70,3 +71,25 @@ def test_a_message_over_the_limit_is_rejected_and_a_stalled_one_closed(listener,
     with socket.create_connection(listener, timeout=10) as sock:  # the listener still answers
         sock.sendall(hl7.frame(ORDER.format(control="C-AFTER", charset="")))
         assert _ack(sock).msa.msa_2.to_er7() == "C-AFTER"
+
+
+def test_an_order_is_answered_when_the_pacs_does_not(r, monkeypatch) -> None:
+    """A PACS that accepts the connection and never answers: the order is acknowledged AE within
+    the listener's deadline, saying to send it again, instead of after every retry's timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepted by the kernel, never read or answered
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+    pacs = PacsSettings(dicomweb_nodes={"slow": url},
+                        ris_endpoints={"ris": {"application": "RIS", "facility": "HOSP", "pacs": "slow"}})
+    monkeypatch.setattr(hl7_listener, "LOOKUP_DEADLINE_S", 1.0)
+    orders = hl7_listener.Orders(Settings(), pacs, r, lambda _: None)
+    started = time.monotonic()
+    reply = orders.handle(ORDER.format(control="C-SLOW", charset=""))
+    took = time.monotonic() - started
+    ack = parse_message(reply[1:-2].decode().replace("\n", "\r"), find_groups=False)
+    assert ack.msa.msa_1.to_er7() == "AE" and ack.msa.msa_2.to_er7() == "C-SLOW"
+    assert "did not answer within 1 s" in hl7._unescape(ack.err.err_8.to_er7()), ack.to_er7()
+    assert took < 10  # not three tries of the lookup's own timeout
+    assert r.keys("msam:job:*") == []  # no job made
+    silent.close()
