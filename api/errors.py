@@ -53,8 +53,50 @@ def _message(e: dict) -> str:
     return str(e.get("msg", "invalid"))
 
 
+def _member(part: object) -> str | None:
+    """The model a location part names when pydantic tried it as one member of a union
+    (``DicomwebSource``, or ``function-after[_a_study(), DicomwebSource]`` for one with a
+    validator), else ``None``."""
+    if not isinstance(part, str):
+        return None
+    if part.startswith("function-") and part.endswith("]"):
+        part = part[:-1].rsplit(", ", 1)[-1]
+    return part if part[:1].isupper() and part.isidentifier() else None
+
+
+def _one_member(errors: list) -> list:
+    """Of a union's members, the errors of the one the client meant: the one whose fields it
+    used (no ``extra_forbidden`` error), when there is exactly one, without the member's name in
+    the locations (pydantic's, not a field the client sent); otherwise every member's errors,
+    each located by its model's plain name."""
+    tried: dict[tuple, dict[str, bool]] = {}  # the union's location -> member -> the client's fields fit
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        for i, part in enumerate(loc):
+            name = _member(part)
+            if name is not None:
+                fits = tried.setdefault(loc[:i], {})
+                fits[name] = fits.get(name, True) and e.get("type") != "extra_forbidden"
+                break
+    kept = []
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        at = next((i for i, part in enumerate(loc) if _member(part) is not None), None)
+        if at is None:
+            kept.append(e)
+            continue
+        fits = tried[loc[:at]]
+        meant = [n for n, ok in fits.items() if ok]
+        if len(meant) == 1 and _member(loc[at]) != meant[0]:
+            continue
+        rest = () if len(meant) == 1 else (_member(loc[at]),)  # several could be meant: say which is which
+        kept.append({**e, "loc": loc[:at] + rest + loc[at + 1:]})
+    return kept
+
+
 def describe(errors: list) -> str:
     """Pydantic errors as one readable line: ``prompts.lesions.0.positive: Field required``."""
+    errors = _one_member(list(errors))
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",) and not (

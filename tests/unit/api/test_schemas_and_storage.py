@@ -36,6 +36,23 @@ def test_prompts_schema() -> None:
         SegmentByVolume.model_validate({"volume_id": "../x", "prompts": {"lesions": [{"positive": [[1, 2, 3]]}]}})
 
 
+def test_a_source_error_names_the_field_the_client_sent_not_pydantics_union_members() -> None:
+    """``source`` is one of two models: the errors are those of the model whose fields the request
+    used, located by field; when none fits, each model's errors by its plain name."""
+    def error(source: dict) -> str:
+        with pytest.raises(ValidationError) as info:
+            SegmentByVolume.model_validate({"source": source, "prompts": {"lesions": [{"positive": [[1, 2, 3]]}]}})
+        return describe(info.value.errors())
+
+    assert error({"pacs": "orthanc", "accession_number": ""}) == \
+        "source.accession_number: String should have at least 1 character"
+    assert error({"pacs": "orthanc"}).startswith("source: Value error, give accession_number")
+    assert error({"received_series_uid": "x"}).startswith("source.received_series_uid: String should match")
+    neither = error({"bogus": 1})
+    assert "source.DicomwebSource.pacs: Field required" in neither and "source.ReceivedSource." in neither
+    assert "function-after" not in neither
+
+
 def test_prompts_checked_against_geometry_without_pixels() -> None:
     info = VolumeInfo(volume_id="v", format="nifti", shape=[10, 12, 8], spacing=[1, 1, 2],
                       affine_ras=np.diag([1.0, 1.0, 2.0, 1.0]).tolist(), modality=None,
