@@ -408,6 +408,25 @@ class SessionStore:
         the volume, answers undo, reset and reads of the lesion with it)."""
         self.r.set(mask_key(session_id, interaction_id) + ":measurements", json.dumps(measured), ex=self.ttl_s)
 
+    def drop_interaction(self, session_id: str, lesion: int, interaction_id: str) -> None:
+        """Take an interaction out of its lesion (one that failed, or could not be queued), so
+        the lesion is as it was before it; nothing when the session or the lesion is gone."""
+        def edit(doc: dict[str, Any]) -> None:
+            les = doc["lesions"].get(str(lesion))
+            if les is None:
+                return
+            ids = [a["id"] for a in les["interactions"]]
+            if interaction_id in ids:
+                at = ids.index(interaction_id)
+                del les["interactions"][at]
+                if at < les["step"]:
+                    les["step"] -= 1
+
+        try:
+            self.change(session_id, edit)
+        except SessionGone:
+            pass
+
     def measurements_of(self, session_id: str, interaction_id: str | None, box: BoxMask,
                         affine_ras: np.ndarray) -> dict[str, Any]:
         """The measurements of the mask after ``interaction_id``: the worker's, else the count and

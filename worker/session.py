@@ -136,7 +136,7 @@ def run_interaction(rt: Runtime, interaction_id: str, delivered_from: str | None
                      "".join(traceback.format_tb(exc.__traceback__)))
         error = {"code": "internal_error", "message": f"the worker failed unexpectedly ({type(exc).__name__}); "
                  "send the interaction again"}
-    _drop(store, session_id, number, interaction_id)
+    store.drop_interaction(session_id, number, interaction_id)
     store.finish_interaction(interaction_id, S.FAILED, error=error)
     rt.metrics.incr("interactions_failed")
     return S.FAILED
@@ -157,7 +157,7 @@ def lost_interaction(rt: Runtime, interaction_id: str, resend: Callable[[str, st
         resend(interaction_id, rt.settings.queue)
         rt.metrics.incr("interactions_resent")
         return "resent"
-    _drop(store, rec["session_id"], int(rec["lesion"]), interaction_id)
+    store.drop_interaction(rec["session_id"], int(rec["lesion"]), interaction_id)
     store.finish_interaction(interaction_id, S.FAILED, error={
         "code": "internal_error", "message": "the worker process answering this interaction stopped twice; "
         "send it again, or undo the clicks before it if it keeps failing"})
@@ -169,25 +169,6 @@ class _Stop(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def _drop(store: S.SessionStore, session_id: str, number: int, interaction_id: str) -> None:
-    """Take a failed interaction out of its lesion, so the lesion is as it was before it."""
-    def edit(doc: dict) -> None:
-        lesion = doc["lesions"].get(str(number))
-        if lesion is None:
-            return
-        ids = [a["id"] for a in lesion["interactions"]]
-        if interaction_id in ids:
-            at = ids.index(interaction_id)
-            del lesion["interactions"][at]
-            if at < lesion["step"]:
-                lesion["step"] -= 1
-
-    try:
-        store.change(session_id, edit)
-    except S.SessionGone:
-        pass
 
 
 def _segment(rt: Runtime, store: S.SessionStore, session: dict, lesion: dict, interaction_id: str,

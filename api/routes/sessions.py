@@ -285,14 +285,8 @@ def _withdraw(svc: Services, session_id: str, lesion: int, interaction_id: str) 
     """Take an interaction that could not be queued back out of its lesion, so that the error the
     client gets means "not applied: send it again". When Redis does not answer for this either,
     the error says that the click may be recorded and how to tell."""
-    def edit(d: dict[str, Any]) -> None:
-        les = d["lesions"].get(str(lesion))
-        if les is not None and interaction_id in [a["id"] for a in S.active(les)]:
-            les["interactions"] = [a for a in S.active(les) if a["id"] != interaction_id]
-            les["step"] = len(les["interactions"])
-
     try:
-        _store(svc).change(session_id, edit)
+        _store(svc).drop_interaction(session_id, lesion, interaction_id)
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the interaction could not be queued and may still be recorded in the "
                        f"lesion (as {interaction_id}): GET /sessions/{session_id} once the service answers, and "
