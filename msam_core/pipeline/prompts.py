@@ -203,8 +203,8 @@ def resolve_prompts(
         if not _inside_image(vox, volume.shape)[0]:
             raise InvalidPrompt(
                 f"point {xyz.tolist()} ({space}) is outside the image: it falls at voxel "
-                f"{np.round(vox[0], 1).tolist()} but the image has shape {list(volume.shape)} "
-                "(voxel indices run from 0 to shape-1)"
+                f"{np.round(vox[0], 1).tolist()} but the image has shape {list(volume.shape)}: its voxels "
+                "cover positions -0.5 to shape-0.5 on each axis (voxel centres 0 to shape-1)"
             )
         said = labels_at.setdefault(lesion, {})
         if said.setdefault(tuple(ras.tolist()), int(point.label)) != int(point.label):

@@ -40,7 +40,8 @@ def test_points_group_per_lesion_and_centre_on_first_positive():
 
 @pytest.mark.parametrize("points, boxes, message", [
     ([Point((40.2, 0, 0))], [], "outside the image"),
-    ([Point((-0.7, 0, 0))], [], "outside the image"),
+    ([Point((-0.7, 0, 0))], [], r"outside the image: it falls at voxel \[-0.7, .*\] but the image has shape "
+                                r"\[40, 30, 20\]: its voxels cover positions -0.5 to shape-0.5"),
     ([Point((0, 0, 1e6), space="RAS")], [], "outside the image"),
     ([Point((float("nan"), 1, 1))], [], "not a finite number"),
     ([Point((1, 1, 1), label=0)], [], "no positive point"),
@@ -57,6 +58,13 @@ def test_points_group_per_lesion_and_centre_on_first_positive():
 def test_invalid_prompts_are_refused_with_a_reason(points, boxes, message):
     with pytest.raises(InvalidPrompt, match=message):
         resolve_prompts(VOLUME, points, boxes)
+
+
+def test_a_point_within_the_first_or_last_voxel_is_inside():
+    """The refusal's wording holds: a point half a voxel beyond the first or last voxel centre
+    still lies in that voxel."""
+    near = [Point((-0.49, 0, 0)), Point((39.49, 29.5, 19.5))]
+    assert [les.lesion for les in resolve_prompts(VOLUME, near)] == [1]
 
 
 def test_box_alone_prompts_a_lesion_centred_on_it():
