@@ -336,6 +336,10 @@ def test_click_segments_the_lesion_under_the_cursor(service: Stack, browser, tmp
         page.wait_for_function("() => window.msamViewer.state.lesions[0].points.length === 2")
         undone = _wait_shown(page, 0)
         assert undone["answer"]["step"] == 2  # the server's undo answered the change
+        # the status and the message show the state after the undo, not the click it took back
+        page.wait_for_function("() => document.querySelector('#job-status').textContent === 'undone (step 2)'")
+        assert page.locator("#message").text_content().endswith("after undo")
+        assert page.locator("#job-timings").inner_html() == ""
         shown = page.evaluate("() => Array.from(window.msamViewer.state.lesions[0].overlay.img)")
         assert np.array_equal(np.flatnonzero(np.asarray(shown) > 0), np.flatnonzero(mask2.ravel(order="F") > 0))
         assert np.array_equal(_session_mask(service, undone), mask2)
@@ -715,6 +719,45 @@ def test_a_clear_or_delete_the_server_does_not_take_keeps_the_lesion_and_says_so
         page.unroute("**/readyz")
         page.evaluate("() => window.msamViewer.refreshReadiness()")
         assert page.locator("#ready").get_attribute("class") == "ok"
+    finally:
+        context.close()
+
+
+def test_views_follow_the_radiological_convention_or_the_neurological_one(service: Stack, browser,
+                                                                          tmp_path: Path) -> None:
+    """As PACS shows CT and MR, the patient's left is on the screen's right in the axial and
+    coronal views and the nose on the left in the sagittal view; the View section switches to
+    the neurological convention (kept for the next visit), and clicks land on their voxel either
+    way."""
+    context, page, console = _new_page(browser, 1200, 800)
+    try:
+        _open_files(page, service, [_phantom(tmp_path / "phantom.nii.gz")])
+        # the phantom's first axis runs to the patient's left (RAS x falls), the second anterior
+        left, front = (CENTRE[0] + 8, CENTRE[1], CENTRE[2]), (CENTRE[0], CENTRE[1] + 8, CENTRE[2])
+
+        def screen_x(voxel, view):
+            return _screen(page, voxel, view)[0]
+
+        def sides() -> dict[str, bool]:
+            return {"axial: left on the right": screen_x(left, "axial") > screen_x(CENTRE, "axial"),
+                    "coronal: left on the right": screen_x(left, "coronal") > screen_x(CENTRE, "coronal"),
+                    "sagittal: nose on the left": screen_x(front, "sagittal") < screen_x(CENTRE, "sagittal")}
+
+        assert page.locator("#convention").input_value() == "radiological"
+        assert all(sides().values()), sides()
+        page.select_option("#convention", "neurological")
+        assert not any(sides().values()), sides()
+        assert page.evaluate("() => localStorage.getItem('msam.convention')") == "neurological"
+        _click_voxel(page, CENTRE, view="sagittal")
+        shown = _wait_shown(page, 0)
+        assert np.allclose(shown["points"][0]["voxel"], CENTRE, atol=1e-3), shown["points"][0]
+        page.reload()
+        page.wait_for_function("() => window.msamViewer && window.msamViewer.nv.gl")
+        assert page.locator("#convention").input_value() == "neurological"
+        assert page.evaluate("() => window.msamViewer.nv.opts.isRadiologicalConvention") is False
+    except Exception:
+        print("\n".join(console))
+        raise
     finally:
         context.close()
 

@@ -29,6 +29,7 @@ const PEN_BOX = 3 //                              3 blue: a lesion's box, on the
 const PEN_LONG_AXIS = 5 //                        5 cyan: RECIST long axis
 const PEN_SHORT_AXIS = 6 //                       6 magenta: short axis
 const RECENT_KEY = 'msam.recentVolumes'
+const CONVENTION_KEY = 'msam.convention'
 const CLICK_SLOP_PX = 5
 const TOOLS = ['click', 'box', 'paint', 'erase']
 const MARKER_RADIUS_MM = 2
@@ -63,6 +64,10 @@ const nv = new Niivue({
   show3Dcrosshair: true,
   dragAndDropEnabled: false,
   multiplanarShowRender: SHOW_RENDER.ALWAYS,
+  // as PACS shows CT and MR: the patient's left on the screen's right (axial, coronal), the
+  // nose on the left (sagittal); the View section switches to the neurological convention
+  isRadiologicalConvention: true,
+  sagittalNoseLeft: true,
   logLevel: 'error',
   loadingText: '',
   isColorbar: false,
@@ -590,8 +595,13 @@ function undo () {
       if (p.backup) { restoreEdit(lesion, p.backup); nv.updateGLVolume() } // an edit never sent
       return
     }
-    await showAnswer(lesion, await api.undoLesion(state.session.session_id, lesion.serverN))
+    const answer = await api.undoLesion(state.session.session_id, lesion.serverN)
+    await showAnswer(lesion, answer)
     if (!lesion.acts.length) lesion.status = ''
+    // the status shows the state after the undo, not the answer it took back
+    $('job-status').textContent = `undone (step ${answer.step})`
+    $('job-timings').innerHTML = ''
+    say(`${lesion.label}: ${lesion.ml.toFixed(2)} mL (${lesion.voxels} voxels) after undo`)
   })
   redrawMarkers()
   renderLesions()
@@ -872,6 +882,14 @@ function setLayout (value) {
   }
 }
 
+/** Radiological (the patient's left on the screen's right, the nose on the left in sagittal
+ * views) or neurological (left on the left, the nose on the right). */
+function setConvention (value) {
+  const radiological = value !== 'neurological'
+  nv.opts.sagittalNoseLeft = radiological
+  nv.setRadiologicalConvention(radiological) // redraws
+}
+
 async function refreshReadiness () {
   let r
   try {
@@ -890,6 +908,12 @@ function installControls () {
   $('preset').innerHTML = Object.entries(PRESETS).map(([k, p]) => `<option value="${k}">${p.label}</option>`).join('')
   $('preset').addEventListener('change', (e) => applyPreset(e.target.value))
   $('layout').addEventListener('change', (e) => setLayout(e.target.value))
+  $('convention').value = localStorage.getItem(CONVENTION_KEY) || 'radiological'
+  setConvention($('convention').value)
+  $('convention').addEventListener('change', (e) => {
+    setConvention(e.target.value)
+    try { localStorage.setItem(CONVENTION_KEY, e.target.value) } catch { /* full or disabled */ }
+  })
   $('zoom-in').addEventListener('click', () => zoom(1.25))
   $('zoom-out').addEventListener('click', () => zoom(1 / 1.25))
   $('zoom-reset').addEventListener('click', () => nv.setPan2Dxyzmm([0, 0, 0, 1]))
