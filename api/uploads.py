@@ -64,7 +64,7 @@ def volume_for(svc: Services, volume_id: str, tenant: str) -> VolumeInfo:
     owner = svc.redis.get(volume_owner_key(volume_id))
     info = load_info(svc.storage, volume_id) if owner is not None and owner.decode() == tenant else None  # type: ignore[union-attr]
     if info is None:
-        raise ApiError(404, "not_found", f"volume {volume_id} does not exist or has expired; upload it again")
+        raise ApiError(404, "not_found", f"volume {volume_id} does not exist, was deleted or has expired; upload it again")
     svc.redis.expire(volume_owner_key(volume_id), svc.settings.job_ttl_s)
     svc.storage.touch(f"volumes/{volume_id}")
     return info

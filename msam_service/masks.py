@@ -88,7 +88,7 @@ def load_masks(doc: PromptDocument, volume: Volume,
         if volume_id not in opened:
             mask = open_mask(volume_id)
             if mask is None:
-                raise InvalidPrompt(f"the mask of lesion {n} (volume {volume_id}) no longer exists (uploads expire); "
+                raise InvalidPrompt(f"the mask of lesion {n} (volume {volume_id}) no longer exists (it was deleted, or it expired); "
                                     "upload it again")
             difference = grid_difference(mask.shape, mask.affine, volume.shape, volume.affine)
             if difference:

@@ -16,6 +16,9 @@ Keys (all expire ``ttl_s`` after the session's last change, like jobs):
   where the gateway routes the next one while that worker is alive;
 - ``msam:session:<id>:mask:<interaction id>``: a lesion's mask after that interaction
   (:func:`pack_mask`); the mask at step 0 is empty;
+- ``msam:job:<job id>:mask:<lesion>``: a lesion's mask as a commit took it (a copy, so that the
+  commit's job writes it whatever happens to the session after: a delete, an undo, its expiry);
+  dropped when the job has run, else it expires with the job;
 - ``msam:interaction:<id>``: one interaction's status and answer (hash; ``queue``: where its
   live message was sent, ``resent``: set once it was sent again after a lost worker), and
   ``msam:interaction:<id>:done``: a list the worker pushes to when the answer is there (the
@@ -81,6 +84,10 @@ def holder_key(session_id: str) -> str:
 
 def mask_key(session_id: str, interaction_id: str) -> str:
     return f"msam:session:{session_id}:mask:{interaction_id}"
+
+
+def committed_mask_key(job_id: str, lesion: int) -> str:
+    return f"msam:job:{job_id}:mask:{lesion}"
 
 
 def interaction_key(interaction_id: str) -> str:
@@ -402,6 +409,32 @@ class SessionStore:
 
     def put_mask(self, session_id: str, interaction_id: str, box: BoxMask) -> None:
         self.r.set(mask_key(session_id, interaction_id), pack_mask(box), ex=self.ttl_s)
+
+    def keep_for_commit(self, session_id: str, job_id: str, masks: dict[int, str]) -> list[int]:
+        """Copy the masks ``masks`` (lesion number -> interaction id) for the commit job
+        ``job_id`` (:func:`committed_mask_key`); returns the lesions whose mask is not computed
+        (yet), and copies nothing then."""
+        lesions = list(masks)
+        pipe = self.r.pipeline()
+        for n in lesions:
+            pipe.get(mask_key(session_id, masks[n]))
+        raw = pipe.execute()
+        missing = [n for n, r in zip(lesions, raw) if r is None]
+        if not missing:
+            pipe = self.r.pipeline()
+            for n, r in zip(lesions, raw):
+                pipe.set(committed_mask_key(job_id, n), r, ex=self.ttl_s)
+            pipe.execute()
+        return missing
+
+    def committed_mask(self, job_id: str, lesion: int) -> BoxMask | None:
+        """A lesion's mask as the commit job ``job_id`` took it, or ``None`` when it expired."""
+        raw = self.r.get(committed_mask_key(job_id, lesion))
+        return unpack_mask(raw) if raw else None  # type: ignore[arg-type]
+
+    def drop_committed(self, job_id: str, lesions: list[int]) -> None:
+        if lesions:
+            self.r.delete(*(committed_mask_key(job_id, n) for n in lesions))
 
     def put_measurements(self, session_id: str, interaction_id: str, measured: dict[str, Any]) -> None:
         """Keep what the worker measured on an interaction's mask (the API, which does not decode

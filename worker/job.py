@@ -93,7 +93,7 @@ def run_job(rt: Runtime, job_id: str, progress: Progress) -> str | None:
         t0 = time.perf_counter()
         info = load_info(rt.storage, rec.volume_id)
         if info is None:
-            raise InvalidVolume(f"volume {rec.volume_id} no longer exists (uploads expire); upload it again")
+            raise InvalidVolume(f"volume {rec.volume_id} no longer exists (it was deleted, or it expired); upload it again")
         volume, from_memory = rt.volume(info)
         timings["load"] = round(time.perf_counter() - t0, 4)
         step("segment", 0.2)

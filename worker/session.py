@@ -70,7 +70,7 @@ def held_volume(rt: Runtime, volume_id: str) -> tuple[HeldVolume, bool]:
         return held, True
     info = load_info(rt.storage, volume_id)
     if info is None:
-        raise InvalidVolume(f"volume {volume_id} no longer exists (uploads expire); upload it again and start a "
+        raise InvalidVolume(f"volume {volume_id} no longer exists (it was deleted, or it expired); upload it again and start a "
                             "new session")
     volume, _ = rt.volume(info)
     held = HeldVolume(volume=volume, sampler=VolumeSampler(volume))
@@ -230,7 +230,8 @@ def _segment(rt: Runtime, store: S.SessionStore, session: dict, lesion: dict, in
 
 def run_commit(rt: Runtime, job_id: str) -> str | None:
     """Write a committed session's outputs as job ``job_id``'s results (the job's request holds
-    the session's lesions as they were at commit: their mask ids and labels)."""
+    the session's lesions as they were at commit: their mask ids and labels; the masks are the
+    copies the commit took, :meth:`SessionStore.keep_for_commit`)."""
     store = rt.store
     rec = store.get(job_id)
     if rec is None or rec.status in jobs.FINISHED:
@@ -251,14 +252,16 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
         store.update(job_id, model=model.describe())
         info = load_info(rt.storage, rec.volume_id)
         if info is None:
-            raise InvalidVolume(f"volume {rec.volume_id} no longer exists (uploads expire)")
+            raise InvalidVolume(f"volume {rec.volume_id} no longer exists (it was deleted, or it expired)")
         volume, _ = rt.volume(info)
         labels = np.zeros(volume.shape, np.uint8)
         summary, names = [], {}
         for item in snapshot.lesions:
-            box = sessions.mask(snapshot.session_id, item.mask)
+            # the copy the commit took (a commit queued by an earlier gateway: the session's own)
+            box = sessions.committed_mask(job_id, item.lesion) or sessions.mask(snapshot.session_id, item.mask)
             if box is None:
-                raise InvalidPrompt(f"the mask of lesion {item.lesion} has expired; interact again and commit")
+                raise InvalidPrompt(f"the mask of lesion {item.lesion} is no longer stored (the commit waited longer "
+                                    "than MSAM_JOB_TTL_S); commit the session again")
             box.paste(labels, item.lesion)
             if item.label:
                 names[item.lesion] = str(item.label)
@@ -283,6 +286,7 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
                             lesions=summary, input_format=str(volume.meta.get("format", "")),
                             intensity=intensity.to_dict()) is None:
             return None
+        sessions.drop_committed(job_id, numbers)
         rt.metrics.incr("jobs_succeeded")
         return jobs.SUCCEEDED
     except MsamError as exc:
@@ -295,5 +299,7 @@ def run_commit(rt: Runtime, job_id: str) -> str | None:
     rt.storage.delete_prefix(f"jobs/{job_id}")
     store.transition(job_id, jobs.FAILED, (jobs.QUEUED, jobs.RUNNING), finished_at=time.time(), stage="failed",
                      error=error)
+    if snapshot is not None:
+        sessions.drop_committed(job_id, [i.lesion for i in snapshot.lesions])
     rt.metrics.incr("jobs_failed")
     return jobs.FAILED

@@ -390,20 +390,23 @@ def commit(session_id: str, body: CommitRequest | None = None, svc: Services = D
     body = body or CommitRequest()
     doc = _session(svc, session_id, who)
     store = _store(svc)
+    volume_for(svc, doc["volume_id"], who)  # a volume deleted under the session: 404 now, not a failed job
     lesions: list[SessionLesion] = []
     for number, les in sorted(doc["lesions"].items(), key=lambda kv: int(kv[0])):
         acts = S.active(les)
-        if not acts:
-            continue
-        if store.mask(session_id, acts[-1]["id"]) is None:
-            raise ApiError(409, "busy", f"lesion {number}'s last interaction is still running; commit once it answered")
-        lesions.append(SessionLesion(lesion=int(number), mask=acts[-1]["id"], label=les.get("label")))
+        if acts:
+            lesions.append(SessionLesion(lesion=int(number), mask=acts[-1]["id"], label=les.get("label")))
     if not lesions:
         raise ApiError(422, "invalid_prompt", "no lesion of the session has a mask yet; click on a lesion first")
     job = pacs_requests.outputs(list(body.destinations), body.callback_url, base, who)
     job.session = SessionSnapshot(session_id=session_id, lesions=lesions)
-    store.touch(session_id, [x.mask for x in lesions])
     job_id = jobs.new_id()
+    # the job writes copies of the masks: deleting or changing the session after the commit
+    # leaves what it writes as it was committed
+    busy = store.keep_for_commit(session_id, job_id, {x.lesion: x.mask for x in lesions})
+    if busy:
+        raise ApiError(409, "busy", f"lesion {busy[0]}'s last interaction is still running; commit once it answered")
+    store.touch(session_id, [x.mask for x in lesions])
     svc.store.create(job_id, tenant=who, volume_id=doc["volume_id"], request=job)
     svc.queue.send_task(S.COMMIT_TASK, args=[job_id], task_id=job_id, queue=svc.settings.queue)
     svc.metrics.incr("jobs_submitted")

@@ -162,6 +162,45 @@ def test_session_clicks_undo_reset_commit(service: Service, ct_nifti: Path) -> N
         assert c.get(f"/sessions/{sid}").status_code == 404
 
 
+def test_a_commit_writes_the_masks_it_took_whatever_happens_to_the_session_after(service: Service,
+                                                                                  ct_nifti: Path) -> None:
+    """A session deleted (or changed) while its commit waits in the queue: the job writes the
+    masks as they were at the commit. A session whose volume was deleted is refused at commit
+    (404 naming the deletion), not failed later in a job."""
+    import os
+    import signal
+
+    r = redis_conn.client(service.redis_url)
+    with service.client() as c:
+        vol, sid = _new_session(c, ct_nifti)
+        mirror = Mirror(tuple(vol["shape"]))
+        mirror.apply(_click(c, sid, 1, (22, 20, 12)))
+        worker = service.workers["w1"]
+        os.killpg(worker.pid, signal.SIGSTOP)  # the commit waits in the queue meanwhile
+        try:
+            committed = c.post(f"/sessions/{sid}/commit", json={})
+            assert committed.status_code == 202, committed.text
+            job_id = committed.json()["job_id"]
+            reset = c.post(f"/sessions/{sid}/lesions/1/reset")
+            assert reset.status_code == 200, reset.text
+            assert c.delete(f"/sessions/{sid}").status_code == 204
+            assert not list(r.scan_iter(match=S.session_key(sid) + "*"))
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
+        job = service.wait_job(job_id)
+        assert job["status"] == "succeeded", (job, service.logs())
+        data = c.get(f"/jobs/{job_id}/result", params={"format": "nifti"}).content
+        written = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj) == 1
+        np.testing.assert_array_equal(written, mirror.mask)
+        assert mirror.mask.any() and not r.exists(S.committed_mask_key(job_id, 1))  # the copy went with the job
+
+        vol, sid = _new_session(c, ct_nifti)
+        _click(c, sid, 1, (22, 20, 12))
+        assert c.delete(f"/volumes/{vol['volume_id']}").status_code == 204
+        refused = c.post(f"/sessions/{sid}/commit", json={})
+        assert refused.status_code == 404 and "was deleted" in refused.json()["error"]["message"], refused.text
+
+
 def test_box_and_mask_edit(service: Service, ct_nifti: Path) -> None:
     with service.client() as c:
         vol = _upload(c, ct_nifti)
