@@ -78,6 +78,16 @@ class PromptDocument(TypedDict, total=False):
     space: Literal["voxel", "LPS", "RAS"]
     lesions: list[LesionDocument]
     iterations: int
+    #: the lesions' numbers where they are not 1, 2, ... in order (a session's lesion is checked
+    #: and segmented alone, under its number in the session); never from a request
+    numbers: list[int]
+
+
+def numbered_lesions(doc: PromptDocument) -> list[tuple[int, LesionDocument]]:
+    """``doc``'s lesions with their numbers (``numbers``, else 1, 2, ...), which the messages
+    about them and the outputs use."""
+    lesions = doc.get("lesions", [])
+    return list(zip(doc.get("numbers") or range(1, len(lesions) + 1), lesions))
 
 
 # -- helpers -------------------------------------------------------------------------------------

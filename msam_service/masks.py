@@ -14,7 +14,7 @@ import numpy as np
 
 from msam_core.errors import InvalidPrompt
 from msam_core.io.volume import Volume
-from msam_service.contract import MaskDocument, PromptDocument
+from msam_service.contract import MaskDocument, PromptDocument, numbered_lesions
 
 #: Corners of two grids further apart than this (mm) are different grids.
 GRID_TOLERANCE_MM = 1e-2
@@ -69,7 +69,7 @@ def mask_grid_error(lesion: int, difference: str) -> InvalidPrompt:
 
 def mask_refs(doc: PromptDocument) -> dict[int, MaskDocument]:
     """Lesion number -> its ``mask`` reference, for the lesions that have one."""
-    return {n: mask for n, lesion in enumerate(doc.get("lesions", []), start=1) if (mask := lesion.get("mask"))}
+    return {n: mask for n, lesion in numbered_lesions(doc) if (mask := lesion.get("mask"))}
 
 
 def load_masks(doc: PromptDocument, volume: Volume,
@@ -98,7 +98,7 @@ def load_masks(doc: PromptDocument, volume: Volume,
         label = ref.get("label")
         masks[n] = values == label if label else values != 0
         if not masks[n].any():
-            which = f"label {label}" if label else "a voxel that is not 0"
+            which = f"voxel of label {label}" if label else "voxel that is not 0"
             raise InvalidPrompt(f"the mask of lesion {n} holds no {which}; send a mask that marks the lesion")
     return masks
 

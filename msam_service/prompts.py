@@ -21,14 +21,14 @@ import numpy as np
 from msam_core.io.volume import LPS_TO_RAS, Volume
 from msam_core.pipeline.lines import Line, line_as_points, resolve_line
 from msam_core.pipeline.prompts import Box, LesionPrompt, Point, resolve_prompts
-from msam_service.contract import PromptDocument
+from msam_service.contract import PromptDocument, numbered_lesions
 
 
 def to_points_boxes(doc: PromptDocument) -> tuple[list[Point], list[Box]]:
     space = doc.get("space", "voxel")
     points: list[Point] = []
     boxes: list[Box] = []
-    for n, lesion in enumerate(doc.get("lesions", []), start=1):
+    for n, lesion in numbered_lesions(doc):
         for xyz in lesion.get("positive", []):
             points.append(Point(xyz=tuple(xyz), label=1, space=space, lesion=n))  # type: ignore[arg-type]
         for xyz in lesion.get("negative", []) or []:
@@ -42,7 +42,7 @@ def to_points_boxes(doc: PromptDocument) -> tuple[list[Point], list[Box]]:
 def lines_of(doc: PromptDocument) -> list[Line]:
     space = doc.get("space", "voxel")
     return [Line(start=tuple(lesion["line"][0]), end=tuple(lesion["line"][1]), space=space, lesion=n)  # type: ignore[arg-type]
-            for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("line")]
+            for n, lesion in numbered_lesions(doc) if lesion.get("line")]
 
 
 def reference_lines(doc: PromptDocument, volume: Volume) -> dict[int, dict[str, Any]]:
@@ -51,7 +51,7 @@ def reference_lines(doc: PromptDocument, volume: Volume) -> dict[int, dict[str, 
     out = {}
     for line in lines_of(doc):
         lps = resolve_line(line, volume) * LPS_TO_RAS[:3, :3].diagonal()
-        source = doc["lesions"][line.lesion - 1].get("line_source") or "request"
+        source = dict(numbered_lesions(doc))[line.lesion].get("line_source") or "request"
         out[line.lesion] = {"length_mm": round(float(np.linalg.norm(lps[1] - lps[0])), 2),
                             "start_lps": [round(float(v), 2) for v in lps[0]],
                             "end_lps": [round(float(v), 2) for v in lps[1]], "source": source}
@@ -70,7 +70,7 @@ def resolve(doc: PromptDocument, volume: Volume,
     line_points = [p for line in lines_of(doc) for p in line_as_points(line, volume)]
     points = line_points + points  # a lesion's first positive click (its crop centre): its line's midpoint
     if masks is None:
-        masked = {n for n, lesion in enumerate(doc.get("lesions", []), start=1) if lesion.get("mask")}
+        masked = {n for n, lesion in numbered_lesions(doc) if lesion.get("mask")}
         points = [dataclasses.replace(p, label=1) if p.lesion in masked else p for p in points]
         if not points and not boxes:
             return []
@@ -79,5 +79,5 @@ def resolve(doc: PromptDocument, volume: Volume,
 
 
 def segment_labels(doc: PromptDocument) -> dict[int, str]:
-    return {n: str(lesion["label"]) for n, lesion in enumerate(doc.get("lesions", []), start=1)
+    return {n: str(lesion["label"]) for n, lesion in numbered_lesions(doc)
             if lesion.get("label")}

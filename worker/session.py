@@ -181,7 +181,8 @@ def _segment(rt: Runtime, store: S.SessionStore, session: dict, lesion: dict, in
     volume = held.volume
     load_s = time.perf_counter() - t0
     doc, mask_act = S.lesion_prompt_doc(lesion)
-    prompt = {"space": session["space"], "lesions": [doc]}
+    number = int(lesion["number"])
+    prompt = {"space": session["space"], "lesions": [doc], "numbers": [number]}
     masks: dict[int, np.ndarray] = {}
     if mask_act is not None:
         if mask_act.get("volume_id"):
@@ -193,7 +194,7 @@ def _segment(rt: Runtime, store: S.SessionStore, session: dict, lesion: dict, in
                 raise InvalidPrompt("the edited mask no longer exists or is empty; send it again")
             full = np.zeros(volume.shape, bool)
             full[tuple(slice(int(a), int(b)) for a, b in zip(edited.lo, edited.hi))] = edited.mask
-            masks = {1: full}
+            masks = {number: full}
     timer = StageTimer()
     segmenter = Segmenter(model.network, model.options, device=rt.settings.device,
                           cache=rt.cache_for(session["tenant"]), max_windows=rt.settings.max_windows, hooks=timer)

@@ -158,7 +158,7 @@ def _validate(svc: Services, doc: dict[str, Any], lesion: dict[str, Any], act: d
     prompt, mask = S.lesion_prompt_doc(trial)
     if mask is not None:
         prompt["mask"] = {"volume_id": "0" * 32}  # only its presence counts for the check below
-    resolve({"space": doc["space"], "lesions": [prompt]}, info.geometry_volume())
+    resolve({"space": doc["space"], "lesions": [prompt], "numbers": [int(lesion["number"])]}, info.geometry_volume())
     if act["kind"] == "mask" and act.get("volume_id"):
         mask_info = volume_for(svc, act["volume_id"], who)
         difference = grid_difference(mask_info.shape, np.asarray(mask_info.affine_ras), info.shape,

@@ -238,7 +238,7 @@ def test_box_and_mask_edit(service: Service, ct_nifti: Path) -> None:
         assert r.status_code == 422 and "not inside the volume" in r.json()["error"]["message"], r.text
 
 
-def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path) -> None:
+def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path, tmp_path: Path) -> None:
     with service.client() as c:
         vol = _upload(c, ct_nifti)
         assert c.post("/sessions", json={"volume_id": "0" * 32}).status_code == 404
@@ -256,6 +256,19 @@ def test_bad_session_requests_are_4xx(service: Service, ct_nifti: Path) -> None:
         r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "point", "xyz": [4, 2, 3],
                                                                      "positive": False})
         assert r.status_code == 422 and "no positive point" in r.json()["error"]["message"], r.text
+        # a refusal names the session's lesion, whose prompt is checked alone
+        c.post(f"/sessions/{sid}/lesions")
+        c.post(f"/sessions/{sid}/lesions")
+        r = c.post(f"/sessions/{sid}/lesions/3/interactions", json={"kind": "point", "xyz": [4, 2, 3],
+                                                                     "positive": False})
+        assert r.status_code == 422 and "lesion 3 has no positive point" in r.json()["error"]["message"], r.text
+        image = nib.load(str(ct_nifti))
+        empty = tmp_path / "empty_mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), str(empty))
+        r = c.post(f"/sessions/{sid}/lesions/3/interactions",
+                   json={"kind": "mask", "volume_id": _upload(c, empty)["volume_id"]})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["message"].startswith("the mask of lesion 3 holds no voxel that is not 0"), r.text
         r = c.post(f"/sessions/{sid}/lesions/1/interactions", json={"kind": "scribble", "xyz": [4, 2, 3]})
         assert r.status_code == 422
         assert c.get(f"/sessions/{sid}").json()["lesions"][0]["step"] == 0  # nothing refused was kept

@@ -116,7 +116,7 @@ def test_load_masks_by_label_and_refusals():
     masks = load_masks(doc, volume, stored.get)
     assert masks[1].sum() == masks[2].sum() == 64
     doc["lesions"][0]["mask"]["label"] = 3
-    with pytest.raises(InvalidPrompt, match="holds no label 3"):
+    with pytest.raises(InvalidPrompt, match="holds no voxel of label 3"):
         load_masks(doc, volume, stored.get)
     with pytest.raises(InvalidPrompt, match="no longer exists"):
         load_masks({"lesions": [{"mask": {"volume_id": "x" * 32}}]}, volume, stored.get)
