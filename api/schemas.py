@@ -571,5 +571,7 @@ class LesionChange(BaseModel):
     lesion: int
     step: int
     base: str | None = None
+    interaction_id: str | None = Field(default=None, description="the interaction whose mask the lesion has now "
+                                       "(null: the empty mask, step 0): the base of the next answer that changes it")
     delta: DeltaOut | None = None
     measurements: Measurements

@@ -329,8 +329,14 @@ def get_interaction(session_id: str, interaction_id: str, response: Response,
 def _lesion_change(svc: Services, doc: dict[str, Any], lesion: dict[str, Any], old: S.BoxMask, old_id: str | None,
                    info: VolumeInfo) -> dict[str, Any]:
     new = _store(svc).current_mask(doc["session_id"], lesion) or S.BoxMask.empty()
-    return {"lesion": lesion["number"], "step": lesion["step"], "base": old_id, "delta": S.delta(old, new),
-            "measurements": _measured(svc, doc["session_id"], lesion, new, info)}
+    return {"lesion": lesion["number"], "step": lesion["step"], "base": old_id, "interaction_id": _in_effect(lesion),
+            "delta": S.delta(old, new), "measurements": _measured(svc, doc["session_id"], lesion, new, info)}
+
+
+def _in_effect(lesion: dict[str, Any]) -> str | None:
+    """The id of the interaction whose mask the lesion has (``None``: none, the empty mask)."""
+    acts = S.active(lesion)
+    return acts[-1]["id"] if acts else None
 
 
 def _undo_or_reset(svc: Services, session_id: str, lesion: int, who: str, reset: bool) -> dict[str, Any]:
@@ -376,8 +382,8 @@ def lesion_mask(session_id: str, lesion: int, svc: Services = Depends(services),
     box = _store(svc).current_mask(session_id, les)
     if box is None:
         raise ApiError(409, "busy", f"lesion {lesion}'s last interaction is still running")
-    return {"lesion": lesion, "step": les["step"], "base": None, "delta": S.whole(box),
-            "measurements": _measured(svc, session_id, les, box, info)}
+    return {"lesion": lesion, "step": les["step"], "base": None, "interaction_id": _in_effect(les),
+            "delta": S.whole(box), "measurements": _measured(svc, session_id, les, box, info)}
 
 
 @router.post("/sessions/{session_id}/commit", status_code=202, response_model=JobAccepted, responses=_ERRORS,

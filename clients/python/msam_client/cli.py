@@ -6,7 +6,8 @@
     msam-remote job JOB_ID
 
 ``click`` runs an interactive session (one lesion, one interaction per click, printing each
-answer's volume and timings), commits it and downloads the committed result; ``segment`` does
+answer's volume and timings), commits it, deletes the session and downloads the committed
+result; ``segment`` does
 the same clicks as one job. The service is ``--url`` or ``MSAM_URL`` (default
 http://127.0.0.1:8000); the key ``MSAM_API_KEY``. Exit status: 0 done, 1 the service refused or
 failed (its message on stderr), 2 bad arguments.
@@ -18,9 +19,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from msam_client.client import Client
 from msam_client.errors import JobFailed, MsamError, Unreachable
+
+#: what ``GET /jobs/{id}/result?format=`` gives (which of them a job has depends on its input)
+FORMATS = ("dicom-seg", "rtstruct", "nifti", "png", "mha", "sr", "fhir")
 
 
 def _xyz(text: str) -> list[float]:
@@ -46,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--positive", type=_xyz, action="append", default=[], metavar="I,J,K")
         c.add_argument("--negative", type=_xyz, action="append", default=[], metavar="I,J,K")
         c.add_argument("--space", default="voxel", choices=["voxel", "LPS", "RAS"])
-        c.add_argument("--format", default=None, help="result to download (default: the service's)")
+        c.add_argument("--format", default=None, choices=FORMATS, help="result to download (default: the service's)")
         c.add_argument("--out", default=None, help="where to write the result")
     j = sub.add_parser("job", help="a job's record")
     j.add_argument("job_id")
@@ -65,21 +70,36 @@ def run(args: argparse.Namespace) -> int:
         if not args.positive:
             print("msam-remote: error: give at least one --positive click", file=sys.stderr)
             return 2
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            print(f"msam-remote: error: --out {args.out}: its folder does not exist", file=sys.stderr)
+            return 2
         if args.command == "segment":
             lesion = {"positive": args.positive, **({"negative": args.negative} if args.negative else {})}
             job = client.submit(args.volume_id, [lesion], space=args.space).wait()
         else:
             session = client.session(args.volume_id, space=args.space)
-            n = session.add_lesion()
-            for xyz, positive in [(x, True) for x in args.positive] + [(x, False) for x in args.negative]:
-                answer = session.click(n, xyz, positive=positive)
-                print(json.dumps({"step": answer.step, "measurements": answer.measurements,
-                                  "worker_s": answer.timings.get("worker")}))
-            job = session.commit().wait()
+            try:
+                n = session.add_lesion()
+                for xyz, positive in [(x, True) for x in args.positive] + [(x, False) for x in args.negative]:
+                    answer = session.click(n, xyz, positive=positive)
+                    print(json.dumps({"step": answer.step, "measurements": answer.measurements,
+                                      "worker_s": answer.timings.get("worker")}))
+                committed = session.commit()  # the commit's job keeps the masks it took
+            finally:
+                _forget(session)
+            job = committed.wait()
         print(json.dumps({"job_id": job.job_id, "results": sorted(job.body.get("results", {}))}))
         if args.out:
             client.download(job.job_id, args.format, args.out)
         return 0
+
+
+def _forget(session) -> None:  # noqa: ANN001
+    """Delete the session ``click`` opened (it expires on its own where the service does not answer)."""
+    try:
+        session.delete()
+    except (MsamError, Unreachable):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@ session whose lesions' masks it keeps from the deltas it is answered)."""
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +103,19 @@ class Client:
 
     # -- volumes and jobs -------------------------------------------------------------------
     def upload(self, *paths: str | Path) -> Volume:
-        """Upload one image (NIfTI, NRRD, MetaImage, a DICOM zip) or the DICOM files of a series."""
-        files = [("image", (Path(p).name, open(p, "rb"))) for p in paths]  # noqa: SIM115
+        """Upload one image (NIfTI, NRRD, MetaImage, a DICOM zip) or the DICOM files of a series
+        (the files, or the folder that holds them: every file under it but hidden ones)."""
+        found: list[Path] = []
+        for p in map(Path, paths):
+            if p.is_dir():
+                inside = sorted(f for f in p.rglob("*") if f.is_file()
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                if not inside:
+                    raise FileNotFoundError(f"{p} holds no file to upload")
+                found += inside
+            else:
+                found.append(p)
+        files = [("image", (p.name, open(p, "rb"))) for p in found]  # noqa: SIM115
         try:
             body = self._json("POST", protocol.VOLUMES, files=files)
         finally:
@@ -154,19 +167,32 @@ class Session:
         self.affine_ras = np.asarray(body["affine_ras"])
         self.masks: dict[int, np.ndarray] = {}
         self._measurements: dict[int, dict] = {}
+        self._held: dict[int, str | None] = {}  # lesion -> the interaction whose mask masks[n] is
+        self._lock = threading.Lock()  # answers of threads clicking at once are applied one at a time
 
     def add_lesion(self, label: str | None = None) -> int:
-        body = self.client._json("POST", protocol.lesions(self.session_id), json={"label": label} if label else {})
+        body = self.client._json("POST", protocol.lesions(self.session_id),
+                                 json={"label": label} if label is not None else {})
         self.masks[body["lesion"]] = np.zeros(self.shape, bool)
+        self._held[body["lesion"]] = None
         return int(body["lesion"])
 
     def _apply(self, body: dict) -> Answer:
+        """Apply an answer's delta to the lesion's mask. A delta applies to the mask after
+        ``base``: when that is not the mask held here (answers to clicks sent at once on one
+        lesion may arrive out of order), the whole mask is read from the service instead."""
         lesion = int(body["lesion"])
-        mask = self.masks.setdefault(lesion, np.zeros(self.shape, bool))
-        protocol.apply_delta(mask, body.get("delta"), body.get("base") is None)
-        self._measurements[lesion] = body["measurements"]
+        with self._lock:
+            mask = self.masks.setdefault(lesion, np.zeros(self.shape, bool))
+            base = body.get("base")
+            if base is not None and base != self._held.get(lesion):
+                body = dict(body, **self.client._json("GET", protocol.lesion_verb(self.session_id, lesion, "mask")))
+                base = None
+            protocol.apply_delta(mask, body.get("delta"), base is None)
+            self._held[lesion] = body.get("interaction_id")
+            self._measurements[lesion] = body["measurements"]
         return Answer(lesion=lesion, step=body["step"], measurements=body["measurements"], delta=body.get("delta"),
-                      base=body.get("base"), interaction_id=body.get("interaction_id"), timings=body.get("timings", {}))
+                      base=base, interaction_id=body.get("interaction_id"), timings=body.get("timings", {}))
 
     def _interact(self, lesion: int, payload: dict, wait: float | None, timeout: float) -> Answer:
         params = {"wait": wait} if wait is not None else {}
@@ -184,12 +210,11 @@ class Session:
     def click(self, lesion: int, xyz: Sequence[float], positive: bool = True, wait: float | None = None,
               timeout: float = 300.0) -> Answer:
         """A positive (or negative) point; answers once the lesion's new mask is applied."""
-        return self._interact(lesion, {"kind": "point", "xyz": [float(v) for v in xyz], "positive": positive},
-                              wait, timeout)
+        return self._interact(lesion, {"kind": "point", "xyz": _xyz(xyz, "xyz"), "positive": positive}, wait, timeout)
 
     def box(self, lesion: int, corner0: Sequence[float], corner1: Sequence[float], wait: float | None = None,
             timeout: float = 300.0) -> Answer:
-        return self._interact(lesion, {"kind": "box", "corners": [list(map(float, corner0)), list(map(float, corner1))]},
+        return self._interact(lesion, {"kind": "box", "corners": [_xyz(corner0, "corner0"), _xyz(corner1, "corner1")]},
                               wait, timeout)
 
     def mask_input(self, lesion: int, volume_id: str, label: int | None = None, wait: float | None = None,
@@ -201,6 +226,10 @@ class Session:
     def edit(self, lesion: int, edited: np.ndarray, wait: float | None = None, timeout: float = 300.0) -> Answer:
         """Send ``edited`` (the lesion's whole mask after painting or erasing, volume shape) as the
         lesion's input mask; only the box where it differs from the current mask travels."""
+        edited = np.asarray(edited)
+        if edited.shape != self.shape:
+            raise ValueError(f"the edited mask has shape {edited.shape}; the volume's is {self.shape}")
+        edited = edited.astype(bool)
         current = self.masks.get(lesion, np.zeros(self.shape, bool))
         changed = np.argwhere(current != edited)
         if changed.size == 0:
@@ -244,3 +273,14 @@ class Session:
 
     def delete(self) -> None:
         self.client._request("DELETE", protocol.session(self.session_id))
+
+
+def _xyz(values: Sequence[float], name: str) -> list[float]:
+    """Three finite numbers, or a ``ValueError`` that says what ``name`` was instead."""
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be three finite numbers, got {values!r}")
+    return out
