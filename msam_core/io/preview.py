@@ -2,8 +2,10 @@
 
 The image and mask are first permuted/flipped (no interpolation) to the axis order closest to
 R, A, S; panels are shown in radiological convention (patient right on the left of the screen,
-anterior / superior at the top) and scaled to square millimetres. Left to right: axial, coronal,
-sagittal. No text is drawn, so no patient data can end up in the picture.
+anterior / superior at the top, in the sagittal panel anterior on the left), as the viewer shows
+them by default, and scaled to square millimetres. Left to right: axial, coronal, sagittal. The
+only text drawn is each panel's orientation letters (R/L, A/P, S/I at the middle of its edges;
+for an oblique image the nearest directions), so no patient data can end up in the picture.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from msam_core.io.orient import reorient_array_like, reorient_to_ras
@@ -22,6 +24,10 @@ COLOURS = ((255, 64, 64), (64, 200, 255), (255, 210, 0), (80, 255, 80), (255, 96
 CT_WINDOW = (-160.0, 240.0)  # soft tissue
 #: pixels along the longest side of the image (all panels share one mm-per-pixel scale)
 PANEL_PIXELS = 384
+#: orientation letters (left, right, top, bottom) of the axial, coronal and sagittal panels
+LETTERS = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
+LETTER_COLOUR = (255, 255, 160)
+LETTER_PIXELS = 16
 
 
 def _window(volume: Volume, ct: bool) -> tuple[float, float]:
@@ -54,6 +60,17 @@ def _panel(image2d: np.ndarray, labels2d: np.ndarray, mm: tuple[float, float],
     return Image.fromarray(rgb)
 
 
+def _letter(panel: Image.Image, letters: tuple[str, str, str, str]) -> None:
+    """Draw the orientation ``letters`` (left, right, top, bottom) at the middle of ``panel``'s
+    edges, outlined in black so that they read on any grey."""
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=LETTER_PIXELS)
+    w, h, pad = panel.width, panel.height, 3
+    anchors = (((pad, h / 2), "lm"), ((w - pad, h / 2), "rm"), ((w / 2, pad), "mt"), ((w / 2, h - pad), "mb"))
+    for text, (xy, anchor) in zip(letters, anchors):
+        draw.text(xy, text, fill=LETTER_COLOUR, font=font, anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
 def render_preview(volume: Volume, labels: np.ndarray, ct: bool | None = None) -> Image.Image:
     """The preview image for ``labels`` (shape ``volume.shape``) over ``volume``."""
     if labels.shape != volume.shape:
@@ -76,6 +93,8 @@ def render_preview(volume: Volume, labels: np.ndarray, ct: bool | None = None) -
     coronal = _panel(img[:, j, :].T[flip], lab[:, j, :].T[flip], (sp[2], sp[0]), window, scale)
     sagittal = _panel(img[i, :, :].T[flip], lab[i, :, :].T[flip], (sp[2], sp[1]), window, scale)
     panels = [axial, coronal, sagittal]
+    for panel, letters in zip(panels, LETTERS):
+        _letter(panel, letters)
     gap = 8
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     height = max(p.height for p in panels)

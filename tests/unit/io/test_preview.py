@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from msam_core.io.preview import COLOURS, save_preview
+from msam_core.io.preview import COLOURS, LETTER_COLOUR, LETTERS, save_preview
 from msam_core.io.volume import Volume
 from tests.unit.pipeline.phantoms import centred_affine, sphere_truth, spheres_image
 
@@ -37,6 +37,16 @@ def test_preview_panels_follow_radiological_convention(tmp_path):
     assert c < half and r < half  # right on the left, superior at the top
     r, c = _outline_centroid(sagittal)
     assert c < half and r < half  # anterior on the left, superior at the top
+    # each panel's orientation letters sit at its edges: left, right, top, bottom
+    for panel, letters in zip((axial, coronal, sagittal), LETTERS):
+        rgb = panel.astype(int)  # the letters' yellow, anti-aliased: not the image's grey nor an outline
+        ink = (np.abs(rgb - LETTER_COLOUR).max(axis=-1) < 40) & (rgb[..., 0] - rgb[..., 2] > 40)
+        h, w = ink.shape
+        band = max(4, w // 12)
+        margins = (ink[:, :band], ink[:, -band:], ink[:band, :], ink[-band:, :])
+        assert all(m.sum() > 10 for m in margins), letters
+        assert not ink[band:-band, band:-band].any()  # nothing drawn over the lesion's middle
+    assert letters == ("A", "P", "S", "I")
 
 
 def test_preview_of_empty_mask_is_written(tmp_path):
