@@ -102,17 +102,27 @@ class BodyLimit:
         self.json = (json_kb * 1024, f"the request body exceeds {json_kb} KB (MSAM_MAX_JSON_KB): a JSON request "
                      "carries only ids and prompts; upload images as multipart/form-data (POST /volumes or "
                      "POST /segment)")
+        self.json_kb = json_kb
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        multipart = headers.get("content-type", "").lower().startswith("multipart/form-data")
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        multipart = media == "multipart/form-data"
         limit, message = self.upload if multipart else self.json
+        status, code = 413, "too_large"
+        if not multipart and media != "application/json" and not media.endswith("+json"):
+            # an image sent as the raw body (curl --data-binary, a Content-Type of the file's):
+            # the type is what is wrong, not the size
+            status, code = 415, "unsupported_media_type"
+            message = (f"the body is {repr(media) if media else 'without a Content-Type'} and over {self.json_kb} KB: "
+                       "send images as multipart/form-data with the file in the field 'image' (curl: -F "
+                       "image=@ct.nii.gz), everything else as JSON (-H 'Content-Type: application/json')")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _send_413(send, message)
+            await _send_refusal(send, status, code, message)
             return
         received = 0
         exceeded = started = False
@@ -143,15 +153,16 @@ class BodyLimit:
             if not exceeded or started:
                 raise
         if exceeded and not started:
-            await _send_413(send, message)
+            await _send_refusal(send, status, code, message)
 
 
-async def _send_413(send: Send, message: str) -> None:
+async def _send_refusal(send: Send, status: int, code: str, message: str) -> None:
+    """The answer to a body over its limit: 413, or 415 for a body of a type no route takes."""
     # No "Connection: close": closing a socket with unread request bytes resets it, and the
     # client could lose this answer. uvicorn discards the rest of the body instead, for at most
     # MSAM_HEADER_TIMEOUT_S under HeaderTimeoutProtocol.
-    headers, data = _json_answer(413, "too_large", message)
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    headers, data = _json_answer(status, code, message)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 

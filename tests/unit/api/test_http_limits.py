@@ -61,6 +61,20 @@ def test_a_chunked_json_body_over_the_json_limit_is_413(client: TestClient) -> N
     assert small.status_code == 404, small.text
 
 
+def test_an_image_sent_as_the_raw_body_is_a_415_that_says_how_to_upload(client: TestClient, nifti: bytes) -> None:
+    """``curl --data-binary @ct.nii.gz``: the body's type is what is wrong, whatever its size."""
+    image = nifti + b"\0" * (64 * 1024)
+    for headers, content in (({"content-type": "application/octet-stream"}, image),
+                             ({"content-type": "application/gzip"}, _chunks(image)), ({}, image)):
+        r = client.post("/volumes", content=content, headers=headers)
+        assert r.status_code == 415, r.text
+        message = r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+        assert "multipart/form-data" in message and "field 'image'" in message and "-F image=@" in message
+    small = client.post("/volumes", content=b"abc", headers={"content-type": "application/octet-stream"})
+    assert small.status_code == 415 and "field 'image'" in small.json()["error"]["message"], small.text
+
+
 def test_a_chunked_multipart_body_over_the_upload_limit_is_413(client: TestClient) -> None:
     boundary = "b0undary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"ct.nii\"\r\n"
