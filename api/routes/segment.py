@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -201,7 +202,17 @@ def check_nesting(field: str, text: str) -> None:
 
 def _parse_prompts(raw: str) -> Prompts:
     check_nesting("prompts", raw)
-    return Prompts.model_validate_json(raw)
+    try:
+        return Prompts.model_validate_json(raw)
+    except ValidationError as exc:
+        bad = next((e for e in exc.errors() if e["type"] == "json_invalid"), None)
+        if bad is None:
+            raise
+        at = next((x for x in bad["loc"] if isinstance(x, int)), None)
+        raise ApiError(422, "invalid_request", "prompts: the form field is not valid JSON ("
+                       f"{bad.get('ctx', {}).get('error', 'decode error')}"
+                       f"{f' at character {at + 1}' if at is not None else ''}); send the prompts document as "
+                       'JSON, e.g. {"space": "LPS", "lesions": [{"positive": [[x, y, z]]}]}') from exc
 
 
 def _form_destinations(raw: object) -> list[str]:

@@ -107,6 +107,10 @@ def test_bodies_in_the_wrong_media_type_are_415s_that_say_what_to_send(r, redis_
             assert answer.status_code == 422 and says in answer.json()["error"]["message"], (sent, answer.text)
         nan = c.post(url, params={"wait": "nan"}, json={"kind": "point", "xyz": [1, 2, 3]})
         assert nan.status_code == 422 and "query.wait: Input should be a finite number" in nan.text, nan.text
+        # a prompts form field that is not JSON is named as the field, not as the body
+        form_bad = c.post("/segment", files={"image": ("ct.nii.gz", nifti)}, data={"prompts": '{"space": '})
+        assert form_bad.status_code == 422, form_bad.text
+        assert form_bad.json()["error"]["message"].startswith("prompts: the form field is not valid JSON"), form_bad.text
         raw = c.post("/volumes", content=nifti, headers={"Content-Type": "application/octet-stream"})
         assert raw.status_code == 415 and "-F image=@" in raw.json()["error"]["message"], raw.text
         assert c.post("/volumes", json={"image": "ct.nii.gz"}).status_code == 415
