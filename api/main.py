@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -57,10 +58,14 @@ async def _sweeper(svc: Services) -> None:
 
 def _document_extra_schemas(app: FastAPI) -> None:
     """Add the models that routes read by hand (``POST /segment``'s JSON body) to the OpenAPI
-    components, so the document's ``$ref`` s resolve."""
+    components, so the document's ``$ref`` s resolve; every 422 is declared as the service's
+    ``ErrorBody`` (FastAPI declares its own validation body, which the service never sends; the
+    routers that take a key declare their 401)."""
     from fastapi.openapi.utils import get_openapi
 
-    from api.schemas import SegmentByVolume
+    from api.schemas import ErrorBody, SegmentByVolume
+
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -71,6 +76,16 @@ def _document_extra_schemas(app: FastAPI) -> None:
             for name, definition in extra.pop("$defs", {}).items():
                 components.setdefault(name, definition)
             components.setdefault("SegmentByVolume", extra)
+            components.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if "422" in responses:
+                        responses["422"] = {"description": "the request cannot be served as sent; the message says why",
+                                            "content": {"application/json": {"schema": error_ref}}}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                if unused not in json.dumps(schema["paths"]):
+                    components.pop(unused, None)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -34,7 +34,7 @@ PAGE = STATIC_DIR / "viewer" / "index.html"
 #: the displayed image, kept beside the upload (expires and is deleted with it)
 DISPLAY_NAME = "display.nii.gz"
 
-router = APIRouter(tags=["viewer"])
+router = APIRouter(tags=["viewer"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -16,7 +16,7 @@ from msam_service.contract import RESULT_FILES, result_key
 from msam_service.jobs import JobRecord
 from msam_service.ris.results import fhir_bundle
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
 
 
 
@@ -72,7 +72,7 @@ def get_job(job_id: str, svc: Services = Depends(services), who: str = Depends(t
 @router.get("/jobs/{job_id}/result", response_class=FileResponse,
             response_model=None,
             responses={200: {"content": {"application/dicom": {}, "application/gzip": {}, "image/png": {},
-                                         "application/fhir+json": {}}},
+                                         "application/octet-stream": {}, "application/fhir+json": {}}},
                        404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 def get_result(job_id: str, format: ResultFormat | None = Query(
                    default=None, description="default: dicom-seg for DICOM input, else nifti"),

@@ -22,7 +22,7 @@ from msam_service.queue import enqueue, enqueue_retrieval
 
 RETRY_AFTER_S = 10
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
 
 _MULTIPART_SCHEMA = {
     "type": "object",

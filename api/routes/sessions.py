@@ -36,7 +36,7 @@ from msam_service.prompts import resolve
 from msam_service.queue import live_worker_names, send_interaction, worker_alive
 from msam_service.volumes import VolumeInfo
 
-router = APIRouter(tags=["sessions"])
+router = APIRouter(tags=["sessions"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}, 409: {"model": ErrorBody},
                                              413: {"model": ErrorBody}, 415: {"model": ErrorBody},

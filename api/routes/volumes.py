@@ -9,7 +9,7 @@ from api.deps import Services, multipart_body, services, tenant
 from api.schemas import ErrorBody, VolumeOut
 from msam_service.volumes import VolumeInfo
 
-router = APIRouter(tags=["volumes"])
+router = APIRouter(tags=["volumes"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
 
 
 @router.post("/volumes", status_code=201, response_model=VolumeOut, dependencies=[Depends(multipart_body)],

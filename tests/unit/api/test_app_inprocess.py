@@ -127,6 +127,20 @@ def test_openapi_references_resolve(redis_url: str, tmp_path: Path) -> None:
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
     assert "prompts" in components["SegmentByVolume"]["properties"]
+    # errors as the service answers them: its own body for every 422, a 401 where a key is taken
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in json.dumps(spec)
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status in ("401", "422"):
+                    assert response["content"]["application/json"]["schema"] == error, (path, method, status)
+    for path, method in (("/volumes/{volume_id}", "get"), ("/volumes/{volume_id}", "delete"),
+                         ("/jobs/{job_id}", "delete"), ("/sessions/{session_id}/lesions/{lesion}/interactions", "post"),
+                         ("/sessions", "post")):
+        assert {"401", "422"} <= set(spec["paths"][path][method]["responses"]), (path, method)
+    assert "401" not in spec["paths"]["/healthz"]["get"]["responses"]
+    assert "application/octet-stream" in spec["paths"]["/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]
 
 
 def test_a_click_that_cannot_be_queued_is_withdrawn_or_said_to_be_recorded(r, redis_url: str, tmp_path: Path,
