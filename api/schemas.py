@@ -316,7 +316,12 @@ class AxisOut(BaseModel):
     start_voxel: list[float] = Field(description="first endpoint, continuous voxel indices i, j, k of the image")
     end_voxel: list[float] = Field(description="second endpoint, continuous voxel indices i, j, k of the image")
     slice_axis: int | None = Field(description="voxel axis across the slices (0, 1, 2 = i, j, k)")
-    slice_index: int | None = Field(description="the slice along slice_axis")
+    slice_index: int | None = Field(description="the slice along slice_axis, in the image grid's order (for DICOM: the "
+                                    "slices' order in space, not their instance numbers)")
+    slice_sop_instance_uid: str | None = Field(default=None, description="DICOM input: the SOP Instance UID of the image "
+                                               "that is this slice")
+    slice_frame_number: int | None = Field(default=None, description="DICOM input: its frame number, in a multi-frame "
+                                           "instance")
 
 
 class IntensityStatsOut(BaseModel):

@@ -66,6 +66,11 @@ class Axis:
         slice_axis: voxel axis (0, 1, 2 = i, j, k) across the slices of the acquisition plane;
             ``None`` for a 3D line.
         slice_index: the slice along ``slice_axis`` the line lies in; ``None`` for a 3D line.
+            It counts slices in the image's grid order, which for DICOM is the order of the slices
+            in space, not the instance numbers a PACS shows: hence the next two.
+        slice_sop_instance_uid: for a DICOM image, the SOP Instance UID of the image that is that
+            slice (the image a PACS viewer would show the line on); else ``None``.
+        slice_frame_number: its 1-based frame number when the image is a multi-frame instance.
     """
 
     length_mm: float
@@ -75,13 +80,16 @@ class Axis:
     end_voxel: tuple[float, float, float]
     slice_axis: int | None = None
     slice_index: int | None = None
+    slice_sop_instance_uid: str | None = None
+    slice_frame_number: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"length_mm": round(self.length_mm, 2),
                 "start_lps": [round(v, 2) for v in self.start_lps], "end_lps": [round(v, 2) for v in self.end_lps],
                 "start_voxel": [round(v, 2) for v in self.start_voxel],
                 "end_voxel": [round(v, 2) for v in self.end_voxel],
-                "slice_axis": self.slice_axis, "slice_index": self.slice_index}
+                "slice_axis": self.slice_axis, "slice_index": self.slice_index,
+                "slice_sop_instance_uid": self.slice_sop_instance_uid, "slice_frame_number": self.slice_frame_number}
 
 
 @dataclass(frozen=True)
@@ -192,10 +200,23 @@ def _axis(volume: Volume, a: np.ndarray, b: np.ndarray, slice_axis: int | None =
           slice_index: int | None = None) -> Axis:
     """An :class:`Axis` between continuous voxel positions ``a`` and ``b``."""
     lps = _to_lps(volume, np.stack([a, b]))
+    uid, frame = _slice_image(volume, slice_axis, slice_index)
     return Axis(length_mm=float(np.linalg.norm(lps[1] - lps[0])),
                 start_lps=tuple(float(v) for v in lps[0]), end_lps=tuple(float(v) for v in lps[1]),  # type: ignore[arg-type]
                 start_voxel=tuple(float(v) for v in a), end_voxel=tuple(float(v) for v in b),  # type: ignore[arg-type]
-                slice_axis=slice_axis, slice_index=slice_index)
+                slice_axis=slice_axis, slice_index=slice_index, slice_sop_instance_uid=uid, slice_frame_number=frame)
+
+
+def _slice_image(volume: Volume, slice_axis: int | None, slice_index: int | None) -> tuple[str | None, int | None]:
+    """The DICOM image (SOP Instance UID, frame number) that is slice ``slice_index`` along
+    ``slice_axis`` of ``volume``: a DICOM volume's slices are its images along ``k``, in the order
+    its reader put them (``meta["sop_instance_uids"]``, ``meta["frame_numbers"]``)."""
+    uids = volume.meta.get("sop_instance_uids") if volume.meta.get("format") == "dicom" else None
+    if slice_axis != 2 or slice_index is None or not uids or len(uids) != volume.shape[2]:
+        return None, None
+    frames = volume.meta.get("frame_numbers") or [None] * len(uids)
+    frame = frames[slice_index]
+    return str(uids[slice_index]), int(frame) if frame is not None else None
 
 
 def _in_plane_basis(volume: Volume, slice_axis: int) -> tuple[np.ndarray, list[int]]:

@@ -275,3 +275,45 @@ def test_the_long_axis_slice_is_the_exhaustive_searchs() -> None:
             assert short_axis.slice_index == s
             several += int(np.count_nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))) > 1
     assert several > 100  # lesions over several slices, where slices can be skipped
+
+
+@pytest.mark.parametrize("layout", ["reverse", "shuffle", "multiframe"])
+def test_a_dicom_slice_is_named_by_the_image_it_is(tmp_path, layout) -> None:
+    """The RECIST axes' slice index counts slices in space; for DICOM input the axes also name
+    the image that slice is (its SOP Instance UID, and frame in a multi-frame instance), found
+    here from the files' own positions, whatever order the series was written in."""
+    import pydicom
+
+    from msam_core.io.load import load_volume
+    from tests.unit.io.dicom_synth import make_ct_series, make_split_multiframe
+
+    series = make_ct_series(tmp_path / "series", shape=(24, 20, 10), write_order="shuffle" if layout == "multiframe"
+                            else layout)
+    folder = make_split_multiframe(series, tmp_path / "mf") if layout == "multiframe" else tmp_path / "series"
+    volume = load_volume(folder)
+    mask = np.zeros(volume.shape, bool)
+    mask[8:16, 6:14, 3] = True  # the lesion's largest section on slice 3
+    mask[10:14, 8:12, 2] = mask[10:14, 8:12, 4] = True
+    long_axis = measure_lesion(mask, volume).long_axis
+    assert long_axis.slice_axis == 2 and long_axis.slice_index == 3
+    # the image whose position lies in the axis's plane (along the slice normal), from the files
+    normal = np.cross(series.affine_lps[:3, 0], series.affine_lps[:3, 1])
+    normal /= np.linalg.norm(normal)
+    where = float(np.dot(long_axis.start_lps, normal))
+    images = []
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            for n, frame in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+                ipp = frame.PlanePositionSequence[0].ImagePositionPatient
+                images.append((str(ds.SOPInstanceUID), n, float(np.dot(np.asarray(ipp, float), normal))))
+        else:
+            images.append((str(ds.SOPInstanceUID), None, float(np.dot(np.asarray(ds.ImagePositionPatient, float),
+                                                                       normal))))
+    uid, frame, _ = min(images, key=lambda im: abs(im[2] - where))
+    assert (long_axis.slice_sop_instance_uid, long_axis.slice_frame_number) == (uid, frame)
+    assert (frame is not None) == (layout == "multiframe")
+    assert long_axis.to_json()["slice_sop_instance_uid"] == uid
+    # not DICOM: no image to name
+    plain = measure_lesion(mask, Volume(volume.array, volume.affine)).long_axis
+    assert plain.slice_sop_instance_uid is None and plain.slice_frame_number is None
