@@ -19,7 +19,10 @@ mean intensity (MR)    DCM 110852 MR signal         UCUM ``1``, derivation SCT M
 =====================  ===========================  =============================
 
 The finding is SCT 108369006 Neoplasm, found by the device observer ``msam``. Lengths are the
-ones :mod:`msam_core.measure` reports (the endpoints stay in the JSON report and job status).
+ones :mod:`msam_core.measure` reports. The RECIST axes also name the source image their slice is
+(TID 300's source image for the measurement: the SOP Instance, and frame of a multi-frame
+instance), so a viewer can open the image they were measured on; their endpoints stay in the JSON
+report and job status (TID 1411's measurements take no coordinates).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from msam_core.errors import InvalidVolume, UnsupportedRequest
 from msam_core.io.dicom_text import apply_character_set, conform_source_header
 from msam_core.io.seg import label_of_segment, long_string, msam_version, report, source_of
 from msam_core.io.volume import Volume
-from msam_core.measure import LesionMeasurements
+from msam_core.measure import Axis, LesionMeasurements
 
 __all__ = ["SrLesion", "read_sr", "write_sr"]
 
@@ -67,10 +70,23 @@ class SrLesion:
     source_series_uid: str
     values: dict[str, float]  # "volume_ml", "long_axis_mm", "short_axis_mm", "max_diameter_3d_mm", "mean"
     units: dict[str, str]
+    #: by value name: the source image a value was measured on (SOP Instance UID, frame or None)
+    images: dict[str, tuple[str, int | None]]
 
 
 def _measurement(name: Code, value: float, unit: Code, derivation: Code | None = None) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=round(float(value), 3), unit=unit, derivation=derivation)
+
+
+def _length(name: Code, axis: Axis, source: Volume, derivation: Code | None = None) -> hd.sr.Measurement:
+    """A length, with the source image it was measured on when it lies in one (RECIST axes)."""
+    images = None
+    if axis.slice_sop_instance_uid:
+        frames = [axis.slice_frame_number] if axis.slice_frame_number is not None else None
+        images = [hd.sr.SourceImageForMeasurement(str(source.meta["sop_class_uid"]), axis.slice_sop_instance_uid,
+                                                  referenced_frame_numbers=frames)]
+    return hd.sr.Measurement(name=name, value=round(float(axis.length_mm), 3), unit=MM, derivation=derivation,
+                             referenced_images=images)
 
 
 def write_sr(
@@ -118,9 +134,9 @@ def write_sr(
             continue
         values = [
             _measurement(codes.SCT.Volume, m.volume_ml, ML),
-            _measurement(codes.SCT.LongAxis, m.long_axis.length_mm, MM),
-            _measurement(codes.SCT.ShortAxis, m.short_axis.length_mm, MM),
-            _measurement(codes.SCT.Diameter, m.max_diameter_3d.length_mm, MM, MAXIMUM),
+            _length(codes.SCT.LongAxis, m.long_axis, source),
+            _length(codes.SCT.ShortAxis, m.short_axis, source),
+            _length(codes.SCT.Diameter, m.max_diameter_3d, source, MAXIMUM),
         ]
         if m.intensity is not None and m.intensity.unit == "HU":
             values.append(_measurement(codes.DCM.AttenuationCoefficient, m.intensity.mean, HU, codes.SCT.Mean))
@@ -187,16 +203,20 @@ def read_sr(path: str | Path) -> list[SrLesion]:
             continue
         values: dict[str, float] = {}
         units: dict[str, str] = {}
+        images: dict[str, tuple[str, int | None]] = {}
         for m in group.get_measurements():
             key = _NAMES.get((m.name.scheme_designator, m.name.value))
             if key is not None:
                 values[key] = float(m.value)
                 units[key] = str(m.unit.value)
+                for image in m.referenced_images or []:
+                    frames = image.referenced_frame_numbers
+                    images[key] = (str(image.referenced_sop_instance_uid), int(frames[0]) if frames else None)
         series = ref.source_series_for_segmentation
         out.append(SrLesion(
             tracking_id=str(group.tracking_identifier), tracking_uid=str(group.tracking_uid),
             seg_instance_uid=str(ref.referenced_sop_instance_uid),
             segment_number=int((ref.referenced_segment_numbers or [0])[0]),
             source_series_uid=str(series.value) if series is not None else "",
-            values=values, units=units))
+            values=values, units=units, images=images))
     return out

@@ -56,6 +56,11 @@ def test_sr_round_trip(tmp_path: Path, oblique: bool) -> None:
         assert group.values["mean"] == pytest.approx(m.intensity.mean, abs=1e-3)
         assert group.units == {"volume_ml": "ml", "long_axis_mm": "mm", "short_axis_mm": "mm",
                                "max_diameter_3d_mm": "mm", "mean": "[hnsf'U]"}
+        # the RECIST axes name the source image they were measured on: one of the series', the
+        # one that is their slice; the 3D diameter lies in none
+        slice_image = (m.long_axis.slice_sop_instance_uid, None)
+        assert group.images == {"long_axis_mm": slice_image, "short_axis_mm": slice_image}
+        assert slice_image[0] in {str(d.SOPInstanceUID) for d in series.datasets}
     # the evidence lists every source instance and the SEG
     evidence = {str(i.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for s in study.ReferencedSeriesSequence for i in s.ReferencedSOPSequence}
