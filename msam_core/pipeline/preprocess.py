@@ -199,17 +199,28 @@ def normalize_crop(crop: np.ndarray, ct: bool) -> np.ndarray:
 class VolumeSampler:
     """Cuts normalised crops out of one input volume (wraps it for SimpleITK once).
 
+    Non-finite voxels (NaN, +-inf) are read as the image's lowest finite value, as
+    :func:`~msam_core.io.load.load_volume` reads them, so a :class:`Volume` made by hand gives what
+    the same image loaded from a file gives (one NaN would otherwise turn every crop into NaN and
+    the mask empty).
+
     Attributes:
         volume: the input image.
         intensity: what its values were taken to be (:func:`intensity_profile`).
         ct: whether CT clamping applies (``intensity.hu``).
+
+    Raises:
+        InvalidVolume: no voxel of the image is finite.
     """
 
     def __init__(self, volume: Volume) -> None:
+        from msam_core.io.load import finite_volume
+
         self.volume = volume
-        self.intensity = intensity_profile(volume)
+        values = finite_volume(volume, "the image")
+        self.intensity = intensity_profile(values)
         self.ct = self.intensity.hu
-        self._image = IndexImage(volume.array)
+        self._image = IndexImage(values.array)
         self._ras_to_voxel = np.linalg.inv(volume.affine)
 
     def crop_to_voxel(self, grid: CropGrid) -> np.ndarray:

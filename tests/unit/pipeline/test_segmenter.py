@@ -308,3 +308,24 @@ def test_the_bundled_pipeline_computes_only_what_can_be_lesion_and_gives_the_who
         assert (whole > 0).any() and np.array_equal(whole > 0, part > 0), f"click {n}"
         assert np.array_equal(whole[whole > 0], part[whole > 0]), f"click {n}"
         assert np.mean(part > BACKGROUND_LOGIT) < 0.25, f"click {n}"
+
+
+def test_a_volume_with_non_finite_voxels_segments_as_loaded_from_a_file(bundled):
+    """A Volume made by hand with NaN and inf voxels gives the mask the same image gives once
+    loaded (non-finite voxels read as the lowest finite value), not an empty one; an image
+    without a finite voxel is refused."""
+    from msam_core.errors import InvalidVolume
+    from msam_core.io.load import finite_volume
+
+    volume, centre = _nodule_ct()
+    array = volume.array.copy()
+    array[0, 0, :] = np.nan
+    array[50, 60, 20] = np.inf
+    array[tuple(np.round(np.linalg.inv(volume.affine) @ [*centre, 1.0])[:3].astype(int))] = np.nan  # at the click
+    raw = Volume(array, volume.affine)
+    seg = Segmenter(bundled.network, bundled.options)
+    point = [Point(tuple(centre), space="RAS")]
+    got = seg.segment(raw, point).labels
+    assert got.any() and np.array_equal(got, seg.segment(finite_volume(raw, "test"), point).labels)
+    with pytest.raises(InvalidVolume, match="every voxel is NaN or infinite"):
+        seg.segment(Volume(np.full(volume.shape, np.nan, np.float32), volume.affine), point)
