@@ -227,13 +227,19 @@ def resolve_prompts(
                 f"the prior mask has shape {list(prior.shape)} but the image has shape "
                 f"{list(volume.shape)}; give a mask on the image's own grid"
             )
-        values = [int(v) for v in np.unique(prior) if v != 0]
+        found = np.unique(prior)
+        odd = [v for v in found if not np.isfinite(v) or v < 0 or v != np.round(v)]
+        if odd:
+            raise InvalidPrompt(
+                f"the prior mask holds {float(odd[0]):g}: its values must be lesion labels (0 background, 1, 2, "
+                "...); threshold or round a probability map first (e.g. prior >= 0.5)")
+        values = [int(v) for v in found if v != 0]
         if not values:
             raise InvalidPrompt("the prior mask is empty (no voxel is > 0)")
         prompted = set(by_lesion) | set(box_by_lesion)
         if len(values) == 1 and len(prompted) <= 1:
             # a one-label prior refines the one lesion prompted otherwise (if any)
-            prior_labels[next(iter(prompted), values[0])] = prior != 0
+            prior_labels[next(iter(prompted), None) or _check_lesion(values[0])] = prior != 0
         else:
             for v in values:
                 prior_labels[_check_lesion(v)] = prior == v

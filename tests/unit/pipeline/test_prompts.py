@@ -89,6 +89,19 @@ def test_prior_mask_labels_become_lesions():
         resolve_prompts(VOLUME, [], [], np.zeros(VOLUME.shape))
 
 
+@pytest.mark.parametrize("value, says", [(0.8, "holds 0.8"), (-1, "holds -1"), (float("nan"), "holds nan")])
+def test_a_prior_of_other_values_than_labels_is_refused(value, says):
+    """A probability map or a signed mask is not read as labels (0.8 truncated to 0 dropped the
+    lesion and counted the background as "lesion 0"; -1 overflowed)."""
+    prior = np.zeros(VOLUME.shape, np.float32)
+    prior[5:10, 5:10, 5:10] = value
+    with pytest.raises(InvalidPrompt, match=f"the prior mask {says}: its values must be lesion labels"):
+        resolve_prompts(VOLUME, [Point((7, 7, 7))], [], prior)
+    prior[5:10, 5:10, 5:10] = 255.0  # a binary mask stored 0/255 is a label like any other
+    (lesion,) = resolve_prompts(VOLUME, [Point((7, 7, 7))], [], prior)
+    assert lesion.lesion == 1 and lesion.prior.sum() == 125
+
+
 def test_binary_prior_goes_to_the_one_prompted_lesion():
     prior = np.zeros(VOLUME.shape, np.uint8)
     prior[5:10, 5:10, 5:10] = 1
