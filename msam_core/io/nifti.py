@@ -36,6 +36,17 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _check_orientation(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header that sets neither a qform nor an sform (both codes 0): NIfTI then gives
+    the voxel sizes only (ANALYZE's convention), not where the axes point in the patient, and
+    nibabel's fallback affine would invent an orientation (a mirrored mask at worst), as an NRRD
+    without its space fields is refused."""
+    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+        raise InvalidVolume(f"{path.name}: the header sets neither a qform nor an sform (both codes are 0), so "
+                            "the image's orientation in the patient is unknown; write it with its orientation "
+                            "(e.g. nibabel: img.set_qform(affine, code=1)) or convert it again from the DICOM series")
+
+
 def _check_voxel_sizes(path: Path, img: nib.Nifti1Image) -> None:
     """Refuse voxel sizes (``pixdim[1:4]``) that are zero, negative or not finite when the affine
     is built from them (no sform). nibabel would read a zero as 1 mm and a negative size as its
@@ -112,6 +123,7 @@ def read_nifti(path: str | Path) -> Volume:
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InvalidVolume(f"{path.name} is not a NIfTI image")
         shape = spatial_shape(path.name, img.shape)
+        _check_orientation(path, img)
         _check_voxel_sizes(path, img)
         array = _scaled_float32(img.dataobj, shape)
     except InvalidVolume:

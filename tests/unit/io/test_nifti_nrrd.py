@@ -62,6 +62,15 @@ def test_nifti_qform_only_and_sform_precedence(tmp_path):
     np.testing.assert_allclose(load_volume(tmp_path / "s.nii.gz").affine, OBLIQUE, atol=1e-5)
 
 
+def test_a_nifti_without_orientation_is_refused(tmp_path):
+    """Neither qform nor sform: nibabel would fall back to an orientation of its own."""
+    bare = nib.Nifti1Image(_data(), None)
+    assert bare.header["qform_code"] == bare.header["sform_code"] == 0
+    nib.save(bare, str(tmp_path / "bare.nii.gz"))
+    with pytest.raises(InvalidVolume, match="sets neither a qform nor an sform .*orientation in the patient is unknown"):
+        load_volume(tmp_path / "bare.nii.gz")
+
+
 def test_mask_round_trip_keeps_grid_and_header_geometry_exactly(tmp_path):
     img = nib.Nifti1Image(_data((9, 8, 7), np.float32), None)
     img.set_qform(OBLIQUE, code=1)
