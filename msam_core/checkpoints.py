@@ -42,6 +42,7 @@ import torch
 
 from msam_core.errors import InvalidCheckpoint
 from msam_core.model import MSAM, ModelConfig, get_config, is_added_parameter
+from msam_core import BUNDLED_CHECKPOINT  # noqa: F401 - for load_model(BUNDLED_CHECKPOINT)
 from msam_core.checkpoint_info import describe, file_sha256, model_name, options_from_meta, split_options, version
 from msam_core.pipeline.options import PipelineOptions
 

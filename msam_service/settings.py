@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import msam_core
 
 #: Where the bundled default model is expected (the same path the CLI falls back to).
-DEFAULT_CHECKPOINT = Path(msam_core.__file__).resolve().parent / "weights" / "msam_default.safetensors"
+DEFAULT_CHECKPOINT = msam_core.BUNDLED_CHECKPOINT
 
 
 class Settings(BaseSettings):

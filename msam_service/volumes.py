@@ -121,11 +121,7 @@ def decode(path: Path, series_uid: str | None = None) -> Volume:
     from msam_core.io.load import load_volume, volume_format
 
     try:
-        if series_uid and volume_format(path) == "dicom":
-            from msam_core.io.dicom import read_series
-
-            return read_series(path, series_uid=series_uid)
-        return load_volume(path)
+        return load_volume(path, series_uid=series_uid if series_uid and volume_format(path) == "dicom" else None)
     except MsamError as exc:
         message = without_paths(str(exc))
         if message == str(exc):

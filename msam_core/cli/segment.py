@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-import msam_core
+from msam_core import BUNDLED_CHECKPOINT
 from msam_core.errors import InvalidCheckpoint, InvalidPrompt, UnsupportedRequest
 from msam_core.io.volume import Volume
 
 #: Where the bundled default model is expected (shipped as package data).
-DEFAULT_CHECKPOINT = Path(msam_core.__file__).resolve().parent / "weights" / "msam_default.safetensors"
+DEFAULT_CHECKPOINT = BUNDLED_CHECKPOINT
 OUTPUTS = (".nii.gz / .nii or .mha / .mhd (mask on the input grid), .png (preview), .dcm (DICOM-SEG) or "
            ".rtstruct.dcm (RTSTRUCT), both for DICOM input only")
 
@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "it becomes positive clicks on the line; repeatable")
     p.add_argument("--space", default="voxel", help="space of --point/--box: voxel (default), LPS or RAS")
     p.add_argument("--mask", type=Path, default=None, metavar="PRIOR", help="existing mask to refine")
+    p.add_argument("--series-uid", default=None, metavar="UID",
+                   help="DICOM input holding several image series: the SeriesInstanceUID of the one to segment")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"model weights (default: the bundled model, {DEFAULT_CHECKPOINT.name})")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidPrompt("nothing to segment: give --point, --box, --line or --mask")
     checkpoint = resolve_checkpoint(args.checkpoint)
 
-    volume = load_volume(args.input)
+    volume = load_volume(args.input, series_uid=args.series_uid)
     if kind in ("seg", "rtstruct") and volume.meta.get("format") != "dicom":
         what = "DICOM-SEG" if kind == "seg" else "RTSTRUCT"
         raise UnsupportedRequest(

@@ -392,7 +392,8 @@ def _choose(series: dict[str, _Series], skipped: dict[str, int], series_uid: str
         return series[series_uid]
     if len(series) > 1:
         raise InvalidVolume(
-            f"the upload holds {len(series)} image series; choose one by its SeriesInstanceUID: {listing}"
+            f"the input holds {len(series)} image series; choose one by its SeriesInstanceUID (msam segment "
+            f"--series-uid; POST /segment and /volumes: the form field series_uid): {listing}"
         )
     return next(iter(series.values()))
 

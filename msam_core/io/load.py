@@ -35,8 +35,9 @@ def volume_format(path: str | Path) -> str:
     raise InvalidVolume(f"{path.name}: unknown image format; supported inputs: {SUPPORTED_INPUTS}")
 
 
-def read_dicom_series(path: str | Path) -> Volume:
-    """Read a DICOM series through :func:`msam_core.io.dicom.read_series` when it is installed."""
+def read_dicom_series(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read a DICOM series through :func:`msam_core.io.dicom.read_series` when it is installed
+    (``series_uid``: the one to read where the input holds several)."""
     try:
         dicom = importlib.import_module("msam_core.io.dicom")
         read_series = dicom.read_series
@@ -45,16 +46,19 @@ def read_dicom_series(path: str | Path) -> Volume:
             "DICOM input needs the DICOM reader (msam_core.io.dicom.read_series), which this "
             "build does not include yet; convert the series to NIfTI or NRRD first"
         ) from exc
-    return read_series(path)
+    return read_series(path, series_uid=series_uid)
 
 
-def load_volume(path: str | Path) -> Volume:
+def load_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     """Read any supported image into a :class:`Volume` whose affine maps voxels to RAS mm
-    (non-finite voxels as :func:`finite_volume` sets them)."""
+    (non-finite voxels as :func:`finite_volume` sets them). ``series_uid``: for DICOM input
+    holding several image series, the SeriesInstanceUID of the one to read."""
     path = Path(path)
     if not path.exists():
         raise InvalidVolume(f"{path}: no such file or folder")
     kind = volume_format(path)
+    if series_uid is not None and kind != "dicom":
+        raise InvalidVolume(f"{path.name} is {kind}, not DICOM: a series UID chooses among DICOM series only")
     if kind == "nifti":
         from msam_core.io.nifti import read_nifti
 
@@ -67,7 +71,7 @@ def load_volume(path: str | Path) -> Volume:
         from msam_core.io.metaimage import read_metaimage
 
         return finite_volume(read_metaimage(path), path.name)
-    return read_dicom_series(path)  # integer pixel data: always finite
+    return read_dicom_series(path, series_uid)  # integer pixel data: always finite
 
 
 def finite_volume(volume: Volume, name: str) -> Volume:

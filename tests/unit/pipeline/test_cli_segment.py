@@ -7,10 +7,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
 from msam_core.cli import main
+from msam_core.io.load import load_volume
 from tests.unit.pipeline.phantoms import centred_affine, rotation, spheres_image
 
 SHAPE = (48, 40, 24)
@@ -103,6 +105,26 @@ def test_dicom_in_dicom_seg_out(files, capsys, tmp_path):
     assert code == 0, err
     labels = read_seg(out, read_series(tmp_path / "ct"))
     assert labels.shape == (24, 20, 12)
+
+
+def test_a_folder_of_several_series_is_segmented_by_the_series_named(files, capsys, tmp_path):
+    """The refusal names the option that chooses; the option reads that series; it is for DICOM only."""
+    from msam_core.io.seg import read_seg
+    from tests.unit.io.dicom_synth import make_ct_series
+
+    make_ct_series(tmp_path / "up" / "a", shape=(24, 20, 12))
+    b = make_ct_series(tmp_path / "up" / "b", shape=(20, 16, 8), seed=3)
+    out = tmp_path / "seg.dcm"
+    common = ["-o", out, "--point", "10,8,4", "--checkpoint", files["ckpt"], "--max-windows", "1"]
+    code, err = _run(capsys, tmp_path / "up", *common)
+    assert code == 2 and "holds 2 image series" in err and "msam segment --series-uid" in err, err
+    code, err = _run(capsys, tmp_path / "up", *common, "--series-uid", b.series_uid)
+    assert code == 0, err
+    assert pydicom.dcmread(out).ReferencedSeriesSequence[0].SeriesInstanceUID == b.series_uid
+    assert read_seg(out, load_volume(tmp_path / "up", series_uid=b.series_uid)).shape == (20, 16, 8)
+    code, err = _run(capsys, files["image"], "-o", tmp_path / "m.nii.gz", "--point", "24,20,12",
+                     "--checkpoint", files["ckpt"], "--series-uid", b.series_uid)
+    assert code == 2 and "not DICOM: a series UID chooses among DICOM series only" in err, err
 
 
 def test_dicom_in_rtstruct_out(files, capsys, tmp_path):
