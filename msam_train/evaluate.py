@@ -340,11 +340,16 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
 
     data_dir = Path(data_dir)
     cases = require_cases(data_dir, split)  # before the model loads: a wrong folder or split fails at once
+    for folder in (out_dir, masks_dir):  # a folder that cannot be made fails before the work, not after it
+        if folder is not None:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UnsupportedRequest(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
+                                         "choose another --out / --masks folder") from exc
     if model is None:
         model = load_model(checkpoint, device=device)
     segmenter = Segmenter(model.network, model.options, device=device, cache=embedding_cache)
-    if masks_dir is not None:
-        Path(masks_dir).mkdir(parents=True, exist_ok=True)
     meta = _lesion_meta(data_dir, split)
     rows: list[Row] = []
     #: with other_image_control: (row template, crop, mask, first click, grid, coarse crop) per lesion
@@ -520,7 +525,8 @@ def run(args: argparse.Namespace) -> int:
                        other_image_control=args.other_image_control, masks_dir=args.masks,
                        line=not args.no_line, line_strategy=args.line_strategy)
     for method, stats in summary["groups"]["all"].items():
-        print(f"{method}: Dice " + " ".join(f"@{i + 1} {v:.3f}" for i, v in enumerate(stats["dice"]))
-              + f" (NSD@1 {stats['nsd'][0]:.3f}, @{len(stats['nsd'])} {stats['nsd'][-1]:.3f})")
+        nsd = f"NSD@1 {stats['nsd'][0]:.3f}" + (f", @{len(stats['nsd'])} {stats['nsd'][-1]:.3f}"
+                                                 if len(stats["nsd"]) > 1 else "")
+        print(f"{method}: Dice " + " ".join(f"@{i + 1} {v:.3f}" for i, v in enumerate(stats["dice"])) + f" ({nsd})")
     print(f"wrote {args.out}")
     return 0

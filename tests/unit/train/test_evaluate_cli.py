@@ -285,3 +285,20 @@ def test_calibrate_sets_the_coarse_view_and_records_both_scores(tmp_path) -> Non
     assert low <= record["difference"] <= high
     # with the view off, the checkpoint's scores are the threshold scan's at 0: the same protocol
     assert off["mean_dice"] == model.meta["provenance"]["calibration"]["table"]["0"]["mean_dice"]
+
+
+def test_evaluate_refuses_a_report_folder_it_cannot_write_before_the_work(tmp_path, capsys) -> None:
+    """An --out that cannot be made is refused before the model loads (exit 2, one line), not
+    after every lesion was evaluated; the summary line gives each NSD once."""
+    data, ck = _one_validation_case_and_a_random_model(tmp_path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--clicks", "1", "--no-baseline",
+                 "--out", str(blocked / "reports")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to {blocked / 'reports'}" in err and "choose another --out" in err, err
+    assert blocked.read_text() == "not a folder"
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--clicks", "1", "--no-baseline",
+                 "--no-line", "--out", str(tmp_path / "ok")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("msam:"))
+    assert line.count("NSD@1") == 1 and ", @1 " not in line, line
