@@ -205,7 +205,9 @@ def _guess_config(state: dict[str, torch.Tensor], is_msam_layout: bool, name: st
     if pos.shape[-1] != 768 or pos.shape[1] != 8:
         raise InvalidCheckpoint(
             f"{name}: image encoder of width {pos.shape[-1]} over a {pos.shape[1]}^3 grid matches no "
-            "built-in config (SAM-Med3D vit_b_ori is 768 over 8^3); pass the config explicitly"
+            "built-in config (SAM-Med3D vit_b_ori is 768 over 8^3); name its config: in Python "
+            "load_model(path, config=NAME), or convert it once with `msam convert FILE.pth FILE.safetensors "
+            "--config NAME` (msam_small, msam_small_regions, ...), whose output names its config itself"
         )
     return get_config("msam" if is_msam_layout else "sam_med3d")
 

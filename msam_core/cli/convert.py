@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -21,12 +22,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _changed(options) -> str:  # noqa: ANN001 - PipelineOptions
+    """``options``' fields that differ from the defaults, as ``name=value``."""
+    from msam_core.pipeline.options import PipelineOptions
+
+    default = PipelineOptions().to_dict()
+    return ", ".join(f"{k}={v}" for k, v in options.to_dict().items() if default.get(k) != v)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from msam_core.pipeline.options import PipelineOptions
 
     from msam_core.checkpoints import export_state_dict, load_model, save_checkpoint
     from msam_core.errors import UnsupportedRequest
 
+    if not args.output.parent.is_dir():
+        raise UnsupportedRequest(f"output folder {args.output.parent} does not exist")
     loaded = load_model(args.input, config=args.config, allow_unsafe_pickle=args.allow_unsafe_pickle)
     model = loaded.network
     suffix = args.output.suffix.lower()
@@ -40,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     elif suffix in (".pth", ".pt"):
         layout = args.layout or ("m_sam" if model.mea is not None else "sam_med3d")
         torch.save({"model_state_dict": export_state_dict(model, layout)}, args.output)
+        if loaded.options != PipelineOptions():
+            # upstream's training checkpoints hold the network's weights only
+            print(f"msam convert: note: {args.output.name} holds the network only; the pipeline options "
+                  f"{args.input.name} was calibrated with ({_changed(loaded.options)}) have no place in a .pth. "
+                  "Run the model from its .safetensors: one converted back from this file runs with the "
+                  "default options and gives other masks", file=sys.stderr)
     else:
         raise UnsupportedRequest(f"unknown output type {args.output.name!r}: use .safetensors or .pth")
     trainable, total = model.parameter_counts()

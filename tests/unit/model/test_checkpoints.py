@@ -290,3 +290,14 @@ def test_cli_convert(tmp_path, small_msam, capsys):
     assert cli_main(["convert", str(tmp_path / "missing.pth"), str(out)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert cli_main(["convert", str(out), str(tmp_path / "x.bin")]) == 2
+    assert cli_main(["convert", str(out), str(tmp_path / "no" / "x.pth")]) == 2
+    assert "output folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    # options calibrated into the file have no place in a .pth: said so, not dropped silently
+    calibrated = save_checkpoint(small_msam, tmp_path / "calibrated.safetensors", provenance={},
+                                 options=PipelineOptions(prior_weight_first=4.0, boundary_band=1))
+    capsys.readouterr()
+    assert cli_main(["convert", str(calibrated), str(tmp_path / "up.pth")]) == 0
+    err = capsys.readouterr().err
+    assert "holds the network only" in err and "prior_weight_first=4.0" in err and "boundary_band=1" in err, err
+    assert cli_main(["convert", str(out), str(tmp_path / "plain.pth")]) == 0
+    assert "holds the network only" not in capsys.readouterr().err  # nothing to lose
