@@ -655,6 +655,14 @@ def test_dicom_zip_is_shown_from_the_server_and_clicks_map_to_its_voxels(service
             page.click("#dl-seg")
         seg = dl.value.path().read_bytes()
         assert seg[128:132] == b"DICM"
+        # send to PACS: a cancelled prompt says nothing was sent; an unknown name, which ones exist
+        page.once("dialog", lambda d: d.dismiss())
+        page.click("#send-pacs")
+        page.wait_for_function("() => document.querySelector('#message').textContent === 'not sent: no destination named'")
+        page.once("dialog", lambda d: d.accept("nowhere"))
+        page.click("#send-pacs")
+        page.wait_for_function("() => document.querySelector('#message').textContent.startsWith('send failed')")
+        assert "unknown destination 'nowhere'; configured:" in page.locator("#message").text_content()
         assert not any("pageerror" in m for m in console), console
         page.screenshot(path=str(OUT / "viewer-dicom.png"))
     except Exception:

@@ -730,7 +730,10 @@ async function download (format) {
 async function sendToPacs () {
   const names = (window.prompt('Send the DICOM-SEG to which PACS destinations? (configured node names, comma-separated)') || '')
     .split(',').map((s) => s.trim()).filter(Boolean)
-  if (!names.length) return
+  if (!names.length) {
+    say('not sent: no destination named')
+    return
+  }
   setBusy(1)
   say('saving and sending…')
   try {
