@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -342,14 +343,12 @@ def evaluate(data_dir: Path, checkpoint: Path | None, split: str = "validation",
     cases = require_cases(data_dir, split)  # before the model loads: a wrong folder or split fails at once
     for folder in (out_dir, masks_dir):  # a folder that cannot be made fails before the work, not after it
         if folder is not None:
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UnsupportedRequest(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
-                                         "choose another --out / --masks folder") from exc
+            _check_writable(Path(folder))
     if model is None:
         model = load_model(checkpoint, device=device)
     segmenter = Segmenter(model.network, model.options, device=device, cache=embedding_cache)
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
     meta = _lesion_meta(data_dir, split)
     rows: list[Row] = []
     #: with other_image_control: (row template, crop, mask, first click, grid, coarse crop) per lesion
@@ -434,6 +433,17 @@ def summarise(rows: list[Row], clicks: int) -> dict:
         if selected:
             groups[f"diameter={name}"] = means(selected)
     return {"clicks": clicks, "groups": groups}
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a report folder that could not be made or written (a file in its way, a read-only
+    place), without making it: a run refused later for another reason leaves nothing behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "cannot be written"
+        raise UnsupportedRequest(f"cannot write to {folder}: {existing} {what}; choose another --out / --masks folder")
 
 
 def write_reports(out: Path, rows: list[Row], summary: dict) -> None:

@@ -296,7 +296,7 @@ def test_evaluate_refuses_a_report_folder_it_cannot_write_before_the_work(tmp_pa
     assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--clicks", "1", "--no-baseline",
                  "--out", str(blocked / "reports")]) == 2
     err = capsys.readouterr().err
-    assert f"cannot write to {blocked / 'reports'}" in err and "choose another --out" in err, err
+    assert f"cannot write to {blocked / 'reports'}: {blocked} is not a folder" in err and "choose another --out" in err, err
     assert blocked.read_text() == "not a folder"
     assert main(["evaluate", "--data", str(data), "--checkpoint", str(ck), "--clicks", "1", "--no-baseline",
                  "--no-line", "--out", str(tmp_path / "ok")]) == 0
