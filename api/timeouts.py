@@ -3,7 +3,7 @@
 * :class:`RequestTimeout` (``MSAM_REQUEST_TIMEOUT_S``): a request whose body has not arrived, or
   whose answer has not started, within the deadline gets 408 with a message (an answer already
   being sent, e.g. a large result download, is left to finish).
-* :class:`BodyLimit` (``MSAM_MAX_UPLOAD_MB``, ``MSAM_MAX_JSON_KB``): 413 once the bytes received
+* :class:`BodyLimit` (``MSAM_MAX_UPLOAD_MB``, ``MSAM_MAX_JSON_KB``): 413 (415 for a body neither multipart nor JSON) once the bytes received
   pass the limit, whatever the transfer encoding (``Content-Length`` or chunked): a declared
   length only lets the refusal come before the first byte is read.
 * :class:`HeaderTimeoutProtocol` (``MSAM_HEADER_TIMEOUT_S``): the request head itself must arrive
@@ -85,7 +85,9 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """413 (JSON body naming the setting) once a request body passes its limit.
+    """413 (JSON body naming the setting) once a request body passes its limit; 415 instead for a
+    body that is neither multipart nor JSON (an image sent as the raw body: its type is what is
+    wrong, and the answer says how to upload it).
 
     Multipart bodies (image uploads) may reach ``MSAM_MAX_UPLOAD_MB`` plus 1 MiB of form
     overhead; every other body (JSON: ids and prompts) ``MSAM_MAX_JSON_KB``. The bytes are
