@@ -230,6 +230,11 @@ class ErrorBody(BaseModel):
     error: ErrorInfo
 
 
+#: The answer every route that takes an API key may give (declared on their routers).
+KEYED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no API key, or an unknown one"}}
+
+
 class Timings(BaseModel):
     """Seconds per stage (absent until reached)."""
 

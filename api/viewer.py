@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from api import uploads
 from api.deps import Services, services, tenant
 from api.errors import ApiError
-from api.schemas import ErrorBody
+from api.schemas import KEYED_RESPONSES, ErrorBody
 from msam_service.volumes import VolumeInfo, open_volume
 
 logger = logging.getLogger("msam.viewer")
@@ -34,7 +34,7 @@ PAGE = STATIC_DIR / "viewer" / "index.html"
 #: the displayed image, kept beside the upload (expires and is deleted with it)
 DISPLAY_NAME = "display.nii.gz"
 
-router = APIRouter(tags=["viewer"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
+router = APIRouter(tags=["viewer"], responses=KEYED_RESPONSES)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -9,14 +9,14 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
 from api.uploads import forget_volume
-from api.schemas import (ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSummary, ModelOut, ResultFormat,
+from api.schemas import (KEYED_RESPONSES, ErrorBody, ErrorInfo, IntensityOut, JobOut, LesionSummary, ModelOut, ResultFormat,
                          Timings)
 from msam_service import jobs
 from msam_service.contract import RESULT_FILES, result_key
 from msam_service.jobs import JobRecord
 from msam_service.ris.results import fhir_bundle
 
-router = APIRouter(tags=["jobs"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
+router = APIRouter(tags=["jobs"], responses=KEYED_RESPONSES)
 
 
 

@@ -12,7 +12,7 @@ from api import pacs_requests, uploads
 from api.deps import Services, base_url, services, tenant
 from api.errors import ApiError
 from api.uploads import forget_volume
-from api.schemas import ErrorBody, JobAccepted, Prompts, SegmentByVolume
+from api.schemas import KEYED_RESPONSES, ErrorBody, JobAccepted, Prompts, SegmentByVolume
 from msam_service import jobs
 from msam_service.contract import JobRequest, PromptDocument
 from msam_service.masks import grid_difference, mask_grid_error, mask_refs
@@ -22,7 +22,7 @@ from msam_service.queue import enqueue, enqueue_retrieval
 
 RETRY_AFTER_S = 10
 
-router = APIRouter(tags=["jobs"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
+router = APIRouter(tags=["jobs"], responses=KEYED_RESPONSES)
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -46,7 +46,7 @@ _MULTIPART_SCHEMA = {
 
 @router.post(
     "/segment", status_code=202, response_model=JobAccepted,
-    responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
+    responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody},
                408: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
                422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
     openapi_extra={"requestBody": {"required": True, "content": {

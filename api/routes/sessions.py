@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from api import pacs_requests
 from api.deps import Services, base_url, json_body, services, tenant
 from api.errors import ApiError
-from api.schemas import (CommitRequest, ErrorBody, Interaction, InteractionOut, JobAccepted, LesionChange,
+from api.schemas import (KEYED_RESPONSES, CommitRequest, ErrorBody, Interaction, InteractionOut, JobAccepted, LesionChange,
                          LesionCreate, LesionOut, MaskInteraction, PointInteraction, SessionCreate, SessionOut)
 from api.uploads import volume_for
 from msam_service import jobs
@@ -36,7 +36,7 @@ from msam_service.prompts import resolve
 from msam_service.queue import live_worker_names, send_interaction, worker_alive
 from msam_service.volumes import VolumeInfo
 
-router = APIRouter(tags=["sessions"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
+router = APIRouter(tags=["sessions"], responses=KEYED_RESPONSES)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}, 409: {"model": ErrorBody},
                                              413: {"model": ErrorBody}, 415: {"model": ErrorBody},

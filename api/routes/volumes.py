@@ -6,14 +6,14 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 
 from api import uploads
 from api.deps import Services, multipart_body, services, tenant
-from api.schemas import ErrorBody, VolumeOut
+from api.schemas import KEYED_RESPONSES, ErrorBody, VolumeOut
 from msam_service.volumes import VolumeInfo
 
-router = APIRouter(tags=["volumes"], responses={401: {"model": ErrorBody, "description": "no API key, or an unknown one"}})
+router = APIRouter(tags=["volumes"], responses=KEYED_RESPONSES)
 
 
 @router.post("/volumes", status_code=201, response_model=VolumeOut, dependencies=[Depends(multipart_body)],
-             responses={401: {"model": ErrorBody}, 408: {"model": ErrorBody}, 413: {"model": ErrorBody},
+             responses={408: {"model": ErrorBody}, 413: {"model": ErrorBody},
                         415: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 async def upload_volume(
     request: Request,
@@ -35,7 +35,7 @@ def _out(info: VolumeInfo) -> VolumeOut:
 
 
 @router.get("/volumes/{volume_id}", response_model=VolumeOut,
-            responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+            responses={404: {"model": ErrorBody}})
 def get_volume(volume_id: str, request: Request, svc: Services = Depends(services),
                who: str = Depends(tenant)) -> VolumeOut:
     """An uploaded volume's geometry (shape, spacing, ``affine_ras``: voxel -> RAS mm), as its
@@ -45,7 +45,7 @@ def get_volume(volume_id: str, request: Request, svc: Services = Depends(service
 
 
 @router.delete("/volumes/{volume_id}", status_code=204, response_class=Response,
-               responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+               responses={404: {"model": ErrorBody}})
 def delete_volume(volume_id: str, request: Request, svc: Services = Depends(services),
                   who: str = Depends(tenant)) -> Response:
     """Delete an uploaded volume now instead of at its expiry: its files and its record. Jobs and

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _changed(options) -> str:  # noqa: ANN001 - PipelineOptions
-    """``options``' fields that differ from the defaults, as ``name=value``."""
+    """``options``' fields that differ from the defaults, as ``name=value`` (empty: none)."""
     from msam_core.pipeline.options import PipelineOptions
 
     default = PipelineOptions().to_dict()
@@ -32,8 +32,6 @@ def _changed(options) -> str:  # noqa: ANN001 - PipelineOptions
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from msam_core.pipeline.options import PipelineOptions
 
     from msam_core.checkpoints import export_state_dict, load_model, save_checkpoint
     from msam_core.errors import UnsupportedRequest
@@ -53,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     elif suffix in (".pth", ".pt"):
         layout = args.layout or ("m_sam" if model.mea is not None else "sam_med3d")
         torch.save({"model_state_dict": export_state_dict(model, layout)}, args.output)
-        if loaded.options != PipelineOptions():
-            # upstream's training checkpoints hold the network's weights only
+        changed = _changed(loaded.options)
+        if changed:  # upstream's training checkpoints hold the network's weights only
             print(f"msam convert: note: {args.output.name} holds the network only; the pipeline options "
-                  f"{args.input.name} was calibrated with ({_changed(loaded.options)}) have no place in a .pth. "
+                  f"{args.input.name} was calibrated with ({changed}) have no place in a .pth. "
                   "Run the model from its .safetensors: one converted back from this file runs with the "
                   "default options and gives other masks", file=sys.stderr)
     else:

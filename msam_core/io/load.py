@@ -77,14 +77,15 @@ def load_volume(path: str | Path, series_uid: str | None = None) -> Volume:
 def finite_volume(volume: Volume, name: str) -> Volume:
     """``volume`` with its non-finite voxels (NaN, +-inf: some tools write NaN outside the field
     of view or a brain mask) set to its lowest finite value, the background, so that one NaN does
-    not turn every crop's normalisation into NaN; how many is kept in ``meta["non_finite_voxels"]``.
-    An image without a finite voxel is refused."""
+    not turn every crop's normalisation into NaN; how many is kept in ``meta["non_finite_voxels"]``
+    (0 too), so a volume read this way once (by :func:`load_volume`, then by the pipeline's
+    sampler) is scanned once. An image without a finite voxel is refused."""
     array = volume.array
-    if array.dtype.kind != "f":
+    if array.dtype.kind != "f" or "non_finite_voxels" in volume.meta:
         return volume
     finite = np.isfinite(array)
     if finite.all():
-        return volume
+        return Volume(array, volume.affine, volume.modality, {**volume.meta, "non_finite_voxels": 0})
     if not finite.any():
         raise InvalidVolume(f"{name}: every voxel is NaN or infinite; the image holds no values to segment")
     filled = np.where(finite, array, array[finite].min()).astype(array.dtype, copy=False)
